@@ -1,0 +1,387 @@
+"""DeconvSynapse: a transposed-convolution synaptic cable (forward, reset, help).
+
+The shared implementation of the deconvolutional kinds. ``HebbianDeconvSynapse``
+(``hebbian_deconv.py``) builds on its config, initialisation and forward pass.
+
+Forward, as in ngclearn 3.2.3::
+
+    outputs = conv_transpose(inputs, weights, stride, padding, NHWC/HWIO/NHWC) * g_conduct_factor + biases
+
+Example::
+
+    >>> cfg = DeconvConfig(shape=(3, 3, 1, 4), x_shape=(8, 8), stride=2)
+    >>> state = init(cfg, seed=0)
+    >>> state = forward(cfg, state, np.ones((2, 8, 8, 1), np.float32))
+    >>> state.outputs.shape
+    (2, 16, 16, 4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax import lax
+from jax import numpy as jnp
+
+from synapse_serve.errors import InvalidConfig
+from synapse_serve.kinds.base import (
+    Kind,
+    Operation,
+    TensorArg,
+    check_tensor,
+    parse_dataclass,
+    require_bool,
+    require_choice,
+    require_float,
+    require_int,
+)
+
+DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+PRECISIONS = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH, "default": lax.Precision.DEFAULT}
+MAX_KERNEL = 64
+MAX_MAP = 4096
+MAX_CHANNELS = 65536
+MAX_STRIDE = 64
+# ngclearn's default filter initialiser: uniform(0.025, 0.8)
+DEFAULT_FILTER_INIT = ("uniform", (("high", 0.8), ("low", 0.025)))
+DEFAULT_BIAS_INIT = ("constant", (("value", 0.0),))
+_DISTRIBUTIONS = {"uniform": ("low", "high"), "gaussian": ("mean", "std"), "constant": ("value",)}
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _normalize_padding(value: Any) -> str | Pads:
+    if isinstance(value, str):
+        return require_choice("padding", value, ("same", "valid")).upper()
+    try:
+        pads = tuple(tuple(int(p) for p in pair) for pair in value)
+        if len(pads) != 2 or any(len(p) != 2 for p in pads) or any(
+            isinstance(p, bool) for pair in value for p in pair
+        ):
+            raise ValueError
+        if any(p != q for pair, given in zip(pads, value) for p, q in zip(pair, given)):
+            raise ValueError  # non-integral numbers
+    except (TypeError, ValueError):
+        raise InvalidConfig(
+            f"padding: {value!r} is not allowed; use 'SAME', 'VALID' (any case) or [[lo_h, hi_h], [lo_w, hi_w]]",
+            field="padding",
+        ) from None
+    return pads  # type: ignore[return-value]
+
+
+def transpose_pads(kernel: int, stride: int, padding: str) -> tuple[int, int]:
+    """The explicit (lo, hi) pads ``lax.conv_transpose`` uses for 'SAME' or 'VALID' on one axis."""
+    if padding == "SAME":
+        pad_len = kernel + stride - 2
+        pad_lo = kernel - 1 if stride > kernel - 1 else math.ceil(pad_len / 2)
+    else:
+        pad_len = kernel + stride - 2 + max(kernel - stride, 0)
+        pad_lo = kernel - 1
+    return pad_lo, pad_len - pad_lo
+
+
+def parse_init(field: str, spec: Any) -> tuple:
+    """Normalise a distribution spec ``{"dist": "uniform", "low": 0, "high": 1}`` to a hashable tuple."""
+    if not isinstance(spec, Mapping) or "dist" not in spec:
+        raise InvalidConfig(
+            f"{field}: expected {{'dist': one of {', '.join(_DISTRIBUTIONS)}, ...parameters}}, received {spec!r}",
+            field=field,
+        )
+    dist = require_choice(f"{field}.dist", spec["dist"], tuple(_DISTRIBUTIONS))
+    params = {k: v for k, v in spec.items() if k != "dist"}
+    if set(params) != set(_DISTRIBUTIONS[dist]):
+        raise InvalidConfig(
+            f"{field}: a {dist} distribution takes exactly {', '.join(_DISTRIBUTIONS[dist])}; received "
+            f"{', '.join(sorted(params)) or 'none'}",
+            field=field,
+        )
+    values = {k: require_float(f"{field}.{k}", v) for k, v in params.items()}
+    if dist == "uniform" and values["low"] >= values["high"]:
+        raise InvalidConfig(f"{field}: low ({values['low']}) must be below high ({values['high']})", field=field)
+    if dist == "gaussian" and values["std"] < 0:
+        raise InvalidConfig(f"{field}: std ({values['std']}) must be >= 0", field=field)
+    return dist, tuple(sorted(values.items()))
+
+
+def sample(spec: tuple, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Draw from a parsed distribution spec the way ngclearn's DistributionGenerator does."""
+    dist, params = spec
+    p = dict(params)
+    draw_key, _ = jax.random.split(key, 2)  # ngclearn splits once and draws from the first half
+    if dist == "uniform":
+        return jax.random.uniform(draw_key, shape, jnp.float32, minval=p["low"], maxval=p["high"])
+    if dist == "gaussian":
+        return jax.random.normal(draw_key, shape, jnp.float32) * p["std"] + p["mean"]
+    return jnp.full(shape, p["value"], jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeconvConfig:
+    """Hyperparameters of a deconvolutional synapse. Frozen and hashable: a jit static argument.
+
+    Attributes:
+      shape: filter shape ``(kh, kw, c_in, c_out)``.
+      x_shape: input map ``(height, width)``; inputs are ``(batch, height, width, c_in)``.
+      stride: stride of the transposed convolution (both axes).
+      padding: ``"SAME"``, ``"VALID"`` (any case) or explicit ``((lo_h, hi_h), (lo_w, hi_w))``.
+      g_conduct_factor: output scale (ngclearn's older name: ``resist_scale``).
+      bias: whether the synapse has a per-output-channel bias ``(c_out,)``.
+      batch_size: batch of the compartments at init and reset; any batch works per call.
+      precision: ``"highest"`` (fp32, the default: conformance), ``"high"`` or ``"default"``
+        (the device's default, tf32 on NVIDIA GPUs).
+      filter_init, bias_init: distribution specs, e.g. ``{"dist": "uniform", "low": 0.025, "high": 0.8}``.
+    """
+
+    shape: tuple[int, int, int, int]
+    x_shape: tuple[int, int]
+    stride: int = 1
+    padding: Any = "SAME"
+    g_conduct_factor: float = 1.0
+    bias: bool = False
+    batch_size: int = 1
+    precision: str = "highest"
+    filter_init: Any = DEFAULT_FILTER_INIT
+    bias_init: Any = DEFAULT_BIAS_INIT
+
+    def __post_init__(self) -> None:
+        set_ = functools.partial(object.__setattr__, self)
+        set_("shape", _int_tuple("shape", self.shape, 4, (MAX_KERNEL, MAX_KERNEL, MAX_CHANNELS, MAX_CHANNELS)))
+        set_("x_shape", _int_tuple("x_shape", self.x_shape, 2, (MAX_MAP, MAX_MAP)))
+        set_("stride", require_int("stride", self.stride, 1, MAX_STRIDE))
+        set_("padding", _normalize_padding(self.padding))
+        set_("g_conduct_factor", require_float("g_conduct_factor", self.g_conduct_factor))
+        set_("bias", require_bool("bias", self.bias))
+        set_("batch_size", require_int("batch_size", self.batch_size, 1, 1 << 20))
+        set_("precision", require_choice("precision", self.precision, tuple(PRECISIONS)))
+        for name in ("filter_init", "bias_init"):
+            value = getattr(self, name)
+            if not (isinstance(value, tuple) and len(value) == 2 and value[0] in _DISTRIBUTIONS):
+                set_(name, parse_init(name, value))
+        out = self.out_map
+        if min(out) < 1:
+            raise InvalidConfig(
+                f"padding: {self.padding!r} with stride {self.stride}, kernel {self.shape[:2]} and x_shape "
+                f"{self.x_shape} gives an empty output map {out}",
+                field="padding",
+            )
+        if isinstance(self.padding, tuple) and max(abs(p) for pair in self.padding for p in pair) > MAX_MAP:
+            raise InvalidConfig(f"padding: pads must be within ±{MAX_MAP}", field="padding")
+
+    @property
+    def pads(self) -> Pads:
+        """Explicit (lo, hi) pads per spatial axis, whatever form ``padding`` was given in."""
+        if isinstance(self.padding, tuple):
+            return self.padding
+        kh, kw = self.shape[:2]
+        return (transpose_pads(kh, self.stride, self.padding), transpose_pads(kw, self.stride, self.padding))
+
+    @property
+    def out_map(self) -> tuple[int, int]:
+        """Output map ``(height, width)``: ``(n - 1) * stride + 1 + lo + hi - k + 1`` per axis."""
+        return tuple(  # type: ignore[return-value]
+            (n - 1) * self.stride + 1 + lo + hi - k + 1
+            for n, k, (lo, hi) in zip(self.x_shape, self.shape[:2], self.pads)
+        )
+
+    @property
+    def in_trailing(self) -> tuple[int, int, int]:
+        return (*self.x_shape, self.shape[2])
+
+    @property
+    def out_trailing(self) -> tuple[int, int, int]:
+        return (*self.out_map, self.shape[3])
+
+    def trailing(self, space: str) -> tuple[int, int, int]:
+        return self.in_trailing if space == "in" else self.out_trailing
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-able values (round-trips through ``parse_config``)."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name.endswith("_init"):
+                value = {"dist": value[0], **dict(value[1])}
+            elif isinstance(value, tuple):
+                value = [list(v) if isinstance(v, tuple) else v for v in value]
+            out[field.name] = value
+        return out
+
+
+def _int_tuple(field: str, value: Any, length: int, highs: tuple[int, ...]) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != length:
+        raise InvalidConfig(f"{field}: expected {length} integers, received {value!r}", field=field)
+    return tuple(require_int(f"{field}[{i}]", v, 1, high) for i, (v, high) in enumerate(zip(value, highs)))
+
+
+class DeconvState(NamedTuple):
+    """Compartments of a DeconvSynapse. Structure never changes; batch sizes may."""
+
+    weights: jax.Array  # (kh, kw, c_in, c_out) float32
+    biases: jax.Array  # (c_out,) float32; shape (0,) when the synapse has no bias
+    inputs: jax.Array  # (batch, h, w, c_in) float32
+    outputs: jax.Array  # (batch, h_out, w_out, c_out) float32
+    key: jax.Array  # (2,) uint32: the PRNG key the instance was seeded with
+
+
+def init_parameters(
+    config: DeconvConfig, seed: int = 0, weights: Any = None, biases: Any = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Initial ``(weights, biases, key)``: explicit tensors, else draws from the config's specs.
+
+    Seeded draws follow ngclearn's key schedule, so ``seed=s`` gives the filters
+    ngclearn gives a component built with ``key=PRNGKey(s)``.
+    """
+    key = jax.random.PRNGKey(require_int("seed", seed, 0, 2**63 - 1) % (2**32))
+    _, *subkeys = jax.random.split(key, 4)
+    if weights is None:
+        w = sample(config.filter_init, subkeys[0], config.shape)
+    else:
+        w = jnp.asarray(check_tensor("weights", np.asarray(weights)[None], config.shape, batch=1)[0])
+    if not config.bias:
+        if biases is not None:
+            raise InvalidConfig("biases: given, but the config has bias = false", field="biases")
+        b = jnp.zeros((0,), jnp.float32)
+    elif biases is None:
+        b = sample(config.bias_init, subkeys[2], (config.shape[3],))
+    else:
+        b = jnp.asarray(check_tensor("biases", np.asarray(biases)[None], (config.shape[3],), batch=1)[0])
+    for name, value in (("weights", w), ("biases", b)):
+        if not bool(jnp.all(jnp.isfinite(value))):
+            raise InvalidConfig(f"{name}: initial values must be finite (no NaN or Inf)", field=name)
+    return w, b, key
+
+
+def init(config: DeconvConfig, seed: int = 0, weights: Any = None, biases: Any = None) -> DeconvState:
+    """A fresh state: parameters from ``init_parameters``, zeroed signals of ``config.batch_size``."""
+    w, b, key = init_parameters(config, seed, weights, biases)
+    return DeconvState(
+        weights=w,
+        biases=b,
+        inputs=jnp.zeros((config.batch_size, *config.in_trailing), jnp.float32),
+        outputs=jnp.zeros((config.batch_size, *config.out_trailing), jnp.float32),
+        key=key,
+    )
+
+
+def conv_transpose(config: DeconvConfig, x: jax.Array, w: jax.Array) -> jax.Array:
+    """The synaptic transform without scale or bias, exactly ngclearn's ``deconv2d``."""
+    return lax.conv_transpose(
+        x,
+        w,
+        (config.stride, config.stride),
+        config.padding,
+        (1, 1),
+        DIMENSION_NUMBERS,
+        precision=PRECISIONS[config.precision],
+    )
+
+
+def _forward(config: DeconvConfig, state: Any, inputs: jax.Array) -> Any:
+    outputs = conv_transpose(config, inputs, state.weights) * config.g_conduct_factor
+    if config.bias:
+        outputs = outputs + state.biases
+    return state._replace(inputs=inputs, outputs=outputs)
+
+
+def _reset(config: DeconvConfig, state: Any) -> Any:
+    del config
+    zeroed = {name: jnp.zeros_like(getattr(state, name)) for name in RESET_FIELDS if hasattr(state, name)}
+    return state._replace(**zeroed)
+
+
+RESET_FIELDS = ("inputs", "outputs", "pre", "post", "dInputs")
+
+# Compiled once per (config, shapes), shared by every instance with that config.
+# The state is donated: the registry swaps the returned state in and never reuses the old one.
+forward = jax.jit(_forward, static_argnums=0, donate_argnums=1)
+reset = jax.jit(_reset, static_argnums=0, donate_argnums=1)
+
+FORWARD = Operation(
+    "forward", forward, (TensorArg("inputs", "in"),), ("outputs",), False,
+    "outputs = conv_transpose(inputs, weights) * g_conduct_factor + biases",
+)
+RESET = Operation(
+    "reset", reset, (), (), False,
+    "zero inputs, outputs (and pre, post, dInputs where present); keep weights, biases, optimizer state",
+)
+
+HYPERPARAMETERS = {
+    "shape": ("[int, int, int, int]", None, "filter shape (kh, kw, c_in, c_out); kernels may be non-square"),
+    "x_shape": ("[int, int]", None, "input map (height, width); maps may be non-square"),
+    "stride": ("int", 1, "stride of the transposed convolution, 1..64, both axes"),
+    "padding": ("str | [[int, int], [int, int]]", "SAME",
+                "'SAME' (output = input * stride), 'VALID' (any case) or explicit (lo, hi) pads per axis"),
+    "g_conduct_factor": ("float", 1.0, "output scale g (older name: resist_scale)"),
+    "bias": ("bool", False, "per-output-channel bias (c_out,); false means none, ever"),
+    "batch_size": ("int", 1, "batch of the compartments at init; every call may use any batch"),
+    "precision": ("str", "highest", "'highest' (fp32; conformance), 'high', or 'default' (device default: tf32 "
+                                    "on NVIDIA GPUs)"),
+    "filter_init": ("dist", {"dist": "uniform", "low": 0.025, "high": 0.8},
+                    "filter distribution: uniform(low, high), gaussian(mean, std) or constant(value)"),
+    "bias_init": ("dist", {"dist": "constant", "value": 0.0}, "bias distribution, as filter_init"),
+}
+
+COMPARTMENTS = {
+    "weights": "filters K, (kh, kw, c_in, c_out); learned",
+    "biases": "bias b, (c_out,); (0,) when bias is false",
+    "inputs": "last forward input, (batch, h, w, c_in)",
+    "outputs": "last forward output, (batch, h_out, w_out, c_out)",
+    "key": "PRNG key (uint32[2]) the instance was seeded with",
+}
+
+
+def help_dict(name: str, description: str, config: Any, hyperparameters: dict, compartments: dict,
+              dynamics: dict, operations: Mapping[str, Operation], notes: list[str]) -> dict:
+    """Assemble a kind's help; with a config, each hyperparameter also shows its value."""
+    values = config.to_dict() if config is not None else {}
+    return {
+        "kind": name,
+        "description": description,
+        "hyperparameters": {
+            key: {"type": t, "default": d, "meaning": m, **({"value": values[key]} if key in values else {})}
+            for key, (t, d, m) in hyperparameters.items()
+        },
+        "compartments": compartments,
+        "operations": {op.name: {
+            "args": [{"name": a.name, "shape": "inputs-shaped" if a.space == "in" else "outputs-shaped",
+                      "optional": a.optional} for a in op.args],
+            "returns": list(op.returns),
+            "does": op.doc,
+        } for op in operations.values()},
+        "dynamics": dynamics,
+        "notes": notes,
+    }
+
+
+def parse_config(data: Mapping[str, Any]) -> DeconvConfig:
+    """A DeconvConfig from plain values (JSON or msgpack); ``resist_scale`` is accepted for ``g_conduct_factor``."""
+    return parse_dataclass(DeconvConfig, data, {"resist_scale": "g_conduct_factor"})
+
+
+_OPERATIONS = {"forward": FORWARD, "reset": RESET}
+_DESCRIPTION = "A transposed-convolution (deconvolution) synaptic cable; ngclearn's DeconvSynapse."
+
+
+def _help(config: DeconvConfig | None = None) -> dict:
+    return help_dict(
+        "DeconvSynapse", _DESCRIPTION, config, HYPERPARAMETERS, COMPARTMENTS,
+        {"forward": FORWARD.doc}, _OPERATIONS, [],
+    )
+
+
+KIND = Kind(
+    name="DeconvSynapse",
+    description=_DESCRIPTION,
+    config_type=DeconvConfig,
+    parse_config=parse_config,
+    init=init,
+    operations=_OPERATIONS,
+    help=_help,
+    batched_compartments=frozenset({"inputs", "outputs"}),
+)
