@@ -1,0 +1,363 @@
+"""``SynapseClient`` and ``AsyncSynapseClient``: twins that mirror each other line for line.
+
+``_BaseClient`` holds everything without I/O (URLs, headers, encoding, errors,
+retry policy); the two subclasses only send. A handle per instance
+(``Synapse`` / ``AsyncSynapse``) carries the operations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import numpy as np
+
+from synapse_client import _codec
+from synapse_client._exceptions import APIConnectionError, APITimeoutError, WireError, status_error
+
+MSGPACK = "application/msgpack"
+DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=120.0, pool=10.0)
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def as_array(value: Any) -> np.ndarray:
+    """numpy from numpy, jax arrays or nested lists; float64 is sent as float32 (the state's dtype)."""
+    array = np.asarray(value)
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)
+    return array
+
+
+class _BaseClient:
+    def __init__(self, base_url: str, timeout: float | httpx.Timeout | None, max_retries: int,
+                 headers: dict[str, str] | None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = DEFAULT_TIMEOUT if timeout is None else (
+            timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout))
+        self.max_retries = max_retries
+        self.headers = {"Accept": MSGPACK, "User-Agent": "synapse-client/0.1", **(headers or {})}
+
+    def _prepare(self, body: dict[str, Any] | None) -> tuple[bytes | None, dict[str, str]]:
+        if body is None:
+            return None, {}
+        return _codec.packb(body), {"Content-Type": MSGPACK}
+
+    @staticmethod
+    def _decode(response: httpx.Response) -> Any:
+        media = response.headers.get("content-type", "").split(";")[0].strip()
+        if response.status_code >= 400:
+            try:
+                problem = json.loads(response.content) if "json" in media else _codec.unpackb(response.content)
+            except (ValueError, WireError):
+                problem = {"detail": response.text[:500]}
+            if not isinstance(problem, dict):
+                problem = {"detail": str(problem)[:500]}
+            raise status_error(response.status_code, problem, response.headers.get("x-request-id"))
+        if response.status_code == 204 or not response.content:
+            return None
+        if media == MSGPACK:
+            return _codec.unpackb(response.content)
+        return response.json()
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter: 0.25 s, 0.5 s, 1 s, … capped at 8 s."""
+        return min(8.0, 0.25 * 2**attempt) * (0.5 + random.random() / 2)
+
+    @staticmethod
+    def _op_body(tensors: dict[str, Any], returns: Sequence[str] | None) -> dict[str, Any]:
+        body = {k: as_array(v) for k, v in tensors.items() if v is not None}
+        if returns is not None:
+            body["return"] = list(returns)
+        return body
+
+    @staticmethod
+    def _create_body(name: str, kind: str, config: dict[str, Any], init: dict[str, Any] | None,
+                     seed: int) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "kind": kind, "config": dict(config), "seed": seed}
+        if init:
+            body["init"] = {k: as_array(v) for k, v in init.items()}
+        return body
+
+
+def _unwrap(result: dict[str, Any], key: str) -> np.ndarray:
+    return result[key]
+
+
+class SynapseClient(_BaseClient):
+    """Blocking client. Use as a context manager, or call ``close()``.
+
+    Example::
+
+        with SynapseClient("http://127.0.0.1:8000") as client:
+            syn = client.create("enc", kind="HebbianDeconvSynapse",
+                                config={"shape": [3, 3, 1, 4], "x_shape": [8, 8], "eta": 0.01})
+            y = syn.forward(x)
+    """
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float | httpx.Timeout | None = None,
+                 max_retries: int = 2, headers: dict[str, str] | None = None,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        super().__init__(base_url, timeout, max_retries, headers)
+        self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout, headers=self.headers,
+                                  transport=transport)
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None, *, retry: bool) -> Any:
+        """Send one call. ``retry=True`` only for calls safe to repeat: connection errors are then retried."""
+        content, headers = self._prepare(body)
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(method, path, content=content, headers=headers)
+            except httpx.TimeoutException as exc:
+                error: APIConnectionError = APITimeoutError(f"{method} {path}: timed out ({exc})", exc.request)
+            except httpx.TransportError as exc:
+                error = APIConnectionError(f"{method} {path}: {type(exc).__name__}: {exc}", exc.request)
+            else:
+                return self._decode(response)
+            if not retry or attempt >= self.max_retries:
+                raise error
+            time.sleep(self._backoff(attempt))
+            attempt += 1
+
+    def create(self, name: str, *, kind: str, config: dict[str, Any], init: dict[str, Any] | None = None,
+               seed: int = 0) -> Synapse:
+        """Create a named instance and return its handle (never retried: a retry could meet its own 409)."""
+        self.request("POST", "/v1/synapses", self._create_body(name, kind, config, init, seed), retry=False)
+        return Synapse(self, name)
+
+    def get(self, name: str) -> Synapse:
+        """The handle of an existing instance (NotFoundError if there is none)."""
+        self.request("GET", f"/v1/synapses/{name}", retry=True)
+        return Synapse(self, name)
+
+    def list(self) -> list[dict[str, Any]]:
+        """Descriptions of every instance."""
+        return self.request("GET", "/v1/synapses", retry=True)["synapses"]
+
+    def kinds(self) -> list[dict[str, Any]]:
+        """The synapse kinds the server offers."""
+        return self.request("GET", "/v1/kinds", retry=True)["kinds"]
+
+    def kind_help(self, kind: str) -> dict[str, Any]:
+        """A kind's help: hyperparameters, compartments, dynamics."""
+        return self.request("GET", f"/v1/kinds/{kind}", retry=True)
+
+    def health(self) -> bool:
+        """True when the server is live and ready."""
+        try:
+            self.request("GET", "/readyz", retry=False)
+            return True
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> SynapseClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncSynapseClient(_BaseClient):
+    """The asyncio twin of SynapseClient: same methods, awaited.
+
+    Example::
+
+        async with AsyncSynapseClient("http://127.0.0.1:8000") as client:
+            syn = await client.create("enc", kind="HebbianDeconvSynapse", config={...})
+            y = await syn.forward(x)
+    """
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float | httpx.Timeout | None = None,
+                 max_retries: int = 2, headers: dict[str, str] | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        super().__init__(base_url, timeout, max_retries, headers)
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, headers=self.headers,
+                                       transport=transport)
+
+    async def request(self, method: str, path: str, body: dict[str, Any] | None = None, *, retry: bool) -> Any:
+        """Send one call. ``retry=True`` only for calls safe to repeat: connection errors are then retried."""
+        content, headers = self._prepare(body)
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(method, path, content=content, headers=headers)
+            except httpx.TimeoutException as exc:
+                error: APIConnectionError = APITimeoutError(f"{method} {path}: timed out ({exc})", exc.request)
+            except httpx.TransportError as exc:
+                error = APIConnectionError(f"{method} {path}: {type(exc).__name__}: {exc}", exc.request)
+            else:
+                return self._decode(response)
+            if not retry or attempt >= self.max_retries:
+                raise error
+            await asyncio.sleep(self._backoff(attempt))
+            attempt += 1
+
+    async def create(self, name: str, *, kind: str, config: dict[str, Any], init: dict[str, Any] | None = None,
+                     seed: int = 0) -> AsyncSynapse:
+        """Create a named instance and return its handle (never retried: a retry could meet its own 409)."""
+        await self.request("POST", "/v1/synapses", self._create_body(name, kind, config, init, seed), retry=False)
+        return AsyncSynapse(self, name)
+
+    async def get(self, name: str) -> AsyncSynapse:
+        """The handle of an existing instance (NotFoundError if there is none)."""
+        await self.request("GET", f"/v1/synapses/{name}", retry=True)
+        return AsyncSynapse(self, name)
+
+    async def list(self) -> list[dict[str, Any]]:
+        """Descriptions of every instance."""
+        return (await self.request("GET", "/v1/synapses", retry=True))["synapses"]
+
+    async def kinds(self) -> list[dict[str, Any]]:
+        """The synapse kinds the server offers."""
+        return (await self.request("GET", "/v1/kinds", retry=True))["kinds"]
+
+    async def kind_help(self, kind: str) -> dict[str, Any]:
+        """A kind's help: hyperparameters, compartments, dynamics."""
+        return await self.request("GET", f"/v1/kinds/{kind}", retry=True)
+
+    async def health(self) -> bool:
+        """True when the server is live and ready."""
+        try:
+            await self.request("GET", "/readyz", retry=False)
+            return True
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncSynapseClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class Synapse:
+    """Handle of one named instance on the server; numpy in, numpy out."""
+
+    def __init__(self, client: SynapseClient, name: str) -> None:
+        self.client, self.name = client, name
+        self._path = f"/v1/synapses/{name}"
+
+    def forward(self, inputs: Any) -> np.ndarray:
+        """outputs = conv_transpose(inputs, W) * g + b; inputs (batch, h, w, c_in)."""
+        return _unwrap(self.call("forward", inputs=inputs), "outputs")
+
+    def evolve(self, pre: Any, post: Any, *, returns: Sequence[str] = ()) -> dict[str, Any]:
+        """One Hebbian update of the filters. Never retried (it is not idempotent).
+
+        Returns ``{"version": …}`` plus any compartments named in ``returns`` (e.g. ``("dWeights",)``).
+        """
+        return self.call("evolve", pre=pre, post=post, returns=returns)
+
+    def backtransmit(self, post: Any = None) -> np.ndarray:
+        """dInputs = sign_value · VJP of forward w.r.t. inputs at ``post`` (default: the stored post)."""
+        return _unwrap(self.call("backtransmit", post=post), "dInputs")
+
+    def reset(self) -> None:
+        """Zero inputs, outputs, pre, post and dInputs; weights, biases and optimizer state stay."""
+        self.call("reset")
+
+    def call(self, operation: str, *, returns: Sequence[str] | None = None, **tensors: Any) -> dict[str, Any]:
+        """Run any operation by name; retried on connection errors unless it is ``evolve``."""
+        body = self.client._op_body(tensors, returns)
+        return self.client.request("POST", f"{self._path}/{operation}", body, retry=operation != "evolve")
+
+    def help(self) -> dict[str, Any]:
+        """Kind, hyperparameters (with this instance's values), compartments, dynamics."""
+        return self.client.request("GET", f"{self._path}/help", retry=True)
+
+    def describe(self) -> dict[str, Any]:
+        """Config, compartment shapes, device, counters and version."""
+        return self.client.request("GET", self._path, retry=True)
+
+    def get(self, compartment: str) -> np.ndarray:
+        """A copy of one compartment, e.g. ``"weights"`` or ``"opt_state/0/mu/0"``."""
+        return self.client.request("GET", f"{self._path}/compartments/{compartment}", retry=True)["value"]
+
+    def set(self, compartment: str, value: Any) -> int:
+        """Overwrite one compartment (same shape; batch may differ for signals); returns the new version."""
+        body = {"value": as_array(value)}
+        return self.client.request("PUT", f"{self._path}/compartments/{compartment}", body, retry=True)["version"]
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The current filters (kh, kw, c_in, c_out)."""
+        return self.get("weights")
+
+    def delete(self) -> None:
+        """Delete the instance on the server."""
+        self.client.request("DELETE", self._path, retry=False)
+
+    def __repr__(self) -> str:
+        return f"Synapse({self.name!r} at {self.client.base_url})"
+
+
+class AsyncSynapse:
+    """The asyncio twin of Synapse."""
+
+    def __init__(self, client: AsyncSynapseClient, name: str) -> None:
+        self.client, self.name = client, name
+        self._path = f"/v1/synapses/{name}"
+
+    async def forward(self, inputs: Any) -> np.ndarray:
+        """outputs = conv_transpose(inputs, W) * g + b; inputs (batch, h, w, c_in)."""
+        return _unwrap(await self.call("forward", inputs=inputs), "outputs")
+
+    async def evolve(self, pre: Any, post: Any, *, returns: Sequence[str] = ()) -> dict[str, Any]:
+        """One Hebbian update of the filters. Never retried (it is not idempotent)."""
+        return await self.call("evolve", pre=pre, post=post, returns=returns)
+
+    async def backtransmit(self, post: Any = None) -> np.ndarray:
+        """dInputs = sign_value · VJP of forward w.r.t. inputs at ``post`` (default: the stored post)."""
+        return _unwrap(await self.call("backtransmit", post=post), "dInputs")
+
+    async def reset(self) -> None:
+        """Zero inputs, outputs, pre, post and dInputs; weights, biases and optimizer state stay."""
+        await self.call("reset")
+
+    async def call(self, operation: str, *, returns: Sequence[str] | None = None, **tensors: Any) -> dict[str, Any]:
+        """Run any operation by name; retried on connection errors unless it is ``evolve``."""
+        body = self.client._op_body(tensors, returns)
+        return await self.client.request("POST", f"{self._path}/{operation}", body, retry=operation != "evolve")
+
+    async def help(self) -> dict[str, Any]:
+        """Kind, hyperparameters (with this instance's values), compartments, dynamics."""
+        return await self.client.request("GET", f"{self._path}/help", retry=True)
+
+    async def describe(self) -> dict[str, Any]:
+        """Config, compartment shapes, device, counters and version."""
+        return await self.client.request("GET", self._path, retry=True)
+
+    async def get(self, compartment: str) -> np.ndarray:
+        """A copy of one compartment, e.g. ``"weights"``."""
+        return (await self.client.request("GET", f"{self._path}/compartments/{compartment}", retry=True))["value"]
+
+    async def set(self, compartment: str, value: Any) -> int:
+        """Overwrite one compartment; returns the new version."""
+        body = {"value": as_array(value)}
+        return (await self.client.request("PUT", f"{self._path}/compartments/{compartment}", body, retry=True))[
+            "version"]
+
+    @property
+    async def weights(self) -> np.ndarray:
+        """The current filters (kh, kw, c_in, c_out): ``await syn.weights``."""
+        return await self.get("weights")
+
+    async def delete(self) -> None:
+        """Delete the instance on the server."""
+        await self.client.request("DELETE", self._path, retry=False)
+
+    def __repr__(self) -> str:
+        return f"AsyncSynapse({self.name!r} at {self.client.base_url})"

@@ -1,0 +1,182 @@
+"""The wire format: msgpack bodies whose tensors are ``{"dtype", "shape", "data"}`` maps.
+
+One spec, one implementation: the server imports this module. See docs/wire-format.md.
+
+- ``data`` is a msgpack bin of ``prod(shape) * itemsize`` bytes, little-endian, C order.
+- Decoding is zero-copy (``np.frombuffer`` over the received bytes, read-only),
+  never pickle, never object dtypes; every length is checked before use.
+- JSON bodies (for curl) carry a tensor as ``{"dtype", "shape", "values": [...]}``
+  or, on input, as a plain nested list of numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from synapse_client._exceptions import WireError
+
+try:  # bfloat16 needs ml_dtypes (a server dependency; optional for the client)
+    import ml_dtypes
+
+    _BFLOAT16: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - exercised only without ml_dtypes
+    _BFLOAT16 = None
+
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int32", "int64", "uint32", "uint8", "bool")
+TENSOR_KEYS = frozenset({"dtype", "shape", "data"})
+MAX_RANK = 32
+DEFAULT_MAX_ELEMENTS = 1 << 32
+MAX_DEPTH = 64  # nesting of maps/lists in a body
+
+
+def numpy_dtype(name: Any) -> np.dtype:
+    """The numpy dtype of a wire dtype name, or WireError listing the allowed names."""
+    if not isinstance(name, str) or name not in DTYPES:
+        raise WireError(f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
+    if name == "bfloat16":
+        if _BFLOAT16 is None:
+            raise WireError("dtype bfloat16 needs the ml_dtypes package (pip install synapse-serve[bfloat16])")
+        return _BFLOAT16
+    return np.dtype(name).newbyteorder("<")
+
+
+def wire_dtype_name(dtype: np.dtype) -> str:
+    name = "bfloat16" if _BFLOAT16 is not None and dtype == _BFLOAT16 else np.dtype(dtype).name
+    if name not in DTYPES:
+        raise WireError(f"dtype {name} cannot be sent; allowed: {', '.join(DTYPES)}")
+    return name
+
+
+def check_shape(shape: Any, max_elements: int = DEFAULT_MAX_ELEMENTS) -> tuple[int, ...]:
+    """Validate a declared shape (before anything of that size exists) and return it as a tuple."""
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_RANK:
+        raise WireError(f"shape must be a list of at most {MAX_RANK} integers, received {shape!r:.80}")
+    if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+        raise WireError(f"shape must hold non-negative integers, received {list(shape)!r:.80}")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise WireError(f"shape {list(shape)} declares {count} elements; the limit is {max_elements}")
+    return tuple(shape)
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """numpy view of an array-like (numpy, jax or nested lists); never an object array."""
+    array = np.asarray(value)
+    if array.dtype == object:
+        raise WireError("cannot send an object array; use numbers of one dtype")
+    if array.dtype.kind == "f" and array.dtype.name not in DTYPES:
+        array = array.astype(np.float64)
+    return array
+
+
+def encode_tensor(value: Any) -> dict[str, Any]:
+    """A wire tensor map for an array: little-endian, C order, bytes shared where possible."""
+    array = to_numpy(value)
+    name = wire_dtype_name(array.dtype)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return {"dtype": name, "shape": list(array.shape), "data": memoryview(flat)}
+
+
+def decode_tensor(obj: dict[str, Any], max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.ndarray:
+    """A read-only numpy array viewing the tensor map's bytes (no copy)."""
+    dtype = numpy_dtype(obj.get("dtype"))
+    shape = check_shape(obj.get("shape"), max_elements)
+    data = obj.get("data")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"tensor data must be msgpack bin, received {type(data).__name__}")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise WireError(
+            f"tensor of dtype {obj['dtype']} and shape {list(shape)} needs {expected} bytes, received {len(data)}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):
+        return encode_tensor(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def packb(obj: Any) -> bytes:
+    """Encode a body: arrays anywhere in it become wire tensors."""
+    return msgpack.packb(obj, default=_default, use_bin_type=True)
+
+
+def unpackb(data: bytes, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Any:
+    """Decode a body: wire tensors become read-only numpy arrays; any defect is a WireError."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise WireError(f"body is not valid msgpack: {type(exc).__name__}: {exc}"[:300]) from None
+    return _walk(obj, max_elements, 0)
+
+
+def _walk(obj: Any, max_elements: int, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise WireError(f"body nests deeper than {MAX_DEPTH} levels")
+    if isinstance(obj, dict):
+        if TENSOR_KEYS <= obj.keys() and isinstance(obj.get("data"), bytes):
+            if obj.keys() != TENSOR_KEYS:
+                raise WireError(f"a tensor map has exactly the keys dtype, shape, data; received {sorted(obj)}")
+            return decode_tensor(obj, max_elements)
+        return {k: _walk(v, max_elements, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_walk(v, max_elements, depth + 1) for v in obj]
+    if isinstance(obj, msgpack.ExtType):
+        raise WireError("msgpack extension types are not accepted")
+    return obj
+
+
+# --- JSON form (for curl) ---
+
+
+def to_json(obj: Any) -> Any:
+    """Replace arrays with ``{"dtype", "shape", "values"}`` so ``json.dumps`` can write the body."""
+    if isinstance(obj, dict):
+        return {k: to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):
+        array = to_numpy(obj)
+        name = wire_dtype_name(array.dtype)
+        values = array.astype(np.float64).tolist() if name in ("bfloat16", "float16") else array.tolist()
+        return {"dtype": name, "shape": list(array.shape), "values": values}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def json_tensor(value: Any, max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.ndarray:
+    """A tensor from JSON: ``{"dtype", "shape", "values"}`` or a nested list of numbers (float32)."""
+    if isinstance(value, dict):
+        if value.keys() != {"dtype", "shape", "values"}:
+            raise WireError(f"a JSON tensor has exactly the keys dtype, shape, values; received {sorted(value)}")
+        dtype = numpy_dtype(value["dtype"])
+        shape = check_shape(value["shape"], max_elements)
+        array = _json_values(value["values"], dtype)
+        if array.size != math.prod(shape):
+            raise WireError(f"values hold {array.size} numbers; shape {list(shape)} needs {math.prod(shape)}")
+        return array.reshape(shape)
+    if isinstance(value, list):
+        array = _json_values(value, np.dtype(np.float32))
+        if array.size > max_elements:
+            raise WireError(f"tensor has {array.size} elements; the limit is {max_elements}")
+        return array
+    raise WireError(f"expected a tensor (nested list or {{dtype, shape, values}}), received {type(value).__name__}")
+
+
+def _json_values(values: Any, dtype: np.dtype) -> np.ndarray:
+    try:
+        array = np.array(values, dtype=np.float64 if dtype.kind == "f" else dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise WireError(f"tensor values must be a rectangular nested list of numbers: {exc}"[:200]) from None
+    return array.astype(dtype)

@@ -1,0 +1,104 @@
+"""Errors the client raises.
+
+    SynapseError
+    ├── WireError                    a body that breaks the wire format (also a ValueError)
+    ├── APIConnectionError           the server could not be reached
+    │   └── APITimeoutError          a timeout (connect, read, write or pool)
+    └── APIStatusError               the server answered 4xx/5xx; carries status, problem, request id
+        ├── BadRequestError          400 malformed body
+        ├── NotFoundError            404 no such instance or kind
+        ├── ConflictError            409 name taken
+        ├── PayloadTooLargeError     413 body over the server's limit
+        ├── UnsupportedMediaTypeError 415
+        ├── UnprocessableEntityError 422 invalid config, name, shape or dtype
+        ├── InternalServerError      5xx (device failures among them)
+        └── ServiceUnavailableError  503 not ready
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+
+
+class SynapseError(Exception):
+    """Base of every error this client raises."""
+
+
+class WireError(SynapseError, ValueError):
+    """A body or tensor that does not follow the wire format; the message says what is wrong."""
+
+
+class APIConnectionError(SynapseError):
+    """The server could not be reached (after any retries allowed for the call)."""
+
+    def __init__(self, message: str, request: httpx.Request | None = None) -> None:
+        super().__init__(message)
+        self.request = request
+
+
+class APITimeoutError(APIConnectionError):
+    """The call timed out."""
+
+
+class APIStatusError(SynapseError):
+    """The server answered with an error status; ``problem`` is its RFC 9457 body."""
+
+    def __init__(self, status_code: int, problem: dict[str, Any], request_id: str | None) -> None:
+        self.status_code = status_code
+        self.problem = problem
+        self.request_id = request_id
+        self.detail = str(problem.get("detail", ""))
+        self.title = str(problem.get("title", ""))
+        super().__init__(f"{status_code} {self.title}: {self.detail}" + (f" (request {request_id})" if request_id else ""))
+
+
+class BadRequestError(APIStatusError):
+    """400: the body could not be decoded."""
+
+
+class NotFoundError(APIStatusError):
+    """404: no such instance or kind."""
+
+
+class ConflictError(APIStatusError):
+    """409: an instance of that name exists."""
+
+
+class PayloadTooLargeError(APIStatusError):
+    """413: the body is over the server's limit."""
+
+
+class UnsupportedMediaTypeError(APIStatusError):
+    """415: a content type the server does not speak."""
+
+
+class UnprocessableEntityError(APIStatusError):
+    """422: an invalid config, name, shape or dtype."""
+
+
+class InternalServerError(APIStatusError):
+    """5xx: the server or its device failed."""
+
+
+class ServiceUnavailableError(InternalServerError):
+    """503: the server is not ready."""
+
+
+_BY_STATUS: dict[int, type[APIStatusError]] = {
+    400: BadRequestError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: PayloadTooLargeError,
+    415: UnsupportedMediaTypeError,
+    422: UnprocessableEntityError,
+    503: ServiceUnavailableError,
+}
+
+
+def status_error(status_code: int, problem: dict[str, Any], request_id: str | None) -> APIStatusError:
+    """The exception for an error response: one class per status, InternalServerError for other 5xx."""
+    cls = _BY_STATUS.get(status_code) or (InternalServerError if status_code >= 500 else APIStatusError)
+    return cls(status_code, problem, request_id)

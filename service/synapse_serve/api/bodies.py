@@ -1,0 +1,123 @@
+"""Content negotiation: msgpack (primary) and JSON bodies, size limits, problem responses."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from synapse_client._codec import WireError, json_tensor, packb, to_json, unpackb
+from synapse_serve.errors import (
+    BodyTooLarge,
+    MalformedBody,
+    NotAcceptable,
+    SynapseServeError,
+    UnsupportedMediaType,
+)
+
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+PROBLEM = "application/problem+json"
+PROBLEM_BASE = "https://synapse-serve.dev/problems/"
+_MSGPACK_ALIASES = {MSGPACK, "application/x-msgpack", "application/vnd.msgpack"}
+log = logging.getLogger("synapse_serve")
+
+
+def _media_type(header: str | None) -> str:
+    return (header or "").split(";", 1)[0].strip().lower()
+
+
+async def read_body(request: Request) -> tuple[dict[str, Any], str]:
+    """The decoded body (tensors as numpy) and its media type; an empty body is ``{}``.
+
+    The size limit is enforced from Content-Length, and again while streaming,
+    so an oversized body is refused before it is read whole.
+    """
+    settings = request.app.state.settings
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise BodyTooLarge(f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    media = _media_type(request.headers.get("content-type"))
+    if not raw:
+        return {}, media or JSON
+    if media in _MSGPACK_ALIASES:
+        try:
+            body = unpackb(raw, max_elements=settings.max_tensor_elements)
+        except WireError as exc:
+            raise MalformedBody(str(exc)) from None
+        kind = MSGPACK
+    elif media == JSON or media.endswith("+json"):
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise MalformedBody(f"body is not valid JSON: {str(exc)[:200]}") from None
+        kind = JSON
+    else:
+        raise UnsupportedMediaType(
+            f"content type {media or '(none)'!r} is not supported; send {MSGPACK} or {JSON}"
+        )
+    if not isinstance(body, dict):
+        raise MalformedBody(f"the body must be a map/object, received {type(body).__name__}")
+    return body, kind
+
+
+def tensor_field(body: dict[str, Any], name: str, media: str, max_elements: int) -> Any:
+    """A tensor field of a decoded body (numpy), or None when absent."""
+    value = body.get(name)
+    if value is None or media == MSGPACK:
+        if value is not None and not hasattr(value, "dtype"):
+            raise MalformedBody(f"{name}: expected a tensor map {{dtype, shape, data}}, received {type(value).__name__}")
+        return value
+    try:
+        return json_tensor(value, max_elements)
+    except WireError as exc:
+        raise MalformedBody(f"{name}: {exc}") from None
+
+
+def response_type(request: Request, request_media: str | None = None) -> str:
+    """msgpack or JSON, from Accept; with no preference, the request's own type (JSON if it had no body)."""
+    accept = request.headers.get("accept", "")
+    wanted = [_media_type(part) for part in accept.split(",") if part.strip()]
+    for media in wanted:
+        if media in _MSGPACK_ALIASES:
+            return MSGPACK
+        if media == JSON:
+            return JSON
+    if not wanted or any(m in ("*/*", "application/*") for m in wanted):
+        return request_media if request_media in (MSGPACK, JSON) else JSON
+    raise NotAcceptable(f"cannot answer in {accept!r}; accept {MSGPACK} or {JSON}")
+
+
+def encode(content: Any, media: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    if media == MSGPACK:
+        return Response(packb(content), status_code=status, media_type=MSGPACK, headers=headers)
+    return Response(json.dumps(to_json(content)), status_code=status, media_type=JSON, headers=headers)
+
+
+def problem(status: int, title: str, detail: str, slug: str, request: Request | None,
+            extra: dict[str, Any] | None = None) -> Response:
+    """An RFC 9457 problem details response."""
+    body = {"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": detail}
+    if request is not None:
+        body["instance"] = request.url.path
+        request_id = request.headers.get("x-request-id") or getattr(request.state, "request_id", None)
+        if request_id:
+            body["request_id"] = request_id
+    for key, value in (extra or {}).items():
+        body.setdefault(key, value)
+    return Response(json.dumps(body, default=str), status_code=status, media_type=PROBLEM)
+
+
+def problem_from(exc: SynapseServeError, request: Request) -> Response:
+    return problem(exc.status, exc.title, exc.detail, exc.slug, request, exc.extra)

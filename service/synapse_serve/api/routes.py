@@ -1,0 +1,217 @@
+"""Routes, one handler per verb: decode, call the registry in a worker thread, encode."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from synapse_serve.api.bodies import (
+    JSON,
+    MSGPACK,
+    PROBLEM,
+    encode,
+    read_body,
+    response_type,
+    tensor_field,
+)
+from synapse_serve.errors import MalformedBody, NotReady
+from synapse_serve.kinds import KINDS, get_kind
+from synapse_serve.registry import NAME_RULE, Registry
+
+
+def get_registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+
+# --- schemas (documentation of the bodies; JSON and msgpack carry the same fields) ---
+
+
+class Tensor(BaseModel):
+    """A tensor. msgpack: ``{dtype, shape, data: bin}``; JSON: ``{dtype, shape, values}`` or a nested list."""
+
+    dtype: str = Field(examples=["float32"])
+    shape: list[int]
+    data: bytes | None = Field(None, description="msgpack only: little-endian C-order bytes")
+    values: list[Any] | None = Field(None, description="JSON only: nested lists of numbers")
+
+
+class CreateRequest(BaseModel):
+    name: str = Field(description=NAME_RULE, examples=["enc"])
+    kind: str = Field(examples=["HebbianDeconvSynapse"])
+    config: dict[str, Any] = Field(examples=[{"shape": [3, 3, 1, 4], "x_shape": [8, 8], "eta": 0.01}])
+    init: dict[str, Tensor] | None = Field(None, description="explicit initial tensors: weights, biases")
+    seed: int = Field(0, ge=0, description="seeds the default initialisers")
+
+
+class OperationRequest(BaseModel):
+    inputs: Tensor | None = Field(None, description="forward: (batch, h, w, c_in)")
+    pre: Tensor | None = Field(None, description="evolve: (batch, h, w, c_in)")
+    post: Tensor | None = Field(None, description="evolve, backtransmit: (batch, h_out, w_out, c_out)")
+    returns: list[str] | None = Field(None, alias="return",
+                                      description="compartments to send back (default per operation)")
+
+
+class OperationResponse(BaseModel):
+    version: int
+    model_config = {"extra": "allow"}
+
+
+class Description(BaseModel):
+    name: str
+    kind: str
+    config: dict[str, Any]
+    seed: int
+    device: str
+    version: int
+    counters: dict[str, int]
+    compartments: dict[str, dict[str, Any]]
+    state_bytes: int
+    created_at: float
+    last_used_at: float
+
+
+class Problem(BaseModel):
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    request_id: str | None = None
+
+
+def _body_doc(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": required, "content": {MSGPACK: {"schema": schema}, JSON: {"schema": schema}}}}
+
+
+def _responses(model: type[BaseModel] | None, *errors: int) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {}
+    if model is not None:
+        out[200] = {"model": model, "content": {MSGPACK: {}, JSON: {}}}
+    for status in errors:
+        out[status] = {"model": Problem, "content": {PROBLEM: {}}, "description": "problem details (RFC 9457)"}
+    return out
+
+
+router = APIRouter()
+v1 = APIRouter(prefix="/v1")
+
+
+@router.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"], summary="Readiness: warm and serving", responses=_responses(None, 503))
+async def readyz(request: Request) -> dict[str, str]:
+    if not request.app.state.ready.is_set():
+        raise NotReady("the server is still warming up")
+    return {"status": "ready"}
+
+
+@v1.get("/kinds", tags=["kinds"], summary="List the synapse kinds")
+async def list_kinds(request: Request) -> Response:
+    kinds = [{"name": k.name, "description": k.description, "operations": list(k.operations)} for k in KINDS.values()]
+    return encode({"kinds": kinds}, response_type(request))
+
+
+@v1.get("/kinds/{kind}", tags=["kinds"], summary="A kind's help: hyperparameters, compartments, dynamics",
+        responses=_responses(None, 404))
+async def kind_help(kind: str, request: Request) -> Response:
+    return encode(get_kind(kind).help(None), response_type(request))
+
+
+@v1.post("/synapses", status_code=201, tags=["synapses"], summary="Create a named instance",
+         openapi_extra=_body_doc(CreateRequest),
+         responses={201: {"model": Description, "content": {MSGPACK: {}, JSON: {}}}, **_responses(None, 400, 409, 413, 415, 422)})
+async def create(request: Request, registry: RegistryDep) -> Response:
+    body, media = await read_body(request)
+    _require_keys(body, {"name", "kind", "config"}, {"name", "kind", "config", "init", "seed"})
+    max_elements = request.app.state.settings.max_tensor_elements
+    init = body.get("init") or {}
+    if not isinstance(init, dict):
+        raise MalformedBody("init: expected a map of tensors (weights, biases)")
+    init = {k: tensor_field(init, k, media, max_elements) for k in init}
+    seed = body.get("seed", 0)
+    description = await run_in_threadpool(registry.create, body["name"], body["kind"], body["config"], init, seed)
+    return encode(description, response_type(request, media), status=201,
+                  headers={"Location": f"/v1/synapses/{description['name']}"})
+
+
+@v1.get("/synapses", tags=["synapses"], summary="Describe every instance")
+async def list_synapses(request: Request, registry: RegistryDep) -> Response:
+    return encode({"synapses": await run_in_threadpool(registry.list)}, response_type(request))
+
+
+@v1.get("/synapses/{name}", tags=["synapses"], summary="Describe an instance", responses=_responses(Description, 404))
+async def describe(name: str, request: Request, registry: RegistryDep) -> Response:
+    description = await run_in_threadpool(registry.describe, name)
+    return encode(description, response_type(request), headers={"ETag": f'"{description["version"]}"'})
+
+
+@v1.delete("/synapses/{name}", status_code=204, tags=["synapses"], summary="Delete an instance",
+           responses=_responses(None, 404))
+async def delete(name: str, registry: RegistryDep) -> Response:
+    await run_in_threadpool(registry.delete, name)
+    return Response(status_code=204)
+
+
+@v1.get("/synapses/{name}/help", tags=["synapses"], summary="The instance's help, with its hyperparameter values",
+        responses=_responses(None, 404))
+async def instance_help(name: str, request: Request, registry: RegistryDep) -> Response:
+    return encode(registry.help(name), response_type(request))
+
+
+@v1.get("/synapses/{name}/compartments/{compartment:path}", tags=["compartments"],
+        summary="Read one compartment", responses=_responses(None, 404, 422))
+async def read_compartment(name: str, compartment: str, request: Request, registry: RegistryDep) -> Response:
+    value, version = await run_in_threadpool(registry.read, name, compartment)
+    return encode({"name": compartment, "value": value, "version": version}, response_type(request),
+                  headers={"ETag": f'"{version}"'})
+
+
+@v1.put("/synapses/{name}/compartments/{compartment:path}", tags=["compartments"],
+        summary="Write one compartment (shape and dtype checked)",
+        openapi_extra=_body_doc(OperationResponse), responses=_responses(OperationResponse, 400, 404, 413, 415, 422))
+async def write_compartment(name: str, compartment: str, request: Request, registry: RegistryDep) -> Response:
+    body, media = await read_body(request)
+    _require_keys(body, {"value"}, {"value"})
+    value = tensor_field(body, "value", media, request.app.state.settings.max_tensor_elements)
+    version = await run_in_threadpool(registry.write, name, compartment, value)
+    return encode({"version": version}, response_type(request, media))
+
+
+@v1.post("/synapses/{name}/{operation}", tags=["operations"],
+         summary="Run an operation: forward, evolve, backtransmit or reset",
+         description="forward `{inputs}` → `{outputs}`; evolve `{pre, post}` → `{}` (ask for dWeights with "
+                     "`return`); backtransmit `{post?}` → `{dInputs}`; reset `{}` → `{}`. Every answer carries "
+                     "the instance's new `version`.",
+         openapi_extra=_body_doc(OperationRequest, required=False),
+         responses=_responses(OperationResponse, 400, 404, 413, 415, 422))
+async def operate(name: str, operation: str, request: Request, registry: RegistryDep) -> Response:
+    body, media = await read_body(request)
+    returns = body.pop("return", None)
+    if returns is not None and (not isinstance(returns, list) or not all(isinstance(r, str) for r in returns)):
+        raise MalformedBody("return: expected a list of compartment names")
+    max_elements = request.app.state.settings.max_tensor_elements
+    tensors = {key: tensor_field(body, key, media, max_elements) for key in body}
+    result = await run_in_threadpool(registry.call, name, operation, tensors, returns)
+    return encode(result, response_type(request, media))
+
+
+def _require_keys(body: dict[str, Any], required: set[str], allowed: set[str]) -> None:
+    missing, unknown = required - body.keys(), body.keys() - allowed
+    if missing or unknown:
+        parts = ([f"missing {', '.join(sorted(missing))}"] if missing else []) + (
+            [f"unknown {', '.join(sorted(map(str, unknown)))}"] if unknown else [])
+        raise MalformedBody(f"body: {'; '.join(parts)}; fields are {', '.join(sorted(allowed))}")
+
+
+router.include_router(v1)
+__all__ = ["JSONResponse", "router"]

@@ -1,0 +1,105 @@
+"""``create_app(settings)``: the FastAPI application. Nothing is built at import time."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from synapse_serve.api.bodies import problem, problem_from
+from synapse_serve.api.routes import router
+from synapse_serve.errors import SynapseServeError
+from synapse_serve.registry import Registry
+from synapse_serve.settings import Settings
+
+log = logging.getLogger("synapse_serve")
+
+
+def warm_up() -> None:
+    """Compile and run one tiny synapse so the first real call does not pay JAX's start-up."""
+    registry = Registry()
+    registry.create("warmup", "HebbianDeconvSynapse", {"shape": [1, 1, 1, 1], "x_shape": [1, 1]})
+    import numpy as np
+
+    x = np.zeros((1, 1, 1, 1), np.float32)
+    registry.call("warmup", "forward", {"inputs": x})
+    registry.call("warmup", "evolve", {"pre": x, "post": x})
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (the caller's X-Request-ID, else a new one) and echoes it."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The application, with its registry built in the lifespan."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.registry = Registry(max_instances=settings.max_instances)
+        if settings.warmup:
+            await run_in_threadpool(warm_up)
+        app.state.ready.set()
+        yield
+
+    app = FastAPI(
+        title="synapse-serve",
+        version="0.1.0",
+        summary="Learnable synapses (ngclearn's HebbianDeconvSynapse) as a REST service.",
+        description="Bodies are msgpack (`application/msgpack`, primary) or JSON (`application/json`); "
+                    "tensors follow docs/wire-format.md. Errors are RFC 9457 problem details.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.ready = threading.Event()
+    app.include_router(router)
+    app.add_middleware(RequestIdMiddleware)
+
+    @app.exception_handler(SynapseServeError)
+    async def domain_error(request: Request, exc: SynapseServeError):
+        if exc.status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, exc.detail)
+        return problem_from(exc, request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        return problem(exc.status_code, str(exc.detail), f"{request.method} {request.url.path}: {exc.detail}",
+                       slug, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())[:500]
+        return problem(422, "Invalid request", detail, "invalid-request", request)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return problem(500, "Internal error", "an unexpected error occurred; the request id is in the logs",
+                       "internal-error", request)
+
+    return app

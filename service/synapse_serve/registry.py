@@ -1,0 +1,240 @@
+"""The registry: named instances, their locks and every mutation of their state.
+
+Calls on one instance are serialized by its lock; calls on different instances
+run in parallel (JAX releases the GIL while it computes). Each operation's
+state is swapped in only after the operation succeeded, and results are copied
+to host memory under the lock, before any later call can donate the buffers.
+The interface is narrow (create, get, call, read, write, delete, list) so a
+distributed implementation can stand beside this one.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+
+from synapse_serve.errors import (
+    AlreadyExists,
+    DeviceError,
+    InvalidConfig,
+    InvalidName,
+    NotFound,
+    SynapseServeError,
+    UnknownOperation,
+)
+from synapse_serve.kinds import Kind, get_kind
+from synapse_serve.kinds.base import check_tensor, compartment_paths, replace_compartment
+
+NAME_RULE = "1 to 128 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def validate_name(name: Any) -> str:
+    """``name`` if it follows NAME_RULE, else InvalidName saying the rule."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidName(f"invalid instance name {str(name)[:140]!r}: use {NAME_RULE}", name=str(name)[:140])
+    return name
+
+
+@dataclass
+class Instance:
+    """One named synapse: its kind, immutable config and current state."""
+
+    name: str
+    kind: Kind
+    config: Any
+    state: Any
+    seed: int
+    device: str
+    created_at: float = field(default_factory=time.time)
+    last_used_at: float = field(default_factory=time.time)
+    version: int = 1
+    counters: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        """Kind, config, compartment shapes and dtypes, device, counters and version (call under the lock)."""
+        leaves = compartment_paths(self.state)
+        return {
+            "name": self.name,
+            "kind": self.kind.name,
+            "config": self.config.to_dict(),
+            "seed": self.seed,
+            "device": self.device,
+            "version": self.version,
+            "counters": dict(self.counters),
+            "compartments": {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in leaves.items()},
+            "state_bytes": int(sum(v.size * v.dtype.itemsize for v in leaves.values())),
+            "created_at": self.created_at,
+            "last_used_at": self.last_used_at,
+        }
+
+
+def _device_call(fn, *args):
+    """Run a JAX computation; failures of the device are the server's, not the caller's."""
+    try:
+        return fn(*args)
+    except SynapseServeError:
+        raise
+    except (jax.errors.JaxRuntimeError, MemoryError) as exc:  # OOM and other device faults
+        raise DeviceError(f"the device failed: {str(exc).splitlines()[0][:300]}") from exc
+
+
+class Registry:
+    """In-process instances on this process's default JAX device."""
+
+    def __init__(self, max_instances: int = 10_000) -> None:
+        self._instances: dict[str, Instance] = {}
+        self._lock = threading.Lock()  # guards the dict, not the instances
+        self.max_instances = max_instances
+        self.device = jax.devices()[0]
+
+    # --- lifecycle ---
+
+    def create(self, name: str, kind: str, config: Mapping[str, Any], init: Mapping[str, Any] | None = None,
+               seed: int = 0) -> dict[str, Any]:
+        """Create and describe a new instance; 409 if the name is taken."""
+        validate_name(name)
+        kind_ = get_kind(kind)
+        cfg = kind_.parse_config(config)
+        if kind_.choose_filter_update is not None:
+            cfg = kind_.choose_filter_update(cfg, self.device.platform)
+        init = dict(init or {})
+        unknown = set(init) - {"weights", "biases"}
+        if unknown:
+            raise InvalidConfig(f"init: unknown keys {sorted(unknown)}; allowed: weights, biases", field="init")
+        with self._lock:  # reserve the name before the (slow) init
+            if name in self._instances:
+                raise AlreadyExists(f"an instance named {name!r} already exists", name=name)
+            if len(self._instances) >= self.max_instances:
+                raise InvalidConfig(f"the server holds its maximum of {self.max_instances} instances")
+            placeholder = Instance(name, kind_, cfg, None, seed, str(self.device))
+            placeholder.lock.acquire()
+            self._instances[name] = placeholder
+        try:
+            placeholder.state = _device_call(kind_.init, cfg, seed, init.get("weights"), init.get("biases"))
+            jax.block_until_ready(placeholder.state)
+            return placeholder.describe()
+        except BaseException:
+            with self._lock:
+                self._instances.pop(name, None)
+            raise
+        finally:
+            placeholder.lock.release()
+
+    def delete(self, name: str) -> None:
+        """Forget an instance; calls already running on it finish first."""
+        with self._hold(name), self._lock:
+            del self._instances[name]
+
+    def list(self) -> list[dict[str, Any]]:
+        """Describe every instance, sorted by name."""
+        with self._lock:
+            instances = sorted(self._instances.values(), key=lambda i: i.name)
+        out = []
+        for instance in instances:
+            with instance.lock:
+                if instance.state is not None:
+                    out.append(instance.describe())
+        return out
+
+    def describe(self, name: str) -> dict[str, Any]:
+        with self._hold(name) as instance:
+            return instance.describe()
+
+    def help(self, name: str) -> dict[str, Any]:
+        instance = self._get(name)
+        return instance.kind.help(instance.config)
+
+    # --- operations ---
+
+    def call(self, name: str, operation: str, tensors: Mapping[str, Any],
+             returns: list[str] | None = None) -> dict[str, Any]:
+        """Run ``operation`` on the instance; returns ``{"version": v, <compartment>: numpy, ...}``.
+
+        Tensor arguments are checked (shape, dtype) before the lock is taken and
+        before any state is touched; the new state replaces the old only on success.
+        """
+        instance = self._get(name)
+        op = instance.kind.operations.get(operation)
+        if op is None:
+            raise UnknownOperation(
+                f"{instance.kind.name} has no operation {operation!r}; it has: {', '.join(instance.kind.operations)}"
+            )
+        allowed = {a.name for a in op.args}
+        unknown = set(tensors) - allowed
+        if unknown:
+            raise UnknownOperation(
+                f"{operation} takes {', '.join(sorted(allowed)) or 'no tensors'}; unknown: {', '.join(sorted(unknown))}"
+            )
+        args, batch = [], None
+        for arg in op.args:
+            value = tensors.get(arg.name)
+            if value is None:
+                if not arg.optional:
+                    raise UnknownOperation(f"{operation} needs the tensor {arg.name!r}", argument=arg.name)
+                args.append(None)
+                continue
+            array = check_tensor(arg.name, value, instance.config.trailing(arg.space), batch)
+            batch = array.shape[0]
+            args.append(array)
+        returned = list(op.returns if returns is None else returns)
+        with self._hold(name, instance):
+            leaves = compartment_paths(instance.state)
+            for compartment in returned:
+                if compartment not in leaves:
+                    raise UnknownOperation(
+                        f"cannot return {compartment!r}: no such compartment; has: {', '.join(leaves)}"
+                    )
+            state = _device_call(op.fn, instance.config, instance.state, *args)
+            result = {c: np.asarray(v) for c, v in compartment_paths(state).items() if c in returned}
+            instance.state = state
+            instance.version += 1
+            instance.counters[operation] = instance.counters.get(operation, 0) + 1
+            instance.last_used_at = time.time()
+            return {"version": instance.version, **result}
+
+    def read(self, name: str, compartment: str) -> tuple[np.ndarray, int]:
+        """A host copy of one compartment and the version it belongs to."""
+        with self._hold(name) as instance:
+            leaves = compartment_paths(instance.state)
+            if compartment not in leaves:
+                raise UnknownOperation(
+                    f"unknown compartment {compartment!r}; this {instance.kind.name} has: {', '.join(leaves)}"
+                )
+            return np.asarray(leaves[compartment]), instance.version
+
+    def write(self, name: str, compartment: str, value: Any) -> int:
+        """Replace one compartment (shape and dtype checked); returns the new version."""
+        with self._hold(name) as instance:
+            instance.state = replace_compartment(instance.kind, instance.state, compartment, value)
+            instance.version += 1
+            instance.last_used_at = time.time()
+            return instance.version
+
+    @contextmanager
+    def _hold(self, name: str, instance: Instance | None = None) -> Iterator[Instance]:
+        """The instance, locked; NotFound if it was deleted (or failed to init) while we waited."""
+        instance = instance or self._get(name)
+        with instance.lock:
+            if instance.state is None or self._instances.get(name) is not instance:
+                raise NotFound(f"no instance named {name!r}", name=name)
+            yield instance
+
+    def _get(self, name: str) -> Instance:
+        with self._lock:
+            instance = self._instances.get(name)
+        if instance is None:
+            raise NotFound(f"no instance named {str(name)[:140]!r}", name=str(name)[:140])
+        return instance
+
+    def __len__(self) -> int:
+        return len(self._instances)

@@ -1,0 +1,23 @@
+"""Settings from the environment, prefix ``SYNAPSE_`` (e.g. ``SYNAPSE_PORT=9000``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told; built inside ``create_app`` / the CLI, never at import."""
+
+    model_config = SettingsConfigDict(env_prefix="SYNAPSE_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
+    state_dir: Path = Field(Path("state"), description="local directory for the server's state")
+    log_level: str = Field("info", description="uvicorn/python log level")
+    max_body_bytes: int = Field(256 << 20, ge=1024, description="largest request body; larger is a 413")
+    max_tensor_elements: int = Field(1 << 28, ge=1, description="largest tensor a body may declare")
+    max_instances: int = Field(10_000, ge=1, description="most instances the server holds")
+    warmup: bool = Field(True, description="compile a small synapse at start-up before /readyz says ready")

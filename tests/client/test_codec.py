@@ -1,0 +1,117 @@
+"""The wire format: round trips for every dtype and shape class, and clear errors for bad tensors."""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from synapse_client import DTYPES, WireError, decode_tensor, encode_tensor, packb, unpackb
+from synapse_client._codec import json_tensor, to_json
+
+NUMPY_DTYPES = {name: np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name) for name in DTYPES}
+SHAPES = st.one_of(
+    st.just(()),  # 0-d
+    hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=5),  # includes zero-size
+)
+
+
+def arrays(name: str):
+    dtype = NUMPY_DTYPES[name]
+    base = np.dtype(np.float32) if name == "bfloat16" else dtype
+    strategy = hnp.arrays(base, SHAPES, elements={"allow_nan": False} if base.kind == "f" else None)
+    return strategy.map(lambda a: a.astype(dtype))
+
+
+@pytest.mark.parametrize("name", DTYPES)
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_round_trip_every_dtype_and_shape(name, data):
+    array = data.draw(arrays(name))
+    decoded = unpackb(packb({"t": array, "meta": [1, "x"]}))
+    assert decoded["meta"] == [1, "x"]
+    out = decoded["t"]
+    assert out.dtype == array.dtype and out.shape == array.shape
+    np.testing.assert_array_equal(out.reshape(-1).view(np.uint8), array.reshape(-1).view(np.uint8))
+
+
+def test_decode_is_zero_copy_and_read_only():
+    body = packb({"t": np.arange(1024, dtype=np.float32)})
+    out = unpackb(body)["t"]
+    assert not out.flags.writeable and not out.flags.owndata
+    assert out.base is not None
+
+
+def test_big_endian_and_non_contiguous_inputs_are_normalised():
+    a = np.arange(12, dtype=">f4").reshape(3, 4)[:, ::2]
+    raw = msgpack.unpackb(packb({"t": a}))["t"]
+    assert raw["dtype"] == "float32" and raw["shape"] == [3, 2]
+    np.testing.assert_array_equal(np.frombuffer(raw["data"], "<f4").reshape(3, 2), a)
+
+
+def test_a_plain_msgpack_library_reads_it():
+    raw = msgpack.unpackb(packb({"w": np.ones((2, 3), np.float32)}))
+    t = raw["w"]
+    assert set(t) == {"dtype", "shape", "data"} and isinstance(t["data"], bytes)
+    assert len(t["data"]) == math.prod(t["shape"]) * 4
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        ({"dtype": "float32", "shape": [2, 2], "data": b"\0" * 15}, "needs 16 bytes, received 15"),
+        ({"dtype": "float32", "shape": [1 << 20, 1 << 20], "data": b""}, "declares 1099511627776 elements"),
+        ({"dtype": "complex64", "shape": [1], "data": b"\0" * 8}, "unknown dtype 'complex64'"),
+        ({"dtype": "O", "shape": [1], "data": b"\0" * 8}, "unknown dtype 'O'"),
+        ({"dtype": "float32", "shape": [-1], "data": b""}, "non-negative integers"),
+        ({"dtype": "float32", "shape": [1.5], "data": b""}, "non-negative integers"),
+        ({"dtype": "float32", "shape": "12", "data": b""}, "shape must be a list"),
+        ({"dtype": "float32", "shape": [1] * 40, "data": b"\0" * 4}, "at most 32"),
+    ],
+)
+def test_bad_tensors_are_rejected_before_allocation(tensor, message):
+    with pytest.raises(WireError, match=message):
+        decode_tensor(tensor)
+    with pytest.raises(WireError):
+        unpackb(msgpack.packb({"x": tensor}))
+
+
+def test_malformed_bodies():
+    with pytest.raises(WireError, match="not valid msgpack"):
+        unpackb(b"\x82\xa1a")
+    with pytest.raises(WireError, match="not valid msgpack"):
+        unpackb(b"\x91" * 100_000)  # nesting bomb
+    with pytest.raises(WireError, match="deeper than"):
+        unpackb(msgpack.packb(eval("[" * 100 + "]" * 100)))  # noqa: S307 - a literal, built here
+    with pytest.raises(WireError, match="exactly the keys"):
+        unpackb(msgpack.packb({"t": {"dtype": "float32", "shape": [1], "data": b"\0" * 4, "x": 1}}))
+    with pytest.raises(WireError, match="extension"):
+        unpackb(msgpack.packb(msgpack.ExtType(1, b"x")))
+    with pytest.raises(WireError, match="object array"):
+        packb({"t": np.array([object()], dtype=object)})
+
+
+def test_max_elements_limit():
+    body = packb({"t": np.zeros(100, np.uint8)})
+    assert unpackb(body, max_elements=100)["t"].size == 100
+    with pytest.raises(WireError, match="limit is 99"):
+        unpackb(body, max_elements=99)
+
+
+def test_json_form():
+    out = to_json({"t": np.arange(4, dtype=np.float32).reshape(2, 2)})
+    assert out == {"t": {"dtype": "float32", "shape": [2, 2], "values": [[0.0, 1.0], [2.0, 3.0]]}}
+    np.testing.assert_array_equal(json_tensor(out["t"]), np.arange(4).reshape(2, 2))
+    assert json_tensor([[1, 2], [3, 4]]).dtype == np.float32
+    with pytest.raises(WireError, match="rectangular"):
+        json_tensor([[1, 2], [3]])
+    with pytest.raises(WireError, match="shape"):
+        json_tensor({"dtype": "float32", "shape": [3], "values": [1, 2]})
+    with pytest.raises(WireError, match="exactly the keys"):
+        json_tensor({"dtype": "float32", "values": [1, 2]})

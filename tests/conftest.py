@@ -1,0 +1,73 @@
+"""Shared fixtures: a real uvicorn server on an ephemeral loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+class LiveServer:
+    """uvicorn serving ``create_app(settings)`` in a thread, on 127.0.0.1:<free port>."""
+
+    def __init__(self, **settings: object) -> None:
+        import uvicorn
+
+        from synapse_serve.app import create_app
+        from synapse_serve.settings import Settings
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = create_app(Settings(**settings))
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not (self.server.started and self.app.state.ready.is_set()):
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+    @property
+    def registry(self):
+        return self.app.state.registry
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory) -> Iterator[LiveServer]:
+    with LiveServer(state_dir=tmp_path_factory.mktemp("state"), max_body_bytes=4 << 20) as server:
+        yield server
+
+
+@pytest.fixture
+def client(live_server):
+    from synapse_client import SynapseClient
+
+    with SynapseClient(live_server.url) as c:
+        yield c
+
+
+_counter = iter(range(1_000_000))
+
+
+@pytest.fixture
+def unique_name(request) -> str:
+    """An instance name no other test uses."""
+    return f"t{next(_counter)}-{request.node.name[:40]}".replace("[", "-").replace("]", "").replace("/", "-")
