@@ -1,0 +1,58 @@
+"""The docker files, checked without a docker engine (none runs on CI)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+
+
+def test_compose_is_valid_against_the_compose_spec(compose):
+    if not SCHEMA.exists():
+        pytest.fail(f"compose schema missing at {SCHEMA}")
+    schema = json.loads(SCHEMA.read_text())  # draft-07; its $schema URL lacks the "#" jsonschema looks up
+    jsonschema.Draft7Validator(schema).validate(compose)
+    broken = {**compose, "services": {"x": {"ports": 5}}}
+    with pytest.raises(jsonschema.ValidationError):  # the check can fail
+        jsonschema.Draft7Validator(schema).validate(broken)
+
+
+def test_compose_reserves_a_gpu_has_a_healthcheck_and_a_volume(compose):
+    service = compose["services"]["synapse-serve"]
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert "/healthz" in " ".join(service["healthcheck"]["test"])
+    state_dir = service["environment"]["SYNAPSE_STATE_DIR"]
+    assert any(v.endswith(f":{state_dir}") for v in service["volumes"])
+    assert service["volumes"][0].split(":")[0] in compose["volumes"]
+    assert service["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+
+
+@pytest.mark.parametrize(("name", "extra"), [("Dockerfile.cpu", "server"), ("Dockerfile.gpu", "gpu")])
+def test_dockerfiles_install_the_right_extra_as_non_root(name, extra):
+    text = (ROOT / "docker" / name).read_text()
+    assert re.search(rf'pip install "\.\[{extra}\]"', text)
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert "HEALTHCHECK" in text and "/healthz" in text
+    assert re.search(r"^VOLUME .*synapse-serve", text, re.M)
+    assert re.search(r"^CMD \[\"synapse-serve\"\]", text, re.M)
+
+
+def test_extras_exist_in_pyproject():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "jax[cuda12]" in " ".join(extras["gpu"]) and "fastapi" in " ".join(extras["server"])

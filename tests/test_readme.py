@@ -1,0 +1,39 @@
+"""The README's client example works when pasted (against a live server)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_readme_client_example_runs(live_server):
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert blocks, "README has no python example"
+    code = blocks[0].replace("http://127.0.0.1:8000", live_server.url)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "(3, 3, 1, 8)" in result.stdout and "'evolve': 10" in result.stdout
+
+
+def test_readme_curl_example_runs(live_server):
+    import httpx
+
+    commands = re.findall(r"curl -s (.*?)(?:\n(?!  )|$)", README.split("## Use it from curl")[1].split("##")[0], re.S)
+    assert len(commands) >= 2
+    body = re.search(r"-d '(.*?)'", commands[0], re.S).group(1)
+    assert httpx.post(f"{live_server.url}/v1/synapses", content=body,
+                      headers={"Content-Type": "application/json"}).status_code == 201
+    body = re.search(r"-d '(.*?)'", commands[1], re.S).group(1)
+    r = httpx.post(f"{live_server.url}/v1/synapses/tiny/forward", content=body,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["outputs"]["shape"] == [1, 2, 2, 1]
+
+
+def test_readme_names_the_two_commands_and_ci_runs_the_test_one():
+    assert "./scripts/serve.sh" in README and "./scripts/test.sh" in README
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    assert "./scripts/test.sh" in ci
