@@ -64,6 +64,12 @@ class _BaseClient:
             return _codec.unpackb(response.content)
         return response.json()
 
+    @staticmethod
+    def _connection_error(method: str, path: str, exc: httpx.TransportError) -> APIConnectionError:
+        if isinstance(exc, httpx.TimeoutException):
+            return APITimeoutError(f"{method} {path}: timed out ({exc})", exc.request)
+        return APIConnectionError(f"{method} {path}: {type(exc).__name__}: {exc}", exc.request)
+
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter: 0.25 s, 0.5 s, 1 s, … capped at 8 s."""
         return min(8.0, 0.25 * 2**attempt) * (0.5 + random.random() / 2)
@@ -113,10 +119,8 @@ class SynapseClient(_BaseClient):
         while True:
             try:
                 response = self._http.request(method, path, content=content, headers=headers)
-            except httpx.TimeoutException as exc:
-                error: APIConnectionError = APITimeoutError(f"{method} {path}: timed out ({exc})", exc.request)
             except httpx.TransportError as exc:
-                error = APIConnectionError(f"{method} {path}: {type(exc).__name__}: {exc}", exc.request)
+                error = self._connection_error(method, path, exc)
             else:
                 return self._decode(response)
             if not retry or attempt >= self.max_retries:
@@ -190,10 +194,8 @@ class AsyncSynapseClient(_BaseClient):
         while True:
             try:
                 response = await self._http.request(method, path, content=content, headers=headers)
-            except httpx.TimeoutException as exc:
-                error: APIConnectionError = APITimeoutError(f"{method} {path}: timed out ({exc})", exc.request)
             except httpx.TransportError as exc:
-                error = APIConnectionError(f"{method} {path}: {type(exc).__name__}: {exc}", exc.request)
+                error = self._connection_error(method, path, exc)
             else:
                 return self._decode(response)
             if not retry or attempt >= self.max_retries:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import uuid
@@ -61,10 +62,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.registry = Registry(max_instances=settings.max_instances)
-        if settings.warmup:
-            await run_in_threadpool(warm_up)
-        app.state.ready.set()
+
+        async def get_ready() -> None:  # in the background: /healthz answers while this runs
+            try:
+                if settings.warmup:
+                    await run_in_threadpool(warm_up)
+            except Exception:  # a failed warm-up costs the first caller a compile, nothing else
+                log.exception("warm-up failed; serving without it")
+            app.state.ready.set()
+
+        task = asyncio.create_task(get_ready())
         yield
+        task.cancel()
 
     app = FastAPI(
         title="synapse-serve",

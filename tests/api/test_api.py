@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
+import jax
 import msgpack
 import numpy as np
 import pytest
@@ -36,6 +38,34 @@ def rand(shape, seed=0):
 def test_health_and_readiness(live_server):
     assert httpx.get(f"{live_server.url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{live_server.url}/readyz").json() == {"status": "ready"}
+
+
+def test_not_ready_until_warm(monkeypatch, tmp_path):
+    import threading as _threading
+
+    from conftest import LiveServer
+
+    import synapse_serve.app as app_module
+
+    release = _threading.Event()
+    real_warm_up = app_module.warm_up
+    monkeypatch.setattr(app_module, "warm_up", lambda: (release.wait(30), real_warm_up()))
+    server = LiveServer(state_dir=tmp_path)
+    server.thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+        r = httpx.get(f"{server.url}/readyz")
+        assert r.status_code == 503 and r.json()["title"] == "Not ready"
+        release.set()
+        assert server.app.state.ready.wait(30)
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+    finally:
+        release.set()
+        server.__exit__()
 
 
 def test_kinds_and_help(client):
@@ -120,6 +150,7 @@ def test_operations_round_trip(client, unique_name):
     x = rand((2, 6, 6, 2))
     y = syn.forward(x)
     assert y.shape == (2, 6, 6, 4) and y.dtype == np.float32
+    np.testing.assert_array_equal(syn.forward(jax.numpy.asarray(x)), y)  # jax arrays are accepted
     result = syn.evolve(x, y, returns=("dWeights", "dBiases"))
     assert result["dWeights"].shape == (3, 3, 2, 4) and result["dBiases"].shape == (4,)
     assert syn.evolve(x, y) == {"version": result["version"] + 1}
@@ -128,7 +159,7 @@ def test_operations_round_trip(client, unique_name):
     syn.reset()
     assert not syn.get("inputs").any()
     assert syn.help()["hyperparameters"]["optim_type"]["value"] == "adam"
-    assert syn.describe()["counters"] == {"forward": 1, "evolve": 2, "backtransmit": 2, "reset": 1}
+    assert syn.describe()["counters"] == {"forward": 2, "evolve": 2, "backtransmit": 2, "reset": 1}
     assert syn.get("opt_state/0/count") == 2
 
 

@@ -117,7 +117,8 @@ async def readyz(request: Request) -> dict[str, str]:
 
 @v1.get("/kinds", tags=["kinds"], summary="List the synapse kinds")
 async def list_kinds(request: Request) -> Response:
-    kinds = [{"name": k.name, "description": k.description, "operations": list(k.operations)} for k in KINDS.values()]
+    kinds = [{"name": k.name, "description": k.description, "operations": list(k.operations), "help": k.help(None)}
+             for k in KINDS.values()]
     return encode({"kinds": kinds}, response_type(request))
 
 

@@ -1,0 +1,81 @@
+"""The ``synapse-serve`` console command starts a real server process, and device failures are 5xx."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import jax
+import numpy as np
+import pytest
+
+from synapse_serve.errors import DeviceError
+from synapse_serve.registry import _device_call
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_console_command_serves(tmp_path):
+    exe = shutil.which("synapse-serve", path=os.path.dirname(sys.executable)) or shutil.which("synapse-serve")
+    assert exe, "the synapse-serve console script is not installed"
+    port = free_port()
+    state = tmp_path / "state"
+    proc = subprocess.Popen([exe, "--port", str(port), "--state-dir", str(state), "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.2)
+        assert state.is_dir()
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/kinds").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        output = proc.stdout.read().decode()
+        proc.stdout.close()
+    # uvicorn shuts down gracefully, then re-raises the signal it caught
+    assert code in (0, -signal.SIGTERM) and "Traceback" not in output
+
+
+def test_help_flag():
+    exe = shutil.which("synapse-serve", path=os.path.dirname(sys.executable)) or "synapse-serve"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--state-dir" in out.stdout and "Docs:" in out.stdout
+
+
+def test_device_failures_become_500_problems(live_server, client, unique_name):
+    def out_of_memory(*args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0TiB")
+
+    with pytest.raises(DeviceError, match="the device failed: RESOURCE_EXHAUSTED") as info:
+        _device_call(out_of_memory)
+    assert info.value.status == 500
+
+    syn = client.create(unique_name, kind="HebbianDeconvSynapse", config={"shape": [1, 1, 1, 1], "x_shape": [1, 1]})
+    registry = live_server.registry
+    original = registry.call
+    registry.call = lambda *a, **k: _device_call(out_of_memory)
+    try:
+        r = httpx.post(f"{live_server.url}/v1/synapses/{unique_name}/forward",
+                       json={"inputs": np.ones((1, 1, 1, 1)).tolist()})
+    finally:
+        registry.call = original
+    assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json"
+    assert "Out of memory" in r.json()["detail"] and "Traceback" not in r.text
+    assert syn.forward(np.ones((1, 1, 1, 1))).shape == (1, 1, 1, 1)  # still serving
