@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -21,6 +24,7 @@ from synapse_client import _codec
 from synapse_client._exceptions import APIConnectionError, APITimeoutError, WireError, status_error
 
 MSGPACK = "application/msgpack"
+OCTET = "application/octet-stream"
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=120.0, pool=10.0)
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -42,9 +46,11 @@ class _BaseClient:
         self.max_retries = max_retries
         self.headers = {"Accept": MSGPACK, "User-Agent": "synapse-client/0.1", **(headers or {})}
 
-    def _prepare(self, body: dict[str, Any] | None) -> tuple[bytes | None, dict[str, str]]:
+    def _prepare(self, body: dict[str, Any] | bytes | None) -> tuple[bytes | None, dict[str, str]]:
         if body is None:
             return None, {}
+        if isinstance(body, bytes):  # an instance file
+            return body, {"Content-Type": OCTET}
         return _codec.packb(body), {"Content-Type": MSGPACK}
 
     @staticmethod
@@ -60,6 +66,8 @@ class _BaseClient:
             raise status_error(response.status_code, problem, response.headers.get("x-request-id"))
         if response.status_code == 204 or not response.content:
             return None
+        if media == OCTET:
+            return response.content
         if media == MSGPACK:
             return _codec.unpackb(response.content)
         return response.json()
@@ -112,7 +120,7 @@ class SynapseClient(_BaseClient):
         self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout, headers=self.headers,
                                   transport=transport)
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None, *, retry: bool) -> Any:
+    def request(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *, retry: bool) -> Any:
         """Send one call. ``retry=True`` only for calls safe to repeat: connection errors are then retried."""
         content, headers = self._prepare(body)
         attempt = 0
@@ -137,6 +145,12 @@ class SynapseClient(_BaseClient):
     def get(self, name: str) -> Synapse:
         """The handle of an existing instance (NotFoundError if there is none)."""
         self.request("GET", f"/v1/synapses/{name}", retry=True)
+        return Synapse(self, name)
+
+    def import_(self, path: str | os.PathLike[str], *, name: str) -> Synapse:
+        """Create instance ``name`` from a file written by ``Synapse.export`` (bit-identical state)."""
+        self.request("POST", f"/v1/synapses/import?name={quote(name, safe='')}", Path(path).read_bytes(),
+                     retry=False)
         return Synapse(self, name)
 
     def list(self) -> list[dict[str, Any]]:
@@ -187,7 +201,8 @@ class AsyncSynapseClient(_BaseClient):
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, headers=self.headers,
                                        transport=transport)
 
-    async def request(self, method: str, path: str, body: dict[str, Any] | None = None, *, retry: bool) -> Any:
+    async def request(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *,
+                      retry: bool) -> Any:
         """Send one call. ``retry=True`` only for calls safe to repeat: connection errors are then retried."""
         content, headers = self._prepare(body)
         attempt = 0
@@ -212,6 +227,12 @@ class AsyncSynapseClient(_BaseClient):
     async def get(self, name: str) -> AsyncSynapse:
         """The handle of an existing instance (NotFoundError if there is none)."""
         await self.request("GET", f"/v1/synapses/{name}", retry=True)
+        return AsyncSynapse(self, name)
+
+    async def import_(self, path: str | os.PathLike[str], *, name: str) -> AsyncSynapse:
+        """Create instance ``name`` from a file written by ``AsyncSynapse.export`` (bit-identical state)."""
+        await self.request("POST", f"/v1/synapses/import?name={quote(name, safe='')}", Path(path).read_bytes(),
+                           retry=False)
         return AsyncSynapse(self, name)
 
     async def list(self) -> list[dict[str, Any]]:
@@ -298,6 +319,12 @@ class Synapse:
         """The current filters (kh, kw, c_in, c_out)."""
         return self.get("weights")
 
+    def export(self, path: str | os.PathLike[str]) -> Path:
+        """Save the whole instance (config, compartments, optimizer state, counters) to one file."""
+        target = Path(path)
+        target.write_bytes(self.client.request("GET", f"{self._path}/export", retry=True))
+        return target
+
     def delete(self) -> None:
         """Delete the instance on the server."""
         self.client.request("DELETE", self._path, retry=False)
@@ -356,6 +383,12 @@ class AsyncSynapse:
     async def weights(self) -> np.ndarray:
         """The current filters (kh, kw, c_in, c_out): ``await syn.weights``."""
         return await self.get("weights")
+
+    async def export(self, path: str | os.PathLike[str]) -> Path:
+        """Save the whole instance (config, compartments, optimizer state, counters) to one file."""
+        target = Path(path)
+        target.write_bytes(await self.client.request("GET", f"{self._path}/export", retry=True))
+        return target
 
     async def delete(self) -> None:
         """Delete the instance on the server."""

@@ -15,9 +15,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from synapse_serve.api.bodies import problem, problem_from
 from synapse_serve.api.routes import router
-from synapse_serve.errors import SynapseServeError
+from synapse_serve.errors import NotReady, SynapseServeError
 from synapse_serve.registry import Registry
 from synapse_serve.settings import Settings
+from synapse_serve.store import Store
 
 log = logging.getLogger("synapse_serve")
 
@@ -61,19 +62,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.registry = Registry(max_instances=settings.max_instances)
+        registry = Registry(max_instances=settings.max_instances, store=Store(settings.state_dir),
+                            durability=settings.durability)
+        app.state.registry = registry
 
         async def get_ready() -> None:  # in the background: /healthz answers while this runs
+            await run_in_threadpool(registry.restore)  # a failure here is a bug: let it stop readiness
             try:
                 if settings.warmup:
                     await run_in_threadpool(warm_up)
             except Exception:  # a failed warm-up costs the first caller a compile, nothing else
                 log.exception("warm-up failed; serving without it")
+            registry.start_flusher(settings.flush_interval_s)
             app.state.ready.set()
 
         task = asyncio.create_task(get_ready())
         yield
         task.cancel()
+        await run_in_threadpool(registry.close)  # graceful shutdown: write what changed
 
     app = FastAPI(
         title="synapse-serve",
@@ -90,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(SynapseServeError)
     async def domain_error(request: Request, exc: SynapseServeError):
-        if exc.status >= 500:
+        if exc.status >= 500 and not isinstance(exc, NotReady):
             log.error("%s %s: %s", request.method, request.url.path, exc.detail)
         return problem_from(exc, request)
 

@@ -13,7 +13,8 @@
     ├── UnsupportedMediaType    (415) a content type we do not speak
     ├── NotAcceptable           (406) no response type the caller accepts
     ├── NotReady                (503) the server is still warming up
-    └── DeviceError             (500) the accelerator failed; not the caller's fault
+    ├── DeviceError             (500) the accelerator failed; not the caller's fault
+    └── StorageError            (507) the state directory could not be written
 """
 
 from __future__ import annotations
@@ -82,3 +83,7 @@ class NotReady(SynapseServeError):
 
 class DeviceError(SynapseServeError):
     status, title, slug = 500, "Device error", "device-error"
+
+
+class StorageError(SynapseServeError):
+    status, title, slug = 507, "Storage error", "storage-error"

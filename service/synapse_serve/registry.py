@@ -10,6 +10,7 @@ distributed implementation can stand beside this one.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -27,11 +28,16 @@ from synapse_serve.errors import (
     InvalidConfig,
     InvalidName,
     NotFound,
+    StorageError,
     SynapseServeError,
     UnknownOperation,
 )
 from synapse_serve.kinds import Kind, get_kind
-from synapse_serve.kinds.base import check_tensor, compartment_paths, replace_compartment
+from synapse_serve.kinds.base import check_tensor, compartment_paths, replace_compartment, state_from_compartments
+from synapse_serve.store import CorruptFile, Record, Store, decode, encode
+
+DURABILITY_MODES = ("sync", "interval", "off")
+log = logging.getLogger("synapse_serve")
 
 NAME_RULE = "1 to 128 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -57,8 +63,15 @@ class Instance:
     created_at: float = field(default_factory=time.time)
     last_used_at: float = field(default_factory=time.time)
     version: int = 1
+    stored_version: int = 0  # the version last written to the store
     counters: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self) -> Record:
+        """Host copies of everything needed to continue exactly (call under the lock)."""
+        return Record(kind=self.kind.name, config=self.config.to_dict(), seed=self.seed, version=self.version,
+                      counters=dict(self.counters), created_at=self.created_at,
+                      arrays={k: np.asarray(v) for k, v in compartment_paths(self.state).items()})
 
     def describe(self) -> dict[str, Any]:
         """Kind, config, compartment shapes and dtypes, device, counters and version (call under the lock)."""
@@ -89,13 +102,27 @@ def _device_call(fn, *args):
 
 
 class Registry:
-    """In-process instances on this process's default JAX device."""
+    """In-process instances on this process's default JAX device, optionally kept in a Store.
 
-    def __init__(self, max_instances: int = 10_000) -> None:
+    Durability: ``sync`` writes an instance's file before a mutating call is
+    acknowledged; ``interval`` writes changed instances every few seconds
+    (``start_flusher``) and at shutdown; ``off`` keeps everything in memory.
+    """
+
+    def __init__(self, max_instances: int = 10_000, store: Store | None = None, durability: str = "off") -> None:
+        if durability not in DURABILITY_MODES:
+            raise ValueError(f"durability must be one of {DURABILITY_MODES}")
         self._instances: dict[str, Instance] = {}
         self._lock = threading.Lock()  # guards the dict, not the instances
         self.max_instances = max_instances
         self.device = jax.devices()[0]
+        self.store = store
+        self.durability = durability if store is not None else "off"
+        self.storage_error: str | None = None  # the last write failure, until a write succeeds
+        self.restore_errors: dict[str, str] = {}
+        self._flush_lock = threading.Lock()
+        self._stop_flusher = threading.Event()
+        self._flusher: threading.Thread | None = None
 
     # --- lifecycle ---
 
@@ -111,17 +138,51 @@ class Registry:
         unknown = set(init) - {"weights", "biases"}
         if unknown:
             raise InvalidConfig(f"init: unknown keys {sorted(unknown)}; allowed: weights, biases", field="init")
+        return self._add(name, kind_, cfg, seed, lambda: kind_.init(cfg, seed, init.get("weights"), init.get("biases")))
+
+    def import_(self, name: str, blob: bytes) -> dict[str, Any]:
+        """Create an instance from an exported file: same config, compartments, counters and version."""
+        validate_name(name)
+        try:
+            record = decode(blob)
+        except CorruptFile as exc:
+            raise InvalidConfig(f"not a valid instance file: {exc}") from None
+        return self._add_record(name, record)
+
+    def export(self, name: str) -> bytes:
+        """One self-contained file (safetensors; config and metadata in its header)."""
+        with self._hold(name) as instance:
+            record = instance.record()
+        return encode(record)
+
+    def _add_record(self, name: str, record: Record, stored: bool = False) -> dict[str, Any]:
+        kind_ = get_kind(record.kind)
+        cfg = kind_.parse_config(record.config)
+
+        def build() -> Any:
+            return state_from_compartments(kind_, cfg, record.seed, record.arrays)
+
+        return self._add(name, kind_, cfg, record.seed, build, record=record, stored=stored)
+
+    def _add(self, name: str, kind_: Kind, cfg: Any, seed: int, build, record: Record | None = None,
+             stored: bool = False) -> dict[str, Any]:
+        """Reserve the name, build the state outside the registry lock, persist, describe."""
         with self._lock:  # reserve the name before the (slow) init
             if name in self._instances:
                 raise AlreadyExists(f"an instance named {name!r} already exists", name=name)
             if len(self._instances) >= self.max_instances:
                 raise InvalidConfig(f"the server holds its maximum of {self.max_instances} instances")
             placeholder = Instance(name, kind_, cfg, None, seed, str(self.device))
+            if record is not None:
+                placeholder.version, placeholder.counters = record.version, dict(record.counters)
+                placeholder.created_at = record.created_at
+                placeholder.stored_version = record.version if stored else 0
             placeholder.lock.acquire()
             self._instances[name] = placeholder
         try:
-            placeholder.state = _device_call(kind_.init, cfg, seed, init.get("weights"), init.get("biases"))
+            placeholder.state = _device_call(build)
             jax.block_until_ready(placeholder.state)
+            self._persist(placeholder)
             return placeholder.describe()
         except BaseException:
             with self._lock:
@@ -134,6 +195,8 @@ class Registry:
         """Forget an instance; calls already running on it finish first."""
         with self._hold(name), self._lock:
             del self._instances[name]
+            if self.durability != "off":
+                self.store.remove(name)
 
     def list(self) -> list[dict[str, Any]]:
         """Describe every instance, sorted by name."""
@@ -200,6 +263,7 @@ class Registry:
             instance.version += 1
             instance.counters[operation] = instance.counters.get(operation, 0) + 1
             instance.last_used_at = time.time()
+            self._persist(instance)
             return {"version": instance.version, **result}
 
     def read(self, name: str, compartment: str) -> tuple[np.ndarray, int]:
@@ -218,7 +282,93 @@ class Registry:
             instance.state = replace_compartment(instance.kind, instance.state, compartment, value)
             instance.version += 1
             instance.last_used_at = time.time()
+            self._persist(instance)
             return instance.version
+
+    # --- durability ---
+
+    def _persist(self, instance: Instance) -> None:
+        """In sync mode, write the instance now (under its lock); the other modes write later or never."""
+        if self.durability != "sync":
+            return
+        try:
+            self.store.save(instance.name, instance.record())
+        except OSError as exc:
+            self.storage_error = f"{type(exc).__name__}: {exc}"
+            log.error("could not store %s: %s", instance.name, self.storage_error)
+            raise StorageError(
+                f"the call was applied in memory but could not be stored durably ({self.storage_error}); "
+                "the server retries the write at its next flush",
+                name=instance.name,
+            ) from exc
+        instance.stored_version = instance.version
+        self.storage_error = None
+
+    def flush(self) -> int:
+        """Write every instance whose version moved since it was stored; returns how many were written."""
+        if self.durability == "off":
+            return 0
+        written = 0
+        with self._flush_lock:
+            with self._lock:
+                instances = list(self._instances.values())
+            for instance in instances:
+                with instance.lock:  # a consistent state, and no delete can race the write
+                    if instance.state is None or self._instances.get(instance.name) is not instance:
+                        continue
+                    if instance.stored_version == instance.version:
+                        continue
+                    try:
+                        self.store.save(instance.name, instance.record())
+                    except OSError as exc:
+                        self.storage_error = f"{type(exc).__name__}: {exc}"
+                        log.warning("could not store %s: %s", instance.name, self.storage_error)
+                        continue
+                    instance.stored_version = instance.version
+                    written += 1
+            if written and not any(i.stored_version != i.version for i in instances if i.state is not None):
+                self.storage_error = None
+        return written
+
+    def start_flusher(self, interval_s: float) -> None:
+        """Write changed instances every ``interval_s`` seconds (interval mode)."""
+        if self.durability != "interval" or self._flusher is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop_flusher.wait(interval_s):
+                self.flush()
+
+        self._flusher = threading.Thread(target=loop, name="synapse-flusher", daemon=True)
+        self._flusher.start()
+
+    def close(self) -> None:
+        """Stop the flusher and write whatever changed (graceful shutdown)."""
+        self._stop_flusher.set()
+        if self._flusher is not None:
+            self._flusher.join()
+        self.flush()
+
+    def restore(self) -> dict[str, str]:
+        """Load every stored instance; unreadable files are quarantined and reported, never overwritten."""
+        if self.store is None:
+            return {}
+        removed = self.store.prepare()
+        if removed:
+            log.info("removed %d temporary files left by a crash", len(removed))
+        records, errors = self.store.load_all()
+        for name, record in records.items():
+            try:
+                self._add_record(name, record, stored=True)
+            except SynapseServeError as exc:
+                errors[name] = exc.detail
+                self.store.quarantine.mkdir(parents=True, exist_ok=True)
+                self.store.path(name).replace(self.store.quarantine / f"{name}.safetensors.unusable")
+        for name, reason in errors.items():
+            log.error("could not restore instance %s: %s", name, reason)
+        self.restore_errors = errors
+        log.info("restored %d instances; %d files unreadable", len(self._instances), len(errors))
+        return errors
 
     @contextmanager
     def _hold(self, name: str, instance: Instance | None = None) -> Iterator[Instance]:

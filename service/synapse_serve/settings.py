@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,3 +22,7 @@ class Settings(BaseSettings):
     max_tensor_elements: int = Field(1 << 28, ge=1, description="largest tensor a body may declare")
     max_instances: int = Field(10_000, ge=1, description="most instances the server holds")
     warmup: bool = Field(True, description="compile a small synapse at start-up before /readyz says ready")
+    durability: Literal["sync", "interval", "off"] = Field(
+        "interval", description="sync: stored before acknowledged; interval: written every flush_interval_s "
+                                "and at shutdown; off: memory only")
+    flush_interval_s: float = Field(2.0, gt=0, le=3600, description="interval mode: seconds between writes")

@@ -36,7 +36,7 @@ def rand(shape, seed=0):
 
 
 def test_health_and_readiness(live_server):
-    assert httpx.get(f"{live_server.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{live_server.url}/healthz").json() == {"status": "ok", "storage": "ok"}
     assert httpx.get(f"{live_server.url}/readyz").json() == {"status": "ready"}
 
 

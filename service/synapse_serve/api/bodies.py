@@ -21,6 +21,7 @@ from synapse_serve.errors import (
 MSGPACK = "application/msgpack"
 JSON = "application/json"
 PROBLEM = "application/problem+json"
+OCTET = "application/octet-stream"
 PROBLEM_BASE = "https://synapse-serve.dev/problems/"
 _MSGPACK_ALIASES = {MSGPACK, "application/x-msgpack", "application/vnd.msgpack"}
 log = logging.getLogger("synapse_serve")
@@ -37,17 +38,7 @@ async def read_body(request: Request) -> tuple[dict[str, Any], str]:
     so an oversized body is refused before it is read whole.
     """
     settings = request.app.state.settings
-    limit = settings.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise BodyTooLarge(f"body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    raw = await _read_limited(request)
     media = _media_type(request.headers.get("content-type"))
     if not raw:
         return {}, media or JSON
@@ -70,6 +61,31 @@ async def read_body(request: Request) -> tuple[dict[str, Any], str]:
     if not isinstance(body, dict):
         raise MalformedBody(f"the body must be a map/object, received {type(body).__name__}")
     return body, kind
+
+
+async def _read_limited(request: Request) -> bytes:
+    limit = request.app.state.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise BodyTooLarge(f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_raw(request: Request, media_type: str) -> bytes:
+    """A non-empty body of exactly ``media_type``, size-limited like every body."""
+    media = _media_type(request.headers.get("content-type"))
+    if media != media_type:
+        raise UnsupportedMediaType(f"content type {media or '(none)'!r} is not supported here; send {media_type}")
+    raw = await _read_limited(request)
+    if not raw:
+        raise MalformedBody("the body is empty")
+    return raw
 
 
 def tensor_field(body: dict[str, Any], name: str, media: str, max_elements: int) -> Any:

@@ -12,9 +12,11 @@ from starlette.concurrency import run_in_threadpool
 from synapse_serve.api.bodies import (
     JSON,
     MSGPACK,
+    OCTET,
     PROBLEM,
     encode,
     read_body,
+    read_raw,
     response_type,
     tensor_field,
 )
@@ -103,9 +105,11 @@ router = APIRouter()
 v1 = APIRouter(prefix="/v1")
 
 
-@router.get("/healthz", tags=["health"], summary="Liveness: the process answers")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/healthz", tags=["health"], summary="Liveness: the process answers; storage health")
+async def healthz(request: Request) -> dict[str, str]:
+    registry = getattr(request.app.state, "registry", None)
+    error = registry.storage_error if registry is not None else None
+    return {"status": "ok", "storage": f"failing: {error}" if error else "ok"}
 
 
 @router.get("/readyz", tags=["health"], summary="Readiness: warm and serving", responses=_responses(None, 503))
@@ -113,6 +117,12 @@ async def readyz(request: Request) -> dict[str, str]:
     if not request.app.state.ready.is_set():
         raise NotReady("the server is still warming up")
     return {"status": "ready"}
+
+
+@v1.get("/admin/storage", tags=["durability"], summary="Durability mode, storage health, files that failed to restore")
+async def storage_status(registry: RegistryDep) -> dict[str, Any]:
+    return {"durability": registry.durability, "storage_error": registry.storage_error,
+            "restore_errors": registry.restore_errors}
 
 
 @v1.get("/kinds", tags=["kinds"], summary="List the synapse kinds")
@@ -161,6 +171,28 @@ async def describe(name: str, request: Request, registry: RegistryDep) -> Respon
 async def delete(name: str, registry: RegistryDep) -> Response:
     await run_in_threadpool(registry.delete, name)
     return Response(status_code=204)
+
+
+@v1.get("/synapses/{name}/export", tags=["durability"], summary="Download the instance as one safetensors file",
+        responses={200: {"content": {OCTET: {}}, "description": "safetensors; config and metadata in its header"},
+                   **_responses(None, 404)})
+async def export(name: str, registry: RegistryDep) -> Response:
+    blob = await run_in_threadpool(registry.export, name)
+    return Response(blob, media_type=OCTET,
+                    headers={"Content-Disposition": f'attachment; filename="{name}.safetensors"'})
+
+
+@v1.post("/synapses/import", status_code=201, tags=["durability"],
+         summary="Create an instance from an exported file (?name=…)",
+         openapi_extra={"requestBody": {"required": True, "content": {OCTET: {"schema": {"type": "string",
+                                                                                           "format": "binary"}}}}},
+         responses={201: {"model": Description, "content": {MSGPACK: {}, JSON: {}}},
+                    **_responses(None, 409, 413, 415, 422)})
+async def import_instance(name: str, request: Request, registry: RegistryDep) -> Response:
+    blob = await read_raw(request, OCTET)
+    description = await run_in_threadpool(registry.import_, name, blob)
+    return encode(description, response_type(request), status=201,
+                  headers={"Location": f"/v1/synapses/{description['name']}"})
 
 
 @v1.get("/synapses/{name}/help", tags=["synapses"], summary="The instance's help, with its hyperparameter values",

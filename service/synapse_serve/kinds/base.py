@@ -199,3 +199,32 @@ def parse_dataclass(cls: type, data: Mapping[str, Any], aliases: Mapping[str, st
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
         raise InvalidConfig(f"config: {exc}") from None
+
+
+def state_from_compartments(kind: Kind, config: Any, seed: int, arrays: Mapping[str, Any]) -> Any:
+    """Rebuild a state pytree from ``compartment_paths``-named arrays (a stored or imported instance).
+
+    Every compartment must be present with the dtype of a fresh state, and the
+    same shape (batched compartments may differ in batch only).
+    """
+    template = kind.init(config, seed)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    names = ["/".join(_key_name(k) for k in path) for path, _ in paths]
+    missing, extra = set(names) - set(arrays), set(arrays) - set(names)
+    if missing or extra:
+        raise InvalidConfig(
+            f"compartments do not match a {kind.name}: missing {sorted(missing)}, unexpected {sorted(extra)}"
+        )
+    leaves = []
+    for name, (_, leaf) in zip(names, paths):
+        value = np.asarray(arrays[name])
+        same_shape = value.shape == leaf.shape or (
+            name in kind.batched_compartments and value.ndim == leaf.ndim and value.shape[1:] == leaf.shape[1:]
+        )
+        if value.dtype != leaf.dtype or not same_shape:
+            raise InvalidConfig(
+                f"compartment {name}: expected {leaf.dtype.name} {tuple(leaf.shape)}, found "
+                f"{value.dtype.name} {tuple(value.shape)}"
+            )
+        leaves.append(jax.numpy.array(value))  # a device buffer of its own: states are donated
+    return jax.tree_util.tree_unflatten(treedef, leaves)
