@@ -329,6 +329,22 @@ class Synapse:
         """Delete the instance on the server."""
         self.client.request("DELETE", self._path, retry=False)
 
+    def snapshot(self, snapshot: str) -> dict[str, Any]:
+        """Take a named point-in-time copy (stored on the server's disk) to roll back to later."""
+        return self.client.request("POST", f"{self._path}/snapshots", {"snapshot": snapshot}, retry=False)
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """The instance's snapshots (name, version, counters, time), oldest first."""
+        return self.client.request("GET", f"{self._path}/snapshots", retry=True)["snapshots"]
+
+    def restore(self, snapshot: str) -> int:
+        """Roll every compartment back to ``snapshot``; returns the new version."""
+        return self.client.request("POST", f"{self._path}/snapshots/{snapshot}/restore", retry=True)["version"]
+
+    def delete_snapshot(self, snapshot: str) -> None:
+        """Delete one snapshot."""
+        self.client.request("DELETE", f"{self._path}/snapshots/{snapshot}", retry=False)
+
     def __repr__(self) -> str:
         return f"Synapse({self.name!r} at {self.client.base_url})"
 
@@ -393,6 +409,23 @@ class AsyncSynapse:
     async def delete(self) -> None:
         """Delete the instance on the server."""
         await self.client.request("DELETE", self._path, retry=False)
+
+    async def snapshot(self, snapshot: str) -> dict[str, Any]:
+        """Take a named point-in-time copy (stored on the server's disk) to roll back to later."""
+        return await self.client.request("POST", f"{self._path}/snapshots", {"snapshot": snapshot}, retry=False)
+
+    async def snapshots(self) -> list[dict[str, Any]]:
+        """The instance's snapshots (name, version, counters, time), oldest first."""
+        return (await self.client.request("GET", f"{self._path}/snapshots", retry=True))["snapshots"]
+
+    async def restore(self, snapshot: str) -> int:
+        """Roll every compartment back to ``snapshot``; returns the new version."""
+        return (await self.client.request("POST", f"{self._path}/snapshots/{snapshot}/restore", retry=True))[
+            "version"]
+
+    async def delete_snapshot(self, snapshot: str) -> None:
+        """Delete one snapshot."""
+        await self.client.request("DELETE", f"{self._path}/snapshots/{snapshot}", retry=False)
 
     def __repr__(self) -> str:
         return f"AsyncSynapse({self.name!r} at {self.client.base_url})"

@@ -70,7 +70,7 @@ class Instance:
     def record(self) -> Record:
         """Host copies of everything needed to continue exactly (call under the lock)."""
         return Record(kind=self.kind.name, config=self.config.to_dict(), seed=self.seed, version=self.version,
-                      counters=dict(self.counters), created_at=self.created_at,
+                      counters=dict(self.counters), created_at=self.created_at, saved_at=time.time(),
                       arrays={k: np.asarray(v) for k, v in compartment_paths(self.state).items()})
 
     def describe(self) -> dict[str, Any]:
@@ -195,8 +195,10 @@ class Registry:
         """Forget an instance; calls already running on it finish first."""
         with self._hold(name), self._lock:
             del self._instances[name]
-            if self.durability != "off":
-                self.store.remove(name)
+            if self.store is not None:
+                if self.durability != "off":
+                    self.store.remove(name)
+                self.store.remove_snapshots(name)
 
     def list(self) -> list[dict[str, Any]]:
         """Describe every instance, sorted by name."""
@@ -285,6 +287,72 @@ class Registry:
             self._persist(instance)
             return instance.version
 
+    # --- snapshots ---
+
+    def snapshot(self, name: str, snapshot: str) -> dict[str, Any]:
+        """Store a named point-in-time copy of the instance (always on disk, whatever the durability mode)."""
+        validate_name(snapshot)
+        store = self._require_store()
+        with self._hold(name) as instance:
+            if store.snapshot_path(name, snapshot).exists():
+                raise AlreadyExists(f"instance {name!r} already has a snapshot {snapshot!r}", snapshot=snapshot)
+            record = instance.record()
+            try:
+                store.save_snapshot(name, snapshot, record)
+            except OSError as exc:
+                raise StorageError(f"could not store snapshot {snapshot!r}: {exc}") from exc
+        return self._snapshot_info(snapshot, record)
+
+    def snapshots(self, name: str) -> list[dict[str, Any]]:
+        """The instance's snapshots, oldest first."""
+        store = self._require_store()
+        with self._hold(name):
+            paths = store.list_snapshots(name)
+        infos = [self._snapshot_info(p.name[: -len(".safetensors")], self._read_snapshot(p)) for p in paths]
+        return sorted(infos, key=lambda i: i["created_at"])
+
+    def restore_snapshot(self, name: str, snapshot: str) -> int:
+        """Replace every compartment with the snapshot's; counters keep counting; returns the new version."""
+        store = self._require_store()
+        with self._hold(name) as instance:
+            path = store.snapshot_path(name, validate_name(snapshot))
+            if not path.exists():
+                raise NotFound(f"instance {name!r} has no snapshot {snapshot!r}", snapshot=snapshot)
+            record = self._read_snapshot(path)
+            state = _device_call(state_from_compartments, instance.kind, instance.config, instance.seed,
+                                 record.arrays)
+            instance.state = state
+            instance.version += 1
+            instance.counters["restore"] = instance.counters.get("restore", 0) + 1
+            instance.last_used_at = time.time()
+            self._persist(instance)
+            return instance.version
+
+    def delete_snapshot(self, name: str, snapshot: str) -> None:
+        store = self._require_store()
+        with self._hold(name):
+            path = store.snapshot_path(name, validate_name(snapshot))
+            if not path.exists():
+                raise NotFound(f"instance {name!r} has no snapshot {snapshot!r}", snapshot=snapshot)
+            path.unlink()
+
+    @staticmethod
+    def _read_snapshot(path) -> Record:
+        try:
+            return decode(path.read_bytes())
+        except (CorruptFile, OSError) as exc:
+            raise StorageError(f"snapshot {path.name} is unreadable: {exc}") from exc
+
+    @staticmethod
+    def _snapshot_info(snapshot: str, record: Record) -> dict[str, Any]:
+        return {"snapshot": snapshot, "version": record.version, "counters": record.counters,
+                "created_at": record.saved_at}
+
+    def _require_store(self) -> Store:
+        if self.store is None:
+            raise StorageError("this server has no state directory: snapshots need one")
+        return self.store
+
     # --- durability ---
 
     def _persist(self, instance: Instance) -> None:
@@ -331,8 +399,9 @@ class Registry:
         return written
 
     def start_flusher(self, interval_s: float) -> None:
-        """Write changed instances every ``interval_s`` seconds (interval mode)."""
-        if self.durability != "interval" or self._flusher is not None:
+        """Write changed instances every ``interval_s`` seconds (interval mode; in sync mode it only
+        retries writes that failed)."""
+        if self.durability == "off" or self._flusher is not None:
             return
 
         def loop() -> None:

@@ -53,6 +53,7 @@ class Record:
     counters: dict[str, int]
     created_at: float
     arrays: dict[str, np.ndarray]
+    saved_at: float = 0.0  # when this copy was taken
 
 
 def _canonical(obj: Any) -> bytes:
@@ -72,7 +73,7 @@ def encode(record: Record) -> bytes:
     data = b"".join(chunks)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": record.kind, "config": record.config,
             "seed": record.seed, "version": record.version, "counters": record.counters,
-            "created_at": record.created_at}
+            "created_at": record.created_at, "saved_at": record.saved_at}
     body = {"record": json.dumps(meta, sort_keys=True)}
     checksum = hashlib.sha256(_canonical({**index, "__metadata__": body}) + data).hexdigest()
     header = json.dumps({**index, "__metadata__": {**body, "sha256": checksum}}).encode()
@@ -117,7 +118,7 @@ def decode(blob: bytes) -> Record:
     try:
         return Record(kind=str(record["kind"]), config=dict(record["config"]), seed=int(record["seed"]),
                       version=int(record["version"]), counters={str(k): int(v) for k, v in record["counters"].items()},
-                      created_at=float(record["created_at"]), arrays=arrays)
+                      created_at=float(record["created_at"]), arrays=arrays, saved_at=float(record["saved_at"]))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CorruptFile(f"record is incomplete: {exc}") from None
 
@@ -152,6 +153,7 @@ class Store:
         self.root = Path(root)
         self.instances = self.root / "instances"
         self.quarantine = self.root / "quarantine"
+        self.snapshots = self.root / "snapshots"
 
     def prepare(self) -> list[str]:
         """Create the directories and delete temporary files a crash left behind; returns what was removed."""
@@ -171,6 +173,24 @@ class Store:
     def remove(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
         fsync_dir(self.instances)
+
+    # --- snapshots: named point-in-time copies, one file each under snapshots/<instance>/ ---
+
+    def snapshot_path(self, name: str, snapshot: str) -> Path:
+        return self.snapshots / name / f"{snapshot}{SUFFIX}"
+
+    def save_snapshot(self, name: str, snapshot: str, record: Record) -> None:
+        path = self.snapshot_path(name, snapshot)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, encode(record))
+
+    def list_snapshots(self, name: str) -> list[Path]:
+        return sorted((self.snapshots / name).glob(f"*{SUFFIX}"))
+
+    def remove_snapshots(self, name: str) -> None:
+        for path in self.list_snapshots(name):
+            path.unlink(missing_ok=True)
+        (self.snapshots / name).rmdir() if (self.snapshots / name).is_dir() else None
 
     def load_all(self) -> tuple[dict[str, Record], dict[str, str]]:
         """Every readable record by name, and for each unreadable file the reason (the file is quarantined)."""

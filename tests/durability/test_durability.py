@@ -10,13 +10,19 @@ import httpx
 import numpy as np
 import pytest
 
-from synapse_client import APIConnectionError, SynapseClient, UnprocessableEntityError
+from synapse_client import (
+    APIConnectionError,
+    ConflictError,
+    NotFoundError,
+    SynapseClient,
+    UnprocessableEntityError,
+)
 from synapse_serve.kinds import deconv as dc
 from synapse_serve.kinds import hebbian_deconv as hd
 from synapse_serve.kinds.base import compartment_paths
 from synapse_serve.store import CorruptFile, Store, decode, encode
 
-from .servers import ServerProcess
+from synapse_serve.testing import ServerProcess
 
 KIND = "HebbianDeconvSynapse"
 CONFIGS = {
@@ -241,3 +247,34 @@ def test_storage_failures(tmp_path, monkeypatch):
             server.registry.flush()  # space again: the pending write goes through
             assert httpx.get(f"{server.url}/healthz").json()["storage"] == "ok"
             assert decode(Store(state_dir).path("keep").read_bytes()).counters == {"evolve": 1}
+
+
+def test_snapshots_roll_back_a_bad_learning_run(client, unique_name):
+    config = CONFIGS["adam-bias"]
+    syn = client.create(unique_name, kind=KIND, config=config, seed=1)
+    pre, post = signals(config, 1)
+    syn.evolve(pre, post)
+    good = snapshot(syn)
+    info = syn.snapshot("good")
+    assert info["snapshot"] == "good" and info["version"] == good["_version"]
+    with pytest.raises(ConflictError):
+        syn.snapshot("good")
+    for _ in range(5):  # a bad run
+        syn.evolve(pre * 100, post * 100)
+    syn.snapshot("bad")
+    assert [s["snapshot"] for s in syn.snapshots()] == ["good", "bad"]
+    version = syn.restore("good")
+    restored = snapshot(syn)
+    for key, value in good.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(restored[key], value, err_msg=key)  # adam moments too
+    assert version == restored["_version"] > good["_version"] and restored["_counters"]["restore"] == 1
+    syn.delete_snapshot("bad")
+    assert [s["snapshot"] for s in syn.snapshots()] == ["good"]
+    with pytest.raises(NotFoundError):
+        syn.restore("bad")
+    with pytest.raises(UnprocessableEntityError):
+        syn.snapshot("../escape")
+    syn.delete()
+    other = client.create(unique_name, kind=KIND, config=config)  # snapshots went with the instance
+    assert other.snapshots() == []

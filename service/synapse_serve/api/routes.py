@@ -220,6 +220,48 @@ async def write_compartment(name: str, compartment: str, request: Request, regis
     return encode({"version": version}, response_type(request, media))
 
 
+class SnapshotRequest(BaseModel):
+    snapshot: str = Field(description=NAME_RULE, examples=["before-run-3"])
+
+
+class Snapshot(BaseModel):
+    snapshot: str
+    version: int
+    counters: dict[str, int]
+    created_at: float
+
+
+@v1.post("/synapses/{name}/snapshots", status_code=201, tags=["snapshots"],
+         summary="Take a named point-in-time copy of the instance",
+         openapi_extra=_body_doc(SnapshotRequest),
+         responses={201: {"model": Snapshot, "content": {MSGPACK: {}, JSON: {}}}, **_responses(None, 404, 409, 422)})
+async def create_snapshot(name: str, request: Request, registry: RegistryDep) -> Response:
+    body, media = await read_body(request)
+    _require_keys(body, {"snapshot"}, {"snapshot"})
+    info = await run_in_threadpool(registry.snapshot, name, body["snapshot"])
+    return encode(info, response_type(request, media), status=201)
+
+
+@v1.get("/synapses/{name}/snapshots", tags=["snapshots"], summary="List the instance's snapshots",
+        responses=_responses(None, 404))
+async def list_snapshots(name: str, request: Request, registry: RegistryDep) -> Response:
+    return encode({"snapshots": await run_in_threadpool(registry.snapshots, name)}, response_type(request))
+
+
+@v1.post("/synapses/{name}/snapshots/{snapshot}/restore", tags=["snapshots"],
+         summary="Roll the instance back to a snapshot", responses=_responses(OperationResponse, 404))
+async def restore_snapshot(name: str, snapshot: str, request: Request, registry: RegistryDep) -> Response:
+    version = await run_in_threadpool(registry.restore_snapshot, name, snapshot)
+    return encode({"version": version}, response_type(request))
+
+
+@v1.delete("/synapses/{name}/snapshots/{snapshot}", status_code=204, tags=["snapshots"],
+           summary="Delete a snapshot", responses=_responses(None, 404))
+async def delete_snapshot(name: str, snapshot: str, registry: RegistryDep) -> Response:
+    await run_in_threadpool(registry.delete_snapshot, name, snapshot)
+    return Response(status_code=204)
+
+
 @v1.post("/synapses/{name}/{operation}", tags=["operations"],
          summary="Run an operation: forward, evolve, backtransmit or reset",
          description="forward `{inputs}` → `{outputs}`; evolve `{pre, post}` → `{}` (ask for dWeights with "

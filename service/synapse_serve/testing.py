@@ -1,4 +1,4 @@
-"""A synapse-serve server as a real OS process, to stop, kill -9 and restart."""
+"""Helpers for tests and benchmarks: a synapse-serve server as a real OS process, to stop, kill -9 and restart."""
 
 from __future__ import annotations
 
