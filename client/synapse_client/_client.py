@@ -91,8 +91,10 @@ class _BaseClient:
 
     @staticmethod
     def _create_body(name: str, kind: str, config: dict[str, Any], init: dict[str, Any] | None,
-                     seed: int) -> dict[str, Any]:
+                     seed: int, durability: str | None) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, "kind": kind, "config": dict(config), "seed": seed}
+        if durability is not None:
+            body["durability"] = durability
         if init:
             body["init"] = {k: as_array(v) for k, v in init.items()}
         return body
@@ -137,9 +139,13 @@ class SynapseClient(_BaseClient):
             attempt += 1
 
     def create(self, name: str, *, kind: str, config: dict[str, Any], init: dict[str, Any] | None = None,
-               seed: int = 0) -> Synapse:
-        """Create a named instance and return its handle (never retried: a retry could meet its own 409)."""
-        self.request("POST", "/v1/synapses", self._create_body(name, kind, config, init, seed), retry=False)
+               seed: int = 0, durability: str | None = None) -> Synapse:
+        """Create a named instance and return its handle (never retried: a retry could meet its own 409).
+
+        ``durability`` (``"sync"``, ``"interval"``, ``"off"``) overrides the server's mode for this instance.
+        """
+        body = self._create_body(name, kind, config, init, seed, durability)
+        self.request("POST", "/v1/synapses", body, retry=False)
         return Synapse(self, name)
 
     def get(self, name: str) -> Synapse:
@@ -219,9 +225,13 @@ class AsyncSynapseClient(_BaseClient):
             attempt += 1
 
     async def create(self, name: str, *, kind: str, config: dict[str, Any], init: dict[str, Any] | None = None,
-                     seed: int = 0) -> AsyncSynapse:
-        """Create a named instance and return its handle (never retried: a retry could meet its own 409)."""
-        await self.request("POST", "/v1/synapses", self._create_body(name, kind, config, init, seed), retry=False)
+                     seed: int = 0, durability: str | None = None) -> AsyncSynapse:
+        """Create a named instance and return its handle (never retried: a retry could meet its own 409).
+
+        ``durability`` (``"sync"``, ``"interval"``, ``"off"``) overrides the server's mode for this instance.
+        """
+        body = self._create_body(name, kind, config, init, seed, durability)
+        await self.request("POST", "/v1/synapses", body, retry=False)
         return AsyncSynapse(self, name)
 
     async def get(self, name: str) -> AsyncSynapse:

@@ -64,6 +64,7 @@ class Instance:
     last_used_at: float = field(default_factory=time.time)
     version: int = 1
     stored_version: int = 0  # the version last written to the store
+    durability: str | None = None  # this instance's own mode; None follows the registry's
     counters: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -71,13 +72,15 @@ class Instance:
         """Host copies of everything needed to continue exactly (call under the lock)."""
         return Record(kind=self.kind.name, config=self.config.to_dict(), seed=self.seed, version=self.version,
                       counters=dict(self.counters), created_at=self.created_at, saved_at=time.time(),
+                      durability=self.durability,
                       arrays={k: np.asarray(v) for k, v in compartment_paths(self.state).items()})
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, durability: str) -> dict[str, Any]:
         """Kind, config, compartment shapes and dtypes, device, counters and version (call under the lock)."""
         leaves = compartment_paths(self.state)
         return {
             "name": self.name,
+            "durability": durability,
             "kind": self.kind.name,
             "config": self.config.to_dict(),
             "seed": self.seed,
@@ -127,9 +130,17 @@ class Registry:
     # --- lifecycle ---
 
     def create(self, name: str, kind: str, config: Mapping[str, Any], init: Mapping[str, Any] | None = None,
-               seed: int = 0) -> dict[str, Any]:
-        """Create and describe a new instance; 409 if the name is taken."""
+               seed: int = 0, durability: str | None = None) -> dict[str, Any]:
+        """Create and describe a new instance; 409 if the name is taken.
+
+        ``durability`` overrides the server's mode for this instance (e.g. ``"sync"`` for one that
+        must never lose an acknowledged evolve, ``"off"`` for a scratch one).
+        """
         validate_name(name)
+        if durability is not None and durability not in DURABILITY_MODES:
+            raise InvalidConfig(f"durability: {durability!r} is not allowed; choose one of "
+                                f"{', '.join(DURABILITY_MODES)} (or leave it out for the server's default)",
+                                field="durability")
         kind_ = get_kind(kind)
         cfg = kind_.parse_config(config)
         if kind_.choose_filter_update is not None:
@@ -138,7 +149,8 @@ class Registry:
         unknown = set(init) - {"weights", "biases"}
         if unknown:
             raise InvalidConfig(f"init: unknown keys {sorted(unknown)}; allowed: weights, biases", field="init")
-        return self._add(name, kind_, cfg, seed, lambda: kind_.init(cfg, seed, init.get("weights"), init.get("biases")))
+        return self._add(name, kind_, cfg, seed, lambda: kind_.init(cfg, seed, init.get("weights"), init.get("biases")),
+                         durability=durability)
 
     def import_(self, name: str, blob: bytes) -> dict[str, Any]:
         """Create an instance from an exported file: same config, compartments, counters and version."""
@@ -162,17 +174,18 @@ class Registry:
         def build() -> Any:
             return state_from_compartments(kind_, cfg, record.seed, record.arrays)
 
-        return self._add(name, kind_, cfg, record.seed, build, record=record, stored=stored)
+        return self._add(name, kind_, cfg, record.seed, build, record=record, stored=stored,
+                         durability=record.durability)
 
     def _add(self, name: str, kind_: Kind, cfg: Any, seed: int, build, record: Record | None = None,
-             stored: bool = False) -> dict[str, Any]:
+             stored: bool = False, durability: str | None = None) -> dict[str, Any]:
         """Reserve the name, build the state outside the registry lock, persist, describe."""
         with self._lock:  # reserve the name before the (slow) init
             if name in self._instances:
                 raise AlreadyExists(f"an instance named {name!r} already exists", name=name)
             if len(self._instances) >= self.max_instances:
                 raise InvalidConfig(f"the server holds its maximum of {self.max_instances} instances")
-            placeholder = Instance(name, kind_, cfg, None, seed, str(self.device))
+            placeholder = Instance(name, kind_, cfg, None, seed, str(self.device), durability=durability)
             if record is not None:
                 placeholder.version, placeholder.counters = record.version, dict(record.counters)
                 placeholder.created_at = record.created_at
@@ -183,7 +196,7 @@ class Registry:
             placeholder.state = _device_call(build)
             jax.block_until_ready(placeholder.state)
             self._persist(placeholder)
-            return placeholder.describe()
+            return placeholder.describe(self.mode(placeholder))
         except BaseException:
             with self._lock:
                 self._instances.pop(name, None)
@@ -196,8 +209,7 @@ class Registry:
         with self._hold(name), self._lock:
             del self._instances[name]
             if self.store is not None:
-                if self.durability != "off":
-                    self.store.remove(name)
+                self.store.remove(name)
                 self.store.remove_snapshots(name)
 
     def list(self) -> list[dict[str, Any]]:
@@ -208,12 +220,12 @@ class Registry:
         for instance in instances:
             with instance.lock:
                 if instance.state is not None:
-                    out.append(instance.describe())
+                    out.append(instance.describe(self.mode(instance)))
         return out
 
     def describe(self, name: str) -> dict[str, Any]:
         with self._hold(name) as instance:
-            return instance.describe()
+            return instance.describe(self.mode(instance))
 
     def help(self, name: str) -> dict[str, Any]:
         instance = self._get(name)
@@ -355,9 +367,15 @@ class Registry:
 
     # --- durability ---
 
+    def mode(self, instance: Instance) -> str:
+        """The durability mode in force for ``instance``."""
+        if self.store is None:
+            return "off"
+        return instance.durability or self.durability
+
     def _persist(self, instance: Instance) -> None:
         """In sync mode, write the instance now (under its lock); the other modes write later or never."""
-        if self.durability != "sync":
+        if self.mode(instance) != "sync":
             return
         try:
             self.store.save(instance.name, instance.record())
@@ -374,7 +392,7 @@ class Registry:
 
     def flush(self) -> int:
         """Write every instance whose version moved since it was stored; returns how many were written."""
-        if self.durability == "off":
+        if self.store is None:
             return 0
         written = 0
         with self._flush_lock:
@@ -384,7 +402,7 @@ class Registry:
                 with instance.lock:  # a consistent state, and no delete can race the write
                     if instance.state is None or self._instances.get(instance.name) is not instance:
                         continue
-                    if instance.stored_version == instance.version:
+                    if instance.stored_version == instance.version or self.mode(instance) == "off":
                         continue
                     try:
                         self.store.save(instance.name, instance.record())
@@ -394,14 +412,15 @@ class Registry:
                         continue
                     instance.stored_version = instance.version
                     written += 1
-            if written and not any(i.stored_version != i.version for i in instances if i.state is not None):
+            pending = [i for i in instances if i.state is not None and self.mode(i) != "off"]
+            if written and all(i.stored_version == i.version for i in pending):
                 self.storage_error = None
         return written
 
     def start_flusher(self, interval_s: float) -> None:
         """Write changed instances every ``interval_s`` seconds (interval mode; in sync mode it only
-        retries writes that failed)."""
-        if self.durability == "off" or self._flusher is not None:
+        retries writes that failed). Runs whenever there is a store: instances may choose their own mode."""
+        if self.store is None or self._flusher is not None:
             return
 
         def loop() -> None:

@@ -3,7 +3,8 @@
 The same format serves persistence, export and import. A file holds every
 compartment as a tensor (the optimizer state under its path, e.g.
 ``opt_state/0/mu/0``) and, in the header's ``__metadata__``, a JSON record:
-format version, kind, config, seed, version, counters, creation time, and a
+format version, kind, config, seed, version, counters, owner, durability mode,
+creation and save times, and a
 SHA-256 over the rest of the header and the data, so truncation, bit flips
 and tampering are caught before anything is used.
 
@@ -54,6 +55,8 @@ class Record:
     created_at: float
     arrays: dict[str, np.ndarray]
     saved_at: float = 0.0  # when this copy was taken
+    durability: str | None = None  # the instance's own mode; None follows the server's
+    owner: str = "local"  # who the instance belongs to; one owner until authentication exists
 
 
 def _canonical(obj: Any) -> bytes:
@@ -73,7 +76,7 @@ def encode(record: Record) -> bytes:
     data = b"".join(chunks)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": record.kind, "config": record.config,
             "seed": record.seed, "version": record.version, "counters": record.counters,
-            "created_at": record.created_at, "saved_at": record.saved_at}
+            "created_at": record.created_at, "saved_at": record.saved_at, "durability": record.durability, "owner": record.owner}
     body = {"record": json.dumps(meta, sort_keys=True)}
     checksum = hashlib.sha256(_canonical({**index, "__metadata__": body}) + data).hexdigest()
     header = json.dumps({**index, "__metadata__": {**body, "sha256": checksum}}).encode()
@@ -118,7 +121,8 @@ def decode(blob: bytes) -> Record:
     try:
         return Record(kind=str(record["kind"]), config=dict(record["config"]), seed=int(record["seed"]),
                       version=int(record["version"]), counters={str(k): int(v) for k, v in record["counters"].items()},
-                      created_at=float(record["created_at"]), arrays=arrays, saved_at=float(record["saved_at"]))
+                      created_at=float(record["created_at"]), arrays=arrays, saved_at=float(record["saved_at"]),
+                      durability=record["durability"], owner=str(record["owner"]))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CorruptFile(f"record is incomplete: {exc}") from None
 

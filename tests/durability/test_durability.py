@@ -122,7 +122,7 @@ def test_kill_9_during_evolves(tmp_path, mode):
     replay = Replay(config, seed, pre, post)
     rng = random.Random(1234)
     last_acked = 1
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 420
     for trial in range(trials + 1):
         server = ServerProcess(state_dir, durability=mode, flush_interval_s=0.05)
         with server, SynapseClient(server.url) as client:
@@ -148,7 +148,7 @@ def test_kill_9_during_evolves(tmp_path, mode):
             stop.set()
             worker.join(30)
             last_acked = max(acked, default=last_acked)
-    assert trial >= min(trials, 5)
+    assert trial == trials, f"only {trial} of {trials} trials fit in the time bound"
     assert not list((state_dir / "instances").glob(".*.tmp")), "temporary files survived a restart"
 
 
@@ -211,15 +211,16 @@ def test_bad_import_files_are_rejected(client, unique_name, tmp_path):
         decode(cases["tampered"])
 
 
-def test_storage_failures(tmp_path, monkeypatch):
-    """Disk full: sync mode answers 507 and keeps serving; interval mode warns and flags /healthz."""
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), OSError(30, "Read-only file system")])
+def test_storage_failures(tmp_path, monkeypatch, error):
+    """Disk full or read-only: sync mode answers 507 and keeps serving; interval mode warns and flags /healthz."""
     import sys
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
     from conftest import LiveServer
 
     def disk_full(self, name, record):
-        raise OSError(28, "No space left on device")
+        raise error
 
     for mode in ("sync", "interval"):
         state_dir = tmp_path / mode
@@ -233,7 +234,7 @@ def test_storage_failures(tmp_path, monkeypatch):
             if mode == "sync":
                 r = httpx.post(f"{server.url}/v1/synapses/keep/evolve",
                                json={"pre": pre.tolist(), "post": post.tolist()})
-                assert r.status_code == 507 and "No space left" in r.json()["detail"]
+                assert r.status_code == 507 and error.strerror in r.json()["detail"]
             else:
                 syn.evolve(pre, post)
                 deadline = time.monotonic() + 10
@@ -278,3 +279,23 @@ def test_snapshots_roll_back_a_bad_learning_run(client, unique_name):
     syn.delete()
     other = client.create(unique_name, kind=KIND, config=config)  # snapshots went with the instance
     assert other.snapshots() == []
+
+
+def test_per_instance_durability(tmp_path):
+    """A server that keeps nothing by default still keeps the instance created with durability="sync"."""
+    state_dir = tmp_path / "state"
+    config = CONFIGS["sgd-nobias"]
+    pre, post = signals(config, 0)
+    with ServerProcess(state_dir, durability="off") as server, SynapseClient(server.url) as client:
+        kept = client.create("kept", kind=KIND, config=config, durability="sync")
+        client.create("scratch", kind=KIND, config=config)
+        assert kept.describe()["durability"] == "sync" and client.get("scratch").describe()["durability"] == "off"
+        kept.evolve(pre, post)
+        weights = kept.weights
+        with pytest.raises(UnprocessableEntityError, match="durability: 'always'"):
+            client.create("bad", kind=KIND, config=config, durability="always")
+        server.kill()
+    with ServerProcess(state_dir, durability="off") as server, SynapseClient(server.url) as client:
+        assert [d["name"] for d in client.list()] == ["kept"]
+        assert client.get("kept").describe()["durability"] == "sync"  # the choice is stored with it
+        np.testing.assert_array_equal(client.get("kept").weights, weights)

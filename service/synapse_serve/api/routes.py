@@ -49,6 +49,7 @@ class CreateRequest(BaseModel):
     config: dict[str, Any] = Field(examples=[{"shape": [3, 3, 1, 4], "x_shape": [8, 8], "eta": 0.01}])
     init: dict[str, Tensor] | None = Field(None, description="explicit initial tensors: weights, biases")
     seed: int = Field(0, ge=0, description="seeds the default initialisers")
+    durability: str | None = Field(None, description="sync, interval or off for this instance; default: the server's")
 
 
 class OperationRequest(BaseModel):
@@ -66,6 +67,7 @@ class OperationResponse(BaseModel):
 
 class Description(BaseModel):
     name: str
+    durability: str
     kind: str
     config: dict[str, Any]
     seed: int
@@ -143,14 +145,15 @@ async def kind_help(kind: str, request: Request) -> Response:
          responses={201: {"model": Description, "content": {MSGPACK: {}, JSON: {}}}, **_responses(None, 400, 409, 413, 415, 422)})
 async def create(request: Request, registry: RegistryDep) -> Response:
     body, media = await read_body(request)
-    _require_keys(body, {"name", "kind", "config"}, {"name", "kind", "config", "init", "seed"})
+    _require_keys(body, {"name", "kind", "config"}, {"name", "kind", "config", "init", "seed", "durability"})
     max_elements = request.app.state.settings.max_tensor_elements
     init = body.get("init") or {}
     if not isinstance(init, dict):
         raise MalformedBody("init: expected a map of tensors (weights, biases)")
     init = {k: tensor_field(init, k, media, max_elements) for k in init}
     seed = body.get("seed", 0)
-    description = await run_in_threadpool(registry.create, body["name"], body["kind"], body["config"], init, seed)
+    description = await run_in_threadpool(registry.create, body["name"], body["kind"], body["config"], init, seed,
+                                          body.get("durability"))
     return encode(description, response_type(request, media), status=201,
                   headers={"Location": f"/v1/synapses/{description['name']}"})
 
