@@ -12,6 +12,7 @@ import json
 import os
 import random
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,18 @@ class _BaseClient:
         return min(8.0, 0.25 * 2**attempt) * (0.5 + random.random() / 2)
 
     @staticmethod
+    def _op_headers(operation: str, if_version: int | None, idempotency_key: str | None) -> dict[str, str]:
+        """evolve always carries an Idempotency-Key (kept across retries), which makes retrying it safe."""
+        headers = {}
+        if idempotency_key is None and operation == "evolve":
+            idempotency_key = uuid.uuid4().hex
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        if if_version is not None:
+            headers["If-Match"] = f'"{if_version}"'
+        return headers
+
+    @staticmethod
     def _op_body(tensors: dict[str, Any], returns: Sequence[str] | None) -> dict[str, Any]:
         body = {k: as_array(v) for k, v in tensors.items() if v is not None}
         if returns is not None:
@@ -122,9 +135,11 @@ class SynapseClient(_BaseClient):
         self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout, headers=self.headers,
                                   transport=transport)
 
-    def request(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *, retry: bool) -> Any:
+    def request(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *, retry: bool,
+                headers: dict[str, str] | None = None) -> Any:
         """Send one call. ``retry=True`` only for calls safe to repeat: connection errors are then retried."""
-        content, headers = self._prepare(body)
+        content, content_headers = self._prepare(body)
+        headers = {**content_headers, **(headers or {})}
         attempt = 0
         while True:
             try:
@@ -208,9 +223,10 @@ class AsyncSynapseClient(_BaseClient):
                                        transport=transport)
 
     async def request(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *,
-                      retry: bool) -> Any:
+                      retry: bool, headers: dict[str, str] | None = None) -> Any:
         """Send one call. ``retry=True`` only for calls safe to repeat: connection errors are then retried."""
-        content, headers = self._prepare(body)
+        content, content_headers = self._prepare(body)
+        headers = {**content_headers, **(headers or {})}
         attempt = 0
         while True:
             try:
@@ -287,12 +303,14 @@ class Synapse:
         """outputs = conv_transpose(inputs, W) * g + b; inputs (batch, h, w, c_in)."""
         return _unwrap(self.call("forward", inputs=inputs), "outputs")
 
-    def evolve(self, pre: Any, post: Any, *, returns: Sequence[str] = ()) -> dict[str, Any]:
-        """One Hebbian update of the filters. Never retried (it is not idempotent).
+    def evolve(self, pre: Any, post: Any, *, returns: Sequence[str] = (),
+               if_version: int | None = None) -> dict[str, Any]:
+        """One Hebbian update of the filters, applied exactly once even when a dropped connection is retried
+        (it carries an Idempotency-Key). ``if_version`` makes it fail with 412 if the version has moved.
 
         Returns ``{"version": …}`` plus any compartments named in ``returns`` (e.g. ``("dWeights",)``).
         """
-        return self.call("evolve", pre=pre, post=post, returns=returns)
+        return self.call("evolve", pre=pre, post=post, returns=returns, if_version=if_version)
 
     def backtransmit(self, post: Any = None) -> np.ndarray:
         """dInputs = sign_value · VJP of forward w.r.t. inputs at ``post`` (default: the stored post)."""
@@ -302,10 +320,12 @@ class Synapse:
         """Zero inputs, outputs, pre, post and dInputs; weights, biases and optimizer state stay."""
         self.call("reset")
 
-    def call(self, operation: str, *, returns: Sequence[str] | None = None, **tensors: Any) -> dict[str, Any]:
-        """Run any operation by name; retried on connection errors unless it is ``evolve``."""
+    def call(self, operation: str, *, returns: Sequence[str] | None = None, if_version: int | None = None,
+             idempotency_key: str | None = None, **tensors: Any) -> dict[str, Any]:
+        """Run any operation by name; connection errors are retried (evolve with its Idempotency-Key)."""
         body = self.client._op_body(tensors, returns)
-        return self.client.request("POST", f"{self._path}/{operation}", body, retry=operation != "evolve")
+        headers = self.client._op_headers(operation, if_version, idempotency_key)
+        return self.client.request("POST", f"{self._path}/{operation}", body, retry=True, headers=headers)
 
     def help(self) -> dict[str, Any]:
         """Kind, hyperparameters (with this instance's values), compartments, dynamics."""
@@ -370,9 +390,11 @@ class AsyncSynapse:
         """outputs = conv_transpose(inputs, W) * g + b; inputs (batch, h, w, c_in)."""
         return _unwrap(await self.call("forward", inputs=inputs), "outputs")
 
-    async def evolve(self, pre: Any, post: Any, *, returns: Sequence[str] = ()) -> dict[str, Any]:
-        """One Hebbian update of the filters. Never retried (it is not idempotent)."""
-        return await self.call("evolve", pre=pre, post=post, returns=returns)
+    async def evolve(self, pre: Any, post: Any, *, returns: Sequence[str] = (),
+                     if_version: int | None = None) -> dict[str, Any]:
+        """One Hebbian update of the filters, applied exactly once even when a dropped connection is retried
+        (it carries an Idempotency-Key). ``if_version`` makes it fail with 412 if the version has moved."""
+        return await self.call("evolve", pre=pre, post=post, returns=returns, if_version=if_version)
 
     async def backtransmit(self, post: Any = None) -> np.ndarray:
         """dInputs = sign_value · VJP of forward w.r.t. inputs at ``post`` (default: the stored post)."""
@@ -382,10 +404,12 @@ class AsyncSynapse:
         """Zero inputs, outputs, pre, post and dInputs; weights, biases and optimizer state stay."""
         await self.call("reset")
 
-    async def call(self, operation: str, *, returns: Sequence[str] | None = None, **tensors: Any) -> dict[str, Any]:
-        """Run any operation by name; retried on connection errors unless it is ``evolve``."""
+    async def call(self, operation: str, *, returns: Sequence[str] | None = None, if_version: int | None = None,
+                   idempotency_key: str | None = None, **tensors: Any) -> dict[str, Any]:
+        """Run any operation by name; connection errors are retried (evolve with its Idempotency-Key)."""
         body = self.client._op_body(tensors, returns)
-        return await self.client.request("POST", f"{self._path}/{operation}", body, retry=operation != "evolve")
+        headers = self.client._op_headers(operation, if_version, idempotency_key)
+        return await self.client.request("POST", f"{self._path}/{operation}", body, retry=True, headers=headers)
 
     async def help(self) -> dict[str, Any]:
         """Kind, hyperparameters (with this instance's values), compartments, dynamics."""

@@ -8,6 +8,7 @@
         ├── BadRequestError          400 malformed body
         ├── NotFoundError            404 no such instance or kind
         ├── ConflictError            409 name taken
+        ├── PreconditionFailedError  412 the version moved (If-Match)
         ├── PayloadTooLargeError     413 body over the server's limit
         ├── UnsupportedMediaTypeError 415
         ├── UnprocessableEntityError 422 invalid config, name, shape or dtype
@@ -67,6 +68,10 @@ class ConflictError(APIStatusError):
     """409: an instance of that name exists."""
 
 
+class PreconditionFailedError(APIStatusError):
+    """412: the instance's version is not the one If-Match named."""
+
+
 class PayloadTooLargeError(APIStatusError):
     """413: the body is over the server's limit."""
 
@@ -91,6 +96,7 @@ _BY_STATUS: dict[int, type[APIStatusError]] = {
     400: BadRequestError,
     404: NotFoundError,
     409: ConflictError,
+    412: PreconditionFailedError,
     413: PayloadTooLargeError,
     415: UnsupportedMediaTypeError,
     422: UnprocessableEntityError,

@@ -8,6 +8,7 @@
     │   └── UnknownOperation    the kind has no such operation or compartment
     ├── NotFound                (404) no such kind or instance
     ├── AlreadyExists           (409) an instance of that name exists
+    ├── PreconditionFailed      (412) If-Match named a version that has moved
     ├── MalformedBody           (400) the body cannot be decoded
     ├── BodyTooLarge            (413) the body is over the configured limit
     ├── UnsupportedMediaType    (415) a content type we do not speak
@@ -59,6 +60,10 @@ class NotFound(SynapseServeError):
 
 class AlreadyExists(SynapseServeError):
     status, title, slug = 409, "Already exists", "already-exists"
+
+
+class PreconditionFailed(SynapseServeError):
+    status, title, slug = 412, "Precondition failed", "precondition-failed"
 
 
 class MalformedBody(SynapseServeError):

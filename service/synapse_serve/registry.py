@@ -10,9 +10,11 @@ distributed implementation can stand beside this one.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
+from collections import OrderedDict
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -28,6 +30,7 @@ from synapse_serve.errors import (
     InvalidConfig,
     InvalidName,
     NotFound,
+    PreconditionFailed,
     StorageError,
     SynapseServeError,
     UnknownOperation,
@@ -37,6 +40,7 @@ from synapse_serve.kinds.base import check_tensor, compartment_paths, replace_co
 from synapse_serve.store import CorruptFile, Record, Store, decode, encode
 
 DURABILITY_MODES = ("sync", "interval", "off")
+IDEMPOTENCY_KEYS_KEPT = 1024  # per instance: the answers of its most recent keyed calls
 log = logging.getLogger("synapse_serve")
 
 NAME_RULE = "1 to 128 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
@@ -67,6 +71,16 @@ class Instance:
     durability: str | None = None  # this instance's own mode; None follows the registry's
     counters: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Idempotency-Key -> (request fingerprint, answer), most recent last
+    answers: OrderedDict[str, tuple[str, dict[str, Any]]] = field(default_factory=OrderedDict, repr=False)
+
+    def check_version(self, expected: int | None) -> None:
+        """412 unless ``expected`` (from If-Match) is None or the current version."""
+        if expected is not None and expected != self.version:
+            raise PreconditionFailed(
+                f"instance {self.name!r} is at version {self.version}, not {expected} (If-Match)",
+                current_version=self.version,
+            )
 
     def record(self) -> Record:
         """Host copies of everything needed to continue exactly (call under the lock)."""
@@ -92,6 +106,14 @@ class Instance:
             "created_at": self.created_at,
             "last_used_at": self.last_used_at,
         }
+
+
+def _fingerprint(operation: str, args: list[Any], returned: list[str]) -> str:
+    """What a keyed request asked for, so a key reused for another request is caught."""
+    digest = hashlib.sha256(f"{operation}|{returned}".encode())
+    for array in args:
+        digest.update(b"-" if array is None else f"{array.shape}".encode() + array.tobytes())
+    return digest.hexdigest()
 
 
 def _device_call(fn, *args):
@@ -204,9 +226,10 @@ class Registry:
         finally:
             placeholder.lock.release()
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, expected_version: int | None = None) -> None:
         """Forget an instance; calls already running on it finish first."""
-        with self._hold(name), self._lock:
+        with self._hold(name) as instance, self._lock:
+            instance.check_version(expected_version)
             del self._instances[name]
             if self.store is not None:
                 self.store.remove(name)
@@ -234,11 +257,14 @@ class Registry:
     # --- operations ---
 
     def call(self, name: str, operation: str, tensors: Mapping[str, Any],
-             returns: list[str] | None = None) -> dict[str, Any]:
+             returns: list[str] | None = None, *, idempotency_key: str | None = None,
+             expected_version: int | None = None) -> dict[str, Any]:
         """Run ``operation`` on the instance; returns ``{"version": v, <compartment>: numpy, ...}``.
 
         Tensor arguments are checked (shape, dtype) before the lock is taken and
         before any state is touched; the new state replaces the old only on success.
+        A repeated ``idempotency_key`` returns the first answer without running again;
+        ``expected_version`` (If-Match) must equal the current version.
         """
         instance = self._get(name)
         op = instance.kind.operations.get(operation)
@@ -264,7 +290,16 @@ class Registry:
             batch = array.shape[0]
             args.append(array)
         returned = list(op.returns if returns is None else returns)
+        fingerprint = _fingerprint(operation, args, returned) if idempotency_key is not None else ""
         with self._hold(name, instance):
+            if idempotency_key is not None and idempotency_key in instance.answers:
+                seen, answer = instance.answers[idempotency_key]
+                if seen != fingerprint:
+                    raise InvalidConfig(
+                        f"Idempotency-Key {idempotency_key[:64]!r} was used for a different request on {name!r}"
+                    )
+                return answer
+            instance.check_version(expected_version)
             leaves = compartment_paths(instance.state)
             for compartment in returned:
                 if compartment not in leaves:
@@ -278,7 +313,12 @@ class Registry:
             instance.counters[operation] = instance.counters.get(operation, 0) + 1
             instance.last_used_at = time.time()
             self._persist(instance)
-            return {"version": instance.version, **result}
+            answer = {"version": instance.version, **result}
+            if idempotency_key is not None:
+                instance.answers[idempotency_key] = (fingerprint, answer)
+                while len(instance.answers) > IDEMPOTENCY_KEYS_KEPT:
+                    instance.answers.popitem(last=False)
+            return answer
 
     def read(self, name: str, compartment: str) -> tuple[np.ndarray, int]:
         """A host copy of one compartment and the version it belongs to."""
@@ -290,9 +330,10 @@ class Registry:
                 )
             return np.asarray(leaves[compartment]), instance.version
 
-    def write(self, name: str, compartment: str, value: Any) -> int:
+    def write(self, name: str, compartment: str, value: Any, expected_version: int | None = None) -> int:
         """Replace one compartment (shape and dtype checked); returns the new version."""
         with self._hold(name) as instance:
+            instance.check_version(expected_version)
             instance.state = replace_compartment(instance.kind, instance.state, compartment, value)
             instance.version += 1
             instance.last_used_at = time.time()
@@ -323,10 +364,11 @@ class Registry:
         infos = [self._snapshot_info(p.name[: -len(".safetensors")], self._read_snapshot(p)) for p in paths]
         return sorted(infos, key=lambda i: i["created_at"])
 
-    def restore_snapshot(self, name: str, snapshot: str) -> int:
+    def restore_snapshot(self, name: str, snapshot: str, expected_version: int | None = None) -> int:
         """Replace every compartment with the snapshot's; counters keep counting; returns the new version."""
         store = self._require_store()
         with self._hold(name) as instance:
+            instance.check_version(expected_version)
             path = store.snapshot_path(name, validate_name(snapshot))
             if not path.exists():
                 raise NotFound(f"instance {name!r} has no snapshot {snapshot!r}", snapshot=snapshot)

@@ -1,4 +1,4 @@
-"""Retries: connection errors are retried with backoff for idempotent calls, never for evolve or create."""
+"""Retries: connection errors are retried with backoff; evolve only with its Idempotency-Key; create never."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import httpx
 import numpy as np
 import pytest
 
-from synapse_client import APIConnectionError, SynapseClient
+from synapse_client import (
+    APIConnectionError,
+    BadRequestError,
+    PreconditionFailedError,
+    SynapseClient,
+    UnprocessableEntityError,
+)
 
 CONFIG = {"shape": [2, 2, 1, 1], "x_shape": [2, 2], "eta": 0.1}
 
@@ -48,18 +54,77 @@ def test_idempotent_calls_are_retried(client, flaky_client, unique_name):
     assert transport.attempts[f"POST /v1/synapses/{unique_name}/forward"] == 3
 
 
-def test_evolve_and_create_are_never_retried(client, flaky_client, unique_name):
+class DropAfterApplying(httpx.BaseTransport):
+    """Forwards each request for real, then loses the first ``drops`` answers: the server applied the call."""
+
+    def __init__(self, drops: int) -> None:
+        self.drops = drops
+        self.keys: list[str | None] = []
+        self.real = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.real.handle_request(request)
+        if request.url.path.endswith("/evolve"):
+            self.keys.append(request.headers.get("idempotency-key"))
+            if self.drops > 0:
+                self.drops -= 1
+                response.read()
+                response.close()
+                raise httpx.ReadError("connection dropped after the server answered (injected)", request=request)
+        return response
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def test_retried_evolve_applies_exactly_once(client, live_server, unique_name, monkeypatch):
+    monkeypatch.setattr(SynapseClient, "_backoff", lambda self, attempt: 0.01)
     client.create(unique_name, kind="HebbianDeconvSynapse", config=CONFIG)
-    c, transport = flaky_client
-    syn = c.get(unique_name)
+    transport = DropAfterApplying(drops=2)
     x = np.ones((1, 2, 2, 1), np.float32)
+    with SynapseClient(live_server.url, transport=transport, max_retries=3) as c:
+        syn = c.get(unique_name)
+        first = syn.evolve(x, x)  # applied, answer lost twice, third attempt gets the stored answer
+        second = syn.evolve(x, x)
+    assert len(transport.keys) == 4 and len(set(transport.keys[:3])) == 1 and transport.keys[3] != transport.keys[0]
+    assert client.get(unique_name).describe()["counters"] == {"evolve": 2}  # exactly the distinct calls
+    assert (first["version"], second["version"]) == (2, 3)
+
+
+def test_create_is_never_retried(flaky_client, unique_name):
+    c, transport = flaky_client
     with pytest.raises(APIConnectionError, match="injected"):
-        syn.evolve(x, x)
-    assert transport.attempts[f"POST /v1/synapses/{unique_name}/evolve"] == 1
-    with pytest.raises(APIConnectionError):
-        c.create(unique_name + "-new", kind="HebbianDeconvSynapse", config=CONFIG)
+        c.create(unique_name, kind="HebbianDeconvSynapse", config=CONFIG)
     assert transport.attempts["POST /v1/synapses"] == 1
-    assert client.get(unique_name).describe()["counters"] == {}
+
+
+def test_idempotency_key_reused_for_another_request_is_refused(client, unique_name):
+    syn = client.create(unique_name, kind="HebbianDeconvSynapse", config=CONFIG)
+    x = np.ones((1, 2, 2, 1), np.float32)
+    first = syn.call("evolve", pre=x, post=x, idempotency_key="k1")
+    again = syn.call("evolve", pre=x, post=x, idempotency_key="k1")
+    assert again["version"] == first["version"] == 2
+    np.testing.assert_array_equal(again["dWeights"], first["dWeights"])
+    with pytest.raises(UnprocessableEntityError, match="different request"):
+        syn.call("evolve", pre=x, post=2 * x, idempotency_key="k1")
+    assert syn.describe()["counters"] == {"evolve": 1}
+
+
+def test_if_match_guards_against_lost_updates(client, unique_name):
+    syn = client.create(unique_name, kind="HebbianDeconvSynapse", config=CONFIG)
+    x = np.ones((1, 2, 2, 1), np.float32)
+    version = syn.describe()["version"]
+    assert syn.evolve(x, x, if_version=version)["version"] == version + 1
+    with pytest.raises(PreconditionFailedError, match=f"at version {version + 1}, not {version}"):
+        syn.evolve(x, x, if_version=version)
+    with pytest.raises(PreconditionFailedError):
+        client.request("PUT", f"/v1/synapses/{unique_name}/compartments/weights",
+                       {"value": np.zeros((2, 2, 1, 1), np.float32)}, retry=False, headers={"If-Match": '"1"'})
+    with pytest.raises(PreconditionFailedError):
+        client.request("DELETE", f"/v1/synapses/{unique_name}", retry=False, headers={"If-Match": '"1"'})
+    with pytest.raises(BadRequestError, match="If-Match"):
+        client.request("POST", f"/v1/synapses/{unique_name}/reset", retry=False, headers={"If-Match": "latest"})
+    assert syn.describe()["counters"] == {"evolve": 1}
 
 
 def test_retries_give_up(live_server, monkeypatch):

@@ -137,3 +137,24 @@ def problem(status: int, title: str, detail: str, slug: str, request: Request | 
 
 def problem_from(exc: SynapseServeError, request: Request) -> Response:
     return problem(exc.status, exc.title, exc.detail, exc.slug, request, exc.extra)
+
+
+def if_match(request: Request) -> int | None:
+    """The version an ``If-Match: "7"`` header requires, or None (absent or ``*``)."""
+    value = request.headers.get("if-match")
+    if value is None or value.strip() == "*":
+        return None
+    tag = value.strip().removeprefix("W/").strip('"')
+    if not tag.isdigit() or len(tag) > 18:
+        raise MalformedBody(f'If-Match: expected the ETag of a version, like "7"; received {value[:40]!r}')
+    return int(tag)
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The ``Idempotency-Key`` header (1 to 255 printable ASCII characters), or None."""
+    value = request.headers.get("idempotency-key")
+    if value is None:
+        return None
+    if not 1 <= len(value) <= 255 or not value.isascii() or not value.isprintable():
+        raise MalformedBody("Idempotency-Key: use 1 to 255 printable ASCII characters (a UUID is ideal)")
+    return value

@@ -15,6 +15,8 @@ from synapse_serve.api.bodies import (
     OCTET,
     PROBLEM,
     encode,
+    idempotency_key,
+    if_match,
     read_body,
     read_raw,
     response_type,
@@ -171,8 +173,8 @@ async def describe(name: str, request: Request, registry: RegistryDep) -> Respon
 
 @v1.delete("/synapses/{name}", status_code=204, tags=["synapses"], summary="Delete an instance",
            responses=_responses(None, 404))
-async def delete(name: str, registry: RegistryDep) -> Response:
-    await run_in_threadpool(registry.delete, name)
+async def delete(name: str, request: Request, registry: RegistryDep) -> Response:
+    await run_in_threadpool(registry.delete, name, if_match(request))
     return Response(status_code=204)
 
 
@@ -219,7 +221,7 @@ async def write_compartment(name: str, compartment: str, request: Request, regis
     body, media = await read_body(request)
     _require_keys(body, {"value"}, {"value"})
     value = tensor_field(body, "value", media, request.app.state.settings.max_tensor_elements)
-    version = await run_in_threadpool(registry.write, name, compartment, value)
+    version = await run_in_threadpool(registry.write, name, compartment, value, if_match(request))
     return encode({"version": version}, response_type(request, media))
 
 
@@ -254,7 +256,7 @@ async def list_snapshots(name: str, request: Request, registry: RegistryDep) -> 
 @v1.post("/synapses/{name}/snapshots/{snapshot}/restore", tags=["snapshots"],
          summary="Roll the instance back to a snapshot", responses=_responses(OperationResponse, 404))
 async def restore_snapshot(name: str, snapshot: str, request: Request, registry: RegistryDep) -> Response:
-    version = await run_in_threadpool(registry.restore_snapshot, name, snapshot)
+    version = await run_in_threadpool(registry.restore_snapshot, name, snapshot, if_match(request))
     return encode({"version": version}, response_type(request))
 
 
@@ -269,9 +271,11 @@ async def delete_snapshot(name: str, snapshot: str, registry: RegistryDep) -> Re
          summary="Run an operation: forward, evolve, backtransmit or reset",
          description="forward `{inputs}` → `{outputs}`; evolve `{pre, post}` → `{}` (ask for dWeights with "
                      "`return`); backtransmit `{post?}` → `{dInputs}`; reset `{}` → `{}`. Every answer carries "
-                     "the instance's new `version`.",
+                     "the instance's new `version`. An `Idempotency-Key` header makes a retried call apply once "
+                     "(the first answer is returned again); `If-Match: \"<version>\"` makes it a 412 when the "
+                     "version has moved.",
          openapi_extra=_body_doc(OperationRequest, required=False),
-         responses=_responses(OperationResponse, 400, 404, 413, 415, 422))
+         responses=_responses(OperationResponse, 400, 404, 412, 413, 415, 422))
 async def operate(name: str, operation: str, request: Request, registry: RegistryDep) -> Response:
     body, media = await read_body(request)
     returns = body.pop("return", None)
@@ -279,7 +283,9 @@ async def operate(name: str, operation: str, request: Request, registry: Registr
         raise MalformedBody("return: expected a list of compartment names")
     max_elements = request.app.state.settings.max_tensor_elements
     tensors = {key: tensor_field(body, key, media, max_elements) for key in body}
-    result = await run_in_threadpool(registry.call, name, operation, tensors, returns)
+    key, expected = idempotency_key(request), if_match(request)
+    result = await run_in_threadpool(
+        lambda: registry.call(name, operation, tensors, returns, idempotency_key=key, expected_version=expected))
     return encode(result, response_type(request, media))
 
 
