@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -70,4 +71,4 @@ _counter = iter(range(1_000_000))
 @pytest.fixture
 def unique_name(request) -> str:
     """An instance name no other test uses."""
-    return f"t{next(_counter)}-{request.node.name[:40]}".replace("[", "-").replace("]", "").replace("/", "-")
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"t{next(_counter)}-{request.node.name[:40]}")

@@ -40,12 +40,15 @@ def as_array(value: Any) -> np.ndarray:
 
 class _BaseClient:
     def __init__(self, base_url: str, timeout: float | httpx.Timeout | None, max_retries: int,
-                 headers: dict[str, str] | None) -> None:
+                 headers: dict[str, str] | None, token: str | None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = DEFAULT_TIMEOUT if timeout is None else (
             timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout))
         self.max_retries = max_retries
         self.headers = {"Accept": MSGPACK, "User-Agent": "synapse-client/0.1", **(headers or {})}
+        token = token if token is not None else os.environ.get("SYNAPSE_TOKEN")
+        if token:
+            self.headers["Authorization"] = f"Bearer {token}"
 
     def _prepare(self, body: dict[str, Any] | bytes | None) -> tuple[bytes | None, dict[str, str]]:
         if body is None:
@@ -120,6 +123,8 @@ def _unwrap(result: dict[str, Any], key: str) -> np.ndarray:
 class SynapseClient(_BaseClient):
     """Blocking client. Use as a context manager, or call ``close()``.
 
+    ``token`` (default: the ``SYNAPSE_TOKEN`` environment variable) is sent as a bearer token.
+
     Example::
 
         with SynapseClient("http://127.0.0.1:8000") as client:
@@ -129,9 +134,9 @@ class SynapseClient(_BaseClient):
     """
 
     def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float | httpx.Timeout | None = None,
-                 max_retries: int = 2, headers: dict[str, str] | None = None,
+                 max_retries: int = 2, headers: dict[str, str] | None = None, token: str | None = None,
                  transport: httpx.BaseTransport | None = None) -> None:
-        super().__init__(base_url, timeout, max_retries, headers)
+        super().__init__(base_url, timeout, max_retries, headers, token)
         self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout, headers=self.headers,
                                   transport=transport)
 
@@ -216,9 +221,9 @@ class AsyncSynapseClient(_BaseClient):
     """
 
     def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float | httpx.Timeout | None = None,
-                 max_retries: int = 2, headers: dict[str, str] | None = None,
+                 max_retries: int = 2, headers: dict[str, str] | None = None, token: str | None = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
-        super().__init__(base_url, timeout, max_retries, headers)
+        super().__init__(base_url, timeout, max_retries, headers, token)
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, headers=self.headers,
                                        transport=transport)
 

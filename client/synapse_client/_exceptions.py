@@ -6,6 +6,8 @@
     │   └── APITimeoutError          a timeout (connect, read, write or pool)
     └── APIStatusError               the server answered 4xx/5xx; carries status, problem, request id
         ├── BadRequestError          400 malformed body
+        ├── AuthenticationError      401 no token, or not a known one
+        ├── PermissionDeniedError    403 a quota is used up
         ├── NotFoundError            404 no such instance or kind
         ├── ConflictError            409 name taken
         ├── PreconditionFailedError  412 the version moved (If-Match)
@@ -60,6 +62,14 @@ class BadRequestError(APIStatusError):
     """400: the body could not be decoded."""
 
 
+class AuthenticationError(APIStatusError):
+    """401: the server needs a valid bearer token (``SynapseClient(token=...)`` or ``SYNAPSE_TOKEN``)."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """403: refused, e.g. an owner's quota of instances or state bytes is used up."""
+
+
 class NotFoundError(APIStatusError):
     """404: no such instance or kind."""
 
@@ -94,6 +104,8 @@ class ServiceUnavailableError(InternalServerError):
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {
     400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
     404: NotFoundError,
     409: ConflictError,
     412: PreconditionFailedError,

@@ -15,7 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from synapse_serve.api.bodies import problem, problem_from
 from synapse_serve.api.routes import router
-from synapse_serve.errors import NotReady, SynapseServeError
+from synapse_serve.auth import TokenTable, is_loopback
+from synapse_serve.errors import InvalidConfig, NotReady, SynapseServeError
 from synapse_serve.registry import Registry
 from synapse_serve.settings import Settings
 from synapse_serve.store import Store
@@ -56,6 +57,31 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+class UnsafeSettings(ValueError):
+    """Settings the server refuses to start with; the message says how to fix them."""
+
+
+def token_table(settings: Settings) -> TokenTable | None:
+    """The tokens, or None when authentication is off; refuses an unprotected public address."""
+    enabled = settings.auth == "on" or (settings.auth == "auto" and not is_loopback(settings.host))
+    if not enabled:
+        if not is_loopback(settings.host) and not settings.allow_public_without_auth:
+            raise UnsafeSettings(
+                f"refusing to serve {settings.host} with auth off: anyone who can reach it could read and change "
+                "every instance. Set tokens (SYNAPSE_TOKENS or SYNAPSE_TOKENS_FILE) and SYNAPSE_AUTH=auto, or, "
+                "only behind a trusted authenticating proxy, SYNAPSE_ALLOW_PUBLIC_WITHOUT_AUTH=true")
+        return None
+    try:
+        table = TokenTable.load(settings.tokens, settings.tokens_file)
+    except (InvalidConfig, OSError) as exc:
+        raise UnsafeSettings(f"cannot load tokens: {getattr(exc, 'detail', exc)}") from None
+    if not len(table):
+        raise UnsafeSettings(
+            f"authentication is on (listening on {settings.host}) but no tokens are configured: set "
+            "SYNAPSE_TOKENS='owner:<long random token>' or SYNAPSE_TOKENS_FILE")
+    return table
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The application, with its registry built in the lifespan."""
     settings = settings or Settings()
@@ -63,7 +89,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         registry = Registry(max_instances=settings.max_instances, store=Store(settings.state_dir),
-                            durability=settings.durability)
+                            durability=settings.durability, max_instances_per_owner=settings.max_instances_per_owner,
+                            max_state_bytes_per_owner=settings.max_state_bytes_per_owner,
+                            max_batch=settings.max_batch)
         app.state.registry = registry
 
         async def get_ready() -> None:  # in the background: /healthz answers while this runs
@@ -90,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.tokens = token_table(settings)
     app.state.ready = threading.Event()
     app.include_router(router)
     app.add_middleware(RequestIdMiddleware)

@@ -25,8 +25,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from synapse_serve.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), workers=1)
+    from synapse_serve.app import UnsafeSettings
+
+    try:
+        app = create_app(settings)
+    except UnsafeSettings as exc:
+        parser.exit(2, f"synapse-serve: {exc}\n")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), workers=1)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
     │   ├── InvalidName         an instance name breaks the naming rule
     │   ├── ShapeMismatch       a tensor has the wrong shape or dtype
     │   └── UnknownOperation    the kind has no such operation or compartment
-    ├── NotFound                (404) no such kind or instance
+    ├── Unauthorized            (401) no token, or not a known one
+    ├── QuotaExceeded           (403) an owner's instance or state-byte quota is used up
+    ├── NotFound                (404) no such kind or instance (or not yours)
     ├── AlreadyExists           (409) an instance of that name exists
     ├── PreconditionFailed      (412) If-Match named a version that has moved
     ├── MalformedBody           (400) the body cannot be decoded
@@ -27,6 +29,7 @@ class SynapseServeError(Exception):
     status = 500
     title = "Internal error"
     slug = "internal-error"
+    headers: dict[str, str] = {}
 
     def __init__(self, detail: str, **extra: object) -> None:
         super().__init__(detail)
@@ -52,6 +55,15 @@ class ShapeMismatch(InvalidRequest):
 
 class UnknownOperation(InvalidRequest):
     title, slug = "Unknown operation or compartment", "unknown-operation"
+
+
+class Unauthorized(SynapseServeError):
+    status, title, slug = 401, "Unauthorized", "unauthorized"
+    headers = {"WWW-Authenticate": 'Bearer realm="synapse-serve"'}
+
+
+class QuotaExceeded(SynapseServeError):
+    status, title, slug = 403, "Quota exceeded", "quota-exceeded"
 
 
 class NotFound(SynapseServeError):

@@ -31,6 +31,8 @@ from synapse_serve.errors import (
     InvalidName,
     NotFound,
     PreconditionFailed,
+    QuotaExceeded,
+    ShapeMismatch,
     StorageError,
     SynapseServeError,
     UnknownOperation,
@@ -44,6 +46,7 @@ IDEMPOTENCY_KEYS_KEPT = 1024  # per instance: the answers of its most recent key
 log = logging.getLogger("synapse_serve")
 
 NAME_RULE = "1 to 128 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
+LOCAL_OWNER = "local"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -54,11 +57,20 @@ def validate_name(name: Any) -> str:
     return name
 
 
+def qualify(owner: str, name: Any) -> str:
+    """The registry key ``owner/name`` of an owner's instance (both parts validated)."""
+    return f"{validate_name(owner)}/{validate_name(name)}"
+
+
+def owner_of(key: str) -> str:
+    return key.split("/", 1)[0]
+
+
 @dataclass
 class Instance:
     """One named synapse: its kind, immutable config and current state."""
 
-    name: str
+    name: str  # the registry key, "owner/name"
     kind: Kind
     config: Any
     state: Any
@@ -73,6 +85,10 @@ class Instance:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # Idempotency-Key -> (request fingerprint, answer), most recent last
     answers: OrderedDict[str, tuple[str, dict[str, Any]]] = field(default_factory=OrderedDict, repr=False)
+
+    @property
+    def state_bytes(self) -> int:
+        return int(sum(v.size * v.dtype.itemsize for v in compartment_paths(self.state).values()))
 
     def check_version(self, expected: int | None) -> None:
         """412 unless ``expected`` (from If-Match) is None or the current version."""
@@ -92,8 +108,10 @@ class Instance:
     def describe(self, durability: str) -> dict[str, Any]:
         """Kind, config, compartment shapes and dtypes, device, counters and version (call under the lock)."""
         leaves = compartment_paths(self.state)
+        owner, name = self.name.split("/", 1)
         return {
-            "name": self.name,
+            "name": name,
+            "owner": owner,
             "durability": durability,
             "kind": self.kind.name,
             "config": self.config.to_dict(),
@@ -102,7 +120,7 @@ class Instance:
             "version": self.version,
             "counters": dict(self.counters),
             "compartments": {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in leaves.items()},
-            "state_bytes": int(sum(v.size * v.dtype.itemsize for v in leaves.values())),
+            "state_bytes": self.state_bytes,
             "created_at": self.created_at,
             "last_used_at": self.last_used_at,
         }
@@ -134,12 +152,17 @@ class Registry:
     (``start_flusher``) and at shutdown; ``off`` keeps everything in memory.
     """
 
-    def __init__(self, max_instances: int = 10_000, store: Store | None = None, durability: str = "off") -> None:
+    def __init__(self, max_instances: int = 10_000, store: Store | None = None, durability: str = "off", *,
+                 max_instances_per_owner: int | None = None, max_state_bytes_per_owner: int | None = None,
+                 max_batch: int | None = None) -> None:
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}")
         self._instances: dict[str, Instance] = {}
         self._lock = threading.Lock()  # guards the dict, not the instances
         self.max_instances = max_instances
+        self.max_instances_per_owner = max_instances_per_owner
+        self.max_state_bytes_per_owner = max_state_bytes_per_owner
+        self.max_batch = max_batch
         self.device = jax.devices()[0]
         self.store = store
         self.durability = durability if store is not None else "off"
@@ -158,7 +181,7 @@ class Registry:
         ``durability`` overrides the server's mode for this instance (e.g. ``"sync"`` for one that
         must never lose an acknowledged evolve, ``"off"`` for a scratch one).
         """
-        validate_name(name)
+        name = self._key(name)
         if durability is not None and durability not in DURABILITY_MODES:
             raise InvalidConfig(f"durability: {durability!r} is not allowed; choose one of "
                                 f"{', '.join(DURABILITY_MODES)} (or leave it out for the server's default)",
@@ -176,7 +199,7 @@ class Registry:
 
     def import_(self, name: str, blob: bytes) -> dict[str, Any]:
         """Create an instance from an exported file: same config, compartments, counters and version."""
-        validate_name(name)
+        name = self._key(name)
         try:
             record = decode(blob)
         except CorruptFile as exc:
@@ -202,11 +225,17 @@ class Registry:
     def _add(self, name: str, kind_: Kind, cfg: Any, seed: int, build, record: Record | None = None,
              stored: bool = False, durability: str | None = None) -> dict[str, Any]:
         """Reserve the name, build the state outside the registry lock, persist, describe."""
+        owner = owner_of(name)
         with self._lock:  # reserve the name before the (slow) init
             if name in self._instances:
-                raise AlreadyExists(f"an instance named {name!r} already exists", name=name)
+                raise AlreadyExists(f"an instance named {name.split('/', 1)[1]!r} already exists", name=name)
             if len(self._instances) >= self.max_instances:
-                raise InvalidConfig(f"the server holds its maximum of {self.max_instances} instances")
+                raise QuotaExceeded(f"the server holds its maximum of {self.max_instances} instances")
+            owned = [i for k, i in self._instances.items() if owner_of(k) == owner]
+            if self.max_instances_per_owner is not None and len(owned) >= self.max_instances_per_owner:
+                raise QuotaExceeded(
+                    f"quota max_instances_per_owner: {owner!r} already holds {len(owned)} of "
+                    f"{self.max_instances_per_owner} instances", quota="max_instances_per_owner")
             placeholder = Instance(name, kind_, cfg, None, seed, str(self.device), durability=durability)
             if record is not None:
                 placeholder.version, placeholder.counters = record.version, dict(record.counters)
@@ -217,6 +246,7 @@ class Registry:
         try:
             placeholder.state = _device_call(build)
             jax.block_until_ready(placeholder.state)
+            self._check_bytes(owner, placeholder)
             self._persist(placeholder)
             return placeholder.describe(self.mode(placeholder))
         except BaseException:
@@ -230,15 +260,16 @@ class Registry:
         """Forget an instance; calls already running on it finish first."""
         with self._hold(name) as instance, self._lock:
             instance.check_version(expected_version)
-            del self._instances[name]
+            del self._instances[instance.name]
             if self.store is not None:
-                self.store.remove(name)
-                self.store.remove_snapshots(name)
+                self.store.remove(instance.name)
+                self.store.remove_snapshots(instance.name)
 
-    def list(self) -> list[dict[str, Any]]:
-        """Describe every instance, sorted by name."""
+    def list(self, owner: str | None = None) -> list[dict[str, Any]]:
+        """Describe every instance of ``owner`` (everyone's if None), sorted by owner and name."""
         with self._lock:
-            instances = sorted(self._instances.values(), key=lambda i: i.name)
+            instances = sorted((i for k, i in self._instances.items() if owner is None or owner_of(k) == owner),
+                               key=lambda i: i.name)
         out = []
         for instance in instances:
             with instance.lock:
@@ -251,8 +282,8 @@ class Registry:
             return instance.describe(self.mode(instance))
 
     def help(self, name: str) -> dict[str, Any]:
-        instance = self._get(name)
-        return instance.kind.help(instance.config)
+        with self._hold(name) as instance:
+            return instance.kind.help(instance.config)
 
     # --- operations ---
 
@@ -288,15 +319,18 @@ class Registry:
                 continue
             array = check_tensor(arg.name, value, instance.config.trailing(arg.space), batch)
             batch = array.shape[0]
+            if self.max_batch is not None and batch > self.max_batch:
+                raise ShapeMismatch(f"{arg.name}: batch {batch} is over the server's max_batch of {self.max_batch}",
+                                    argument=arg.name)
             args.append(array)
         returned = list(op.returns if returns is None else returns)
         fingerprint = _fingerprint(operation, args, returned) if idempotency_key is not None else ""
-        with self._hold(name, instance):
+        with self._hold(instance.name, instance):
             if idempotency_key is not None and idempotency_key in instance.answers:
                 seen, answer = instance.answers[idempotency_key]
                 if seen != fingerprint:
                     raise InvalidConfig(
-                        f"Idempotency-Key {idempotency_key[:64]!r} was used for a different request on {name!r}"
+                        f"Idempotency-Key {idempotency_key[:64]!r} was used for a different request on this instance"
                     )
                 return answer
             instance.check_version(expected_version)
@@ -347,11 +381,11 @@ class Registry:
         validate_name(snapshot)
         store = self._require_store()
         with self._hold(name) as instance:
-            if store.snapshot_path(name, snapshot).exists():
-                raise AlreadyExists(f"instance {name!r} already has a snapshot {snapshot!r}", snapshot=snapshot)
+            if store.snapshot_path(instance.name, snapshot).exists():
+                raise AlreadyExists(f"this instance already has a snapshot {snapshot!r}", snapshot=snapshot)
             record = instance.record()
             try:
-                store.save_snapshot(name, snapshot, record)
+                store.save_snapshot(instance.name, snapshot, record)
             except OSError as exc:
                 raise StorageError(f"could not store snapshot {snapshot!r}: {exc}") from exc
         return self._snapshot_info(snapshot, record)
@@ -359,8 +393,8 @@ class Registry:
     def snapshots(self, name: str) -> list[dict[str, Any]]:
         """The instance's snapshots, oldest first."""
         store = self._require_store()
-        with self._hold(name):
-            paths = store.list_snapshots(name)
+        with self._hold(name) as instance:
+            paths = store.list_snapshots(instance.name)
         infos = [self._snapshot_info(p.name[: -len(".safetensors")], self._read_snapshot(p)) for p in paths]
         return sorted(infos, key=lambda i: i["created_at"])
 
@@ -369,9 +403,9 @@ class Registry:
         store = self._require_store()
         with self._hold(name) as instance:
             instance.check_version(expected_version)
-            path = store.snapshot_path(name, validate_name(snapshot))
+            path = store.snapshot_path(instance.name, validate_name(snapshot))
             if not path.exists():
-                raise NotFound(f"instance {name!r} has no snapshot {snapshot!r}", snapshot=snapshot)
+                raise NotFound(f"this instance has no snapshot {snapshot!r}", snapshot=snapshot)
             record = self._read_snapshot(path)
             state = _device_call(state_from_compartments, instance.kind, instance.config, instance.seed,
                                  record.arrays)
@@ -384,10 +418,10 @@ class Registry:
 
     def delete_snapshot(self, name: str, snapshot: str) -> None:
         store = self._require_store()
-        with self._hold(name):
-            path = store.snapshot_path(name, validate_name(snapshot))
+        with self._hold(name) as instance:
+            path = store.snapshot_path(instance.name, validate_name(snapshot))
             if not path.exists():
-                raise NotFound(f"instance {name!r} has no snapshot {snapshot!r}", snapshot=snapshot)
+                raise NotFound(f"this instance has no snapshot {snapshot!r}", snapshot=snapshot)
             path.unlink()
 
     @staticmethod
@@ -493,27 +527,50 @@ class Registry:
             except SynapseServeError as exc:
                 errors[name] = exc.detail
                 self.store.quarantine.mkdir(parents=True, exist_ok=True)
-                self.store.path(name).replace(self.store.quarantine / f"{name}.safetensors.unusable")
+                self.store.quarantine.mkdir(parents=True, exist_ok=True)
+                self.store.path(name).replace(self.store.quarantine / f"{name.replace('/', '__')}.unusable")
         for name, reason in errors.items():
             log.error("could not restore instance %s: %s", name, reason)
         self.restore_errors = errors
         log.info("restored %d instances; %d files unreadable", len(self._instances), len(errors))
         return errors
 
+    def _check_bytes(self, owner: str, new: Instance) -> None:
+        if self.max_state_bytes_per_owner is None:
+            return
+        with self._lock:
+            others = [i for k, i in self._instances.items() if owner_of(k) == owner and i is not new]
+        used = sum(i.state_bytes for i in others if i.state is not None)
+        if used + new.state_bytes > self.max_state_bytes_per_owner:
+            raise QuotaExceeded(
+                f"quota max_state_bytes_per_owner: {owner!r} holds {used} bytes; this instance needs "
+                f"{new.state_bytes} more, over the quota of {self.max_state_bytes_per_owner}",
+                quota="max_state_bytes_per_owner")
+
+    @staticmethod
+    def _key(name: str) -> str:
+        """A registry key: ``owner/name`` as given, or a bare name of the local owner."""
+        if isinstance(name, str) and "/" in name:
+            owner, bare = name.split("/", 1)
+            return qualify(owner, bare)
+        return qualify(LOCAL_OWNER, name)
+
     @contextmanager
     def _hold(self, name: str, instance: Instance | None = None) -> Iterator[Instance]:
         """The instance, locked; NotFound if it was deleted (or failed to init) while we waited."""
         instance = instance or self._get(name)
         with instance.lock:
-            if instance.state is None or self._instances.get(name) is not instance:
-                raise NotFound(f"no instance named {name!r}", name=name)
+            if instance.state is None or self._instances.get(instance.name) is not instance:
+                raise NotFound(f"no instance named {instance.name.split('/', 1)[1]!r}")
             yield instance
 
     def _get(self, name: str) -> Instance:
+        key = name if isinstance(name, str) and name.count("/") == 1 else None
         with self._lock:
-            instance = self._instances.get(name)
+            instance = self._instances.get(key) if key else self._instances.get(f"{LOCAL_OWNER}/{name}")
         if instance is None:
-            raise NotFound(f"no instance named {str(name)[:140]!r}", name=str(name)[:140])
+            bare = str(name).split("/", 1)[-1][:140]
+            raise NotFound(f"no instance named {bare!r}", name=bare)
         return instance
 
     def __len__(self) -> int:

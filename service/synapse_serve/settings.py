@@ -26,3 +26,13 @@ class Settings(BaseSettings):
         "interval", description="sync: stored before acknowledged; interval: written every flush_interval_s "
                                 "and at shutdown; off: memory only")
     flush_interval_s: float = Field(2.0, gt=0, le=3600, description="interval mode: seconds between writes")
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto", description="bearer tokens: auto = on unless the server listens on loopback only")
+    tokens: str = Field("", repr=False, description="owner:token or owner:sha256=<hex>, comma-separated; "
+                                                    "append :admin for an admin")
+    tokens_file: Path | None = Field(None, description="a file of token specs, one per line")
+    allow_public_without_auth: bool = Field(
+        False, description="serve a non-loopback address with auth off (only behind a trusted proxy)")
+    max_instances_per_owner: int = Field(1000, ge=1, description="quota: instances per owner")
+    max_state_bytes_per_owner: int = Field(16 << 30, ge=1, description="quota: state bytes per owner")
+    max_batch: int = Field(65536, ge=1, description="largest batch a call may send")

@@ -151,7 +151,7 @@ def fsync_dir(directory: Path) -> None:
 
 
 class Store:
-    """Instance files under ``root/instances``; damaged ones are moved to ``root/quarantine``, never overwritten."""
+    """Instance files under ``root/instances/<owner>/``; damaged ones go to ``root/quarantine``, never overwritten."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -163,25 +163,31 @@ class Store:
         """Create the directories and delete temporary files a crash left behind; returns what was removed."""
         self.instances.mkdir(parents=True, exist_ok=True)
         removed = []
-        for tmp in self.instances.glob(".*.tmp"):
+        for tmp in self.instances.rglob(".*.tmp"):
             tmp.unlink(missing_ok=True)
             removed.append(tmp.name)
         return removed
 
-    def path(self, name: str) -> Path:
-        return self.instances / f"{name}{SUFFIX}"
+    def path(self, key: str) -> Path:
+        """``instances/<owner>/<name>.safetensors`` for the key ``owner/name``."""
+        return self.instances / f"{key}{SUFFIX}"
 
-    def save(self, name: str, record: Record) -> None:
-        write_atomic(self.path(name), encode(record))
+    def save(self, key: str, record: Record) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, encode(record))
 
-    def remove(self, name: str) -> None:
-        self.path(name).unlink(missing_ok=True)
-        fsync_dir(self.instances)
+    def remove(self, key: str) -> None:
+        path = self.path(key)
+        path.unlink(missing_ok=True)
+        if path.parent.is_dir():
+            fsync_dir(path.parent)
 
     # --- snapshots: named point-in-time copies, one file each under snapshots/<instance>/ ---
 
-    def snapshot_path(self, name: str, snapshot: str) -> Path:
-        return self.snapshots / name / f"{snapshot}{SUFFIX}"
+    def snapshot_path(self, key: str, snapshot: str) -> Path:
+        """``snapshots/<owner>/<name>/<snapshot>.safetensors``."""
+        return self.snapshots / key / f"{snapshot}{SUFFIX}"
 
     def save_snapshot(self, name: str, snapshot: str, record: Record) -> None:
         path = self.snapshot_path(name, snapshot)
@@ -197,14 +203,14 @@ class Store:
         (self.snapshots / name).rmdir() if (self.snapshots / name).is_dir() else None
 
     def load_all(self) -> tuple[dict[str, Record], dict[str, str]]:
-        """Every readable record by name, and for each unreadable file the reason (the file is quarantined)."""
+        """Every readable record by key, and for each unreadable file the reason (the file is quarantined)."""
         records, errors = {}, {}
-        for path in sorted(self.instances.glob(f"*{SUFFIX}")):
-            name = path.name[: -len(SUFFIX)]
+        for path in sorted(self.instances.glob(f"*/*{SUFFIX}")):
+            key = f"{path.parent.name}/{path.name[: -len(SUFFIX)]}"
             try:
-                records[name] = decode(path.read_bytes())
+                records[key] = decode(path.read_bytes())
             except (CorruptFile, OSError) as exc:
-                errors[name] = str(exc)
+                errors[key] = str(exc)
                 self.quarantine.mkdir(parents=True, exist_ok=True)
-                os.replace(path, self.quarantine / f"{path.name}.{uuid.uuid4().hex[:8]}")
+                os.replace(path, self.quarantine / f"{path.parent.name}__{path.name}.{uuid.uuid4().hex[:8]}")
         return records, errors

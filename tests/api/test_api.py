@@ -394,3 +394,40 @@ def test_problem_bodies_carry_request_id(live_server):
     r = httpx.get(f"{live_server.url}/no/such/route")
     assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
     assert json.loads(r.text)["status"] == 404
+
+
+BAD_CREATES = [
+    ("negative stride", {"config": {**CONFIG, "stride": -1}}, 422, "stride: -1"),
+    ("kernel larger than allowed", {"config": {**CONFIG, "shape": [65, 3, 2, 4]}}, 422, "between 1 and 64"),
+    ("name with path characters", {"name": "../../etc/passwd"}, 422, "letters, digits"),
+    ("name with a slash", {"name": "a/b"}, 422, "letters, digits"),
+    ("unknown kind", {"kind": "__import__('os')"}, 404, "unknown kind"),
+    ("unknown top-level field", {"exec": "rm -rf /"}, 400, "unknown exec"),
+    ("config not a map", {"config": [1, 2]}, 422, "expected an object"),
+    ("seed not an int", {"seed": "zero"}, 422, "seed: expected an integer"),
+    ("huge x_shape", {"config": {**CONFIG, "x_shape": [1 << 20, 1 << 20]}}, 422, "x_shape[0]"),
+]
+
+
+@pytest.mark.parametrize(("what", "change", "status", "fragment"), BAD_CREATES, ids=[c[0] for c in BAD_CREATES])
+def test_bad_creates_are_4xx(live_server, unique_name, what, change, status, fragment):
+    body = {"name": unique_name, "kind": KIND, "config": CONFIG, **change}
+    for content, media in ((json.dumps(body).encode(), "application/json"), (msgpack.packb(body), "application/msgpack")):
+        r = httpx.post(f"{live_server.url}/v1/synapses", content=content, headers={"Content-Type": media})
+        assert r.status_code == status and fragment in r.json()["detail"], (what, media, r.text)
+    assert httpx.get(f"{live_server.url}/healthz").status_code == 200
+
+
+def test_json_sent_as_msgpack_is_400(live_server):
+    r = httpx.post(f"{live_server.url}/v1/synapses", content=b'{"name": "x"}',
+                   headers={"Content-Type": "application/msgpack"})
+    assert r.status_code == 400
+
+
+def test_nan_and_inf_inputs_are_accepted_and_propagate(client, unique_name):
+    """Decided: accepted, as ngclearn accepts them (docs/security.md); the server stays well."""
+    syn = client.create(unique_name, kind=KIND, config=CONFIG)
+    x = np.ones((1, 6, 6, 2), np.float32)
+    x[0, 0, 0, 0], x[0, 1, 1, 1] = np.nan, np.inf
+    y = syn.forward(x)
+    assert np.isnan(y).any() and syn.describe()["counters"] == {"forward": 1}

@@ -23,7 +23,7 @@ def registry():
 
 def test_a_busy_instance_does_not_block_another(registry):
     x = np.ones((1, 3, 3, 1), np.float32)
-    busy = registry._instances["a"].lock
+    busy = registry._instances["local/a"].lock
     busy.acquire()  # as if a long call were running on "a"
     try:
         done = threading.Event()
@@ -61,7 +61,7 @@ def test_names_and_lookups(registry):
     with pytest.raises(AlreadyExists):
         registry.create("a", "HebbianDeconvSynapse", CONFIG)
     with pytest.raises(InvalidName):
-        registry.create("a/b", "HebbianDeconvSynapse", CONFIG)
+        registry.create("../etc", "HebbianDeconvSynapse", CONFIG)
     registry.delete("a")
     with pytest.raises(NotFound):
         registry.describe("a")

@@ -40,6 +40,13 @@ def test_compose_reserves_a_gpu_has_a_healthcheck_and_a_volume(compose):
     assert service["build"]["dockerfile"] == "docker/Dockerfile.gpu"
 
 
+def test_compose_ships_with_auth_on(compose):
+    service = compose["services"]["synapse-serve"]
+    assert service["environment"]["SYNAPSE_AUTH"] == "on"
+    assert service["environment"]["SYNAPSE_TOKENS_FILE"] == "/run/secrets/synapse_tokens"
+    assert "synapse_tokens" in service["secrets"] and "synapse_tokens" in compose["secrets"]
+
+
 @pytest.mark.parametrize(("name", "extra"), [("Dockerfile.cpu", "server"), ("Dockerfile.gpu", "gpu")])
 def test_dockerfiles_install_the_right_extra_as_non_root(name, extra):
     text = (ROOT / "docker" / name).read_text()

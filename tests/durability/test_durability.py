@@ -149,7 +149,7 @@ def test_kill_9_during_evolves(tmp_path, mode):
             worker.join(30)
             last_acked = max(acked, default=last_acked)
     assert trial == trials, f"only {trial} of {trials} trials fit in the time bound"
-    assert not list((state_dir / "instances").glob(".*.tmp")), "temporary files survived a restart"
+    assert not list((state_dir / "instances").rglob(".*.tmp")), "temporary files survived a restart"
 
 
 def test_corrupt_files_are_reported_and_skipped(tmp_path):
@@ -161,19 +161,19 @@ def test_corrupt_files_are_reported_and_skipped(tmp_path):
         good_weights = client.get("good").weights
         server.stop()
     store = Store(state_dir)
-    blob = store.path("truncated").read_bytes()
-    store.path("truncated").write_bytes(blob[: len(blob) // 2])
-    flipped = bytearray(store.path("flipped").read_bytes())
+    blob = store.path("local/truncated").read_bytes()
+    store.path("local/truncated").write_bytes(blob[: len(blob) // 2])
+    flipped = bytearray(store.path("local/flipped").read_bytes())
     flipped[-5] ^= 0x10
-    store.path("flipped").write_bytes(bytes(flipped))
-    future = store.path("future").read_bytes().replace(b'\\"format_version\\": 1', b'\\"format_version\\": 7')
-    store.path("future").write_bytes(future)
+    store.path("local/flipped").write_bytes(bytes(flipped))
+    future = store.path("local/future").read_bytes().replace(b'\\"format_version\\": 1', b'\\"format_version\\": 7')
+    store.path("local/future").write_bytes(future)
     with ServerProcess(state_dir) as server, SynapseClient(server.url) as client:
         assert [d["name"] for d in client.list()] == ["good"]
         np.testing.assert_array_equal(client.get("good").weights, good_weights)
         errors = httpx.get(f"{server.url}/v1/admin/storage").json()["restore_errors"]
-        assert set(errors) == {"truncated", "flipped", "future"}
-        assert "checksum" in errors["flipped"] and "format version 7" in errors["future"]
+        assert set(errors) == {"local/truncated", "local/flipped", "local/future"}
+        assert "checksum" in errors["local/flipped"] and "format version 7" in errors["local/future"]
         assert len(list((state_dir / "quarantine").iterdir())) == 3  # kept, never overwritten
         client.create("truncated", kind=KIND, config=CONFIGS["sgd-nobias"])  # the name is usable again
 
@@ -228,7 +228,7 @@ def test_storage_failures(tmp_path, monkeypatch, error):
                 SynapseClient(server.url) as client:
             syn = client.create("keep", kind=KIND, config=CONFIGS["sgd-nobias"])
             server.registry.flush()
-            stored = Store(state_dir).path("keep").read_bytes()
+            stored = Store(state_dir).path("local/keep").read_bytes()
             monkeypatch.setattr(Store, "save", disk_full)
             pre, post = signals(CONFIGS["sgd-nobias"], 0)
             if mode == "sync":
@@ -243,11 +243,11 @@ def test_storage_failures(tmp_path, monkeypatch, error):
                     time.sleep(0.05)
             health = httpx.get(f"{server.url}/healthz").json()
             assert health["storage"].startswith("failing: OSError") and health["status"] == "ok"
-            assert Store(state_dir).path("keep").read_bytes() == stored  # nothing stored was damaged
+            assert Store(state_dir).path("local/keep").read_bytes() == stored  # nothing stored was damaged
             monkeypatch.undo()
             server.registry.flush()  # space again: the pending write goes through
             assert httpx.get(f"{server.url}/healthz").json()["storage"] == "ok"
-            assert decode(Store(state_dir).path("keep").read_bytes()).counters == {"evolve": 1}
+            assert decode(Store(state_dir).path("local/keep").read_bytes()).counters == {"evolve": 1}
 
 
 def test_snapshots_roll_back_a_bad_learning_run(client, unique_name):

@@ -93,12 +93,12 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 def test_store_cleans_stale_temporaries_and_quarantines_damage(tmp_path):
     store = Store(tmp_path)
     store.prepare()
-    store.save("good", record())
-    store.save("bad", record())
-    (store.instances / ".good.safetensors.abc.tmp").write_bytes(b"half")
-    store.path("bad").write_bytes(encode(record())[:-3])
+    store.save("alice/good", record())
+    store.save("bob/bad", record())
+    (store.instances / "alice" / ".good.safetensors.abc.tmp").write_bytes(b"half")
+    store.path("bob/bad").write_bytes(encode(record())[:-3])
     assert store.prepare() == [".good.safetensors.abc.tmp"]
     records, errors = store.load_all()
-    assert set(records) == {"good"} and set(errors) == {"bad"}
-    assert not store.path("bad").exists()
+    assert set(records) == {"alice/good"} and set(errors) == {"bob/bad"}
+    assert not store.path("bob/bad").exists()
     assert len(list(store.quarantine.iterdir())) == 1  # kept for a person to look at, not overwritten

@@ -122,7 +122,7 @@ def encode(content: Any, media: str, status: int = 200, headers: dict[str, str] 
 
 
 def problem(status: int, title: str, detail: str, slug: str, request: Request | None,
-            extra: dict[str, Any] | None = None) -> Response:
+            extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> Response:
     """An RFC 9457 problem details response."""
     body = {"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": detail}
     if request is not None:
@@ -132,11 +132,11 @@ def problem(status: int, title: str, detail: str, slug: str, request: Request | 
             body["request_id"] = request_id
     for key, value in (extra or {}).items():
         body.setdefault(key, value)
-    return Response(json.dumps(body, default=str), status_code=status, media_type=PROBLEM)
+    return Response(json.dumps(body, default=str), status_code=status, media_type=PROBLEM, headers=headers)
 
 
 def problem_from(exc: SynapseServeError, request: Request) -> Response:
-    return problem(exc.status, exc.title, exc.detail, exc.slug, request, exc.extra)
+    return problem(exc.status, exc.title, exc.detail, exc.slug, request, exc.extra, exc.headers)
 
 
 def if_match(request: Request) -> int | None:

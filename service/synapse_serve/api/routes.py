@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -22,16 +22,46 @@ from synapse_serve.api.bodies import (
     response_type,
     tensor_field,
 )
-from synapse_serve.errors import MalformedBody, NotReady
+from synapse_serve.auth import LOCAL, Principal
+from synapse_serve.errors import MalformedBody, NotFound, NotReady, Unauthorized
 from synapse_serve.kinds import KINDS, get_kind
-from synapse_serve.registry import NAME_RULE, Registry
+from synapse_serve.registry import NAME_RULE, Registry, qualify
 
 
 def get_registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
+def get_principal(request: Request) -> Principal:
+    """The caller, from ``Authorization: Bearer <token>``; everyone is the local admin when auth is off."""
+    tokens = request.app.state.tokens
+    if tokens is None:
+        return LOCAL
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("this server needs a bearer token: send Authorization: Bearer <token>")
+    principal = tokens.authenticate(token.strip())
+    if principal is None:
+        raise Unauthorized("the bearer token is not valid")
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_owner(principal: PrincipalDep,
+              owner: Annotated[str | None, Query(description="admin only: act on this owner's instances")] = None
+              ) -> str:
+    """Whose instances a call addresses: the caller's own, or (admins only) the named owner's."""
+    if owner is None or owner == principal.owner:
+        return principal.owner
+    if not principal.admin:  # as if nothing were there: names of other owners do not leak
+        raise NotFound("no such instance")
+    return owner
+
+
 RegistryDep = Annotated[Registry, Depends(get_registry)]
+OwnerDep = Annotated[str, Depends(get_owner)]
 
 # --- schemas (documentation of the bodies; JSON and msgpack carry the same fields) ---
 
@@ -106,7 +136,7 @@ def _responses(model: type[BaseModel] | None, *errors: int) -> dict[int | str, d
 
 
 router = APIRouter()
-v1 = APIRouter(prefix="/v1")
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_principal)], responses=_responses(None, 401))
 
 
 @router.get("/healthz", tags=["health"], summary="Liveness: the process answers; storage health")
@@ -124,7 +154,9 @@ async def readyz(request: Request) -> dict[str, str]:
 
 
 @v1.get("/admin/storage", tags=["durability"], summary="Durability mode, storage health, files that failed to restore")
-async def storage_status(registry: RegistryDep) -> dict[str, Any]:
+async def storage_status(registry: RegistryDep, principal: PrincipalDep) -> dict[str, Any]:
+    if not principal.admin:
+        raise NotFound("no such resource")
     return {"durability": registry.durability, "storage_error": registry.storage_error,
             "restore_errors": registry.restore_errors}
 
@@ -145,7 +177,7 @@ async def kind_help(kind: str, request: Request) -> Response:
 @v1.post("/synapses", status_code=201, tags=["synapses"], summary="Create a named instance",
          openapi_extra=_body_doc(CreateRequest),
          responses={201: {"model": Description, "content": {MSGPACK: {}, JSON: {}}}, **_responses(None, 400, 409, 413, 415, 422)})
-async def create(request: Request, registry: RegistryDep) -> Response:
+async def create(request: Request, registry: RegistryDep, owner: OwnerDep) -> Response:
     body, media = await read_body(request)
     _require_keys(body, {"name", "kind", "config"}, {"name", "kind", "config", "init", "seed", "durability"})
     max_elements = request.app.state.settings.max_tensor_elements
@@ -154,35 +186,39 @@ async def create(request: Request, registry: RegistryDep) -> Response:
         raise MalformedBody("init: expected a map of tensors (weights, biases)")
     init = {k: tensor_field(init, k, media, max_elements) for k in init}
     seed = body.get("seed", 0)
-    description = await run_in_threadpool(registry.create, body["name"], body["kind"], body["config"], init, seed,
+    key = qualify(owner, body["name"])
+    description = await run_in_threadpool(registry.create, key, body["kind"], body["config"], init, seed,
                                           body.get("durability"))
     return encode(description, response_type(request, media), status=201,
                   headers={"Location": f"/v1/synapses/{description['name']}"})
 
 
 @v1.get("/synapses", tags=["synapses"], summary="Describe every instance")
-async def list_synapses(request: Request, registry: RegistryDep) -> Response:
-    return encode({"synapses": await run_in_threadpool(registry.list)}, response_type(request))
+async def list_synapses(request: Request, registry: RegistryDep, principal: PrincipalDep,
+                        owner: OwnerDep) -> Response:
+    everyone = principal.admin and "owner" not in request.query_params  # admins see every owner's
+    synapses = await run_in_threadpool(registry.list, None if everyone else owner)
+    return encode({"synapses": synapses}, response_type(request))
 
 
 @v1.get("/synapses/{name}", tags=["synapses"], summary="Describe an instance", responses=_responses(Description, 404))
-async def describe(name: str, request: Request, registry: RegistryDep) -> Response:
-    description = await run_in_threadpool(registry.describe, name)
+async def describe(name: str, request: Request, registry: RegistryDep, owner: OwnerDep) -> Response:
+    description = await run_in_threadpool(registry.describe, qualify(owner, name))
     return encode(description, response_type(request), headers={"ETag": f'"{description["version"]}"'})
 
 
 @v1.delete("/synapses/{name}", status_code=204, tags=["synapses"], summary="Delete an instance",
            responses=_responses(None, 404))
-async def delete(name: str, request: Request, registry: RegistryDep) -> Response:
-    await run_in_threadpool(registry.delete, name, if_match(request))
+async def delete(name: str, request: Request, registry: RegistryDep, owner: OwnerDep) -> Response:
+    await run_in_threadpool(registry.delete, qualify(owner, name), if_match(request))
     return Response(status_code=204)
 
 
 @v1.get("/synapses/{name}/export", tags=["durability"], summary="Download the instance as one safetensors file",
         responses={200: {"content": {OCTET: {}}, "description": "safetensors; config and metadata in its header"},
                    **_responses(None, 404)})
-async def export(name: str, registry: RegistryDep) -> Response:
-    blob = await run_in_threadpool(registry.export, name)
+async def export(name: str, registry: RegistryDep, owner: OwnerDep) -> Response:
+    blob = await run_in_threadpool(registry.export, qualify(owner, name))
     return Response(blob, media_type=OCTET,
                     headers={"Content-Disposition": f'attachment; filename="{name}.safetensors"'})
 
@@ -193,23 +229,25 @@ async def export(name: str, registry: RegistryDep) -> Response:
                                                                                            "format": "binary"}}}}},
          responses={201: {"model": Description, "content": {MSGPACK: {}, JSON: {}}},
                     **_responses(None, 409, 413, 415, 422)})
-async def import_instance(name: str, request: Request, registry: RegistryDep) -> Response:
+async def import_instance(name: str, request: Request, registry: RegistryDep, owner: OwnerDep) -> Response:
+    key = qualify(owner, name)
     blob = await read_raw(request, OCTET)
-    description = await run_in_threadpool(registry.import_, name, blob)
+    description = await run_in_threadpool(registry.import_, key, blob)
     return encode(description, response_type(request), status=201,
                   headers={"Location": f"/v1/synapses/{description['name']}"})
 
 
 @v1.get("/synapses/{name}/help", tags=["synapses"], summary="The instance's help, with its hyperparameter values",
         responses=_responses(None, 404))
-async def instance_help(name: str, request: Request, registry: RegistryDep) -> Response:
-    return encode(registry.help(name), response_type(request))
+async def instance_help(name: str, request: Request, registry: RegistryDep, owner: OwnerDep) -> Response:
+    return encode(registry.help(qualify(owner, name)), response_type(request))
 
 
 @v1.get("/synapses/{name}/compartments/{compartment:path}", tags=["compartments"],
         summary="Read one compartment", responses=_responses(None, 404, 422))
-async def read_compartment(name: str, compartment: str, request: Request, registry: RegistryDep) -> Response:
-    value, version = await run_in_threadpool(registry.read, name, compartment)
+async def read_compartment(name: str, compartment: str, request: Request, registry: RegistryDep,
+                           owner: OwnerDep) -> Response:
+    value, version = await run_in_threadpool(registry.read, qualify(owner, name), compartment)
     return encode({"name": compartment, "value": value, "version": version}, response_type(request),
                   headers={"ETag": f'"{version}"'})
 
@@ -217,11 +255,13 @@ async def read_compartment(name: str, compartment: str, request: Request, regist
 @v1.put("/synapses/{name}/compartments/{compartment:path}", tags=["compartments"],
         summary="Write one compartment (shape and dtype checked)",
         openapi_extra=_body_doc(OperationResponse), responses=_responses(OperationResponse, 400, 404, 413, 415, 422))
-async def write_compartment(name: str, compartment: str, request: Request, registry: RegistryDep) -> Response:
+async def write_compartment(name: str, compartment: str, request: Request, registry: RegistryDep,
+                            owner: OwnerDep) -> Response:
+    key = qualify(owner, name)
     body, media = await read_body(request)
     _require_keys(body, {"value"}, {"value"})
     value = tensor_field(body, "value", media, request.app.state.settings.max_tensor_elements)
-    version = await run_in_threadpool(registry.write, name, compartment, value, if_match(request))
+    version = await run_in_threadpool(registry.write, key, compartment, value, if_match(request))
     return encode({"version": version}, response_type(request, media))
 
 
@@ -240,30 +280,33 @@ class Snapshot(BaseModel):
          summary="Take a named point-in-time copy of the instance",
          openapi_extra=_body_doc(SnapshotRequest),
          responses={201: {"model": Snapshot, "content": {MSGPACK: {}, JSON: {}}}, **_responses(None, 404, 409, 422)})
-async def create_snapshot(name: str, request: Request, registry: RegistryDep) -> Response:
+async def create_snapshot(name: str, request: Request, registry: RegistryDep, owner: OwnerDep) -> Response:
+    key = qualify(owner, name)
     body, media = await read_body(request)
     _require_keys(body, {"snapshot"}, {"snapshot"})
-    info = await run_in_threadpool(registry.snapshot, name, body["snapshot"])
+    info = await run_in_threadpool(registry.snapshot, key, body["snapshot"])
     return encode(info, response_type(request, media), status=201)
 
 
 @v1.get("/synapses/{name}/snapshots", tags=["snapshots"], summary="List the instance's snapshots",
         responses=_responses(None, 404))
-async def list_snapshots(name: str, request: Request, registry: RegistryDep) -> Response:
-    return encode({"snapshots": await run_in_threadpool(registry.snapshots, name)}, response_type(request))
+async def list_snapshots(name: str, request: Request, registry: RegistryDep, owner: OwnerDep) -> Response:
+    snapshots = await run_in_threadpool(registry.snapshots, qualify(owner, name))
+    return encode({"snapshots": snapshots}, response_type(request))
 
 
 @v1.post("/synapses/{name}/snapshots/{snapshot}/restore", tags=["snapshots"],
          summary="Roll the instance back to a snapshot", responses=_responses(OperationResponse, 404))
-async def restore_snapshot(name: str, snapshot: str, request: Request, registry: RegistryDep) -> Response:
-    version = await run_in_threadpool(registry.restore_snapshot, name, snapshot, if_match(request))
+async def restore_snapshot(name: str, snapshot: str, request: Request, registry: RegistryDep,
+                           owner: OwnerDep) -> Response:
+    version = await run_in_threadpool(registry.restore_snapshot, qualify(owner, name), snapshot, if_match(request))
     return encode({"version": version}, response_type(request))
 
 
 @v1.delete("/synapses/{name}/snapshots/{snapshot}", status_code=204, tags=["snapshots"],
            summary="Delete a snapshot", responses=_responses(None, 404))
-async def delete_snapshot(name: str, snapshot: str, registry: RegistryDep) -> Response:
-    await run_in_threadpool(registry.delete_snapshot, name, snapshot)
+async def delete_snapshot(name: str, snapshot: str, registry: RegistryDep, owner: OwnerDep) -> Response:
+    await run_in_threadpool(registry.delete_snapshot, qualify(owner, name), snapshot)
     return Response(status_code=204)
 
 
@@ -276,7 +319,8 @@ async def delete_snapshot(name: str, snapshot: str, registry: RegistryDep) -> Re
                      "version has moved.",
          openapi_extra=_body_doc(OperationRequest, required=False),
          responses=_responses(OperationResponse, 400, 404, 412, 413, 415, 422))
-async def operate(name: str, operation: str, request: Request, registry: RegistryDep) -> Response:
+async def operate(name: str, operation: str, request: Request, registry: RegistryDep, owner: OwnerDep) -> Response:
+    target = qualify(owner, name)
     body, media = await read_body(request)
     returns = body.pop("return", None)
     if returns is not None and (not isinstance(returns, list) or not all(isinstance(r, str) for r in returns)):
@@ -285,7 +329,7 @@ async def operate(name: str, operation: str, request: Request, registry: Registr
     tensors = {key: tensor_field(body, key, media, max_elements) for key in body}
     key, expected = idempotency_key(request), if_match(request)
     result = await run_in_threadpool(
-        lambda: registry.call(name, operation, tensors, returns, idempotency_key=key, expected_version=expected))
+        lambda: registry.call(target, operation, tensors, returns, idempotency_key=key, expected_version=expected))
     return encode(result, response_type(request, media))
 
 

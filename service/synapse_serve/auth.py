@@ -1,0 +1,98 @@
+"""Bearer-token authentication: tokens map to owners; only SHA-256 hashes are kept.
+
+Token specs (``SYNAPSE_TOKENS``, comma-separated, or one per line in ``SYNAPSE_TOKENS_FILE``)::
+
+    owner:token            a plaintext token (hashed at load, the plaintext is dropped)
+    owner:sha256=<hex>     the SHA-256 of a token, so no plaintext needs to be on disk
+    …:admin                either form with ``:admin`` appended: may see and act on every owner's instances
+
+Presented tokens are hashed and compared against every stored hash with
+``hmac.compare_digest``, so timing does not tell which owner (if any) matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from synapse_serve.errors import InvalidConfig
+
+_OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+LOCAL_OWNER = "local"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the owner whose instances they see, and whether they may see everyone's."""
+
+    owner: str
+    admin: bool = False
+
+
+LOCAL = Principal(LOCAL_OWNER, admin=True)  # everyone, when authentication is off
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def parse_spec(spec: str) -> tuple[str, str, bool]:
+    """``(owner, sha256 hex, admin)`` from one token spec; InvalidConfig names what is wrong (never the token)."""
+    parts = spec.strip().split(":")
+    admin = len(parts) > 2 and parts[-1] == "admin"
+    if admin:
+        parts = parts[:-1]
+    if len(parts) != 2 or not _OWNER.fullmatch(parts[0]) or not parts[1]:
+        owner = parts[0] if parts and _OWNER.fullmatch(parts[0]) else "?"
+        raise InvalidConfig(f"token spec for owner {owner!r} is malformed: use owner:token, owner:sha256=<hex> "
+                            "or either with :admin; owners are 1-64 letters, digits, '.', '_' or '-'")
+    owner, secret = parts
+    if secret.startswith("sha256="):
+        digest = secret.removeprefix("sha256=").lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise InvalidConfig(f"token spec for owner {owner!r}: sha256= needs 64 hex digits")
+        return owner, digest, admin
+    if len(secret) < 16:
+        raise InvalidConfig(f"token for owner {owner!r} is shorter than 16 characters; use a long random one")
+    return owner, hash_token(secret), admin
+
+
+class TokenTable:
+    """The known tokens (as hashes) and their owners."""
+
+    def __init__(self, entries: list[tuple[str, str, bool]]) -> None:
+        self.entries = [(bytes.fromhex(digest), Principal(owner, admin)) for owner, digest, admin in entries]
+
+    @classmethod
+    def load(cls, tokens: str = "", tokens_file: Path | None = None) -> TokenTable:
+        specs = [s for s in tokens.split(",") if s.strip()]
+        if tokens_file is not None:
+            lines = Path(tokens_file).read_text().splitlines()
+            specs += [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return cls([parse_spec(spec) for spec in specs])
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def authenticate(self, token: str) -> Principal | None:
+        """The principal a token belongs to, or None; the time taken does not depend on which one matched."""
+        presented = hashlib.sha256(token.encode()).digest()
+        found = None
+        for digest, principal in self.entries:
+            if hmac.compare_digest(presented, digest):
+                found = principal
+        return found
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost; anything else can be reached from other machines."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,131 @@
+"""Authentication, isolation between owners, the admin role, and start-up refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import LiveServer
+from synapse_client import AuthenticationError, NotFoundError, SynapseClient
+from synapse_serve.app import UnsafeSettings, create_app
+from synapse_serve.settings import Settings
+
+ALICE, BOB, ROOT = "alice-" + "a" * 24, "bob-" + "b" * 24, "root-" + "r" * 24
+CONFIG = {"shape": [2, 2, 1, 1], "x_shape": [3, 3], "eta": 0.1}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tokens_file = tmp_path_factory.mktemp("auth") / "tokens"
+    # bob's token is stored only as its hash
+    tokens_file.write_text(f"# owners\nbob:sha256={hashlib.sha256(BOB.encode()).hexdigest()}\n")
+    with LiveServer(state_dir=tmp_path_factory.mktemp("state"), auth="on", tokens=f"alice:{ALICE},root:{ROOT}:admin",
+                    tokens_file=tokens_file) as live:
+        yield live
+
+
+def routes(app):
+    """Every documented v1 route with its path parameters filled in."""
+    for path, operations in app.openapi()["paths"].items():
+        if path.startswith("/v1"):
+            for method in operations:
+                yield method.upper(), re.sub(r"\{[^}]+\}", "x", path)
+
+
+def test_every_v1_route_needs_a_valid_token(server):
+    checked = 0
+    for method, path in routes(server.app):
+        for headers in ({}, {"Authorization": "Bearer not-a-token-at-all-xx"}, {"Authorization": f"Basic {ALICE}"}):
+            r = httpx.request(method, f"{server.url}{path}", headers=headers)
+            assert r.status_code == 401, (method, path, headers, r.status_code)
+            assert r.headers["www-authenticate"].startswith("Bearer")
+            assert r.headers["content-type"] == "application/problem+json"
+            checked += 1
+    assert checked >= 3 * 15  # every documented v1 operation, three ways
+    for open_path in ("/healthz", "/readyz"):
+        assert httpx.get(f"{server.url}{open_path}").status_code == 200
+
+
+def test_owners_are_isolated(server):
+    with SynapseClient(server.url, token=ALICE) as alice, SynapseClient(server.url, token=BOB) as bob:
+        syn = alice.create("shared-name", kind="HebbianDeconvSynapse", config=CONFIG)
+        syn.forward(np.ones((1, 3, 3, 1)))
+        syn.snapshot("s1")
+        mine = bob.create("shared-name", kind="HebbianDeconvSynapse", config=CONFIG, seed=9)  # same name: fine
+        assert not np.array_equal(mine.weights, syn.weights)
+        assert [d["name"] for d in bob.list()] == ["shared-name"] and bob.list()[0]["owner"] == "bob"
+        alice_only = alice.create("private-one", kind="HebbianDeconvSynapse", config=CONFIG)
+        base = f"{server.url}/v1/synapses/private-one"
+        attempts = [
+            ("GET", base), ("DELETE", base), ("GET", f"{base}/help"), ("GET", f"{base}/export"),
+            ("GET", f"{base}/compartments/weights"), ("GET", f"{base}/snapshots"),
+            ("POST", f"{base}/reset"), ("POST", f"{base}/snapshots/s1/restore"),
+        ]
+        for method, url in attempts:
+            r = httpx.request(method, url, headers={"Authorization": f"Bearer {BOB}"})
+            assert r.status_code == 404, (method, url, r.status_code)
+            assert "alice" not in r.text
+        # asking for another owner's instances by name is a 404 too
+        r = httpx.get(f"{server.url}/v1/synapses/private-one", params={"owner": "alice"},
+                      headers={"Authorization": f"Bearer {BOB}"})
+        assert r.status_code == 404
+        assert alice_only.describe()["counters"] == {}  # untouched
+
+
+def test_admin_sees_and_acts_on_everything(server):
+    with SynapseClient(server.url, token=ALICE) as alice, SynapseClient(server.url, token=ROOT) as root:
+        alice.create("audited", kind="HebbianDeconvSynapse", config=CONFIG)
+        everyone = {(d["owner"], d["name"]) for d in root.list()}
+        assert ("alice", "audited") in everyone
+        r = httpx.post(f"{server.url}/v1/synapses/audited/reset", params={"owner": "alice"},
+                       headers={"Authorization": f"Bearer {ROOT}"})
+        assert r.status_code == 200
+        assert alice.get("audited").describe()["counters"] == {"reset": 1}
+        assert httpx.get(f"{server.url}/v1/admin/storage", headers={"Authorization": f"Bearer {ROOT}"}).status_code == 200
+        assert httpx.get(f"{server.url}/v1/admin/storage",
+                         headers={"Authorization": f"Bearer {ALICE}"}).status_code == 404
+
+
+def test_client_errors_for_auth(server, monkeypatch):
+    with SynapseClient(server.url, token="wrong-token-but-long-enough") as c, pytest.raises(AuthenticationError):
+        c.list()
+    monkeypatch.setenv("SYNAPSE_TOKEN", ALICE)
+    with SynapseClient(server.url) as c:  # the token comes from the environment
+        assert isinstance(c.list(), list)
+    with SynapseClient(server.url, token=BOB) as c, pytest.raises(NotFoundError):
+        c.get("audited")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"host": "0.0.0.0"}, "no tokens are configured"),
+        ({"host": "0.0.0.0", "auth": "off"}, "refusing to serve 0.0.0.0 with auth off"),
+        ({"host": "10.1.2.3", "tokens": "alice:short"}, "shorter than 16 characters"),
+        ({"host": "127.0.0.1", "auth": "on"}, "no tokens are configured"),
+        ({"host": "0.0.0.0", "tokens": "alice"}, "malformed"),
+    ],
+)
+def test_unsafe_settings_refuse_to_start(tmp_path, settings, message):
+    with pytest.raises(UnsafeSettings, match=message):
+        create_app(Settings(state_dir=tmp_path, **settings))
+
+
+def test_safe_settings_start(tmp_path):
+    assert create_app(Settings(state_dir=tmp_path, host="0.0.0.0", tokens=f"alice:{ALICE}")).state.tokens
+    assert create_app(Settings(state_dir=tmp_path, host="0.0.0.0", auth="off", allow_public_without_auth=True))
+    assert create_app(Settings(state_dir=tmp_path)).state.tokens is None  # loopback: auth off by default
+
+
+def test_cli_refuses_a_public_address_without_tokens(tmp_path):
+    code = "from synapse_serve.cli import main; main(['--host', '0.0.0.0', '--state-dir', %r])" % str(tmp_path)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={"JAX_PLATFORMS": "cpu", "PATH": ""})
+    assert result.returncode == 2 and "no tokens are configured" in result.stderr
+    assert ALICE not in result.stderr

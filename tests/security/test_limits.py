@@ -1,0 +1,71 @@
+"""Quotas and limits, enforced exactly at their boundaries."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import LiveServer
+from synapse_client import PermissionDeniedError, SynapseClient, UnprocessableEntityError
+
+ALICE, BOB = "alice-" + "a" * 24, "bob-" + "b" * 24
+CONFIG = {"shape": [2, 2, 1, 1], "x_shape": [3, 3], "eta": 0.1}
+
+
+def state_bytes(tmp_path) -> int:
+    with LiveServer(state_dir=tmp_path / "probe", durability="off") as server, SynapseClient(server.url) as c:
+        return c.create("probe", kind="HebbianDeconvSynapse", config=CONFIG).describe()["state_bytes"]
+
+
+def test_instance_and_byte_quotas_per_owner(tmp_path):
+    one = state_bytes(tmp_path)
+    settings = dict(state_dir=tmp_path / "state", auth="on", tokens=f"alice:{ALICE},bob:{BOB}",
+                    max_instances_per_owner=3, max_state_bytes_per_owner=2 * one)
+    with LiveServer(**settings) as server, SynapseClient(server.url, token=ALICE) as alice, \
+            SynapseClient(server.url, token=BOB) as bob:
+        alice.create("a1", kind="HebbianDeconvSynapse", config=CONFIG)
+        alice.create("a2", kind="HebbianDeconvSynapse", config=CONFIG)  # exactly at the byte quota
+        with pytest.raises(PermissionDeniedError, match="max_state_bytes_per_owner") as info:
+            alice.create("a3", kind="HebbianDeconvSynapse", config=CONFIG)
+        assert info.value.status_code == 403 and info.value.problem["quota"] == "max_state_bytes_per_owner"
+        assert [d["name"] for d in alice.list()] == ["a1", "a2"]  # the refused one left nothing behind
+        for i in range(2):  # bob's quota is his own
+            bob.create(f"b{i}", kind="HebbianDeconvSynapse", config=CONFIG)
+    settings["max_state_bytes_per_owner"] = 100 * one
+    with LiveServer(**settings) as server, SynapseClient(server.url, token=ALICE) as alice:
+        alice.create("a3", kind="HebbianDeconvSynapse", config=CONFIG)  # the third of three: allowed
+        with pytest.raises(PermissionDeniedError, match="max_instances_per_owner: 'alice' already holds 3 of 3"):
+            alice.create("a4", kind="HebbianDeconvSynapse", config=CONFIG)
+        alice.get("a1").delete()
+        alice.create("a4", kind="HebbianDeconvSynapse", config=CONFIG)  # room again
+
+
+def test_max_batch_boundary(tmp_path):
+    with LiveServer(state_dir=tmp_path, max_batch=4) as server, SynapseClient(server.url) as client:
+        syn = client.create("batch", kind="HebbianDeconvSynapse", config=CONFIG)
+        assert syn.forward(np.ones((4, 3, 3, 1))).shape[0] == 4
+        with pytest.raises(UnprocessableEntityError, match="batch 5 is over the server's max_batch of 4"):
+            syn.forward(np.ones((5, 3, 3, 1)))
+        assert syn.describe()["counters"] == {"forward": 1}
+
+
+def test_body_limit_boundary(tmp_path):
+    limit = 4096
+    with LiveServer(state_dir=tmp_path, max_body_bytes=limit) as server:
+        url = f"{server.url}/v1/synapses"
+        headers = {"Content-Type": "application/json"}
+        at_limit = b'{"name": "x", "pad": "' + b"p" * (limit - 24) + b'"}'
+        assert len(at_limit) == limit
+        r = httpx.post(url, content=at_limit, headers=headers)
+        assert r.status_code == 400 and "unknown pad" in r.json()["detail"]  # read and judged: not a 413
+        r = httpx.post(url, content=at_limit + b" ", headers=headers)
+        assert r.status_code == 413
+
+
+def test_max_tensor_elements_boundary(tmp_path):
+    with LiveServer(state_dir=tmp_path, max_tensor_elements=27) as server, SynapseClient(server.url) as client:
+        syn = client.create("elements", kind="HebbianDeconvSynapse", config=CONFIG)
+        assert syn.forward(np.ones((3, 3, 3, 1))).shape[0] == 3  # 27 elements
+        r = httpx.post(f"{server.url}/v1/synapses/elements/forward", json={"inputs": np.ones((4, 3, 3, 1)).tolist()})
+        assert r.status_code == 400 and "limit is 27" in r.json()["detail"]
