@@ -136,7 +136,9 @@ def _responses(model: type[BaseModel] | None, *errors: int) -> dict[int | str, d
 
 
 router = APIRouter()
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_principal)], responses=_responses(None, 401))
+# Any /v1 call may meet these; documenting them everywhere keeps the OpenAPI document honest.
+COMMON_ERRORS = (400, 401, 403, 404, 406, 412, 413, 415, 422, 500, 503, 507)
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_principal)], responses=_responses(None, *COMMON_ERRORS))
 
 
 @router.get("/healthz", tags=["health"], summary="Liveness: the process answers; storage health")
