@@ -8,6 +8,7 @@ import threading
 import uuid
 from contextlib import asynccontextmanager
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
@@ -28,8 +29,6 @@ def warm_up() -> None:
     """Compile and run one tiny synapse so the first real call does not pay JAX's start-up."""
     registry = Registry()
     registry.create("warmup", "HebbianDeconvSynapse", {"shape": [1, 1, 1, 1], "x_shape": [1, 1]})
-    import numpy as np
-
     x = np.zeros((1, 1, 1, 1), np.float32)
     registry.call("warmup", "forward", {"inputs": x})
     registry.call("warmup", "evolve", {"pre": x, "post": x})

@@ -14,8 +14,8 @@ import hashlib
 import logging
 import re
 import threading
-from collections import OrderedDict
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from synapse_serve.auth import LOCAL_OWNER
 from synapse_serve.errors import (
     AlreadyExists,
     DeviceError,
@@ -42,11 +43,10 @@ from synapse_serve.kinds.base import check_tensor, compartment_paths, replace_co
 from synapse_serve.store import CorruptFile, Record, Store, decode, encode
 
 DURABILITY_MODES = ("sync", "interval", "off")
-IDEMPOTENCY_KEYS_KEPT = 1024  # per instance: the answers of its most recent keyed calls
+IDEMPOTENCY_KEYS_KEPT = 128  # per instance: the answers of its most recent keyed calls (retries come soon)
 log = logging.getLogger("synapse_serve")
 
 NAME_RULE = "1 to 128 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
-LOCAL_OWNER = "local"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -94,7 +94,7 @@ class Instance:
         """412 unless ``expected`` (from If-Match) is None or the current version."""
         if expected is not None and expected != self.version:
             raise PreconditionFailed(
-                f"instance {self.name!r} is at version {self.version}, not {expected} (If-Match)",
+                f"instance {self.name.split('/', 1)[1]!r} is at version {self.version}, not {expected} (If-Match)",
                 current_version=self.version,
             )
 
@@ -102,7 +102,7 @@ class Instance:
         """Host copies of everything needed to continue exactly (call under the lock)."""
         return Record(kind=self.kind.name, config=self.config.to_dict(), seed=self.seed, version=self.version,
                       counters=dict(self.counters), created_at=self.created_at, saved_at=time.time(),
-                      durability=self.durability,
+                      durability=self.durability, owner=owner_of(self.name),
                       arrays={k: np.asarray(v) for k, v in compartment_paths(self.state).items()})
 
     def describe(self, durability: str) -> dict[str, Any]:
@@ -213,6 +213,7 @@ class Registry:
         return encode(record)
 
     def _add_record(self, name: str, record: Record, stored: bool = False) -> dict[str, Any]:
+        """Add an instance from a record; a stored one (restore) is exempt from quotas: it was admitted before."""
         kind_ = get_kind(record.kind)
         cfg = kind_.parse_config(record.config)
 
@@ -225,17 +226,12 @@ class Registry:
     def _add(self, name: str, kind_: Kind, cfg: Any, seed: int, build, record: Record | None = None,
              stored: bool = False, durability: str | None = None) -> dict[str, Any]:
         """Reserve the name, build the state outside the registry lock, persist, describe."""
-        owner = owner_of(name)
+        owner, bare = name.split("/", 1)
         with self._lock:  # reserve the name before the (slow) init
             if name in self._instances:
-                raise AlreadyExists(f"an instance named {name.split('/', 1)[1]!r} already exists", name=name)
-            if len(self._instances) >= self.max_instances:
-                raise QuotaExceeded(f"the server holds its maximum of {self.max_instances} instances")
-            owned = [i for k, i in self._instances.items() if owner_of(k) == owner]
-            if self.max_instances_per_owner is not None and len(owned) >= self.max_instances_per_owner:
-                raise QuotaExceeded(
-                    f"quota max_instances_per_owner: {owner!r} already holds {len(owned)} of "
-                    f"{self.max_instances_per_owner} instances", quota="max_instances_per_owner")
+                raise AlreadyExists(f"an instance named {bare!r} already exists", name=bare)
+            if not stored:  # a restored instance was admitted before: quotas lowered since must not drop it
+                self._check_count(owner)
             placeholder = Instance(name, kind_, cfg, None, seed, str(self.device), durability=durability)
             if record is not None:
                 placeholder.version, placeholder.counters = record.version, dict(record.counters)
@@ -246,7 +242,8 @@ class Registry:
         try:
             placeholder.state = _device_call(build)
             jax.block_until_ready(placeholder.state)
-            self._check_bytes(owner, placeholder)
+            if not stored:
+                self._check_bytes(owner, placeholder)
             self._persist(placeholder)
             return placeholder.describe(self.mode(placeholder))
         except BaseException:
@@ -534,6 +531,16 @@ class Registry:
         self.restore_errors = errors
         log.info("restored %d instances; %d files unreadable", len(self._instances), len(errors))
         return errors
+
+    def _check_count(self, owner: str) -> None:
+        """Quotas on the number of instances (call under the registry lock)."""
+        if len(self._instances) >= self.max_instances:
+            raise QuotaExceeded(f"the server holds its maximum of {self.max_instances} instances",
+                                quota="max_instances")
+        owned = sum(owner_of(k) == owner for k in self._instances)
+        if self.max_instances_per_owner is not None and owned >= self.max_instances_per_owner:
+            raise QuotaExceeded(f"quota max_instances_per_owner: {owner!r} already holds {owned} of "
+                                f"{self.max_instances_per_owner} instances", quota="max_instances_per_owner")
 
     def _check_bytes(self, owner: str, new: Instance) -> None:
         if self.max_state_bytes_per_owner is None:

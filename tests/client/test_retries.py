@@ -101,12 +101,12 @@ def test_create_is_never_retried(flaky_client, unique_name):
 def test_idempotency_key_reused_for_another_request_is_refused(client, unique_name):
     syn = client.create(unique_name, kind="HebbianDeconvSynapse", config=CONFIG)
     x = np.ones((1, 2, 2, 1), np.float32)
-    first = syn.call("evolve", pre=x, post=x, idempotency_key="k1")
-    again = syn.call("evolve", pre=x, post=x, idempotency_key="k1")
+    first = syn.call("evolve", pre=x, post=x, idempotency_key="k1", returns=["dWeights"])
+    again = syn.call("evolve", pre=x, post=x, idempotency_key="k1", returns=["dWeights"])
     assert again["version"] == first["version"] == 2
     np.testing.assert_array_equal(again["dWeights"], first["dWeights"])
     with pytest.raises(UnprocessableEntityError, match="different request"):
-        syn.call("evolve", pre=x, post=2 * x, idempotency_key="k1")
+        syn.call("evolve", pre=x, post=2 * x, idempotency_key="k1", returns=["dWeights"])
     assert syn.describe()["counters"] == {"evolve": 1}
 
 

@@ -15,6 +15,7 @@ from conftest import LiveServer
 from synapse_client import AuthenticationError, NotFoundError, SynapseClient
 from synapse_serve.app import UnsafeSettings, create_app
 from synapse_serve.settings import Settings
+from synapse_serve.store import decode
 
 ALICE, BOB, ROOT = "alice-" + "a" * 24, "bob-" + "b" * 24, "root-" + "r" * 24
 CONFIG = {"shape": [2, 2, 1, 1], "x_shape": [3, 3], "eta": 0.1}
@@ -76,6 +77,8 @@ def test_owners_are_isolated(server):
                       headers={"Authorization": f"Bearer {BOB}"})
         assert r.status_code == 404
         assert alice_only.describe()["counters"] == {}  # untouched
+        exported = httpx.get(f"{base}/export", headers={"Authorization": f"Bearer {ALICE}"}).content
+        assert decode(exported).owner == "alice"  # files record their owner
 
 
 def test_admin_sees_and_acts_on_everything(server):

@@ -69,3 +69,15 @@ def test_max_tensor_elements_boundary(tmp_path):
         assert syn.forward(np.ones((3, 3, 3, 1))).shape[0] == 3  # 27 elements
         r = httpx.post(f"{server.url}/v1/synapses/elements/forward", json={"inputs": np.ones((4, 3, 3, 1)).tolist()})
         assert r.status_code == 400 and "limit is 27" in r.json()["detail"]
+
+
+def test_lowered_quotas_never_drop_stored_instances(tmp_path):
+    settings = dict(state_dir=tmp_path / "state", durability="sync")
+    with LiveServer(**settings) as server, SynapseClient(server.url) as client:
+        for i in range(3):
+            client.create(f"kept{i}", kind="HebbianDeconvSynapse", config=CONFIG)
+    with LiveServer(**settings, max_instances_per_owner=1, max_state_bytes_per_owner=1) as server, \
+            SynapseClient(server.url) as client:
+        assert [d["name"] for d in client.list()] == ["kept0", "kept1", "kept2"]
+        with pytest.raises(PermissionDeniedError):
+            client.create("new", kind="HebbianDeconvSynapse", config=CONFIG)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -242,7 +242,8 @@ async def import_instance(name: str, request: Request, registry: RegistryDep, ow
 @v1.get("/synapses/{name}/help", tags=["synapses"], summary="The instance's help, with its hyperparameter values",
         responses=_responses(None, 404))
 async def instance_help(name: str, request: Request, registry: RegistryDep, owner: OwnerDep) -> Response:
-    return encode(registry.help(qualify(owner, name)), response_type(request))
+    # in a thread: help waits for the instance's lock, which a long call may hold
+    return encode(await run_in_threadpool(registry.help, qualify(owner, name)), response_type(request))
 
 
 @v1.get("/synapses/{name}/compartments/{compartment:path}", tags=["compartments"],
@@ -344,4 +345,4 @@ def _require_keys(body: dict[str, Any], required: set[str], allowed: set[str]) -
 
 
 router.include_router(v1)
-__all__ = ["JSONResponse", "router"]
+__all__ = ["router"]

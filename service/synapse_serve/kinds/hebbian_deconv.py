@@ -216,7 +216,7 @@ evolve = jax.jit(_evolve, static_argnums=0, donate_argnums=1)
 backtransmit = jax.jit(_backtransmit, static_argnums=0, donate_argnums=1)
 
 EVOLVE = Operation(
-    "evolve", evolve, (TensorArg("pre", "in"), TensorArg("post", "out")), ("dWeights", "dBiases"), True,
+    "evolve", evolve, (TensorArg("pre", "in"), TensorArg("post", "out")), (), True,
     "dWeights = sign_value * VJP_W(post) - w_decay * W; W, b <- optimizer; clip to w_bound",
 )
 BACKTRANSMIT = Operation(
