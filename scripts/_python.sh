@@ -4,11 +4,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 pick_python() {
-  local candidates=("${PYTHON:-}" python3.12)
-  if command -v pyenv >/dev/null 2>&1; then
-    candidates+=("$(pyenv root)"/versions/3.12.*/bin/python3)
-  fi
-  candidates+=(python3.13 python3.11 python3)
+  local root candidates=("${PYTHON:-}" python3.12)
+  root="$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")"
+  candidates+=("$root"/versions/3.12.*/bin/python3 python3.13 python3.11 python3)
   for py in "${candidates[@]}"; do
     [ -n "$py" ] || continue
     if "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
