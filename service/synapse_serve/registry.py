@@ -450,18 +450,24 @@ class Registry:
         """In sync mode, write the instance now (under its lock); the other modes write later or never."""
         if self.mode(instance) != "sync":
             return
+        if not self._write(instance, logging.ERROR):
+            raise StorageError(
+                f"the call was applied in memory but could not be stored durably ({self.storage_error}); "
+                "the server retries the write at its next flush",
+                name=instance.name.split("/", 1)[1],
+            )
+        self.storage_error = None
+
+    def _write(self, instance: Instance, failure_level: int) -> bool:
+        """Store the instance (under its lock); on failure remember and log why, and say False."""
         try:
             self.store.save(instance.name, instance.record())
         except OSError as exc:
             self.storage_error = f"{type(exc).__name__}: {exc}"
-            log.error("could not store %s: %s", instance.name, self.storage_error)
-            raise StorageError(
-                f"the call was applied in memory but could not be stored durably ({self.storage_error}); "
-                "the server retries the write at its next flush",
-                name=instance.name,
-            ) from exc
+            log.log(failure_level, "could not store %s: %s", instance.name, self.storage_error)
+            return False
         instance.stored_version = instance.version
-        self.storage_error = None
+        return True
 
     def flush(self) -> int:
         """Write every instance whose version moved since it was stored; returns how many were written."""
@@ -477,17 +483,11 @@ class Registry:
                         continue
                     if instance.stored_version == instance.version or self.mode(instance) == "off":
                         continue
-                    try:
-                        self.store.save(instance.name, instance.record())
-                    except OSError as exc:
-                        self.storage_error = f"{type(exc).__name__}: {exc}"
-                        log.warning("could not store %s: %s", instance.name, self.storage_error)
-                        continue
-                    instance.stored_version = instance.version
-                    written += 1
-            pending = [i for i in instances if i.state is not None and self.mode(i) != "off"]
-            if written and all(i.stored_version == i.version for i in pending):
-                self.storage_error = None
+                    written += self._write(instance, logging.WARNING)
+            with self._lock:
+                live = list(self._instances.values())
+            if all(i.stored_version == i.version for i in live if i.state is not None and self.mode(i) != "off"):
+                self.storage_error = None  # nothing pending any more
         return written
 
     def start_flusher(self, interval_s: float) -> None:
