@@ -18,6 +18,7 @@ from synapse_serve.api.bodies import problem, problem_from
 from synapse_serve.api.routes import router
 from synapse_serve.auth import TokenTable, is_loopback
 from synapse_serve.errors import InvalidConfig, NotReady, SynapseServeError
+from synapse_serve.metrics import Metrics, MetricsMiddleware
 from synapse_serve.registry import Registry
 from synapse_serve.settings import Settings
 from synapse_serve.store import Store
@@ -119,7 +120,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.tokens = token_table(settings)
     app.state.ready = threading.Event()
+    app.state.metrics = Metrics()
     app.include_router(router)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(SynapseServeError)

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     tokens_file: Path | None = Field(None, description="a file of token specs, one per line")
     allow_public_without_auth: bool = Field(
         False, description="serve a non-loopback address with auth off (only behind a trusted proxy)")
+    metrics_open: bool = Field(False, description="serve /metrics without a token even when auth is on")
     max_instances_per_owner: int = Field(1000, ge=1, description="quota: instances per owner")
     max_state_bytes_per_owner: int = Field(16 << 30, ge=1, description="quota: state bytes per owner")
     max_batch: int = Field(65536, ge=1, description="largest batch a call may send")

@@ -155,6 +155,18 @@ async def readyz(request: Request) -> dict[str, str]:
     return {"status": "ready"}
 
 
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics (text format)",
+            responses={200: {"content": {"text/plain": {}}}, **_responses(None, 401)})
+async def metrics(request: Request) -> Response:
+    settings = request.app.state.settings
+    if request.app.state.tokens is not None and not settings.metrics_open:
+        get_principal(request)  # any valid token may scrape; SYNAPSE_METRICS_OPEN=true opens it
+    registry = getattr(request.app.state, "registry", None)
+    body = request.app.state.metrics.render(len(registry) if registry else 0,
+                                            bool(registry and registry.storage_error))
+    return Response(body, media_type="text/plain; version=0.0.4")
+
+
 @v1.get("/admin/storage", tags=["durability"], summary="Durability mode, storage health, files that failed to restore")
 async def storage_status(registry: RegistryDep, principal: PrincipalDep) -> dict[str, Any]:
     if not principal.admin:
