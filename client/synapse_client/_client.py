@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 
 from synapse_client import _codec
-from synapse_client._exceptions import APIConnectionError, APITimeoutError, WireError, status_error
+from synapse_client._exceptions import APIConnectionError, APITimeoutError, SynapseError, WireError, status_error
 
 MSGPACK = "application/msgpack"
 OCTET = "application/octet-stream"
@@ -196,7 +196,7 @@ class SynapseClient(_BaseClient):
         try:
             self.request("GET", "/readyz", retry=False)
             return True
-        except Exception:
+        except SynapseError:
             return False
 
     def close(self) -> None:
@@ -283,7 +283,7 @@ class AsyncSynapseClient(_BaseClient):
         try:
             await self.request("GET", "/readyz", retry=False)
             return True
-        except Exception:
+        except SynapseError:
             return False
 
     async def close(self) -> None:

@@ -4,8 +4,9 @@ Calls on one instance are serialized by its lock; calls on different instances
 run in parallel (JAX releases the GIL while it computes). Each operation's
 state is swapped in only after the operation succeeded, and results are copied
 to host memory under the lock, before any later call can donate the buffers.
-The interface is narrow (create, get, call, read, write, delete, list) so a
-distributed implementation can stand beside this one.
+Routes reach instances only through these methods (create, describe, call,
+read, write, delete, list, and the export/import/snapshot ones), each keyed by
+``owner/name``, so a distributed implementation can stand beside this one.
 """
 
 from __future__ import annotations

@@ -41,8 +41,7 @@ class Operation:
     name: str
     fn: Callable[..., Any]  # (config, state, *tensors) -> new state, jitted
     args: tuple[TensorArg, ...]
-    returns: tuple[str, ...]  # compartments a caller gets back
-    mutates_parameters: bool  # changes learned state (weights, biases, optimizer)
+    returns: tuple[str, ...]  # compartments a caller gets back by default
     doc: str
 
 
@@ -52,7 +51,6 @@ class Kind:
 
     name: str
     description: str
-    config_type: type
     parse_config: Callable[[Mapping[str, Any]], Any]
     init: Callable[..., Any]
     operations: Mapping[str, Operation]

@@ -303,11 +303,11 @@ forward = jax.jit(_forward, static_argnums=0, donate_argnums=1)
 reset = jax.jit(_reset, static_argnums=0, donate_argnums=1)
 
 FORWARD = Operation(
-    "forward", forward, (TensorArg("inputs", "in"),), ("outputs",), False,
+    "forward", forward, (TensorArg("inputs", "in"),), ("outputs",),
     "outputs = conv_transpose(inputs, weights) * g_conduct_factor + biases",
 )
 RESET = Operation(
-    "reset", reset, (), (), False,
+    "reset", reset, (), (),
     "zero inputs, outputs (and pre, post, dInputs where present); keep weights, biases, optimizer state",
 )
 
@@ -378,7 +378,6 @@ def _help(config: DeconvConfig | None = None) -> dict:
 KIND = Kind(
     name="DeconvSynapse",
     description=_DESCRIPTION,
-    config_type=DeconvConfig,
     parse_config=parse_config,
     init=init,
     operations=_OPERATIONS,

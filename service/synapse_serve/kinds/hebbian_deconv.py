@@ -216,11 +216,11 @@ evolve = jax.jit(_evolve, static_argnums=0, donate_argnums=1)
 backtransmit = jax.jit(_backtransmit, static_argnums=0, donate_argnums=1)
 
 EVOLVE = Operation(
-    "evolve", evolve, (TensorArg("pre", "in"), TensorArg("post", "out")), (), True,
+    "evolve", evolve, (TensorArg("pre", "in"), TensorArg("post", "out")), (),
     "dWeights = sign_value * VJP_W(post) - w_decay * W; W, b <- optimizer; clip to w_bound",
 )
 BACKTRANSMIT = Operation(
-    "backtransmit", backtransmit, (TensorArg("post", "out", optional=True),), ("dInputs",), False,
+    "backtransmit", backtransmit, (TensorArg("post", "out", optional=True),), ("dInputs",),
     "dInputs = sign_value * VJP_inputs(post) with the current W (g not applied); post defaults to the stored one",
 )
 
@@ -284,7 +284,6 @@ def _help(config: HebbianDeconvConfig | None = None) -> dict:
 KIND = Kind(
     name="HebbianDeconvSynapse",
     description=_DESCRIPTION,
-    config_type=HebbianDeconvConfig,
     parse_config=parse_config,
     init=init,
     operations=_OPERATIONS,
