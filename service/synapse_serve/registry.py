@@ -190,7 +190,7 @@ class Registry:
         kind_ = get_kind(kind)
         cfg = kind_.parse_config(config)
         if kind_.choose_filter_update is not None:
-            cfg = kind_.choose_filter_update(cfg, self.device.platform)
+            cfg = kind_.choose_filter_update(cfg, self.device.platform, self.device)
         init = dict(init or {})
         unknown = set(init) - {"weights", "biases"}
         if unknown:

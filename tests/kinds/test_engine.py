@@ -241,6 +241,34 @@ def test_filter_update_choice_is_per_config_and_per_device():
         make(filter_update="adjoint", padding=[[5, 0], [0, 0]])
 
 
+def test_timed_filter_update_keeps_the_faster_form_of_this_device():
+    cfg = make(stride=2, filter_update="timed", batch_size=2)
+    timings = hd.time_filter_updates(cfg, jax.devices()[0], repeats=2)
+    assert set(timings) == {"vjp", "adjoint"} and all(t > 0 for t in timings.values())
+    chosen = hd.choose_filter_update(cfg, "cpu", jax.devices()[0]).filter_update
+    assert chosen in ("vjp", "adjoint")
+    # a padding the adjoint form cannot take leaves only the VJP to time
+    only_vjp = make(filter_update="timed", padding=[[5, 0], [0, 0]])
+    assert set(hd.time_filter_updates(only_vjp, repeats=1)) == {"vjp"}
+    assert hd.choose_filter_update(only_vjp, "gpu").filter_update == "vjp"
+
+
+@pytest.mark.parametrize("form", ["vjp", "adjoint"])
+def test_bfloat16_precision_rounds_operands_and_keeps_float32_state(form):
+    exact, bf16 = make(stride=2, filter_update=form), make(stride=2, filter_update=form, precision="bfloat16")
+    pre, post = rand((2, 6, 6, 2), 3), rand((2, 12, 12, 4), 4)
+    results = {}
+    for cfg in (exact, bf16):
+        state = dc.forward(cfg, hd.init(cfg, seed=1), pre)
+        outputs = np.asarray(state.outputs)
+        state = hd.backtransmit(cfg, hd.evolve(cfg, state, pre, post), post)
+        assert all(np.asarray(leaf).dtype != np.dtype("bfloat16") for leaf in compartment_paths(state).values())
+        results[cfg.precision] = (outputs, np.asarray(state.dWeights), np.asarray(state.dInputs))
+    for got, want in zip(results["bfloat16"], results["highest"]):
+        error = np.abs(got - want).max() / np.abs(want).max()
+        assert 0 < error < 2e-2  # bfloat16 keeps 8 bits of mantissa: rounded, but close
+
+
 def test_evolve_with_adjoint_matches_vjp_end_to_end():
     states = {}
     for form in ("vjp", "adjoint"):

@@ -56,7 +56,7 @@ class Kind:
     operations: Mapping[str, Operation]
     help: Callable[[Any], dict]
     batched_compartments: frozenset[str]
-    choose_filter_update: Callable[[Any, str], Any] | None = None
+    choose_filter_update: Callable[..., Any] | None = None  # (config, platform, device) -> config
 
 
 def check_tensor(arg: str, value: Any, trailing: tuple[int, ...], batch: int | None = None) -> np.ndarray:

@@ -43,7 +43,9 @@ from synapse_serve.kinds.base import (
 )
 
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-PRECISIONS = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH, "default": lax.Precision.DEFAULT}
+# "bfloat16" multiplies bfloat16-rounded operands and accumulates in float32 (the state stays float32).
+PRECISIONS = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH, "default": lax.Precision.DEFAULT,
+              "bfloat16": lax.Precision.DEFAULT}
 MAX_KERNEL = 64
 MAX_MAP = 4096
 MAX_CHANNELS = 65536
@@ -133,8 +135,9 @@ class DeconvConfig:
       g_conduct_factor: output scale (ngclearn's older name: ``resist_scale``).
       bias: whether the synapse has a per-output-channel bias ``(c_out,)``.
       batch_size: batch of the compartments at init and reset; any batch works per call.
-      precision: ``"highest"`` (fp32, the default: conformance), ``"high"`` or ``"default"``
-        (the device's default, tf32 on NVIDIA GPUs).
+      precision: ``"highest"`` (fp32, the default: conformance), ``"high"``, ``"default"``
+        (the device's default, tf32 on NVIDIA GPUs) or ``"bfloat16"`` (bfloat16 operands, float32
+        accumulation; the state stays float32).
       filter_init, bias_init: distribution specs, e.g. ``{"dist": "uniform", "low": 0.025, "high": 0.8}``.
     """
 
@@ -269,8 +272,16 @@ def init(config: DeconvConfig, seed: int = 0, weights: Any = None, biases: Any =
     )
 
 
+def operands(config: DeconvConfig, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """The operands of a convolution in the config's precision: bfloat16-rounded for ``"bfloat16"``."""
+    if config.precision != "bfloat16":
+        return arrays
+    return tuple(a.astype(jnp.bfloat16) for a in arrays)
+
+
 def conv_transpose(config: DeconvConfig, x: jax.Array, w: jax.Array) -> jax.Array:
-    """The synaptic transform without scale or bias, exactly ngclearn's ``deconv2d``."""
+    """The synaptic transform without scale or bias, exactly ngclearn's ``deconv2d`` (float32 result)."""
+    x, w = operands(config, x, w)
     return lax.conv_transpose(
         x,
         w,
@@ -279,6 +290,7 @@ def conv_transpose(config: DeconvConfig, x: jax.Array, w: jax.Array) -> jax.Arra
         (1, 1),
         DIMENSION_NUMBERS,
         precision=PRECISIONS[config.precision],
+        preferred_element_type=jnp.float32,
     )
 
 
@@ -320,8 +332,8 @@ HYPERPARAMETERS = {
     "g_conduct_factor": ("float", 1.0, "output scale g (older name: resist_scale)"),
     "bias": ("bool", False, "per-output-channel bias (c_out,); false means none, ever"),
     "batch_size": ("int", 1, "batch of the compartments at init; every call may use any batch"),
-    "precision": ("str", "highest", "'highest' (fp32; conformance), 'high', or 'default' (device default: tf32 "
-                                    "on NVIDIA GPUs)"),
+    "precision": ("str", "highest", "'highest' (fp32; conformance), 'high', 'default' (device default: tf32 "
+                                    "on NVIDIA GPUs) or 'bfloat16' (bf16 operands, fp32 accumulation)"),
     "filter_init": ("dist", {"dist": "uniform", "low": 0.025, "high": 0.8},
                     "filter distribution: uniform(low, high), gaussian(mean, std) or constant(value)"),
     "bias_init": ("dist", {"dist": "constant", "value": 0.0}, "bias distribution, as filter_init"),

@@ -24,12 +24,15 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import optax
 from jax import lax
 from jax import numpy as jnp
@@ -48,7 +51,7 @@ from synapse_serve.kinds.base import (
 from synapse_serve.kinds.deconv import DIMENSION_NUMBERS, PRECISIONS, DeconvConfig
 
 OPTIMIZERS = ("sgd", "adam")
-FILTER_UPDATES = ("auto", "vjp", "adjoint")
+FILTER_UPDATES = ("auto", "vjp", "adjoint", "timed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +67,8 @@ class HebbianDeconvConfig(DeconvConfig):
       optim_type: ``"sgd"`` or ``"adam"`` (beta1 .9, beta2 .999, eps 1e-8, bias-corrected).
       filter_update: how H is computed: ``"vjp"`` (VJP of forward), ``"adjoint"`` (weight gradient
         of the strided forward convolution conv_transpose is the adjoint of; much faster on GPUs
-        at stride > 1), or ``"auto"`` (resolved at create: see ``choose_filter_update``).
+        at stride > 1), ``"auto"`` (resolved at create: see ``choose_filter_update``) or
+        ``"timed"`` (both timed at create on the device in use; the faster is kept).
     """
 
     eta: float = 0.0
@@ -104,16 +108,48 @@ def adjoint_applicable(config: DeconvConfig) -> bool:
     return all(lo <= k - 1 and hi <= k - 1 for (lo, hi), k in zip(config.pads, config.shape[:2]))
 
 
-def choose_filter_update(config: HebbianDeconvConfig, platform: str) -> HebbianDeconvConfig:
-    """Resolve ``filter_update="auto"`` for the device the instance lives on.
+def choose_filter_update(config: HebbianDeconvConfig, platform: str,
+                         device: jax.Device | None = None) -> HebbianDeconvConfig:
+    """Resolve ``filter_update="auto"`` or ``"timed"`` for the device the instance lives on.
 
-    On GPUs the adjoint form of a strided update is ~20x faster (DESIGN.md, H200);
-    at stride 1, and on CPU, the VJP is as fast and matches ngclearn bit for bit.
+    ``auto``: on GPUs the adjoint form of a strided update is ~20x faster (DESIGN.md,
+    H200); at stride 1, and on CPU, the VJP is as fast and matches ngclearn bit for bit.
+    ``timed``: both forms are compiled and timed on ``device`` (see ``time_filter_updates``);
+    the compiled evolve of the winner stays in the cache for the instance to use.
     """
+    if config.filter_update == "timed":
+        timings = time_filter_updates(config, device)
+        return dataclasses.replace(config, filter_update=min(timings, key=timings.__getitem__))
     if config.filter_update != "auto":
         return config
     fast = config.stride > 1 and platform in ("gpu", "cuda", "rocm") and adjoint_applicable(config)
     return dataclasses.replace(config, filter_update="adjoint" if fast else "vjp")
+
+
+def time_filter_updates(config: HebbianDeconvConfig, device: jax.Device | None = None,
+                        repeats: int = 5) -> dict[str, float]:
+    """Median seconds of one evolve at ``config.batch_size`` for each applicable formulation.
+
+    Runs on ``device`` (the default device if None) with random signals; the
+    first call of each form compiles and is not counted.
+    """
+    forms = ["vjp"] + (["adjoint"] if adjoint_applicable(config) else [])
+    rng = np.random.default_rng(0)
+    pre = rng.standard_normal((config.batch_size, *config.in_trailing), np.float32)
+    post = rng.standard_normal((config.batch_size, *config.out_trailing), np.float32)
+    timings = {}
+    with jax.default_device(device) if device is not None else contextlib.nullcontext():
+        pre_d, post_d = jnp.asarray(pre), jnp.asarray(post)
+        for form in forms:
+            cfg = dataclasses.replace(config, filter_update=form)
+            state = jax.block_until_ready(evolve(cfg, init(cfg), pre_d, post_d))  # compile
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                state = jax.block_until_ready(evolve(cfg, state, pre_d, post_d))
+                samples.append(time.perf_counter() - start)
+            timings[form] = float(np.median(samples))
+    return timings
 
 
 class HebbianDeconvState(NamedTuple):
@@ -165,9 +201,11 @@ def filter_gradient_adjoint(config: DeconvConfig, pre: jax.Array, post: jax.Arra
     adjoint_pads = [(k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(config.pads, config.shape[:2])]
 
     def strided_conv(kc: jax.Array) -> jax.Array:
+        post_, kc_ = deconv.operands(config, post, kc)
         return lax.conv_general_dilated(
-            post, kc, (config.stride, config.stride), adjoint_pads,
+            post_, kc_, (config.stride, config.stride), adjoint_pads,
             dimension_numbers=DIMENSION_NUMBERS, precision=PRECISIONS[config.precision],
+            preferred_element_type=jnp.float32,
         )
 
     kc = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
@@ -233,8 +271,9 @@ HYPERPARAMETERS = {
     "sign_value": ("float", 1.0, "multiplies the Hebbian term and dInputs; +1 with sgd descends on <post, y>, "
                                  "i.e. anti-Hebbian (as ngclearn); -1 is Hebbian ascent"),
     "optim_type": ("str", "sgd", "'sgd' (W - eta*dW) or 'adam' (beta1 .9, beta2 .999, eps 1e-8, bias-corrected)"),
-    "filter_update": ("str", "auto", "'vjp', 'adjoint' (fast strided form; equal up to rounding) or 'auto' "
-                                     "(adjoint on GPUs at stride > 1, else vjp); the description shows the choice"),
+    "filter_update": ("str", "auto", "'vjp', 'adjoint' (fast strided form; equal up to rounding), 'auto' "
+                                     "(adjoint on GPUs at stride > 1, else vjp) or 'timed' (both timed at create "
+                                     "on the device in use, the faster kept); the description shows the choice"),
 }
 
 COMPARTMENTS = {
