@@ -27,7 +27,8 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(Settings(**settings))
+        # in-process servers share JAX's process-wide config: the persistent cache is tested in its own process
+        self.app = create_app(Settings(**{"compilation_cache": False, **settings}))
         config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)

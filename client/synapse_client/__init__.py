@@ -6,7 +6,7 @@ from synapse_client._client import (
     Synapse,
     SynapseClient,
 )
-from synapse_client._codec import DTYPES, decode_tensor, encode_tensor, packb, unpackb
+from synapse_client._codec import DTYPES, Ref, decode_tensor, encode_tensor, packb, unpackb
 from synapse_client._exceptions import (
     APIConnectionError,
     APIStatusError,
@@ -43,6 +43,7 @@ __all__ = [
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "PreconditionFailedError",
+    "Ref",
     "ServiceUnavailableError",
     "Synapse",
     "SynapseClient",

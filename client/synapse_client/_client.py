@@ -22,16 +22,23 @@ import httpx
 import numpy as np
 
 from synapse_client import _codec
+from synapse_client._codec import Ref
 from synapse_client._exceptions import APIConnectionError, APITimeoutError, SynapseError, WireError, status_error
 
 MSGPACK = "application/msgpack"
 OCTET = "application/octet-stream"
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=120.0, pool=10.0)
 DEFAULT_URL = "http://127.0.0.1:8000"
+LEARNING_OPERATIONS = ("evolve", "step")  # not repeatable by accident: sent with an Idempotency-Key
 
 
-def as_array(value: Any) -> np.ndarray:
-    """numpy from numpy, jax arrays or nested lists; float64 is sent as float32 (the state's dtype)."""
+def as_array(value: Any) -> np.ndarray | Ref:
+    """numpy from numpy, jax arrays or nested lists; float64 is sent as float32 (the state's dtype).
+
+    A ``Ref`` passes through: it is sent as a reference, not as values.
+    """
+    if isinstance(value, Ref):
+        return value
     array = np.asarray(value)
     if array.dtype == np.float64:
         array = array.astype(np.float32)
@@ -88,9 +95,9 @@ class _BaseClient:
 
     @staticmethod
     def _op_headers(operation: str, if_version: int | None, idempotency_key: str | None) -> dict[str, str]:
-        """evolve always carries an Idempotency-Key (kept across retries), which makes retrying it safe."""
+        """evolve and step always carry an Idempotency-Key (kept across retries): retrying them is safe."""
         headers = {}
-        if idempotency_key is None and operation == "evolve":
+        if idempotency_key is None and operation in LEARNING_OPERATIONS:
             idempotency_key = uuid.uuid4().hex
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
@@ -321,6 +328,16 @@ class Synapse:
         """dInputs = sign_value · VJP of forward w.r.t. inputs at ``post`` (default: the stored post)."""
         return _unwrap(self.call("backtransmit", post=post), "dInputs")
 
+    def step(self, inputs: Any, post: Any, *, returns: Sequence[str] | None = None,
+             if_version: int | None = None) -> dict[str, Any]:
+        """forward(inputs), evolve(pre=inputs, post), backtransmit(post) in one round trip and one compiled call.
+
+        Equal to the three calls in a row; applied exactly once, like evolve. Returns
+        ``{"version", "outputs", "dInputs"}`` by default, or the compartments named in ``returns``.
+        Either tensor may be a ``Ref`` to a compartment already on the server.
+        """
+        return self.call("step", inputs=inputs, post=post, returns=returns, if_version=if_version)
+
     def reset(self) -> None:
         """Zero inputs, outputs, pre, post and dInputs; weights, biases and optimizer state stay."""
         self.call("reset")
@@ -404,6 +421,13 @@ class AsyncSynapse:
     async def backtransmit(self, post: Any = None) -> np.ndarray:
         """dInputs = sign_value · VJP of forward w.r.t. inputs at ``post`` (default: the stored post)."""
         return _unwrap(await self.call("backtransmit", post=post), "dInputs")
+
+    async def step(self, inputs: Any, post: Any, *, returns: Sequence[str] | None = None,
+                   if_version: int | None = None) -> dict[str, Any]:
+        """forward(inputs), evolve(pre=inputs, post), backtransmit(post) in one round trip and one compiled call.
+
+        Equal to the three calls in a row; applied exactly once, like evolve."""
+        return await self.call("step", inputs=inputs, post=post, returns=returns, if_version=if_version)
 
     async def reset(self) -> None:
         """Zero inputs, outputs, pre, post and dInputs; weights, biases and optimizer state stay."""

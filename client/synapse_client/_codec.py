@@ -11,6 +11,7 @@ One spec, one implementation: the server imports this module. See docs/wire-form
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -98,7 +99,32 @@ def decode_tensor(obj: dict[str, Any], max_elements: int = DEFAULT_MAX_ELEMENTS)
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class Ref:
+    """A tensor argument that names a compartment already on the server instead of sending it.
+
+    ``Ref("inputs")`` is the called instance's own compartment as it is when the call
+    starts; ``Ref("outputs", instance="enc")`` is another instance's of the same owner.
+    On the wire: ``{"ref": "inputs"}`` or ``{"ref": "outputs", "instance": "enc"}``.
+
+    Example::
+
+        syn.forward(x)
+        syn.evolve(pre=Ref("inputs"), post=target)  # x is not sent again
+    """
+
+    compartment: str
+    instance: str | None = None
+
+    def to_wire(self) -> dict[str, str]:
+        """The wire map of this reference."""
+        return {"ref": self.compartment} if self.instance is None else {
+            "ref": self.compartment, "instance": self.instance}
+
+
 def _default(obj: Any) -> Any:
+    if isinstance(obj, Ref):
+        return obj.to_wire()
     if isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):
         return encode_tensor(obj)
     if isinstance(obj, np.generic):
@@ -141,6 +167,8 @@ def _walk(obj: Any, max_elements: int, depth: int) -> Any:
 
 def to_json(obj: Any) -> Any:
     """Replace arrays with ``{"dtype", "shape", "values"}`` so ``json.dumps`` can write the body."""
+    if isinstance(obj, Ref):
+        return obj.to_wire()
     if isinstance(obj, dict):
         return {k: to_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -7,7 +7,9 @@ import logging
 import threading
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+import jax
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,15 +17,27 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from synapse_serve.api.bodies import problem, problem_from
-from synapse_serve.api.routes import router
+from synapse_serve.api.fast import OperationFastPath
+from synapse_serve.api.routes import OPERATION_ROUTE, router
 from synapse_serve.auth import TokenTable, is_loopback
-from synapse_serve.errors import InvalidConfig, NotReady, SynapseServeError
+from synapse_serve.errors import InvalidConfig, SynapseServeError
 from synapse_serve.metrics import Metrics, MetricsMiddleware
 from synapse_serve.registry import Registry
 from synapse_serve.settings import Settings
 from synapse_serve.store import Store
 
 log = logging.getLogger("synapse_serve")
+
+
+def enable_compilation_cache(directory: Path) -> None:
+    """JAX's persistent compilation cache in ``directory``, for every program however fast it compiled.
+
+    Process-wide (a JAX setting): a restarted server loads its executables instead of compiling.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def warm_up() -> None:
@@ -88,10 +102,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if settings.compilation_cache:
+            enable_compilation_cache(settings.state_dir / "jax-cache")
         registry = Registry(max_instances=settings.max_instances, store=Store(settings.state_dir),
                             durability=settings.durability, max_instances_per_owner=settings.max_instances_per_owner,
                             max_state_bytes_per_owner=settings.max_state_bytes_per_owner,
-                            max_batch=settings.max_batch)
+                            max_batch=settings.max_batch, worker_threads=settings.worker_threads,
+                            inline_max_s=settings.inline_call_us * 1e-6)
         app.state.registry = registry
 
         async def get_ready() -> None:  # in the background: /healthz answers while this runs
@@ -122,13 +139,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ready = threading.Event()
     app.state.metrics = Metrics()
     app.include_router(router)
+    app.add_middleware(OperationFastPath, route=OPERATION_ROUTE)  # innermost: inside metrics and request ids
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(SynapseServeError)
     async def domain_error(request: Request, exc: SynapseServeError):
-        if exc.status >= 500 and not isinstance(exc, NotReady):
-            log.error("%s %s: %s", request.method, request.url.path, exc.detail)
         return problem_from(exc, request)
 
     @app.exception_handler(StarletteHTTPException)

@@ -18,9 +18,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -76,7 +77,7 @@ class Instance:
     config: Any
     state: Any
     seed: int
-    device: str
+    device: jax.Device  # where its state lives; every call on it runs there
     created_at: float = field(default_factory=time.time)
     last_used_at: float = field(default_factory=time.time)
     version: int = 1
@@ -84,6 +85,8 @@ class Instance:
     durability: str | None = None  # this instance's own mode; None follows the registry's
     counters: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # (operation, batch) -> seconds its last run took here: says which calls are quick enough to run inline
+    costs: dict[tuple[str, int | None], float] = field(default_factory=dict, repr=False)
     # Idempotency-Key -> (request fingerprint, answer), most recent last
     answers: OrderedDict[str, tuple[str, dict[str, Any]]] = field(default_factory=OrderedDict, repr=False)
 
@@ -117,7 +120,7 @@ class Instance:
             "kind": self.kind.name,
             "config": self.config.to_dict(),
             "seed": self.seed,
-            "device": self.device,
+            "device": str(self.device),
             "version": self.version,
             "counters": dict(self.counters),
             "compartments": {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in leaves.items()},
@@ -127,11 +130,45 @@ class Instance:
         }
 
 
+class WouldBlock(Exception):  # noqa: N818 - a signal, not an error: the caller hands the call to a worker
+    """An inline call that would have to wait (for the instance's lock) or could take long."""
+
+
+class CompartmentRef(NamedTuple):
+    """A tensor argument that names a compartment on the server instead of sending its values.
+
+    ``instance`` None means the instance being called (its value when the call starts);
+    otherwise another instance of the same owner.
+    """
+
+    compartment: str
+    instance: str | None = None
+
+
+def _resolve(instance: Instance, argument: str, ref: CompartmentRef, leaves: Mapping[str, Any]) -> jax.Array:
+    """The compartment a reference names (call under the instance's lock)."""
+    value = leaves.get(ref.compartment)
+    if value is None or not jax.numpy.issubdtype(value.dtype, jax.numpy.floating):
+        raise UnknownOperation(
+            f"{argument}: cannot refer to {ref.compartment!r}: no such floating compartment in "
+            f"{instance.name.split('/', 1)[1]!r}; it has: {', '.join(sorted(leaves))}",
+            argument=argument)
+    return value
+
+
+def _own_copy(value: jax.Array, caller: Instance) -> jax.Array:
+    """A buffer of its own on the caller's device: the source's buffers are donated by its next call."""
+    return jax.device_put(value, caller.device, may_alias=False)
+
+
 def _fingerprint(operation: str, args: list[Any], returned: list[str]) -> str:
     """What a keyed request asked for, so a key reused for another request is caught."""
     digest = hashlib.sha256(f"{operation}|{returned}".encode())
     for array in args:
-        digest.update(b"-" if array is None else f"{array.shape}".encode() + array.tobytes())
+        if array is None or isinstance(array, CompartmentRef):
+            digest.update(f"-{array!r}".encode())
+        else:
+            digest.update(f"{array.shape}".encode() + np.asarray(array).tobytes())
     return digest.hexdigest()
 
 
@@ -155,7 +192,7 @@ class Registry:
 
     def __init__(self, max_instances: int = 10_000, store: Store | None = None, durability: str = "off", *,
                  max_instances_per_owner: int | None = None, max_state_bytes_per_owner: int | None = None,
-                 max_batch: int | None = None) -> None:
+                 max_batch: int | None = None, worker_threads: int = 32, inline_max_s: float = 0.0) -> None:
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}")
         self._instances: dict[str, Instance] = {}
@@ -172,6 +209,11 @@ class Registry:
         self._flush_lock = threading.Lock()
         self._stop_flusher = threading.Event()
         self._flusher: threading.Thread | None = None
+        # where the API runs registry work: calls on different instances proceed side by side,
+        # calls on one instance wait for its lock here, never on the event loop
+        self.executor = ThreadPoolExecutor(max_workers=worker_threads, thread_name_prefix="synapse-worker")
+        # calls measured to take less than this may run on the event loop itself, saving the thread hop
+        self.inline_max_s = inline_max_s
 
     # --- lifecycle ---
 
@@ -233,7 +275,7 @@ class Registry:
                 raise AlreadyExists(f"an instance named {bare!r} already exists", name=bare)
             if not stored:  # a restored instance was admitted before: quotas lowered since must not drop it
                 self._check_count(owner)
-            placeholder = Instance(name, kind_, cfg, None, seed, str(self.device), durability=durability)
+            placeholder = Instance(name, kind_, cfg, None, seed, self.device, durability=durability)
             if record is not None:
                 placeholder.version, placeholder.counters = record.version, dict(record.counters)
                 placeholder.created_at = record.created_at
@@ -287,13 +329,20 @@ class Registry:
 
     def call(self, name: str, operation: str, tensors: Mapping[str, Any],
              returns: list[str] | None = None, *, idempotency_key: str | None = None,
-             expected_version: int | None = None) -> dict[str, Any]:
+             expected_version: int | None = None, inline: bool = False) -> dict[str, Any]:
         """Run ``operation`` on the instance; returns ``{"version": v, <compartment>: numpy, ...}``.
 
-        Tensor arguments are checked (shape, dtype) before the lock is taken and
-        before any state is touched; the new state replaces the old only on success.
-        A repeated ``idempotency_key`` returns the first answer without running again;
-        ``expected_version`` (If-Match) must equal the current version.
+        ``inline=True`` is the event loop asking: the call runs only if it is known to be quick
+        (its last run on this instance, at this batch, took under ``inline_max_s``), needs no disk
+        write and no other instance, and the instance is free right now; otherwise ``WouldBlock``
+        is raised before anything is touched, and the caller hands the call to a worker thread.
+
+        A tensor argument is an array, or a ``CompartmentRef`` to a compartment already on the
+        server (this instance's, read when the call starts; or another instance's of the same
+        owner), which then never crosses the network. Sent tensors are checked (shape, dtype)
+        before the lock is taken and before any state is touched; the new state replaces the
+        old only on success. A repeated ``idempotency_key`` returns the first answer without
+        running again; ``expected_version`` (If-Match) must equal the current version.
         """
         instance = self._get(name)
         op = instance.kind.operations.get(operation)
@@ -307,23 +356,26 @@ class Registry:
             raise UnknownOperation(
                 f"{operation} takes {', '.join(sorted(allowed)) or 'no tensors'}; unknown: {', '.join(sorted(unknown))}"
             )
-        args, batch = [], None
+        args: list[Any] = []
         for arg in op.args:
             value = tensors.get(arg.name)
-            if value is None:
-                if not arg.optional:
-                    raise UnknownOperation(f"{operation} needs the tensor {arg.name!r}", argument=arg.name)
-                args.append(None)
-                continue
-            array = check_tensor(arg.name, value, instance.config.trailing(arg.space), batch)
-            batch = array.shape[0]
-            if self.max_batch is not None and batch > self.max_batch:
-                raise ShapeMismatch(f"{arg.name}: batch {batch} is over the server's max_batch of {self.max_batch}",
-                                    argument=arg.name)
-            args.append(array)
+            if value is None and not arg.optional:
+                raise UnknownOperation(f"{operation} needs the tensor {arg.name!r}", argument=arg.name)
+            if value is not None and not isinstance(value, CompartmentRef):
+                value = check_tensor(arg.name, value, instance.config.trailing(arg.space))
+            args.append(value)
+        self._check_batches(instance, op, args)
+        cost_key = (operation, next((a.shape[0] for a in args if isinstance(a, np.ndarray)), None))
+        if inline and not (instance.costs.get(cost_key, float("inf")) < self.inline_max_s
+                           and self.mode(instance) != "sync"
+                           and not any(isinstance(a, CompartmentRef) and a.instance for a in args)):
+            raise WouldBlock
         returned = list(op.returns if returns is None else returns)
         fingerprint = _fingerprint(operation, args, returned) if idempotency_key is not None else ""
-        with self._hold(instance.name, instance):
+        # another instance's compartments are copied before our lock is taken: never two locks at once
+        args = [self._read_for(instance, arg.name, a) if isinstance(a, CompartmentRef) and a.instance else a
+                for arg, a in zip(op.args, args)]
+        with self._hold(instance.name, instance, blocking=not inline):
             if idempotency_key is not None and idempotency_key in instance.answers:
                 seen, answer = instance.answers[idempotency_key]
                 if seen != fingerprint:
@@ -338,8 +390,15 @@ class Registry:
                     raise UnknownOperation(
                         f"cannot return {compartment!r}: no such compartment; has: {', '.join(leaves)}"
                     )
+            if any(isinstance(a, CompartmentRef) for a in args):
+                args = [_own_copy(_resolve(instance, arg.name, a, leaves), instance) if isinstance(a, CompartmentRef)
+                        else a
+                        for arg, a in zip(op.args, args)]
+                self._check_batches(instance, op, args)
+            started = time.perf_counter()
             state = _device_call(op.fn, instance.config, instance.state, *args)
             result = {c: np.asarray(v) for c, v in compartment_paths(state).items() if c in returned}
+            instance.costs[cost_key] = time.perf_counter() - started  # the first run includes any compile
             instance.state = state
             instance.version += 1
             instance.counters[operation] = instance.counters.get(operation, 0) + 1
@@ -351,6 +410,33 @@ class Registry:
                 while len(instance.answers) > IDEMPOTENCY_KEYS_KEPT:
                     instance.answers.popitem(last=False)
             return answer
+
+    def _read_for(self, caller: Instance, argument: str, ref: CompartmentRef) -> jax.Array:
+        """A device copy of another instance's compartment (same owner), read under that instance's lock."""
+        other = qualify(owner_of(caller.name), ref.instance)
+        if other == caller.name:
+            return ref._replace(instance=None)  # this instance: resolved under its own lock
+        with self._hold(other) as source:
+            return _own_copy(_resolve(source, argument, ref._replace(instance=None),
+                                      compartment_paths(source.state)), caller)
+
+    def _check_batches(self, instance: Instance, op: Any, args: list[Any]) -> None:
+        """Resolved arguments: each shaped for its map, all of one batch, within max_batch."""
+        batch = None
+        for arg, value in zip(op.args, args):
+            if value is None or isinstance(value, CompartmentRef):
+                continue
+            trailing = tuple(instance.config.trailing(arg.space))
+            if tuple(value.shape[1:]) != trailing or value.ndim != 1 + len(trailing):
+                raise ShapeMismatch(f"{arg.name}: expected shape (batch, {', '.join(map(str, trailing))}), "
+                                    f"received {tuple(value.shape)}", argument=arg.name)
+            if batch is not None and value.shape[0] != batch:
+                raise ShapeMismatch(f"{arg.name}: expected batch {batch} (as the arguments before it), received "
+                                    f"{value.shape[0]}", argument=arg.name)
+            batch = value.shape[0]
+            if self.max_batch is not None and batch > self.max_batch:
+                raise ShapeMismatch(f"{arg.name}: batch {batch} is over the server's max_batch of {self.max_batch}",
+                                    argument=arg.name)
 
     def read(self, name: str, compartment: str) -> tuple[np.ndarray, int]:
         """A host copy of one compartment and the version it belongs to."""
@@ -509,6 +595,7 @@ class Registry:
         self._stop_flusher.set()
         if self._flusher is not None:
             self._flusher.join()
+        self.executor.shutdown(wait=True)  # calls in flight finish before the last write
         self.flush()
 
     def restore(self) -> dict[str, str]:
@@ -524,7 +611,6 @@ class Registry:
                 self._add_record(name, record, stored=True)
             except SynapseServeError as exc:
                 errors[name] = exc.detail
-                self.store.quarantine.mkdir(parents=True, exist_ok=True)
                 self.store.quarantine.mkdir(parents=True, exist_ok=True)
                 self.store.path(name).replace(self.store.quarantine / f"{name.replace('/', '__')}.unusable")
         for name, reason in errors.items():
@@ -564,13 +650,20 @@ class Registry:
         return qualify(LOCAL_OWNER, name)
 
     @contextmanager
-    def _hold(self, name: str, instance: Instance | None = None) -> Iterator[Instance]:
-        """The instance, locked; NotFound if it was deleted (or failed to init) while we waited."""
+    def _hold(self, name: str, instance: Instance | None = None, blocking: bool = True) -> Iterator[Instance]:
+        """The instance, locked; NotFound if it was deleted (or failed to init) while we waited.
+
+        With ``blocking=False``, WouldBlock if another call holds it.
+        """
         instance = instance or self._get(name)
-        with instance.lock:
+        if not instance.lock.acquire(blocking=blocking):
+            raise WouldBlock
+        try:
             if instance.state is None or self._instances.get(instance.name) is not instance:
                 raise NotFound(f"no instance named {instance.name.split('/', 1)[1]!r}")
             yield instance
+        finally:
+            instance.lock.release()
 
     def _get(self, name: str) -> Instance:
         key = name if isinstance(name, str) and name.count("/") == 1 else None

@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     max_tensor_elements: int = Field(1 << 28, ge=1, description="largest tensor a body may declare")
     max_instances: int = Field(10_000, ge=1, description="most instances the server holds")
     warmup: bool = Field(True, description="compile a small synapse at start-up before /readyz says ready")
+    compilation_cache: bool = Field(
+        True, description="keep compiled programs in <state_dir>/jax-cache: a restart does not compile again")
     durability: Literal["sync", "interval", "off"] = Field(
         "interval", description="sync: stored before acknowledged; interval: written every flush_interval_s "
                                 "and at shutdown; off: memory only")
@@ -37,3 +39,9 @@ class Settings(BaseSettings):
     max_instances_per_owner: int = Field(1000, ge=1, description="quota: instances per owner")
     max_state_bytes_per_owner: int = Field(16 << 30, ge=1, description="quota: state bytes per owner")
     max_batch: int = Field(65536, ge=1, description="largest batch a call may send")
+    inline_call_us: float = Field(
+        250.0, ge=0, description="an operation whose last run on that instance and batch took less than this "
+                                 "many microseconds runs on the event loop instead of a worker thread "
+                                 "(saves the thread hop for tiny synapses); 0 sends every call to a worker")
+    worker_threads: int = Field(32, ge=1, le=1024, description="threads running registry work (JAX calls); "
+                                                                "calls on different instances run side by side")

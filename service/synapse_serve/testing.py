@@ -24,13 +24,15 @@ class ServerProcess:
     """``synapse-serve`` on a loopback port with its own state directory."""
 
     def __init__(self, state_dir: Path, durability: str = "interval", flush_interval_s: float = 2.0,
-                 warmup: bool = False) -> None:
+                 warmup: bool = False, **settings: object) -> None:
+        """``settings`` are more server settings, e.g. ``max_body_bytes=1 << 30`` (SYNAPSE_MAX_BODY_BYTES)."""
         self.state_dir = Path(state_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "JAX_PLATFORMS": "cpu", "SYNAPSE_DURABILITY": durability,
                     "SYNAPSE_FLUSH_INTERVAL_S": str(flush_interval_s), "SYNAPSE_WARMUP": str(warmup).lower(),
-                    "SYNAPSE_LOG_LEVEL": "warning"}
+                    "SYNAPSE_LOG_LEVEL": "warning",
+                    **{f"SYNAPSE_{key.upper()}": str(value) for key, value in settings.items()}}
         self.exe = shutil.which("synapse-serve", path=os.path.dirname(sys.executable)) or "synapse-serve"
         self.proc: subprocess.Popen | None = None
         self.log = self.state_dir.parent / f"server-{self.port}.log"

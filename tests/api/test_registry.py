@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+from synapse_client import SynapseClient
 from synapse_serve.errors import AlreadyExists, InvalidName, NotFound
 from synapse_serve.registry import Registry
 
@@ -39,22 +40,49 @@ def test_a_busy_instance_does_not_block_another(registry):
     assert blocked.is_set()
 
 
-def test_jax_never_runs_on_the_event_loop_thread(live_server, client, unique_name):
-    threads = []
-    registry = live_server.registry
-    original = registry.call
+def record_device_threads(monkeypatch):
+    """The thread of every JAX computation the registry runs."""
+    import synapse_serve.registry as registry_module
 
-    def recording_call(*args, **kwargs):
+    threads, original = [], registry_module._device_call
+
+    def recording(fn, *args):
         threads.append(threading.current_thread())
-        return original(*args, **kwargs)
+        return original(fn, *args)
 
-    registry.call = recording_call
-    try:
-        syn = client.create(unique_name, kind="HebbianDeconvSynapse", config=CONFIG)
-        syn.forward(np.ones((1, 3, 3, 1)))
-    finally:
-        del registry.call
-    assert threads and all(t is not live_server.thread for t in threads)
+    monkeypatch.setattr(registry_module, "_device_call", recording)
+    return threads
+
+
+def test_slow_work_never_runs_on_the_event_loop_thread(live_server, client, unique_name, monkeypatch):
+    threads = record_device_threads(monkeypatch)
+    big = client.create(unique_name, kind="HebbianDeconvSynapse",
+                        config={"shape": [5, 5, 8, 64], "x_shape": [48, 48], "eta": 0.1})
+    x = np.ones((8, 48, 48, 8), np.float32)
+    for _ in range(3):  # the first compiles; the others take milliseconds: over the inline budget
+        big.forward(x)
+    assert len(threads) >= 3 and all(t is not live_server.thread for t in threads)
+
+
+def test_quick_calls_on_a_free_instance_skip_the_thread_hop(live_server, client, unique_name, monkeypatch):
+    threads = record_device_threads(monkeypatch)
+    tiny = client.create(unique_name, kind="HebbianDeconvSynapse", config={"shape": [1, 1, 1, 1], "x_shape": [2, 2]})
+    x = np.ones((1, 2, 2, 1), np.float32)
+    for _ in range(20):
+        tiny.forward(x)
+    assert threads[0] is not live_server.thread  # the first call (the compile) never runs inline
+    assert live_server.thread in threads  # once measured quick, calls run on the loop
+
+
+def test_with_inline_calls_off_every_call_runs_on_a_worker(tmp_path, monkeypatch):
+    from conftest import LiveServer
+
+    threads = record_device_threads(monkeypatch)
+    with LiveServer(state_dir=tmp_path, inline_call_us=0) as server, SynapseClient(server.url) as client:
+        tiny = client.create("t", kind="HebbianDeconvSynapse", config={"shape": [1, 1, 1, 1], "x_shape": [2, 2]})
+        for _ in range(20):
+            tiny.forward(np.ones((1, 2, 2, 1), np.float32))
+        assert len(threads) >= 20 and server.thread not in threads  # (warm-up calls too)
 
 
 def test_names_and_lookups(registry):

@@ -333,6 +333,19 @@ def test_bias_is_per_output_channel_and_its_update_sums_post():
     assert state.biases.shape == (5,)  # stays per channel (ngclearn's turns per-pixel)
 
 
+@pytest.mark.parametrize("optim_type", ["sgd", "adam"])
+def test_step_is_forward_evolve_backtransmit_bit_for_bit(optim_type):
+    cfg = make(stride=2, optim_type=optim_type, bias=True, w_decay=0.01, w_bound=1.5)
+    fused, split = hd.init(cfg, seed=2), hd.init(cfg, seed=2)
+    for i in range(3):
+        x, post = rand((2, 6, 6, 2), i), rand((2, 12, 12, 4), 50 + i)
+        fused = hd.step(cfg, fused, x, post)
+        split = hd.backtransmit(cfg, hd.evolve(cfg, dc.forward(cfg, split, x), x, post), post)
+    a, b = compartment_paths(fused), compartment_paths(split)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
 def test_reset_called_directly_works():
     cfg = make()
     state = dc.reset(cfg, hd.init(cfg))  # ngclearn's reset() raises when called directly
@@ -348,7 +361,8 @@ def test_help_is_truthful():
     assert "filters" not in help_["compartments"]
     assert "w_decay" in help_["dynamics"]["evolve"] and "sign_value" in help_["dynamics"]["evolve"]
     assert help_["hyperparameters"]["optim_type"]["value"] == "adam"
-    assert set(help_["operations"]) == {"forward", "evolve", "backtransmit", "reset"}
+    assert set(help_["operations"]) == {"forward", "evolve", "backtransmit", "step", "reset"}
+    assert "step" in help_["dynamics"]
     assert set(dc.KIND.help(None)["operations"]) == {"forward", "reset"}
 
 

@@ -14,9 +14,11 @@ from synapse_serve.errors import (
     BodyTooLarge,
     MalformedBody,
     NotAcceptable,
+    NotReady,
     SynapseServeError,
     UnsupportedMediaType,
 )
+from synapse_serve.registry import CompartmentRef, validate_name
 
 MSGPACK = "application/msgpack"
 JSON = "application/json"
@@ -89,8 +91,10 @@ async def read_raw(request: Request, media_type: str) -> bytes:
 
 
 def tensor_field(body: dict[str, Any], name: str, media: str, max_elements: int) -> Any:
-    """A tensor field of a decoded body (numpy), or None when absent."""
+    """A tensor field of a decoded body (numpy), a CompartmentRef (``{"ref": …}``), or None when absent."""
     value = body.get(name)
+    if isinstance(value, dict) and "ref" in value:
+        return compartment_ref(name, value)
     if value is None or media == MSGPACK:
         if value is not None and not hasattr(value, "dtype"):
             raise MalformedBody(f"{name}: expected a tensor map {{dtype, shape, data}}, received {type(value).__name__}")
@@ -99,6 +103,16 @@ def tensor_field(body: dict[str, Any], name: str, media: str, max_elements: int)
         return json_tensor(value, max_elements)
     except WireError as exc:
         raise MalformedBody(f"{name}: {exc}") from None
+
+
+def compartment_ref(name: str, value: dict[str, Any]) -> CompartmentRef:
+    """``{"ref": "<compartment>"}`` (this instance) or ``{"ref": …, "instance": "<name>"}`` (another of yours)."""
+    compartment, instance = value.get("ref"), value.get("instance")
+    if (value.keys() - {"ref", "instance"} or not isinstance(compartment, str) or not 0 < len(compartment) <= 128
+            or not (instance is None or isinstance(instance, str))):
+        raise MalformedBody(f'{name}: a reference is {{"ref": "<compartment>"}}, optionally with "instance": '
+                            f'"<name>"; received {str(value)[:120]}')
+    return CompartmentRef(compartment, None if instance is None else validate_name(instance))
 
 
 def response_type(request: Request, request_media: str | None = None) -> str:
@@ -136,6 +150,9 @@ def problem(status: int, title: str, detail: str, slug: str, request: Request | 
 
 
 def problem_from(exc: SynapseServeError, request: Request) -> Response:
+    """The problem response for a domain error; the server's own failures (5xx) are logged."""
+    if exc.status >= 500 and not isinstance(exc, NotReady):
+        log.error("%s %s: %s", request.method, request.url.path, exc.detail)
     return problem(exc.status, exc.title, exc.detail, exc.slug, request, exc.extra, exc.headers)
 
 

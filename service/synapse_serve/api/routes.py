@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 
 from synapse_serve.api.bodies import (
     JSON,
@@ -25,7 +27,12 @@ from synapse_serve.api.bodies import (
 from synapse_serve.auth import LOCAL, Principal
 from synapse_serve.errors import MalformedBody, NotFound, NotReady, Unauthorized
 from synapse_serve.kinds import KINDS, get_kind
-from synapse_serve.registry import NAME_RULE, Registry, qualify
+from synapse_serve.registry import NAME_RULE, Registry, WouldBlock, qualify
+
+
+async def off_loop(registry: Registry, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run blocking registry work on the registry's worker threads, never on the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(registry.executor, functools.partial(fn, *args))
 
 
 def get_registry(request: Request) -> Registry:
@@ -84,10 +91,18 @@ class CreateRequest(BaseModel):
     durability: str | None = Field(None, description="sync, interval or off for this instance; default: the server's")
 
 
+class Ref(BaseModel):
+    """A compartment already on the server, used as a tensor argument without sending it."""
+
+    ref: str = Field(description="compartment name, e.g. inputs, outputs, dInputs", examples=["inputs"])
+    instance: str | None = Field(None, description="another instance of the same owner; default: this one")
+    model_config = {"extra": "forbid"}
+
+
 class OperationRequest(BaseModel):
-    inputs: Tensor | None = Field(None, description="forward: (batch, h, w, c_in)")
-    pre: Tensor | None = Field(None, description="evolve: (batch, h, w, c_in)")
-    post: Tensor | None = Field(None, description="evolve, backtransmit: (batch, h_out, w_out, c_out)")
+    inputs: Tensor | Ref | None = Field(None, description="forward, step: (batch, h, w, c_in)")
+    pre: Tensor | Ref | None = Field(None, description="evolve: (batch, h, w, c_in)")
+    post: Tensor | Ref | None = Field(None, description="evolve, backtransmit, step: (batch, h_out, w_out, c_out)")
     returns: list[str] | None = Field(None, alias="return",
                                       description="compartments to send back (default per operation)")
 
@@ -201,8 +216,8 @@ async def create(request: Request, registry: RegistryDep, owner: OwnerDep) -> Re
     init = {k: tensor_field(init, k, media, max_elements) for k in init}
     seed = body.get("seed", 0)
     key = qualify(owner, body["name"])
-    description = await run_in_threadpool(registry.create, key, body["kind"], body["config"], init, seed,
-                                          body.get("durability"))
+    description = await off_loop(registry, registry.create, key, body["kind"], body["config"], init, seed,
+                                 body.get("durability"))
     return encode(description, response_type(request, media), status=201,
                   headers={"Location": f"/v1/synapses/{description['name']}"})
 
@@ -211,20 +226,20 @@ async def create(request: Request, registry: RegistryDep, owner: OwnerDep) -> Re
 async def list_synapses(request: Request, registry: RegistryDep, principal: PrincipalDep,
                         owner: OwnerDep) -> Response:
     everyone = principal.admin and "owner" not in request.query_params  # admins see every owner's
-    synapses = await run_in_threadpool(registry.list, None if everyone else owner)
+    synapses = await off_loop(registry, registry.list, None if everyone else owner)
     return encode({"synapses": synapses}, response_type(request))
 
 
 @v1.get("/synapses/{name}", tags=["synapses"], summary="Describe an instance", responses=_responses(Description, 404))
 async def describe(name: str, request: Request, registry: RegistryDep, owner: OwnerDep) -> Response:
-    description = await run_in_threadpool(registry.describe, qualify(owner, name))
+    description = await off_loop(registry, registry.describe, qualify(owner, name))
     return encode(description, response_type(request), headers={"ETag": f'"{description["version"]}"'})
 
 
 @v1.delete("/synapses/{name}", status_code=204, tags=["synapses"], summary="Delete an instance",
            responses=_responses(None, 404))
 async def delete(name: str, request: Request, registry: RegistryDep, owner: OwnerDep) -> Response:
-    await run_in_threadpool(registry.delete, qualify(owner, name), if_match(request))
+    await off_loop(registry, registry.delete, qualify(owner, name), if_match(request))
     return Response(status_code=204)
 
 
@@ -232,7 +247,7 @@ async def delete(name: str, request: Request, registry: RegistryDep, owner: Owne
         responses={200: {"content": {OCTET: {}}, "description": "safetensors; config and metadata in its header"},
                    **_responses(None, 404)})
 async def export(name: str, registry: RegistryDep, owner: OwnerDep) -> Response:
-    blob = await run_in_threadpool(registry.export, qualify(owner, name))
+    blob = await off_loop(registry, registry.export, qualify(owner, name))
     return Response(blob, media_type=OCTET,
                     headers={"Content-Disposition": f'attachment; filename="{name}.safetensors"'})
 
@@ -246,7 +261,7 @@ async def export(name: str, registry: RegistryDep, owner: OwnerDep) -> Response:
 async def import_instance(name: str, request: Request, registry: RegistryDep, owner: OwnerDep) -> Response:
     key = qualify(owner, name)
     blob = await read_raw(request, OCTET)
-    description = await run_in_threadpool(registry.import_, key, blob)
+    description = await off_loop(registry, registry.import_, key, blob)
     return encode(description, response_type(request), status=201,
                   headers={"Location": f"/v1/synapses/{description['name']}"})
 
@@ -255,14 +270,14 @@ async def import_instance(name: str, request: Request, registry: RegistryDep, ow
         responses=_responses(None, 404))
 async def instance_help(name: str, request: Request, registry: RegistryDep, owner: OwnerDep) -> Response:
     # in a thread: help waits for the instance's lock, which a long call may hold
-    return encode(await run_in_threadpool(registry.help, qualify(owner, name)), response_type(request))
+    return encode(await off_loop(registry, registry.help, qualify(owner, name)), response_type(request))
 
 
 @v1.get("/synapses/{name}/compartments/{compartment:path}", tags=["compartments"],
         summary="Read one compartment", responses=_responses(None, 404, 422))
 async def read_compartment(name: str, compartment: str, request: Request, registry: RegistryDep,
                            owner: OwnerDep) -> Response:
-    value, version = await run_in_threadpool(registry.read, qualify(owner, name), compartment)
+    value, version = await off_loop(registry, registry.read, qualify(owner, name), compartment)
     return encode({"name": compartment, "value": value, "version": version}, response_type(request),
                   headers={"ETag": f'"{version}"'})
 
@@ -276,7 +291,7 @@ async def write_compartment(name: str, compartment: str, request: Request, regis
     body, media = await read_body(request)
     _require_keys(body, {"value"}, {"value"})
     value = tensor_field(body, "value", media, request.app.state.settings.max_tensor_elements)
-    version = await run_in_threadpool(registry.write, key, compartment, value, if_match(request))
+    version = await off_loop(registry, registry.write, key, compartment, value, if_match(request))
     return encode({"version": version}, response_type(request, media))
 
 
@@ -299,14 +314,14 @@ async def create_snapshot(name: str, request: Request, registry: RegistryDep, ow
     key = qualify(owner, name)
     body, media = await read_body(request)
     _require_keys(body, {"snapshot"}, {"snapshot"})
-    info = await run_in_threadpool(registry.snapshot, key, body["snapshot"])
+    info = await off_loop(registry, registry.snapshot, key, body["snapshot"])
     return encode(info, response_type(request, media), status=201)
 
 
 @v1.get("/synapses/{name}/snapshots", tags=["snapshots"], summary="List the instance's snapshots",
         responses=_responses(None, 404))
 async def list_snapshots(name: str, request: Request, registry: RegistryDep, owner: OwnerDep) -> Response:
-    snapshots = await run_in_threadpool(registry.snapshots, qualify(owner, name))
+    snapshots = await off_loop(registry, registry.snapshots, qualify(owner, name))
     return encode({"snapshots": snapshots}, response_type(request))
 
 
@@ -314,27 +329,36 @@ async def list_snapshots(name: str, request: Request, registry: RegistryDep, own
          summary="Roll the instance back to a snapshot", responses=_responses(OperationResponse, 404))
 async def restore_snapshot(name: str, snapshot: str, request: Request, registry: RegistryDep,
                            owner: OwnerDep) -> Response:
-    version = await run_in_threadpool(registry.restore_snapshot, qualify(owner, name), snapshot, if_match(request))
+    version = await off_loop(registry, registry.restore_snapshot, qualify(owner, name), snapshot, if_match(request))
     return encode({"version": version}, response_type(request))
 
 
 @v1.delete("/synapses/{name}/snapshots/{snapshot}", status_code=204, tags=["snapshots"],
            summary="Delete a snapshot", responses=_responses(None, 404))
 async def delete_snapshot(name: str, snapshot: str, registry: RegistryDep, owner: OwnerDep) -> Response:
-    await run_in_threadpool(registry.delete_snapshot, qualify(owner, name), snapshot)
+    await off_loop(registry, registry.delete_snapshot, qualify(owner, name), snapshot)
     return Response(status_code=204)
 
 
 @v1.post("/synapses/{name}/{operation}", tags=["operations"],
-         summary="Run an operation: forward, evolve, backtransmit or reset",
+         summary="Run an operation: forward, evolve, backtransmit, step or reset",
          description="forward `{inputs}` → `{outputs}`; evolve `{pre, post}` → `{}` (ask for dWeights with "
-                     "`return`); backtransmit `{post?}` → `{dInputs}`; reset `{}` → `{}`. Every answer carries "
+                     "`return`); backtransmit `{post?}` → `{dInputs}`; step `{inputs, post}` → `{outputs, "
+                     "dInputs}` (forward, evolve with pre = inputs, backtransmit: one round trip); reset `{}` → "
+                     "`{}`. Any tensor argument may instead be `{\"ref\": \"<compartment>\"}` (this instance's "
+                     "compartment, as it is when the call starts) or `{\"ref\": …, \"instance\": \"<name>\"}` "
+                     "(another instance of yours): the values stay on the server. Every answer carries "
                      "the instance's new `version`. An `Idempotency-Key` header makes a retried call apply once "
                      "(the first answer is returned again); `If-Match: \"<version>\"` makes it a 412 when the "
                      "version has moved.",
          openapi_extra=_body_doc(OperationRequest, required=False),
          responses=_responses(OperationResponse, 400, 404, 412, 413, 415, 422))
 async def operate(name: str, operation: str, request: Request, registry: RegistryDep, owner: OwnerDep) -> Response:
+    return await run_operation(request, registry, owner, name, operation)
+
+
+async def run_operation(request: Request, registry: Registry, owner: str, name: str, operation: str) -> Response:
+    """Decode, run the operation on a worker thread, encode: the route above and the fast path (fast.py)."""
     target = qualify(owner, name)
     body, media = await read_body(request)
     returns = body.pop("return", None)
@@ -343,8 +367,14 @@ async def operate(name: str, operation: str, request: Request, registry: Registr
     max_elements = request.app.state.settings.max_tensor_elements
     tensors = {key: tensor_field(body, key, media, max_elements) for key in body}
     key, expected = idempotency_key(request), if_match(request)
-    result = await run_in_threadpool(
-        lambda: registry.call(target, operation, tensors, returns, idempotency_key=key, expected_version=expected))
+    def run(inline: bool = False) -> dict[str, Any]:
+        return registry.call(target, operation, tensors, returns, idempotency_key=key, expected_version=expected,
+                             inline=inline)
+
+    try:  # a call measured quick, on a free instance, runs here: cheaper than the hop to a worker thread
+        result = run(inline=True) if registry.inline_max_s > 0 else await off_loop(registry, run)
+    except WouldBlock:
+        result = await off_loop(registry, run)
     return encode(result, response_type(request, media))
 
 
@@ -356,5 +386,6 @@ def _require_keys(body: dict[str, Any], required: set[str], allowed: set[str]) -
         raise MalformedBody(f"body: {'; '.join(parts)}; fields are {', '.join(sorted(allowed))}")
 
 
+OPERATION_ROUTE = next(r for r in v1.routes if r.path == "/v1/synapses/{name}/{operation}")
 router.include_router(v1)
-__all__ = ["router"]
+__all__ = ["OPERATION_ROUTE", "router"]

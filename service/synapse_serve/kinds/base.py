@@ -8,6 +8,7 @@ of HTTP, names or locks; the registry owns mutation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from synapse_serve.errors import InvalidConfig, ShapeMismatch, UnknownOperation
 
 # Floating dtypes a tensor argument may arrive in; each is cast to float32.
 _CASTABLE_FLOATS = {"float16", "bfloat16", "float32", "float64"}
+_FLOAT32 = np.dtype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,9 @@ def check_tensor(arg: str, value: Any, trailing: tuple[int, ...], batch: int | N
     integer, bool and complex tensors are rejected, as is any other shape.
     """
     array = np.asarray(value)
+    if (array.dtype == _FLOAT32 and array.ndim == 1 + len(trailing) and array.shape[1:] == tuple(trailing)
+            and array.shape[0] >= 1 and (batch is None or array.shape[0] == batch)):
+        return array  # the common case, without the general checks below
     expected = f"(batch, {', '.join(map(str, trailing))})" if batch is None else str((batch, *trailing))
     if array.dtype.name not in _CASTABLE_FLOATS:
         raise ShapeMismatch(
@@ -86,10 +91,15 @@ def check_tensor(arg: str, value: Any, trailing: tuple[int, ...], batch: int | N
 
 def compartment_paths(state: Any) -> dict[str, Any]:
     """Flatten a state pytree into ``{"weights": …, "opt_state/1/mu/0": …}``."""
-    out: dict[str, Any] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        out["/".join(_key_name(k) for k in path)] = leaf
-    return out
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    return dict(zip(_leaf_names(treedef), leaves))
+
+
+@functools.lru_cache(maxsize=256)
+def _leaf_names(treedef: Any) -> tuple[str, ...]:
+    """The path names of a state structure's leaves; computed once per structure (it never changes)."""
+    paths = jax.tree_util.tree_flatten_with_path(jax.tree_util.tree_unflatten(treedef, [0] * treedef.num_leaves))[0]
+    return tuple("/".join(_key_name(k) for k in path) for path, _ in paths)
 
 
 def _key_name(key: Any) -> str:
@@ -131,9 +141,8 @@ def replace_compartment(kind: Kind, state: Any, name: str, value: Any) -> Any:
         new = array.astype(current.dtype, copy=False)
         if np.issubdtype(new.dtype, np.floating) and not np.all(np.isfinite(new)):
             raise ShapeMismatch(f"{name}: values must be finite (no NaN or Inf)", argument=name)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(state)
-    names = ["/".join(_key_name(k) for k in path) for path, _ in paths]
-    leaves_list = [jax.numpy.asarray(new) if n == name else leaf for n, (_, leaf) in zip(names, paths)]
+    old_leaves, treedef = jax.tree_util.tree_flatten(state)
+    leaves_list = [jax.numpy.asarray(new) if n == name else leaf for n, leaf in zip(_leaf_names(treedef), old_leaves)]
     return jax.tree_util.tree_unflatten(treedef, leaves_list)
 
 
@@ -206,15 +215,15 @@ def state_from_compartments(kind: Kind, config: Any, seed: int, arrays: Mapping[
     same shape (batched compartments may differ in batch only).
     """
     template = kind.init(config, seed)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-    names = ["/".join(_key_name(k) for k in path) for path, _ in paths]
+    template_leaves, treedef = jax.tree_util.tree_flatten(template)
+    names = _leaf_names(treedef)
     missing, extra = set(names) - set(arrays), set(arrays) - set(names)
     if missing or extra:
         raise InvalidConfig(
             f"compartments do not match a {kind.name}: missing {sorted(missing)}, unexpected {sorted(extra)}"
         )
     leaves = []
-    for name, (_, leaf) in zip(names, paths):
+    for name, leaf in zip(names, template_leaves):
         value = np.asarray(arrays[name])
         same_shape = value.shape == leaf.shape or (
             name in kind.batched_compartments and value.ndim == leaf.ndim and value.shape[1:] == leaf.shape[1:]

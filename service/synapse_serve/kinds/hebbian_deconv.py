@@ -10,6 +10,7 @@ Semantics of ngclearn 3.2.3 (measured; see docs/conformance.md)::
                   W        ← clip(W, −w_bound, w_bound), or clip(W, 0, w_bound) if is_nonnegative,
                              only when w_bound > 0
     backtransmit: dInputs  = sign_value · ∂⟨post, conv_transpose(x, W)⟩ / ∂x   (g not applied)
+    step:         forward(inputs); evolve(pre=inputs, post); backtransmit(post), fused (not in ngclearn)
     reset:        zero inputs, outputs, pre, post, dInputs; keep W, b, optimizer state
 
 Example::
@@ -20,6 +21,7 @@ Example::
     >>> state = forward(cfg, state, x)
     >>> state = evolve(cfg, state, x, np.asarray(state.outputs))
     >>> state = backtransmit(cfg, state, np.asarray(state.post))
+    >>> state = step(cfg, state, x, np.asarray(state.outputs))  # the three above in one call
 """
 
 from __future__ import annotations
@@ -173,12 +175,23 @@ def init(config: HebbianDeconvConfig, seed: int = 0, weights: Any = None, biases
     w, b, key = deconv.init_parameters(config, seed, weights, biases)
     in_shape = (config.batch_size, *config.in_trailing)
     out_shape = (config.batch_size, *config.out_trailing)
+    return _fresh_state(config.optim_type, in_shape, out_shape, w, b, key)
 
-    def zeros(shape: tuple[int, ...]) -> jax.Array:  # a buffer of its own each: the state is donated
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _fresh_state(optim_type: str, in_shape: tuple, out_shape: tuple, w: jax.Array, b: jax.Array,
+                 key: jax.Array) -> HebbianDeconvState:
+    """Zeroed signals and deltas and a new optimizer state around (w, b): one compiled call per shape.
+
+    Every output is a buffer of its own (the state is donated by each operation).
+    """
+    optimizer = optax.adam(0.0) if optim_type == "adam" else optax.sgd(0.0)  # the state's form, not eta's value
+
+    def zeros(shape: tuple[int, ...]) -> jax.Array:
         return jnp.zeros(shape, jnp.float32)
 
     return HebbianDeconvState(
-        weights=w, biases=b, opt_state=config.optimizer.init((w, b)),
+        weights=w, biases=b, opt_state=optimizer.init((w, b)),
         inputs=zeros(in_shape), outputs=zeros(out_shape), pre=zeros(in_shape), post=zeros(out_shape),
         dWeights=zeros(w.shape), dBiases=zeros(b.shape), dInputs=zeros(in_shape), key=key,
     )
@@ -250,8 +263,16 @@ def _backtransmit(config: HebbianDeconvConfig, state: HebbianDeconvState, post: 
     return state._replace(post=post, dInputs=d_inputs)
 
 
+def _step(config: HebbianDeconvConfig, state: HebbianDeconvState, inputs: jax.Array, post: jax.Array):
+    """forward(inputs), evolve(pre=inputs, post), backtransmit(post): the three calls, in order, fused."""
+    state = deconv._forward(config, state, inputs)
+    state = _evolve(config, state, inputs, post)
+    return _backtransmit(config, state, post)
+
+
 evolve = jax.jit(_evolve, static_argnums=0, donate_argnums=1)
 backtransmit = jax.jit(_backtransmit, static_argnums=0, donate_argnums=1)
+step = jax.jit(_step, static_argnums=0, donate_argnums=1)
 
 EVOLVE = Operation(
     "evolve", evolve, (TensorArg("pre", "in"), TensorArg("post", "out")), (),
@@ -260,6 +281,11 @@ EVOLVE = Operation(
 BACKTRANSMIT = Operation(
     "backtransmit", backtransmit, (TensorArg("post", "out", optional=True),), ("dInputs",),
     "dInputs = sign_value * VJP_inputs(post) with the current W (g not applied); post defaults to the stored one",
+)
+
+STEP = Operation(
+    "step", step, (TensorArg("inputs", "in"), TensorArg("post", "out")), ("outputs", "dInputs"),
+    "forward(inputs); evolve(pre=inputs, post); backtransmit(post) (with the updated W): one call, one compile",
 )
 
 HYPERPARAMETERS = {
@@ -293,6 +319,7 @@ DYNAMICS = {
               "adam: bias-corrected moments, W <- W - eta*m_hat/(sqrt(v_hat)+1e-8); then if w_bound > 0: "
               "W <- clip(W, 0 if is_nonnegative else -w_bound, w_bound)",
     "backtransmit": BACKTRANSMIT.doc,
+    "step": STEP.doc,
     "reset": deconv.RESET.doc,
 }
 
@@ -304,7 +331,8 @@ NOTES = [
     "Hyperparameters are immutable after create.",
 ]
 
-_OPERATIONS = {"forward": deconv.FORWARD, "evolve": EVOLVE, "backtransmit": BACKTRANSMIT, "reset": deconv.RESET}
+_OPERATIONS = {"forward": deconv.FORWARD, "evolve": EVOLVE, "backtransmit": BACKTRANSMIT, "step": STEP,
+               "reset": deconv.RESET}
 _DESCRIPTION = ("A transposed-convolution synaptic cable whose filters learn by a two-factor Hebbian rule; "
                 "ngclearn's HebbianDeconvSynapse.")
 

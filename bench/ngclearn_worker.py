@@ -1,0 +1,81 @@
+"""ngclearn 3.2.3 in-process, timed on request: the reference the service is measured against.
+
+Runs inside ngclearn's own environment (Python >= 3.12; ``bench/suite.py`` creates
+it). It reads one JSON request per line on stdin and answers one JSON line on
+stdout, so the suite can interleave its rounds with the service's:
+
+    {"size": "medium", "op": "evolve", "calls": 20, "spec": {...}}  ->  {"seconds_per_call": 0.0123}
+
+A call is what a researcher's loop does in-process: set the argument compartments
+from numpy, run the op's ``MethodProcess``, and read the result back as numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import jax
+import numpy as np
+from jax import numpy as jnp
+from ngclearn import Context, MethodProcess
+from ngclearn.components.synapses.convolution.hebbianDeconvSynapse import HebbianDeconvSynapse
+
+_built: dict[str, tuple] = {}
+
+
+def build(size: str, spec: dict) -> tuple:
+    if size not in _built:
+        with Context(f"bench_{size}"):
+            syn = HebbianDeconvSynapse(
+                "syn", tuple(spec["shape"]), tuple(spec["x_shape"]), eta=spec["eta"], stride=1, padding="SAME",
+                optim_type=spec["optim_type"], batch_size=spec["batch"], key=jax.random.PRNGKey(0),
+            )
+            procs = {
+                "forward": MethodProcess(f"{size}_fwd") >> syn.advance_state,
+                "evolve": MethodProcess(f"{size}_evo") >> syn.evolve,
+                "backtransmit": MethodProcess(f"{size}_bt") >> syn.backtransmit,
+            }
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((spec["batch"], *syn.in_shape[1:])).astype(np.float32)
+        post = rng.standard_normal((spec["batch"], *syn.out_shape[1:])).astype(np.float32)
+        _built[size] = (syn, procs, x, post)
+    return _built[size]
+
+
+def one_call(op: str, syn, procs, x: np.ndarray, post: np.ndarray) -> None:
+    if op == "forward":
+        syn.inputs.set(jnp.asarray(x))
+        procs["forward"].run(t=0.0, dt=1.0)
+        np.asarray(syn.outputs.get())
+    elif op == "evolve":
+        syn.pre.set(jnp.asarray(x))
+        syn.post.set(jnp.asarray(post))
+        procs["evolve"].run(t=0.0, dt=1.0)
+        jax.block_until_ready(syn.weights.get())
+    else:
+        syn.post.set(jnp.asarray(post))
+        procs["backtransmit"].run(t=0.0, dt=1.0)
+        np.asarray(syn.dInputs.get())
+
+
+def main() -> None:
+    print(json.dumps({"ready": True, "jax": jax.__version__}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        syn, procs, x, post = build(request["size"], request["spec"])
+        one_call(request["op"], syn, procs, x, post)  # compiled on first use; not timed
+        start = time.perf_counter()
+        for _ in range(request["calls"]):
+            one_call(request["op"], syn, procs, x, post)
+        seconds = (time.perf_counter() - start) / request["calls"]
+        if request["op"] == "evolve":
+            # ngclearn's bias-free evolve writes None into the biases and the next forward would
+            # crash (docs/conformance.md): put back its neutral 0.0, outside the timed loop
+            syn.biases.set(0.0)
+        print(json.dumps({"seconds_per_call": seconds}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The persistent compilation cache in the state directory: a restart loads executables, compiles nothing new."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from synapse_client import SynapseClient
+from synapse_serve.testing import ServerProcess
+
+CONFIG = {"shape": [3, 3, 2, 4], "x_shape": [6, 6], "stride": 2, "eta": 0.1}
+
+
+def drive(url: str, create: bool) -> None:
+    with SynapseClient(url) as client:
+        syn = client.create("cached", kind="HebbianDeconvSynapse", config=CONFIG) if create else client.get("cached")
+        x = np.ones((2, 6, 6, 2), np.float32)
+        y = syn.forward(x)
+        syn.evolve(x, y)
+        syn.backtransmit(y)
+
+
+def test_a_restart_reuses_the_compiled_programs(tmp_path):
+    state = tmp_path / "state"
+    cache = state / "jax-cache"
+    server = ServerProcess(state)
+    with server:
+        drive(server.url, create=True)
+        server.stop()
+    assert len(list(cache.iterdir())) >= 3  # forward, evolve, backtransmit at least (plus init's programs)
+    entries = None
+    for _ in range(2):  # a restart restores from disk: its programs (shapes) differ from a fresh create's
+        with ServerProcess(state) as again:
+            drive(again.url, create=False)
+            again.stop()
+        # a compiled program is (re)written; one found in the cache is only read
+        written = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+        if entries is not None:  # the same restart again found everything: nothing was compiled
+            assert written == entries
+        entries = written
+
+
+def test_the_cache_can_be_turned_off(tmp_path):
+    with ServerProcess(tmp_path / "state", compilation_cache="false") as server:
+        drive(server.url, create=True)
+        server.stop()
+    assert not (tmp_path / "state" / "jax-cache").exists()
