@@ -57,12 +57,16 @@ class _BaseClient:
         if token:
             self.headers["Authorization"] = f"Bearer {token}"
 
-    def _prepare(self, body: dict[str, Any] | bytes | None) -> tuple[bytes | None, dict[str, str]]:
+    def _prepare(self, body: dict[str, Any] | bytes | None) -> tuple[Any, dict[str, str]]:
+        """The content to send and its headers: large tensors go out as views of their own memory."""
         if body is None:
             return None, {}
         if isinstance(body, bytes):  # an instance file
             return body, {"Content-Type": OCTET}
-        return _codec.packb(body), {"Content-Type": MSGPACK}
+        parts = _codec.packb_parts(body)
+        if len(parts) == 1:
+            return parts[0], {"Content-Type": MSGPACK}
+        return parts, {"Content-Type": MSGPACK, "Content-Length": str(sum(len(p) for p in parts))}
 
     @staticmethod
     def _decode(response: httpx.Response) -> Any:
@@ -121,6 +125,12 @@ class _BaseClient:
         if init:
             body["init"] = {k: as_array(v) for k, v in init.items()}
         return body
+
+
+async def _stream(parts: list[bytes | memoryview]):
+    """Body parts for httpx's AsyncClient (which takes only async iterables); a fresh one per attempt."""
+    for part in parts:
+        yield part
 
 
 def _unwrap(result: dict[str, Any], key: str) -> np.ndarray:
@@ -242,7 +252,9 @@ class AsyncSynapseClient(_BaseClient):
         attempt = 0
         while True:
             try:
-                response = await self._http.request(method, path, content=content, headers=headers)
+                response = await self._http.request(
+                    method, path, content=_stream(content) if isinstance(content, list) else content,
+                    headers=headers)
             except httpx.TransportError as exc:
                 error = self._connection_error(method, path, exc)
             else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 from typing import Any
 
 import msgpack
@@ -32,6 +33,8 @@ TENSOR_KEYS = frozenset({"dtype", "shape", "data"})
 MAX_RANK = 32
 DEFAULT_MAX_ELEMENTS = 1 << 32
 MAX_DEPTH = 64  # nesting of maps/lists in a body
+ZERO_COPY_BYTES = 64 << 10  # tensors and bodies this large are encoded and decoded without copies
+IN_PLACE_MAX_OBJECTS = 4096
 
 
 def numpy_dtype(name: Any) -> np.dtype:
@@ -137,8 +140,80 @@ def packb(obj: Any) -> bytes:
     return msgpack.packb(obj, default=_default, use_bin_type=True)
 
 
-def unpackb(data: bytes, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Any:
-    """Decode a body: wire tensors become read-only numpy arrays; any defect is a WireError."""
+def packb_parts(obj: Any) -> list[bytes | memoryview]:
+    """The same bytes as ``packb(obj)``, as parts to write one after another.
+
+    Arrays of at least ZERO_COPY_BYTES are not copied: their part is a view of the
+    array's own memory (keep the arrays alive and unchanged until the parts are sent).
+    Anything else is one part, from msgpack's C packer.
+    """
+    if not _has_large_array(obj, 0):
+        return [packb(obj)]
+    parts: list[bytes | memoryview] = []
+    pending: list[bytes] = []
+    packer = msgpack.Packer(default=_default, use_bin_type=True)
+
+    def emit(value: Any) -> None:
+        if isinstance(value, dict):
+            pending.append(packer.pack_map_header(len(value)))
+            for key, item in value.items():
+                pending.append(packer.pack(key))
+                emit(item)
+        elif isinstance(value, (list, tuple)):
+            pending.append(packer.pack_array_header(len(value)))
+            for item in value:
+                emit(item)
+        elif _is_array(value) and to_numpy(value).nbytes >= ZERO_COPY_BYTES:
+            tensor = encode_tensor(value)  # {dtype, shape, data}, in that order, as packb writes it
+            pending.extend([packer.pack_map_header(3), packer.pack("dtype"), packer.pack(tensor["dtype"]),
+                            packer.pack("shape"), packer.pack(tensor["shape"]), packer.pack("data"),
+                            _bin_header(len(tensor["data"]))])
+            parts.append(b"".join(pending))
+            pending.clear()
+            parts.append(tensor["data"])
+        else:
+            pending.append(packer.pack(value))
+
+    emit(obj)
+    if pending:
+        parts.append(b"".join(pending))
+    return parts
+
+
+def _bin_header(length: int) -> bytes:
+    """msgpack's bin header in its smallest form, as msgpack itself writes it."""
+    if length < 1 << 8:
+        return b"\xc4" + length.to_bytes(1, "big")
+    if length < 1 << 16:
+        return b"\xc5" + length.to_bytes(2, "big")
+    return b"\xc6" + length.to_bytes(4, "big")
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) or (hasattr(value, "__array__") and not isinstance(value, (Ref, np.generic)))
+
+
+def _has_large_array(value: Any, depth: int) -> bool:
+    if depth > MAX_DEPTH:
+        return False
+    if isinstance(value, dict):
+        return any(_has_large_array(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_large_array(v, depth + 1) for v in value)
+    return _is_array(value) and to_numpy(value).nbytes >= ZERO_COPY_BYTES
+
+
+def unpackb(data: bytes | bytearray | memoryview, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Any:
+    """Decode a body: wire tensors become read-only numpy arrays; any defect is a WireError.
+
+    Bodies of at least ZERO_COPY_BYTES are read in place: a tensor views the body's own
+    bytes (msgpack's C reader would copy every bin). Others go through msgpack's C reader.
+    """
+    if len(data) >= ZERO_COPY_BYTES:
+        try:
+            return _walk(_InPlaceReader(data).read_all(), max_elements, 0)
+        except _TooManyObjects:
+            pass  # a body of many small values: the C reader is faster at those
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
@@ -146,11 +221,111 @@ def unpackb(data: bytes, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Any:
     return _walk(obj, max_elements, 0)
 
 
+class _TooManyObjects(Exception):
+    """The in-place reader gives way to msgpack's C reader."""
+
+
+class _InPlaceReader:
+    """A msgpack reader whose bins are views of the input (no copy); everything else as msgpack reads it.
+
+    It reads at most IN_PLACE_MAX_OBJECTS values (bodies with tensors hold few), refuses
+    extension types, and checks every length against what is left before using it.
+    """
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self.view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
+        self.pos = 0
+        self.objects = 0
+
+    def read_all(self) -> Any:
+        value = self.read(0)
+        if self.pos != len(self.view):
+            raise WireError(f"body is not valid msgpack: ExtraData: {len(self.view) - self.pos} bytes after the body")
+        return value
+
+    def take(self, n: int) -> memoryview:
+        end = self.pos + n
+        if end > len(self.view):
+            raise WireError("body is not valid msgpack: it ends in the middle of a value")
+        chunk = self.view[self.pos:end]
+        self.pos = end
+        return chunk
+
+    def uint(self, n: int) -> int:
+        return int.from_bytes(self.take(n), "big")
+
+    def read(self, depth: int) -> Any:  # noqa: C901 - one branch per msgpack type byte
+        self.objects += 1
+        if self.objects > IN_PLACE_MAX_OBJECTS:
+            raise _TooManyObjects
+        if depth > MAX_DEPTH:
+            raise WireError(f"body nests deeper than {MAX_DEPTH} levels")
+        b = self.take(1)[0]
+        if b <= 0x7F:
+            return b
+        if b >= 0xE0:
+            return b - 0x100
+        if 0x80 <= b <= 0x8F:
+            return self.map(b & 0x0F, depth)
+        if 0x90 <= b <= 0x9F:
+            return self.array(b & 0x0F, depth)
+        if 0xA0 <= b <= 0xBF:
+            return self.text(b & 0x1F)
+        if b == 0xC0:
+            return None
+        if b in (0xC2, 0xC3):
+            return b == 0xC3
+        if b in (0xC4, 0xC5, 0xC6):
+            return self.take(self.uint(1 << (b - 0xC4)))
+        if b == 0xCA:
+            return struct.unpack(">f", self.take(4))[0]
+        if b == 0xCB:
+            return struct.unpack(">d", self.take(8))[0]
+        if 0xCC <= b <= 0xCF:
+            return self.uint(1 << (b - 0xCC))
+        if 0xD0 <= b <= 0xD3:
+            return int.from_bytes(self.take(1 << (b - 0xD0)), "big", signed=True)
+        if b in (0xD9, 0xDA, 0xDB):
+            return self.text(self.uint(1 << (b - 0xD9)))
+        if b in (0xDC, 0xDD):
+            return self.array(self.uint(2 << (b - 0xDC)), depth)
+        if b in (0xDE, 0xDF):
+            return self.map(self.uint(2 << (b - 0xDE)), depth)
+        if b in (0xC7, 0xC8, 0xC9) or 0xD4 <= b <= 0xD8:
+            raise WireError("msgpack extension types are not accepted")
+        raise WireError(f"body is not valid msgpack: byte 0x{b:02x} starts no value")
+
+    def text(self, n: int) -> str:
+        try:
+            return str(self.take(n), "utf-8")
+        except UnicodeDecodeError as exc:
+            raise WireError(f"body is not valid msgpack: a string is not UTF-8: {exc}"[:300]) from None
+
+    def count(self, n: int) -> int:
+        if n > len(self.view) - self.pos:  # every element takes at least one byte
+            raise WireError("body is not valid msgpack: a length runs past the end of the body")
+        return n
+
+    def array(self, n: int, depth: int) -> list[Any]:
+        return [self.read(depth + 1) for _ in range(self.count(n))]
+
+    def map(self, n: int, depth: int) -> dict[Any, Any]:
+        out = {}
+        for _ in range(self.count(n)):
+            key = self.read(depth + 1)
+            if isinstance(key, memoryview):
+                key = bytes(key)
+            if not isinstance(key, (str, bytes)):
+                raise WireError(f"body is not valid msgpack for this API: a map key is a {type(key).__name__}")
+            out[key] = self.read(depth + 1)
+        return out
+
+
 def _walk(obj: Any, max_elements: int, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise WireError(f"body nests deeper than {MAX_DEPTH} levels")
     if isinstance(obj, dict):
-        if TENSOR_KEYS <= obj.keys() and isinstance(obj.get("data"), bytes):
+        if TENSOR_KEYS <= obj.keys() and isinstance(obj.get("data"), (bytes, memoryview)):
             if obj.keys() != TENSOR_KEYS:
                 raise WireError(f"a tensor map has exactly the keys dtype, shape, data; received {sorted(obj)}")
             return decode_tensor(obj, max_elements)
@@ -159,6 +334,8 @@ def _walk(obj: Any, max_elements: int, depth: int) -> Any:
         return [_walk(v, max_elements, depth + 1) for v in obj]
     if isinstance(obj, msgpack.ExtType):
         raise WireError("msgpack extension types are not accepted")
+    if isinstance(obj, memoryview):  # a bin outside a tensor: what the C reader gives, bytes
+        return bytes(obj)
     return obj
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from synapse_client import DTYPES, WireError, decode_tensor, encode_tensor, packb, unpackb
+from synapse_client import _codec
 from synapse_client._codec import json_tensor, to_json
 
 NUMPY_DTYPES = {name: np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name) for name in DTYPES}
@@ -85,7 +86,7 @@ def test_bad_tensors_are_rejected_before_allocation(tensor, message):
 def test_malformed_bodies():
     with pytest.raises(WireError, match="not valid msgpack"):
         unpackb(b"\x82\xa1a")
-    with pytest.raises(WireError, match="not valid msgpack"):
+    with pytest.raises(WireError, match="not valid msgpack|deeper than"):
         unpackb(b"\x91" * 100_000)  # nesting bomb
     with pytest.raises(WireError, match="deeper than"):
         unpackb(msgpack.packb(eval("[" * 100 + "]" * 100)))  # noqa: S307 - a literal, built here
@@ -115,3 +116,60 @@ def test_json_form():
         json_tensor({"dtype": "float32", "shape": [3], "values": [1, 2]})
     with pytest.raises(WireError, match="exactly the keys"):
         json_tensor({"dtype": "float32", "values": [1, 2]})
+
+
+# --- large bodies: written in parts, read in place ---
+
+BIG = 1 << 17  # over ZERO_COPY_BYTES: the in-place reader and the part-wise writer take over
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=40) | st.binary(max_size=40),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(value=msgpack_values, position=st.sampled_from(["before", "after"]))
+def test_in_place_reader_reads_what_msgpack_reads(value, position):
+    tensor = np.arange(BIG // 4, dtype=np.float32)
+    body = {"a": value, "t": tensor} if position == "after" else {"t": tensor, "a": value}
+    whole = packb(body)
+    assert len(whole) >= BIG
+    assert b"".join(_codec.packb_parts(body)) == whole  # the parts are exactly packb's bytes
+    decoded = unpackb(whole)
+    assert decoded["a"] == msgpack.unpackb(whole, raw=False)["a"]
+    np.testing.assert_array_equal(decoded["t"], tensor)
+    # the tensor is a view of the body's bytes, not a copy
+    body_start = np.frombuffer(whole, np.uint8).ctypes.data
+    assert body_start <= decoded["t"].ctypes.data < body_start + len(whole)
+
+
+def test_in_place_reader_refuses_every_truncation_and_trailing_bytes():
+    whole = packb({"t": np.ones(BIG // 4, np.float32), "x": [1, "two", 3.0, {"k": None}]})
+    cuts = sorted({*range(0, 64), *range(len(whole) - 64, len(whole)), *range(0, len(whole), 4099)})
+    for cut in cuts:
+        if cut >= _codec.ZERO_COPY_BYTES:
+            with pytest.raises(WireError, match="not valid msgpack"):
+                unpackb(whole[:cut])
+    with pytest.raises(WireError, match="ExtraData"):
+        unpackb(whole + b"\x00")
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b"\xdd\xff\xff\xff\xff" + b"\x00" * BIG, "runs past the end"),  # an array longer than the body
+    (b"\xc6\xff\xff\xff\xff" + b"\x00" * BIG, "ends in the middle"),  # a bin longer than the body
+    (b"\x81\x01\x02" + b"\x00" * BIG, "map key is a int"),
+    (b"\xc1" + b"\x00" * BIG, "starts no value"),
+    (b"\xd9\x02\xff\xfe" + b"\x00" * BIG, "not UTF-8"),
+    (b"\xd4\x01\x00" + b"\x00" * BIG, "extension"),
+])
+def test_in_place_reader_errors_name_the_defect(body, message):
+    with pytest.raises(WireError, match=message):
+        unpackb(body)
+
+
+def test_a_large_body_of_many_small_values_falls_back_to_msgpack():
+    values = list(range(50_000))
+    assert unpackb(packb({"v": values, "pad": b"\x00" * BIG}))["v"] == values

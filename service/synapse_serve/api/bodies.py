@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from synapse_client._codec import WireError, json_tensor, packb, to_json, unpackb
+from synapse_client._codec import WireError, json_tensor, packb_parts, to_json, unpackb
 from synapse_serve.errors import (
     BodyTooLarge,
     MalformedBody,
@@ -129,9 +129,27 @@ def response_type(request: Request, request_media: str | None = None) -> str:
     raise NotAcceptable(f"cannot answer in {accept!r}; accept {MSGPACK} or {JSON}")
 
 
+class PartsResponse(Response):
+    """A body written part by part: large tensors go out straight from their own memory."""
+
+    def __init__(self, parts: list[bytes | memoryview], status_code: int, media_type: str,
+                 headers: dict[str, str] | None) -> None:
+        super().__init__(None, status_code=status_code, headers=headers, media_type=media_type)
+        self.parts = parts
+        self.headers["content-length"] = str(sum(len(part) for part in parts))
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        for index, part in enumerate(self.parts):
+            await send({"type": "http.response.body", "body": part, "more_body": index < len(self.parts) - 1})
+
+
 def encode(content: Any, media: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     if media == MSGPACK:
-        return Response(packb(content), status_code=status, media_type=MSGPACK, headers=headers)
+        parts = packb_parts(content)
+        if len(parts) == 1:
+            return Response(parts[0], status_code=status, media_type=MSGPACK, headers=headers)
+        return PartsResponse(parts, status, MSGPACK, headers)
     return Response(json.dumps(to_json(content)), status_code=status, media_type=JSON, headers=headers)
 
 
