@@ -79,3 +79,37 @@ def test_device_failures_become_500_problems(live_server, client, unique_name):
     assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json"
     assert "Out of memory" in r.json()["detail"] and "Traceback" not in r.text
     assert syn.forward(np.ones((1, 1, 1, 1))).shape == (1, 1, 1, 1)  # still serving
+
+
+def run_cli(*args, env_extra=None):
+    exe = shutil.which("synapse-serve", path=os.path.dirname(sys.executable)) or "synapse-serve"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_check_reports_devices_settings_and_docs(tmp_path):
+    import json
+
+    proc = run_cli("check", "--state-dir", str(tmp_path), "--port", "9123")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["would_serve"] == "http://127.0.0.1:9123"
+    assert report["devices"] and report["devices"][0]["device"].startswith("cpu:")
+    assert report["auth"] == "off" and report["problems"] == []
+    assert "operations.md" in report["docs"]
+    assert "tokens" not in report["settings"]
+
+
+def test_check_names_what_would_stop_the_server(tmp_path):
+    import json
+
+    proc = run_cli("check", "--state-dir", str(tmp_path), "--host", "0.0.0.0")
+    assert proc.returncode == 2
+    assert "no tokens are configured" in json.loads(proc.stdout)["problems"][0]
+    bad = run_cli("check", "--port", "99999")
+    assert bad.returncode == 2 and "invalid settings" in bad.stderr and "port" in bad.stderr
+
+
+def test_help_says_where_the_docs_are():
+    proc = run_cli("--help")
+    assert proc.returncode == 0 and "operations.md" in proc.stdout and "check" in proc.stdout

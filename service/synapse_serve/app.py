@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import uuid
 from contextlib import asynccontextmanager
@@ -38,6 +39,13 @@ def enable_compilation_cache(directory: Path) -> None:
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def apply_memory_settings(settings: Settings) -> None:
+    """GPU memory behaviour for JAX, unless the environment already says (call before JAX starts a backend)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "true" if settings.gpu_preallocate else "false")
+    if settings.gpu_memory_fraction is not None:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(settings.gpu_memory_fraction))
 
 
 def warm_up() -> None:
@@ -108,17 +116,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             durability=settings.durability, max_instances_per_owner=settings.max_instances_per_owner,
                             max_state_bytes_per_owner=settings.max_state_bytes_per_owner,
                             max_batch=settings.max_batch, worker_threads=settings.worker_threads,
-                            inline_max_s=settings.inline_call_us * 1e-6)
+                            inline_max_s=settings.inline_call_us * 1e-6,
+                            device_budget_bytes=settings.device_budget_bytes)
         app.state.registry = registry
 
         async def get_ready() -> None:  # in the background: /healthz answers while this runs
+            app.state.phase = "restoring instances"
             await run_in_threadpool(registry.restore)  # a failure here is a bug: let it stop readiness
+            app.state.phase = "warming up"
             try:
                 if settings.warmup:
                     await run_in_threadpool(warm_up)
             except Exception:  # a failed warm-up costs the first caller a compile, nothing else
                 log.exception("warm-up failed; serving without it")
             registry.start_flusher(settings.flush_interval_s)
+            if settings.evict_idle_after_s > 0:
+                registry.start_evictor(settings.evict_idle_after_s)
+            app.state.phase = "ready"
             app.state.ready.set()
 
         task = asyncio.create_task(get_ready())
@@ -137,6 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.tokens = token_table(settings)
     app.state.ready = threading.Event()
+    app.state.phase = "starting"
     app.state.metrics = Metrics()
     app.include_router(router)
     app.add_middleware(OperationFastPath, route=OPERATION_ROUTE)  # innermost: inside metrics and request ids

@@ -1,37 +1,98 @@
-"""``synapse-serve``: start the server (one worker: the state lives in the process)."""
+"""``synapse-serve``: start the server (one worker: the state lives in the process), or check a set-up.
+
+    synapse-serve [serve] [--host H] [--port P] [--state-dir D] [--log-level L]
+    synapse-serve check   [the same flags]   validate settings, list devices, say what would be served
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
-DOCS = "docs/ in the repository: api.md, wire-format.md, conformance.md"
+DOCS = ("docs/ in the repository: operations.md (running, watching, sizing), api.md, wire-format.md, "
+        "durability.md, security.md, benchmarks.md, conformance.md")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse flags (which override SYNAPSE_* settings) and run uvicorn."""
-    from synapse_serve.settings import Settings
-
-    parser = argparse.ArgumentParser(prog="synapse-serve", description=__doc__, epilog=f"Docs: {DOCS}")
+    """Parse the command and flags (flags override SYNAPSE_* settings); serve, or check and report."""
+    parser = argparse.ArgumentParser(prog="synapse-serve", description=__doc__, epilog=f"Docs: {DOCS}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", choices=("serve", "check"), default="serve",
+                        help="serve (the default) or check")
     parser.add_argument("--host", help="address to listen on (SYNAPSE_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (SYNAPSE_PORT, default 8000)")
     parser.add_argument("--state-dir", help="state directory (SYNAPSE_STATE_DIR, default ./state)")
     parser.add_argument("--log-level", help="log level (SYNAPSE_LOG_LEVEL, default info)")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
-    settings = Settings(**overrides)
+    command = args.command
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
+
+    from pydantic import ValidationError
+
+    from synapse_serve.settings import Settings
+
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        parser.exit(2, f"synapse-serve: invalid settings:\n{exc}\n")
+
+    from synapse_serve.app import UnsafeSettings, apply_memory_settings, create_app
+
+    apply_memory_settings(settings)  # before JAX starts a backend
+    if command == "check":
+        sys.exit(check(settings))
     settings.state_dir.mkdir(parents=True, exist_ok=True)
 
     import uvicorn
 
-    from synapse_serve.app import create_app
-
-    from synapse_serve.app import UnsafeSettings
+    from synapse_serve.logs import configure_logging
 
     try:
         app = create_app(settings)
     except UnsafeSettings as exc:
         parser.exit(2, f"synapse-serve: {exc}\n")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), workers=1)
+    configure_logging(settings.log_level)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), workers=1,
+                access_log=False, log_config=None)
+
+
+def check(settings) -> int:
+    """Print what would be served and whether it can be; 0 if it can, 2 if not."""
+    import jax
+
+    from synapse_serve.app import UnsafeSettings, token_table
+    from synapse_serve.store import SUFFIX
+
+    problems = []
+    try:
+        tokens = token_table(settings)
+    except UnsafeSettings as exc:
+        tokens, problems = None, [str(exc)]
+    try:
+        devices = [{"device": f"{d.platform}:{d.id}", "kind": getattr(d, "device_kind", d.platform),
+                    "memory_bytes_limit": (d.memory_stats() or {}).get("bytes_limit")} for d in jax.devices()]
+    except RuntimeError as exc:
+        devices, problems = [], [*problems, f"JAX found no usable device: {exc}"]
+    state = Path(settings.state_dir)
+    stored = sorted(str(p.relative_to(state / "instances"))[: -len(SUFFIX)]
+                    for p in (state / "instances").rglob(f"*{SUFFIX}")) if (state / "instances").is_dir() else []
+    report = {
+        "would_serve": f"http://{settings.host}:{settings.port}",
+        "auth": "off" if tokens is None and not problems else f"on ({len(tokens) if tokens else 0} tokens)",
+        "state_dir": str(state.resolve()),
+        "stored_instances": len(stored),
+        "durability": settings.durability,
+        "devices": devices,
+        "device_budget_bytes": settings.device_budget_bytes,
+        "evict_idle_after_s": settings.evict_idle_after_s or None,
+        "settings": settings.model_dump(mode="json", exclude={"tokens"}),
+        "docs": DOCS,
+        "problems": problems,
+    }
+    print(json.dumps(report, indent=2))
+    return 2 if problems else 0
 
 
 if __name__ == "__main__":

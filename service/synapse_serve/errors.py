@@ -66,6 +66,12 @@ class QuotaExceeded(SynapseServeError):
     status, title, slug = 403, "Quota exceeded", "quota-exceeded"
 
 
+class DeviceFull(SynapseServeError):
+    """A create that would put a device over its memory budget (refused now rather than failing later)."""
+
+    status, title, slug = 409, "Device full", "device-full"
+
+
 class NotFound(SynapseServeError):
     status, title, slug = 404, "Not found", "not-found"
 

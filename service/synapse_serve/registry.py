@@ -16,7 +16,7 @@ import logging
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,6 +32,7 @@ from synapse_serve.errors import (
     DeviceError,
     InvalidConfig,
     InvalidName,
+    DeviceFull,
     NotFound,
     PreconditionFailed,
     QuotaExceeded,
@@ -85,6 +86,8 @@ class Instance:
     durability: str | None = None  # this instance's own mode; None follows the registry's
     counters: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    placed_bytes: int = 0  # what its device's budget counts for it (its state at create)
+    waiting: int = 0  # calls queued for its lock
     # (operation, batch) -> seconds its last run took here: says which calls are quick enough to run inline
     costs: dict[tuple[str, int | None], float] = field(default_factory=dict, repr=False)
     # Idempotency-Key -> (request fingerprint, answer), most recent last
@@ -120,7 +123,7 @@ class Instance:
             "kind": self.kind.name,
             "config": self.config.to_dict(),
             "seed": self.seed,
-            "device": str(self.device),
+            "device": f"{self.device.platform}:{self.device.id}",
             "version": self.version,
             "counters": dict(self.counters),
             "compartments": {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in leaves.items()},
@@ -183,7 +186,10 @@ def _device_call(fn, *args):
 
 
 class Registry:
-    """In-process instances on this process's default JAX device, optionally kept in a Store.
+    """In-process instances on the JAX devices of this process, optionally kept in a Store.
+
+    Placement: a new instance goes to the device asked for, else to the one holding the
+    fewest state bytes; ``device_budget_bytes`` refuses one that would not fit there.
 
     Durability: ``sync`` writes an instance's file before a mutating call is
     acknowledged; ``interval`` writes changed instances every few seconds
@@ -192,7 +198,8 @@ class Registry:
 
     def __init__(self, max_instances: int = 10_000, store: Store | None = None, durability: str = "off", *,
                  max_instances_per_owner: int | None = None, max_state_bytes_per_owner: int | None = None,
-                 max_batch: int | None = None, worker_threads: int = 32, inline_max_s: float = 0.0) -> None:
+                 max_batch: int | None = None, worker_threads: int = 32, inline_max_s: float = 0.0,
+                 devices: list[jax.Device] | None = None, device_budget_bytes: int | None = None) -> None:
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}")
         self._instances: dict[str, Instance] = {}
@@ -201,7 +208,13 @@ class Registry:
         self.max_instances_per_owner = max_instances_per_owner
         self.max_state_bytes_per_owner = max_state_bytes_per_owner
         self.max_batch = max_batch
-        self.device = jax.devices()[0]
+        self.devices = list(devices or jax.devices())
+        self.device = self.devices[0]
+        self.device_budget_bytes = device_budget_bytes
+        # state bytes placed on each device, counted at create (import, restore) size
+        self._placed_bytes: dict[jax.Device, int] = {d: 0 for d in self.devices}
+        self._owned_count: Counter[str] = Counter()  # per owner, for the quotas: no scan per create
+        self._owned_bytes: Counter[str] = Counter()
         self.store = store
         self.durability = durability if store is not None else "off"
         self.storage_error: str | None = None  # the last write failure, until a write succeeds
@@ -209,6 +222,7 @@ class Registry:
         self._flush_lock = threading.Lock()
         self._stop_flusher = threading.Event()
         self._flusher: threading.Thread | None = None
+        self._evictor: threading.Thread | None = None
         # where the API runs registry work: calls on different instances proceed side by side,
         # calls on one instance wait for its lock here, never on the event loop
         self.executor = ThreadPoolExecutor(max_workers=worker_threads, thread_name_prefix="synapse-worker")
@@ -218,11 +232,12 @@ class Registry:
     # --- lifecycle ---
 
     def create(self, name: str, kind: str, config: Mapping[str, Any], init: Mapping[str, Any] | None = None,
-               seed: int = 0, durability: str | None = None) -> dict[str, Any]:
+               seed: int = 0, durability: str | None = None, device: str | int | None = None) -> dict[str, Any]:
         """Create and describe a new instance; 409 if the name is taken.
 
         ``durability`` overrides the server's mode for this instance (e.g. ``"sync"`` for one that
-        must never lose an acknowledged evolve, ``"off"`` for a scratch one).
+        must never lose an acknowledged evolve, ``"off"`` for a scratch one). ``device`` places it
+        on that device (an index into ``devices`` or a name like ``"cuda:1"``; see ``device_names``).
         """
         name = self._key(name)
         if durability is not None and durability not in DURABILITY_MODES:
@@ -231,14 +246,62 @@ class Registry:
                                 field="durability")
         kind_ = get_kind(kind)
         cfg = kind_.parse_config(config)
-        if kind_.choose_filter_update is not None:
-            cfg = kind_.choose_filter_update(cfg, self.device.platform, self.device)
         init = dict(init or {})
         unknown = set(init) - {"weights", "biases"}
         if unknown:
             raise InvalidConfig(f"init: unknown keys {sorted(unknown)}; allowed: weights, biases", field="init")
+        nbytes = kind_.state_nbytes(cfg)
+        target = self._place(nbytes, device)
+        if kind_.choose_filter_update is not None:
+            cfg = kind_.choose_filter_update(cfg, target.platform, target)
         return self._add(name, kind_, cfg, seed, lambda: kind_.init(cfg, seed, init.get("weights"), init.get("biases")),
-                         durability=durability)
+                         durability=durability, device=target, nbytes=nbytes)
+
+    def placed_bytes(self, device: jax.Device) -> int:
+        """State bytes the budget counts on ``device``."""
+        with self._lock:
+            return self._placed_bytes[device]
+
+    def probe_devices(self) -> None:
+        """A tiny computation on every device, waited for: raises if one cannot compute."""
+        for device in self.devices:
+            jax.block_until_ready(jax.device_put(np.ones(1, np.float32), device) + 1)
+
+    def device_names(self) -> list[str]:
+        """The devices instances can be placed on, as ``platform:id`` (``"cpu:0"``, ``"cuda:1"``)."""
+        return [f"{d.platform}:{d.id}" for d in self.devices]
+
+    def _place(self, nbytes: int, requested: str | int | None = None) -> jax.Device:
+        """The device for a new instance of ``nbytes``: the one asked for, else the least filled.
+
+        Raises DeviceFull when it would go over ``device_budget_bytes`` there.
+        """
+        if requested is None:
+            with self._lock:
+                device = min(self.devices, key=lambda d: self._placed_bytes[d])
+        else:
+            names = self.device_names()
+            if isinstance(requested, int) and not isinstance(requested, bool) and 0 <= requested < len(names):
+                device = self.devices[requested]
+            elif isinstance(requested, str) and requested in names:
+                device = self.devices[names.index(requested)]
+            else:
+                raise InvalidConfig(f"device: {requested!r} is not one of this server's devices: "
+                                    f"{', '.join(names)} (or their index 0..{len(names) - 1})", field="device")
+        self._check_budget(device, nbytes)
+        return device
+
+    def _check_budget(self, device: jax.Device, nbytes: int) -> None:
+        if self.device_budget_bytes is None:
+            return
+        used = self._placed_bytes[device]
+        if used + nbytes > self.device_budget_bytes:
+            raise DeviceFull(
+                f"device {device.platform}:{device.id} holds {used} bytes of state; this instance needs {nbytes} "
+                f"more, over the device budget of {self.device_budget_bytes} bytes"
+                + ("" if len(self.devices) == 1 else "; another device may have room (see GET /v1/devices)"),
+                device=f"{device.platform}:{device.id}", used_bytes=used, needed_bytes=nbytes,
+                budget_bytes=self.device_budget_bytes)
 
     def import_(self, name: str, blob: bytes) -> dict[str, Any]:
         """Create an instance from an exported file: same config, compartments, counters and version."""
@@ -263,19 +326,23 @@ class Registry:
         def build() -> Any:
             return state_from_compartments(kind_, cfg, record.seed, record.arrays)
 
+        nbytes = int(sum(np.asarray(a).nbytes for a in record.arrays.values()))
+        device = self._place(0 if stored else nbytes)  # a restore must not drop a stored instance: no budget
         return self._add(name, kind_, cfg, record.seed, build, record=record, stored=stored,
-                         durability=record.durability)
+                         durability=record.durability, device=device, nbytes=nbytes)
 
-    def _add(self, name: str, kind_: Kind, cfg: Any, seed: int, build, record: Record | None = None,
-             stored: bool = False, durability: str | None = None) -> dict[str, Any]:
-        """Reserve the name, build the state outside the registry lock, persist, describe."""
+    def _add(self, name: str, kind_: Kind, cfg: Any, seed: int, build, *, device: jax.Device, nbytes: int,
+             record: Record | None = None, stored: bool = False, durability: str | None = None) -> dict[str, Any]:
+        """Reserve the name and the device bytes, build the state outside the registry lock, persist, describe."""
         owner, bare = name.split("/", 1)
         with self._lock:  # reserve the name before the (slow) init
             if name in self._instances:
                 raise AlreadyExists(f"an instance named {bare!r} already exists", name=bare)
             if not stored:  # a restored instance was admitted before: quotas lowered since must not drop it
-                self._check_count(owner)
-            placeholder = Instance(name, kind_, cfg, None, seed, self.device, durability=durability)
+                self._check_quotas(owner, nbytes)
+                self._check_budget(device, nbytes)  # again, under the lock: creates racing for the last room
+            placeholder = Instance(name, kind_, cfg, None, seed, device, durability=durability, placed_bytes=nbytes)
+            self._account(placeholder, +1)
             if record is not None:
                 placeholder.version, placeholder.counters = record.version, dict(record.counters)
                 placeholder.created_at = record.created_at
@@ -283,15 +350,15 @@ class Registry:
             placeholder.lock.acquire()
             self._instances[name] = placeholder
         try:
-            placeholder.state = _device_call(build)
+            with jax.default_device(device):
+                placeholder.state = jax.device_put(_device_call(build), device)  # committed: calls run there
             jax.block_until_ready(placeholder.state)
-            if not stored:
-                self._check_bytes(owner, placeholder)
             self._persist(placeholder)
             return placeholder.describe(self.mode(placeholder))
         except BaseException:
             with self._lock:
                 self._instances.pop(name, None)
+                self._account(placeholder, -1)
             raise
         finally:
             placeholder.lock.release()
@@ -301,6 +368,7 @@ class Registry:
         with self._hold(name) as instance, self._lock:
             instance.check_version(expected_version)
             del self._instances[instance.name]
+            self._account(instance, -1)
             if self.store is not None:
                 self.store.remove(instance.name)
                 self.store.remove_snapshots(instance.name)
@@ -458,6 +526,56 @@ class Registry:
             self._persist(instance)
             return instance.version
 
+    # --- operations' view: everything, eviction, gauges ---
+
+    def evict_idle(self, idle_s: float, now: float | None = None) -> list[dict[str, Any]]:
+        """Export, then delete, every instance unused for ``idle_s`` seconds; returns what was evicted.
+
+        Each goes to ``<state_dir>/evicted/<owner>/<name>-<time>.safetensors`` (the export format:
+        ``POST /v1/synapses/import`` brings it back) before it is deleted; its snapshots stay.
+        An instance used meanwhile, or whose file cannot be written, stays.
+        """
+        store = self._require_store()
+        now = time.time() if now is None else now
+        with self._lock:
+            candidates = [i for i in self._instances.values() if i.state is not None and now - i.last_used_at >= idle_s]
+        evicted = []
+        for instance in candidates:
+            with instance.lock:
+                if self._instances.get(instance.name) is not instance or now - instance.last_used_at < idle_s:
+                    continue
+                record = instance.record()
+                try:
+                    path = store.save_evicted(instance.name, record)
+                except OSError as exc:
+                    log.error("could not evict %s: %s", instance.name, exc)
+                    continue
+                with self._lock:
+                    del self._instances[instance.name]
+                    self._account(instance, -1)
+                store.remove(instance.name)
+            owner, name = instance.name.split("/", 1)
+            evicted.append({"owner": owner, "name": name, "state_bytes": instance.state_bytes,
+                            "last_used_at": instance.last_used_at, "file": str(path)})
+            log.info("evicted %s (idle %.0f s) to %s", instance.name, now - instance.last_used_at, path)
+        return evicted
+
+    def stats(self) -> dict[str, Any]:
+        """Gauges for the metrics: instances by kind and owner, state bytes and budget by device, queues."""
+        with self._lock:
+            instances = [i for i in self._instances.values() if i.state is not None]
+        by_kind_owner: dict[tuple[str, str], int] = {}
+        by_device = {f"{d.platform}:{d.id}": 0 for d in self.devices}
+        queues = {}
+        for instance in instances:
+            key = (instance.kind.name, owner_of(instance.name))
+            by_kind_owner[key] = by_kind_owner.get(key, 0) + 1
+            by_device[f"{instance.device.platform}:{instance.device.id}"] += instance.state_bytes
+            if instance.waiting:
+                queues[instance.name] = instance.waiting
+        return {"instances": by_kind_owner, "state_bytes": by_device, "queue_depth": queues,
+                "device_budget_bytes": self.device_budget_bytes}
+
     # --- snapshots ---
 
     def snapshot(self, name: str, snapshot: str) -> dict[str, Any]:
@@ -590,11 +708,24 @@ class Registry:
         self._flusher = threading.Thread(target=loop, name="synapse-flusher", daemon=True)
         self._flusher.start()
 
+    def start_evictor(self, idle_s: float) -> None:
+        """Evict instances idle for ``idle_s`` seconds, checking every min(60 s, idle_s / 4)."""
+        if self.store is None or self._evictor is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop_flusher.wait(min(60.0, idle_s / 4)):
+                self.evict_idle(idle_s)
+
+        self._evictor = threading.Thread(target=loop, name="synapse-evictor", daemon=True)
+        self._evictor.start()
+
     def close(self) -> None:
         """Stop the flusher and write whatever changed (graceful shutdown)."""
         self._stop_flusher.set()
-        if self._flusher is not None:
-            self._flusher.join()
+        for thread in (self._flusher, self._evictor):
+            if thread is not None:
+                thread.join()
         self.executor.shutdown(wait=True)  # calls in flight finish before the last write
         self.flush()
 
@@ -619,27 +750,27 @@ class Registry:
         log.info("restored %d instances; %d files unreadable", len(self._instances), len(errors))
         return errors
 
-    def _check_count(self, owner: str) -> None:
-        """Quotas on the number of instances (call under the registry lock)."""
+    def _check_quotas(self, owner: str, nbytes: int) -> None:
+        """Quotas on instances and state bytes (counted at create size); call under the registry lock."""
         if len(self._instances) >= self.max_instances:
             raise QuotaExceeded(f"the server holds its maximum of {self.max_instances} instances",
                                 quota="max_instances")
-        owned = sum(owner_of(k) == owner for k in self._instances)
+        owned, used = self._owned_count[owner], self._owned_bytes[owner]
         if self.max_instances_per_owner is not None and owned >= self.max_instances_per_owner:
             raise QuotaExceeded(f"quota max_instances_per_owner: {owner!r} already holds {owned} of "
                                 f"{self.max_instances_per_owner} instances", quota="max_instances_per_owner")
-
-    def _check_bytes(self, owner: str, new: Instance) -> None:
-        if self.max_state_bytes_per_owner is None:
-            return
-        with self._lock:
-            others = [i for k, i in self._instances.items() if owner_of(k) == owner and i is not new]
-        used = sum(i.state_bytes for i in others if i.state is not None)
-        if used + new.state_bytes > self.max_state_bytes_per_owner:
+        if self.max_state_bytes_per_owner is not None and used + nbytes > self.max_state_bytes_per_owner:
             raise QuotaExceeded(
                 f"quota max_state_bytes_per_owner: {owner!r} holds {used} bytes; this instance needs "
-                f"{new.state_bytes} more, over the quota of {self.max_state_bytes_per_owner}",
+                f"{nbytes} more, over the quota of {self.max_state_bytes_per_owner}",
                 quota="max_state_bytes_per_owner")
+
+    def _account(self, instance: Instance, sign: int) -> None:
+        """Add (+1) or remove (-1) an instance's bytes and count; call under the registry lock."""
+        owner = owner_of(instance.name)
+        self._placed_bytes[instance.device] += sign * instance.placed_bytes
+        self._owned_bytes[owner] += sign * instance.placed_bytes
+        self._owned_count[owner] += sign
 
     @staticmethod
     def _key(name: str) -> str:
@@ -656,8 +787,16 @@ class Registry:
         With ``blocking=False``, WouldBlock if another call holds it.
         """
         instance = instance or self._get(name)
-        if not instance.lock.acquire(blocking=blocking):
-            raise WouldBlock
+        if not instance.lock.acquire(blocking=False):
+            if not blocking:
+                raise WouldBlock
+            with self._lock:
+                instance.waiting += 1  # the queue depth the metrics show
+            try:
+                instance.lock.acquire()
+            finally:
+                with self._lock:
+                    instance.waiting -= 1
         try:
             if instance.state is None or self._instances.get(instance.name) is not instance:
                 raise NotFound(f"no instance named {instance.name.split('/', 1)[1]!r}")

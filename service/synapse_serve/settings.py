@@ -43,5 +43,16 @@ class Settings(BaseSettings):
         250.0, ge=0, description="an operation whose last run on that instance and batch took less than this "
                                  "many microseconds runs on the event loop instead of a worker thread "
                                  "(saves the thread hop for tiny synapses); 0 sends every call to a worker")
+    device_budget_bytes: int | None = Field(
+        None, ge=1, description="per device: state bytes instances may hold there; a create that would go over "
+                                "is refused with 409 (default: no budget)")
+    evict_idle_after_s: float = Field(
+        0.0, ge=0, description="export, then delete, instances unused this long (to <state_dir>/evicted); 0: never")
+    gpu_preallocate: bool = Field(
+        False, description="let JAX take most GPU memory at start (XLA_PYTHON_CLIENT_PREALLOCATE); off suits a "
+                           "shared host. Either XLA_ variable set in the environment wins")
+    gpu_memory_fraction: float | None = Field(
+        None, gt=0, le=1, description="with preallocation: the share of GPU memory JAX takes "
+                                      "(XLA_PYTHON_CLIENT_MEM_FRACTION)")
     worker_threads: int = Field(32, ge=1, le=1024, description="threads running registry work (JAX calls); "
                                                                 "calls on different instances run side by side")

@@ -158,6 +158,7 @@ class Store:
         self.instances = self.root / "instances"
         self.quarantine = self.root / "quarantine"
         self.snapshots = self.root / "snapshots"
+        self.evicted = self.root / "evicted"
 
     def prepare(self) -> list[str]:
         """Create the directories and delete temporary files a crash left behind; returns what was removed."""
@@ -182,6 +183,13 @@ class Store:
         path.unlink(missing_ok=True)
         if path.parent.is_dir():
             fsync_dir(path.parent)
+
+    def save_evicted(self, key: str, record: Record) -> Path:
+        """``evicted/<owner>/<name>-<saved_at>.safetensors``: an export, written before the instance goes."""
+        path = self.evicted / f"{key}-{int(record.saved_at * 1000)}{SUFFIX}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, encode(record))
+        return path
 
     # --- snapshots: named point-in-time copies, one file each under snapshots/<instance>/ ---
 

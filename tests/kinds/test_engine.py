@@ -421,3 +421,14 @@ def test_kinds_registry():
     assert get_kind("HebbianDeconvSynapse") is hd.KIND
     with pytest.raises(Exception, match="unknown kind 'os.system'"):
         get_kind("os.system")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"optim_type": "adam", "bias": True}, {"stride": 3, "batch_size": 5},
+                                       {"shape": [2, 4, 3, 5], "x_shape": [7, 3], "padding": "VALID"}])
+def test_state_size_is_known_before_the_state_is_built(overrides):
+    for kind, parse in ((hd.KIND, hd.parse_config), (dc.KIND, dc.parse_config)):
+        cfg = parse({"shape": [3, 3, 2, 4], "x_shape": [6, 6],
+                     **{k: v for k, v in overrides.items() if kind is hd.KIND or k != "optim_type"}})
+        state = kind.init(cfg, seed=0)
+        actual = sum(np.asarray(v).nbytes for v in compartment_paths(state).values())
+        assert kind.state_nbytes(cfg) == actual

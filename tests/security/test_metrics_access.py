@@ -33,7 +33,8 @@ def test_scraped_counts_equal_what_was_sent(tmp_path):
         assert sample(text, "synapse_requests_total", method="GET", route="/v1/synapses/{name}", status="404") == 3
         assert sample(text, "synapse_request_duration_seconds_count", method="POST", route=route) == 7
         assert sample(text, "synapse_request_duration_seconds_bucket", method="POST", route=route, le="+Inf") == 7
-        assert "synapse_instances 1" in text and "synapse_storage_failing 0" in text
+        assert 'synapse_instances{kind="HebbianDeconvSynapse",owner="local"} 1' in text
+        assert "synapse_storage_failing 0" in text
         assert "missing" not in text  # names never become labels
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -25,9 +26,13 @@ from synapse_serve.api.bodies import (
     tensor_field,
 )
 from synapse_serve.auth import LOCAL, Principal
-from synapse_serve.errors import MalformedBody, NotFound, NotReady, Unauthorized
+from synapse_serve.errors import MalformedBody, NotFound, NotReady, SynapseServeError, Unauthorized
 from synapse_serve.kinds import KINDS, get_kind
 from synapse_serve.registry import NAME_RULE, Registry, WouldBlock, qualify
+
+
+# operation labels of the metrics: the kinds' operations (anything else counts as "unknown")
+KNOWN_OPERATIONS = frozenset(op for kind in KINDS.values() for op in kind.operations)
 
 
 async def off_loop(registry: Registry, fn: Callable[..., Any], *args: Any) -> Any:
@@ -43,6 +48,7 @@ def get_principal(request: Request) -> Principal:
     """The caller, from ``Authorization: Bearer <token>``; everyone is the local admin when auth is off."""
     tokens = request.app.state.tokens
     if tokens is None:
+        request.state.owner = LOCAL.owner
         return LOCAL
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -50,6 +56,7 @@ def get_principal(request: Request) -> Principal:
     principal = tokens.authenticate(token.strip())
     if principal is None:
         raise Unauthorized("the bearer token is not valid")
+    request.state.owner = principal.owner  # for the access log
     return principal
 
 
@@ -89,6 +96,8 @@ class CreateRequest(BaseModel):
     init: dict[str, Tensor] | None = Field(None, description="explicit initial tensors: weights, biases")
     seed: int = Field(0, ge=0, description="seeds the default initialisers")
     durability: str | None = Field(None, description="sync, interval or off for this instance; default: the server's")
+    device: str | int | None = Field(None, description="place it on this device ('cpu:0', 'cuda:1', or an index; "
+                                                       "see GET /v1/devices); default: the least filled")
 
 
 class Ref(BaseModel):
@@ -163,10 +172,20 @@ async def healthz(request: Request) -> dict[str, str]:
     return {"status": "ok", "storage": f"failing: {error}" if error else "ok"}
 
 
-@router.get("/readyz", tags=["health"], summary="Readiness: warm and serving", responses=_responses(None, 503))
+PROBE_TIMEOUT_S = 5.0
+
+
+@router.get("/readyz", tags=["health"], summary="Readiness: restored, warm, and the devices compute",
+            responses=_responses(None, 503))
 async def readyz(request: Request) -> dict[str, str]:
     if not request.app.state.ready.is_set():
-        raise NotReady("the server is still warming up")
+        raise NotReady(f"the server is not ready yet: {request.app.state.phase}", phase=request.app.state.phase)
+    registry = request.app.state.registry
+    try:  # a tiny computation on every device, off the event loop
+        await asyncio.wait_for(off_loop(registry, registry.probe_devices), PROBE_TIMEOUT_S)
+    except Exception as exc:  # a device that fails or hangs makes the server unready, not dead
+        raise NotReady(f"a device is unusable: {type(exc).__name__}: {str(exc)[:200]}", phase="device unusable") \
+            from None
     return {"status": "ready"}
 
 
@@ -176,18 +195,60 @@ async def metrics(request: Request) -> Response:
     settings = request.app.state.settings
     if request.app.state.tokens is not None and not settings.metrics_open:
         get_principal(request)  # any valid token may scrape; SYNAPSE_METRICS_OPEN=true opens it
-    registry = getattr(request.app.state, "registry", None)
-    body = request.app.state.metrics.render(len(registry) if registry else 0,
-                                            bool(registry and registry.storage_error))
+    body = request.app.state.metrics.render(getattr(request.app.state, "registry", None))
     return Response(body, media_type="text/plain; version=0.0.4")
 
 
 @v1.get("/admin/storage", tags=["durability"], summary="Durability mode, storage health, files that failed to restore")
 async def storage_status(registry: RegistryDep, principal: PrincipalDep) -> dict[str, Any]:
-    if not principal.admin:
-        raise NotFound("no such resource")
+    _require_admin(principal)
     return {"durability": registry.durability, "storage_error": registry.storage_error,
             "restore_errors": registry.restore_errors}
+
+
+@v1.get("/admin/instances", tags=["operations admin"],
+        summary="Admins: every instance with owner, kind, device, state bytes, version and last use")
+async def admin_instances(registry: RegistryDep, principal: PrincipalDep) -> dict[str, Any]:
+    _require_admin(principal)
+    rows = await off_loop(registry, registry.list, None)
+    keep = ("owner", "name", "kind", "device", "state_bytes", "version", "durability", "created_at", "last_used_at")
+    return {"instances": [{k: row[k] for k in keep} for row in rows]}
+
+
+class EvictRequest(BaseModel):
+    idle_s: float = Field(ge=0, description="evict instances unused for at least this many seconds")
+
+
+@v1.post("/admin/evict", tags=["operations admin"],
+         summary="Admins: export, then delete, instances idle for idle_s seconds; reports what was evicted",
+         openapi_extra=_body_doc(EvictRequest))
+async def admin_evict(request: Request, registry: RegistryDep, principal: PrincipalDep) -> Response:
+    _require_admin(principal)
+    body, media = await read_body(request)
+    _require_keys(body, {"idle_s"}, {"idle_s"})
+    idle_s = body["idle_s"]
+    if isinstance(idle_s, bool) or not isinstance(idle_s, (int, float)) or not idle_s >= 0:
+        raise MalformedBody(f"idle_s: expected a number >= 0, received {idle_s!r}")
+    evicted = await off_loop(registry, registry.evict_idle, float(idle_s))
+    return encode({"evicted": evicted}, response_type(request, media))
+
+
+@v1.get("/devices", tags=["operations admin"], summary="The devices instances are placed on, with their load")
+async def devices(registry: RegistryDep) -> dict[str, Any]:
+    stats = registry.stats()
+    out = []
+    for name, device in zip(registry.device_names(), registry.devices):
+        memory = device.memory_stats() or {}
+        out.append({"device": name, "kind": getattr(device, "device_kind", device.platform),
+                    "state_bytes": stats["state_bytes"][name], "placed_bytes": registry.placed_bytes(device),
+                    "budget_bytes": registry.device_budget_bytes,
+                    "memory_bytes_in_use": memory.get("bytes_in_use"), "memory_bytes_limit": memory.get("bytes_limit")})
+    return {"devices": out}
+
+
+def _require_admin(principal: Principal) -> None:
+    if not principal.admin:  # as if it were not there
+        raise NotFound("no such resource")
 
 
 @v1.get("/kinds", tags=["kinds"], summary="List the synapse kinds")
@@ -208,7 +269,7 @@ async def kind_help(kind: str, request: Request) -> Response:
          responses={201: {"model": Description, "content": {MSGPACK: {}, JSON: {}}}, **_responses(None, 400, 409, 413, 415, 422)})
 async def create(request: Request, registry: RegistryDep, owner: OwnerDep) -> Response:
     body, media = await read_body(request)
-    _require_keys(body, {"name", "kind", "config"}, {"name", "kind", "config", "init", "seed", "durability"})
+    _require_keys(body, {"name", "kind", "config"}, {"name", "kind", "config", "init", "seed", "durability", "device"})
     max_elements = request.app.state.settings.max_tensor_elements
     init = body.get("init") or {}
     if not isinstance(init, dict):
@@ -217,7 +278,7 @@ async def create(request: Request, registry: RegistryDep, owner: OwnerDep) -> Re
     seed = body.get("seed", 0)
     key = qualify(owner, body["name"])
     description = await off_loop(registry, registry.create, key, body["kind"], body["config"], init, seed,
-                                 body.get("durability"))
+                                 body.get("durability"), body.get("device"))
     return encode(description, response_type(request, media), status=201,
                   headers={"Location": f"/v1/synapses/{description['name']}"})
 
@@ -371,10 +432,19 @@ async def run_operation(request: Request, registry: Registry, owner: str, name: 
         return registry.call(target, operation, tensors, returns, idempotency_key=key, expected_version=expected,
                              inline=inline)
 
-    try:  # a call measured quick, on a free instance, runs here: cheaper than the hop to a worker thread
-        result = run(inline=True) if registry.inline_max_s > 0 else await off_loop(registry, run)
-    except WouldBlock:
-        result = await off_loop(registry, run)
+    started, status = time.perf_counter(), 500
+    try:
+        try:  # a call measured quick, on a free instance, runs here: cheaper than the hop to a worker thread
+            result = run(inline=True) if registry.inline_max_s > 0 else await off_loop(registry, run)
+        except WouldBlock:
+            result = await off_loop(registry, run)
+        status = 200
+    except SynapseServeError as exc:
+        status = exc.status
+        raise
+    finally:
+        request.app.state.metrics.observe_operation(operation if operation in KNOWN_OPERATIONS else "unknown",
+                                                    status, time.perf_counter() - started)
     return encode(result, response_type(request, media))
 
 

@@ -58,6 +58,7 @@ class Kind:
     operations: Mapping[str, Operation]
     help: Callable[[Any], dict]
     batched_compartments: frozenset[str]
+    state_nbytes: Callable[[Any], int]  # bytes of a fresh state of a config, known before it is built
     choose_filter_update: Callable[..., Any] | None = None  # (config, platform, device) -> config
 
 

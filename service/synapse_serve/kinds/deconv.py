@@ -298,6 +298,18 @@ def operands(config: DeconvConfig, *arrays: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(a.astype(jnp.bfloat16) for a in arrays)
 
 
+def parameter_count(config: DeconvConfig) -> int:
+    """Numbers in the filters and biases."""
+    kh, kw, c_in, c_out = config.shape
+    return kh * kw * c_in * c_out + (c_out if config.bias else 0)
+
+
+def state_nbytes(config: DeconvConfig) -> int:
+    """Bytes of a fresh DeconvState: parameters, inputs and outputs at batch_size (float32), the key."""
+    signals = config.batch_size * (math.prod(config.in_trailing) + math.prod(config.out_trailing))
+    return 4 * (parameter_count(config) + signals) + 8
+
+
 def conv_transpose(config: DeconvConfig, x: jax.Array, w: jax.Array) -> jax.Array:
     """The synaptic transform without scale or bias, exactly ngclearn's ``deconv2d`` (float32 result)."""
     x, w = operands(config, x, w)
@@ -414,4 +426,5 @@ KIND = Kind(
     operations=_OPERATIONS,
     help=_help,
     batched_compartments=frozenset({"inputs", "outputs"}),
+    state_nbytes=state_nbytes,
 )

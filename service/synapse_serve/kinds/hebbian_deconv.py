@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -197,6 +198,14 @@ def _fresh_state(optim_type: str, in_shape: tuple, out_shape: tuple, w: jax.Arra
     )
 
 
+def state_nbytes(config: HebbianDeconvConfig) -> int:
+    """Bytes of a fresh HebbianDeconvState: DeconvSynapse's, plus pre, post, dInputs, the deltas and adam's moments."""
+    params = deconv.parameter_count(config)
+    inputs, outputs = math.prod(config.in_trailing), math.prod(config.out_trailing)
+    optimizer = 4 * (2 * params + 1) if config.optim_type == "adam" else 0  # mu, nu and an int32 count
+    return deconv.state_nbytes(config) + optimizer + 4 * (params + config.batch_size * (2 * inputs + outputs))
+
+
 def filter_gradient_vjp(config: DeconvConfig, pre: jax.Array, post: jax.Array, w: jax.Array) -> jax.Array:
     """H = ∂⟨post, conv_transpose(pre, W)⟩/∂W by reverse-mode through the forward transform."""
     _, pullback = jax.vjp(lambda k: deconv.conv_transpose(config, pre, k), w)
@@ -356,5 +365,6 @@ KIND = Kind(
     operations=_OPERATIONS,
     help=_help,
     batched_compartments=frozenset({"inputs", "outputs", "pre", "post", "dInputs"}),
+    state_nbytes=state_nbytes,
     choose_filter_update=choose_filter_update,
 )

@@ -1,0 +1,211 @@
+"""Operations: metrics that count what was sent, JSON access logs, readiness transitions, admin views."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import LiveServer
+from synapse_client import BadRequestError, NotFoundError, SynapseClient, UnprocessableEntityError
+from synapse_serve.logs import JsonFormatter
+
+KIND = "HebbianDeconvSynapse"
+CONFIG = {"shape": [3, 3, 1, 2], "x_shape": [5, 5], "eta": 0.1}
+ADMIN, ALICE = "root-" + "r" * 24, "alice-" + "a" * 24
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Every sample of the Prometheus text, keyed by ``name{labels}``."""
+    samples = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
+
+
+def test_metrics_count_the_operations_sent(tmp_path):
+    with LiveServer(state_dir=tmp_path, durability="off") as server, SynapseClient(server.url) as client:
+        syn = client.create("m", kind=KIND, config=CONFIG)
+        x = np.ones((2, 5, 5, 1), np.float32)
+        for _ in range(7):
+            syn.forward(x)
+        for _ in range(3):
+            syn.evolve(x, np.ones((2, 5, 5, 2), np.float32))
+        for _ in range(2):
+            with pytest.raises(UnprocessableEntityError):
+                syn.forward(np.ones((2, 4, 4, 1), np.float32))
+        with pytest.raises(UnprocessableEntityError):
+            syn.call("no-such-op")
+        state_bytes = syn.describe()["state_bytes"]
+        samples = scrape(server.url)
+    assert samples['synapse_operations_total{operation="forward",status="200"}'] == 7
+    assert samples['synapse_operations_total{operation="forward",status="422"}'] == 2
+    assert samples['synapse_operations_total{operation="evolve",status="200"}'] == 3
+    assert samples['synapse_operations_total{operation="unknown",status="422"}'] == 1
+    assert samples['synapse_operation_duration_seconds_count{operation="forward"}'] == 9
+    assert samples['synapse_operation_duration_seconds_bucket{operation="evolve",le="+Inf"}'] == 3
+    route = 'method="POST",route="/v1/synapses/{name}/{operation}"'
+    assert samples[f'synapse_requests_total{{{route},status="200"}}'] == 10
+    assert samples[f'synapse_requests_total{{{route},status="422"}}'] == 3
+    assert samples[f'synapse_instances{{kind="{KIND}",owner="local"}}'] == 1
+    assert sum(v for k, v in samples.items() if k.startswith("synapse_state_bytes{")) == state_bytes
+    assert samples["synapse_compilations_total"] >= 1 and samples["synapse_compile_seconds_total"] > 0
+    assert samples["synapse_storage_failing"] == 0
+
+
+def test_queue_depth_shows_calls_waiting_for_an_instance(tmp_path):
+    with LiveServer(state_dir=tmp_path, durability="off") as server, SynapseClient(server.url) as client:
+        syn = client.create("busy", kind=KIND, config=CONFIG)
+        x = np.ones((1, 5, 5, 1), np.float32)
+        syn.forward(x)
+        instance = server.registry._get("local/busy")
+        with instance.lock:  # the instance is busy: the next calls queue
+            waiters = [threading.Thread(target=syn.forward, args=(x,)) for _ in range(2)]
+            for t in waiters:
+                t.start()
+            deadline = time.monotonic() + 10
+            while instance.waiting < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert scrape(server.url)['synapse_queue_depth{owner="local",instance="busy"}'] == 2
+        for t in waiters:
+            t.join(10)
+        assert not any(k.startswith("synapse_queue_depth{") for k in scrape(server.url))
+
+
+class Captured(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(JsonFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+def test_one_json_log_line_per_request_with_its_id_and_owner(tmp_path):
+    captured = Captured()
+    access = logging.getLogger("synapse_serve.access")
+    access.addHandler(captured)
+    old_level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        with LiveServer(state_dir=tmp_path, auth="on", tokens=f"alice:{ALICE}") as server, \
+                SynapseClient(server.url, token=ALICE) as client:
+            syn = client.create("logged", kind=KIND, config=CONFIG)
+            syn.forward(np.full((1, 5, 5, 1), 123.25, np.float32))
+            bad = httpx.post(f"{server.url}/v1/synapses/logged/forward", json={"inputs": [[1]]},
+                             headers={"Authorization": f"Bearer {ALICE}", "X-Request-ID": "my-own-id-1"})
+            anonymous = httpx.get(f"{server.url}/v1/synapses")
+    finally:
+        access.removeHandler(captured)
+        access.setLevel(old_level)
+    lines = [json.loads(line) for line in captured.lines]
+    by_path = [(entry["method"], entry["route"], entry["status"]) for entry in lines]
+    assert by_path == [("POST", "/v1/synapses", 201), ("POST", "/v1/synapses/{name}/{operation}", 200),
+                       ("POST", "/v1/synapses/{name}/{operation}", 422), ("GET", "/v1/synapses", 401)]
+    for entry in lines:
+        assert set(entry) >= {"time", "level", "method", "route", "path", "status", "duration_ms", "request_id",
+                              "owner"}
+        assert entry["duration_ms"] > 0 and len(entry["request_id"]) >= 8
+    assert [e["owner"] for e in lines] == ["alice"] * 3 + [None]
+    assert lines[2]["request_id"] == "my-own-id-1" == bad.headers["x-request-id"]
+    assert lines[3]["request_id"] == anonymous.headers["x-request-id"]
+    assert not any("123.25" in line for line in captured.lines)  # no tensor values in logs
+
+
+def test_readiness_follows_restore_and_warm_up_and_the_device(tmp_path, monkeypatch):
+    from synapse_serve.registry import Registry
+
+    release = threading.Event()
+    real_restore = Registry.restore
+    monkeypatch.setattr(Registry, "restore", lambda self: (release.wait(30), real_restore(self))[1])
+    server = LiveServer(state_dir=tmp_path)
+    server.thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = httpx.get(f"{server.url}/readyz")
+        assert r.status_code == 503 and "restoring instances" in r.json()["detail"]
+        assert httpx.get(f"{server.url}/healthz").status_code == 200  # alive: no restart wanted
+        release.set()
+        while httpx.get(f"{server.url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        # a device that stops computing makes the server unready, still alive
+        monkeypatch.setattr(server.registry, "probe_devices", lambda: 1 / 0)
+        r = httpx.get(f"{server.url}/readyz")
+        assert r.status_code == 503 and "device is unusable" in r.json()["detail"]
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+    finally:
+        release.set()
+        server.__exit__()
+
+
+@pytest.fixture
+def admin_server(tmp_path):
+    with LiveServer(state_dir=tmp_path, auth="on", tokens=f"root:{ADMIN}:admin,alice:{ALICE}") as server:
+        yield server
+
+
+def test_admins_list_every_instance_with_owner_device_bytes_and_last_use(admin_server):
+    with SynapseClient(admin_server.url, token=ALICE) as alice, SynapseClient(admin_server.url, token=ADMIN) as root:
+        alice.create("a1", kind=KIND, config=CONFIG)
+        root.create("r1", kind=KIND, config=CONFIG)
+        rows = root.request("GET", "/v1/admin/instances", retry=True)["instances"]
+        assert [(r["owner"], r["name"]) for r in rows] == [("alice", "a1"), ("root", "r1")]
+        assert all(r["device"] and r["state_bytes"] > 0 and r["last_used_at"] > 0 for r in rows)
+        with pytest.raises(NotFoundError):
+            alice.request("GET", "/v1/admin/instances", retry=True)
+        with pytest.raises(NotFoundError):
+            alice.request("POST", "/v1/admin/evict", {"idle_s": 0}, retry=False)
+
+
+def test_evict_exports_then_deletes_only_idle_instances(admin_server, tmp_path):
+    with SynapseClient(admin_server.url, token=ALICE) as alice, SynapseClient(admin_server.url, token=ADMIN) as root:
+        idle = alice.create("idle", kind=KIND, config=CONFIG)
+        busy = alice.create("busy", kind=KIND, config=CONFIG)
+        x = np.ones((1, 5, 5, 1), np.float32)
+        idle.evolve(x, np.ones((1, 5, 5, 2), np.float32))
+        weights = idle.weights
+        time.sleep(0.6)
+        busy.forward(x)
+        evicted = root.request("POST", "/v1/admin/evict", {"idle_s": 0.5}, retry=False)["evicted"]
+        assert [(e["owner"], e["name"]) for e in evicted] == [("alice", "idle")]
+        with pytest.raises(NotFoundError):
+            idle.describe()
+        busy.describe()
+        back = alice.import_(evicted[0]["file"], name="idle")  # the export brings it back, exactly
+        np.testing.assert_array_equal(back.weights, weights)
+        assert back.describe()["counters"] == {"evolve": 1}
+        with pytest.raises(BadRequestError, match="idle_s"):
+            root.request("POST", "/v1/admin/evict", {"idle_s": -1}, retry=False)
+
+
+def test_idle_instances_are_evicted_automatically(tmp_path):
+    with LiveServer(state_dir=tmp_path, evict_idle_after_s=0.4) as server, SynapseClient(server.url) as client:
+        client.create("soon-gone", kind=KIND, config=CONFIG)
+        deadline = time.monotonic() + 20
+        while any(d["name"] == "soon-gone" for d in client.list()):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert list((tmp_path / "evicted" / "local").glob("soon-gone-*.safetensors"))
+
+
+def test_devices_route_shows_load_and_budget(tmp_path):
+    with LiveServer(state_dir=tmp_path, device_budget_bytes=10**7) as server, SynapseClient(server.url) as client:
+        syn = client.create("d", kind=KIND, config=CONFIG)
+        devices = client.request("GET", "/v1/devices", retry=True)["devices"]
+        assert devices[0]["budget_bytes"] == 10**7
+        assert sum(d["placed_bytes"] for d in devices) == syn.describe()["state_bytes"]
+        assert re.fullmatch(r"cpu:\d+", syn.describe()["device"])
