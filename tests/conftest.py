@@ -34,9 +34,13 @@ class LiveServer:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> LiveServer:
+        return self.start(wait_ready=True)
+
+    def start(self, wait_ready: bool = False) -> LiveServer:
+        """Serve; return once uvicorn listens (and, with ``wait_ready``, once /readyz would say ready)."""
         self.thread.start()
         deadline = time.monotonic() + 60
-        while not (self.server.started and self.app.state.ready.is_set()):
+        while not (self.server.started and (self.app.state.ready.is_set() or not wait_ready)):
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("server did not start")
             time.sleep(0.02)

@@ -50,16 +50,11 @@ def test_not_ready_until_warm(monkeypatch, tmp_path):
     release = _threading.Event()
     real_warm_up = app_module.warm_up
     monkeypatch.setattr(app_module, "warm_up", lambda: (release.wait(30), real_warm_up()))
-    server = LiveServer(state_dir=tmp_path)
-    server.thread.start()
+    server = LiveServer(state_dir=tmp_path).start()
     try:
-        deadline = time.monotonic() + 30
-        while not server.server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
         assert httpx.get(f"{server.url}/healthz").status_code == 200
         r = httpx.get(f"{server.url}/readyz")
-        assert r.status_code == 503 and r.json()["title"] == "Not ready"
+        assert r.status_code == 503 and r.json()["title"] == "Not ready" and "warming up" in r.json()["detail"]
         release.set()
         assert server.app.state.ready.wait(30)
         assert httpx.get(f"{server.url}/readyz").status_code == 200

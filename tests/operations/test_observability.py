@@ -128,13 +128,9 @@ def test_readiness_follows_restore_and_warm_up_and_the_device(tmp_path, monkeypa
     release = threading.Event()
     real_restore = Registry.restore
     monkeypatch.setattr(Registry, "restore", lambda self: (release.wait(30), real_restore(self))[1])
-    server = LiveServer(state_dir=tmp_path)
-    server.thread.start()
+    server = LiveServer(state_dir=tmp_path).start()
     try:
         deadline = time.monotonic() + 30
-        while not server.server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
         r = httpx.get(f"{server.url}/readyz")
         assert r.status_code == 503 and "restoring instances" in r.json()["detail"]
         assert httpx.get(f"{server.url}/healthz").status_code == 200  # alive: no restart wanted
