@@ -37,19 +37,27 @@ ZERO_COPY_BYTES = 64 << 10  # tensors and bodies this large are encoded and deco
 IN_PLACE_MAX_OBJECTS = 4096
 
 
+# dtype <-> wire name, looked up (numpy's dtype.name is slow enough to show in a small call's profile)
+_BY_NAME = {n: np.dtype(n).newbyteorder("<") for n in DTYPES if n != "bfloat16"}
+if _BFLOAT16 is not None:
+    _BY_NAME["bfloat16"] = _BFLOAT16
+_WIRE_NAME = {dtype: name for name, dtype in _BY_NAME.items()}
+
+
 def numpy_dtype(name: Any) -> np.dtype:
     """The numpy dtype of a wire dtype name, or WireError listing the allowed names."""
     if not isinstance(name, str) or name not in DTYPES:
         raise WireError(f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
-    if name == "bfloat16":
-        if _BFLOAT16 is None:
-            raise WireError("dtype bfloat16 needs the ml_dtypes package (pip install synapse-serve[bfloat16])")
-        return _BFLOAT16
-    return np.dtype(name).newbyteorder("<")
+    if name not in _BY_NAME:
+        raise WireError("dtype bfloat16 needs the ml_dtypes package (pip install synapse-serve[bfloat16])")
+    return _BY_NAME[name]
 
 
 def wire_dtype_name(dtype: np.dtype) -> str:
-    name = "bfloat16" if _BFLOAT16 is not None and dtype == _BFLOAT16 else np.dtype(dtype).name
+    name = _WIRE_NAME.get(dtype)
+    if name is not None:
+        return name
+    name = np.dtype(dtype).name  # e.g. a big-endian float32 is still float32 (encode_tensor swaps it)
     if name not in DTYPES:
         raise WireError(f"dtype {name} cannot be sent; allowed: {', '.join(DTYPES)}")
     return name
@@ -72,7 +80,7 @@ def to_numpy(value: Any) -> np.ndarray:
     array = np.asarray(value)
     if array.dtype == object:
         raise WireError("cannot send an object array; use numbers of one dtype")
-    if array.dtype.kind == "f" and array.dtype.name not in DTYPES:
+    if array.dtype not in _WIRE_NAME and array.dtype.kind == "f" and array.dtype.name not in DTYPES:
         array = array.astype(np.float64)
     return array
 
