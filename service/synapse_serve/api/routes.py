@@ -195,7 +195,10 @@ async def metrics(request: Request) -> Response:
     settings = request.app.state.settings
     if request.app.state.tokens is not None and not settings.metrics_open:
         get_principal(request)  # any valid token may scrape; SYNAPSE_METRICS_OPEN=true opens it
-    body = request.app.state.metrics.render(getattr(request.app.state, "registry", None))
+    registry = getattr(request.app.state, "registry", None)
+    render = request.app.state.metrics.render
+    # the gauges walk every instance: off the event loop
+    body = await off_loop(registry, render, registry) if registry is not None else render(None)
     return Response(body, media_type="text/plain; version=0.0.4")
 
 
@@ -235,7 +238,7 @@ async def admin_evict(request: Request, registry: RegistryDep, principal: Princi
 
 @v1.get("/devices", tags=["operations admin"], summary="The devices instances are placed on, with their load")
 async def devices(registry: RegistryDep) -> dict[str, Any]:
-    stats = registry.stats()
+    stats = await off_loop(registry, registry.stats)  # walks every instance
     out = []
     for name, device in zip(registry.device_names(), registry.devices):
         memory = device.memory_stats() or {}
