@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -205,3 +206,17 @@ def test_devices_route_shows_load_and_budget(tmp_path):
         assert devices[0]["budget_bytes"] == 10**7
         assert sum(d["placed_bytes"] for d in devices) == syn.describe()["state_bytes"]
         assert re.fullmatch(r"cpu:\d+", syn.describe()["device"])
+
+
+def test_memory_settings_default_for_a_shared_host_and_yield_to_the_environment(monkeypatch):
+    from synapse_serve.app import apply_memory_settings
+    from synapse_serve.settings import Settings
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    apply_memory_settings(Settings(gpu_memory_fraction=0.5))
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"  # on demand: a shared GPU
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")  # the operator's own setting wins
+    apply_memory_settings(Settings(gpu_preallocate=False))
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
