@@ -240,27 +240,14 @@ def init_parameters(
     Seeded draws follow ngclearn's key schedule, so ``seed=s`` gives the filters
     ngclearn gives a component built with ``key=PRNGKey(s)``.
     """
+    if not config.bias and biases is not None:
+        raise InvalidConfig("biases: given, but the config has bias = false", field="biases")
     seed32 = np.uint32(require_int("seed", seed, 0, 2**63 - 1) % (2**32))
-    if weights is None and biases is None:  # the usual case: one compiled call per filter shape and specs
-        w, b, key, finite = _drawn_parameters(config.shape, config.bias, config.filter_init, config.bias_init,
-                                              seed32)
-        if not bool(finite):
-            raise InvalidConfig("filter_init/bias_init: the drawn values are not all finite (NaN or Inf)",
-                                field="filter_init")
-        return w, b, key
-    key = jax.random.PRNGKey(seed32)
-    _, *subkeys = jax.random.split(key, 4)
-    if weights is None:
-        w = sample(config.filter_init, subkeys[0], config.shape)
-    else:
+    # one compiled call per filter shape and specs (not per config: a sweep over eta compiles nothing)
+    w, b, key = _drawn_parameters(config.shape, config.bias, config.filter_init, config.bias_init, seed32)
+    if weights is not None:
         w = jnp.asarray(check_tensor("weights", np.asarray(weights)[None], config.shape, batch=1)[0])
-    if not config.bias:
-        if biases is not None:
-            raise InvalidConfig("biases: given, but the config has bias = false", field="biases")
-        b = jnp.zeros((0,), jnp.float32)
-    elif biases is None:
-        b = sample(config.bias_init, subkeys[2], (config.shape[3],))
-    else:
+    if biases is not None:
         b = jnp.asarray(check_tensor("biases", np.asarray(biases)[None], (config.shape[3],), batch=1)[0])
     for name, value in (("weights", w), ("biases", b)):
         if not bool(jnp.all(jnp.isfinite(value))):
@@ -270,13 +257,12 @@ def init_parameters(
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _drawn_parameters(shape: tuple, bias: bool, filter_init: tuple, bias_init: tuple, seed: jax.Array):
-    """Drawn (weights, biases, key, all finite?) with ngclearn's key schedule, compiled once per static spec
-    (not per config: a sweep over eta or stride creates instances without compiling this again)."""
+    """Drawn (weights, biases, key) with ngclearn's key schedule."""
     key = jax.random.PRNGKey(seed)
     _, *subkeys = jax.random.split(key, 4)
     w = sample(filter_init, subkeys[0], shape)
     b = sample(bias_init, subkeys[2], (shape[3],)) if bias else jnp.zeros((0,), jnp.float32)
-    return w, b, key, jnp.all(jnp.isfinite(w)) & jnp.all(jnp.isfinite(b))
+    return w, b, key
 
 
 def init(config: DeconvConfig, seed: int = 0, weights: Any = None, biases: Any = None) -> DeconvState:
