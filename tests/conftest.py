@@ -31,7 +31,14 @@ class LiveServer:
         self.app = create_app(Settings(**{"compilation_cache": False, **settings}))
         config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.exit_code: int | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        except SystemExit as exc:  # uvicorn's answer to a failed start-up (e.g. the state directory is taken)
+            self.exit_code = exc.code
 
     def __enter__(self) -> LiveServer:
         return self.start(wait_ready=True)
@@ -40,7 +47,7 @@ class LiveServer:
         """Serve; return once uvicorn listens (and, with ``wait_ready``, once /readyz would say ready)."""
         self.thread.start()
         deadline = time.monotonic() + 60
-        while not (self.server.started and (self.app.state.ready.is_set() or not wait_ready)):
+        while not (self.server.started and (self.ready.is_set() or not wait_ready)):
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("server did not start")
             time.sleep(0.02)
@@ -52,8 +59,14 @@ class LiveServer:
         self.sock.close()
 
     @property
+    def ready(self):
+        """Set once the server would answer /readyz with 200."""
+        return self.app.state.server.ready
+
+    @property
     def registry(self):
-        return self.app.state.registry
+        """The local backend's registry (tests reach into it to simulate busy instances and failures)."""
+        return self.app.state.server.backend.registry
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +90,16 @@ _counter = iter(range(1_000_000))
 def unique_name(request) -> str:
     """An instance name no other test uses."""
     return re.sub(r"[^A-Za-z0-9._-]", "-", f"t{next(_counter)}-{request.node.name[:40]}")
+
+
+def metrics_of(text: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a Prometheus exposition, keyed by (name, labels) — the one parser the tests use."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    """One sample's value (0.0 when absent: Prometheus omits zero counters)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)

@@ -1,8 +1,14 @@
 """``SynapseClient`` and ``AsyncSynapseClient``: twins that mirror each other line for line.
 
-``_BaseClient`` holds everything without I/O (URLs, headers, encoding, errors,
-retry policy); the two subclasses only send. A handle per instance
-(``Synapse`` / ``AsyncSynapse``) carries the operations.
+``_BaseClient`` holds everything without I/O (URLs, headers, encoding, errors, retry policy);
+the two subclasses only send. A handle per instance (``Synapse`` / ``AsyncSynapse``) carries the
+operations.
+
+Retries: a connection that could not be made is retried for every call (the request never
+left). Once a request may have reached the server (a timeout or a dropped connection while
+waiting for the answer), it is retried only if repeating it cannot apply it twice: reads,
+compartment writes, and calls carrying an ``Idempotency-Key`` (``evolve`` and ``step`` always
+do). The error says how many attempts were made.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -23,13 +30,26 @@ import numpy as np
 
 from synapse_client import _codec
 from synapse_client._codec import Ref
-from synapse_client._exceptions import APIConnectionError, APITimeoutError, SynapseError, WireError, status_error
+from synapse_client._exceptions import (
+    APIConnectionError,
+    APITimeoutError,
+    NotFoundError,
+    SynapseError,
+    WireError,
+    status_error,
+)
 
 MSGPACK = "application/msgpack"
 OCTET = "application/octet-stream"
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=120.0, pool=10.0)
 DEFAULT_URL = "http://127.0.0.1:8000"
 LEARNING_OPERATIONS = ("evolve", "step")  # not repeatable by accident: sent with an Idempotency-Key
+NAME_RULE = "1 to 128 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_TOKEN = re.compile(r"[!-~]+")  # what an HTTP header can carry: visible ASCII, no spaces
+# the request never reached the server: safe to send again, whatever it was
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+START_HINT = "is the server running? Start one with ./scripts/serve.sh (from a checkout) or synapse-serve"
 
 
 def as_array(value: Any) -> np.ndarray | Ref:
@@ -45,6 +65,38 @@ def as_array(value: Any) -> np.ndarray | Ref:
     return array
 
 
+def check_name(name: Any, what: str = "instance name") -> str:
+    """``name`` if it follows the server's naming rule, else ValueError (before anything is sent)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"invalid {what} {str(name)[:140]!r}: use {NAME_RULE}")
+    return name
+
+
+def _compartment_path(compartment: Any) -> str:
+    """A compartment name as a URL path (``opt_state/0/mu/0``): each segment checked and escaped."""
+    segments = compartment.split("/") if isinstance(compartment, str) else [None]
+    if not all(isinstance(s, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", s) and s not in (".", "..")
+               for s in segments):
+        raise ValueError(f"invalid compartment name {str(compartment)[:140]!r}: names like 'weights' or "
+                         "'opt_state/0/mu/0'")
+    return "/".join(quote(s, safe="") for s in segments)
+
+
+def _same_value(given: Any, stored: Any) -> bool:
+    """Whether a config value asked for equals the one the server stored (lists, numbers, case of strings)."""
+    if isinstance(given, np.generic):
+        given = given.item()
+    if isinstance(given, (list, tuple)) and isinstance(stored, (list, tuple)):
+        return len(given) == len(stored) and all(_same_value(g, s) for g, s in zip(given, stored))
+    if isinstance(given, dict) and isinstance(stored, dict):
+        return all(k in stored and _same_value(v, stored[k]) for k, v in given.items())
+    if isinstance(given, str) and isinstance(stored, str):
+        return given.lower() == stored.lower()
+    if isinstance(given, (int, float)) and isinstance(stored, (int, float)):
+        return float(given) == float(stored)
+    return given == stored
+
+
 class _BaseClient:
     def __init__(self, base_url: str, timeout: float | httpx.Timeout | None, max_retries: int,
                  headers: dict[str, str] | None, token: str | None) -> None:
@@ -54,7 +106,11 @@ class _BaseClient:
         self.max_retries = max_retries
         self.headers = {"Accept": MSGPACK, "User-Agent": "synapse-client/0.1", **(headers or {})}
         token = token if token is not None else os.environ.get("SYNAPSE_TOKEN")
-        if token:
+        if token is not None and token.strip():
+            token = token.strip()  # a trailing newline from a file or an echo is not part of the token
+            if not _TOKEN.fullmatch(token):
+                raise ValueError("the token has characters an HTTP header cannot carry (spaces, quotes, control or "
+                                 "non-ASCII characters); check token= or SYNAPSE_TOKEN (the token is not shown)")
             self.headers["Authorization"] = f"Bearer {token}"
 
     def _prepare(self, body: dict[str, Any] | bytes | None) -> tuple[Any, dict[str, str]]:
@@ -70,6 +126,7 @@ class _BaseClient:
 
     @staticmethod
     def _decode(response: httpx.Response) -> Any:
+        """The answer's body: numpy arrays (writable: the caller owns them), a file's bytes, or an error raised."""
         media = response.headers.get("content-type", "").split(";")[0].strip()
         if response.status_code >= 400:
             try:
@@ -84,14 +141,28 @@ class _BaseClient:
         if media == OCTET:
             return response.content
         if media == MSGPACK:
-            return _codec.unpackb(response.content)
+            return _codec.unpackb(response.content, writable=True)
         return response.json()
 
-    @staticmethod
-    def _connection_error(method: str, path: str, exc: httpx.TransportError) -> APIConnectionError:
-        if isinstance(exc, httpx.TimeoutException):
-            return APITimeoutError(f"{method} {path}: timed out ({exc})", exc.request)
-        return APIConnectionError(f"{method} {path}: {type(exc).__name__}: {exc}", exc.request)
+    def _connection_error(self, method: str, path: str, exc: httpx.TransportError, attempts: int,
+                          retried: bool) -> APIConnectionError:
+        """The error after the last attempt: where, what, how many attempts, and what to do."""
+        tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
+        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, _NOT_SENT):
+            why = "" if retried else "; not retried: the server may still be running it, and repeating it could " \
+                                     "run it twice"
+            return APITimeoutError(
+                f"{method} {path}: no answer from {self.base_url} in time ({type(exc).__name__}) after {tries}{why}. "
+                "For long calls pass a longer timeout, e.g. SynapseClient(url, timeout=600)", exc.request)
+        if isinstance(exc, _NOT_SENT):
+            return APIConnectionError(f"{method} {path}: cannot connect to synapse-serve at {self.base_url} "
+                                      f"({type(exc).__name__}: {exc}) after {tries}; {START_HINT}", exc.request)
+        why = "" if retried else " (not retried: the server may have applied it)"
+        return APIConnectionError(f"{method} {path}: the connection to {self.base_url} failed "
+                                  f"({type(exc).__name__}: {exc}) after {tries}{why}", exc.request)
+
+    def _retryable(self, exc: httpx.TransportError, attempt: int, retry: bool) -> bool:
+        return attempt < self.max_retries and (retry or isinstance(exc, _NOT_SENT))
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter: 0.25 s, 0.5 s, 1 s, … capped at 8 s."""
@@ -118,13 +189,30 @@ class _BaseClient:
 
     @staticmethod
     def _create_body(name: str, kind: str, config: dict[str, Any], init: dict[str, Any] | None,
-                     seed: int, durability: str | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"name": name, "kind": kind, "config": dict(config), "seed": seed}
+                     seed: int, durability: str | None, device: str | int | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": check_name(name), "kind": kind, "config": dict(config), "seed": seed}
         if durability is not None:
             body["durability"] = durability
+        if device is not None:
+            body["device"] = device
         if init:
             body["init"] = {k: as_array(v) for k, v in init.items()}
         return body
+
+    @staticmethod
+    def _query(owner: str | None) -> str:
+        return "" if owner is None else f"?owner={quote(check_name(owner, 'owner'), safe='')}"
+
+    @staticmethod
+    def _matches(description: dict[str, Any], kind: str, config: dict[str, Any]) -> None:
+        """ValueError if an existing instance is of another kind or config than asked (get_or_create)."""
+        stored = description.get("config", {})
+        different = [k for k, v in config.items() if k in stored and not _same_value(v, stored[k])]
+        if description.get("kind") != kind or different:
+            what = f"kind {description.get('kind')!r}" if description.get("kind") != kind else \
+                ", ".join(f"{k}={stored[k]!r}" for k in different)
+            raise ValueError(f"instance {description.get('name')!r} exists with {what}, not as asked; use another "
+                             "name, or get() it as it is")
 
 
 async def _stream(parts: list[bytes | memoryview]):
@@ -133,14 +221,11 @@ async def _stream(parts: list[bytes | memoryview]):
         yield part
 
 
-def _unwrap(result: dict[str, Any], key: str) -> np.ndarray:
-    return result[key]
-
-
 class SynapseClient(_BaseClient):
     """Blocking client. Use as a context manager, or call ``close()``.
 
-    ``token`` (default: the ``SYNAPSE_TOKEN`` environment variable) is sent as a bearer token.
+    ``token`` (default: the ``SYNAPSE_TOKEN`` environment variable) is sent as a bearer token;
+    ``timeout`` (seconds, or an ``httpx.Timeout``) bounds each call (default: 120 s to read an answer).
 
     Example::
 
@@ -159,7 +244,8 @@ class SynapseClient(_BaseClient):
 
     def request(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *, retry: bool,
                 headers: dict[str, str] | None = None) -> Any:
-        """Send one call. ``retry=True`` only for calls safe to repeat: connection errors are then retried."""
+        """Send one call. A connection that could not be made is always retried; ``retry=True`` (calls safe to
+        repeat) also retries timeouts and dropped connections after the request was sent."""
         content, content_headers = self._prepare(body)
         headers = {**content_headers, **(headers or {})}
         attempt = 0
@@ -167,38 +253,72 @@ class SynapseClient(_BaseClient):
             try:
                 response = self._http.request(method, path, content=content, headers=headers)
             except httpx.TransportError as exc:
-                error = self._connection_error(method, path, exc)
+                if not self._retryable(exc, attempt, retry):
+                    raise self._connection_error(method, path, exc, attempt + 1, retry) from None
             else:
                 return self._decode(response)
-            if not retry or attempt >= self.max_retries:
-                raise error
             time.sleep(self._backoff(attempt))
             attempt += 1
 
     def create(self, name: str, *, kind: str, config: dict[str, Any], init: dict[str, Any] | None = None,
-               seed: int = 0, durability: str | None = None) -> Synapse:
-        """Create a named instance and return its handle (never retried: a retry could meet its own 409).
+               seed: int = 0, durability: str | None = None, device: str | int | None = None,
+               owner: str | None = None) -> Synapse:
+        """Create a named instance and return its handle (retried only if it could not be sent at all).
 
-        ``durability`` (``"sync"``, ``"interval"``, ``"off"``) overrides the server's mode for this instance.
+        ``durability`` (``"sync"``, ``"interval"``, ``"off"``) overrides the server's mode for this instance;
+        ``device`` places it (``"cuda:1"`` or an index; see ``GET /v1/devices``); ``owner`` (admins) creates it
+        for another owner.
         """
-        body = self._create_body(name, kind, config, init, seed, durability)
-        self.request("POST", "/v1/synapses", body, retry=False)
-        return Synapse(self, name)
+        body = self._create_body(name, kind, config, init, seed, durability, device)
+        self.request("POST", f"/v1/synapses{self._query(owner)}", body, retry=False)
+        return Synapse(self, name, owner=owner)
 
-    def get(self, name: str) -> Synapse:
-        """The handle of an existing instance (NotFoundError if there is none)."""
-        self.request("GET", f"/v1/synapses/{name}", retry=True)
-        return Synapse(self, name)
+    def get(self, name: str, *, owner: str | None = None) -> Synapse:
+        """The handle of an existing instance (NotFoundError if there is none); admins may name its ``owner``."""
+        handle = Synapse(self, name, owner=owner)
+        self.request("GET", handle._path + handle._query, retry=True)
+        return handle
 
-    def import_(self, path: str | os.PathLike[str], *, name: str) -> Synapse:
+    def get_or_create(self, name: str, *, kind: str, config: dict[str, Any], init: dict[str, Any] | None = None,
+                      seed: int = 0, durability: str | None = None, device: str | int | None = None,
+                      owner: str | None = None) -> Synapse:
+        """The instance ``name`` if it exists (ValueError if it is of another kind or config than asked), else a
+        new one created as ``create`` would: a script can be run again and go on learning where it stopped."""
+        for _ in range(3):  # a create racing ours makes the next get find it
+            try:
+                handle = Synapse(self, name, owner=owner)
+                self._matches(handle.describe(), kind, config)
+                return handle
+            except NotFoundError:
+                pass
+            try:
+                return self.create(name, kind=kind, config=config, init=init, seed=seed, durability=durability,
+                                   device=device, owner=owner)
+            except SynapseError as exc:
+                if getattr(exc, "status_code", None) != 409:
+                    raise
+        raise SynapseError(f"instance {name!r} kept appearing and disappearing; try again")
+
+    def import_(self, path: str | os.PathLike[str], *, name: str, owner: str | None = None) -> Synapse:
         """Create instance ``name`` from a file written by ``Synapse.export`` (bit-identical state)."""
-        self.request("POST", f"/v1/synapses/import?name={quote(name, safe='')}", Path(path).read_bytes(),
-                     retry=False)
-        return Synapse(self, name)
+        query = f"?name={quote(check_name(name), safe='')}" + (f"&owner={quote(check_name(owner, 'owner'))}"
+                                                               if owner is not None else "")
+        self.request("POST", f"/v1/synapses/import{query}", Path(path).read_bytes(), retry=False)
+        return Synapse(self, name, owner=owner)
 
-    def list(self) -> list[dict[str, Any]]:
-        """Descriptions of every instance."""
-        return self.request("GET", "/v1/synapses", retry=True)["synapses"]
+    def list(self, *, owner: str | None = None) -> list[dict[str, Any]]:
+        """Descriptions of your instances (an admin's: everyone's, or ``owner``'s)."""
+        return self.request("GET", f"/v1/synapses{self._query(owner)}", retry=True)["synapses"]
+
+    def evicted(self) -> list[dict[str, Any]]:
+        """Your instances the server evicted for idleness (name, when, file size): ``restore_evicted`` brings
+        one back."""
+        return self.request("GET", "/v1/evicted", retry=True)["evicted"]
+
+    def restore_evicted(self, name: str) -> Synapse:
+        """Bring back an evicted instance as it was when evicted (version and counters go on); returns its handle."""
+        self.request("POST", f"/v1/evicted/{quote(check_name(name), safe='')}/restore", retry=False)
+        return Synapse(self, name)
 
     def kinds(self) -> list[dict[str, Any]]:
         """The synapse kinds the server offers."""
@@ -206,7 +326,7 @@ class SynapseClient(_BaseClient):
 
     def kind_help(self, kind: str) -> dict[str, Any]:
         """A kind's help: hyperparameters, compartments, dynamics."""
-        return self.request("GET", f"/v1/kinds/{kind}", retry=True)
+        return self.request("GET", f"/v1/kinds/{quote(str(kind), safe='')}", retry=True)
 
     def health(self) -> bool:
         """True when the server is live and ready."""
@@ -246,7 +366,8 @@ class AsyncSynapseClient(_BaseClient):
 
     async def request(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *,
                       retry: bool, headers: dict[str, str] | None = None) -> Any:
-        """Send one call. ``retry=True`` only for calls safe to repeat: connection errors are then retried."""
+        """Send one call. A connection that could not be made is always retried; ``retry=True`` (calls safe to
+        repeat) also retries timeouts and dropped connections after the request was sent."""
         content, content_headers = self._prepare(body)
         headers = {**content_headers, **(headers or {})}
         attempt = 0
@@ -256,38 +377,70 @@ class AsyncSynapseClient(_BaseClient):
                     method, path, content=_stream(content) if isinstance(content, list) else content,
                     headers=headers)
             except httpx.TransportError as exc:
-                error = self._connection_error(method, path, exc)
+                if not self._retryable(exc, attempt, retry):
+                    raise self._connection_error(method, path, exc, attempt + 1, retry) from None
             else:
                 return self._decode(response)
-            if not retry or attempt >= self.max_retries:
-                raise error
             await asyncio.sleep(self._backoff(attempt))
             attempt += 1
 
     async def create(self, name: str, *, kind: str, config: dict[str, Any], init: dict[str, Any] | None = None,
-                     seed: int = 0, durability: str | None = None) -> AsyncSynapse:
-        """Create a named instance and return its handle (never retried: a retry could meet its own 409).
+                     seed: int = 0, durability: str | None = None, device: str | int | None = None,
+                     owner: str | None = None) -> AsyncSynapse:
+        """Create a named instance and return its handle (retried only if it could not be sent at all).
 
-        ``durability`` (``"sync"``, ``"interval"``, ``"off"``) overrides the server's mode for this instance.
+        ``durability`` (``"sync"``, ``"interval"``, ``"off"``) overrides the server's mode for this instance;
+        ``device`` places it; ``owner`` (admins) creates it for another owner.
         """
-        body = self._create_body(name, kind, config, init, seed, durability)
-        await self.request("POST", "/v1/synapses", body, retry=False)
-        return AsyncSynapse(self, name)
+        body = self._create_body(name, kind, config, init, seed, durability, device)
+        await self.request("POST", f"/v1/synapses{self._query(owner)}", body, retry=False)
+        return AsyncSynapse(self, name, owner=owner)
 
-    async def get(self, name: str) -> AsyncSynapse:
-        """The handle of an existing instance (NotFoundError if there is none)."""
-        await self.request("GET", f"/v1/synapses/{name}", retry=True)
-        return AsyncSynapse(self, name)
+    async def get(self, name: str, *, owner: str | None = None) -> AsyncSynapse:
+        """The handle of an existing instance (NotFoundError if there is none); admins may name its ``owner``."""
+        handle = AsyncSynapse(self, name, owner=owner)
+        await self.request("GET", handle._path + handle._query, retry=True)
+        return handle
 
-    async def import_(self, path: str | os.PathLike[str], *, name: str) -> AsyncSynapse:
+    async def get_or_create(self, name: str, *, kind: str, config: dict[str, Any],
+                            init: dict[str, Any] | None = None, seed: int = 0, durability: str | None = None,
+                            device: str | int | None = None, owner: str | None = None) -> AsyncSynapse:
+        """The instance ``name`` if it exists (ValueError if it is of another kind or config than asked), else a
+        new one created as ``create`` would."""
+        for _ in range(3):
+            try:
+                handle = AsyncSynapse(self, name, owner=owner)
+                self._matches(await handle.describe(), kind, config)
+                return handle
+            except NotFoundError:
+                pass
+            try:
+                return await self.create(name, kind=kind, config=config, init=init, seed=seed, durability=durability,
+                                         device=device, owner=owner)
+            except SynapseError as exc:
+                if getattr(exc, "status_code", None) != 409:
+                    raise
+        raise SynapseError(f"instance {name!r} kept appearing and disappearing; try again")
+
+    async def import_(self, path: str | os.PathLike[str], *, name: str, owner: str | None = None) -> AsyncSynapse:
         """Create instance ``name`` from a file written by ``AsyncSynapse.export`` (bit-identical state)."""
-        await self.request("POST", f"/v1/synapses/import?name={quote(name, safe='')}", Path(path).read_bytes(),
-                           retry=False)
-        return AsyncSynapse(self, name)
+        query = f"?name={quote(check_name(name), safe='')}" + (f"&owner={quote(check_name(owner, 'owner'))}"
+                                                               if owner is not None else "")
+        await self.request("POST", f"/v1/synapses/import{query}", Path(path).read_bytes(), retry=False)
+        return AsyncSynapse(self, name, owner=owner)
 
-    async def list(self) -> list[dict[str, Any]]:
-        """Descriptions of every instance."""
-        return (await self.request("GET", "/v1/synapses", retry=True))["synapses"]
+    async def list(self, *, owner: str | None = None) -> list[dict[str, Any]]:
+        """Descriptions of your instances (an admin's: everyone's, or ``owner``'s)."""
+        return (await self.request("GET", f"/v1/synapses{self._query(owner)}", retry=True))["synapses"]
+
+    async def evicted(self) -> list[dict[str, Any]]:
+        """Your instances the server evicted for idleness (name, when, file size)."""
+        return (await self.request("GET", "/v1/evicted", retry=True))["evicted"]
+
+    async def restore_evicted(self, name: str) -> AsyncSynapse:
+        """Bring back an evicted instance as it was when evicted; returns its handle."""
+        await self.request("POST", f"/v1/evicted/{quote(check_name(name), safe='')}/restore", retry=False)
+        return AsyncSynapse(self, name)
 
     async def kinds(self) -> list[dict[str, Any]]:
         """The synapse kinds the server offers."""
@@ -295,7 +448,7 @@ class AsyncSynapseClient(_BaseClient):
 
     async def kind_help(self, kind: str) -> dict[str, Any]:
         """A kind's help: hyperparameters, compartments, dynamics."""
-        return await self.request("GET", f"/v1/kinds/{kind}", retry=True)
+        return await self.request("GET", f"/v1/kinds/{quote(str(kind), safe='')}", retry=True)
 
     async def health(self) -> bool:
         """True when the server is live and ready."""
@@ -316,29 +469,41 @@ class AsyncSynapseClient(_BaseClient):
         await self.close()
 
 
-class Synapse:
-    """Handle of one named instance on the server; numpy in, numpy out."""
+class _Handle:
+    """What both handles share: the instance's name, owner and URLs."""
 
-    def __init__(self, client: SynapseClient, name: str) -> None:
-        self.client, self.name = client, name
-        self._path = f"/v1/synapses/{name}"
+    def __init__(self, client: _BaseClient, name: str, owner: str | None = None) -> None:
+        self.client, self.name, self.owner = client, check_name(name), owner
+        self._path = f"/v1/synapses/{quote(name, safe='')}"
+        self._query = _BaseClient._query(owner)
+
+    def _url(self, suffix: str = "") -> str:
+        return f"{self._path}{suffix}{self._query}"
+
+    def __repr__(self) -> str:
+        owner = f", owner={self.owner!r}" if self.owner is not None else ""
+        return f"{type(self).__name__}({self.name!r}{owner} at {self.client.base_url})"
+
+
+class Synapse(_Handle):
+    """Handle of one named instance on the server; numpy in, numpy out (writable arrays of your own)."""
 
     def forward(self, inputs: Any) -> np.ndarray:
-        """outputs = conv_transpose(inputs, W) * g + b; inputs (batch, h, w, c_in)."""
-        return _unwrap(self.call("forward", inputs=inputs), "outputs")
+        """outputs = forward transform of ``inputs`` (see ``help()``); returns the outputs."""
+        return self.call("forward", inputs=inputs)["outputs"]
 
     def evolve(self, pre: Any, post: Any, *, returns: Sequence[str] = (),
                if_version: int | None = None) -> dict[str, Any]:
-        """One Hebbian update of the filters, applied exactly once even when a dropped connection is retried
-        (it carries an Idempotency-Key). ``if_version`` makes it fail with 412 if the version has moved.
+        """One Hebbian update, applied exactly once even when a dropped connection is retried (it carries an
+        Idempotency-Key). ``if_version`` makes it fail with 412 if the version has moved.
 
         Returns ``{"version": …}`` plus any compartments named in ``returns`` (e.g. ``("dWeights",)``).
         """
         return self.call("evolve", pre=pre, post=post, returns=returns, if_version=if_version)
 
     def backtransmit(self, post: Any = None) -> np.ndarray:
-        """dInputs = sign_value · VJP of forward w.r.t. inputs at ``post`` (default: the stored post)."""
-        return _unwrap(self.call("backtransmit", post=post), "dInputs")
+        """dInputs = sign_value · the transform's adjoint at ``post`` (default: the stored post)."""
+        return self.call("backtransmit", post=post)["dInputs"]
 
     def step(self, inputs: Any, post: Any, *, returns: Sequence[str] | None = None,
              if_version: int | None = None) -> dict[str, Any]:
@@ -351,88 +516,89 @@ class Synapse:
         return self.call("step", inputs=inputs, post=post, returns=returns, if_version=if_version)
 
     def reset(self) -> None:
-        """Zero inputs, outputs, pre, post and dInputs; weights, biases and optimizer state stay."""
+        """Zero the signal compartments at the configured batch_size; weights, biases and optimizer state stay."""
         self.call("reset")
 
     def call(self, operation: str, *, returns: Sequence[str] | None = None, if_version: int | None = None,
              idempotency_key: str | None = None, **tensors: Any) -> dict[str, Any]:
-        """Run any operation by name; connection errors are retried (evolve with its Idempotency-Key)."""
+        """Run any operation by name. Retried after a dropped connection only with an Idempotency-Key (evolve and
+        step always carry one), so a call is never run twice by accident."""
         body = self.client._op_body(tensors, returns)
         headers = self.client._op_headers(operation, if_version, idempotency_key)
-        return self.client.request("POST", f"{self._path}/{operation}", body, retry=True, headers=headers)
+        return self.client.request("POST", self._url(f"/{quote(str(operation), safe='')}"), body,
+                                   retry="Idempotency-Key" in headers, headers=headers)
 
     def help(self) -> dict[str, Any]:
         """Kind, hyperparameters (with this instance's values), compartments, dynamics."""
-        return self.client.request("GET", f"{self._path}/help", retry=True)
+        return self.client.request("GET", self._url("/help"), retry=True)
 
     def describe(self) -> dict[str, Any]:
         """Config, compartment shapes, device, counters and version."""
-        return self.client.request("GET", self._path, retry=True)
+        return self.client.request("GET", self._url(), retry=True)
 
     def get(self, compartment: str) -> np.ndarray:
-        """A copy of one compartment, e.g. ``"weights"`` or ``"opt_state/0/mu/0"``."""
-        return self.client.request("GET", f"{self._path}/compartments/{compartment}", retry=True)["value"]
+        """A copy of one compartment (writable, yours), e.g. ``"weights"`` or ``"opt_state/0/mu/0"``."""
+        return self.client.request("GET", self._url(f"/compartments/{_compartment_path(compartment)}"),
+                                   retry=True)["value"]
 
     def set(self, compartment: str, value: Any) -> int:
         """Overwrite one compartment (same shape; batch may differ for signals); returns the new version."""
         body = {"value": as_array(value)}
-        return self.client.request("PUT", f"{self._path}/compartments/{compartment}", body, retry=True)["version"]
+        return self.client.request("PUT", self._url(f"/compartments/{_compartment_path(compartment)}"), body,
+                                   retry=True)["version"]
 
     @property
     def weights(self) -> np.ndarray:
-        """The current filters (kh, kw, c_in, c_out)."""
+        """The current weights (a writable copy)."""
         return self.get("weights")
 
     def export(self, path: str | os.PathLike[str]) -> Path:
         """Save the whole instance (config, compartments, optimizer state, counters) to one file."""
         target = Path(path)
-        target.write_bytes(self.client.request("GET", f"{self._path}/export", retry=True))
+        target.write_bytes(self.client.request("GET", self._url("/export"), retry=True))
         return target
 
     def delete(self) -> None:
-        """Delete the instance on the server."""
-        self.client.request("DELETE", self._path, retry=False)
+        """Delete the instance (and its snapshots) on the server."""
+        self.client.request("DELETE", self._url(), retry=False)
 
     def snapshot(self, snapshot: str) -> dict[str, Any]:
         """Take a named point-in-time copy (stored on the server's disk) to roll back to later."""
-        return self.client.request("POST", f"{self._path}/snapshots", {"snapshot": snapshot}, retry=False)
+        return self.client.request("POST", self._url("/snapshots"), {"snapshot": check_name(snapshot, "snapshot")},
+                                   retry=False)
 
     def snapshots(self) -> list[dict[str, Any]]:
         """The instance's snapshots (name, version, counters, time), oldest first."""
-        return self.client.request("GET", f"{self._path}/snapshots", retry=True)["snapshots"]
+        return self.client.request("GET", self._url("/snapshots"), retry=True)["snapshots"]
 
     def restore(self, snapshot: str) -> int:
         """Roll every compartment back to ``snapshot``; returns the new version."""
-        return self.client.request("POST", f"{self._path}/snapshots/{snapshot}/restore", retry=True)["version"]
+        return self.client.request(
+            "POST", self._url(f"/snapshots/{quote(check_name(snapshot, 'snapshot'), safe='')}/restore"),
+            retry=False)["version"]
 
     def delete_snapshot(self, snapshot: str) -> None:
         """Delete one snapshot."""
-        self.client.request("DELETE", f"{self._path}/snapshots/{snapshot}", retry=False)
-
-    def __repr__(self) -> str:
-        return f"Synapse({self.name!r} at {self.client.base_url})"
+        self.client.request("DELETE", self._url(f"/snapshots/{quote(check_name(snapshot, 'snapshot'), safe='')}"),
+                            retry=False)
 
 
-class AsyncSynapse:
+class AsyncSynapse(_Handle):
     """The asyncio twin of Synapse."""
 
-    def __init__(self, client: AsyncSynapseClient, name: str) -> None:
-        self.client, self.name = client, name
-        self._path = f"/v1/synapses/{name}"
-
     async def forward(self, inputs: Any) -> np.ndarray:
-        """outputs = conv_transpose(inputs, W) * g + b; inputs (batch, h, w, c_in)."""
-        return _unwrap(await self.call("forward", inputs=inputs), "outputs")
+        """outputs = forward transform of ``inputs`` (see ``help()``); returns the outputs."""
+        return (await self.call("forward", inputs=inputs))["outputs"]
 
     async def evolve(self, pre: Any, post: Any, *, returns: Sequence[str] = (),
                      if_version: int | None = None) -> dict[str, Any]:
-        """One Hebbian update of the filters, applied exactly once even when a dropped connection is retried
-        (it carries an Idempotency-Key). ``if_version`` makes it fail with 412 if the version has moved."""
+        """One Hebbian update, applied exactly once even when a dropped connection is retried (it carries an
+        Idempotency-Key). ``if_version`` makes it fail with 412 if the version has moved."""
         return await self.call("evolve", pre=pre, post=post, returns=returns, if_version=if_version)
 
     async def backtransmit(self, post: Any = None) -> np.ndarray:
-        """dInputs = sign_value · VJP of forward w.r.t. inputs at ``post`` (default: the stored post)."""
-        return _unwrap(await self.call("backtransmit", post=post), "dInputs")
+        """dInputs = sign_value · the transform's adjoint at ``post`` (default: the stored post)."""
+        return (await self.call("backtransmit", post=post))["dInputs"]
 
     async def step(self, inputs: Any, post: Any, *, returns: Sequence[str] | None = None,
                    if_version: int | None = None) -> dict[str, Any]:
@@ -442,65 +608,68 @@ class AsyncSynapse:
         return await self.call("step", inputs=inputs, post=post, returns=returns, if_version=if_version)
 
     async def reset(self) -> None:
-        """Zero inputs, outputs, pre, post and dInputs; weights, biases and optimizer state stay."""
+        """Zero the signal compartments at the configured batch_size; weights, biases and optimizer state stay."""
         await self.call("reset")
 
     async def call(self, operation: str, *, returns: Sequence[str] | None = None, if_version: int | None = None,
                    idempotency_key: str | None = None, **tensors: Any) -> dict[str, Any]:
-        """Run any operation by name; connection errors are retried (evolve with its Idempotency-Key)."""
+        """Run any operation by name. Retried after a dropped connection only with an Idempotency-Key (evolve and
+        step always carry one), so a call is never run twice by accident."""
         body = self.client._op_body(tensors, returns)
         headers = self.client._op_headers(operation, if_version, idempotency_key)
-        return await self.client.request("POST", f"{self._path}/{operation}", body, retry=True, headers=headers)
+        return await self.client.request("POST", self._url(f"/{quote(str(operation), safe='')}"), body,
+                                         retry="Idempotency-Key" in headers, headers=headers)
 
     async def help(self) -> dict[str, Any]:
         """Kind, hyperparameters (with this instance's values), compartments, dynamics."""
-        return await self.client.request("GET", f"{self._path}/help", retry=True)
+        return await self.client.request("GET", self._url("/help"), retry=True)
 
     async def describe(self) -> dict[str, Any]:
         """Config, compartment shapes, device, counters and version."""
-        return await self.client.request("GET", self._path, retry=True)
+        return await self.client.request("GET", self._url(), retry=True)
 
     async def get(self, compartment: str) -> np.ndarray:
-        """A copy of one compartment, e.g. ``"weights"``."""
-        return (await self.client.request("GET", f"{self._path}/compartments/{compartment}", retry=True))["value"]
+        """A copy of one compartment (writable, yours), e.g. ``"weights"``."""
+        return (await self.client.request("GET", self._url(f"/compartments/{_compartment_path(compartment)}"),
+                                          retry=True))["value"]
 
     async def set(self, compartment: str, value: Any) -> int:
         """Overwrite one compartment; returns the new version."""
         body = {"value": as_array(value)}
-        return (await self.client.request("PUT", f"{self._path}/compartments/{compartment}", body, retry=True))[
-            "version"]
+        return (await self.client.request("PUT", self._url(f"/compartments/{_compartment_path(compartment)}"),
+                                          body, retry=True))["version"]
 
     @property
     async def weights(self) -> np.ndarray:
-        """The current filters (kh, kw, c_in, c_out): ``await syn.weights``."""
+        """The current weights (a writable copy): ``await syn.weights``."""
         return await self.get("weights")
 
     async def export(self, path: str | os.PathLike[str]) -> Path:
         """Save the whole instance (config, compartments, optimizer state, counters) to one file."""
         target = Path(path)
-        target.write_bytes(await self.client.request("GET", f"{self._path}/export", retry=True))
+        target.write_bytes(await self.client.request("GET", self._url("/export"), retry=True))
         return target
 
     async def delete(self) -> None:
-        """Delete the instance on the server."""
-        await self.client.request("DELETE", self._path, retry=False)
+        """Delete the instance (and its snapshots) on the server."""
+        await self.client.request("DELETE", self._url(), retry=False)
 
     async def snapshot(self, snapshot: str) -> dict[str, Any]:
         """Take a named point-in-time copy (stored on the server's disk) to roll back to later."""
-        return await self.client.request("POST", f"{self._path}/snapshots", {"snapshot": snapshot}, retry=False)
+        return await self.client.request("POST", self._url("/snapshots"),
+                                         {"snapshot": check_name(snapshot, "snapshot")}, retry=False)
 
     async def snapshots(self) -> list[dict[str, Any]]:
         """The instance's snapshots (name, version, counters, time), oldest first."""
-        return (await self.client.request("GET", f"{self._path}/snapshots", retry=True))["snapshots"]
+        return (await self.client.request("GET", self._url("/snapshots"), retry=True))["snapshots"]
 
     async def restore(self, snapshot: str) -> int:
         """Roll every compartment back to ``snapshot``; returns the new version."""
-        return (await self.client.request("POST", f"{self._path}/snapshots/{snapshot}/restore", retry=True))[
-            "version"]
+        return (await self.client.request(
+            "POST", self._url(f"/snapshots/{quote(check_name(snapshot, 'snapshot'), safe='')}/restore"),
+            retry=False))["version"]
 
     async def delete_snapshot(self, snapshot: str) -> None:
         """Delete one snapshot."""
-        await self.client.request("DELETE", f"{self._path}/snapshots/{snapshot}", retry=False)
-
-    def __repr__(self) -> str:
-        return f"AsyncSynapse({self.name!r} at {self.client.base_url})"
+        await self.client.request(
+            "DELETE", self._url(f"/snapshots/{quote(check_name(snapshot, 'snapshot'), safe='')}"), retry=False)

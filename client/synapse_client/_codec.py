@@ -136,10 +136,10 @@ class Ref:
 def _default(obj: Any) -> Any:
     if isinstance(obj, Ref):
         return obj.to_wire()
+    if isinstance(obj, np.generic):  # np.float32(0.01) in a config is a number, not a 0-d tensor
+        return obj.item()
     if isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):
         return encode_tensor(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
     raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
@@ -211,22 +211,26 @@ def _has_large_array(value: Any, depth: int) -> bool:
     return _is_array(value) and to_numpy(value).nbytes >= ZERO_COPY_BYTES
 
 
-def unpackb(data: bytes | bytearray | memoryview, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Any:
-    """Decode a body: wire tensors become read-only numpy arrays; any defect is a WireError.
+def unpackb(data: bytes | bytearray | memoryview, max_elements: int = DEFAULT_MAX_ELEMENTS, *,
+            writable: bool = False) -> Any:
+    """Decode a body: wire tensors become numpy arrays; any defect is a WireError. Map keys are strings.
 
     Bodies of at least ZERO_COPY_BYTES are read in place: a tensor views the body's own
-    bytes (msgpack's C reader would copy every bin). Others go through msgpack's C reader.
+    bytes (msgpack's C reader would copy every bin); others go through msgpack's C reader.
+    The arrays are read-only views unless ``writable`` (what a client hands its caller): then
+    they are the caller's own, writable (one copy of the body, or of each small tensor).
     """
     if len(data) >= ZERO_COPY_BYTES:
+        buffer = bytearray(data) if writable and not isinstance(data, bytearray) else data
         try:
-            return _walk(_InPlaceReader(data).read_all(), max_elements, 0)
+            return _walk(_InPlaceReader(buffer).read_all(), max_elements, 0, False)
         except _TooManyObjects:
             pass  # a body of many small values: the C reader is faster at those
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise WireError(f"body is not valid msgpack: {type(exc).__name__}: {exc}"[:300]) from None
-    return _walk(obj, max_elements, 0)
+    return _walk(obj, max_elements, 0, writable)
 
 
 class _TooManyObjects(Exception):
@@ -321,25 +325,32 @@ class _InPlaceReader:
         out = {}
         for _ in range(self.count(n)):
             key = self.read(depth + 1)
-            if isinstance(key, memoryview):
-                key = bytes(key)
-            if not isinstance(key, (str, bytes)):
-                raise WireError(f"body is not valid msgpack for this API: a map key is a {type(key).__name__}")
+            if not isinstance(key, str):
+                raise WireError(f"body is not valid msgpack for this API: a map key is a {_type_name(key)}, "
+                                "not a string")
             out[key] = self.read(depth + 1)
         return out
 
 
-def _walk(obj: Any, max_elements: int, depth: int) -> Any:
+def _type_name(value: Any) -> str:
+    return "bin" if isinstance(value, (bytes, memoryview)) else type(value).__name__
+
+
+def _walk(obj: Any, max_elements: int, depth: int, writable: bool) -> Any:
     if depth > MAX_DEPTH:
         raise WireError(f"body nests deeper than {MAX_DEPTH} levels")
     if isinstance(obj, dict):
+        bad = next((k for k in obj if not isinstance(k, str)), None)
+        if bad is not None:
+            raise WireError(f"body is not valid msgpack for this API: a map key is a {_type_name(bad)}, not a string")
         if TENSOR_KEYS <= obj.keys() and isinstance(obj.get("data"), (bytes, memoryview)):
             if obj.keys() != TENSOR_KEYS:
                 raise WireError(f"a tensor map has exactly the keys dtype, shape, data; received {sorted(obj)}")
-            return decode_tensor(obj, max_elements)
-        return {k: _walk(v, max_elements, depth + 1) for k, v in obj.items()}
+            array = decode_tensor(obj, max_elements)
+            return array.copy() if writable and not array.flags.writeable else array
+        return {k: _walk(v, max_elements, depth + 1, writable) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_walk(v, max_elements, depth + 1) for v in obj]
+        return [_walk(v, max_elements, depth + 1, writable) for v in obj]
     if isinstance(obj, msgpack.ExtType):
         raise WireError("msgpack extension types are not accepted")
     if isinstance(obj, memoryview):  # a bin outside a tensor: what the C reader gives, bytes

@@ -9,13 +9,16 @@
         ├── AuthenticationError      401 no token, or not a known one
         ├── PermissionDeniedError    403 a quota is used up
         ├── NotFoundError            404 no such instance or kind
-        ├── ConflictError            409 name taken
+        ├── NotAcceptableError       406 Accept allows neither msgpack nor JSON
+        ├── RequestTimeoutError      408 the body did not arrive in time
+        ├── ConflictError            409 name taken, device full, or a keyed answer no longer kept
         ├── PreconditionFailedError  412 the version moved (If-Match)
         ├── PayloadTooLargeError     413 body over the server's limit
         ├── UnsupportedMediaTypeError 415
         ├── UnprocessableEntityError 422 invalid config, name, shape or dtype
-        ├── InternalServerError      5xx (device failures among them)
-        └── ServiceUnavailableError  503 not ready
+        └── InternalServerError      5xx (device failures among them)
+            ├── ServiceUnavailableError  503 not ready, or the instance is still being restored
+            └── InsufficientStorageError 507 applied in memory but not stored (sync mode); retry with its key
 """
 
 from __future__ import annotations
@@ -74,8 +77,17 @@ class NotFoundError(APIStatusError):
     """404: no such instance or kind."""
 
 
+class NotAcceptableError(APIStatusError):
+    """406: the Accept header allows neither msgpack nor JSON."""
+
+
+class RequestTimeoutError(APIStatusError):
+    """408: the request's body did not reach the server in time."""
+
+
 class ConflictError(APIStatusError):
-    """409: an instance of that name exists."""
+    """409: an instance or snapshot of that name exists, a device's budget is full, or a keyed call's answer is
+    no longer kept (it was applied once and is not run again)."""
 
 
 class PreconditionFailedError(APIStatusError):
@@ -99,7 +111,11 @@ class InternalServerError(APIStatusError):
 
 
 class ServiceUnavailableError(InternalServerError):
-    """503: the server is not ready."""
+    """503: the server is not ready, or the instance is still being restored (retry after ``Retry-After``)."""
+
+
+class InsufficientStorageError(InternalServerError):
+    """507: sync mode: applied in memory but not stored; a retry with the same Idempotency-Key answers once stored."""
 
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {
@@ -107,12 +123,15 @@ _BY_STATUS: dict[int, type[APIStatusError]] = {
     401: AuthenticationError,
     403: PermissionDeniedError,
     404: NotFoundError,
+    406: NotAcceptableError,
+    408: RequestTimeoutError,
     409: ConflictError,
     412: PreconditionFailedError,
     413: PayloadTooLargeError,
     415: UnsupportedMediaTypeError,
     422: UnprocessableEntityError,
     503: ServiceUnavailableError,
+    507: InsufficientStorageError,
 }
 
 

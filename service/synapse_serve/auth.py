@@ -62,10 +62,18 @@ def parse_spec(spec: str) -> tuple[str, str, bool]:
 
 
 class TokenTable:
-    """The known tokens (as hashes) and their owners."""
+    """The known tokens (as hashes) and their owners; one token is one principal (InvalidConfig otherwise)."""
 
     def __init__(self, entries: list[tuple[str, str, bool]]) -> None:
-        self.entries = [(bytes.fromhex(digest), Principal(owner, admin)) for owner, digest, admin in entries]
+        seen: dict[str, Principal] = {}
+        for owner, digest, admin in entries:
+            principal = Principal(owner, admin)
+            other = seen.setdefault(digest, principal)
+            if other != principal:  # last-wins would hand one owner's token to another
+                raise InvalidConfig(
+                    f"one token is listed for {other.owner!r}{' (admin)' if other.admin else ''} and for "
+                    f"{owner!r}{' (admin)' if admin else ''}: each token must belong to exactly one owner")
+        self.entries = [(bytes.fromhex(digest), principal) for digest, principal in seen.items()]
 
     @classmethod
     def load(cls, tokens: str = "", tokens_file: Path | None = None) -> TokenTable:
@@ -86,6 +94,46 @@ class TokenTable:
             if hmac.compare_digest(presented, digest):
                 found = principal
         return found
+
+
+class UnsafeSettings(ValueError):
+    """Settings the server refuses to start with; the message says how to fix them."""
+
+
+def token_table(settings) -> TokenTable | None:
+    """The tokens, or None when authentication is off.
+
+    ``auth=auto`` turns it on when tokens are configured or the address is not loopback; a
+    public address with auth off, or auth on without tokens, is refused.
+    """
+    configured = bool(settings.tokens.strip()) or settings.tokens_file is not None
+    enabled = settings.auth == "on" or (settings.auth == "auto" and (configured or not is_loopback(settings.host)))
+    if not enabled:
+        if not is_loopback(settings.host) and not settings.allow_public_without_auth:
+            raise UnsafeSettings(
+                f"refusing to serve {settings.host} with auth off: anyone who can reach it could read and change "
+                "every instance. Set tokens (SYNAPSE_TOKENS or SYNAPSE_TOKENS_FILE) and SYNAPSE_AUTH=auto, or, "
+                "only behind a trusted authenticating proxy, SYNAPSE_ALLOW_PUBLIC_WITHOUT_AUTH=true")
+        return None
+    try:
+        table = TokenTable.load(settings.tokens, settings.tokens_file)
+    except (InvalidConfig, OSError) as exc:
+        raise UnsafeSettings(f"cannot load tokens: {getattr(exc, 'detail', exc)}") from None
+    if not len(table):
+        raise UnsafeSettings(
+            f"authentication is on (listening on {settings.host}) but no tokens are configured: set "
+            "SYNAPSE_TOKENS='owner:<long random token>' or SYNAPSE_TOKENS_FILE")
+    return table
+
+
+def auth_mode(settings, tokens: TokenTable | None) -> str:
+    """How the server authenticates, in words for the start-up log and ``synapse-serve check``."""
+    if tokens is None:
+        warning = " (tokens are configured but SYNAPSE_AUTH=off ignores them)" if (
+            settings.tokens.strip() or settings.tokens_file is not None) else ""
+        return f"off: every caller is the admin owner 'local'{warning}"
+    admins = sum(p.admin for _, p in tokens.entries)
+    return f"on: {len(tokens)} tokens ({admins} admin)"
 
 
 def is_loopback(host: str) -> bool:

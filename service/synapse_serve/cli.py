@@ -12,7 +12,20 @@ import sys
 from pathlib import Path
 
 DOCS = ("docs/ in the repository: operations.md (running, watching, sizing), api.md, wire-format.md, "
-        "durability.md, security.md, benchmarks.md, conformance.md")
+        "durability.md, security.md, benchmarks.md, conformance.md, architecture.md")
+SERVER_EXTRA = ("the server needs its extra dependencies (FastAPI, uvicorn, JAX): "
+                "pip install 'synapse-serve[server]' (from a checkout: pip install '.[server]'); "
+                "the client alone needs only numpy, msgpack and httpx")
+
+
+def _server_dependencies_missing() -> str | None:
+    """The first missing server dependency, or None: a client-only install says what to install."""
+    import importlib.util
+
+    for module in ("pydantic_settings", "fastapi", "uvicorn", "jax", "optax", "prometheus_client"):
+        if importlib.util.find_spec(module) is None:
+            return module
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-dir", help="state directory (SYNAPSE_STATE_DIR, default ./state)")
     parser.add_argument("--log-level", help="log level (SYNAPSE_LOG_LEVEL, default info)")
     args = parser.parse_args(argv)
+    missing = _server_dependencies_missing()
+    if missing is not None:
+        parser.exit(2, f"synapse-serve: {missing} is not installed; {SERVER_EXTRA}\n")
     command = args.command
     overrides = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
 
@@ -38,20 +54,25 @@ def main(argv: list[str] | None = None) -> None:
     except ValidationError as exc:
         parser.exit(2, f"synapse-serve: invalid settings:\n{exc}\n")
 
-    from synapse_serve.app import UnsafeSettings, apply_memory_settings, create_app
+    from synapse_serve.local.backend import apply_memory_settings
 
     apply_memory_settings(settings)  # before JAX starts a backend
     if command == "check":
         sys.exit(check(settings))
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
 
     import uvicorn
 
+    from synapse_serve.app import UnsafeSettings, create_app
     from synapse_serve.logs import configure_logging
+    from synapse_serve.store import StateDirLocked, Store
 
     try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        probe = Store(settings.state_dir)  # a friendly refusal; the server takes the lock itself at start
+        probe.lock()
+        probe.unlock()
         app = create_app(settings)
-    except UnsafeSettings as exc:
+    except (UnsafeSettings, StateDirLocked, OSError) as exc:
         parser.exit(2, f"synapse-serve: {exc}\n")
     configure_logging(settings.log_level)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), workers=1,
@@ -62,27 +83,33 @@ def check(settings) -> int:
     """Print what would be served and whether it can be; 0 if it can, 2 if not."""
     import jax
 
-    from synapse_serve.app import UnsafeSettings, token_table
-    from synapse_serve.store import SUFFIX
+    from synapse_serve.auth import UnsafeSettings, auth_mode, token_table
+    from synapse_serve.store import StateDirLocked, Store
 
     problems = []
     try:
         tokens = token_table(settings)
+        auth = auth_mode(settings, tokens)
     except UnsafeSettings as exc:
-        tokens, problems = None, [str(exc)]
+        auth, problems = "refused", [str(exc)]
     try:
         devices = [{"device": f"{d.platform}:{d.id}", "kind": getattr(d, "device_kind", d.platform),
                     "memory_bytes_limit": (d.memory_stats() or {}).get("bytes_limit")} for d in jax.devices()]
     except RuntimeError as exc:
         devices, problems = [], [*problems, f"JAX found no usable device: {exc}"]
     state = Path(settings.state_dir)
-    stored = sorted(str(p.relative_to(state / "instances"))[: -len(SUFFIX)]
-                    for p in (state / "instances").rglob(f"*{SUFFIX}")) if (state / "instances").is_dir() else []
+    store = Store(state)
+    if state.is_dir():
+        try:
+            store.lock()
+            store.unlock()
+        except StateDirLocked as exc:
+            problems.append(str(exc))
     report = {
         "would_serve": f"http://{settings.host}:{settings.port}",
-        "auth": "off" if tokens is None and not problems else f"on ({len(tokens) if tokens else 0} tokens)",
+        "auth": auth,
         "state_dir": str(state.resolve()),
-        "stored_instances": len(stored),
+        "stored_instances": len(store.stored_keys()),
         "durability": settings.durability,
         "devices": devices,
         "device_budget_bytes": settings.device_budget_bytes,

@@ -1,40 +1,51 @@
-"""The domain's exceptions: one hierarchy, mapped once to HTTP problems at the edge.
+"""The domain's exceptions: one hierarchy, mapped once to HTTP problems at the edge (api/bodies.py).
 
     SynapseServeError
     ├── InvalidRequest          (422) a value the caller sent is not allowed
-    │   ├── InvalidConfig       a hyperparameter or init spec is out of range
-    │   ├── InvalidName         an instance name breaks the naming rule
-    │   ├── ShapeMismatch       a tensor has the wrong shape or dtype
-    │   └── UnknownOperation    the kind has no such operation or compartment
+    │   ├── InvalidConfig       a hyperparameter, init spec or create field is out of range
+    │   ├── InvalidName         an instance or snapshot name breaks the naming rule
+    │   ├── InvalidFields       a body lacks a required field or has an unknown one
+    │   ├── ShapeMismatch       a tensor has the wrong shape or dtype, or a batch over max_batch
+    │   ├── UnknownOperation    the kind has no such operation
+    │   ├── UnknownCompartment  the instance has no such compartment
+    │   ├── MissingArgument     an operation's tensor argument was not sent
+    │   ├── InvalidInstanceFile an imported file is damaged, altered or does not fit its kind
+    │   └── IdempotencyKeyReused an Idempotency-Key already used for another request
     ├── Unauthorized            (401) no token, or not a known one
-    ├── QuotaExceeded           (403) an owner's instance or state-byte quota is used up
-    ├── NotFound                (404) no such kind or instance (or not yours)
-    ├── AlreadyExists           (409) an instance of that name exists
+    ├── QuotaExceeded           (403) an owner's or the server's quota would be exceeded
+    ├── NotFound                (404) no such kind, instance or snapshot (or not yours)
+    ├── AlreadyExists           (409) an instance or snapshot of that name exists
+    ├── DeviceFull              (409) the device's state budget would be exceeded
+    ├── AnswerNotKept           (409) a keyed call already ran; its answer is no longer kept
     ├── PreconditionFailed      (412) If-Match named a version that has moved
     ├── MalformedBody           (400) the body cannot be decoded
+    ├── NotAcceptable           (406) no response type the caller accepts
+    ├── RequestTimeout          (408) the body did not arrive in time
     ├── BodyTooLarge            (413) the body is over the configured limit
     ├── UnsupportedMediaType    (415) a content type we do not speak
-    ├── NotAcceptable           (406) no response type the caller accepts
-    ├── NotReady                (503) the server is still warming up
+    ├── NotReady                (503) warming up, or the instance is still being restored
     ├── DeviceError             (500) the accelerator failed; not the caller's fault
     └── StorageError            (507) the state directory could not be written
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class SynapseServeError(Exception):
     """Base of every error the service raises on purpose."""
 
-    status = 500
-    title = "Internal error"
-    slug = "internal-error"
-    headers: dict[str, str] = {}
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+    slug: ClassVar[str] = "internal-error"
+    default_headers: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, detail: str, **extra: object) -> None:
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None, **extra: object) -> None:
         super().__init__(detail)
         self.detail = detail
         self.extra = extra
+        self.headers = {**self.default_headers, **(headers or {})}
 
 
 class InvalidRequest(SynapseServeError):
@@ -49,27 +60,41 @@ class InvalidName(InvalidRequest):
     title, slug = "Invalid name", "invalid-name"
 
 
+class InvalidFields(InvalidRequest):
+    title, slug = "Invalid body fields", "invalid-fields"
+
+
 class ShapeMismatch(InvalidRequest):
     title, slug = "Shape or dtype mismatch", "shape-mismatch"
 
 
 class UnknownOperation(InvalidRequest):
-    title, slug = "Unknown operation or compartment", "unknown-operation"
+    title, slug = "Unknown operation", "unknown-operation"
+
+
+class UnknownCompartment(InvalidRequest):
+    title, slug = "Unknown compartment", "unknown-compartment"
+
+
+class MissingArgument(InvalidRequest):
+    title, slug = "Missing argument", "missing-argument"
+
+
+class InvalidInstanceFile(InvalidRequest):
+    title, slug = "Invalid instance file", "invalid-instance-file"
+
+
+class IdempotencyKeyReused(InvalidRequest):
+    title, slug = "Idempotency-Key reused", "idempotency-key-reused"
 
 
 class Unauthorized(SynapseServeError):
     status, title, slug = 401, "Unauthorized", "unauthorized"
-    headers = {"WWW-Authenticate": 'Bearer realm="synapse-serve"'}
+    default_headers = {"WWW-Authenticate": 'Bearer realm="synapse-serve"'}
 
 
 class QuotaExceeded(SynapseServeError):
     status, title, slug = 403, "Quota exceeded", "quota-exceeded"
-
-
-class DeviceFull(SynapseServeError):
-    """A create that would put a device over its memory budget (refused now rather than failing later)."""
-
-    status, title, slug = 409, "Device full", "device-full"
 
 
 class NotFound(SynapseServeError):
@@ -80,12 +105,33 @@ class AlreadyExists(SynapseServeError):
     status, title, slug = 409, "Already exists", "already-exists"
 
 
+class DeviceFull(SynapseServeError):
+    """A create or call that would put a device over its state budget (refused before any work)."""
+
+    status, title, slug = 409, "Device full", "device-full"
+
+
+class AnswerNotKept(SynapseServeError):
+    """A repeated Idempotency-Key whose call ran once; its answer was dropped to bound memory. Not run again."""
+
+    status, title, slug = 409, "Answer no longer kept", "answer-not-kept"
+
+
 class PreconditionFailed(SynapseServeError):
     status, title, slug = 412, "Precondition failed", "precondition-failed"
 
 
 class MalformedBody(SynapseServeError):
     status, title, slug = 400, "Malformed body", "malformed-body"
+
+
+class NotAcceptable(SynapseServeError):
+    status, title, slug = 406, "Not acceptable", "not-acceptable"
+
+
+class RequestTimeout(SynapseServeError):
+    status, title, slug = 408, "Request timeout", "request-timeout"
+    default_headers = {"Connection": "close"}
 
 
 class BodyTooLarge(SynapseServeError):
@@ -96,12 +142,9 @@ class UnsupportedMediaType(SynapseServeError):
     status, title, slug = 415, "Unsupported media type", "unsupported-media-type"
 
 
-class NotAcceptable(SynapseServeError):
-    status, title, slug = 406, "Not acceptable", "not-acceptable"
-
-
 class NotReady(SynapseServeError):
     status, title, slug = 503, "Not ready", "not-ready"
+    default_headers = {"Retry-After": "1"}
 
 
 class DeviceError(SynapseServeError):

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
                                 "and at shutdown; off: memory only")
     flush_interval_s: float = Field(2.0, gt=0, le=3600, description="interval mode: seconds between writes")
     auth: Literal["auto", "on", "off"] = Field(
-        "auto", description="bearer tokens: auto = on unless the server listens on loopback only")
+        "auto", description="bearer tokens: auto = on when tokens are configured or the address is not loopback")
     tokens: str = Field("", repr=False, description="owner:token or owner:sha256=<hex>, comma-separated; "
                                                     "append :admin for an admin")
     tokens_file: Path | None = Field(None, description="a file of token specs, one per line")
@@ -38,7 +38,14 @@ class Settings(BaseSettings):
     metrics_open: bool = Field(False, description="serve /metrics without a token even when auth is on")
     max_instances_per_owner: int = Field(1000, ge=1, description="quota: instances per owner")
     max_state_bytes_per_owner: int = Field(16 << 30, ge=1, description="quota: state bytes per owner")
-    max_batch: int = Field(65536, ge=1, description="largest batch a call may send")
+    max_snapshot_bytes_per_owner: int = Field(16 << 30, ge=1, description="quota: bytes of snapshot files per owner")
+    max_batch: int = Field(65536, ge=1, description="largest batch a call may send or a signal compartment may hold")
+    idempotency_answer_bytes: int = Field(
+        256 << 20, ge=0, description="bytes of stored answers to Idempotency-Key calls, server-wide; beyond it the "
+                                     "oldest answers' tensors are dropped (their calls still never run twice)")
+    body_timeout_s: float = Field(300.0, gt=0, description="a request body must arrive within this many seconds")
+    body_idle_timeout_s: float = Field(30.0, gt=0, description="a request body may pause this long between chunks")
+    access_log: bool = Field(True, description="one JSON line per request on the synapse_serve.access logger")
     inline_call_us: float = Field(
         250.0, ge=0, description="an operation whose last run on that instance and batch took less than this "
                                  "many microseconds runs on the event loop instead of a worker thread "

@@ -1,30 +1,37 @@
-"""Instance files: one safetensors file per instance, written atomically.
+"""Instance files: one safetensors file per instance, written atomically and streamed.
 
-The same format serves persistence, export and import. A file holds every
+The same format serves persistence, export, import and snapshots. A file holds every
 compartment as a tensor (the optimizer state under its path, e.g.
 ``opt_state/0/mu/0``) and, in the header's ``__metadata__``, a JSON record:
 format version, kind, config, seed, version, counters, owner, durability mode,
-creation and save times, and a
-SHA-256 over the rest of the header and the data, so truncation, bit flips
-and tampering are caught before anything is used.
+creation and save times, and a SHA-256 over the rest of the header and the data, so
+truncation, bit flips and tampering are caught before anything is used.
 
 safetensors layout: 8-byte little-endian header length N, N bytes of JSON
 ``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}``,
-then the data (little-endian, C order). Written here directly (the format is
-small) so that reading validates every offset and size before touching data.
+then the data (little-endian, C order). Written here directly (the format is small) so
+that reading validates every offset, size and header field before touching data, and
+writing streams each array from its own memory: no copy of the whole state is made
+(the header's length does not depend on the checksum's value, so the data is written
+first, hashed on the way, and the header last).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import re
 import struct
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -33,19 +40,31 @@ from synapse_client._codec import numpy_dtype, wire_dtype_name
 FORMAT = "synapse-serve"
 FORMAT_VERSION = 1
 MAX_HEADER = 16 << 20
+MAX_COUNT = 2**63 - 1  # versions, counters and seeds fit a signed 64-bit integer (msgpack, JSON readers)
+DURABILITY_MODES = ("sync", "interval", "off")
 _TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int32": "I32",
           "int64": "I64", "uint32": "U32", "uint8": "U8", "bool": "BOOL"}
 _FROM_ST = {v: k for k, v in _TO_ST.items()}
+_OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SUFFIX = ".safetensors"
+_CHECKSUM_PLACEHOLDER = "0" * 64  # a SHA-256 in hex has this length whatever its value
 
 
 class CorruptFile(ValueError):
-    """An instance file that is truncated, altered, or of another format version."""
+    """An instance file that is truncated, altered, of another format version, or whose record is invalid."""
+
+
+class StateDirLocked(RuntimeError):
+    """Another server process holds the state directory."""
 
 
 @dataclass
 class Record:
-    """Everything needed to continue an instance exactly."""
+    """Everything needed to continue an instance exactly.
+
+    ``arrays`` may hold numpy or JAX arrays: writers take each one to host memory only
+    when they write it.
+    """
 
     kind: str
     config: dict[str, Any]
@@ -53,93 +72,212 @@ class Record:
     version: int
     counters: dict[str, int]
     created_at: float
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, Any]
     saved_at: float = 0.0  # when this copy was taken
     durability: str | None = None  # the instance's own mode; None follows the server's
-    owner: str = "local"  # who the instance belongs to; one owner until authentication exists
+    owner: str = "local"  # who the instance belongs to
 
 
 def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _host(array: Any) -> np.ndarray:
+    """A C-ordered little-endian host array (a view where possible; a 0-d array stays 0-d)."""
+    host = np.asarray(array)
+    if host.dtype.byteorder == ">":
+        host = host.astype(host.dtype.newbyteorder("<"))
+    return host if host.flags.c_contiguous else np.ascontiguousarray(host)
+
+
+def _bytes_of(host: np.ndarray) -> memoryview:
+    return memoryview(host.reshape(-1).view(np.uint8)) if host.size else memoryview(b"")
+
+
+class _Layout:
+    """The header of a record's file, before the checksum is known; the data's order and offsets."""
+
+    def __init__(self, record: Record) -> None:
+        self.record = record
+        self.names = sorted(record.arrays)
+        index, offset = {}, 0
+        for name in self.names:
+            array = record.arrays[name]
+            dtype = np.dtype(array.dtype)
+            nbytes = math.prod(array.shape) * dtype.itemsize
+            index[name] = {"dtype": _TO_ST[wire_dtype_name(dtype)], "shape": list(array.shape),
+                           "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        self.index, self.data_bytes = index, offset
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": record.kind, "config": record.config,
+                "seed": record.seed, "version": record.version, "counters": record.counters,
+                "created_at": record.created_at, "saved_at": record.saved_at, "durability": record.durability,
+                "owner": record.owner}
+        self.body = {"record": json.dumps(meta, sort_keys=True, allow_nan=False)}
+        self.header_bytes = len(self.header(_CHECKSUM_PLACEHOLDER))
+
+    def hasher(self) -> Any:
+        return hashlib.sha256(_canonical({**self.index, "__metadata__": self.body}))
+
+    def header(self, checksum: str) -> bytes:
+        header = json.dumps({**self.index, "__metadata__": {**self.body, "sha256": checksum}}).encode()
+        header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes
+        return struct.pack("<Q", len(header)) + header
+
+    def chunks(self) -> Iterator[memoryview]:
+        """Each array's bytes in file order, one array in host memory at a time."""
+        for name in self.names:
+            chunk = _bytes_of(_host(self.record.arrays[name]))
+            if len(chunk) != self.index[name]["data_offsets"][1] - self.index[name]["data_offsets"][0]:
+                raise ValueError(f"array {name!r} changed size while it was written")
+            yield chunk
+
+
+def file_size(record: Record) -> int:
+    """Bytes of the file ``write_record`` writes for ``record`` (known before writing)."""
+    layout = _Layout(record)
+    return layout.header_bytes + layout.data_bytes
+
+
+def write_record(f: IO[bytes], record: Record) -> None:
+    """Write ``record`` to a seekable binary file at its current position, data first, header last."""
+    layout = _Layout(record)
+    start = f.tell()
+    f.seek(start + layout.header_bytes)
+    hasher = layout.hasher()
+    for chunk in layout.chunks():
+        hasher.update(chunk)
+        f.write(chunk)
+    f.seek(start)
+    f.write(layout.header(hasher.hexdigest()))
+    f.seek(start + layout.header_bytes + layout.data_bytes)
+
+
+def stream_record(record: Record) -> tuple[int, Callable[[], Iterator[bytes | memoryview]]]:
+    """The file's length and a generator of its parts, for sending it without writing it anywhere.
+
+    The arrays are read twice (a hashing pass, then the sending pass); keep them unchanged meanwhile.
+    """
+    layout = _Layout(record)
+    hasher = layout.hasher()
+    for chunk in layout.chunks():
+        hasher.update(chunk)
+    header = layout.header(hasher.hexdigest())
+
+    def parts() -> Iterator[bytes | memoryview]:
+        yield header
+        yield from layout.chunks()
+
+    return layout.header_bytes + layout.data_bytes, parts
+
+
 def encode(record: Record) -> bytes:
-    """The safetensors bytes of a record (checksummed)."""
-    index, chunks, offset = {}, [], 0
-    for name in sorted(record.arrays):
-        array = np.asarray(record.arrays[name])  # not ascontiguousarray: it turns 0-d into 1-d
-        raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8).tobytes()
-        index[name] = {"dtype": _TO_ST[wire_dtype_name(array.dtype)], "shape": list(array.shape),
-                       "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    data = b"".join(chunks)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": record.kind, "config": record.config,
-            "seed": record.seed, "version": record.version, "counters": record.counters,
-            "created_at": record.created_at, "saved_at": record.saved_at, "durability": record.durability, "owner": record.owner}
-    body = {"record": json.dumps(meta, sort_keys=True)}
-    checksum = hashlib.sha256(_canonical({**index, "__metadata__": body}) + data).hexdigest()
-    header = json.dumps({**index, "__metadata__": {**body, "sha256": checksum}}).encode()
-    header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes
-    return struct.pack("<Q", len(header)) + header + data
+    """The file's bytes in memory (small records, tests); files and downloads stream instead."""
+    _, parts = stream_record(record)
+    return b"".join(bytes(part) for part in parts())
 
 
-def decode(blob: bytes) -> Record:
-    """A record from safetensors bytes; CorruptFile says exactly what is wrong."""
-    if len(blob) < 8:
-        raise CorruptFile(f"file of {len(blob)} bytes is too short for a header")
-    (length,) = struct.unpack("<Q", blob[:8])
-    if length > MAX_HEADER or 8 + length > len(blob):
-        raise CorruptFile(f"header length {length} does not fit a file of {len(blob)} bytes (truncated?)")
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number this format allows")
+
+
+def decode(blob: bytes | bytearray | memoryview) -> Record:
+    """A record from safetensors bytes; CorruptFile says exactly what is wrong.
+
+    The arrays are read-only views of ``blob`` (no copy); keep ``blob`` or copy them.
+    """
+    view = memoryview(blob)
+    if len(view) < 8:
+        raise CorruptFile(f"file of {len(view)} bytes is too short for a header")
+    (length,) = struct.unpack("<Q", view[:8])
+    if length > MAX_HEADER or 8 + length > len(view):
+        raise CorruptFile(f"header length {length} does not fit a file of {len(view)} bytes (truncated?)")
     try:
-        header = json.loads(blob[8:8 + length])
+        header = json.loads(bytes(view[8:8 + length]), parse_constant=_reject_constant)
         meta_strings = header.pop("__metadata__")
-        record = json.loads(meta_strings["record"])
+        record = json.loads(meta_strings["record"], parse_constant=_reject_constant)
         checksum = meta_strings["sha256"]
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise CorruptFile(f"unreadable header: {type(exc).__name__}: {exc}"[:300]) from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CorruptFile("not a synapse-serve instance file")
     if record.get("format_version") != FORMAT_VERSION:
         raise CorruptFile(f"format version {record.get('format_version')!r}; this server reads {FORMAT_VERSION}")
-    data = memoryview(blob)[8 + length:]
-    expected = hashlib.sha256(
-        _canonical({**header, "__metadata__": {"record": meta_strings["record"]}}) + bytes(data)).hexdigest()
-    if checksum != expected:
+    data = view[8 + length:]
+    hasher = hashlib.sha256(_canonical({**header, "__metadata__": {"record": meta_strings["record"]}}))
+    hasher.update(data)
+    if checksum != hasher.hexdigest():
         raise CorruptFile("checksum mismatch: the file was altered or damaged")
     arrays = {}
     for name, entry in header.items():
         try:
             dtype = numpy_dtype(_FROM_ST[entry["dtype"]])
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
+            shape = tuple(_count(f"tensor {name!r} shape", d, MAX_COUNT) for d in entry["shape"])
+            begin, end = (_count(f"tensor {name!r} offset", o, MAX_COUNT) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptFile(f"tensor {name!r}: bad index entry ({exc})") from None
         if not 0 <= begin <= end <= len(data) or end - begin != math.prod(shape) * dtype.itemsize:
             raise CorruptFile(f"tensor {name!r}: offsets {begin}..{end} do not match shape {list(shape)}")
-        arrays[name] = np.frombuffer(data[begin:end], dtype=dtype).reshape(shape).copy()
-    try:
-        return Record(kind=str(record["kind"]), config=dict(record["config"]), seed=int(record["seed"]),
-                      version=int(record["version"]), counters={str(k): int(v) for k, v in record["counters"].items()},
-                      created_at=float(record["created_at"]), arrays=arrays, saved_at=float(record["saved_at"]),
-                      durability=record["durability"], owner=str(record["owner"]))
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CorruptFile(f"record is incomplete: {exc}") from None
+        arrays[name] = np.frombuffer(data[begin:end], dtype=dtype).reshape(shape)
+    return _validated(record, arrays)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write, fsync, rename over ``path``, fsync the directory: a crash leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+def read_header(path: Path) -> Record:
+    """A file's record without its arrays, from the header alone (listings; not checksummed: use ``decode``
+    before trusting the data)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptFile(f"file of {len(head)} bytes is too short for a header")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER:
+            raise CorruptFile(f"header length {length} is over {MAX_HEADER}")
+        raw = f.read(length)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+        record = json.loads(json.loads(raw, parse_constant=_reject_constant)["__metadata__"]["record"],
+                            parse_constant=_reject_constant)
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CorruptFile(f"unreadable header: {type(exc).__name__}: {exc}"[:300]) from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CorruptFile("not a synapse-serve instance file")
+    return _validated(record, {})
+
+
+def _count(what: str, value: Any, high: int, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise CorruptFile(f"{what}: {str(value)[:40]} is not an integer in [{low}, {high}]")
+    return value
+
+
+def _time(what: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise CorruptFile(f"{what}: {str(value)[:40]} is not a time (a finite number of seconds >= 0)")
+    return float(value)
+
+
+def _validated(record: dict[str, Any], arrays: dict[str, np.ndarray]) -> Record:
+    """The record's fields, each checked as the server would have written it."""
+    try:
+        kind, config, counters = record["kind"], record["config"], record["counters"]
+        durability, owner = record["durability"], record["owner"]
+        fields = (record["seed"], record["version"], record["created_at"], record["saved_at"])
+    except KeyError as exc:
+        raise CorruptFile(f"record is incomplete: missing {exc}") from None
+    if not isinstance(kind, str) or not isinstance(config, dict):
+        raise CorruptFile("record: kind must be a string and config an object")
+    if not isinstance(counters, dict) or len(counters) > 64 or not all(
+            isinstance(k, str) and len(k) <= 64 for k in counters):
+        raise CorruptFile("record: counters must be an object of at most 64 operation names")
+    if durability is not None and durability not in DURABILITY_MODES:
+        raise CorruptFile(f"record: durability {str(durability)[:40]!r} is not one of {', '.join(DURABILITY_MODES)}")
+    if not isinstance(owner, str) or not _OWNER.fullmatch(owner):
+        raise CorruptFile(f"record: owner {str(owner)[:70]!r} is not a valid owner name")
+    seed, version, created_at, saved_at = fields
+    return Record(kind=kind, config=config, seed=_count("record: seed", seed, MAX_COUNT),
+                  version=_count("record: version", version, MAX_COUNT, low=1),
+                  counters={k: _count(f"record: counter {k!r}", v, MAX_COUNT) for k, v in counters.items()},
+                  created_at=_time("record: created_at", created_at), arrays=arrays,
+                  saved_at=_time("record: saved_at", saved_at), durability=durability, owner=owner)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -150,8 +288,55 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_atomic(path: Path, content: bytes | Record) -> None:
+    """Write, fsync, rename over ``path``, fsync the directory: a crash leaves the old file or the new one.
+
+    ``content`` is bytes or a Record (streamed from its arrays).
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if isinstance(content, Record):
+                write_record(f, content)
+            else:
+                f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _unique(directory: Path, stem: str) -> Path:
+    """A path in ``directory`` no file has: ``<stem>.<UTC time>.<random>`` plus SUFFIX."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return directory / f"{stem}.{stamp}.{uuid.uuid4().hex[:8]}{SUFFIX}"
+
+
+def _move_without_overwriting(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target``; if ``target`` exists, fail rather than replace it."""
+    try:
+        os.link(source, target)  # fails with EEXIST instead of replacing
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            raise
+        if target.exists():  # no hard links here (some filesystems): rename, after looking first
+            raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
+        os.rename(source, target)
+    else:
+        os.unlink(source)
+    fsync_dir(target.parent)
+    with contextlib.suppress(OSError):
+        fsync_dir(source.parent)
+
+
 class Store:
-    """Instance files under ``root/instances/<owner>/``; damaged ones go to ``root/quarantine``, never overwritten."""
+    """The state directory: instance files under ``instances/<owner>/``, snapshots, evicted exports, quarantine.
+
+    Damaged files go to ``quarantine/<owner>/`` under a name no other file has: never overwritten.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -159,24 +344,85 @@ class Store:
         self.quarantine = self.root / "quarantine"
         self.snapshots = self.root / "snapshots"
         self.evicted = self.root / "evicted"
+        self._lock_file: IO[str] | None = None
 
-    def prepare(self) -> list[str]:
-        """Create the directories and delete temporary files a crash left behind; returns what was removed."""
-        self.instances.mkdir(parents=True, exist_ok=True)
-        removed = []
-        for tmp in self.instances.rglob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp.name)
-        return removed
+    # --- the directory as a whole ---
+
+    def lock(self) -> None:
+        """Take an exclusive lock on the state directory for this process's life.
+
+        A second server on the same directory would overwrite the first one's acknowledged
+        versions; StateDirLocked says which process holds it.
+        """
+        import fcntl  # POSIX; the servers this targets (Linux containers, macOS laptops) have it
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        f = open(self.root / ".lock", "a+")  # noqa: SIM115 - held open while the server runs
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StateDirLocked(
+                    f"state directory {self.root.resolve()} is in use by another synapse-serve process "
+                    f"(pid {holder}); two servers on one directory would overwrite each other's instances. "
+                    "Stop the other server first, or give this one its own SYNAPSE_STATE_DIR") from None
+            raise
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lock_file = f
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing releases the flock
+            self._lock_file = None
+
+    def prepare(self) -> tuple[list[str], list[str]]:
+        """Create the directories; delete temporary files a crash left anywhere in the state directory.
+
+        Returns (removed, failures): a read-only disk must not stop a server from serving what it has.
+        """
+        removed, failures = [], []
+        try:
+            self.instances.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            failures.append(f"cannot create {self.instances}: {exc}")
+        for directory in (self.instances, self.snapshots, self.evicted):
+            for tmp in directory.rglob(".*.tmp") if directory.is_dir() else ():
+                try:
+                    tmp.unlink()
+                    removed.append(str(tmp.relative_to(self.root)))
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    failures.append(f"cannot remove {tmp}: {exc}")
+        return removed, failures
+
+    # --- instance files ---
 
     def path(self, key: str) -> Path:
         """``instances/<owner>/<name>.safetensors`` for the key ``owner/name``."""
         return self.instances / f"{key}{SUFFIX}"
 
+    def stored_keys(self) -> list[str]:
+        """Every ``owner/name`` with an instance file (a directory listing: nothing is read)."""
+        if not self.instances.is_dir():
+            return []
+        return sorted(f"{p.parent.name}/{p.name[: -len(SUFFIX)]}" for p in self.instances.glob(f"*/*{SUFFIX}")
+                      if not p.name.startswith("."))
+
+    def load(self, key: str) -> Record:
+        """The record of a stored instance; OSError if it cannot be read, CorruptFile if it is damaged."""
+        return decode(self.path(key).read_bytes())
+
     def save(self, key: str, record: Record) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, encode(record))
+        write_atomic(path, record)
 
     def remove(self, key: str) -> None:
         path = self.path(key)
@@ -184,41 +430,76 @@ class Store:
         if path.parent.is_dir():
             fsync_dir(path.parent)
 
+    def quarantine_file(self, key: str, reason: str) -> Path:
+        """Move an instance file that cannot be used to ``quarantine/<owner>/``, with its reason beside it."""
+        owner, name = key.split("/", 1)
+        directory = self.quarantine / owner
+        directory.mkdir(parents=True, exist_ok=True)
+        target = _unique(directory, name)
+        _move_without_overwriting(self.path(key), target)
+        with contextlib.suppress(OSError):
+            target.with_name(target.name + ".reason.txt").write_text(f"{key}: {reason}\n")
+        return target
+
+    # --- evicted instances: exports written before an idle instance is deleted ---
+
     def save_evicted(self, key: str, record: Record) -> Path:
-        """``evicted/<owner>/<name>-<saved_at>.safetensors``: an export, written before the instance goes."""
-        path = self.evicted / f"{key}-{int(record.saved_at * 1000)}{SUFFIX}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, encode(record))
+        """``evicted/<owner>/<name>.<time>.<random>.safetensors``: an export, written before the instance goes."""
+        owner, name = key.split("/", 1)
+        directory = self.evicted / owner
+        directory.mkdir(parents=True, exist_ok=True)
+        path = _unique(directory, name)
+        write_atomic(path, record)
         return path
 
-    # --- snapshots: named point-in-time copies, one file each under snapshots/<instance>/ ---
+    def evicted_files(self, owner: str, name: str | None = None) -> list[Path]:
+        """An owner's evicted files (of one name, if given), oldest first."""
+        directory = self.evicted / owner
+        if not directory.is_dir():
+            return []
+        paths = [p for p in directory.glob(f"*{SUFFIX}") if not p.name.startswith(".")]
+        if name is not None:
+            paths = [p for p in paths if evicted_name(p) == name]
+        return sorted(paths, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+    # --- snapshots: named point-in-time copies, one file each under snapshots/<owner>/<name>/ ---
 
     def snapshot_path(self, key: str, snapshot: str) -> Path:
         """``snapshots/<owner>/<name>/<snapshot>.safetensors``."""
         return self.snapshots / key / f"{snapshot}{SUFFIX}"
 
-    def save_snapshot(self, name: str, snapshot: str, record: Record) -> None:
-        path = self.snapshot_path(name, snapshot)
+    def save_snapshot(self, key: str, snapshot: str, record: Record) -> None:
+        path = self.snapshot_path(key, snapshot)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, encode(record))
+        write_atomic(path, record)
 
-    def list_snapshots(self, name: str) -> list[Path]:
-        return sorted((self.snapshots / name).glob(f"*{SUFFIX}"))
+    def list_snapshots(self, key: str) -> list[Path]:
+        directory = self.snapshots / key
+        if not directory.is_dir():
+            return []
+        return sorted(p for p in directory.glob(f"*{SUFFIX}") if not p.name.startswith("."))
 
-    def remove_snapshots(self, name: str) -> None:
-        for path in self.list_snapshots(name):
+    def snapshot_bytes(self) -> dict[str, int]:
+        """Bytes of snapshot files per owner (what the snapshot quota counts), from a directory walk."""
+        used: dict[str, int] = {}
+        if self.snapshots.is_dir():
+            for path in self.snapshots.glob(f"*/*/*{SUFFIX}"):
+                owner = path.parent.parent.name
+                with contextlib.suppress(OSError):
+                    used[owner] = used.get(owner, 0) + path.stat().st_size
+        return used
+
+    def remove_snapshots(self, key: str) -> None:
+        """Delete every file of the instance's snapshot directory (a crash's temporaries too), then the directory."""
+        directory = self.snapshots / key
+        if not directory.is_dir():
+            return
+        for path in directory.iterdir():
             path.unlink(missing_ok=True)
-        (self.snapshots / name).rmdir() if (self.snapshots / name).is_dir() else None
+        directory.rmdir()
+        fsync_dir(directory.parent)
 
-    def load_all(self) -> tuple[dict[str, Record], dict[str, str]]:
-        """Every readable record by key, and for each unreadable file the reason (the file is quarantined)."""
-        records, errors = {}, {}
-        for path in sorted(self.instances.glob(f"*/*{SUFFIX}")):
-            key = f"{path.parent.name}/{path.name[: -len(SUFFIX)]}"
-            try:
-                records[key] = decode(path.read_bytes())
-            except (CorruptFile, OSError) as exc:
-                errors[key] = str(exc)
-                self.quarantine.mkdir(parents=True, exist_ok=True)
-                os.replace(path, self.quarantine / f"{path.parent.name}__{path.name}.{uuid.uuid4().hex[:8]}")
-        return records, errors
+
+def evicted_name(path: Path) -> str:
+    """The instance name of an evicted file ``<name>.<time>.<random>.safetensors``."""
+    return path.name[: -len(SUFFIX)].rsplit(".", 2)[0]

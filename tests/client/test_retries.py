@@ -8,6 +8,7 @@ import pytest
 
 from synapse_client import (
     APIConnectionError,
+    APITimeoutError,
     BadRequestError,
     PreconditionFailedError,
     SynapseClient,
@@ -91,11 +92,50 @@ def test_retried_evolve_applies_exactly_once(client, live_server, unique_name, m
     assert (first["version"], second["version"]) == (2, 3)
 
 
-def test_create_is_never_retried(flaky_client, unique_name):
-    c, transport = flaky_client
-    with pytest.raises(APIConnectionError, match="injected"):
-        c.create(unique_name, kind="HebbianDeconvSynapse", config=CONFIG)
-    assert transport.attempts["POST /v1/synapses"] == 1
+def test_create_is_retried_only_when_it_was_never_sent(flaky_client, live_server, unique_name, monkeypatch):
+    c, transport = flaky_client  # two refused connections: the request never left, so retrying is safe
+    c.create(unique_name, kind="HebbianDeconvSynapse", config=CONFIG)
+    assert transport.attempts["POST /v1/synapses"] == 3
+    monkeypatch.setattr(SynapseClient, "_backoff", lambda self, attempt: 0.01)
+    dropped = DropAnswers(path="/v1/synapses", drops=5)  # sent and applied, then the answer is lost
+    with SynapseClient(live_server.url, transport=dropped, max_retries=3) as lossy, \
+            pytest.raises(APIConnectionError, match=r"after 1 attempt \(not retried: the server may have applied it\)"):
+        lossy.create(unique_name + "-2", kind="HebbianDeconvSynapse", config=CONFIG)
+    assert dropped.sent == 1
+
+
+class DropAnswers(httpx.BaseTransport):
+    """Forwards requests to ``path`` for real, then loses their answers (a dropped connection)."""
+
+    def __init__(self, path: str, drops: int, error: type[httpx.TransportError] = httpx.ReadError) -> None:
+        self.path, self.drops, self.error, self.sent = path, drops, error, 0
+        self.real = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.real.handle_request(request)
+        if request.url.path == self.path and self.drops > 0:
+            self.sent += 1
+            self.drops -= 1
+            response.read()
+            response.close()
+            raise self.error("answer lost (injected)", request=request)
+        return response
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def test_a_timed_out_forward_is_not_run_again_and_says_what_to_do(client, live_server, unique_name, monkeypatch):
+    monkeypatch.setattr(SynapseClient, "_backoff", lambda self, attempt: 0.01)
+    client.create(unique_name, kind="HebbianDeconvSynapse", config=CONFIG)
+    path = f"/v1/synapses/{unique_name}/forward"
+    timing_out = DropAnswers(path=path, drops=5, error=httpx.ReadTimeout)
+    with SynapseClient(live_server.url, transport=timing_out, max_retries=3) as c:
+        with pytest.raises(APITimeoutError) as info:
+            c.get(unique_name).forward(np.ones((1, 2, 2, 1), np.float32))
+    message = str(info.value)
+    assert "after 1 attempt" in message and "not retried" in message and "timeout=" in message
+    assert timing_out.sent == 1 and client.get(unique_name).describe()["counters"] == {"forward": 1}
 
 
 def test_idempotency_key_reused_for_another_request_is_refused(client, unique_name):

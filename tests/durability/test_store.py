@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import struct
 
 import numpy as np
 import pytest
 
-from synapse_serve.store import CorruptFile, Record, Store, decode, encode, write_atomic
+from durability.files import with_record
+from synapse_serve.store import (
+    CorruptFile,
+    Record,
+    StateDirLocked,
+    Store,
+    decode,
+    encode,
+    file_size,
+    stream_record,
+    write_atomic,
+)
 
 
 def record(**overrides) -> Record:
@@ -90,15 +103,112 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
 
 
-def test_store_cleans_stale_temporaries_and_quarantines_damage(tmp_path):
+def test_store_cleans_stale_temporaries_everywhere_and_quarantines_damage(tmp_path):
     store = Store(tmp_path)
     store.prepare()
     store.save("alice/good", record())
     store.save("bob/bad", record())
+    store.save_snapshot("alice/good", "s1", record())
     (store.instances / "alice" / ".good.safetensors.abc.tmp").write_bytes(b"half")
+    (store.snapshots / "alice" / "good" / ".s2.safetensors.def.tmp").write_bytes(b"half")  # a crash mid-snapshot
     store.path("bob/bad").write_bytes(encode(record())[:-3])
-    assert store.prepare() == [".good.safetensors.abc.tmp"]
-    records, errors = store.load_all()
-    assert set(records) == {"alice/good"} and set(errors) == {"bob/bad"}
-    assert not store.path("bob/bad").exists()
-    assert len(list(store.quarantine.iterdir())) == 1  # kept for a person to look at, not overwritten
+    removed, failures = store.prepare()
+    assert sorted(removed) == ["instances/alice/.good.safetensors.abc.tmp",
+                               "snapshots/alice/good/.s2.safetensors.def.tmp"] and failures == []
+    assert store.stored_keys() == ["alice/good", "bob/bad"]
+    assert store.load("alice/good").version == 9
+    with pytest.raises(CorruptFile):
+        store.load("bob/bad")
+    target = store.quarantine_file("bob/bad", "truncated")
+    assert target.parent == store.quarantine / "bob" and not store.path("bob/bad").exists()
+    assert "truncated" in target.with_name(target.name + ".reason.txt").read_text()
+
+
+def test_quarantined_files_never_overwrite_each_other(tmp_path):
+    """``a/b__c`` and ``a__b/c`` once mapped to one quarantine name; so did two failures of one name."""
+    store = Store(tmp_path)
+    store.prepare()
+    kept = []
+    for key in ("a/b__c", "a__b/c", "a/b__c", "a/b__c"):
+        store.save(key, record(version=len(kept) + 1))
+        kept.append(store.quarantine_file(key, "test"))
+    assert len(set(kept)) == 4 and all(p.exists() for p in kept)
+    assert sorted(decode(p.read_bytes()).version for p in kept) == [1, 2, 3, 4]  # none lost
+
+
+def test_a_snapshot_crash_leaves_nothing_that_breaks_delete(tmp_path):
+    store = Store(tmp_path)
+    store.prepare()
+    store.save_snapshot("alice/x", "s1", record())
+    (store.snapshots / "alice" / "x" / ".s2.safetensors.0123.tmp").write_bytes(b"half")  # before any restart
+    store.remove_snapshots("alice/x")  # the temporary goes too; the directory can go
+    assert not (store.snapshots / "alice" / "x").exists()
+
+
+def test_writing_streams_the_arrays_without_copying_the_state(tmp_path):
+    """A 64 MiB state is written with far less than its size in extra memory (the old encoder needed ~3x)."""
+    import tracemalloc
+
+    big = np.random.default_rng(0).normal(size=(4096, 4096)).astype(np.float32)  # 64 MiB
+    r = record(arrays={"weights": big, "key": np.array([1, 2], np.uint32)})
+    tracemalloc.start()
+    try:
+        write_atomic(tmp_path / "big.safetensors", r)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.2 * big.nbytes, peak
+    out = decode((tmp_path / "big.safetensors").read_bytes())
+    np.testing.assert_array_equal(out.arrays["weights"], big)
+    assert file_size(r) == (tmp_path / "big.safetensors").stat().st_size
+    length, parts = stream_record(r)  # a download: the same bytes, streamed from the arrays
+    assert length == file_size(r)
+    assert b"".join(bytes(p) for p in parts()) == (tmp_path / "big.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"version": 2**64 + 5}, "version"),
+    ({"version": 0}, "version"),
+    ({"version": "7"}, "version"),
+    ({"durability": "bogus"}, "durability"),
+    ({"counters": {"evolve": -1}}, "counter"),
+    ({"counters": {"evolve": 1.5}}, "counter"),
+    ({"created_at": float("nan")}, "NaN"),
+    ({"saved_at": -1}, "saved_at"),
+    ({"seed": -3}, "seed"),
+    ({"owner": "../etc"}, "owner"),
+    ({"kind": 3}, "kind"),
+])
+def test_every_record_field_is_validated_even_with_a_valid_checksum(change, message):
+    crafted = with_record(encode(record()), **change)
+    with pytest.raises(CorruptFile, match=message):
+        decode(crafted)
+    assert decode(with_record(encode(record()))).version == 9  # the crafting itself is sound
+
+
+def test_the_directory_is_fsynced_after_the_rename(tmp_path, monkeypatch):
+    """The rename is durable only once the directory is: a crash after it could otherwise lose the new file."""
+    synced = []
+    real_fsync = os.fsync
+
+    def recording(fd):
+        synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr("synapse_serve.store.os.fsync", recording)
+    write_atomic(tmp_path / "x.safetensors", b"data")
+    assert synced[-1] == os.path.realpath(tmp_path)  # the last fsync is the directory's, after the rename
+    assert any(p.endswith(".tmp") for p in synced[:-1])  # the file's own, before it
+
+
+def test_one_server_per_state_directory(tmp_path):
+    first = Store(tmp_path)
+    first.lock()
+    try:
+        second = Store(tmp_path)
+        with pytest.raises(StateDirLocked, match=rf"in use by another synapse-serve process \(pid {os.getpid()}\)"):
+            second.lock()
+    finally:
+        first.unlock()
+    second.lock()  # free again once the first is gone
+    second.unlock()

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from synapse_serve.kinds import hebbian_deconv as hd
-from synapse_serve.kinds.deconv import forward, reset
+from synapse_serve.kinds.deconv import forward
+from synapse_serve.kinds.hebbian_deconv import reset
 
 DATA = Path(os.environ.get("SYNAPSE_REFERENCE_DIR", Path(__file__).resolve().parent.parent / "data"))
 META = json.loads((DATA / "ngclearn_reference.json").read_text())

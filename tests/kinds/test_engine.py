@@ -202,13 +202,13 @@ def test_reset_is_idempotent_and_keeps_learned_state(seed):
     state = hd.evolve(cfg, state, rand((2, 6, 6, 2), seed), rand((2, 6, 6, 4), seed))
     state = hd.backtransmit(cfg, state, None)
     kept = {k: np.asarray(v).copy() for k, v in compartment_paths(state).items()}
-    once_state = dc.reset(cfg, state)
+    once_state = hd.reset(cfg, state)
     once = {k: np.asarray(v).copy() for k, v in compartment_paths(once_state).items()}
-    twice = compartment_paths(dc.reset(cfg, once_state))
+    twice = compartment_paths(hd.reset(cfg, once_state))
     for name, value in once.items():
         np.testing.assert_array_equal(twice[name], value)
-        if name in dc.RESET_FIELDS:
-            assert not value.any()
+        if name in hd.RESET_FIELDS:
+            assert not value.any() and value.shape[0] == cfg.batch_size  # back to the configured batch
         else:  # weights, biases, optimizer state, dWeights, key
             np.testing.assert_array_equal(value, kept[name])
 
@@ -348,7 +348,7 @@ def test_step_is_forward_evolve_backtransmit_bit_for_bit(optim_type):
 
 def test_reset_called_directly_works():
     cfg = make()
-    state = dc.reset(cfg, hd.init(cfg))  # ngclearn's reset() raises when called directly
+    state = hd.reset(cfg, hd.init(cfg))  # ngclearn's reset() raises when called directly
     assert not np.asarray(state.inputs).any()
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import LiveServer
 from synapse_client import ConflictError, SynapseClient, UnprocessableEntityError
+from synapse_serve.names import InstanceKey
 
 KIND = "HebbianDeconvSynapse"
 CONFIG = {"shape": [3, 3, 1, 2], "x_shape": [5, 5], "eta": 0.1}
@@ -27,13 +28,13 @@ def test_instances_spread_over_devices_least_filled_first(tmp_path):
         assert sorted(devices[4:]) == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
         # the state really lives there, and calls run there
         for i, device in enumerate(devices):
-            state = server.registry._get(f"local/s{i}").state
+            state = server.registry._get(InstanceKey("local", f"s{i}")).state
             assert {str(d.id) for leaf in jax.tree_util.tree_leaves(state) for d in leaf.devices()} == {device[4:]}
         x = np.ones((1, 5, 5, 1), np.float32)
         outputs = [client.get(f"s{i}").forward(x) for i in range(4)]
         for out in outputs[1:]:
             assert out.shape == outputs[0].shape
-        state = server.registry._get("local/s3").state
+        state = server.registry._get(InstanceKey("local", "s3")).state
         assert {d.id for d in state.outputs.devices()} == {int(devices[3][4:])}
 
 
@@ -56,7 +57,7 @@ def test_a_device_budget_refuses_what_would_not_fit(tmp_path):
             SynapseClient(server.url) as client:
         for i in range(8):  # two per device
             client.create(f"b{i}", kind=KIND, config=CONFIG)
-        with pytest.raises(ConflictError, match=r"device cpu:\d holds \d+ bytes of state; this instance needs"):
+        with pytest.raises(ConflictError, match=r"device cpu:\d holds \d+ bytes of state; this needs"):
             client.create("one-too-many", kind=KIND, config=CONFIG)
         assert len(client.list()) == 8  # nothing half-made
         client.get("b0").delete()
@@ -64,10 +65,10 @@ def test_a_device_budget_refuses_what_would_not_fit(tmp_path):
 
 
 def test_calls_on_instances_of_different_devices_run_at_the_same_time(tmp_path, monkeypatch):
-    import synapse_serve.registry as registry_module
+    import synapse_serve.local.registry as registry_module
 
     inside = threading.Barrier(2, timeout=20)  # both calls must be inside the device work at once
-    original = registry_module._device_call
+    original = registry_module.device_call
 
     def meeting(fn, *args):
         result = original(fn, *args)
@@ -80,7 +81,7 @@ def test_calls_on_instances_of_different_devices_run_at_the_same_time(tmp_path, 
         assert {a.describe()["device"], b.describe()["device"]} == {"cpu:0", "cpu:1"}
         x = np.ones((1, 5, 5, 1), np.float32)
         a.forward(x), b.forward(x)  # compiled on both devices
-        monkeypatch.setattr(registry_module, "_device_call", meeting)
+        monkeypatch.setattr(registry_module, "device_call", meeting)
         errors = []
 
         def call(syn):

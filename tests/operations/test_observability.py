@@ -13,23 +13,18 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import LiveServer
+from conftest import LiveServer, metric, metrics_of
 from synapse_client import BadRequestError, NotFoundError, SynapseClient, UnprocessableEntityError
 from synapse_serve.logs import JsonFormatter
+from synapse_serve.names import InstanceKey
 
 KIND = "HebbianDeconvSynapse"
 CONFIG = {"shape": [3, 3, 1, 2], "x_shape": [5, 5], "eta": 0.1}
-ADMIN, ALICE = "root-" + "r" * 24, "alice-" + "a" * 24
+ADMIN, ALICE, BOB = "root-" + "r" * 24, "alice-" + "a" * 24, "bob-" + "b" * 24
 
 
-def scrape(url: str) -> dict[str, float]:
-    """Every sample of the Prometheus text, keyed by ``name{labels}``."""
-    samples = {}
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            samples[key] = float(value)
-    return samples
+def scrape(url: str) -> dict:
+    return metrics_of(httpx.get(f"{url}/metrics").text)
 
 
 def test_metrics_count_the_operations_sent(tmp_path):
@@ -47,19 +42,19 @@ def test_metrics_count_the_operations_sent(tmp_path):
             syn.call("no-such-op")
         state_bytes = syn.describe()["state_bytes"]
         samples = scrape(server.url)
-    assert samples['synapse_operations_total{operation="forward",status="200"}'] == 7
-    assert samples['synapse_operations_total{operation="forward",status="422"}'] == 2
-    assert samples['synapse_operations_total{operation="evolve",status="200"}'] == 3
-    assert samples['synapse_operations_total{operation="unknown",status="422"}'] == 1
-    assert samples['synapse_operation_duration_seconds_count{operation="forward"}'] == 9
-    assert samples['synapse_operation_duration_seconds_bucket{operation="evolve",le="+Inf"}'] == 3
-    route = 'method="POST",route="/v1/synapses/{name}/{operation}"'
-    assert samples[f'synapse_requests_total{{{route},status="200"}}'] == 10
-    assert samples[f'synapse_requests_total{{{route},status="422"}}'] == 3
-    assert samples[f'synapse_instances{{kind="{KIND}",owner="local"}}'] == 1
-    assert sum(v for k, v in samples.items() if k.startswith("synapse_state_bytes{")) == state_bytes
-    assert samples["synapse_compilations_total"] >= 1 and samples["synapse_compile_seconds_total"] > 0
-    assert samples["synapse_storage_failing"] == 0
+    assert metric(samples, "synapse_operations_total", operation="forward", status="200") == 7
+    assert metric(samples, "synapse_operations_total", operation="forward", status="422") == 2
+    assert metric(samples, "synapse_operations_total", operation="evolve", status="200") == 3
+    assert metric(samples, "synapse_operations_total", operation="unknown", status="422") == 1
+    assert metric(samples, "synapse_operation_duration_seconds_count", operation="forward") == 9
+    assert metric(samples, "synapse_operation_duration_seconds_bucket", operation="evolve", le="+Inf") == 3
+    route = {"method": "POST", "route": "/v1/synapses/{name}/{operation}"}
+    assert metric(samples, "synapse_requests_total", **route, status="200") == 10
+    assert metric(samples, "synapse_requests_total", **route, status="422") == 3
+    assert metric(samples, "synapse_instances", kind=KIND, owner="local") == 1
+    assert sum(v for (name, _), v in samples.items() if name == "synapse_state_bytes") == state_bytes
+    assert metric(samples, "synapse_compilations_total") >= 1 and metric(samples, "synapse_compile_seconds_total") > 0
+    assert metric(samples, "synapse_storage_failing") == 0
 
 
 def test_queue_depth_shows_calls_waiting_for_an_instance(tmp_path):
@@ -67,7 +62,7 @@ def test_queue_depth_shows_calls_waiting_for_an_instance(tmp_path):
         syn = client.create("busy", kind=KIND, config=CONFIG)
         x = np.ones((1, 5, 5, 1), np.float32)
         syn.forward(x)
-        instance = server.registry._get("local/busy")
+        instance = server.registry._get(InstanceKey("local", "busy"))
         with instance.lock:  # the instance is busy: the next calls queue
             waiters = [threading.Thread(target=syn.forward, args=(x,)) for _ in range(2)]
             for t in waiters:
@@ -76,10 +71,12 @@ def test_queue_depth_shows_calls_waiting_for_an_instance(tmp_path):
             while instance.waiting < 2:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
-            assert scrape(server.url)['synapse_queue_depth{owner="local",instance="busy"}'] == 2
+            text = httpx.get(f"{server.url}/metrics").text
+            assert metric(metrics_of(text), "synapse_queue_depth", owner="local") == 2
+            assert "busy" not in text  # instance names never become labels
         for t in waiters:
             t.join(10)
-        assert not any(k.startswith("synapse_queue_depth{") for k in scrape(server.url))
+        assert not any(name == "synapse_queue_depth" for name, _ in scrape(server.url))
 
 
 class Captured(logging.Handler):
@@ -124,11 +121,11 @@ def test_one_json_log_line_per_request_with_its_id_and_owner(tmp_path):
 
 
 def test_readiness_follows_restore_and_warm_up_and_the_device(tmp_path, monkeypatch):
-    from synapse_serve.registry import Registry
+    from synapse_serve.local.registry import Registry
 
     release = threading.Event()
-    real_restore = Registry.restore
-    monkeypatch.setattr(Registry, "restore", lambda self: (release.wait(30), real_restore(self))[1])
+    real_load = Registry.load_stored
+    monkeypatch.setattr(Registry, "load_stored", lambda self: (release.wait(30), real_load(self))[1])
     server = LiveServer(state_dir=tmp_path).start()
     try:
         deadline = time.monotonic() + 30
@@ -140,7 +137,7 @@ def test_readiness_follows_restore_and_warm_up_and_the_device(tmp_path, monkeypa
             assert time.monotonic() < deadline
             time.sleep(0.02)
         # a device that stops computing makes the server unready, still alive
-        monkeypatch.setattr(server.registry, "probe_devices", lambda: 1 / 0)
+        monkeypatch.setattr(server.registry.capacity, "probe", lambda: 1 / 0)
         r = httpx.get(f"{server.url}/readyz")
         assert r.status_code == 503 and "device is unusable" in r.json()["detail"]
         assert httpx.get(f"{server.url}/healthz").status_code == 200
@@ -151,7 +148,7 @@ def test_readiness_follows_restore_and_warm_up_and_the_device(tmp_path, monkeypa
 
 @pytest.fixture
 def admin_server(tmp_path):
-    with LiveServer(state_dir=tmp_path, auth="on", tokens=f"root:{ADMIN}:admin,alice:{ALICE}") as server:
+    with LiveServer(state_dir=tmp_path, auth="on", tokens=f"root:{ADMIN}:admin,alice:{ALICE},bob:{BOB}") as server:
         yield server
 
 
@@ -182,11 +179,23 @@ def test_evict_exports_then_deletes_only_idle_instances(admin_server, tmp_path):
         with pytest.raises(NotFoundError):
             idle.describe()
         busy.describe()
-        back = alice.import_(evicted[0]["file"], name="idle")  # the export brings it back, exactly
+        assert [e["name"] for e in alice.evicted()] == ["idle"]  # its owner sees it
+        with SynapseClient(admin_server.url, token=BOB) as bob:
+            assert bob.evicted() == []  # and no one else does
+            with pytest.raises(NotFoundError):
+                bob.restore_evicted("idle")
+        file = next((tmp_path / "evicted" / "alice").glob("idle.*.safetensors"))
+        back = alice.restore_evicted("idle")  # brought back exactly, and the file is gone
         np.testing.assert_array_equal(back.weights, weights)
-        assert back.describe()["counters"] == {"evolve": 1}
-        with pytest.raises(BadRequestError, match="idle_s"):
+        assert back.describe()["counters"] == {"evolve": 1} and back.describe()["version"] == 2
+        assert not file.exists() and alice.evicted() == []
+        with pytest.raises(NotFoundError, match="no evicted instance"):
+            alice.restore_evicted("idle")
+        with pytest.raises(UnprocessableEntityError, match="idle_s"):
             root.request("POST", "/v1/admin/evict", {"idle_s": -1}, retry=False)
+        r = httpx.post(f"{admin_server.url}/v1/admin/evict", content=b'{"idle_s": 1' + b"0" * 400 + b"}",
+                       headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"})
+        assert r.status_code == 422 and "idle_s" in r.json()["detail"]  # a JSON integer beyond any float
 
 
 def test_idle_instances_are_evicted_automatically(tmp_path):
@@ -196,7 +205,8 @@ def test_idle_instances_are_evicted_automatically(tmp_path):
         while any(d["name"] == "soon-gone" for d in client.list()):
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        assert list((tmp_path / "evicted" / "local").glob("soon-gone-*.safetensors"))
+        assert list((tmp_path / "evicted" / "local").glob("soon-gone.*.safetensors"))
+        assert [e["name"] for e in client.evicted()] == ["soon-gone"]
 
 
 def test_devices_route_shows_load_and_budget(tmp_path):
@@ -204,12 +214,12 @@ def test_devices_route_shows_load_and_budget(tmp_path):
         syn = client.create("d", kind=KIND, config=CONFIG)
         devices = client.request("GET", "/v1/devices", retry=True)["devices"]
         assert devices[0]["budget_bytes"] == 10**7
-        assert sum(d["placed_bytes"] for d in devices) == syn.describe()["state_bytes"]
+        assert sum(d["state_bytes"] for d in devices) == syn.describe()["state_bytes"]
         assert re.fullmatch(r"cpu:\d+", syn.describe()["device"])
 
 
 def test_memory_settings_default_for_a_shared_host_and_yield_to_the_environment(monkeypatch):
-    from synapse_serve.app import apply_memory_settings
+    from synapse_serve.local.backend import apply_memory_settings
     from synapse_serve.settings import Settings
 
     monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)

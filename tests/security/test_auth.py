@@ -121,9 +121,9 @@ def test_unsafe_settings_refuse_to_start(tmp_path, settings, message):
 
 
 def test_safe_settings_start(tmp_path):
-    assert create_app(Settings(state_dir=tmp_path, host="0.0.0.0", tokens=f"alice:{ALICE}")).state.tokens
+    assert create_app(Settings(state_dir=tmp_path, host="0.0.0.0", tokens=f"alice:{ALICE}")).state.server.tokens
     assert create_app(Settings(state_dir=tmp_path, host="0.0.0.0", auth="off", allow_public_without_auth=True))
-    assert create_app(Settings(state_dir=tmp_path)).state.tokens is None  # loopback: auth off by default
+    assert create_app(Settings(state_dir=tmp_path)).state.server.tokens is None  # loopback, no tokens: off
 
 
 def test_cli_refuses_a_public_address_without_tokens(tmp_path):

@@ -58,7 +58,7 @@ def test_body_limit_boundary(tmp_path):
         at_limit = b'{"name": "x", "pad": "' + b"p" * (limit - 24) + b'"}'
         assert len(at_limit) == limit
         r = httpx.post(url, content=at_limit, headers=headers)
-        assert r.status_code == 400 and "unknown pad" in r.json()["detail"]  # read and judged: not a 413
+        assert r.status_code == 422 and "unknown pad" in r.json()["detail"]  # read and judged: not a 413
         r = httpx.post(url, content=at_limit + b" ", headers=headers)
         assert r.status_code == 413
 

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import re
-
 import httpx
 import numpy as np
 
-from conftest import LiveServer
+from conftest import LiveServer, metric, metrics_of
 from synapse_client import SynapseClient
 
 TOKEN = "alice-" + "a" * 24
 
 
 def sample(text: str, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    match = re.search(rf"^{name}\{{{re.escape(wanted)}\}} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
+    return metric(metrics_of(text), name, **labels)
 
 
 def test_scraped_counts_equal_what_was_sent(tmp_path):
@@ -33,7 +29,7 @@ def test_scraped_counts_equal_what_was_sent(tmp_path):
         assert sample(text, "synapse_requests_total", method="GET", route="/v1/synapses/{name}", status="404") == 3
         assert sample(text, "synapse_request_duration_seconds_count", method="POST", route=route) == 7
         assert sample(text, "synapse_request_duration_seconds_bucket", method="POST", route=route, le="+Inf") == 7
-        assert 'synapse_instances{kind="HebbianDeconvSynapse",owner="local"} 1' in text
+        assert sample(text, "synapse_instances", kind="HebbianDeconvSynapse", owner="local") == 1
         assert "synapse_storage_failing 0" in text
         assert "missing" not in text  # names never become labels
 

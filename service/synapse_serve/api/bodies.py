@@ -1,24 +1,30 @@
-"""Content negotiation: msgpack (primary) and JSON bodies, size limits, problem responses."""
+"""Content negotiation: msgpack (primary) and JSON bodies, size and time limits, problem responses."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 from synapse_client._codec import WireError, json_tensor, packb_parts, to_json, unpackb
 from synapse_serve.errors import (
     BodyTooLarge,
+    InvalidFields,
     MalformedBody,
     NotAcceptable,
     NotReady,
+    RequestTimeout,
     SynapseServeError,
     UnsupportedMediaType,
 )
-from synapse_serve.registry import CompartmentRef, validate_name
+from synapse_serve.names import CompartmentRef, validate_name
 
 MSGPACK = "application/msgpack"
 JSON = "application/json"
@@ -36,10 +42,11 @@ def _media_type(header: str | None) -> str:
 async def read_body(request: Request) -> tuple[dict[str, Any], str]:
     """The decoded body (tensors as numpy) and its media type; an empty body is ``{}``.
 
-    The size limit is enforced from Content-Length, and again while streaming,
-    so an oversized body is refused before it is read whole.
+    The size limit is enforced from Content-Length, and again while streaming, so an
+    oversized body is refused before it is read whole; a body that does not arrive in
+    time is a 408.
     """
-    settings = request.app.state.settings
+    settings = request.app.state.server.settings
     raw = await _read_limited(request)
     media = _media_type(request.headers.get("content-type"))
     if not raw:
@@ -66,12 +73,27 @@ async def read_body(request: Request) -> tuple[dict[str, Any], str]:
 
 
 async def _read_limited(request: Request) -> bytes:
-    limit = request.app.state.settings.max_body_bytes
+    settings = request.app.state.server.settings
+    limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
     chunks, total = [], 0
-    async for chunk in request.stream():
+    deadline = time.monotonic() + settings.body_timeout_s
+    stream = request.stream().__aiter__()
+    while True:
+        wait = min(settings.body_idle_timeout_s, deadline - time.monotonic())
+        try:
+            if wait <= 0:
+                raise TimeoutError
+            chunk = await asyncio.wait_for(stream.__anext__(), wait)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the body did not arrive in time ({total} bytes after the limit of {settings.body_timeout_s:g} s "
+                f"in all, or {settings.body_idle_timeout_s:g} s without a byte); send it whole, or raise "
+                "SYNAPSE_BODY_TIMEOUT_S") from None
         total += len(chunk)
         if total > limit:
             raise BodyTooLarge(f"body is over the limit of {limit} bytes")
@@ -80,7 +102,7 @@ async def _read_limited(request: Request) -> bytes:
 
 
 async def read_raw(request: Request, media_type: str) -> bytes:
-    """A non-empty body of exactly ``media_type``, size-limited like every body."""
+    """A non-empty body of exactly ``media_type``, size- and time-limited like every body."""
     media = _media_type(request.headers.get("content-type"))
     if media != media_type:
         raise UnsupportedMediaType(f"content type {media or '(none)'!r} is not supported here; send {media_type}")
@@ -88,6 +110,27 @@ async def read_raw(request: Request, media_type: str) -> bytes:
     if not raw:
         raise MalformedBody("the body is empty")
     return raw
+
+
+def require_fields(body: dict[str, Any], model: type[BaseModel]) -> None:
+    """The body has the model's required fields and no others (422 naming them): the model states them once."""
+    required, allowed = _fields(model)
+    missing, unknown = required - body.keys(), body.keys() - allowed
+    if missing or unknown:
+        parts = ([f"missing {', '.join(sorted(missing))}"] if missing else []) + (
+            [f"unknown {', '.join(sorted(str(u)[:64] for u in unknown))}"] if unknown else [])
+        raise InvalidFields(f"body: {'; '.join(parts)}; fields are {', '.join(sorted(allowed))}")
+
+
+_FIELDS: dict[type, tuple[frozenset[str], frozenset[str]]] = {}
+
+
+def _fields(model: type[BaseModel]) -> tuple[frozenset[str], frozenset[str]]:
+    if model not in _FIELDS:
+        names = {name: field.alias or name for name, field in model.model_fields.items()}
+        required = frozenset(names[n] for n, f in model.model_fields.items() if f.is_required())
+        _FIELDS[model] = (required, frozenset(names.values()))
+    return _FIELDS[model]
 
 
 def tensor_field(body: dict[str, Any], name: str, media: str, max_elements: int) -> Any:
@@ -115,10 +158,22 @@ def compartment_ref(name: str, value: dict[str, Any]) -> CompartmentRef:
     return CompartmentRef(compartment, None if instance is None else validate_name(instance))
 
 
+def _wanted(request: Request) -> list[str]:
+    accept = request.headers.get("accept", "")
+    return [_media_type(part) for part in accept.split(",") if part.strip()]
+
+
+def check_acceptable(request: Request) -> None:
+    """406 before anything is done when ``Accept`` allows neither msgpack nor JSON (a dependency of /v1)."""
+    wanted = _wanted(request)
+    if not wanted or any(m in _MSGPACK_ALIASES or m in (JSON, "*/*", "application/*") for m in wanted):
+        return
+    raise NotAcceptable(f"cannot answer in {request.headers.get('accept', '')[:120]!r}; accept {MSGPACK} or {JSON}")
+
+
 def response_type(request: Request, request_media: str | None = None) -> str:
     """msgpack or JSON, from Accept; with no preference, the request's own type (JSON if it had no body)."""
-    accept = request.headers.get("accept", "")
-    wanted = [_media_type(part) for part in accept.split(",") if part.strip()]
+    wanted = _wanted(request)
     for media in wanted:
         if media in _MSGPACK_ALIASES:
             return MSGPACK
@@ -126,22 +181,23 @@ def response_type(request: Request, request_media: str | None = None) -> str:
             return JSON
     if not wanted or any(m in ("*/*", "application/*") for m in wanted):
         return request_media if request_media in (MSGPACK, JSON) else JSON
-    raise NotAcceptable(f"cannot answer in {accept!r}; accept {MSGPACK} or {JSON}")
+    raise NotAcceptable(f"cannot answer in {request.headers.get('accept', '')[:120]!r}; accept {MSGPACK} or {JSON}")
 
 
 class PartsResponse(Response):
-    """A body written part by part: large tensors go out straight from their own memory."""
+    """A body written part by part: large tensors and files go out straight from their own memory."""
 
-    def __init__(self, parts: list[bytes | memoryview], status_code: int, media_type: str,
-                 headers: dict[str, str] | None) -> None:
+    def __init__(self, parts: list[bytes | memoryview] | Iterator[bytes | memoryview], length: int,
+                 status_code: int, media_type: str, headers: dict[str, str] | None) -> None:
         super().__init__(None, status_code=status_code, headers=headers, media_type=media_type)
         self.parts = parts
-        self.headers["content-length"] = str(sum(len(part) for part in parts))
+        self.headers["content-length"] = str(length)
 
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        for index, part in enumerate(self.parts):
-            await send({"type": "http.response.body", "body": part, "more_body": index < len(self.parts) - 1})
+        for part in self.parts:
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def encode(content: Any, media: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -149,8 +205,13 @@ def encode(content: Any, media: str, status: int = 200, headers: dict[str, str] 
         parts = packb_parts(content)
         if len(parts) == 1:
             return Response(parts[0], status_code=status, media_type=MSGPACK, headers=headers)
-        return PartsResponse(parts, status, MSGPACK, headers)
+        return PartsResponse(parts, sum(len(p) for p in parts), status, MSGPACK, headers)
     return Response(json.dumps(to_json(content)), status_code=status, media_type=JSON, headers=headers)
+
+
+def request_id_of(scope: Any) -> str | None:
+    """The request's id as the RequestContextMiddleware settled it (the header's, shortened, or a new one)."""
+    return (scope.get("state") or {}).get("request_id")
 
 
 def problem(status: int, title: str, detail: str, slug: str, request: Request | None,
@@ -159,7 +220,7 @@ def problem(status: int, title: str, detail: str, slug: str, request: Request | 
     body = {"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": detail}
     if request is not None:
         body["instance"] = request.url.path
-        request_id = request.headers.get("x-request-id") or getattr(request.state, "request_id", None)
+        request_id = request_id_of(request.scope)
         if request_id:
             body["request_id"] = request_id
     for key, value in (extra or {}).items():

@@ -1,13 +1,34 @@
-"""What every kind shares: the operation table, tensor checks, compartment access.
+"""The kind contract, and what every kind shares: tensor checks, compartment access, config parsing, help.
 
-A kind is pure: a frozen, hashable config (jit-static), a ``NamedTuple`` state
-with one field per compartment, and pure functions over them. It knows nothing
-of HTTP, names or locks; the registry owns mutation.
+A kind is pure: it knows nothing of HTTP, names, locks or storage; the local backend
+owns mutation. Adding a kind is one new file exposing ``KIND`` plus one line in
+``kinds/__init__.py``. The file provides:
+
+- a **config**: a frozen, hashable dataclass (a jit static argument) validated in
+  ``__post_init__`` with messages that name the field, the value and what is allowed.
+  It offers ``to_dict()`` (plain JSON values that ``parse_config`` reads back),
+  ``batch_size`` (the batch of the signal compartments at init and after reset) and
+  ``trailing(space)`` (the shape after the batch of an ``"in"``- or ``"out"``-shaped tensor);
+- a **state**: a ``NamedTuple`` with one field per compartment (optimizer state as a
+  nested pytree), whose structure never changes; only the batch of the compartments
+  named in ``batched_compartments`` may change;
+- ``init(config, seed, weights=None, biases=None)``: a fresh state, drawing parameters
+  with ngclearn's key schedule; the kind checks explicit initial tensors itself
+  (shape, dtype, finite) and raises ShapeMismatch / InvalidConfig;
+- **operations**: ``Operation``s whose ``fn(config, state, *tensors) -> state`` is
+  jitted once per config (``static_argnums=0``) with the state donated; the kind's
+  ``reset`` zeroes the signals it names and returns them to ``config.batch_size``;
+- ``help(config | None)``: built with ``help_dict`` below, true to the numbers;
+- ``state_nbytes(config)``: the bytes of a fresh state, known before it is built;
+- ``prepare(config, device) -> config`` (optional): settle device-dependent choices of a
+  new instance's config (e.g. which formulation runs fastest there) after capacity is
+  reserved; may be slow.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -16,7 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from synapse_serve.errors import InvalidConfig, ShapeMismatch, UnknownOperation
+from synapse_serve.errors import InvalidConfig, ShapeMismatch, UnknownCompartment
 
 # Floating dtypes a tensor argument may arrive in; each is cast to float32.
 _CASTABLE_FLOATS = {"float16", "bfloat16", "float32", "float64"}
@@ -49,7 +70,7 @@ class Operation:
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-    """A synapse kind: its config type, init, operations and help."""
+    """A synapse kind: its config parser, init, operations and help (see the module docstring)."""
 
     name: str
     description: str
@@ -59,7 +80,7 @@ class Kind:
     help: Callable[[Any], dict]
     batched_compartments: frozenset[str]
     state_nbytes: Callable[[Any], int]  # bytes of a fresh state of a config, known before it is built
-    choose_filter_update: Callable[..., Any] | None = None  # (config, platform, device) -> config
+    prepare: Callable[[Any, Any], Any] | None = None  # (config, jax device) -> config, once per new instance
 
 
 def check_tensor(arg: str, value: Any, trailing: tuple[int, ...], batch: int | None = None) -> np.ndarray:
@@ -73,12 +94,7 @@ def check_tensor(arg: str, value: Any, trailing: tuple[int, ...], batch: int | N
             and array.shape[0] >= 1 and (batch is None or array.shape[0] == batch)):
         return array  # the common case, without the general checks below
     expected = f"(batch, {', '.join(map(str, trailing))})" if batch is None else str((batch, *trailing))
-    if array.dtype.name not in _CASTABLE_FLOATS:
-        raise ShapeMismatch(
-            f"{arg}: expected a floating tensor of shape {expected} (float32, or float16/bfloat16/float64 "
-            f"cast to float32), received dtype {array.dtype.name}",
-            argument=arg, expected_shape=expected, received_dtype=array.dtype.name,
-        )
+    _check_floating(arg, array, expected)
     ok = array.ndim == 1 + len(trailing) and array.shape[1:] == tuple(trailing) and array.shape[0] >= 1
     if ok and batch is not None and array.shape[0] != batch:
         ok = False
@@ -90,14 +106,37 @@ def check_tensor(arg: str, value: Any, trailing: tuple[int, ...], batch: int | N
     return array.astype(np.float32, copy=False)
 
 
+def check_parameter(arg: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """An explicit parameter tensor (initial weights or biases): exactly ``shape``, floating, finite; float32."""
+    array = np.asarray(value)
+    expected = str(tuple(shape))
+    _check_floating(arg, array, expected)
+    if tuple(array.shape) != tuple(shape):
+        raise ShapeMismatch(f"{arg}: expected shape {expected}, received {tuple(array.shape)}",
+                            argument=arg, expected_shape=list(shape), received_shape=list(array.shape))
+    array = array.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(array)):
+        raise InvalidConfig(f"{arg}: initial values must be finite (no NaN or Inf)", field=arg)
+    return array
+
+
+def _check_floating(arg: str, array: np.ndarray, expected: str) -> None:
+    if array.dtype.name not in _CASTABLE_FLOATS:
+        raise ShapeMismatch(
+            f"{arg}: expected a floating tensor of shape {expected} (float32, or float16/bfloat16/float64 "
+            f"cast to float32), received dtype {array.dtype.name}",
+            argument=arg, expected_shape=expected, received_dtype=array.dtype.name,
+        )
+
+
 def compartment_paths(state: Any) -> dict[str, Any]:
     """Flatten a state pytree into ``{"weights": …, "opt_state/1/mu/0": …}``."""
     leaves, treedef = jax.tree_util.tree_flatten(state)
-    return dict(zip(_leaf_names(treedef), leaves))
+    return dict(zip(leaf_names(treedef), leaves))
 
 
 @functools.lru_cache(maxsize=256)
-def _leaf_names(treedef: Any) -> tuple[str, ...]:
+def leaf_names(treedef: Any) -> tuple[str, ...]:
     """The path names of a state structure's leaves; computed once per structure (it never changes)."""
     paths = jax.tree_util.tree_flatten_with_path(jax.tree_util.tree_unflatten(treedef, [0] * treedef.num_leaves))[0]
     return tuple("/".join(_key_name(k) for k in path) for path, _ in paths)
@@ -110,59 +149,89 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
-def replace_compartment(kind: Kind, state: Any, name: str, value: Any) -> Any:
-    """Return ``state`` with compartment ``name`` replaced, shape and dtype checked.
+def unknown_compartment(kind: Kind, name: str, names: Any, doing: str = "") -> UnknownCompartment:
+    """The error for a compartment the instance does not have (``doing``: e.g. "pre: cannot refer to"), with
+    the closest of ``names``."""
+    names = sorted(names)
+    close = difflib.get_close_matches(str(name), names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    what = f"{doing} {str(name)[:128]!r}: no such compartment" if doing else f"unknown compartment {str(name)[:128]!r}"
+    return UnknownCompartment(f"{what}{hint}; this {kind.name} has: {', '.join(names)}", compartment=str(name)[:128])
 
-    Batched compartments (inputs, outputs, …) may change their batch size;
-    every other compartment must keep its exact shape and dtype.
+
+def check_compartment(kind: Kind, name: str, current: Any, value: Any, max_batch: int | None = None) -> np.ndarray:
+    """``value`` checked to replace compartment ``name`` (now ``current``): float32 or its own dtype.
+
+    Batched compartments (inputs, outputs, …) may change their batch size, up to ``max_batch``;
+    every other compartment must keep its exact shape and dtype, and be finite.
     """
-    leaves = compartment_paths(state)
-    if name not in leaves:
-        raise UnknownOperation(
-            f"unknown compartment {name!r}; this {kind.name} has: {', '.join(sorted(leaves))}",
-            compartment=name,
-        )
-    current = leaves[name]
     array = np.asarray(value)
     if name in kind.batched_compartments:
         new = check_tensor(name, array, tuple(current.shape[1:]))
-    else:
-        if array.dtype != current.dtype and not (
-            np.issubdtype(current.dtype, np.floating) and array.dtype.name in _CASTABLE_FLOATS
-        ):
-            raise ShapeMismatch(
-                f"{name}: expected dtype {current.dtype.name}, received {array.dtype.name}",
-                argument=name, expected_dtype=current.dtype.name, received_dtype=array.dtype.name,
-            )
-        if tuple(array.shape) != tuple(current.shape):
-            raise ShapeMismatch(
-                f"{name}: expected shape {tuple(current.shape)}, received {tuple(array.shape)}",
-                argument=name, expected_shape=list(current.shape), received_shape=list(array.shape),
-            )
-        new = array.astype(current.dtype, copy=False)
-        if np.issubdtype(new.dtype, np.floating) and not np.all(np.isfinite(new)):
-            raise ShapeMismatch(f"{name}: values must be finite (no NaN or Inf)", argument=name)
+        if max_batch is not None and new.shape[0] > max_batch:
+            raise ShapeMismatch(f"{name}: batch {new.shape[0]} is over the server's max_batch of {max_batch}",
+                                argument=name)
+        return new
+    if array.dtype != current.dtype and not (
+        np.issubdtype(current.dtype, np.floating) and array.dtype.name in _CASTABLE_FLOATS
+    ):
+        raise ShapeMismatch(
+            f"{name}: expected dtype {current.dtype.name}, received {array.dtype.name}",
+            argument=name, expected_dtype=current.dtype.name, received_dtype=array.dtype.name,
+        )
+    if tuple(array.shape) != tuple(current.shape):
+        raise ShapeMismatch(
+            f"{name}: expected shape {tuple(current.shape)}, received {tuple(array.shape)}",
+            argument=name, expected_shape=list(current.shape), received_shape=list(array.shape),
+        )
+    new = array.astype(current.dtype, copy=False)
+    if np.issubdtype(new.dtype, np.floating) and not np.all(np.isfinite(new)):
+        raise ShapeMismatch(f"{name}: values must be finite (no NaN or Inf)", argument=name)
+    return new
+
+
+def replace_compartment(kind: Kind, state: Any, name: str, value: Any, max_batch: int | None = None) -> Any:
+    """Return ``state`` with compartment ``name`` replaced, checked by ``check_compartment``."""
     old_leaves, treedef = jax.tree_util.tree_flatten(state)
-    leaves_list = [jax.numpy.asarray(new) if n == name else leaf for n, leaf in zip(_leaf_names(treedef), old_leaves)]
-    return jax.tree_util.tree_unflatten(treedef, leaves_list)
+    names = leaf_names(treedef)
+    if name not in names:
+        raise unknown_compartment(kind, name, names)
+    new = check_compartment(kind, name, old_leaves[names.index(name)], value, max_batch)
+    leaves = [jax.numpy.asarray(new) if n == name else leaf for n, leaf in zip(names, old_leaves)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 # --- config field validation helpers (messages name field, value and what is allowed) ---
 
 
+def _scalar(value: Any) -> Any:
+    """A 0-d numpy array or numpy scalar as the Python number or bool it holds; anything else as given."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "biuf":
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def require_int(field: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InvalidConfig(f"{field}: expected an integer, received {value!r}", field=field)
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidConfig(f"{field}: expected an integer, received {str(value)[:80]!r}", field=field)
     if value < low or (high is not None and value > high):
         allowed = f">= {low}" if high is None else f"between {low} and {high}"
-        raise InvalidConfig(f"{field}: {value} is not allowed; it must be {allowed}", field=field)
+        raise InvalidConfig(f"{field}: {str(value)[:80]} is not allowed; it must be {allowed}", field=field)
     return int(value)
 
 
 def require_float(field: str, value: Any, low: float | None = None, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InvalidConfig(f"{field}: expected a number, received {value!r}", field=field)
-    value = float(value)
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidConfig(f"{field}: expected a number, received {str(value)[:80]!r}", field=field)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer too large for a float (JSON allows any length)
+        raise InvalidConfig(f"{field}: {str(value)[:40]}… is too large; it must be a finite float",
+                            field=field) from None
     if not math.isfinite(value):
         raise InvalidConfig(f"{field}: {value} is not allowed; it must be finite", field=field)
     if (low is not None and value < low) or (high is not None and value > high):
@@ -174,21 +243,26 @@ def require_float(field: str, value: Any, low: float | None = None, high: float 
 
 
 def require_bool(field: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise InvalidConfig(f"{field}: expected true or false, received {value!r}", field=field)
-    return bool(value)
+    value = _scalar(value)
+    if not isinstance(value, bool):
+        raise InvalidConfig(f"{field}: expected true or false, received {str(value)[:80]!r}", field=field)
+    return value
 
 
 def require_choice(field: str, value: Any, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value.lower() not in choices:
+        close = difflib.get_close_matches(str(value).lower(), choices, n=1) if isinstance(value, str) else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise InvalidConfig(
-            f"{field}: {value!r} is not allowed; choose one of {', '.join(choices)}", field=field
+            f"{field}: {str(value)[:80]!r} is not allowed{hint}; choose one of {', '.join(choices)}", field=field
         )
     return value.lower()
 
 
-def parse_dataclass(cls: type, data: Mapping[str, Any], aliases: Mapping[str, str]) -> Any:
-    """Build config ``cls`` from a mapping; unknown keys and alias clashes are errors."""
+def parse_dataclass(cls: type, data: Mapping[str, Any], aliases: Mapping[str, str],
+                    meanings: Mapping[str, tuple] | None = None) -> Any:
+    """Build config ``cls`` from a mapping; unknown keys (with the closest name), alias clashes and missing
+    required fields are errors naming the field. ``meanings`` (the kind's help table) explains missing ones."""
     if not isinstance(data, Mapping):
         raise InvalidConfig(f"config: expected an object, received {type(data).__name__}")
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -196,28 +270,36 @@ def parse_dataclass(cls: type, data: Mapping[str, Any], aliases: Mapping[str, st
     for key, value in data.items():
         target = aliases.get(key, key)
         if target not in fields:
+            known = sorted(fields | set(aliases))
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise InvalidConfig(
-                f"config: unknown field {key!r}; allowed fields are {', '.join(sorted(fields | set(aliases)))}",
-                field=key,
+                f"config: unknown field {str(key)[:80]!r}{hint}; allowed fields are {', '.join(known)}", field=str(key)
             )
         if target in kwargs:
             raise InvalidConfig(f"config: {key!r} and its other name both given; use {target!r} only", field=key)
         kwargs[target] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a required field is missing
-        raise InvalidConfig(f"config: {exc}") from None
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        explained = [f"{name} ({meanings[name][2]})" if meanings and name in meanings else name for name in missing]
+        raise InvalidConfig(f"config: missing required field{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(explained)}", field=missing[0])
+    return cls(**kwargs)
 
 
-def state_from_compartments(kind: Kind, config: Any, seed: int, arrays: Mapping[str, Any]) -> Any:
+def state_from_compartments(kind: Kind, config: Any, seed: int, arrays: Mapping[str, Any],
+                            max_batch: int | None = None) -> Any:
     """Rebuild a state pytree from ``compartment_paths``-named arrays (a stored or imported instance).
 
-    Every compartment must be present with the dtype of a fresh state, and the
-    same shape (batched compartments may differ in batch only).
+    Every compartment must be present with the dtype of a fresh state, and the same shape
+    (batched compartments may differ in batch only, up to ``max_batch``). The template is
+    shapes only: nothing of the config's size is allocated.
     """
-    template = kind.init(config, seed)
+    template = jax.eval_shape(functools.partial(kind.init, config, seed))
     template_leaves, treedef = jax.tree_util.tree_flatten(template)
-    names = _leaf_names(treedef)
+    names = leaf_names(treedef)
     missing, extra = set(names) - set(arrays), set(arrays) - set(names)
     if missing or extra:
         raise InvalidConfig(
@@ -226,13 +308,44 @@ def state_from_compartments(kind: Kind, config: Any, seed: int, arrays: Mapping[
     leaves = []
     for name, leaf in zip(names, template_leaves):
         value = np.asarray(arrays[name])
+        batched = name in kind.batched_compartments
         same_shape = value.shape == leaf.shape or (
-            name in kind.batched_compartments and value.ndim == leaf.ndim and value.shape[1:] == leaf.shape[1:]
+            batched and value.ndim == len(leaf.shape) and value.shape[1:] == leaf.shape[1:] and value.shape[0] >= 1
         )
         if value.dtype != leaf.dtype or not same_shape:
             raise InvalidConfig(
                 f"compartment {name}: expected {leaf.dtype.name} {tuple(leaf.shape)}, found "
                 f"{value.dtype.name} {tuple(value.shape)}"
             )
+        if batched and max_batch is not None and value.shape[0] > max_batch:
+            raise InvalidConfig(f"compartment {name}: batch {value.shape[0]} is over the server's max_batch of "
+                                f"{max_batch}")
         leaves.append(jax.numpy.array(value))  # a device buffer of its own: states are donated
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def help_dict(name: str, description: str, config: Any, hyperparameters: Mapping[str, tuple],
+              compartments: Mapping[str, str], dynamics: Mapping[str, str], operations: Mapping[str, Operation],
+              notes: list[str]) -> dict:
+    """A kind's help; with a config, each hyperparameter also shows its value.
+
+    ``hyperparameters`` maps each name to ``(type, default, meaning)``.
+    """
+    values = config.to_dict() if config is not None else {}
+    return {
+        "kind": name,
+        "description": description,
+        "hyperparameters": {
+            key: {"type": t, "default": d, "meaning": m, **({"value": values[key]} if key in values else {})}
+            for key, (t, d, m) in hyperparameters.items()
+        },
+        "compartments": dict(compartments),
+        "operations": {op.name: {
+            "args": [{"name": a.name, "shape": "inputs-shaped" if a.space == "in" else "outputs-shaped",
+                      "optional": a.optional} for a in op.args],
+            "returns": list(op.returns),
+            "does": op.doc,
+        } for op in operations.values()},
+        "dynamics": dict(dynamics),
+        "notes": list(notes),
+    }

@@ -34,7 +34,8 @@ from synapse_serve.kinds.base import (
     Kind,
     Operation,
     TensorArg,
-    check_tensor,
+    check_parameter,
+    help_dict,
     parse_dataclass,
     require_bool,
     require_choice,
@@ -235,7 +236,7 @@ class DeconvState(NamedTuple):
 def init_parameters(
     config: DeconvConfig, seed: int = 0, weights: Any = None, biases: Any = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Initial ``(weights, biases, key)``: explicit tensors, else draws from the config's specs.
+    """Initial ``(weights, biases, key)``: explicit tensors (exact shape, finite), else draws from the specs.
 
     Seeded draws follow ngclearn's key schedule, so ``seed=s`` gives the filters
     ngclearn gives a component built with ``key=PRNGKey(s)``.
@@ -246,12 +247,9 @@ def init_parameters(
     # one compiled call per filter shape and specs (not per config: a sweep over eta compiles nothing)
     w, b, key = _drawn_parameters(config.shape, config.bias, config.filter_init, config.bias_init, seed32)
     if weights is not None:
-        w = jnp.asarray(check_tensor("weights", np.asarray(weights)[None], config.shape, batch=1)[0])
+        w = jnp.asarray(check_parameter("weights", weights, config.shape))
     if biases is not None:
-        b = jnp.asarray(check_tensor("biases", np.asarray(biases)[None], (config.shape[3],), batch=1)[0])
-    for name, value in (("weights", w), ("biases", b)):
-        if not bool(jnp.all(jnp.isfinite(value))):
-            raise InvalidConfig(f"{name}: initial values must be finite (no NaN or Inf)", field=name)
+        b = jnp.asarray(check_parameter("biases", biases, (config.shape[3],)))
     return w, b, key
 
 
@@ -318,26 +316,34 @@ def _forward(config: DeconvConfig, state: Any, inputs: jax.Array) -> Any:
     return state._replace(inputs=inputs, outputs=outputs)
 
 
-def _reset(config: DeconvConfig, state: Any) -> Any:
-    del config
-    zeroed = {name: jnp.zeros_like(getattr(state, name)) for name in RESET_FIELDS if hasattr(state, name)}
-    return state._replace(**zeroed)
+def make_reset(fields: Mapping[str, str]) -> Operation:
+    """The reset operation of a kind whose signal compartments are ``fields`` (name -> "in" or "out").
+
+    Each is zeroed at ``config.batch_size``: a call at a large batch does not leave its
+    signals resident (ngclearn's reset also restores the construction batch). Parameters,
+    optimizer state and the last updates stay.
+    """
+
+    def _reset(config: Any, state: Any) -> Any:
+        return state._replace(**{name: jnp.zeros((config.batch_size, *config.trailing(space)), jnp.float32)
+                                 for name, space in fields.items()})
+
+    names = ", ".join(fields)
+    return Operation("reset", jax.jit(_reset, static_argnums=0, donate_argnums=1), (), (),
+                     f"zero {names} at the configured batch_size; keep weights, biases, optimizer state")
 
 
-RESET_FIELDS = ("inputs", "outputs", "pre", "post", "dInputs")
+RESET_FIELDS = {"inputs": "in", "outputs": "out"}
 
 # Compiled once per (config, shapes), shared by every instance with that config.
 # The state is donated: the registry swaps the returned state in and never reuses the old one.
 forward = jax.jit(_forward, static_argnums=0, donate_argnums=1)
-reset = jax.jit(_reset, static_argnums=0, donate_argnums=1)
+RESET = make_reset(RESET_FIELDS)
+reset = RESET.fn
 
 FORWARD = Operation(
     "forward", forward, (TensorArg("inputs", "in"),), ("outputs",),
     "outputs = conv_transpose(inputs, weights) * g_conduct_factor + biases",
-)
-RESET = Operation(
-    "reset", reset, (), (),
-    "zero inputs, outputs (and pre, post, dInputs where present); keep weights, biases, optimizer state",
 )
 
 HYPERPARAMETERS = {
@@ -365,32 +371,9 @@ COMPARTMENTS = {
 }
 
 
-def help_dict(name: str, description: str, config: Any, hyperparameters: dict, compartments: dict,
-              dynamics: dict, operations: Mapping[str, Operation], notes: list[str]) -> dict:
-    """Assemble a kind's help; with a config, each hyperparameter also shows its value."""
-    values = config.to_dict() if config is not None else {}
-    return {
-        "kind": name,
-        "description": description,
-        "hyperparameters": {
-            key: {"type": t, "default": d, "meaning": m, **({"value": values[key]} if key in values else {})}
-            for key, (t, d, m) in hyperparameters.items()
-        },
-        "compartments": compartments,
-        "operations": {op.name: {
-            "args": [{"name": a.name, "shape": "inputs-shaped" if a.space == "in" else "outputs-shaped",
-                      "optional": a.optional} for a in op.args],
-            "returns": list(op.returns),
-            "does": op.doc,
-        } for op in operations.values()},
-        "dynamics": dynamics,
-        "notes": notes,
-    }
-
-
 def parse_config(data: Mapping[str, Any]) -> DeconvConfig:
     """A DeconvConfig from plain values (JSON or msgpack); ``resist_scale`` is accepted for ``g_conduct_factor``."""
-    return parse_dataclass(DeconvConfig, data, {"resist_scale": "g_conduct_factor"})
+    return parse_dataclass(DeconvConfig, data, {"resist_scale": "g_conduct_factor"}, HYPERPARAMETERS)
 
 
 _OPERATIONS = {"forward": FORWARD, "reset": RESET}

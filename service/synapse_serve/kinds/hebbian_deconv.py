@@ -46,6 +46,7 @@ from synapse_serve.kinds.base import (
     Kind,
     Operation,
     TensorArg,
+    help_dict,
     parse_dataclass,
     require_bool,
     require_choice,
@@ -292,6 +293,10 @@ BACKTRANSMIT = Operation(
     "dInputs = sign_value * VJP_inputs(post) with the current W (g not applied); post defaults to the stored one",
 )
 
+RESET_FIELDS = {**deconv.RESET_FIELDS, "pre": "in", "post": "out", "dInputs": "in"}
+RESET = deconv.make_reset(RESET_FIELDS)
+reset = RESET.fn
+
 STEP = Operation(
     "step", step, (TensorArg("inputs", "in"), TensorArg("post", "out")), ("outputs", "dInputs"),
     "forward(inputs); evolve(pre=inputs, post); backtransmit(post) (with the updated W): one call, one compile",
@@ -329,7 +334,7 @@ DYNAMICS = {
               "W <- clip(W, 0 if is_nonnegative else -w_bound, w_bound)",
     "backtransmit": BACKTRANSMIT.doc,
     "step": STEP.doc,
-    "reset": deconv.RESET.doc,
+    "reset": RESET.doc,
 }
 
 NOTES = [
@@ -341,18 +346,18 @@ NOTES = [
 ]
 
 _OPERATIONS = {"forward": deconv.FORWARD, "evolve": EVOLVE, "backtransmit": BACKTRANSMIT, "step": STEP,
-               "reset": deconv.RESET}
+               "reset": RESET}
 _DESCRIPTION = ("A transposed-convolution synaptic cable whose filters learn by a two-factor Hebbian rule; "
                 "ngclearn's HebbianDeconvSynapse.")
 
 
 def parse_config(data: Mapping[str, Any]) -> HebbianDeconvConfig:
     """A HebbianDeconvConfig from plain values; ``resist_scale`` is accepted for ``g_conduct_factor``."""
-    return parse_dataclass(HebbianDeconvConfig, data, {"resist_scale": "g_conduct_factor"})
+    return parse_dataclass(HebbianDeconvConfig, data, {"resist_scale": "g_conduct_factor"}, HYPERPARAMETERS)
 
 
 def _help(config: HebbianDeconvConfig | None = None) -> dict:
-    return deconv.help_dict(
+    return help_dict(
         "HebbianDeconvSynapse", _DESCRIPTION, config, HYPERPARAMETERS, COMPARTMENTS, DYNAMICS, _OPERATIONS, NOTES,
     )
 
@@ -366,5 +371,5 @@ KIND = Kind(
     help=_help,
     batched_compartments=frozenset({"inputs", "outputs", "pre", "post", "dInputs"}),
     state_nbytes=state_nbytes,
-    choose_filter_update=choose_filter_update,
+    prepare=lambda config, device: choose_filter_update(config, device.platform, device),
 )

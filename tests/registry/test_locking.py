@@ -9,29 +9,33 @@ import pytest
 
 from synapse_client import SynapseClient
 from synapse_serve.errors import AlreadyExists, InvalidName, NotFound
-from synapse_serve.registry import Registry
+from synapse_serve.local.registry import Registry
+from synapse_serve.names import InstanceKey
 
 CONFIG = {"shape": [2, 2, 1, 2], "x_shape": [3, 3], "eta": 0.1}
+
+
+A, B, C = InstanceKey("local", "a"), InstanceKey("local", "b"), InstanceKey("local", "c")
 
 
 @pytest.fixture
 def registry():
     reg = Registry()
-    reg.create("a", "HebbianDeconvSynapse", CONFIG)
-    reg.create("b", "HebbianDeconvSynapse", CONFIG)
+    reg.create(A, kind="HebbianDeconvSynapse", config=CONFIG)
+    reg.create(B, kind="HebbianDeconvSynapse", config=CONFIG)
     return reg
 
 
 def test_a_busy_instance_does_not_block_another(registry):
     x = np.ones((1, 3, 3, 1), np.float32)
-    busy = registry._instances["local/a"].lock
+    busy = registry._instances[A].lock
     busy.acquire()  # as if a long call were running on "a"
     try:
         done = threading.Event()
-        threading.Thread(target=lambda: (registry.call("b", "forward", {"inputs": x}), done.set())).start()
+        threading.Thread(target=lambda: (registry.call(B, "forward", {"inputs": x}), done.set())).start()
         assert done.wait(30), "a call on b waited for a's lock"
         blocked = threading.Event()
-        waiter = threading.Thread(target=lambda: (registry.call("a", "forward", {"inputs": x}), blocked.set()))
+        waiter = threading.Thread(target=lambda: (registry.call(A, "forward", {"inputs": x}), blocked.set()))
         waiter.start()
         assert not blocked.wait(0.5), "a call on a ran while a was busy"
     finally:
@@ -42,15 +46,15 @@ def test_a_busy_instance_does_not_block_another(registry):
 
 def record_device_threads(monkeypatch):
     """The thread of every JAX computation the registry runs."""
-    import synapse_serve.registry as registry_module
+    import synapse_serve.local.registry as registry_module
 
-    threads, original = [], registry_module._device_call
+    threads, original = [], registry_module.device_call
 
     def recording(fn, *args):
         threads.append(threading.current_thread())
         return original(fn, *args)
 
-    monkeypatch.setattr(registry_module, "_device_call", recording)
+    monkeypatch.setattr(registry_module, "device_call", recording)
     return threads
 
 
@@ -87,18 +91,21 @@ def test_with_inline_calls_off_every_call_runs_on_a_worker(tmp_path, monkeypatch
 
 def test_names_and_lookups(registry):
     with pytest.raises(AlreadyExists):
-        registry.create("a", "HebbianDeconvSynapse", CONFIG)
+        registry.create(A, kind="HebbianDeconvSynapse", config=CONFIG)
     with pytest.raises(InvalidName):
-        registry.create("../etc", "HebbianDeconvSynapse", CONFIG)
-    registry.delete("a")
+        InstanceKey.of("local", "../etc")
+    registry.delete(A)
     with pytest.raises(NotFound):
-        registry.describe("a")
+        registry.describe(A)
     assert [d["name"] for d in registry.list()] == ["b"]
 
 
 def test_failed_create_leaves_nothing_behind(registry):
     with pytest.raises(Exception, match="weights"):
-        registry.create("c", "HebbianDeconvSynapse", CONFIG, init={"weights": np.ones((9, 9, 9, 9), np.float32)})
+        registry.create(C, kind="HebbianDeconvSynapse", config=CONFIG,
+                        init={"weights": np.ones((9, 9, 9, 9), np.float32)})
     with pytest.raises(NotFound):
-        registry.describe("c")
-    registry.create("c", "HebbianDeconvSynapse", CONFIG)  # the name is free again
+        registry.describe(C)
+    assert registry.capacity.owner_usage("local") == {"instances": 2, "state_bytes": 2 * registry._instances[A]
+                                                     .held_bytes, "snapshot_bytes": 0}  # nothing counted
+    registry.create(C, kind="HebbianDeconvSynapse", config=CONFIG)  # the name is free again

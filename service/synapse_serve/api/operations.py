@@ -1,0 +1,107 @@
+"""Operations: ``POST /v1/synapses/{name}/{operation}`` — forward, evolve, backtransmit, step, reset.
+
+Researchers call these in tight loops, and a small synapse's forward costs less than FastAPI's
+dependency solving did. So the same handler is served twice: by ``OperationRoute``, a plain
+Starlette route at the head of the router that matches only the kinds' operation names (an
+allow-list) and runs the /v1 caller checks itself, and by the FastAPI route below, which
+documents the operation in the OpenAPI document and answers any other name (a 422 naming the
+operations). tests/api/test_operation_route.py sends the same requests through both.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+from starlette.routing import Match, Route
+
+from synapse_serve.api.bodies import (
+    check_acceptable,
+    encode,
+    idempotency_key,
+    if_match,
+    problem_from,
+    read_body,
+    response_type,
+    tensor_field,
+)
+from synapse_serve.api.schemas import OperationRequest, OperationResponse, body_doc, responses, v1_router
+from synapse_serve.api.server import OwnerDep, Server, ServerDep, get_owner, get_principal, instance_key
+from synapse_serve.errors import MalformedBody, SynapseServeError
+
+router = v1_router()
+PATH = "/v1/synapses/{name}/{operation}"
+
+
+@router.post(PATH.removeprefix("/v1"), tags=["operations"],
+             summary="Run an operation: forward, evolve, backtransmit, step or reset",
+             description="forward `{inputs}` → `{outputs}`; evolve `{pre, post}` → `{}` (ask for dWeights with "
+                         "`return`); backtransmit `{post?}` → `{dInputs}`; step `{inputs, post}` → `{outputs, "
+                         "dInputs}` (forward, evolve with pre = inputs, backtransmit: one round trip); reset `{}` → "
+                         "`{}`. Any tensor argument may instead be `{\"ref\": \"<compartment>\"}` (this instance's "
+                         "compartment, as it is when the call starts) or `{\"ref\": …, \"instance\": \"<name>\"}` "
+                         "(another instance of yours): the values stay on the server. Every answer carries "
+                         "the instance's new `version`. An `Idempotency-Key` header makes a retried call apply once "
+                         "(the first answer is returned again); `If-Match: \"<version>\"` makes it a 412 when the "
+                         "version has moved.",
+             openapi_extra=body_doc(OperationRequest, required=False),
+             responses=responses(OperationResponse, 400, 403, 404, 409, 412, 413, 415, 422, 507))
+async def operate(name: str, operation: str, request: Request, server: ServerDep, owner: OwnerDep) -> Response:
+    return await run_operation(request, server, owner, name, operation)
+
+
+async def run_operation(request: Request, server: Server, owner: str, name: str, operation: str) -> Response:
+    """Decode, run the operation on the backend, encode: for both entry points."""
+    started, status = time.perf_counter(), 500
+    try:
+        key = instance_key(owner, name)
+        body, media = await read_body(request)
+        out_media = response_type(request, media)
+        returns = body.pop("return", None)
+        if returns is not None and (not isinstance(returns, list) or not all(isinstance(r, str) for r in returns)):
+            raise MalformedBody("return: expected a list of compartment names")
+        max_elements = server.settings.max_tensor_elements
+        tensors = {k: tensor_field(body, k, media, max_elements) for k in body}
+        result = await server.backend.call(key, operation=operation, tensors=tensors, returns=returns,
+                                           idempotency_key=idempotency_key(request),
+                                           expected_version=if_match(request))
+        response = encode(result, out_media)
+        status = 200
+        return response
+    except SynapseServeError as exc:
+        status = exc.status
+        raise
+    finally:
+        label = operation if operation in server.backend.operation_names() else "unknown"
+        server.metrics.observe_operation(label, status, time.perf_counter() - started)
+
+
+class OperationRoute(Route):
+    """The operation route without FastAPI's routing and injection, for the known operation names only."""
+
+    def __init__(self, documented: Any, operations: frozenset[str]) -> None:
+        super().__init__(PATH, self.serve, methods=["POST"])
+        self.documented = documented  # FastAPI's route: metrics label requests by its template
+        self.pattern = re.compile(r"/v1/synapses/(?P<name>[^/]+)/(?P<operation>[^/]+)")
+        self.operations = operations
+
+    def matches(self, scope: Any) -> tuple[Match, dict[str, Any]]:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return Match.NONE, {}
+        match = self.pattern.fullmatch(scope["path"])
+        if match is None or match["operation"] not in self.operations:
+            return Match.NONE, {}  # anything else goes on to FastAPI's routes
+        return Match.FULL, {"endpoint": self.endpoint, "path_params": match.groupdict(), "route": self.documented}
+
+    async def serve(self, request: Request) -> Response:
+        try:
+            principal = get_principal(request)
+            check_acceptable(request)
+            owner = get_owner(principal, request.query_params.get("owner"))
+            params = request.path_params
+            return await run_operation(request, request.app.state.server, owner, params["name"], params["operation"])
+        except SynapseServeError as exc:
+            return problem_from(exc, request)

@@ -1,0 +1,133 @@
+"""The bodies, stated once: Pydantic models document them in the OpenAPI document and say which fields a
+request may and must carry (``bodies.require_fields``). Tensors travel as msgpack maps, so handlers read
+bodies with the wire codec rather than through these models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+
+from synapse_serve.api.bodies import JSON, MSGPACK, PROBLEM, check_acceptable
+from synapse_serve.api.server import get_principal
+from synapse_serve.names import NAME_RULE
+
+
+class Tensor(BaseModel):
+    """A tensor. msgpack: ``{dtype, shape, data: bin}``; JSON: ``{dtype, shape, values}`` or a nested list."""
+
+    dtype: str = Field(examples=["float32"])
+    shape: list[int]
+    data: bytes | None = Field(None, description="msgpack only: little-endian C-order bytes")
+    values: list[Any] | None = Field(None, description="JSON only: nested lists of numbers")
+
+
+class CreateRequest(BaseModel):
+    name: str = Field(description=NAME_RULE, examples=["enc"])
+    kind: str = Field(examples=["HebbianDeconvSynapse"])
+    config: dict[str, Any] = Field(examples=[{"shape": [3, 3, 1, 4], "x_shape": [8, 8], "eta": 0.01}])
+    init: dict[str, Tensor] | None = Field(None, description="explicit initial tensors: weights, biases")
+    seed: int = Field(0, ge=0, description="seeds the default initialisers")
+    durability: str | None = Field(None, description="sync, interval or off for this instance; default: the server's")
+    device: str | int | None = Field(None, description="place it on this device ('cpu:0', 'cuda:1', or an index; "
+                                                       "see GET /v1/devices); default: the least filled")
+
+
+class Ref(BaseModel):
+    """A compartment already on the server, used as a tensor argument without sending it."""
+
+    ref: str = Field(description="compartment name, e.g. inputs, outputs, dInputs", examples=["inputs"])
+    instance: str | None = Field(None, description="another instance of the same owner; default: this one")
+    model_config = {"extra": "forbid"}
+
+
+class OperationRequest(BaseModel):
+    inputs: Tensor | Ref | None = Field(None, description="forward, step: (batch, h, w, c_in)")
+    pre: Tensor | Ref | None = Field(None, description="evolve: (batch, h, w, c_in)")
+    post: Tensor | Ref | None = Field(None, description="evolve, backtransmit, step: (batch, h_out, w_out, c_out)")
+    returns: list[str] | None = Field(None, alias="return",
+                                      description="compartments to send back (default per operation)")
+
+
+class OperationResponse(BaseModel):
+    version: int
+    model_config = {"extra": "allow"}
+
+
+class CompartmentWrite(BaseModel):
+    value: Tensor = Field(description="the new value: same shape and dtype (signals may change batch), finite")
+
+
+class Version(BaseModel):
+    version: int
+
+
+class CompartmentValue(BaseModel):
+    name: str
+    value: Tensor
+    version: int
+
+
+class Description(BaseModel):
+    name: str
+    owner: str
+    durability: str
+    kind: str
+    config: dict[str, Any]
+    seed: int
+    device: str
+    version: int
+    counters: dict[str, int]
+    compartments: dict[str, dict[str, Any]]
+    state_bytes: int
+    created_at: float
+    last_used_at: float
+
+
+class SnapshotRequest(BaseModel):
+    snapshot: str = Field(description=NAME_RULE, examples=["before-run-3"])
+
+
+class Snapshot(BaseModel):
+    snapshot: str
+    version: int
+    counters: dict[str, int]
+    created_at: float
+
+
+class EvictRequest(BaseModel):
+    idle_s: float = Field(ge=0, description="evict instances unused for at least this many seconds")
+
+
+class Problem(BaseModel):
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    request_id: str | None = None
+
+
+def body_doc(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": required, "content": {MSGPACK: {"schema": schema}, JSON: {"schema": schema}}}}
+
+
+def responses(model: type[BaseModel] | None, *errors: int, status: int = 200) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {}
+    if model is not None:
+        out[status] = {"model": model, "content": {MSGPACK: {}, JSON: {}}}
+    for code in errors:
+        out[code] = {"model": Problem, "content": {PROBLEM: {}}, "description": "problem details (RFC 9457)"}
+    return out
+
+
+# Any /v1 call may meet these; documenting them everywhere keeps the OpenAPI document honest.
+COMMON_ERRORS = (400, 401, 403, 404, 406, 408, 409, 412, 413, 415, 422, 500, 503, 507)
+V1_DEPENDENCIES = [Depends(get_principal), Depends(check_acceptable)]
+
+
+def v1_router() -> APIRouter:
+    """A router for one resource under /v1: authenticated, Accept checked before anything runs."""
+    return APIRouter(prefix="/v1", dependencies=V1_DEPENDENCIES, responses=responses(None, *COMMON_ERRORS))

@@ -1,0 +1,81 @@
+"""The server object every route reaches through one dependency, and the caller checks (auth, owner, Accept)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+
+from synapse_serve.auth import LOCAL, Principal, TokenTable
+from synapse_serve.backend import Backend
+from synapse_serve.errors import NotFound, Unauthorized
+from synapse_serve.metrics import Metrics
+from synapse_serve.names import InstanceKey
+from synapse_serve.settings import Settings
+
+
+@dataclass
+class Server:
+    """What a running server is made of: its settings, backend, tokens, metrics and readiness."""
+
+    settings: Settings
+    backend: Backend
+    tokens: TokenTable | None  # None: authentication is off
+    metrics: Metrics
+    phase: str = "starting"
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+
+
+def get_server(request: Request) -> Server:
+    return request.app.state.server
+
+
+ServerDep = Annotated[Server, Depends(get_server)]
+
+
+def get_principal(request: Request) -> Principal:
+    """The caller, from ``Authorization: Bearer <token>``; everyone is the local admin when auth is off."""
+    tokens = request.app.state.server.tokens
+    if tokens is None:
+        request.state.owner = LOCAL.owner
+        return LOCAL
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("this server needs a bearer token: send Authorization: Bearer <token>")
+    principal = tokens.authenticate(token.strip())
+    if principal is None:
+        raise Unauthorized("the bearer token is not valid")
+    request.state.owner = principal.owner  # for the access log
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_owner(principal: PrincipalDep,
+              owner: Annotated[str | None, Query(description="admin only: act on this owner's instances")] = None
+              ) -> str:
+    """Whose instances a call addresses: the caller's own, or (admins only) the named owner's."""
+    if owner is None or owner == principal.owner:
+        return principal.owner
+    if not principal.admin:  # as if nothing were there: names of other owners do not leak
+        raise NotFound("no such instance")
+    return owner
+
+
+OwnerDep = Annotated[str, Depends(get_owner)]
+
+
+def instance_key(owner: str, name: str) -> InstanceKey:
+    """The key of an owner's instance (InvalidName for a name that breaks the rule)."""
+    return InstanceKey.of(owner, name)
+
+
+def require_admin(principal: Principal) -> None:
+    if not principal.admin:  # as if it were not there
+        raise NotFound("no such resource")

@@ -1,0 +1,303 @@
+"""The local backend: the Backend interface over this process's registry, and the choice of where each call runs.
+
+Registry work is blocking (JAX computes, locks wait, files are written), so it runs on a pool
+of worker threads, never on the event loop — except a call measured quick: one whose last run
+on that instance, with the same argument shapes and the same compartment shapes, took less
+than ``inline_call_us``, on an instance no other call holds and whose writes are not
+synchronous. Those run on the loop itself, which saves the thread hop (~90 µs on a small CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from synapse_serve.backend import ExportParts
+from synapse_serve.kinds import KINDS, get_kind
+from synapse_serve.local.capacity import Capacity, Limits
+from synapse_serve.local.persistence import Persistence
+from synapse_serve.local.registry import Busy, Registry
+from synapse_serve.names import CompartmentRef, InstanceKey
+from synapse_serve.settings import Settings
+from synapse_serve.store import Store
+
+log = logging.getLogger("synapse_serve")
+COSTS_KEPT = 8192
+PROBE_TIMEOUT_S = 5.0
+
+
+def enable_compilation_cache(directory: Path) -> None:
+    """JAX's persistent compilation cache in ``directory``, for every program however fast it compiled.
+
+    Process-wide (a JAX setting): a restarted server loads its executables instead of compiling.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def apply_memory_settings(settings: Settings) -> None:
+    """GPU memory behaviour for JAX, unless the environment already says (call before JAX starts a backend)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "true" if settings.gpu_preallocate else "false")
+    if settings.gpu_memory_fraction is not None:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(settings.gpu_memory_fraction))
+
+
+def warm_up() -> None:
+    """Compile and run one tiny synapse so the first real call does not pay JAX's start-up."""
+    registry = Registry()
+    key = InstanceKey("local", "warmup")
+    registry.create(key, kind="HebbianDeconvSynapse", config={"shape": [1, 1, 1, 1], "x_shape": [1, 1]})
+    x = np.zeros((1, 1, 1, 1), np.float32)
+    registry.call(key, "forward", {"inputs": x})
+    registry.call(key, "evolve", {"pre": x, "post": x})
+
+
+class CompileStats:
+    """XLA compiles and persistent-cache hits in this process, from JAX's monitoring events."""
+
+    def __init__(self) -> None:
+        self.compilations = 0
+        self.compile_seconds = 0.0
+        self.cache_hits = 0
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+        jax.monitoring.register_event_listener(self._event)
+
+    def _duration(self, event: str, seconds: float, **_: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.compilations += 1
+            self.compile_seconds += seconds
+
+    def _event(self, event: str, **_: Any) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            self.cache_hits += 1
+
+
+_compile_stats: CompileStats | None = None
+_compile_stats_lock = threading.Lock()
+
+
+def compile_stats() -> CompileStats:
+    """The process's CompileStats (JAX's listeners are process-wide: registered once)."""
+    global _compile_stats
+    with _compile_stats_lock:
+        if _compile_stats is None:
+            _compile_stats = CompileStats()
+        return _compile_stats
+
+
+def registry_from(settings: Settings) -> Registry:
+    """A registry with the settings' limits, state directory and durability mode."""
+    limits = Limits(max_instances=settings.max_instances, max_instances_per_owner=settings.max_instances_per_owner,
+                    max_state_bytes_per_owner=settings.max_state_bytes_per_owner,
+                    max_snapshot_bytes_per_owner=settings.max_snapshot_bytes_per_owner,
+                    max_batch=settings.max_batch, device_budget_bytes=settings.device_budget_bytes)
+    return Registry(Capacity(limits), Persistence(Store(settings.state_dir), settings.durability),
+                    answer_budget_bytes=settings.idempotency_answer_bytes)
+
+
+class LocalBackend:
+    """The Backend interface (backend.py) over a Registry in this process."""
+
+    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or registry_from(settings)
+        # calls on different instances proceed side by side; calls on one instance wait for its lock here
+        self.executor = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="synapse-worker")
+        self.inline_max_s = settings.inline_call_us * 1e-6
+        # (instance, operation, argument shapes, compartment shapes) -> seconds its last run took
+        self._costs: OrderedDict[tuple, float] = OrderedDict()
+        self.compiles = compile_stats()
+        self._operations = frozenset(op for kind in KINDS.values() for op in kind.operations)
+
+    async def _off(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run blocking registry work on the worker threads, never on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        if self.settings.compilation_cache:
+            enable_compilation_cache(self.settings.state_dir / "jax-cache")
+        self.registry.open()  # StateDirLocked if another server holds the directory
+
+    async def get_ready(self, phase: Callable[[str], None]) -> None:
+        phase("restoring instances")
+        await self._off(self.registry.load_stored)
+        phase("warming up")
+        if self.settings.warmup:
+            try:
+                await self._off(warm_up)
+            except Exception:  # a failed warm-up costs the first caller a compile, nothing else
+                log.exception("warm-up failed; serving without it")
+        self.registry.start_background(self.settings.flush_interval_s, self.settings.evict_idle_after_s)
+
+    async def probe(self) -> None:
+        await asyncio.wait_for(self._off(self.registry.capacity.probe), PROBE_TIMEOUT_S)
+
+    async def close(self) -> None:
+        def shut_down() -> None:
+            self.registry.persistence.stop()
+            self.executor.shutdown(wait=True)  # calls in flight finish before the last write
+            self.registry.close()
+
+        await asyncio.get_running_loop().run_in_executor(None, shut_down)
+
+    def storage_error(self) -> str | None:
+        return self.registry.persistence.storage_error
+
+    # --- kinds ---
+
+    def kinds(self) -> list[dict[str, Any]]:
+        return [{"name": k.name, "description": k.description, "operations": list(k.operations), "help": k.help(None)}
+                for k in KINDS.values()]
+
+    def kind_help(self, kind: str) -> dict[str, Any]:
+        return get_kind(kind).help(None)
+
+    def operation_names(self) -> frozenset[str]:
+        return self._operations
+
+    # --- instances ---
+
+    async def create(self, key: InstanceKey, *, kind: str, config: Mapping[str, Any],
+                     init: Mapping[str, Any] | None = None, seed: int = 0, durability: str | None = None,
+                     device: str | int | None = None) -> dict[str, Any]:
+        return await self._off(self.registry.create, key, kind=kind, config=config, init=init, seed=seed,
+                               durability=durability, device=device)
+
+    async def describe(self, key: InstanceKey) -> dict[str, Any]:
+        return await self._off(self.registry.describe, key)
+
+    async def help(self, key: InstanceKey) -> dict[str, Any]:
+        return await self._off(self.registry.help, key)
+
+    async def list(self, *, owner: str | None) -> list[dict[str, Any]]:
+        return await self._off(self.registry.list, owner)
+
+    async def delete(self, key: InstanceKey, *, expected_version: int | None = None) -> None:
+        await self._off(self.registry.delete, key, expected_version)
+
+    async def call(self, key: InstanceKey, *, operation: str, tensors: Mapping[str, Any],
+                   returns: list[str] | None = None, idempotency_key: str | None = None,
+                   expected_version: int | None = None) -> dict[str, Any]:
+        run = functools.partial(self.registry.call, key, operation, tensors, returns,
+                                idempotency_key=idempotency_key, expected_version=expected_version)
+        cost_key = self._cost_key(key, operation, tensors)
+        if cost_key is not None and self._costs.get(cost_key, float("inf")) < self.inline_max_s:
+            started = time.perf_counter()
+            try:
+                answer = run(wait=False, signature=cost_key[-1])
+            except Busy:
+                pass  # held by another call, or its shapes changed: to a worker
+            else:
+                self._remember_cost(cost_key, time.perf_counter() - started)
+                return answer
+        started = time.perf_counter()
+        answer = await self._off(run)
+        if cost_key is not None:
+            self._remember_cost(cost_key, time.perf_counter() - started)  # with any wait: errs towards a worker
+        return answer
+
+    def _cost_key(self, key: InstanceKey, operation: str, tensors: Mapping[str, Any]) -> tuple | None:
+        """What a call's cost depends on, or None if it never runs inline (inline off, sync writes, other
+        instances' compartments)."""
+        if self.inline_max_s <= 0:
+            return None
+        peek = self.registry.peek(key)
+        if peek is None or peek[1]:
+            return None
+        shapes = []
+        for name, value in sorted(tensors.items()):
+            if isinstance(value, CompartmentRef):
+                if value.instance is not None:
+                    return None
+                shapes.append((name, value.compartment))
+            elif value is not None:
+                shapes.append((name, getattr(value, "shape", None), getattr(value, "dtype", None)))
+        return key, operation, tuple(shapes), peek[0]
+
+    def _remember_cost(self, cost_key: tuple, seconds: float) -> None:
+        self._costs[cost_key] = seconds
+        self._costs.move_to_end(cost_key)
+        if len(self._costs) > COSTS_KEPT:
+            self._costs.popitem(last=False)
+
+    async def read(self, key: InstanceKey, *, compartment: str) -> tuple[np.ndarray, int]:
+        return await self._off(self.registry.read, key, compartment)
+
+    async def write(self, key: InstanceKey, *, compartment: str, value: Any,
+                    expected_version: int | None = None) -> int:
+        return await self._off(self.registry.write, key, compartment, value, expected_version)
+
+    # --- files ---
+
+    async def export(self, key: InstanceKey) -> ExportParts:
+        return await self._off(self.registry.export, key)
+
+    async def import_(self, key: InstanceKey, *, blob: bytes) -> dict[str, Any]:
+        return await self._off(self.registry.import_, key, blob)
+
+    async def snapshot(self, key: InstanceKey, *, snapshot: str) -> dict[str, Any]:
+        return await self._off(self.registry.snapshot, key, snapshot)
+
+    async def snapshots(self, key: InstanceKey) -> list[dict[str, Any]]:
+        return await self._off(self.registry.snapshots, key)
+
+    async def rollback(self, key: InstanceKey, *, snapshot: str, expected_version: int | None = None) -> int:
+        return await self._off(self.registry.rollback, key, snapshot, expected_version)
+
+    async def delete_snapshot(self, key: InstanceKey, *, snapshot: str) -> None:
+        await self._off(self.registry.delete_snapshot, key, snapshot)
+
+    async def evicted(self, *, owner: str) -> list[dict[str, Any]]:
+        return await self._off(self.registry.evicted, owner)
+
+    async def unevict(self, key: InstanceKey) -> dict[str, Any]:
+        return await self._off(self.registry.unevict, key)
+
+    # --- operators ---
+
+    async def evict_idle(self, *, idle_s: float) -> list[dict[str, Any]]:
+        return await self._off(self.registry.evict_idle, idle_s)
+
+    async def storage(self) -> dict[str, Any]:
+        return self.registry.storage_status()
+
+    async def devices(self) -> list[dict[str, Any]]:
+        return await self._off(self.registry.capacity.devices_info)
+
+    async def gauges(self) -> dict[str, Any]:
+        stats = await self._off(self.registry.stats)  # walks every instance
+        stats["memory"] = await self._off(self._memory)
+        compiles = self.compiles
+        stats["compiles"] = {"count": compiles.compilations, "seconds": compiles.compile_seconds,
+                             "cache_hits": compiles.cache_hits}
+        return stats
+
+    def _memory(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for name, device in zip(self.registry.capacity.device_names(), self.registry.capacity.devices):
+            stats = device.memory_stats()
+            if stats:  # CPUs have none
+                out[name] = {"in_use": stats.get("bytes_in_use", 0), "limit": stats.get("bytes_limit", 0)}
+        return out
+
+    def describe_setup(self) -> dict[str, Any]:
+        store = self.registry.persistence.store
+        return {"devices": self.registry.capacity.device_names(),
+                "state_dir": str(store.root.resolve()) if store is not None else None,
+                "durability": self.registry.persistence.durability}

@@ -1,0 +1,202 @@
+"""One instance: its typed key, its record (state, version, counters), references and its idempotency cache.
+
+Nothing here locks or stores: the registry holds each instance's lock while it reads or
+changes one, and ``commit`` is the one place a mutation lands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+
+from synapse_serve.errors import AnswerNotKept, IdempotencyKeyReused, PreconditionFailed
+from synapse_serve.kinds import Kind
+from synapse_serve.kinds.base import compartment_paths
+from synapse_serve.names import CompartmentRef, InstanceKey
+from synapse_serve.store import Record
+
+IDEMPOTENCY_KEYS_KEPT = 128  # per instance: its most recent keyed calls (retries come soon)
+
+
+@dataclass(eq=False)
+class Instance:
+    """One named synapse: its kind, immutable config, current state and bookkeeping.
+
+    ``state`` is None until the instance is built (its name is reserved meanwhile) and again
+    once it is deleted: a caller that waited for its lock then finds it gone.
+    """
+
+    key: InstanceKey
+    kind: Kind
+    config: Any
+    seed: int
+    device: jax.Device  # where its state lives; every call on it runs there
+    durability: str | None = None  # its own mode; None follows the server's
+    state: Any = None
+    version: int = 1
+    stored_version: int = 0  # the version last written to the store
+    counters: dict[str, int] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+    last_used_at: float = field(default_factory=time.time)
+    held_bytes: int = 0  # the state bytes capacity counts for it (its real size, kept current)
+    signature: tuple = ()  # (shape, dtype) of every compartment: says what a call will allocate
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    waiting: int = 0  # calls queued for its lock
+    answers: IdempotencyCache | None = field(default=None, repr=False)
+
+    def check_version(self, expected: int | None) -> None:
+        """412 unless ``expected`` (from If-Match) is None or the current version."""
+        if expected is not None and expected != self.version:
+            raise PreconditionFailed(
+                f"instance {self.key.name!r} is at version {self.version}, not {expected} (If-Match)",
+                current_version=self.version,
+            )
+
+    def record(self) -> Record:
+        """What a file needs to continue exactly; the arrays are the device's (call under the lock, write before
+        releasing it: the next call donates them)."""
+        return Record(kind=self.kind.name, config=self.config.to_dict(), seed=self.seed, version=self.version,
+                      counters=dict(self.counters), created_at=self.created_at, saved_at=time.time(),
+                      durability=self.durability, owner=self.key.owner, arrays=compartment_paths(self.state))
+
+    def describe(self, durability: str) -> dict[str, Any]:
+        """Kind, config, compartment shapes and dtypes, device, counters and version (call under the lock)."""
+        leaves = compartment_paths(self.state)
+        return {
+            "name": self.key.name,
+            "owner": self.key.owner,
+            "durability": durability,
+            "kind": self.kind.name,
+            "config": self.config.to_dict(),
+            "seed": self.seed,
+            "device": device_name(self.device),
+            "version": self.version,
+            "counters": dict(self.counters),
+            "compartments": {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in leaves.items()},
+            "state_bytes": self.held_bytes,
+            "created_at": self.created_at,
+            "last_used_at": self.last_used_at,
+        }
+
+
+def device_name(device: jax.Device) -> str:
+    """``platform:id``, e.g. ``cpu:0`` or ``cuda:1``."""
+    return f"{device.platform}:{device.id}"
+
+
+def signature_of(state: Any) -> tuple:
+    """(shape, dtype) of every leaf of a state, in leaf order."""
+    return tuple((tuple(leaf.shape), leaf.dtype) for leaf in jax.tree_util.tree_leaves(state))
+
+
+def nbytes_of(signature: tuple) -> int:
+    return int(sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in signature))
+
+
+def answer_nbytes(answer: dict[str, Any]) -> int:
+    return int(sum(getattr(v, "nbytes", 0) for v in answer.values()))
+
+
+def fingerprint(operation: str, args: list[Any], returned: list[str]) -> str:
+    """What a keyed request asked for, so a key reused for another request is caught.
+
+    Tensors are hashed in place (their own buffers, no copy).
+    """
+    digest = hashlib.sha256(f"{operation}|{returned}".encode())
+    for array in args:
+        if array is None or isinstance(array, CompartmentRef):
+            digest.update(f"-{array!r}".encode())
+        else:
+            array = np.asarray(array)
+            digest.update(f"|{array.dtype.str}{array.shape}|".encode())
+            digest.update(memoryview(array if array.flags.c_contiguous else np.ascontiguousarray(array)).cast("B"))
+    return digest.hexdigest()
+
+
+class _Entry:
+    __slots__ = ("fingerprint", "version", "answer", "nbytes")
+
+    def __init__(self, fingerprint: str, version: int, answer: dict[str, Any], nbytes: int) -> None:
+        self.fingerprint, self.version, self.answer, self.nbytes = fingerprint, version, answer, nbytes
+
+
+class AnswerBudget:
+    """Bytes of stored answers across all instances; over the budget, the oldest answers' tensors go.
+
+    An entry whose answer went keeps its key and fingerprint: a retry is still applied only once
+    (AnswerNotKept instead of running again). Thread-safe.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._order: OrderedDict[int, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, entry: _Entry) -> None:
+        with self._lock:
+            self._order[id(entry)] = entry
+            self.used += entry.nbytes
+            while self.used > self.max_bytes and self._order:
+                _, oldest = self._order.popitem(last=False)
+                self._drop(oldest)
+
+    def forget(self, entry: _Entry) -> None:
+        with self._lock:
+            if self._order.pop(id(entry), None) is not None:
+                self._drop(entry)
+
+    def _drop(self, entry: _Entry) -> None:
+        self.used -= entry.nbytes
+        entry.nbytes = 0
+        if entry.answer is not None and len(entry.answer) > 1:  # {"version"} alone costs nothing to keep
+            entry.answer = None
+
+
+class IdempotencyCache:
+    """An instance's answers to its most recent keyed calls (at most IDEMPOTENCY_KEYS_KEPT keys)."""
+
+    def __init__(self, budget: AnswerBudget) -> None:
+        self.budget = budget
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+
+    def replay(self, key: str, fingerprint_: str) -> _Entry | None:
+        """The entry of an earlier call with ``key``, or None; IdempotencyKeyReused if it asked something else."""
+        entry = self._entries.get(key)
+        if entry is not None and entry.fingerprint != fingerprint_:
+            raise IdempotencyKeyReused(
+                f"Idempotency-Key {key[:64]!r} was used for a different request on this instance; use a new key "
+                "for a new request")
+        return entry
+
+    @staticmethod
+    def answer_of(entry: _Entry, name: str) -> dict[str, Any]:
+        if entry.answer is None:
+            raise AnswerNotKept(
+                f"this Idempotency-Key's call was applied once to {name!r} (version {entry.version}); its answer "
+                "is no longer kept (the server bounds stored answers by bytes), and it is not run again: read the "
+                "compartments you need", version=entry.version)
+        return entry.answer
+
+    def remember(self, key: str, fingerprint_: str, answer: dict[str, Any]) -> None:
+        entry = _Entry(fingerprint_, answer["version"], answer, answer_nbytes(answer))
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.budget.forget(old)
+        self._entries[key] = entry
+        self.budget.add(entry)
+        while len(self._entries) > IDEMPOTENCY_KEYS_KEPT:
+            _, dropped = self._entries.popitem(last=False)
+            self.budget.forget(dropped)
+
+    def clear(self) -> None:
+        for entry in self._entries.values():
+            self.budget.forget(entry)
+        self._entries.clear()

@@ -1,0 +1,718 @@
+"""The registry: named instances in this process, their locks, and the one commit path of every mutation.
+
+Calls on one instance are serialized by its lock; calls on different instances run in
+parallel (JAX releases the GIL while it computes). Everything a call could be refused for
+is checked before its state is touched: arguments, references, If-Match, quotas and device
+budgets (a call that would grow the state is measured with ``jax.eval_shape`` first). The new
+state replaces the old only on success (``_commit``), and results are copied to host memory
+under the lock, before any later call can donate the buffers.
+
+Blocking and synchronous: the async facade (``local/backend.py``) decides which calls run on
+the event loop and which on worker threads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import jax
+import numpy as np
+
+from synapse_serve.errors import (
+    AlreadyExists,
+    DeviceError,
+    InvalidConfig,
+    InvalidInstanceFile,
+    InvalidRequest,
+    MissingArgument,
+    NotFound,
+    NotReady,
+    ShapeMismatch,
+    StorageError,
+    SynapseServeError,
+    UnknownCompartment,
+    UnknownOperation,
+)
+from synapse_serve.kinds import Kind, get_kind
+from synapse_serve.kinds.base import (
+    check_tensor,
+    compartment_paths,
+    replace_compartment,
+    require_int,
+    state_from_compartments,
+    unknown_compartment,
+)
+from synapse_serve.local.capacity import Capacity, Limits
+from synapse_serve.local.instance import (
+    AnswerBudget,
+    IdempotencyCache,
+    Instance,
+    fingerprint,
+    nbytes_of,
+    signature_of,
+)
+from synapse_serve.local.persistence import Persistence, record_size
+from synapse_serve.names import CompartmentRef, InstanceKey, validate_name
+from synapse_serve.store import DURABILITY_MODES, CorruptFile, Record, decode, read_header, stream_record
+
+log = logging.getLogger("synapse_serve")
+PREDICTIONS_KEPT = 4096  # (operation, config, shapes) -> the state a call leaves: one trace each
+
+
+class Busy(Exception):  # noqa: N818 - a signal, not an error: the facade runs the call on a worker instead
+    """A call asked not to wait met a held lock (or an instance whose shapes changed since it looked)."""
+
+
+def device_call(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a JAX computation; failures of the device are the server's, not the caller's."""
+    try:
+        return fn(*args)
+    except SynapseServeError:
+        raise
+    except (jax.errors.JaxRuntimeError, MemoryError) as exc:  # OOM and other device faults
+        raise DeviceError(f"the device failed: {str(exc).splitlines()[0][:300]}") from exc
+
+
+class Registry:
+    """In-process instances on the JAX devices of this process, kept in a state directory by ``persistence``."""
+
+    def __init__(self, capacity: Capacity | None = None, persistence: Persistence | None = None, *,
+                 answer_budget_bytes: int = 256 << 20) -> None:
+        self.capacity = capacity or Capacity(Limits())
+        self.persistence = persistence or Persistence(None)
+        self._instances: dict[InstanceKey, Instance] = {}
+        self._lock = threading.Lock()  # guards the dicts and sets, not the instances
+        self._restoring: set[InstanceKey] = set()  # stored, not loaded yet: their names are not free
+        self._unloadable: dict[InstanceKey, str] = {}  # stored files that could not be loaded now
+        self.answers = AnswerBudget(answer_budget_bytes)
+        self._predictions: OrderedDict[tuple, tuple[tuple, int]] = OrderedDict()
+        self._predictions_lock = threading.Lock()
+
+    # --- lifecycle of the registry ---
+
+    def open(self) -> int:
+        """Lock the state directory and note every stored instance (a listing: quick). Returns how many.
+
+        Until ``load_stored`` brings a name back, calls on it answer 503 and a create of it is refused.
+        """
+        keys = self.persistence.open()
+        with self._lock:
+            self._restoring = set(keys)
+        self.capacity.set_snapshot_bytes(self.persistence.snapshot_bytes())
+        return len(keys)
+
+    def load_stored(self) -> dict[str, str]:
+        """Bring back every stored instance, reading only: a file that cannot be used is quarantined (never
+        overwritten); one that cannot be loaded now (device or disk trouble) stays in place."""
+        with self._lock:
+            keys = sorted(self._restoring)
+        for key in keys:
+            try:
+                try:
+                    record = self.persistence.load(key)
+                except CorruptFile as exc:
+                    self.persistence.quarantine(key, str(exc))
+                    continue
+                except OSError as exc:
+                    self._not_loaded(key, f"{type(exc).__name__}: {exc}")
+                    continue
+                try:
+                    self._add_record(key, record, stored=True)
+                except (InvalidRequest, NotFound) as exc:  # an unknown kind, a config or shapes that do not fit
+                    self.persistence.quarantine(key, exc.detail)
+                except (SynapseServeError, OSError) as exc:
+                    self._not_loaded(key, getattr(exc, "detail", str(exc)))
+            finally:
+                with self._lock:
+                    self._restoring.discard(key)
+        errors = self.persistence.restore_errors
+        log.info("restored %d instances; %d files not loaded", len(self._instances), len(errors))
+        return errors
+
+    def _not_loaded(self, key: InstanceKey, reason: str) -> None:
+        self.persistence.not_loaded(key, reason)
+        with self._lock:
+            self._unloadable[key] = reason
+
+    def start_background(self, flush_interval_s: float, evict_idle_after_s: float = 0.0) -> None:
+        """The writer (interval mode; in sync mode it retries failed writes) and, if asked, the idle evictor."""
+        if self.persistence.store is None:
+            return
+        self.persistence.start("synapse-flusher", flush_interval_s, self.flush)
+        if evict_idle_after_s > 0:
+            self.persistence.start("synapse-evictor", min(60.0, evict_idle_after_s / 4),
+                                   lambda: self.evict_idle(evict_idle_after_s))
+
+    def close(self) -> None:
+        """Stop the background threads, write whatever changed, release the state directory."""
+        self.persistence.stop()
+        self.flush()
+        self.persistence.close()
+
+    # --- instances ---
+
+    def create(self, key: InstanceKey, *, kind: str, config: Mapping[str, Any], init: Mapping[str, Any] | None = None,
+               seed: int = 0, durability: str | None = None, device: str | int | None = None) -> dict[str, Any]:
+        """Create and describe a new instance (see docs/api.md). Name, quotas and budget are checked, and
+        capacity reserved, before any work; the kind's device-dependent choices (``prepare``) come after."""
+        durability = self._durability(durability)
+        kind_ = get_kind(kind)
+        cfg = kind_.parse_config(config)
+        init = dict(init or {})
+        unknown = set(init) - {"weights", "biases"}
+        if unknown:
+            raise InvalidConfig(f"init: unknown keys {sorted(map(str, unknown))}; allowed: weights, biases",
+                                field="init")
+        seed = require_int("seed", seed, 0, 2**63 - 1)
+        nbytes = kind_.state_nbytes(cfg)
+        target = self.capacity.resolve(device, nbytes)
+        instance = self._reserve(key, kind_, cfg, seed, target, durability, nbytes)
+
+        def build() -> Any:
+            if kind_.prepare is not None:
+                instance.config = kind_.prepare(instance.config, target)
+            return kind_.init(instance.config, seed, init.get("weights"), init.get("biases"))
+
+        return self._build(instance, build)
+
+    def import_(self, key: InstanceKey, blob: bytes) -> dict[str, Any]:
+        """Create an instance from an exported file: same config, compartments, counters and version."""
+        try:
+            record = decode(blob)
+        except CorruptFile as exc:
+            raise InvalidInstanceFile(f"not a valid instance file: {exc}") from None
+        return self._add_record(key, record)
+
+    def _add_record(self, key: InstanceKey, record: Record, stored: bool = False) -> dict[str, Any]:
+        """Add an instance from a record (import, start-up, an evicted one coming back).
+
+        Anything but a stored instance is checked like a create: the record's values, and quotas and the
+        budget against the larger of its state and a fresh state of its config (its reset returns there).
+        """
+        kind_ = get_kind(record.kind)
+        cfg = kind_.parse_config(record.config)
+        durability = record.durability if stored else self._durability(record.durability)
+        if not stored:
+            self._check_record(kind_, record)
+        nbytes = max(int(sum(np.asarray(a).nbytes for a in record.arrays.values())),
+                     0 if stored else kind_.state_nbytes(cfg))
+        target = self.capacity.resolve(None, nbytes)
+        instance = self._reserve(key, kind_, cfg, record.seed, target, durability, nbytes, stored=stored,
+                                 record=record)
+        max_batch = None if stored else self.capacity.limits.max_batch
+        return self._build(instance, lambda: state_from_compartments(kind_, cfg, record.seed, record.arrays,
+                                                                     max_batch))
+
+    @staticmethod
+    def _check_record(kind_: Kind, record: Record) -> None:
+        """Values an exported file may carry: known counters, finite parameters (as create requires)."""
+        known = set(kind_.operations) | {"restore"}
+        unknown = set(record.counters) - known
+        if unknown:
+            raise InvalidInstanceFile(f"counters {sorted(unknown)} are not operations of {kind_.name}")
+        for name, array in record.arrays.items():
+            array = np.asarray(array)
+            if (name not in kind_.batched_compartments and np.issubdtype(array.dtype, np.floating)
+                    and not np.all(np.isfinite(array))):
+                raise InvalidInstanceFile(f"compartment {name}: values must be finite (no NaN or Inf)",
+                                          compartment=name)
+
+    @staticmethod
+    def _durability(durability: str | None) -> str | None:
+        if durability is not None and durability not in DURABILITY_MODES:
+            raise InvalidConfig(f"durability: {str(durability)[:40]!r} is not allowed; choose one of "
+                                f"{', '.join(DURABILITY_MODES)} (or leave it out for the server's default)",
+                                field="durability")
+        return durability
+
+    def _reserve(self, key: InstanceKey, kind_: Kind, cfg: Any, seed: int, device: jax.Device,
+                 durability: str | None, nbytes: int, *, stored: bool = False,
+                 record: Record | None = None) -> Instance:
+        """Take the name and the capacity for a new instance; it is returned locked, not yet built."""
+        with self._lock:
+            if key in self._restoring and not stored:
+                raise NotReady(f"instance {key.name!r} is stored and still being restored; retry shortly",
+                               name=key.name)
+            if key in self._instances:
+                raise AlreadyExists(f"an instance named {key.name!r} already exists", name=key.name)
+            if not stored and self.persistence.is_stored(key):
+                raise AlreadyExists(
+                    f"a stored file for {key.name!r} exists but is not loaded "
+                    f"({self._unloadable.get(key, 'see GET /v1/admin/storage')}); it is never overwritten",
+                    name=key.name)
+            self.capacity.admit(key.owner, device, nbytes, check=not stored)
+            instance = Instance(key, kind_, cfg, seed, device, durability, held_bytes=nbytes,
+                                answers=IdempotencyCache(self.answers))
+            if record is not None:
+                instance.version, instance.counters = record.version, dict(record.counters)
+                instance.created_at = record.created_at
+                instance.stored_version = record.version if stored else 0
+            instance.lock.acquire()
+            self._instances[key] = instance
+        return instance
+
+    def _build(self, instance: Instance, build: Callable[[], Any]) -> dict[str, Any]:
+        """Build a reserved instance's state on its device, store it (sync mode), describe it; undo on failure."""
+        try:
+            with jax.default_device(instance.device):
+                state = jax.device_put(device_call(build), instance.device)  # committed: calls run there
+            jax.block_until_ready(state)
+            instance.state, instance.signature = state, signature_of(state)
+            self._account(instance, nbytes_of(instance.signature), check=False)
+            self.persistence.persist(instance)
+            return instance.describe(self.persistence.mode(instance))
+        except BaseException:
+            with self._lock:
+                self._instances.pop(instance.key, None)
+            self.capacity.release(instance.key.owner, instance.device, instance.held_bytes)
+            instance.state = None
+            raise
+        finally:
+            instance.lock.release()
+
+    def delete(self, key: InstanceKey, expected_version: int | None = None) -> None:
+        """Forget an instance and its files (snapshots too); calls already running on it finish first."""
+        with self._hold(key) as instance:
+            instance.check_version(expected_version)
+            freed = self.persistence.remove(key)  # StorageError: nothing deleted from memory
+            self._forget(instance)
+            if freed:
+                self.capacity.release_snapshot(key.owner, freed)
+
+    def _forget(self, instance: Instance) -> None:
+        """Drop a held instance from the registry and from capacity (under its lock)."""
+        with self._lock:
+            del self._instances[instance.key]
+        self.capacity.release(instance.key.owner, instance.device, instance.held_bytes)
+        instance.answers.clear()
+        instance.state = None
+
+    def list(self, owner: str | None = None) -> list[dict[str, Any]]:
+        """Describe every instance of ``owner`` (everyone's if None), sorted by owner and name."""
+        with self._lock:
+            if any(owner is None or key.owner == owner for key in self._restoring):
+                raise NotReady("stored instances are still being restored; retry shortly")
+            instances = sorted((i for k, i in self._instances.items() if owner is None or k.owner == owner),
+                               key=lambda i: i.key)
+        out = []
+        for instance in instances:
+            with instance.lock:
+                if instance.state is not None:
+                    out.append(instance.describe(self.persistence.mode(instance)))
+        return out
+
+    def describe(self, key: InstanceKey) -> dict[str, Any]:
+        with self._hold(key) as instance:
+            return instance.describe(self.persistence.mode(instance))
+
+    def help(self, key: InstanceKey) -> dict[str, Any]:
+        with self._hold(key) as instance:
+            return instance.kind.help(instance.config)
+
+    # --- operations ---
+
+    def peek(self, key: InstanceKey) -> tuple[tuple, bool] | None:
+        """Without waiting: the instance's compartment shapes and whether its mode is sync (None if absent)."""
+        instance = self._instances.get(key)
+        if instance is None or instance.state is None:
+            return None
+        return instance.signature, self.persistence.mode(instance) == "sync"
+
+    def call(self, key: InstanceKey, operation: str, tensors: Mapping[str, Any], returns: list[str] | None = None,
+             *, idempotency_key: str | None = None, expected_version: int | None = None, wait: bool = True,
+             signature: tuple | None = None) -> dict[str, Any]:
+        """Run ``operation``; returns ``{"version": v, <compartment>: numpy, ...}`` (see docs/api.md).
+
+        A tensor argument is an array or a ``CompartmentRef`` (this instance's compartment when the call
+        starts, or another instance's of the same owner). A repeated ``idempotency_key`` returns the first
+        answer without running again (in sync mode, once its write succeeded). ``wait=False`` raises Busy
+        instead of waiting for the lock, or when the compartment shapes are no longer ``signature``.
+        """
+        instance = self._get(key)
+        op = instance.kind.operations.get(operation)
+        if op is None:
+            close = difflib.get_close_matches(str(operation), list(instance.kind.operations), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UnknownOperation(f"{instance.kind.name} has no operation {str(operation)[:64]!r}{hint}; it has: "
+                                   f"{', '.join(instance.kind.operations)}", operation=str(operation)[:64])
+        args = self._bind(instance, op, tensors)
+        returned = list(op.returns if returns is None else returns)
+        print_ = fingerprint(operation, args, returned) if idempotency_key is not None else ""
+        # another instance's compartments are copied before our lock is taken: never two locks at once
+        args = [self._read_for(instance, arg.name, a) if isinstance(a, CompartmentRef) and a.instance else a
+                for arg, a in zip(op.args, args)]
+        with self._hold(instance, wait=wait, signature=signature):
+            if idempotency_key is not None:
+                entry = instance.answers.replay(idempotency_key, print_)
+                if entry is not None:
+                    self.persistence.persist(instance)  # sync mode: acknowledged only once stored
+                    return instance.answers.answer_of(entry, key.name)
+            instance.check_version(expected_version)
+            leaves = compartment_paths(instance.state)
+            for compartment in returned:
+                if compartment not in leaves:
+                    raise unknown_compartment(instance.kind, compartment, leaves, "cannot return")
+            args = [self._resolve(instance, arg.name, a, leaves) if isinstance(a, (CompartmentRef, _Fetched)) else a
+                    for arg, a in zip(op.args, args)]
+            self._check_batches(instance, op, args)
+            new_signature, new_bytes = self._predict(instance, op, args)
+            self.capacity.resize(key.owner, instance.device, instance.held_bytes, new_bytes)  # refused before work
+            try:
+                state = device_call(op.fn, instance.config, instance.state, *args)
+            except BaseException:
+                self.capacity.resize(key.owner, instance.device, new_bytes, instance.held_bytes, check=False)
+                raise
+            result = {c: np.asarray(v) for c, v in compartment_paths(state).items() if c in returned}
+            self._commit(instance, state, operation, new_signature, new_bytes, accounted=True)
+            answer = {"version": instance.version, **result}
+            if idempotency_key is not None:  # before the write: a retry after a 507 must not apply it again
+                instance.answers.remember(idempotency_key, print_, answer)
+            self.persistence.persist(instance)
+            return answer
+
+    def _bind(self, instance: Instance, op: Any, tensors: Mapping[str, Any]) -> list[Any]:
+        """The operation's arguments in order: sent tensors checked (shape, dtype, one batch, max_batch)."""
+        allowed = [a.name for a in op.args]
+        unknown = set(tensors) - set(allowed)
+        if unknown:
+            raise InvalidRequest(f"{op.name} takes {', '.join(allowed) or 'no tensors'}; unknown: "
+                                 f"{', '.join(sorted(map(str, unknown)))}", argument=sorted(map(str, unknown))[0])
+        args: list[Any] = []
+        for arg in op.args:
+            value = tensors.get(arg.name)
+            if value is None and not arg.optional:
+                raise MissingArgument(f"{op.name} needs the tensor {arg.name!r} "
+                                      f"({'inputs' if arg.space == 'in' else 'outputs'}-shaped: "
+                                      f"(batch, {', '.join(map(str, instance.config.trailing(arg.space)))}))",
+                                      argument=arg.name)
+            if value is not None and not isinstance(value, CompartmentRef):
+                value = check_tensor(arg.name, value, instance.config.trailing(arg.space))
+            args.append(value)
+        self._check_batches(instance, op, args)
+        return args
+
+    def _check_batches(self, instance: Instance, op: Any, args: list[Any]) -> None:
+        """Arguments (sent or resolved): each shaped for its map, all of one batch, within max_batch."""
+        batch = None
+        for arg, value in zip(op.args, args):
+            if value is None or isinstance(value, CompartmentRef):
+                continue
+            trailing = tuple(instance.config.trailing(arg.space))
+            if tuple(value.shape[1:]) != trailing or value.ndim != 1 + len(trailing):
+                raise ShapeMismatch(f"{arg.name}: expected shape (batch, {', '.join(map(str, trailing))}), "
+                                    f"received {tuple(value.shape)}", argument=arg.name)
+            if batch is not None and value.shape[0] != batch:
+                raise ShapeMismatch(f"{arg.name}: expected batch {batch} (as the arguments before it), received "
+                                    f"{value.shape[0]}", argument=arg.name)
+            batch = value.shape[0]
+            self.capacity.check_batch(arg.name, batch)
+
+    @staticmethod
+    def _resolve(instance: Instance, argument: str, ref: CompartmentRef | _Fetched, leaves: Mapping[str, Any]) -> Any:
+        """A reference's values as a buffer of the caller's own on its device (the source's buffers are donated
+        by its next call); another instance's were fetched already (``_read_for``)."""
+        if isinstance(ref, _Fetched):
+            return ref.value
+        return jax.device_put(_floating_compartment(instance, argument, ref.compartment, leaves), instance.device,
+                              may_alias=False)
+
+    def _read_for(self, caller: Instance, argument: str, ref: CompartmentRef) -> CompartmentRef | _Fetched:
+        """A device copy of another instance's compartment (same owner), read under that instance's lock."""
+        other = InstanceKey(caller.key.owner, validate_name(ref.instance))
+        if other == caller.key:
+            return ref._replace(instance=None)  # this instance: resolved under its own lock
+        with self._hold(other) as source:
+            value = _floating_compartment(source, argument, ref.compartment, compartment_paths(source.state))
+            return _Fetched(jax.device_put(value, caller.device, may_alias=False))
+
+    def _predict(self, instance: Instance, op: Any, args: list[Any]) -> tuple[tuple, int]:
+        """The compartment shapes and bytes the call will leave, before running it (traced once per shapes)."""
+        shapes = tuple(None if a is None else (tuple(a.shape), a.dtype) for a in args)
+        key = (op.name, instance.config, instance.signature, shapes)
+        with self._predictions_lock:
+            known = self._predictions.get(key)
+            if known is not None:
+                self._predictions.move_to_end(key)
+                return known
+        out = jax.eval_shape(functools.partial(op.fn, instance.config), instance.state, *args)
+        signature = signature_of(out)
+        known = (signature, nbytes_of(signature))
+        with self._predictions_lock:
+            self._predictions[key] = known
+            while len(self._predictions) > PREDICTIONS_KEPT:
+                self._predictions.popitem(last=False)
+        return known
+
+    def _commit(self, instance: Instance, state: Any, counter: str | None, signature: tuple, nbytes: int,
+                accounted: bool = False) -> None:
+        """The one place a mutation lands (under the instance's lock): the new state, version, counter, last
+        use and size. ``accounted``: capacity already counts ``nbytes`` (else it is resized here, unchecked)."""
+        instance.state = state
+        instance.version += 1
+        if counter is not None:
+            instance.counters[counter] = instance.counters.get(counter, 0) + 1
+        instance.last_used_at = time.time()
+        instance.signature = signature
+        if accounted:
+            instance.held_bytes = nbytes
+        else:
+            self._account(instance, nbytes, check=False)
+
+    def _account(self, instance: Instance, nbytes: int, *, check: bool) -> None:
+        """Make capacity count ``nbytes`` for the instance (checked growth raises before anything changes)."""
+        self.capacity.resize(instance.key.owner, instance.device, instance.held_bytes, nbytes, check=check)
+        instance.held_bytes = nbytes
+
+    def read(self, key: InstanceKey, compartment: str) -> tuple[np.ndarray, int]:
+        """A host copy of one compartment and the version it belongs to."""
+        with self._hold(key) as instance:
+            leaves = compartment_paths(instance.state)
+            if compartment not in leaves:
+                raise unknown_compartment(instance.kind, compartment, leaves)
+            return np.asarray(leaves[compartment]), instance.version
+
+    def write(self, key: InstanceKey, compartment: str, value: Any, expected_version: int | None = None) -> int:
+        """Replace one compartment (shape, dtype, finiteness and max_batch checked); returns the new version."""
+        with self._hold(key) as instance:
+            instance.check_version(expected_version)
+            state = replace_compartment(instance.kind, instance.state, compartment, value,
+                                        self.capacity.limits.max_batch)
+            signature = signature_of(state)
+            self._account(instance, nbytes_of(signature), check=True)  # quota and budget before it lands
+            self._commit(instance, state, None, signature, instance.held_bytes, accounted=True)
+            self.persistence.persist(instance)
+            return instance.version
+
+    # --- files: export, snapshots, eviction ---
+
+    def export(self, key: InstanceKey) -> tuple[int, Callable[[], Iterator[bytes | memoryview]]]:
+        """The instance as one file: its length, and its parts to send (host arrays taken under the lock)."""
+        with self._hold(key) as instance:
+            record = instance.record()
+            record.arrays = {name: np.asarray(a) for name, a in record.arrays.items()}
+        return stream_record(record)
+
+    def snapshot(self, key: InstanceKey, snapshot: str) -> dict[str, Any]:
+        """Store a named point-in-time copy (always on disk, whatever the mode); counted against the owner's
+        snapshot quota before it is written."""
+        validate_name(snapshot, "snapshot name")
+        self.persistence.require_store()
+        with self._hold(key) as instance:
+            if self.persistence.snapshot_exists(key, snapshot):
+                raise AlreadyExists(f"this instance already has a snapshot {snapshot!r}", snapshot=snapshot)
+            record = instance.record()
+            size = record_size(record)
+            self.capacity.admit_snapshot(key.owner, size)
+            try:
+                self.persistence.save_snapshot(key, snapshot, record)
+            except BaseException:
+                self.capacity.release_snapshot(key.owner, size)
+                raise
+        return _snapshot_info(snapshot, record)
+
+    def snapshots(self, key: InstanceKey) -> list[dict[str, Any]]:
+        """The instance's snapshots, oldest first (read from their headers)."""
+        with self._hold(key):
+            paths = self.persistence.list_snapshots(key)
+        infos = []
+        for path in paths:
+            try:
+                infos.append(_snapshot_info(path.name[: -len(".safetensors")], read_header(path)))
+            except (CorruptFile, OSError) as exc:
+                log.warning("snapshot %s is unreadable: %s", path, exc)
+        return sorted(infos, key=lambda i: i["created_at"])
+
+    def rollback(self, key: InstanceKey, snapshot: str, expected_version: int | None = None) -> int:
+        """Replace every compartment with the snapshot's; counters keep counting; returns the new version."""
+        validate_name(snapshot, "snapshot name")
+        with self._hold(key) as instance:
+            instance.check_version(expected_version)
+            record = self.persistence.read_snapshot(self.persistence.snapshot_path(key, snapshot))
+            with jax.default_device(instance.device):
+                state = device_call(state_from_compartments, instance.kind, instance.config, instance.seed,
+                                    record.arrays)
+            state = jax.device_put(state, instance.device)
+            signature = signature_of(state)
+            self._account(instance, nbytes_of(signature), check=True)
+            self._commit(instance, state, "restore", signature, instance.held_bytes, accounted=True)
+            self.persistence.persist(instance)
+            return instance.version
+
+    def delete_snapshot(self, key: InstanceKey, snapshot: str) -> None:
+        validate_name(snapshot, "snapshot name")
+        with self._hold(key):
+            freed = self.persistence.delete_snapshot(key, snapshot)
+        self.capacity.release_snapshot(key.owner, freed)
+
+    def evict_idle(self, idle_s: float, now: float | None = None) -> list[dict[str, Any]]:
+        """Export, then delete, every instance unused for ``idle_s`` seconds; returns what was evicted.
+
+        Each is written to ``<state_dir>/evicted/<owner>/`` before it is deleted (its snapshots stay); its
+        owner sees it with ``evicted`` and brings it back with ``unevict``. An instance used meanwhile, or
+        whose file cannot be written, stays.
+        """
+        self.persistence.require_store()
+        now = time.time() if now is None else now
+        with self._lock:
+            candidates = [i for i in self._instances.values() if i.state is not None and now - i.last_used_at >= idle_s]
+        evicted = []
+        for instance in candidates:
+            with instance.lock:
+                if self._instances.get(instance.key) is not instance or now - instance.last_used_at < idle_s:
+                    continue
+                try:
+                    path = self.persistence.evict(instance)
+                    self.persistence.store.remove(str(instance.key))
+                except OSError as exc:
+                    log.error("could not evict %s: %s", instance.key, exc)
+                    continue
+                state_bytes = instance.held_bytes
+                self._forget(instance)
+            evicted.append({"owner": instance.key.owner, "name": instance.key.name, "state_bytes": state_bytes,
+                            "last_used_at": instance.last_used_at, "file": path.name})
+            log.info("evicted %s (idle %.0f s) to %s", instance.key, now - instance.last_used_at, path)
+        return evicted
+
+    def evicted(self, owner: str) -> list[dict[str, Any]]:
+        """An owner's evicted instances (name, when, file size), oldest first."""
+        return self.persistence.evicted(owner)
+
+    def unevict(self, key: InstanceKey) -> dict[str, Any]:
+        """Bring back the latest evicted copy of ``key`` as a live instance (checked like an import), then
+        delete that file."""
+        path = self.persistence.latest_evicted(key)
+        try:
+            record = decode(path.read_bytes())
+        except (CorruptFile, OSError) as exc:
+            raise StorageError(f"the evicted file of {key.name!r} is unreadable: {exc}") from None
+        description = self._add_record(key, record)
+        try:
+            path.unlink()
+        except OSError as exc:
+            log.warning("brought back %s; could not delete its evicted file %s: %s", key, path, exc)
+        return description
+
+    # --- durability ---
+
+    def flush(self) -> int:
+        """Write every instance whose version moved since it was stored; returns how many were written."""
+        if self.persistence.store is None:
+            return 0
+        written = 0
+        with self._lock:
+            instances = list(self._instances.values())
+        for instance in instances:
+            with instance.lock:  # a consistent state, and no delete can race the write
+                if instance.state is None or self._instances.get(instance.key) is not instance:
+                    continue
+                if self.persistence.pending(instance):
+                    written += self.persistence.write(instance, logging.WARNING)
+        with self._lock:
+            live = list(self._instances.values())
+        self.persistence.flushed(any(i.state is not None and self.persistence.pending(i) for i in live))
+        return written
+
+    # --- views for operators ---
+
+    def storage_status(self) -> dict[str, Any]:
+        return {"durability": self.persistence.durability, "storage_error": self.persistence.storage_error,
+                "restore_errors": dict(self.persistence.restore_errors)}
+
+    def stats(self) -> dict[str, Any]:
+        """Gauges: instances by kind and owner, state bytes by device, calls waiting by owner."""
+        with self._lock:
+            instances = [i for i in self._instances.values() if i.state is not None]
+        by_kind_owner: dict[tuple[str, str], int] = {}
+        queues: dict[str, int] = {}
+        for instance in instances:
+            key = (instance.kind.name, instance.key.owner)
+            by_kind_owner[key] = by_kind_owner.get(key, 0) + 1
+            if instance.waiting:
+                queues[instance.key.owner] = queues.get(instance.key.owner, 0) + instance.waiting
+        return {"instances": by_kind_owner, "state_bytes": self.capacity.state_bytes_by_device(),
+                "queue_depth": queues, "device_budget_bytes": self.capacity.limits.device_budget_bytes,
+                "storage_failing": self.persistence.storage_error is not None}
+
+    # --- locking ---
+
+    @contextmanager
+    def _hold(self, target: InstanceKey | Instance, *, wait: bool = True,
+              signature: tuple | None = None) -> Iterator[Instance]:
+        """The instance, locked; NotFound if it was deleted (or failed to build) while we waited.
+
+        ``wait=False``: Busy if another call holds it, or if its shapes are no longer ``signature``.
+        """
+        instance = target if isinstance(target, Instance) else self._get(target)
+        if not instance.lock.acquire(blocking=False):
+            if not wait:
+                raise Busy
+            with self._lock:
+                instance.waiting += 1  # the queue depth the metrics show
+            try:
+                instance.lock.acquire()
+            finally:
+                with self._lock:
+                    instance.waiting -= 1
+        try:
+            if instance.state is None or self._instances.get(instance.key) is not instance:
+                raise NotFound(f"no instance named {instance.key.name!r}", name=instance.key.name)
+            if signature is not None and instance.signature != signature:
+                raise Busy
+            yield instance
+        finally:
+            instance.lock.release()
+
+    def _get(self, key: InstanceKey) -> Instance:
+        instance = self._instances.get(key)
+        if instance is None:
+            with self._lock:
+                instance = self._instances.get(key)
+                restoring, unloadable = key in self._restoring, self._unloadable.get(key)
+            if restoring:
+                raise NotReady(f"instance {key.name!r} is stored and still being restored; retry shortly",
+                               name=key.name)
+            if unloadable is not None:
+                raise NotReady(f"instance {key.name!r} is stored but could not be loaded ({unloadable}); an "
+                               "operator sees why at GET /v1/admin/storage", name=key.name,
+                               headers={"Retry-After": "60"})
+            if instance is None:
+                raise NotFound(f"no instance named {key.name!r}", name=key.name)
+        return instance
+
+    def __len__(self) -> int:
+        return len(self._instances)
+
+
+class _Fetched:
+    """Another instance's compartment, copied onto the caller's device before the caller's lock is taken."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _floating_compartment(instance: Instance, argument: str, name: str, leaves: Mapping[str, Any]) -> Any:
+    """The floating compartment a reference names (an argument cannot be the PRNG key or a step count)."""
+    value = leaves.get(name)
+    if value is None or not jax.numpy.issubdtype(value.dtype, jax.numpy.floating):
+        floating = sorted(n for n, v in leaves.items() if jax.numpy.issubdtype(v.dtype, jax.numpy.floating))
+        raise UnknownCompartment(f"{argument}: cannot refer to {str(name)[:128]!r}: no such floating compartment in "
+                                 f"{instance.key.name!r}; it has: {', '.join(floating)}", argument=argument)
+    return value
+
+
+def _snapshot_info(snapshot: str, record: Record) -> dict[str, Any]:
+    return {"snapshot": snapshot, "version": record.version, "counters": record.counters,
+            "created_at": record.saved_at}
+
+
+__all__ = ["Busy", "Registry", "device_call"]

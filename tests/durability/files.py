@@ -1,0 +1,24 @@
+"""Crafted instance files for the durability tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+
+def with_record(blob: bytes, **changes) -> bytes:
+    """The file with its record's fields changed and its checksum made valid again (a crafted file)."""
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + length])
+    meta = json.loads(header["__metadata__"]["record"])
+    meta.update(changes)
+    header["__metadata__"]["record"] = json.dumps(meta)
+    data = blob[8 + length:]
+    body = {k: v for k, v in header.items() if k != "__metadata__"}
+    canonical = json.dumps({**body, "__metadata__": {"record": header["__metadata__"]["record"]}},
+                           sort_keys=True, separators=(",", ":")).encode()
+    header["__metadata__"]["sha256"] = hashlib.sha256(canonical + data).hexdigest()
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    return struct.pack("<Q", len(new)) + new + data

@@ -1,0 +1,236 @@
+"""Nothing acknowledged is ever lost: restore races, full disks at start-up, 507 retries, two servers, crashes.
+
+Each test here failed on the code before the fix it names (issue 11, items 1-5, 8, 12).
+"""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import LiveServer
+from durability.files import with_record
+from synapse_client import (
+    ConflictError,
+    InsufficientStorageError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
+    SynapseClient,
+    UnprocessableEntityError,
+)
+from synapse_serve.errors import AlreadyExists
+from synapse_serve.local.persistence import Persistence
+from synapse_serve.local.registry import Registry
+from synapse_serve.names import InstanceKey
+from synapse_serve.store import Store, decode, encode
+from synapse_serve.testing import ServerProcess
+
+KIND = "HebbianDeconvSynapse"
+CONFIG = {"shape": [2, 2, 1, 2], "x_shape": [4, 4], "eta": 0.1, "optim_type": "adam"}
+X = np.ones((1, 4, 4, 1), np.float32)
+POST = np.ones((1, 4, 4, 2), np.float32)
+
+
+def _learned(state_dir, names, mode="sync") -> dict[str, np.ndarray]:
+    """Instances that learned a little, stored; returns their weights."""
+    weights = {}
+    with LiveServer(state_dir=state_dir, durability=mode) as server, SynapseClient(server.url) as client:
+        for i, name in enumerate(names):
+            syn = client.create(name, kind=KIND, config=CONFIG, seed=i)
+            for _ in range(i + 1):
+                syn.evolve(X, POST)
+            weights[name] = syn.weights
+    return weights
+
+
+def test_no_call_acts_on_a_name_whose_file_is_not_restored_yet(tmp_path, monkeypatch):
+    """Item 1: while restore runs, a create of a stored name used to win and overwrite its file."""
+    weights = _learned(tmp_path, ["x", "y"])
+    stored = Store(tmp_path).path("local/x").read_bytes()
+    release = threading.Event()
+    real_load = Registry.load_stored
+    monkeypatch.setattr(Registry, "load_stored", lambda self: (release.wait(30), real_load(self))[1])
+    server = LiveServer(state_dir=tmp_path, durability="sync").start()
+    try:
+        with SynapseClient(server.url, max_retries=0) as client:
+            for attempt in (lambda: client.get("x"), lambda: client.get("x").forward(X), client.list,
+                            lambda: client.create("x", kind=KIND, config=CONFIG)):
+                with pytest.raises(ServiceUnavailableError, match="being restored|restored") as info:
+                    attempt()
+                assert info.value.problem["status"] == 503
+            r = httpx.post(f"{server.url}/v1/synapses", json={"name": "x", "kind": KIND, "config": CONFIG})
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert Store(tmp_path).path("local/x").read_bytes() == stored  # untouched
+            client.create("new", kind=KIND, config=CONFIG)  # a name with no file is free meanwhile
+            release.set()
+            assert server.ready.wait(30)
+            for name, w in weights.items():
+                np.testing.assert_array_equal(client.get(name).weights, w)  # the acknowledged history
+            with pytest.raises(ConflictError):
+                client.create("x", kind=KIND, config=CONFIG)
+    finally:
+        release.set()
+        server.__exit__()
+
+
+def test_a_create_never_overwrites_a_stored_file(tmp_path):
+    """Item 1, second half: a file whose instance is not loaded keeps its name taken."""
+    _learned(tmp_path, ["kept"])
+    registry = Registry(persistence=Persistence(Store(tmp_path), "sync"))  # never loaded: the file is there
+    with pytest.raises(AlreadyExists, match="stored file for 'kept' exists but is not loaded"):
+        registry.create(InstanceKey("local", "kept"), kind=KIND, config=CONFIG)
+    assert decode(Store(tmp_path).path("local/kept").read_bytes()).counters == {"evolve": 1}
+
+
+def _refuse_writes(monkeypatch, error: int):
+    """Every instance file write fails like a full or read-only disk; returns the writes attempted."""
+    attempts = []
+
+    def refused(*args, **kwargs):
+        attempts.append(args)
+        raise OSError(error, "No space left on device" if error == errno.ENOSPC else "Read-only file system")
+
+    monkeypatch.setattr("synapse_serve.store.write_atomic", refused)
+    return attempts
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS])
+def test_a_sync_restart_on_a_full_or_read_only_disk_loses_nothing(tmp_path, monkeypatch, error):
+    """Item 2: restore rewrote every file; a failed write then quarantined every instance."""
+    weights = _learned(tmp_path, ["a", "b", "c"])
+    attempts = _refuse_writes(monkeypatch, error)
+    with LiveServer(state_dir=tmp_path, durability="sync") as server, SynapseClient(server.url) as client:
+        assert attempts == []  # restoring reads, never writes
+        assert sorted(d["name"] for d in client.list()) == ["a", "b", "c"]
+        for name, w in weights.items():
+            np.testing.assert_array_equal(client.get(name).weights, w)
+        assert server.registry.storage_status()["restore_errors"] == {}
+        with pytest.raises(InsufficientStorageError):  # the disk is still full: a mutation says so
+            client.get("a").evolve(X, POST)
+    assert not (tmp_path / "quarantine").exists() or not any((tmp_path / "quarantine").rglob("*"))
+
+
+def test_a_keyed_call_after_a_507_applies_exactly_once(tmp_path, monkeypatch):
+    """Item 3: the state moved but the answer was not kept, so each retry applied the call again."""
+    with LiveServer(state_dir=tmp_path, durability="sync") as server, SynapseClient(server.url) as client:
+        syn = client.create("k", kind=KIND, config=CONFIG)
+        _refuse_writes(monkeypatch, errno.ENOSPC)
+        for _ in range(3):
+            with pytest.raises(InsufficientStorageError, match="same Idempotency-Key"):
+                syn.call("evolve", pre=X, post=POST, idempotency_key="key-1")
+        assert syn.describe()["counters"] == {"evolve": 1}  # applied once, in memory
+        monkeypatch.undo()  # space again
+        answer = syn.call("evolve", pre=X, post=POST, idempotency_key="key-1")
+        assert answer["version"] == 2 and syn.describe()["counters"] == {"evolve": 1}
+        assert decode(Store(tmp_path).path("local/k").read_bytes()).counters == {"evolve": 1}  # now durable
+
+
+def test_a_second_server_on_the_same_state_directory_refuses_to_start(tmp_path):
+    """Item 4: a rolling redeploy that started the new process first lost the old one's acknowledged versions."""
+    with ServerProcess(tmp_path / "state", durability="sync") as first, SynapseClient(first.url) as client:
+        client.create("mine", kind=KIND, config=CONFIG)
+        second = ServerProcess(tmp_path / "state", durability="sync")
+        proc = subprocess.run([second.exe, "--port", str(second.port), "--state-dir", str(second.state_dir)],
+                              env=second.env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2
+        assert f"in use by another synapse-serve process (pid {first.proc.pid})" in proc.stderr
+        assert client.get("mine").describe()["version"] == 1  # the first one serves on, untouched
+    with LiveServer(state_dir=tmp_path / "other"):  # in-process too: the lifespan takes the lock before serving
+        second = LiveServer(state_dir=tmp_path / "other")
+        try:
+            with pytest.raises(RuntimeError, match="did not start"):
+                second.start(wait_ready=True)
+        finally:
+            second.sock.close()
+
+
+def test_a_crash_during_a_snapshot_never_makes_delete_fail(tmp_path):
+    """Item 5: a snapshot's temporary file made DELETE answer 500."""
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        syn = client.create("s", kind=KIND, config=CONFIG)
+        syn.snapshot("one")
+        (tmp_path / "snapshots" / "local" / "s" / ".two.safetensors.0123abcd.tmp").write_bytes(b"half a file")
+        syn.delete()
+        assert not (tmp_path / "snapshots" / "local" / "s").exists()
+        syn = client.create("t", kind=KIND, config=CONFIG)
+        syn.snapshot("one")
+    (tmp_path / "snapshots" / "local" / "t" / ".two.safetensors.4567.tmp").write_bytes(b"half")
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        assert not list(tmp_path.rglob("*.tmp"))  # start-up cleans every temporary, snapshots' too
+        client.get("t").delete()
+
+
+def _export(tmp_path) -> bytes:
+    with LiveServer(state_dir=tmp_path / "src", durability="off") as server, SynapseClient(server.url) as client:
+        syn = client.create("src", kind=KIND, config={**CONFIG, "bias": True})
+        syn.evolve(X, POST)
+        return syn.export(tmp_path / "src.safetensors").read_bytes()
+
+
+def test_imported_files_are_validated_like_a_create(tmp_path):
+    """Item 8: a valid checksum let in version 2^64+5 (describe then answered 500), NaN weights, and more."""
+    good = _export(tmp_path)
+    record = decode(good)
+    nan_weights = decode(good)
+    nan_weights.arrays = {**record.arrays, "weights": np.full_like(record.arrays["weights"], np.nan)}
+    crafted = {
+        "huge version": with_record(good, version=2**64 + 5),
+        "bogus durability": with_record(good, durability="bogus"),
+        "NaN created_at": with_record(good, created_at=float("nan")),
+        "negative counter": with_record(good, counters={"evolve": -1}),
+        "unknown counter": with_record(good, counters={"rm -rf": 1}),
+        "NaN weights": encode(nan_weights),
+    }
+    with LiveServer(state_dir=tmp_path / "dst") as server, SynapseClient(server.url) as client:
+        for what, blob in crafted.items():
+            path = tmp_path / "crafted.safetensors"
+            path.write_bytes(blob)
+            with pytest.raises(UnprocessableEntityError) as info:
+                client.import_(path, name="crafted")
+            assert info.value.problem["type"].endswith("invalid-instance-file"), (what, info.value.problem)
+        assert client.list() == []  # nothing half-made
+        (tmp_path / "ok.safetensors").write_bytes(good)
+        assert client.import_(tmp_path / "ok.safetensors", name="ok").describe()["version"] == 2
+
+
+def test_import_checks_quota_and_budget_against_what_the_config_will_allocate(tmp_path):
+    """Item 12: an export with batch_size raised imported under a quota that refuses the same create."""
+    with LiveServer(state_dir=tmp_path / "a", durability="off") as server, SynapseClient(server.url) as client:
+        big = client.create("big", kind=KIND, config={**CONFIG, "batch_size": 4096})
+        blob = big.export(tmp_path / "big.safetensors")
+        create_bytes = big.describe()["state_bytes"]
+    small = decode((tmp_path / "big.safetensors").read_bytes())
+    small.arrays = {k: (v[:1] if k in ("inputs", "outputs", "pre", "post", "dInputs") else v)
+                    for k, v in small.arrays.items()}  # the signals at batch 1: a small file
+    (tmp_path / "small.safetensors").write_bytes(encode(small))
+    quota = create_bytes // 2
+    with LiveServer(state_dir=tmp_path / "b", max_state_bytes_per_owner=quota) as server, \
+            SynapseClient(server.url) as client:
+        with pytest.raises(PermissionDeniedError, match="max_state_bytes_per_owner"):
+            client.create("big", kind=KIND, config={**CONFIG, "batch_size": 4096})
+        with pytest.raises(PermissionDeniedError, match="max_state_bytes_per_owner"):
+            client.import_(tmp_path / "small.safetensors", name="big")
+        assert client.list() == []
+    assert blob.exists()
+
+
+def test_restore_waits_are_bounded_by_a_retry_after(tmp_path, monkeypatch):
+    """A restore that is slow does not make callers hang: 503 at once, with Retry-After."""
+    _learned(tmp_path, ["slow"])
+    release = threading.Event()
+    real_load = Registry.load_stored
+    monkeypatch.setattr(Registry, "load_stored", lambda self: (release.wait(30), real_load(self))[1])
+    server = LiveServer(state_dir=tmp_path, durability="sync").start()
+    try:
+        started = time.monotonic()
+        r = httpx.get(f"{server.url}/v1/synapses/slow")
+        assert r.status_code == 503 and time.monotonic() - started < 5 and "retry-after" in r.headers
+    finally:
+        release.set()
+        server.__exit__()
