@@ -23,7 +23,10 @@ def _server_dependencies_missing() -> str | None:
     import importlib.util
 
     for module in ("pydantic_settings", "fastapi", "uvicorn", "jax", "optax", "prometheus_client"):
-        if importlib.util.find_spec(module) is None:
+        try:
+            if importlib.util.find_spec(module) is None:
+                return module
+        except (ImportError, ValueError):
             return module
     return None
 

@@ -44,6 +44,19 @@ def test_client_works_with_numpy_msgpack_httpx_only(live_server):
     assert result.stdout.strip() == "ok"
 
 
+def test_a_client_only_install_says_what_the_server_needs():
+    """Item 28: without the server extra, ``synapse-serve`` died with a pydantic traceback."""
+    script = BLOCKER.replace('"synapse_serve"}', '"pydantic_settings"}') + textwrap.dedent(
+        """
+        from synapse_serve.cli import main
+        main(["--port", "0"])
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'synapse-serve[server]'" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_all_is_complete():
     public = {name for name in dir(synapse_client) if not name.startswith("_")} - {"annotations"}
     modules = {name for name in public if type(getattr(synapse_client, name)).__name__ == "module"}

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+SCHEMA = ROOT / "tests" / "data" / "compose-spec" / "compose-spec.json"  # vendored: see SOURCE.md beside it
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +63,15 @@ def test_extras_exist_in_pyproject():
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert "jax[cuda12]" in " ".join(extras["gpu"]) and "fastapi" in " ".join(extras["server"])
+
+
+def test_the_tokens_file_is_never_committed():
+    """docker/synapse-tokens holds secrets (the README puts them there): git must ignore it."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("docker/synapse-tokens", "lab.tokens"):
+        result = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, timeout=30)
+        assert result.returncode == 0, f"{path} is not ignored by git"

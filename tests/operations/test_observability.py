@@ -230,3 +230,20 @@ def test_memory_settings_default_for_a_shared_host_and_yield_to_the_environment(
     monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")  # the operator's own setting wins
     apply_memory_settings(Settings(gpu_preallocate=False))
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+
+
+def test_the_access_log_can_be_turned_off_alone(tmp_path):
+    """Item 34: one access line per call with no way to turn just that off."""
+    captured = Captured()
+    access, server_log = logging.getLogger("synapse_serve.access"), logging.getLogger("synapse_serve")
+    access.addHandler(captured)
+    old_level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        with LiveServer(state_dir=tmp_path, access_log=False) as server, SynapseClient(server.url) as client:
+            client.create("quiet", kind=KIND, config=CONFIG).forward(np.ones((1, 5, 5, 1), np.float32))
+            assert server_log.isEnabledFor(logging.ERROR)  # the rest of the logging is untouched
+    finally:
+        access.removeHandler(captured)
+        access.setLevel(old_level)
+    assert captured.lines == []

@@ -132,3 +132,54 @@ def test_cli_refuses_a_public_address_without_tokens(tmp_path):
                             env={"JAX_PLATFORMS": "cpu", "PATH": ""})
     assert result.returncode == 2 and "no tokens are configured" in result.stderr
     assert ALICE not in result.stderr
+
+
+def test_configured_tokens_turn_auth_on_even_on_loopback(tmp_path, caplog):
+    """Item 18: with tokens set and SYNAPSE_AUTH=auto, a loopback server ran without auth, everyone admin."""
+    caplog.set_level("INFO", logger="synapse_serve")
+    with LiveServer(state_dir=tmp_path, host="127.0.0.1", tokens=f"alice:{ALICE}") as server:
+        assert httpx.get(f"{server.url}/v1/synapses").status_code == 401
+        assert httpx.get(f"{server.url}/v1/synapses", headers={"Authorization": f"Bearer {ALICE}"}).status_code == 200
+    started = [r.getMessage() for r in caplog.records if "synapse-serve at http" in r.getMessage()]
+    assert started and "auth on: 1 tokens (0 admin)" in started[0] and "state directory" in started[0]
+    assert "devices cpu:" in started[0] and ALICE not in " ".join(r.getMessage() for r in caplog.records)
+
+
+def test_one_token_for_two_owners_refuses_to_start(tmp_path):
+    """Item 22: a token listed for two owners was accepted, the last one winning."""
+    with pytest.raises(UnsafeSettings, match="listed for 'alice' and for 'bob'") as info:
+        create_app(Settings(state_dir=tmp_path, tokens=f"alice:{ALICE},bob:{ALICE}"))
+    assert ALICE not in str(info.value)
+    with pytest.raises(UnsafeSettings, match="admin"):
+        create_app(Settings(state_dir=tmp_path, tokens=f"alice:{ALICE},alice:{ALICE}:admin"))
+    assert create_app(Settings(state_dir=tmp_path, tokens=f"alice:{ALICE},alice:{ALICE}")).state.server.tokens
+
+
+def test_metrics_show_a_non_admin_only_their_own_owner(server):
+    """Item 19: /metrics showed every owner's name and instance names to any token holder."""
+    from conftest import metrics_of
+
+    with SynapseClient(server.url, token=ALICE) as alice, SynapseClient(server.url, token=BOB) as bob:
+        alice.create("secret-project-x", kind="HebbianDeconvSynapse", config=CONFIG)
+        bob.create("bobs-own", kind="HebbianDeconvSynapse", config=CONFIG)
+
+    def owners(token: str) -> tuple[set[str], str]:
+        text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {token}"}).text
+        labels = {dict(key[1]).get("owner") for key in metrics_of(text) if key[0] == "synapse_instances"}
+        return labels, text
+
+    seen, text = owners(BOB)
+    assert seen == {"bob"} and "alice" not in text and "secret-project-x" not in text and "root" not in text
+    seen, text = owners(ROOT)
+    assert {"alice", "bob"} <= seen and "secret-project-x" not in text  # admins see owners, never instance names
+
+
+def test_the_request_id_is_the_same_in_the_header_and_the_body(server):
+    """Item 23: X-Request-ID was cut to 128 characters in the header but echoed whole in problem bodies."""
+    for given in ("x" * 500, "bad id with spaces", "ünicode"):
+        r = httpx.get(f"{server.url}/v1/synapses/nope", headers={"X-Request-ID": given.encode("utf-8")})
+        assert r.status_code == 401
+        assert r.headers["x-request-id"] == r.json()["request_id"] != given  # replaced by a fresh one
+        assert len(r.json()["request_id"]) <= 128
+    r = httpx.get(f"{server.url}/v1/synapses/nope", headers={"X-Request-ID": "trace-42"})
+    assert r.headers["x-request-id"] == r.json()["request_id"] == "trace-42"

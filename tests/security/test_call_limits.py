@@ -1,0 +1,251 @@
+"""Limits that cannot be bypassed: every path that can allocate is checked before it runs (issue 11, items 9-17)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import LiveServer
+from synapse_client import (
+    ConflictError,
+    NotAcceptableError,
+    PermissionDeniedError,
+    Ref,
+    SynapseClient,
+    UnprocessableEntityError,
+)
+from synapse_serve.local.registry import Registry
+
+KIND = "HebbianDeconvSynapse"
+CONFIG = {"shape": [3, 3, 1, 4], "x_shape": [8, 8], "eta": 0.1}
+
+
+def sizes(syn) -> tuple[int, int, dict]:
+    description = syn.describe()
+    return description["state_bytes"], description["version"], description["counters"]
+
+
+def test_a_call_that_would_grow_the_state_past_the_quota_is_refused_before_it_runs(tmp_path):
+    """Item 9: a small body turned into a large state (a big batch) past the owner's quota."""
+    with LiveServer(state_dir=tmp_path / "probe", durability="off") as server, SynapseClient(server.url) as client:
+        one = client.create("probe", kind=KIND, config=CONFIG).describe()["state_bytes"]
+    quota = 3 * one
+    with LiveServer(state_dir=tmp_path / "s", max_state_bytes_per_owner=quota) as server, \
+            SynapseClient(server.url) as client:
+        syn = client.create("grow", kind=KIND, config=CONFIG)
+        syn.forward(np.ones((2, 8, 8, 1), np.float32))  # a little growth fits
+        before = sizes(syn)
+        for call in (lambda: syn.forward(np.ones((64, 8, 8, 1), np.float32)),
+                     lambda: syn.evolve(np.ones((64, 8, 8, 1)), np.ones((64, 8, 8, 4))),
+                     lambda: syn.set("post", np.ones((64, 8, 8, 4), np.float32)),
+                     lambda: syn.step(np.ones((64, 8, 8, 1)), np.ones((64, 8, 8, 4)))):
+            with pytest.raises(PermissionDeniedError, match="max_state_bytes_per_owner") as info:
+                call()
+            assert info.value.problem["quota"] == "max_state_bytes_per_owner"
+            assert sizes(syn) == before  # nothing changed
+        syn.reset()  # back to the configured batch: the signals no longer count
+        assert sizes(syn)[0] == one
+
+
+def test_a_call_that_would_go_over_the_device_budget_is_refused(tmp_path):
+    with LiveServer(state_dir=tmp_path / "probe", durability="off") as server, SynapseClient(server.url) as client:
+        one = client.create("probe", kind=KIND, config=CONFIG).describe()["state_bytes"]
+    with LiveServer(state_dir=tmp_path / "s", device_budget_bytes=2 * one) as server, \
+            SynapseClient(server.url) as client:
+        syn = client.create("grow", kind=KIND, config=CONFIG)
+        with pytest.raises(ConflictError, match="device budget"):
+            syn.forward(np.ones((64, 8, 8, 1), np.float32))
+        assert sizes(syn)[1:] == (1, {})
+        client.create("second", kind=KIND, config=CONFIG)  # the refused call reserved nothing
+
+
+def test_stored_signals_obey_max_batch(tmp_path):
+    """Item 9, second half: a compartment PUT of post at batch 64 was accepted with max_batch 4."""
+    with LiveServer(state_dir=tmp_path, max_batch=4) as server, SynapseClient(server.url) as client:
+        syn = client.create("b", kind=KIND, config=CONFIG)
+        with pytest.raises(UnprocessableEntityError, match="post: batch 64 is over the server's max_batch of 4"):
+            syn.set("post", np.ones((64, 8, 8, 4), np.float32))
+        syn.set("post", np.ones((4, 8, 8, 4), np.float32))
+        assert syn.describe()["counters"] == {} and syn.describe()["version"] == 2
+
+
+def test_reset_returns_the_signals_to_the_configured_batch(client, unique_name):
+    """Item 10: one batch-1024 forward used to leave its signals resident through reset, flushes and exports."""
+    syn = client.create(unique_name, kind=KIND, config={**CONFIG, "batch_size": 2})
+    fresh = syn.describe()["state_bytes"]
+    syn.forward(np.ones((512, 8, 8, 1), np.float32))
+    assert syn.describe()["state_bytes"] > 10 * fresh
+    syn.reset()
+    description = syn.describe()
+    assert description["state_bytes"] == fresh and description["compartments"]["inputs"]["shape"] == [2, 8, 8, 1]
+
+
+def test_timed_filter_update_does_no_work_before_the_checks(tmp_path, monkeypatch):
+    """Item 11: filter_update="timed" compiled and ran 12 evolves before any name, quota or budget check."""
+    from synapse_serve.kinds import hebbian_deconv
+
+    timed = []
+    real = hebbian_deconv.time_filter_updates
+    monkeypatch.setattr(hebbian_deconv, "time_filter_updates", lambda *a, **k: (timed.append(1), real(*a, **k))[1])
+    config = {**CONFIG, "stride": 2, "filter_update": "timed"}
+    with LiveServer(state_dir=tmp_path, max_instances_per_owner=1) as server, SynapseClient(server.url) as client:
+        client.create("taken", kind=KIND, config=CONFIG)
+        with pytest.raises(ConflictError):
+            client.create("taken", kind=KIND, config=config)
+        with pytest.raises(PermissionDeniedError, match="max_instances_per_owner"):
+            client.create("over", kind=KIND, config=config)
+        assert timed == []  # refused before any timing
+        client.get("taken").delete()
+        assert client.create("ok", kind=KIND, config=config).describe()["config"]["filter_update"] in ("vjp", "adjoint")
+        assert timed == [1]
+
+
+def test_snapshots_count_against_their_owners_snapshot_quota(tmp_path):
+    """Item 13: one owner filled the disk with snapshots, and another's sync evolve then failed with 507."""
+    with LiveServer(state_dir=tmp_path / "probe") as server, SynapseClient(server.url) as client:
+        size = client.create("p", kind=KIND, config=CONFIG).snapshot("s")["version"] and \
+            (tmp_path / "probe" / "snapshots" / "local" / "p" / "s.safetensors").stat().st_size
+    alice, bob = "alice-" + "a" * 24, "bob-" + "b" * 24
+    with LiveServer(state_dir=tmp_path / "s", auth="on", tokens=f"alice:{alice},bob:{bob}",
+                    max_snapshot_bytes_per_owner=2 * size) as server, \
+            SynapseClient(server.url, token=alice) as a, SynapseClient(server.url, token=bob) as b:
+        syn = a.create("x", kind=KIND, config=CONFIG)
+        syn.snapshot("one")
+        syn.snapshot("two")
+        with pytest.raises(PermissionDeniedError, match="max_snapshot_bytes_per_owner"):
+            syn.snapshot("three")
+        assert [s["snapshot"] for s in syn.snapshots()] == ["one", "two"]
+        b.create("y", kind=KIND, config=CONFIG).snapshot("bobs")  # bob's quota is his own
+        syn.delete_snapshot("one")
+        syn.snapshot("three")  # room again
+    with LiveServer(state_dir=tmp_path / "s", auth="on", tokens=f"alice:{alice}",
+                    max_snapshot_bytes_per_owner=2 * size) as server, SynapseClient(server.url, token=alice) as a:
+        with pytest.raises(PermissionDeniedError, match="max_snapshot_bytes_per_owner"):
+            a.get("x").snapshot("four")  # counted again from the files at start-up
+
+
+def test_stored_idempotency_answers_are_bounded_by_bytes(tmp_path):
+    """Item 14: keyed calls with large answers grew the server without bound; a dropped answer never reruns."""
+    budget = 1 << 20
+    with LiveServer(state_dir=tmp_path, idempotency_answer_bytes=budget) as server, \
+            SynapseClient(server.url) as client:
+        syn = client.create("big", kind=KIND, config={**CONFIG, "x_shape": [64, 64]})
+        x = np.ones((16, 64, 64, 1), np.float32)  # 1 MiB of outputs per answer
+        for i in range(12):
+            syn.call("forward", inputs=x, idempotency_key=f"k{i}")
+        assert server.registry.answers.used <= budget
+        again = syn.call("forward", inputs=x, idempotency_key="k11")  # the newest is kept
+        assert again["outputs"].shape == (16, 64, 64, 4)
+        with pytest.raises(ConflictError, match="no longer kept") as info:
+            syn.call("forward", inputs=x, idempotency_key="k0")
+        assert info.value.problem["version"] == 2
+        assert syn.describe()["counters"] == {"forward": 12}  # never run twice
+
+
+def record_device_threads(monkeypatch) -> list[threading.Thread]:
+    import synapse_serve.local.registry as registry_module
+
+    threads, original = [], registry_module.device_call
+
+    def recording(fn, *args):
+        threads.append(threading.current_thread())
+        return original(fn, *args)
+
+    monkeypatch.setattr(registry_module, "device_call", recording)
+    return threads
+
+
+def test_a_quick_call_measured_at_one_batch_never_runs_inline_at_another(live_server, client, unique_name,
+                                                                       monkeypatch):
+    """Item 15: the cost key ignored a batch that came from a stored compartment or a reference."""
+    syn = client.create(unique_name, kind=KIND, config={**CONFIG, "x_shape": [16, 16]})
+    x1, post1 = np.ones((1, 16, 16, 1), np.float32), np.ones((1, 16, 16, 4), np.float32)
+    syn.evolve(x1, post1)
+    threads = record_device_threads(monkeypatch)
+    for _ in range(6):
+        syn.backtransmit()  # the stored post, batch 1: quick, so it comes to run on the loop
+        syn.backtransmit(Ref("post"))
+    assert live_server.thread in threads
+    syn.evolve(np.ones((320, 16, 16, 1), np.float32), np.ones((320, 16, 16, 4), np.float32))
+    threads.clear()
+    syn.backtransmit()  # the stored post is now batch 320: a new cost, measured on a worker
+    syn.backtransmit(Ref("post"))
+    assert len(threads) == 2 and live_server.thread not in threads
+
+
+@pytest.mark.parametrize("what", ["evolve", "put", "snapshot", "create", "delete", "restore"])
+def test_an_unacceptable_accept_is_refused_before_anything_changes(client, live_server, unique_name, what):
+    """Item 16: a 406 was answered after the change was applied."""
+    syn = client.create(unique_name, kind=KIND, config=CONFIG)
+    syn.snapshot("s")
+    headers = {"Accept": "text/html"}
+    x = np.ones((1, 8, 8, 1), np.float32)
+    requests = {
+        "evolve": lambda c: c.request("POST", f"/v1/synapses/{unique_name}/evolve",
+                                      {"pre": x, "post": np.ones((1, 8, 8, 4), np.float32)}, retry=False,
+                                      headers=headers),
+        "put": lambda c: c.request("PUT", f"/v1/synapses/{unique_name}/compartments/weights",
+                                   {"value": np.zeros((3, 3, 1, 4), np.float32)}, retry=False, headers=headers),
+        "snapshot": lambda c: c.request("POST", f"/v1/synapses/{unique_name}/snapshots", {"snapshot": "t"},
+                                        retry=False, headers=headers),
+        "create": lambda c: c.request("POST", "/v1/synapses", {"name": unique_name + "-new", "kind": KIND,
+                                                               "config": CONFIG}, retry=False, headers=headers),
+        "delete": lambda c: c.request("DELETE", f"/v1/synapses/{unique_name}", retry=False, headers=headers),
+        "restore": lambda c: c.request("POST", f"/v1/synapses/{unique_name}/snapshots/s/restore", retry=False,
+                                       headers=headers),
+    }
+    before = syn.describe()
+    with pytest.raises(NotAcceptableError, match="text/html"):
+        requests[what](client)
+    after = syn.describe()
+    assert (after["version"], after["counters"]) == (before["version"], before["counters"])
+    assert [s["snapshot"] for s in syn.snapshots()] == ["s"]
+    assert unique_name + "-new" not in {d["name"] for d in client.list()}
+
+
+def test_a_slow_body_is_cut_off(tmp_path):
+    """Item 17: a slow authenticated body held a connection and its buffer forever."""
+    with LiveServer(state_dir=tmp_path, body_idle_timeout_s=0.5, body_timeout_s=2) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /v1/synapses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"name\"")  # ...and then nothing more
+            started = time.monotonic()
+            answer = s.recv(65536).decode("latin-1")
+            assert answer.startswith("HTTP/1.1 408") and "did not arrive in time" in answer
+            assert time.monotonic() - started < 5
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # a trickle: the total limit
+            s.sendall(b"POST /v1/synapses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n")
+            started = time.monotonic()
+            s.settimeout(0.3)
+            answer = ""
+            while not answer and time.monotonic() - started < 8:
+                try:
+                    s.sendall(b" ")
+                    answer = s.recv(65536).decode("latin-1")
+                except TimeoutError:
+                    pass
+            assert answer.startswith("HTTP/1.1 408") and 1.5 < time.monotonic() - started < 6
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_every_check_happens_in_the_registry_too(tmp_path):
+    """The same limits hold for callers of the registry itself (the session stream and the in-process mode
+    will call it directly): the quota on a call is not an API feature."""
+    from synapse_serve.local.capacity import Capacity, Limits
+    from synapse_serve.names import InstanceKey
+
+    registry = Registry(Capacity(Limits(max_state_bytes_per_owner=20_000)))
+    key = InstanceKey("local", "r")
+    registry.create(key, kind=KIND, config=CONFIG)
+    from synapse_serve.errors import QuotaExceeded
+
+    with pytest.raises(QuotaExceeded):
+        registry.call(key, "forward", {"inputs": np.ones((64, 8, 8, 1), np.float32)})
+    assert registry.describe(key)["version"] == 1
