@@ -232,7 +232,9 @@ def ngclearn_python() -> Path:
     python = NGCLEARN_VENV / "bin" / "python"
     if python.exists():
         return python
-    candidates = sorted(Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")).glob("versions/3.1[2-9]*/bin/python"))
+    versions = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    # 3.12 first (the Python the reference vectors were made with), else the newest 3.13+ found
+    candidates = sorted(versions.glob("3.12.*/bin/python")) or sorted(versions.glob("3.1[3-9]*/bin/python"))
     base = str(candidates[-1]) if candidates else shutil.which("python3.12") or shutil.which("python3")
     print(f"creating {NGCLEARN_VENV} with {base} (ngclearn==3.2.3)", flush=True)
     subprocess.run([base, "-m", "venv", str(NGCLEARN_VENV)], check=True)

@@ -309,7 +309,7 @@ def test_state_is_donated():
     assert old_weights.is_deleted()
 
 
-# --- the defect table of DESIGN.md ---
+# --- the deviations table of docs/conformance.md ---
 
 
 def test_no_bias_stays_no_bias():

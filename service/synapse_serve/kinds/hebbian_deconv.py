@@ -11,7 +11,7 @@ Semantics of ngclearn 3.2.3 (measured; see docs/conformance.md)::
                              only when w_bound > 0
     backtransmit: dInputs  = sign_value · ∂⟨post, conv_transpose(x, W)⟩ / ∂x   (g not applied)
     step:         forward(inputs); evolve(pre=inputs, post); backtransmit(post), fused (not in ngclearn)
-    reset:        zero inputs, outputs, pre, post, dInputs; keep W, b, optimizer state
+    reset:        zero inputs, outputs, pre, post, dInputs at batch_size; keep W, b, optimizer state
 
 Example::
 
@@ -116,8 +116,9 @@ def choose_filter_update(config: HebbianDeconvConfig, platform: str,
                          device: jax.Device | None = None) -> HebbianDeconvConfig:
     """Resolve ``filter_update="auto"`` or ``"timed"`` for the device the instance lives on.
 
-    ``auto``: on GPUs the adjoint form of a strided update is ~20x faster (DESIGN.md,
-    H200); at stride 1, and on CPU, the VJP is as fast and matches ngclearn bit for bit.
+    ``auto``: on GPUs the adjoint form of a strided update is ~20x faster (an H200 measurement
+    quoted in docs/conformance.md); at stride 1, and on CPU, the VJP is as fast and matches
+    ngclearn bit for bit.
     ``timed``: both forms are compiled and timed on ``device`` (see ``time_filter_updates``);
     the compiled evolve of the winner stays in the cache for the instance to use.
     """
