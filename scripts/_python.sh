@@ -17,13 +17,20 @@ pick_python() {
 }
 
 ensure_venv() {  # ensure_venv EXTRAS
-  local extras="$1" stamp=".venv/.installed-$1"
+  local extras="$1" stamp=".venv/.installed-$1" version constraints=()
   if [ ! -x .venv/bin/python ]; then
     "$(pick_python)" -m venv .venv
   fi
-  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  # the versions CI passed with, for this Python (scripts/lock.sh refreshes them)
+  version="$(.venv/bin/python -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+  if [ -f "constraints/py$version.txt" ]; then
+    constraints=(-c "constraints/py$version.txt")
+  else
+    echo "no constraints/py$version.txt: installing the newest versions (scripts/lock.sh pins them)" >&2
+  fi
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ ${#constraints[@]} -gt 0 ] && [ "${constraints[1]}" -nt "$stamp" ]; }; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[$extras]"
+    .venv/bin/python -m pip install -q "${constraints[@]}" -e ".[$extras]"
     touch "$stamp"
   fi
 }

@@ -111,8 +111,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.state.server = server
     for module in (health, kinds, synapses, snapshots, admin, operations):
         app.include_router(module.router)
-    documented = next(r for r in operations.router.routes if r.path == operations.PATH)
-    app.router.routes.insert(0, OperationRoute(documented, backend.operation_names()))
+    if settings.operation_route:
+        documented = next(r for r in operations.router.routes if r.path == operations.PATH)
+        app.router.routes.insert(0, OperationRoute(documented, backend.operation_names()))
     app.add_middleware(MetricsMiddleware, metrics=server.metrics, access_log=settings.access_log)
     app.add_middleware(RequestContextMiddleware)
 

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(300.0, gt=0, description="a request body must arrive within this many seconds")
     body_idle_timeout_s: float = Field(30.0, gt=0, description="a request body may pause this long between chunks")
     access_log: bool = Field(True, description="one JSON line per request on the synapse_serve.access logger")
+    operation_route: bool = Field(
+        True, description="serve operations through the lean route at the head of the router (the same handler "
+                          "and checks as the documented FastAPI route, without its dependency solving); off: "
+                          "FastAPI's route alone (for comparisons)")
     inline_call_us: float = Field(
         250.0, ge=0, description="an operation whose last run on that instance and batch took less than this "
                                  "many microseconds runs on the event loop instead of a worker thread "

@@ -137,7 +137,7 @@ def test_a_second_server_on_the_same_state_directory_refuses_to_start(tmp_path):
         client.create("mine", kind=KIND, config=CONFIG)
         second = ServerProcess(tmp_path / "state", durability="sync")
         proc = subprocess.run([second.exe, "--port", str(second.port), "--state-dir", str(second.state_dir)],
-                              env=second.env, capture_output=True, text=True, timeout=120)
+                              env=second.env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2
         assert f"in use by another synapse-serve process (pid {first.proc.pid})" in proc.stderr
         assert client.get("mine").describe()["version"] == 1  # the first one serves on, untouched

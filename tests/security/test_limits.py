@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import LiveServer
-from synapse_client import PermissionDeniedError, SynapseClient, UnprocessableEntityError
+from synapse_client import ConflictError, PermissionDeniedError, SynapseClient, UnprocessableEntityError
 
 ALICE, BOB = "alice-" + "a" * 24, "bob-" + "b" * 24
 CONFIG = {"shape": [2, 2, 1, 1], "x_shape": [3, 3], "eta": 0.1}
@@ -81,3 +81,35 @@ def test_lowered_quotas_never_drop_stored_instances(tmp_path):
         assert [d["name"] for d in client.list()] == ["kept0", "kept1", "kept2"]
         with pytest.raises(PermissionDeniedError):
             client.create("new", kind="HebbianDeconvSynapse", config=CONFIG)
+
+
+def test_the_server_wide_instance_limit(tmp_path):
+    """SYNAPSE_MAX_INSTANCES counts every owner's instances together."""
+    tokens = f"alice:{ALICE},bob:{BOB}"
+    with LiveServer(state_dir=tmp_path, tokens=tokens, max_instances=3) as server, \
+            SynapseClient(server.url, token=ALICE) as alice, SynapseClient(server.url, token=BOB) as bob:
+        alice.create("a1", kind="HebbianDeconvSynapse", config=CONFIG)
+        alice.create("a2", kind="HebbianDeconvSynapse", config=CONFIG)
+        bob.create("b1", kind="HebbianDeconvSynapse", config=CONFIG)  # the third of three, another owner
+        with pytest.raises(PermissionDeniedError, match="max_instances: the server holds its maximum of 3") as info:
+            bob.create("b2", kind="HebbianDeconvSynapse", config=CONFIG)
+        assert info.value.problem["quota"] == "max_instances"
+        alice.get("a1").delete()
+        bob.create("b2", kind="HebbianDeconvSynapse", config=CONFIG)
+
+
+def test_import_obeys_every_quota_and_the_device_budget(tmp_path):
+    """The docs promise quotas and the budget are checked at import too (an import is a create)."""
+    one = state_bytes(tmp_path)
+    with LiveServer(state_dir=tmp_path / "src", durability="off") as server, SynapseClient(server.url) as client:
+        path = client.create("x", kind="HebbianDeconvSynapse", config=CONFIG).export(tmp_path / "x.safetensors")
+    limits = [({"max_instances_per_owner": 1}, PermissionDeniedError, "max_instances_per_owner"),
+              ({"max_instances": 1}, PermissionDeniedError, "max_instances"),
+              ({"max_state_bytes_per_owner": one + one // 2}, PermissionDeniedError, "max_state_bytes_per_owner"),
+              ({"device_budget_bytes": one + one // 2}, ConflictError, "device budget")]
+    for i, (setting, error, needle) in enumerate(limits):
+        with LiveServer(state_dir=tmp_path / f"dst{i}", **setting) as server, SynapseClient(server.url) as client:
+            client.import_(path, name="first")  # one fits
+            with pytest.raises(error, match=needle):
+                client.import_(path, name="second")
+            assert [d["name"] for d in client.list()] == ["first"], setting

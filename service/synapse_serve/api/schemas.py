@@ -20,7 +20,8 @@ class Tensor(BaseModel):
     dtype: str = Field(examples=["float32"])
     shape: list[int]
     data: bytes | None = Field(None, description="msgpack only: little-endian C-order bytes")
-    values: list[Any] | None = Field(None, description="JSON only: nested lists of numbers")
+    values: list[Any] | float | int | bool | None = Field(
+        None, description="JSON only: nested lists of numbers (a single number for a 0-d tensor)")
 
 
 class CreateRequest(BaseModel):

@@ -18,10 +18,13 @@ Example::
     >>> cfg = HebbianDeconvConfig(shape=(3, 3, 1, 4), x_shape=(8, 8), eta=0.01)
     >>> state = init(cfg, seed=0)
     >>> x = np.ones((2, 8, 8, 1), np.float32)
-    >>> state = forward(cfg, state, x)
-    >>> state = evolve(cfg, state, x, np.asarray(state.outputs))
-    >>> state = backtransmit(cfg, state, np.asarray(state.post))
-    >>> state = step(cfg, state, x, np.asarray(state.outputs))  # the three above in one call
+    >>> state = deconv.forward(cfg, state, x)
+    >>> y = np.asarray(state.outputs)
+    >>> state = evolve(cfg, state, x, y)
+    >>> state = backtransmit(cfg, state, y)
+    >>> state = step(cfg, state, x, y)  # the three above in one call
+    >>> state.dInputs.shape
+    (2, 8, 8, 1)
 """
 
 from __future__ import annotations
