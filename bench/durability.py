@@ -11,17 +11,15 @@ to ``off``. Not a test: run it by hand::
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import tempfile
-import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 
 from synapse_client import SynapseClient
 from synapse_serve.testing import ServerProcess
+
+from harness import interleaved, machine  # noqa: E402 - bench/ is on the path when run as a script
 
 SIZES = {
     "small": {"shape": [3, 3, 1, 4], "x_shape": [8, 8], "batch": 1},
@@ -50,25 +48,18 @@ def main() -> None:
                 post = syns["off"].forward(pre)
                 for syn in syns.values():  # compile and warm the connections
                     syn.evolve(pre, post)
-                per_call: dict[str, list[float]] = {m: [] for m in MODES}
-                for _ in range(args.rounds):
-                    for mode in MODES:
-                        start = time.perf_counter()
-                        for _ in range(args.calls):
-                            syns[mode].evolve(pre, post)
-                        per_call[mode].append((time.perf_counter() - start) / args.calls)
+                medians = interleaved({m: (lambda s=syns[m]: s.evolve(pre, post)) for m in MODES}, args.rounds,
+                                      args.calls)
                 state_bytes = syns["off"].describe()["state_bytes"]
-                base = statistics.median(per_call["off"])
                 for mode in MODES:
-                    median = statistics.median(per_call[mode])
-                    rows.append((size, state_bytes, mode, median * 1e3, 1 / median, median / base))
+                    median = medians[mode]
+                    rows.append((size, state_bytes, mode, median * 1e3, 1 / median, median / medians["off"]))
                 for c in clients.values():
                     c.close()
         finally:
             for server in servers.values():
                 server.stop()
-    print(f"# evolve throughput by durability mode — {date.today()} — {platform.machine()}, "
-          f"{platform.processor() or platform.platform()}, rounds={args.rounds}, calls/round={args.calls}")
+    print(f"# evolve throughput by durability mode — {machine()} rounds={args.rounds}, calls/round={args.calls}")
     print("| size | state bytes | mode | ms/evolve (median) | evolves/s | × off |")
     print("| --- | --- | --- | --- | --- | --- |")
     for size, nbytes, mode, ms, rate, ratio in rows:

@@ -26,8 +26,6 @@ import argparse
 import dataclasses
 import json
 import platform
-import statistics
-import time
 from datetime import date
 
 import jax
@@ -36,6 +34,8 @@ from jax import numpy as jnp
 
 from synapse_serve.kinds import deconv
 from synapse_serve.kinds import hebbian_deconv as hd
+
+from harness import timed  # noqa: E402 - bench/ is on the path when run as a script
 
 # (batch, (h, w), kernel, c_in, c_out, stride)
 SIZES = {
@@ -66,24 +66,6 @@ def flops(size: tuple) -> float:
     """Multiply-adds x 2 of one transposed convolution (forward, H and dInputs each cost this)."""
     batch, (h, w), k, c_in, c_out, _ = size
     return 2.0 * batch * h * w * k * k * c_in * c_out
-
-
-def timed(fn, min_seconds: float, repeats: int = 5) -> float:
-    """Median seconds per call of ``fn`` (which blocks), over ``repeats`` loops of >= min_seconds each."""
-    fn()  # compile / warm
-    start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < min_seconds / 4 or calls < 2:
-        fn()
-        calls += 1
-    per_call = (time.perf_counter() - start) / calls
-    n = max(1, int(min_seconds / max(per_call, 1e-7)))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        samples.append((time.perf_counter() - start) / n)
-    return statistics.median(samples)
 
 
 def measure_peak(device: jax.Device, n: int) -> dict[str, float]:

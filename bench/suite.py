@@ -28,16 +28,12 @@ import contextlib
 import json
 import multiprocessing
 import os
-import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from datetime import date
 from pathlib import Path
 
 import httpx
@@ -50,9 +46,10 @@ from synapse_serve.kinds import deconv
 from synapse_serve.kinds import hebbian_deconv as hd
 from synapse_serve.testing import ServerProcess, free_port
 
+from harness import MiB, interleaved, machine, ms, ngclearn_python, rand  # noqa: E402 - bench/ is on the path
+
 ROOT = Path(__file__).resolve().parents[1]
 KIND = "HebbianDeconvSynapse"
-MiB = 1 << 20
 # the issue's sizes: (batch, x_shape, filter shape)
 SIZES = {
     "small": {"batch": 1, "x_shape": [8, 8], "shape": [3, 3, 1, 4]},
@@ -60,36 +57,10 @@ SIZES = {
     "large": {"batch": 128, "x_shape": [32, 32], "shape": [3, 3, 16, 64]},
 }
 LEARNING = {"eta": 0.01, "optim_type": "adam"}
-NGCLEARN_VENV = ROOT / ".bench" / "ngclearn-venv"
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
 
 
 # --- measuring ---
-
-
-def interleaved(candidates: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, float]:
-    """Median seconds per call of each candidate over ``rounds`` rounds of ``calls`` calls, interleaved.
-
-    A candidate is either a zero-argument call (timed here) or an object with ``timed(calls)``
-    returning seconds per call (one measured elsewhere, e.g. in ngclearn's process).
-    """
-    for run in candidates.values():  # compile, connect, warm
-        run.timed(1) if hasattr(run, "timed") else run()
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, run in candidates.items():
-            if hasattr(run, "timed"):
-                samples[name].append(run.timed(calls))
-                continue
-            start = time.perf_counter()
-            for _ in range(calls):
-                run()
-            samples[name].append((time.perf_counter() - start) / calls)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def rand(shape, seed=0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
 def config_of(size: dict, **extra) -> dict:
@@ -140,10 +111,6 @@ class Report:
                 for w, g, m, ok in self.targets]
         targets = "\n".join(["### Targets", "", "| target | goal | measured | |", "| --- | --- | --- | --- |", *rows])
         return "\n".join([header, "", *self.parts, targets, ""])
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f}"
 
 
 # --- sections ---
@@ -223,23 +190,6 @@ class NgclearnWorker:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
-
-
-def ngclearn_python() -> Path:
-    """ngclearn's Python: $NGCLEARN_PYTHON, else .bench/ngclearn-venv (created from pyenv's 3.12 if missing)."""
-    if os.environ.get("NGCLEARN_PYTHON"):
-        return Path(os.environ["NGCLEARN_PYTHON"])
-    python = NGCLEARN_VENV / "bin" / "python"
-    if python.exists():
-        return python
-    versions = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-    # 3.12 first (the Python the reference vectors were made with), else the newest 3.13+ found
-    candidates = sorted(versions.glob("3.12.*/bin/python")) or sorted(versions.glob("3.1[3-9]*/bin/python"))
-    base = str(candidates[-1]) if candidates else shutil.which("python3.12") or shutil.which("python3")
-    print(f"creating {NGCLEARN_VENV} with {base} (ngclearn==3.2.3)", flush=True)
-    subprocess.run([base, "-m", "venv", str(NGCLEARN_VENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "ngclearn==3.2.3"], check=True)
-    return python
 
 
 class Engine:
@@ -530,11 +480,8 @@ def main() -> None:
             print(f"## {name}", flush=True)
             fn = SECTIONS[name]
             fn(report, args.quick) if name == "codec" else fn(Path(tmp), report, args.quick)
-    cpus = os.cpu_count()
-    header = (f"Measured {date.today()} on {platform.machine()} ({cpus} CPUs, "
-              f"{platform.processor() or platform.platform()}), Python {platform.python_version()}, "
-              f"JAX {jax.__version__} on {jax.devices()[0].platform}{' (--quick)' if args.quick else ''}. "
-              f"Sections: {', '.join(wanted)}.")
+    header = machine(f", JAX {jax.__version__} on {jax.devices()[0].platform}{' (--quick)' if args.quick else ''}. "
+                     f"Sections: {', '.join(wanted)}")
     text = report.markdown(header)
     print(text)
     if args.write:
