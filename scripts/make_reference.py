@@ -1,12 +1,18 @@
 """Generate golden vectors for the conformance tests from ngclearn 3.2.3.
 
-ngclearn is the reference implementation of HebbianDeconvSynapse; the service
-promises the same numbers wherever ngclearn runs and its shapes are right.
-This script drives ngclearn over a fixed, seeded sample of configurations, each
-through a sequence of forward / evolve / backtransmit / reset operations, and
-writes what it saw to ``tests/data/ngclearn_reference.npz`` (arrays) and
-``tests/data/ngclearn_reference.json`` (configs and op sequences), so the test
-suite runs without ngclearn.
+ngclearn is the reference implementation of the synapses; the service promises the
+same numbers wherever ngclearn runs and its shapes are right. This script drives
+ngclearn over fixed, seeded samples of configurations, each through a sequence of
+operations, and writes what it saw to ``tests/data/`` so the test suite runs without
+ngclearn:
+
+- ``--kind deconv`` (HebbianDeconvSynapse: forward / evolve / backtransmit / reset) →
+  ``ngclearn_reference.{npz,json}``;
+- ``--kind dense`` (HebbianSynapse: forward / evolve / calc_update / reset, sgd, adam and nag,
+  the user sizes 784→512→512→10 at batch 250, 256→64/128/32 and 16×16 patches onto 100 units
+  among random ones) and HebbianDeconvSynapse with nag → ``ngclearn_dense_reference.{npz,json}``.
+  Arrays over 64 KiB are stored as SHA-256 digests of their float32 bytes plus a few values;
+  the inputs are regenerated from their seeds (``numpy.random.RandomState``, a stable stream).
 
 ngclearn 3.2.3 needs Python >= 3.12 (its numpy and jax pins)::
 
@@ -35,10 +41,14 @@ from ngclearn import Context, MethodProcess  # noqa: E402
 from ngclearn.components.synapses.convolution.hebbianDeconvSynapse import (  # noqa: E402
     HebbianDeconvSynapse,
 )
+from ngclearn.components.synapses.hebbian.hebbianSynapse import HebbianSynapse  # noqa: E402
 from ngclearn.utils.distribution_generator import DistributionGenerator  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
 N_CONFIGS = 240
+N_DENSE = 220  # random dense configurations, the user sizes among them
+N_DECONV_NAG = 40
+DIGEST_BYTES = 64 << 10  # arrays larger than this are stored as digests
 
 
 def sample_config(rng: random.Random, index: int) -> dict:
@@ -188,72 +198,240 @@ def upstream_unit_test(arrays: dict) -> None:
     arrays["upstream/dX"] = np.asarray(syn.dInputs.get())
 
 
+
+# --- the dense HebbianSynapse (and HebbianDeconvSynapse with nag) ---
+
+USER_SIZES = [  # (n_in, n_out, batch): ngclearn's exhibits' sizes
+    (784, 512, 250), (512, 512, 250), (512, 10, 250), (256, 64, 32), (256, 128, 32), (256, 32, 32), (256, 100, 16),
+]
+INITS = {
+    "default": (None, None),
+    "uniform": ({"dist": "uniform", "low": -1.0, "high": 1.0}, ("uniform", -1.0, 1.0)),
+    "gaussian": ({"dist": "gaussian", "mean": 0.0, "std": 0.5}, ("gaussian", 0.0, 0.5)),
+    "constant": ({"dist": "constant", "value": 0.3}, ("constant", 0.3)),
+}
+BIAS_INITS = {
+    "uniform": ({"dist": "uniform", "low": -0.5, "high": 0.5}, ("uniform", -0.5, 0.5)),
+    "gaussian": ({"dist": "gaussian", "mean": 0.1, "std": 0.2}, ("gaussian", 0.1, 0.2)),
+    "constant": ({"dist": "constant", "value": 0.25}, ("constant", 0.25)),
+}
+PRIOR_CHOICES = [("constant", 0.0), ("l2", 0.01), ("ridge", 0.1), ("gaussian", 0.02), ("GAUSSIAN", 0.05),
+                 ("l1", 0.01), ("lasso", 0.05), ("laplacian", 0.02), ("l1l2", (0.01, 0.3)), ("elastic_net", (0.1, 0.7))]
+
+
+def sample_dense_config(rng: random.Random, index: int) -> dict:
+    """One dense configuration: the service's config, and what ngclearn is given for the same synapse."""
+    if index < len(USER_SIZES):
+        n_in, n_out, batch = USER_SIZES[index]
+    else:
+        n_in, n_out, batch = rng.randint(1, 40), rng.randint(1, 40), rng.randint(1, 6)
+    weight_init = rng.choice(list(INITS))
+    bias = rng.random() < 0.4
+    bias_init = rng.choice(list(BIAS_INITS))
+    prior = rng.choice(PRIOR_CHOICES)
+    config = {
+        "shape": [n_in, n_out], "batch_size": batch, "eta": rng.choice([0.0, 0.001, 0.01, 0.1]),
+        "w_bound": rng.choice([0.0, 1.0, 1.0, 2.0]), "is_nonnegative": rng.random() < 0.3,
+        "prior": [prior[0], list(prior[1]) if isinstance(prior[1], tuple) else prior[1]],
+        "sign_value": rng.choice([1.0, -1.0]), "optim_type": rng.choice(["sgd", "adam", "nag"]),
+        "pre_wght": rng.choice([1.0, 1.0, 0.5]), "post_wght": rng.choice([1.0, 1.0, 2.0]),
+        "p_conn": rng.choice([1.0, 1.0, 1.0, 0.5, 0.2]), "g_conduct_factor": rng.choice([1.0, 1.0, 0.5, 2.0]),
+        "bias": bias,
+    }
+    if INITS[weight_init][0] is not None:
+        config["weight_init"] = INITS[weight_init][0]
+    if bias:
+        config["bias_init"] = BIAS_INITS[bias_init][0]
+    return {"index": index, "seed": rng.randint(0, 2**31 - 1), "config": config,
+            "weight_init": INITS[weight_init][1], "bias_init": BIAS_INITS[bias_init][1] if bias else None,
+            "prior": prior}
+
+
+def dense_signal(index: int, step: int, tag: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Gaussian values rounded to 1/16, from a stable stream the test regenerates."""
+    rs = np.random.RandomState([index, step, tag])
+    return (np.round(rs.normal(size=shape) * 16) / 16).astype(np.float32)
+
+
+def _initializer(spec):
+    if spec is None:
+        return None
+    name, *args = spec
+    return {"uniform": DistributionGenerator.uniform, "gaussian": DistributionGenerator.gaussian,
+            "constant": DistributionGenerator.constant}[name](*args)
+
+
+def build_dense(record: dict, name: str):
+    cfg = record["config"]
+    shape = tuple(cfg["shape"])
+    extra = {}
+    if cfg["p_conn"] < 1.0:  # ngclearn forgets its p_conn mask; handed as mask= it keeps it, as the service does
+        _, _, k_mask, _ = jax.random.split(jax.random.PRNGKey(record["seed"]), 4)
+        extra["mask"] = jax.random.bernoulli(k_mask, p=cfg["p_conn"], shape=shape).astype(jnp.float32)
+    with Context(name):
+        syn = HebbianSynapse(
+            "syn", shape, eta=cfg["eta"], weight_init=_initializer(record["weight_init"]),
+            bias_init=_initializer(record["bias_init"]), w_bound=cfg["w_bound"], is_nonnegative=cfg["is_nonnegative"],
+            prior=tuple(record["prior"]), sign_value=cfg["sign_value"], optim_type=cfg["optim_type"],
+            pre_wght=cfg["pre_wght"], post_wght=cfg["post_wght"], p_conn=cfg["p_conn"],
+            g_conduct_factor=cfg["g_conduct_factor"], batch_size=cfg["batch_size"],
+            key=jax.random.PRNGKey(record["seed"]), **extra)
+        procs = {
+            "forward": MethodProcess(f"{name}_fwd") >> syn.advance_state,
+            "evolve": MethodProcess(f"{name}_evo") >> syn.evolve,
+            "calc_update": MethodProcess(f"{name}_cu") >> syn.calc_update,
+            "reset": MethodProcess(f"{name}_rst") >> syn.reset,
+        }
+    return syn, procs
+
+
+def keep(arrays: dict, digests: dict, key: str, value) -> None:
+    """Store an array, or (over DIGEST_BYTES) its SHA-256 and 16 evenly spaced values."""
+    import hashlib
+
+    value = np.ascontiguousarray(np.asarray(value, np.float32))
+    if value.nbytes <= DIGEST_BYTES:
+        arrays[key] = value
+        return
+    flat = value.reshape(-1)
+    digests[key] = {"sha256": hashlib.sha256(flat.tobytes()).hexdigest(), "shape": list(value.shape)}
+    arrays[f"{key}#samples"] = flat[np.linspace(0, flat.size - 1, 16).astype(np.int64)]
+
+
+def run_dense_config(record: dict, rng: np.random.Generator, arrays: dict, digests: dict) -> dict:
+    """One op sequence through ngclearn's HebbianSynapse (forward batch = batch_size: ngclearn's only working one)."""
+    index, cfg = record["index"], record["config"]
+    prefix = f"d{index}"
+    syn, procs = build_dense(record, f"dense{index}")
+    n_in, n_out = cfg["shape"]
+    batch = cfg["batch_size"]
+    keep(arrays, digests, f"{prefix}/weights0", syn.weights.get())
+    if cfg["bias"]:
+        keep(arrays, digests, f"{prefix}/biases0", np.asarray(syn.biases.get()).reshape(-1))
+    big = n_in * n_out > 100_000
+    n_ops = 4 if big else int(rng.integers(6, 11))
+    ops = []
+    for step in range(n_ops):
+        op = str(rng.choice(["forward", "evolve", "calc_update", "reset"], p=[0.3, 0.45, 0.15, 0.1]))
+        if step == 0:
+            op = "forward"
+        if big and step in (1, 2):
+            op = "evolve"
+        key = f"{prefix}/{step}"
+        if op == "forward":
+            syn.inputs.set(jnp.asarray(dense_signal(index, step, 0, (batch, n_in))))
+            procs["forward"].run(t=0.0, dt=1.0)
+            keep(arrays, digests, f"{key}/outputs", syn.outputs.get())
+        elif op in ("evolve", "calc_update"):
+            syn.pre.set(jnp.asarray(dense_signal(index, step, 1, (batch, n_in))))
+            syn.post.set(jnp.asarray(dense_signal(index, step, 2, (batch, n_out))))
+            procs[op].run(t=0.0, dt=1.0)
+            keep(arrays, digests, f"{key}/dWeights", syn.dWeights.get())
+            if cfg["bias"]:
+                keep(arrays, digests, f"{key}/dBiases", np.asarray(syn.dBiases.get()).reshape(-1))
+            if op == "evolve":
+                keep(arrays, digests, f"{key}/weights", syn.weights.get())
+                if cfg["bias"]:
+                    keep(arrays, digests, f"{key}/biases", np.asarray(syn.biases.get()).reshape(-1))
+        else:
+            procs["reset"].run(t=0.0, dt=1.0)
+        ops.append({"op": op})
+    opt = syn.opt_params.get()
+    leaves = jax.tree_util.tree_leaves(opt)
+    keep(arrays, digests, f"{prefix}/opt_count", leaves[-1] if cfg["optim_type"] != "sgd" else opt)
+    return {"ops": ops}
+
+
 SIGNALS = ("inputs", "pre", "post")  # generated inputs, stored as float16 (exact)
 CHUNK = 30  # ngcsimlib slows down as contexts pile up in one process: run chunks in fresh ones
 
 
-def run_chunk(first: int, count: int, part: Path) -> None:
-    """Worker: configurations [first, first + count) into one part file."""
-    rng = random.Random(20261128)
-    configs = [sample_config(rng, index) for index in range(first + count)][first:]
+def run_chunk(kind: str, first: int, count: int, part: Path) -> None:
+    """Worker: configurations [first, first + count) of one kind into one part file."""
     arrays: dict[str, np.ndarray] = {}
+    digests: dict[str, dict] = {}
     records, skipped = [], {}
-    for cfg in configs:
-        data_rng = np.random.default_rng([20261128, cfg["index"]])
-        result = run_config(cfg, data_rng, arrays)
-        if "skipped" in result:
-            skipped[result["skipped"]] = skipped.get(result["skipped"], 0) + 1
-            for name in [n for n in arrays if n.startswith(f"c{cfg['index']}/")]:
-                del arrays[name]
-            continue
-        records.append({**cfg, **result})
+    if kind == "dense":
+        rng = random.Random(20261129)
+        for record in [sample_dense_config(rng, index) for index in range(first + count)][first:]:
+            data_rng = np.random.default_rng([20261129, record["index"]])
+            records.append({**record, **run_dense_config(record, data_rng, arrays, digests)})
+    else:
+        seed = 20261128 if kind == "deconv" else 20261130
+        rng = random.Random(seed)
+        configs = [sample_config(rng, index) for index in range(first + count)][first:]
+        for cfg in configs:
+            data_rng = np.random.default_rng([seed, cfg["index"]])
+            if kind == "deconv-nag":  # without a bias: ngclearn's biased deconvolution drifts per pixel
+                cfg = {**cfg, "optim_type": "nag", "bias": False}
+            result = run_config(cfg, data_rng, arrays)
+            if "skipped" in result:
+                skipped[result["skipped"]] = skipped.get(result["skipped"], 0) + 1
+                for name in [n for n in arrays if n.startswith(f"c{cfg['index']}/")]:
+                    del arrays[name]
+                continue
+            records.append({**cfg, **result})
     np.savez(part.with_suffix(".npz"), **arrays)
-    part.with_suffix(".json").write_text(json.dumps({"configs": records, "skipped": skipped}))
+    part.with_suffix(".json").write_text(json.dumps({"configs": records, "skipped": skipped, "digests": digests}))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", type=int, default=N_CONFIGS)
-    parser.add_argument("--out", type=Path, default=OUT_DIR)
-    parser.add_argument("--chunk", nargs=3, metavar=("FIRST", "COUNT", "PART"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.chunk:
-        run_chunk(int(args.chunk[0]), int(args.chunk[1]), Path(args.chunk[2]))
-        return 0
-
+def generate(kind: str, count: int) -> tuple[list, dict, dict, dict]:
+    """Every configuration of ``kind``, in chunks run by fresh processes."""
     import subprocess
     import tempfile
-    from importlib.metadata import version
 
     arrays: dict[str, np.ndarray] = {}
-    records, skipped = [], {}
+    records, skipped, digests = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for first in range(0, args.configs, CHUNK):
-            part = Path(tmp) / f"part{first}"
-            count = min(CHUNK, args.configs - first)
-            subprocess.run([sys.executable, __file__, "--chunk", str(first), str(count), str(part)], check=True)
+        for first in range(0, count, CHUNK):
+            part = Path(tmp) / f"{kind}{first}"
+            n = min(CHUNK, count - first)
+            subprocess.run([sys.executable, __file__, "--chunk", kind, str(first), str(n), str(part)], check=True)
             with np.load(part.with_suffix(".npz"), allow_pickle=False) as data:
                 arrays.update({k: data[k] for k in data.files})
             meta = json.loads(part.with_suffix(".json").read_text())
             records += meta["configs"]
-            for reason, n in meta["skipped"].items():
-                skipped[reason] = skipped.get(reason, 0) + n
-            print(f"configs {first}..{first + count - 1} done", file=sys.stderr)
-    upstream_unit_test(arrays)
+            digests.update(meta["digests"])
+            for reason, k in meta["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + k
+            print(f"{kind}: configs {first}..{first + n - 1} done", file=sys.stderr)
+    return records, skipped, digests, arrays
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", choices=("deconv", "dense", "all"), default="all")
+    parser.add_argument("--configs", type=int, default=None, help="how many (default: the full sample)")
+    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--chunk", nargs=4, metavar=("KIND", "FIRST", "COUNT", "PART"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.chunk:
+        run_chunk(args.chunk[0], int(args.chunk[1]), int(args.chunk[2]), Path(args.chunk[3]))
+        return 0
+
+    from importlib.metadata import version
 
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "generator": "scripts/make_reference.py",
-        "ngclearn": version("ngclearn"),
-        "jax": jax.__version__,
-        "configs": records,
-        "skipped": skipped,
-    }
-    (args.out / "ngclearn_reference.json").write_text(json.dumps(meta, indent=1) + "\n")
-    # the signals are multiples of 1/16 below 2^11: float16 holds them exactly, in half the bytes
-    arrays = {k: v.astype(np.float16) if k.rsplit("/", 1)[-1] in SIGNALS else v for k, v in arrays.items()}
-    np.savez_compressed(args.out / "ngclearn_reference.npz", **arrays)
-    print(f"{len(records)} configurations kept, skipped: {skipped}", file=sys.stderr)
+    header = {"generator": "scripts/make_reference.py", "ngclearn": version("ngclearn"), "jax": jax.__version__}
+    if args.kind in ("deconv", "all"):
+        records, skipped, _, arrays = generate("deconv", args.configs or N_CONFIGS)
+        upstream_unit_test(arrays)
+        meta = {**header, "configs": records, "skipped": skipped}
+        (args.out / "ngclearn_reference.json").write_text(json.dumps(meta, indent=1) + "\n")
+        # the signals are multiples of 1/16 below 2^11: float16 holds them exactly, in half the bytes
+        arrays = {k: v.astype(np.float16) if k.rsplit("/", 1)[-1] in SIGNALS else v for k, v in arrays.items()}
+        np.savez_compressed(args.out / "ngclearn_reference.npz", **arrays)
+        print(f"deconv: {len(records)} configurations kept, skipped: {skipped}", file=sys.stderr)
+    if args.kind in ("dense", "all"):
+        records, _, digests, arrays = generate("dense", args.configs or N_DENSE)
+        nag, skipped, _, nag_arrays = generate("deconv-nag", args.configs or N_DECONV_NAG)
+        arrays.update({k: v.astype(np.float16) if k.rsplit("/", 1)[-1] in SIGNALS else v
+                       for k, v in nag_arrays.items()})
+        meta = {**header, "configs": records, "digests": digests, "deconv_nag": nag, "deconv_nag_skipped": skipped}
+        (args.out / "ngclearn_dense_reference.json").write_text(json.dumps(meta, indent=1) + "\n")
+        np.savez_compressed(args.out / "ngclearn_dense_reference.npz", **arrays)
+        print(f"dense: {len(records)} configurations, {len(digests)} digests; deconv nag: {len(nag)} kept, "
+              f"skipped: {skipped}", file=sys.stderr)
     return 0
 
 

@@ -19,10 +19,19 @@ def test_readme_client_example_runs(live_server):
     assert "(3, 3, 1, 8)" in result.stdout and "'evolve': 10" in result.stdout
 
 
+def test_readme_dense_example_runs(live_server):
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert len(blocks) >= 3, "README lost its dense example"
+    code = blocks[1].replace("http://127.0.0.1:8000", live_server.url)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "(784, 512)" in result.stdout and "'evolve': 10" in result.stdout
+
+
 def test_readme_fast_loop_example_runs(live_server):
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
-    assert len(blocks) >= 2, "README lost its step / Ref example"
-    code = blocks[1].replace("http://127.0.0.1:8000", live_server.url)
+    assert len(blocks) >= 3, "README lost its step / Ref example"
+    code = blocks[2].replace("http://127.0.0.1:8000", live_server.url)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "(16, 14, 14, 1)" in result.stdout and "'step': 1" in result.stdout and "'evolve': 1" in result.stdout

@@ -65,7 +65,7 @@ def test_not_ready_until_warm(monkeypatch, tmp_path):
 
 def test_kinds_and_help(client):
     names = {k["name"] for k in client.kinds()}
-    assert names == {"DeconvSynapse", "HebbianDeconvSynapse"}
+    assert names == {"DeconvSynapse", "HebbianDeconvSynapse", "DenseSynapse", "HebbianSynapse"}
     help_ = client.kind_help(KIND)
     assert help_["hyperparameters"]["eta"]["default"] == 0.0
     assert "dWeights" in help_["compartments"]

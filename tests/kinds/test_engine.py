@@ -373,7 +373,7 @@ def test_bias_is_per_output_channel_and_its_update_sums_post():
     assert state.biases.shape == (5,)  # stays per channel (ngclearn's turns per-pixel)
 
 
-@pytest.mark.parametrize("optim_type", ["sgd", "adam"])
+@pytest.mark.parametrize("optim_type", ["sgd", "adam", "nag"])
 def test_step_is_forward_evolve_backtransmit_bit_for_bit(optim_type):
     cfg = make(stride=2, optim_type=optim_type, bias=True, w_decay=0.01, w_bound=1.5)
     fused, split = hd.init(cfg, seed=2), hd.init(cfg, seed=2)
@@ -457,13 +457,14 @@ def test_explicit_initial_tensors():
 
 
 def test_kinds_registry():
-    assert set(KINDS) == {"DeconvSynapse", "HebbianDeconvSynapse"}
+    assert set(KINDS) == {"DeconvSynapse", "HebbianDeconvSynapse", "DenseSynapse", "HebbianSynapse"}
     assert get_kind("HebbianDeconvSynapse") is hd.KIND
     with pytest.raises(Exception, match="unknown kind 'os.system'"):
         get_kind("os.system")
 
 
-@pytest.mark.parametrize("overrides", [{}, {"optim_type": "adam", "bias": True}, {"stride": 3, "batch_size": 5},
+@pytest.mark.parametrize("overrides", [{}, {"optim_type": "adam", "bias": True}, {"optim_type": "nag", "bias": True},
+                                       {"stride": 3, "batch_size": 5},
                                        {"shape": [2, 4, 3, 5], "x_shape": [7, 3], "padding": "VALID"}])
 def test_state_size_is_known_before_the_state_is_built(overrides):
     for kind, parse in ((hd.KIND, hd.parse_config), (dc.KIND, dc.parse_config)):

@@ -7,12 +7,14 @@ Kinds come only from this fixed table: nothing the network sends can import code
 from __future__ import annotations
 
 from synapse_serve.errors import NotFound
-from synapse_serve.kinds import deconv, hebbian_deconv
+from synapse_serve.kinds import deconv, dense, hebbian, hebbian_deconv
 from synapse_serve.kinds.base import Kind, Operation, TensorArg
 
 KINDS: dict[str, Kind] = {
     deconv.KIND.name: deconv.KIND,
     hebbian_deconv.KIND.name: hebbian_deconv.KIND,
+    dense.KIND.name: dense.KIND,
+    hebbian.KIND.name: hebbian.KIND,
 }
 
 

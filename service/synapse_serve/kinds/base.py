@@ -36,9 +36,15 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax import lax
+from jax import numpy as jnp
 
 from synapse_serve.errors import InvalidConfig, ShapeMismatch, UnknownCompartment
 
+# "bfloat16" multiplies bfloat16-rounded operands and accumulates in float32 (the state stays float32).
+PRECISIONS = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH, "default": lax.Precision.DEFAULT,
+              "bfloat16": lax.Precision.DEFAULT}
+DISTRIBUTIONS = {"uniform": ("low", "high"), "gaussian": ("mean", "std"), "constant": ("value",)}
 # Floating dtypes a tensor argument may arrive in; each is cast to float32.
 _CASTABLE_FLOATS = {"float16", "bfloat16", "float32", "float64"}
 _FLOAT32 = np.dtype(np.float32)
@@ -349,3 +355,72 @@ def help_dict(name: str, description: str, config: Any, hyperparameters: Mapping
         "dynamics": dict(dynamics),
         "notes": list(notes),
     }
+
+
+# --- initialisers and reset, shared by the kinds ---
+
+
+def parse_init(field: str, spec: Any) -> tuple:
+    """Normalise a distribution spec ``{"dist": "uniform", "low": 0, "high": 1}`` to a hashable tuple."""
+    if not isinstance(spec, Mapping) or "dist" not in spec:
+        raise InvalidConfig(
+            f"{field}: expected {{'dist': one of {', '.join(DISTRIBUTIONS)}, ...parameters}}, received {spec!r}",
+            field=field,
+        )
+    dist = require_choice(f"{field}.dist", spec["dist"], tuple(DISTRIBUTIONS))
+    params = {k: v for k, v in spec.items() if k != "dist"}
+    if set(params) != set(DISTRIBUTIONS[dist]):
+        raise InvalidConfig(
+            f"{field}: a {dist} distribution takes exactly {', '.join(DISTRIBUTIONS[dist])}; received "
+            f"{', '.join(sorted(params)) or 'none'}",
+            field=field,
+        )
+    values = {k: require_float(f"{field}.{k}", v) for k, v in params.items()}
+    if dist == "uniform" and values["low"] >= values["high"]:
+        raise InvalidConfig(f"{field}: low ({values['low']}) must be below high ({values['high']})", field=field)
+    if dist == "gaussian" and values["std"] < 0:
+        raise InvalidConfig(f"{field}: std ({values['std']}) must be >= 0", field=field)
+    return dist, tuple(sorted(values.items()))
+
+
+def sample(spec: tuple, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Draw from a parsed distribution spec the way ngclearn's DistributionGenerator does."""
+    dist, params = spec
+    p = dict(params)
+    draw_key, _ = jax.random.split(key, 2)  # ngclearn splits once and draws from the first half
+    if dist == "uniform":
+        return jax.random.uniform(draw_key, shape, jnp.float32, minval=p["low"], maxval=p["high"])
+    if dist == "gaussian":
+        # ngclearn computes mean + std * normal eagerly, one rounding per step; the barriers keep XLA from
+        # fusing them (a fused multiply-add, or constants folded into the sampler) inside a larger program
+        drawn = lax.optimization_barrier(jax.random.normal(draw_key, shape, jnp.float32))
+        return p["mean"] + lax.optimization_barrier(p["std"] * drawn)
+    return jnp.full(shape, p["value"], jnp.float32)
+
+
+def make_reset(fields: Mapping[str, str]) -> Operation:
+    """The reset operation of a kind: each field is zeroed. ``"in"``/``"out"`` fields are signals, zeroed at
+    ``config.batch_size`` (a call at a large batch does not leave its signals resident; ngclearn's reset also
+    restores the construction batch); ``"same"`` fields keep their shape. The rest stays."""
+
+    def _reset(config: Any, state: Any) -> Any:
+        return state._replace(**{
+            name: jnp.zeros_like(getattr(state, name)) if space == "same"
+            else jnp.zeros((config.batch_size, *config.trailing(space)), jnp.float32)
+            for name, space in fields.items()})
+
+    signals = [name for name, space in fields.items() if space != "same"]
+    others = [name for name, space in fields.items() if space == "same"]
+    doc = f"zero {', '.join(signals)} at the configured batch_size" + (f"; zero {', '.join(others)}" if others else "")
+    return Operation("reset", jax.jit(_reset, static_argnums=0, donate_argnums=1), (), (),
+                     f"{doc}; keep weights, biases, optimizer state")
+
+
+def state_nbytes_of(init: Callable[..., Any]) -> Callable[[Any], int]:
+    """A kind's ``state_nbytes`` from the shapes of a fresh state (traced: nothing is allocated)."""
+
+    def nbytes(config: Any) -> int:
+        shapes = jax.eval_shape(functools.partial(init, config, 0))
+        return int(sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(shapes)))
+
+    return nbytes

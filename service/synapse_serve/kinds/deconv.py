@@ -31,12 +31,17 @@ from jax import numpy as jnp
 
 from synapse_serve.errors import InvalidConfig
 from synapse_serve.kinds.base import (
+    DISTRIBUTIONS,
+    PRECISIONS,
     Kind,
     Operation,
     TensorArg,
     check_parameter,
     help_dict,
+    make_reset,
     parse_dataclass,
+    parse_init,
+    sample,
     require_bool,
     require_choice,
     require_float,
@@ -44,9 +49,6 @@ from synapse_serve.kinds.base import (
 )
 
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-# "bfloat16" multiplies bfloat16-rounded operands and accumulates in float32 (the state stays float32).
-PRECISIONS = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH, "default": lax.Precision.DEFAULT,
-              "bfloat16": lax.Precision.DEFAULT}
 MAX_KERNEL = 64
 MAX_MAP = 4096
 MAX_CHANNELS = 65536
@@ -54,7 +56,6 @@ MAX_STRIDE = 64
 # ngclearn's default filter initialiser: uniform(0.025, 0.8)
 DEFAULT_FILTER_INIT = ("uniform", (("high", 0.8), ("low", 0.025)))
 DEFAULT_BIAS_INIT = ("constant", (("value", 0.0),))
-_DISTRIBUTIONS = {"uniform": ("low", "high"), "gaussian": ("mean", "std"), "constant": ("value",)}
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -87,41 +88,6 @@ def transpose_pads(kernel: int, stride: int, padding: str) -> tuple[int, int]:
         pad_len = kernel + stride - 2 + max(kernel - stride, 0)
         pad_lo = kernel - 1
     return pad_lo, pad_len - pad_lo
-
-
-def parse_init(field: str, spec: Any) -> tuple:
-    """Normalise a distribution spec ``{"dist": "uniform", "low": 0, "high": 1}`` to a hashable tuple."""
-    if not isinstance(spec, Mapping) or "dist" not in spec:
-        raise InvalidConfig(
-            f"{field}: expected {{'dist': one of {', '.join(_DISTRIBUTIONS)}, ...parameters}}, received {spec!r}",
-            field=field,
-        )
-    dist = require_choice(f"{field}.dist", spec["dist"], tuple(_DISTRIBUTIONS))
-    params = {k: v for k, v in spec.items() if k != "dist"}
-    if set(params) != set(_DISTRIBUTIONS[dist]):
-        raise InvalidConfig(
-            f"{field}: a {dist} distribution takes exactly {', '.join(_DISTRIBUTIONS[dist])}; received "
-            f"{', '.join(sorted(params)) or 'none'}",
-            field=field,
-        )
-    values = {k: require_float(f"{field}.{k}", v) for k, v in params.items()}
-    if dist == "uniform" and values["low"] >= values["high"]:
-        raise InvalidConfig(f"{field}: low ({values['low']}) must be below high ({values['high']})", field=field)
-    if dist == "gaussian" and values["std"] < 0:
-        raise InvalidConfig(f"{field}: std ({values['std']}) must be >= 0", field=field)
-    return dist, tuple(sorted(values.items()))
-
-
-def sample(spec: tuple, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Draw from a parsed distribution spec the way ngclearn's DistributionGenerator does."""
-    dist, params = spec
-    p = dict(params)
-    draw_key, _ = jax.random.split(key, 2)  # ngclearn splits once and draws from the first half
-    if dist == "uniform":
-        return jax.random.uniform(draw_key, shape, jnp.float32, minval=p["low"], maxval=p["high"])
-    if dist == "gaussian":
-        return jax.random.normal(draw_key, shape, jnp.float32) * p["std"] + p["mean"]
-    return jnp.full(shape, p["value"], jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +131,7 @@ class DeconvConfig:
         set_("precision", require_choice("precision", self.precision, tuple(PRECISIONS)))
         for name in ("filter_init", "bias_init"):
             value = getattr(self, name)
-            if not (isinstance(value, tuple) and len(value) == 2 and value[0] in _DISTRIBUTIONS):
+            if not (isinstance(value, tuple) and len(value) == 2 and value[0] in DISTRIBUTIONS):
                 set_(name, parse_init(name, value))
         out = self.out_map
         if min(out) < 1:
@@ -314,23 +280,6 @@ def _forward(config: DeconvConfig, state: Any, inputs: jax.Array) -> Any:
     if config.bias:
         outputs = outputs + state.biases
     return state._replace(inputs=inputs, outputs=outputs)
-
-
-def make_reset(fields: Mapping[str, str]) -> Operation:
-    """The reset operation of a kind whose signal compartments are ``fields`` (name -> "in" or "out").
-
-    Each is zeroed at ``config.batch_size``: a call at a large batch does not leave its
-    signals resident (ngclearn's reset also restores the construction batch). Parameters,
-    optimizer state and the last updates stay.
-    """
-
-    def _reset(config: Any, state: Any) -> Any:
-        return state._replace(**{name: jnp.zeros((config.batch_size, *config.trailing(space)), jnp.float32)
-                                 for name, space in fields.items()})
-
-    names = ", ".join(fields)
-    return Operation("reset", jax.jit(_reset, static_argnums=0, donate_argnums=1), (), (),
-                     f"zero {names} at the configured batch_size; keep weights, biases, optimizer state")
 
 
 RESET_FIELDS = {"inputs": "in", "outputs": "out"}

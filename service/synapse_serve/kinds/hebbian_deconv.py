@@ -6,7 +6,7 @@ Semantics of ngclearn 3.2.3 (measured; see docs/conformance.md)::
     evolve:       H        = ∂⟨post, conv_transpose(pre, W)⟩ / ∂W          (VJP of forward w.r.t. W)
                   dWeights = sign_value · H − w_decay · W                  (decay term only if w_decay > 0)
                   dBiases  = sign_value · Σ_{batch,h,w} post               (only with bias)
-                  W, b     ← optimizer(W, b; dWeights, dBiases)            (sgd: W − eta·dW; adam)
+                  W, b     ← optimizer(W, b; dWeights, dBiases)            (sgd: W − eta·dW; adam; nag)
                   W        ← clip(W, −w_bound, w_bound), or clip(W, 0, w_bound) if is_nonnegative,
                              only when w_bound > 0
     backtransmit: dInputs  = sign_value · ∂⟨post, conv_transpose(x, W)⟩ / ∂x   (g not applied)
@@ -44,20 +44,22 @@ from jax import lax
 from jax import numpy as jnp
 
 from synapse_serve.errors import InvalidConfig
-from synapse_serve.kinds import deconv
+from synapse_serve.kinds import deconv, optim
 from synapse_serve.kinds.base import (
+    PRECISIONS,
     Kind,
     Operation,
     TensorArg,
     help_dict,
+    make_reset,
     parse_dataclass,
     require_bool,
     require_choice,
     require_float,
 )
-from synapse_serve.kinds.deconv import DIMENSION_NUMBERS, PRECISIONS, DeconvConfig
+from synapse_serve.kinds.deconv import DIMENSION_NUMBERS, DeconvConfig
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "nag")
 FILTER_UPDATES = ("auto", "vjp", "adjoint", "timed")
 
 
@@ -71,7 +73,8 @@ class HebbianDeconvConfig(DeconvConfig):
       is_nonnegative: clip to ``[0, w_bound]`` instead (only when ``w_bound > 0``, as in ngclearn).
       w_decay: ``dWeights -= w_decay * W`` when > 0 (with sgd this makes weights grow, as in ngclearn).
       sign_value: multiplies the Hebbian term and dInputs; ngclearn's default +1 is anti-Hebbian under sgd.
-      optim_type: ``"sgd"`` or ``"adam"`` (beta1 .9, beta2 .999, eps 1e-8, bias-corrected).
+      optim_type: ``"sgd"``, ``"adam"`` (beta1 .9, beta2 .999, eps 1e-8, bias-corrected; optax) or ``"nag"``
+        (ngclearn's Nesterov step, momentum 0.9: optim.py).
       filter_update: how H is computed: ``"vjp"`` (VJP of forward), ``"adjoint"`` (weight gradient
         of the strided forward convolution conv_transpose is the adjoint of; much faster on GPUs
         at stride > 1), ``"auto"`` (resolved at create: see ``choose_filter_update``) or
@@ -191,13 +194,16 @@ def _fresh_state(optim_type: str, in_shape: tuple, out_shape: tuple, w: jax.Arra
 
     Every output is a buffer of its own (the state is donated by each operation).
     """
-    optimizer = optax.adam(0.0) if optim_type == "adam" else optax.sgd(0.0)  # the state's form, not eta's value
+    if optim_type == "nag":
+        opt_state = optim.init("nag", (w, b))
+    else:  # the state's form, not eta's value
+        opt_state = (optax.adam(0.0) if optim_type == "adam" else optax.sgd(0.0)).init((w, b))
 
     def zeros(shape: tuple[int, ...]) -> jax.Array:
         return jnp.zeros(shape, jnp.float32)
 
     return HebbianDeconvState(
-        weights=w, biases=b, opt_state=optimizer.init((w, b)),
+        weights=w, biases=b, opt_state=opt_state,
         inputs=zeros(in_shape), outputs=zeros(out_shape), pre=zeros(in_shape), post=zeros(out_shape),
         dWeights=zeros(w.shape), dBiases=zeros(b.shape), dInputs=zeros(in_shape), key=key,
     )
@@ -207,7 +213,8 @@ def state_nbytes(config: HebbianDeconvConfig) -> int:
     """Bytes of a fresh HebbianDeconvState: DeconvSynapse's, plus pre, post, dInputs, the deltas and adam's moments."""
     params = deconv.parameter_count(config)
     inputs, outputs = math.prod(config.in_trailing), math.prod(config.out_trailing)
-    optimizer = 4 * (2 * params + 1) if config.optim_type == "adam" else 0  # mu, nu and an int32 count
+    # adam: mu, nu and an int32 count; nag: phi and a float32 count
+    optimizer = {"adam": 4 * (2 * params + 1), "nag": 4 * (params + 1)}.get(config.optim_type, 0)
     return deconv.state_nbytes(config) + optimizer + 4 * (params + config.batch_size * (2 * inputs + outputs))
 
 
@@ -260,8 +267,12 @@ def _evolve(config: HebbianDeconvConfig, state: HebbianDeconvState, pre: jax.Arr
     else:
         d_biases = jnp.zeros_like(state.biases)
     params = (state.weights, state.biases)
-    updates, opt_state = config.optimizer.update((d_weights, d_biases), state.opt_state, params)
-    weights, biases = optax.apply_updates(params, updates)
+    if config.optim_type == "nag":  # ngclearn's arithmetic (optax has no equivalent)
+        opt_state, (weights, biases) = optim.update("nag", config.eta, state.opt_state, params,
+                                                    (d_weights, d_biases))
+    else:
+        updates, opt_state = config.optimizer.update((d_weights, d_biases), state.opt_state, params)
+        weights, biases = optax.apply_updates(params, updates)
     if config.w_bound > 0.0:
         low = 0.0 if config.is_nonnegative else -config.w_bound
         weights = jnp.clip(weights, low, config.w_bound)
@@ -298,7 +309,7 @@ BACKTRANSMIT = Operation(
 )
 
 RESET_FIELDS = {**deconv.RESET_FIELDS, "pre": "in", "post": "out", "dInputs": "in"}
-RESET = deconv.make_reset(RESET_FIELDS)
+RESET = make_reset(RESET_FIELDS)
 reset = RESET.fn
 
 STEP = Operation(
@@ -314,7 +325,9 @@ HYPERPARAMETERS = {
     "w_decay": ("float", 0.0, "dWeights -= w_decay * W when > 0; with sgd's W - eta*dW weights grow (as ngclearn)"),
     "sign_value": ("float", 1.0, "multiplies the Hebbian term and dInputs; +1 with sgd descends on <post, y>, "
                                  "i.e. anti-Hebbian (as ngclearn); -1 is Hebbian ascent"),
-    "optim_type": ("str", "sgd", "'sgd' (W - eta*dW) or 'adam' (beta1 .9, beta2 .999, eps 1e-8, bias-corrected)"),
+    "optim_type": ("str", "sgd", "'sgd' (W - eta*dW), 'adam' (beta1 .9, beta2 .999, eps 1e-8, bias-corrected) or "
+                                 "'nag' (Nesterov: phi = W - eta*dW, W <- phi + 0.9*(phi - phi_prev) after the "
+                                 "first step, as ngclearn)"),
     "filter_update": ("str", "auto", "'vjp', 'adjoint' (fast strided form; equal up to rounding), 'auto' "
                                      "(adjoint on GPUs at stride > 1, else vjp) or 'timed' (both timed at create "
                                      "on the device in use, the faster kept); the description shows the choice"),
@@ -322,7 +335,8 @@ HYPERPARAMETERS = {
 
 COMPARTMENTS = {
     **deconv.COMPARTMENTS,
-    "opt_state/...": "optimizer state over (weights, biases): adam's count, mu and nu; nothing for sgd",
+    "opt_state/...": "optimizer state over (weights, biases): adam's count, mu and nu; nag's count and phi; "
+                     "nothing for sgd",
     "pre": "pre-synaptic signal of the last evolve, (batch, h, w, c_in)",
     "post": "post-synaptic signal of the last evolve or backtransmit, (batch, h_out, w_out, c_out)",
     "dWeights": "last filter update dWeights, (kh, kw, c_in, c_out)",
