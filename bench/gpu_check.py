@@ -1,8 +1,9 @@
 """The engine on an accelerator: correctness against the CPU, and speed against the device's peak.
 
-For each size (the suite's small, medium and large, plus a large strided one),
-each precision (fp32 ``highest``, the device ``default``, ``bfloat16``) and each
-filter-update formulation (``vjp``, ``adjoint``), it
+For each size — the dense HebbianSynapse at 784x512 (batch 250) and 4096x4096 (batch 1024), and
+the deconvolutional synapse at the suite's small, medium and large sizes plus a large strided
+one — each precision (fp32 ``highest``, the device ``default``, ``bfloat16``) and, for the
+deconvolution, each filter-update formulation (``vjp``, ``adjoint``), it
 
 - checks forward, the filter update H and backtransmit against the CPU at
   fp32-highest (relative error: max |gpu - cpu| / max |cpu|, on a batch of at
@@ -32,7 +33,7 @@ import jax
 import numpy as np
 from jax import numpy as jnp
 
-from synapse_serve.kinds import deconv
+from synapse_serve.kinds import deconv, dense, hebbian
 from synapse_serve.kinds import hebbian_deconv as hd
 
 from harness import timed  # noqa: E402 - bench/ is on the path when run as a script
@@ -49,6 +50,9 @@ QUICK_SIZES = {
     "medium": (4, (12, 12), 5, 1, 8, 1),
     "large-s2": (4, (16, 16), 3, 8, 16, 2),
 }
+# dense: (batch, n_in, n_out)
+DENSE_SIZES = {"dense-784x512": (250, 784, 512), "dense-4096": (1024, 4096, 4096)}
+QUICK_DENSE_SIZES = {"dense-784x512": (8, 64, 32)}
 PRECISIONS = ("highest", "default", "bfloat16")
 FORMS = ("vjp", "adjoint")
 CHECK_BATCH = 16
@@ -133,6 +137,68 @@ def time_ops(cfg: hd.HebbianDeconvConfig, pre: np.ndarray, post: np.ndarray, dev
         }
 
 
+def dense_config(size: tuple, precision: str) -> hebbian.HebbianConfig:
+    batch, n_in, n_out = size
+    return hebbian.parse_config({"shape": [n_in, n_out], "eta": 1e-3, "batch_size": batch, "precision": precision,
+                                 "w_bound": 0.0})
+
+
+def dense_run_ops(cfg: hebbian.HebbianConfig, pre: np.ndarray, post: np.ndarray, device: jax.Device) -> dict:
+    """Host copies of outputs, H (dWeights with sign +1, no bound, no prior) and dInputs on ``device``."""
+    with jax.default_device(device):
+        state = hebbian.init(dataclasses.replace(cfg, batch_size=pre.shape[0]), seed=0)
+        state = dense.forward(cfg, state, jnp.asarray(pre))
+        outputs = np.asarray(state.outputs)
+        state = hebbian.backtransmit(cfg, state, jnp.asarray(post))
+        d_inputs = np.asarray(state.dInputs)
+        state = hebbian.evolve(cfg, state, jnp.asarray(pre), jnp.asarray(post))
+        return {"forward": outputs, "H": np.asarray(state.dWeights), "dInputs": d_inputs}
+
+
+def dense_time_ops(cfg: hebbian.HebbianConfig, pre: np.ndarray, post: np.ndarray, device: jax.Device,
+                   min_seconds: float) -> dict[str, float]:
+    with jax.default_device(device):
+        holder = {"state": hebbian.init(cfg, seed=0)}
+        pre_d, post_d = jax.device_put(pre, device), jax.device_put(post, device)
+
+        def step(op, *args):
+            def call():
+                holder["state"] = jax.block_until_ready(op(cfg, holder["state"], *args))
+            return call
+
+        return {
+            "forward": timed(step(dense.forward, pre_d), min_seconds),
+            "evolve": timed(step(hebbian.evolve, pre_d, post_d), min_seconds),
+            "backtransmit": timed(step(hebbian.backtransmit, post_d), min_seconds),
+        }
+
+
+def dense_rows(sizes: dict, device: jax.Device, cpu: jax.Device, peak: dict, min_seconds: float) -> list[dict]:
+    rows = []
+    for size_name, size in sizes.items():
+        batch, n_in, n_out = size
+        rng = np.random.default_rng(1)
+        pre = rng.standard_normal((batch, n_in), np.float32)
+        post = rng.standard_normal((batch, n_out), np.float32)
+        check = min(batch, CHECK_BATCH)
+        reference = dense_run_ops(dense_config(size, "highest"), pre[:check], post[:check], cpu)
+        work = 2.0 * batch * n_in * n_out  # one matrix product: forward, H and dInputs each cost this
+        for precision in PRECISIONS:
+            cfg = dense_config(size, precision)
+            got = dense_run_ops(cfg, pre[:check], post[:check], device)
+            errors = {op: rel_error(got[op], reference[op]) for op in reference}
+            seconds = dense_time_ops(cfg, pre, post, device, min_seconds)
+            rate = work / seconds["evolve"] / 1e12
+            row = {"size": size_name, "precision": precision, "form": "dense", "auto": "-", "timed_choice": "-",
+                   **{f"{op}_ms": v * 1e3 for op, v in seconds.items()},
+                   "evolve_over_forward": seconds["evolve"] / seconds["forward"],
+                   "evolve_tflops": rate, "evolve_pct_peak": 100 * rate / peak[precision],
+                   "forward_tflops": work / seconds["forward"] / 1e12, **{f"err_{op}": e for op, e in errors.items()}}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run on any machine")
@@ -143,6 +209,8 @@ def main() -> None:
 
     sizes = QUICK_SIZES if args.quick else SIZES
     sizes = {name: size for name, size in sizes.items() if not args.only or name in args.only}
+    dense_sizes = QUICK_DENSE_SIZES if args.quick else DENSE_SIZES
+    dense_sizes = {name: size for name, size in dense_sizes.items() if not args.only or name in args.only}
     device = jax.devices()[0]
     cpu = jax.devices("cpu")[0]
     kind = getattr(device, "device_kind", device.platform)
@@ -151,7 +219,7 @@ def main() -> None:
     peak = measure_peak(device, 1024 if args.quick else 8192)
     print("peak:", {k: round(v, 1) for k, v in peak.items()}, flush=True)
 
-    rows = []
+    rows = dense_rows(dense_sizes, device, cpu, peak, args.min_seconds)
     for size_name, size in sizes.items():
         batch = size[0]
         check_batch = min(batch, CHECK_BATCH)

@@ -6,6 +6,9 @@ stdout, so the suite can interleave its rounds with the service's:
 
     {"size": "medium", "op": "evolve", "calls": 20, "spec": {...}}  ->  {"seconds_per_call": 0.0123}
 
+A spec with ``"kind": "dense"`` builds a HebbianSynapse (``shape`` = [n_in, n_out]), else a
+HebbianDeconvSynapse.
+
 A call is what a researcher's loop does in-process: set the argument compartments
 from numpy, run the op's ``MethodProcess``, and read the result back as numpy.
 """
@@ -21,25 +24,34 @@ import numpy as np
 from jax import numpy as jnp
 from ngclearn import Context, MethodProcess
 from ngclearn.components.synapses.convolution.hebbianDeconvSynapse import HebbianDeconvSynapse
+from ngclearn.components.synapses.hebbian.hebbianSynapse import HebbianSynapse
 
 _built: dict[str, tuple] = {}
 
 
 def build(size: str, spec: dict) -> tuple:
     if size not in _built:
+        dense = spec.get("kind") == "dense"
         with Context(f"bench_{size}"):
-            syn = HebbianDeconvSynapse(
-                "syn", tuple(spec["shape"]), tuple(spec["x_shape"]), eta=spec["eta"], stride=1, padding="SAME",
-                optim_type=spec["optim_type"], batch_size=spec["batch"], key=jax.random.PRNGKey(0),
-            )
+            if dense:
+                syn = HebbianSynapse("syn", tuple(spec["shape"]), eta=spec["eta"], optim_type=spec["optim_type"],
+                                     batch_size=spec["batch"], key=jax.random.PRNGKey(0))
+            else:
+                syn = HebbianDeconvSynapse(
+                    "syn", tuple(spec["shape"]), tuple(spec["x_shape"]), eta=spec["eta"], stride=1, padding="SAME",
+                    optim_type=spec["optim_type"], batch_size=spec["batch"], key=jax.random.PRNGKey(0),
+                )
             procs = {
                 "forward": MethodProcess(f"{size}_fwd") >> syn.advance_state,
                 "evolve": MethodProcess(f"{size}_evo") >> syn.evolve,
-                "backtransmit": MethodProcess(f"{size}_bt") >> syn.backtransmit,
             }
+            if not dense:
+                procs["backtransmit"] = MethodProcess(f"{size}_bt") >> syn.backtransmit
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((spec["batch"], *syn.in_shape[1:])).astype(np.float32)
-        post = rng.standard_normal((spec["batch"], *syn.out_shape[1:])).astype(np.float32)
+        in_shape = (spec["shape"][0],) if dense else tuple(syn.in_shape[1:])
+        out_shape = (spec["shape"][1],) if dense else tuple(syn.out_shape[1:])
+        x = rng.standard_normal((spec["batch"], *in_shape)).astype(np.float32)
+        post = rng.standard_normal((spec["batch"], *out_shape)).astype(np.float32)
         _built[size] = (syn, procs, x, post)
     return _built[size]
 
@@ -70,9 +82,9 @@ def main() -> None:
         for _ in range(request["calls"]):
             one_call(request["op"], syn, procs, x, post)
         seconds = (time.perf_counter() - start) / request["calls"]
-        if request["op"] == "evolve":
-            # ngclearn's bias-free evolve writes None into the biases and the next forward would
-            # crash (docs/conformance.md): put back its neutral 0.0, outside the timed loop
+        if request["op"] == "evolve" and request["spec"].get("kind") != "dense":
+            # ngclearn's bias-free deconvolutional evolve writes None into the biases and the next forward
+            # would crash (docs/conformance.md): put back its neutral 0.0, outside the timed loop
             syn.biases.set(0.0)
         print(json.dumps({"seconds_per_call": seconds}), flush=True)
 

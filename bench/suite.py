@@ -8,6 +8,8 @@ machine hits them alike) and reports medians over the rounds. Sections:
 - ngclearn: forward, evolve, backtransmit per call at small, medium and large — ngclearn
   3.2.3 in-process (its own Python 3.12 environment, created when missing) vs the service
   round trip vs the engine in-process;
+- dense: the dense HebbianSynapse's forward and evolve at 784x512 and 512x10, batch 250: engine
+  in-process and service round trip vs ngclearn in-process;
 - step: the fused step (one round trip) and references vs three separate calls;
 - scale: per-call latency with 1, 100 and 1,000 instances, create time of an instance of an
   already-compiled config, server memory per instance vs its state bytes;
@@ -42,7 +44,7 @@ import numpy as np
 
 from synapse_client import Ref, SynapseClient
 from synapse_client._codec import packb, packb_parts, unpackb
-from synapse_serve.kinds import deconv
+from synapse_serve.kinds import deconv, dense, hebbian
 from synapse_serve.kinds import hebbian_deconv as hd
 from synapse_serve.testing import ServerProcess, free_port
 
@@ -164,7 +166,8 @@ def wait_for(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
 
 
 class NgclearnWorker:
-    """ngclearn 3.2.3 in its own process (bench/ngclearn_worker.py), timed on request."""
+    """ngclearn 3.2.3 in its own process (bench/ngclearn_worker.py), timed on request; ``specs`` names sizes
+    beyond the deconvolutional ones (the dense section's)."""
 
     def __init__(self, python: Path) -> None:
         self.proc = subprocess.Popen([str(python), str(ROOT / "bench" / "ngclearn_worker.py")], text=True,
@@ -172,13 +175,14 @@ class NgclearnWorker:
                                      env={**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")})
         self.hello = json.loads(self.proc.stdout.readline())
 
-    def op(self, size: str, op: str):
+    def op(self, size: str, op: str, spec: dict | None = None):
         worker = self
 
         class Timed:
             def timed(self, calls: int) -> float:
-                spec = {**SIZES[size], **LEARNING}
-                worker.proc.stdin.write(json.dumps({"size": size, "op": op, "calls": calls, "spec": spec}) + "\n")
+                request_spec = spec or {**SIZES[size], **LEARNING}
+                worker.proc.stdin.write(json.dumps({"size": size, "op": op, "calls": calls,
+                                                    "spec": request_spec}) + "\n")
                 worker.proc.stdin.flush()
                 line = worker.proc.stdout.readline()
                 if not line:
@@ -252,6 +256,58 @@ def against_ngclearn(tmp: Path, report: Report, quick: bool) -> None:
                  "numpy, run the op's MethodProcess, read the result as numpy. Service: the client sends every "
                  "tensor (evolve: pre and post) and receives the result. Sizes: small (batch 1, 8x8, k3, 1->4), "
                  "medium (batch 32, 28x28, k5, 1->32), large (batch 128, 32x32, k3, 16->64); adam.")
+
+
+DENSE_SIZES = {"784x512": (784, 512, 250), "512x10": (512, 10, 250)}  # ngclearn's exhibits, batch 250
+
+
+def against_ngclearn_dense(tmp: Path, report: Report, quick: bool) -> None:
+    """The dense HebbianSynapse: engine in-process and service round trip vs ngclearn in-process."""
+    try:
+        worker = NgclearnWorker(ngclearn_python())
+    except (OSError, subprocess.CalledProcessError, json.JSONDecodeError) as exc:
+        print(f"ngclearn is not available ({exc}); skipping that comparison", flush=True)
+        return
+    rows = []
+    try:
+        with server(tmp, "dense") as srv, SynapseClient(srv.url) as client:
+            for size_name, (n_in, n_out, batch) in DENSE_SIZES.items():
+                if quick:
+                    batch = 8
+                config = {"shape": [n_in, n_out], "batch_size": batch, **LEARNING}
+                spec = {"kind": "dense", "shape": [n_in, n_out], "batch": batch, **LEARNING}
+                syn = client.create(f"dense-{size_name}", kind="HebbianSynapse", config=config)
+                cfg = hebbian.parse_config(config)
+                holder = {"state": hebbian.init(cfg, seed=0)}
+                x, post = rand((batch, n_in), 1), rand((batch, n_out), 2)
+
+                def engine_forward():
+                    holder["state"] = dense.forward(cfg, holder["state"], x)
+                    return np.asarray(holder["state"].outputs)
+
+                def engine_evolve():
+                    holder["state"] = jax.block_until_ready(hebbian.evolve(cfg, holder["state"], x, post))
+
+                rounds, calls = (3, 2) if quick else (11, 10)
+                for op, via_service, in_process in (("forward", lambda: syn.forward(x), engine_forward),
+                                                    ("evolve", lambda: syn.evolve(x, post), engine_evolve)):
+                    result = interleaved({"ngclearn": worker.op(f"dense-{size_name}", op, spec),
+                                          "service": via_service, "engine": in_process}, rounds, calls)
+                    engine_ratio = result["engine"] / result["ngclearn"]
+                    rows.append([size_name, batch, op, ms(result["ngclearn"]), ms(result["service"]),
+                                 ms(result["engine"]), f"{result['service'] / result['ngclearn']:.2f}",
+                                 f"{engine_ratio:.2f}"])
+                    report.target(f"dense engine {op}, {size_name}", "<= 0.8x ngclearn in-process",
+                                  f"{engine_ratio:.2f}x", engine_ratio <= 0.8)
+    finally:
+        worker.close()
+    report.table("Dense HebbianSynapse against ngclearn 3.2.3 in-process (CPU)",
+                 ["size", "batch", "op", "ngclearn ms", "service round trip ms", "engine in-process ms",
+                  "service / ngclearn", "engine / ngclearn"], rows,
+                 "adam, eta 0.01, ngclearn's defaults otherwise (w_bound 1). ngclearn: set the compartments from "
+                 "numpy, run the op's MethodProcess, read the result as numpy; engine: the same through the kind's "
+                 "jitted functions; service: the client sends every tensor (evolve: pre and post) and reads the "
+                 "answer.")
 
 
 def fused_step(tmp: Path, report: Report, quick: bool) -> None:
@@ -459,7 +515,8 @@ def restart(tmp: Path, report: Report, quick: bool) -> None:
                         "median of the trials.")
 
 
-SECTIONS = {"codec": codec, "transport": transport, "ngclearn": against_ngclearn, "step": fused_step,
+SECTIONS = {"codec": codec, "transport": transport, "ngclearn": against_ngclearn, "dense": against_ngclearn_dense,
+            "step": fused_step,
             "scale": scale, "concurrency": concurrency, "restart": restart}
 
 

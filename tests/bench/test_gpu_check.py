@@ -15,7 +15,7 @@ def test_gpu_check_quick_run_checks_against_the_cpu_and_prints_the_table(tmp_pat
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--quick", "--only", "small", "large-s2",
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--quick", "--only", "small", "large-s2", "dense-784x512",
          "--min-seconds", "0.005", "--json", str(out)],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
     )
@@ -25,7 +25,7 @@ def test_gpu_check_quick_run_checks_against_the_cpu_and_prints_the_table(tmp_pat
     rows = json.loads(out.read_text())["rows"]
     assert {(r["size"], r["precision"], r["form"]) for r in rows} == {
         (s, p, f) for s in ("small", "large-s2") for p in ("highest", "default", "bfloat16") for f in ("vjp", "adjoint")
-    }
+    } | {("dense-784x512", p, "dense") for p in ("highest", "default", "bfloat16")}
     for row in rows:
         assert row["forward_ms"] > 0 and row["evolve_ms"] > 0 and row["backtransmit_ms"] > 0
         if row["precision"] == "bfloat16":  # rounded operands: a real, small error
