@@ -95,3 +95,17 @@ def test_operations_are_counted_and_labelled_alike(tmp_path, operation_route):
     route = {"method": "POST", "route": "/v1/synapses/{name}/{operation}", "status": "200"}
     assert metric(samples, "synapse_requests_total", **route) == 3
     assert metric(samples, "synapse_operations_total", operation="forward", status="200") == 3
+
+
+def test_the_api_layer_never_imports_jax():
+    """api/, app.py, metrics.py and backend.py reach instances only through the backend interface: a cluster
+    front can serve the same API without JAX (the local backend is imported when it is made)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import synapse_serve.app, synapse_serve.api.operations, synapse_serve.api.synapses\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'optax')], 'jax imported'\n"
+            "assert 'synapse_serve.local.registry' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
