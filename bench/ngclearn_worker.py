@@ -25,6 +25,7 @@ from jax import numpy as jnp
 from ngclearn import Context, MethodProcess
 from ngclearn.components.synapses.convolution.hebbianDeconvSynapse import HebbianDeconvSynapse
 from ngclearn.components.synapses.hebbian.hebbianSynapse import HebbianSynapse
+from ngclearn.utils.distribution_generator import DistributionGenerator
 
 _built: dict[str, tuple] = {}
 
@@ -72,10 +73,50 @@ def one_call(op: str, syn, procs, x: np.ndarray, post: np.ndarray) -> None:
         np.asarray(syn.dInputs.get())
 
 
+def loop(spec: dict, batches: int) -> None:
+    """bench/loop.py's convolutional sparse-coding loop, written against ngclearn."""
+    if "loop" not in _built:
+        with Context("bench_loop"):
+            init = spec["filter_init"]
+            syn = HebbianDeconvSynapse("syn", tuple(spec["shape"]), tuple(spec["x_shape"]), eta=spec["eta"],
+                                       stride=spec["stride"], padding="SAME", sign_value=spec["sign_value"],
+                                       filter_init=DistributionGenerator.uniform(init["low"], init["high"]),
+                                       batch_size=spec["batch"], key=jax.random.PRNGKey(0))
+            procs = {name: MethodProcess(f"loop_{name}") >> getattr(syn, method) for name, method in
+                     (("forward", "advance_state"), ("evolve", "evolve"), ("backtransmit", "backtransmit"))}
+        _built["loop"] = (syn, procs)
+    syn, procs = _built["loop"]
+    batch, c_in = spec["batch"], spec["shape"][2]
+    for b in range(batches):
+        x = np.random.default_rng(b).random((batch, 8, 8, 1), dtype=np.float32)
+        z = np.zeros((batch, 8, 8, c_in), np.float32)
+        for _ in range(spec["steps"]):
+            syn.inputs.set(jnp.asarray(z))
+            procs["forward"].run(t=0.0, dt=1.0)
+            error = x - np.asarray(syn.outputs.get())
+            syn.post.set(jnp.asarray(error))
+            procs["backtransmit"].run(t=0.0, dt=1.0)
+            z = z - spec["rate"] * np.asarray(syn.dInputs.get()) - spec["sparsity"] * np.sign(z)
+        syn.pre.set(jnp.asarray(z))
+        syn.post.set(jnp.asarray(error))
+        procs["evolve"].run(t=0.0, dt=1.0)
+        syn.biases.set(0.0)  # ngclearn's bias-free evolve writes None here (docs/conformance.md)
+        w = np.array(syn.weights.get())
+        w /= np.sqrt((w ** 2).sum(axis=(0, 1, 3), keepdims=True)) + 1e-8
+        syn.weights.set(jnp.asarray(w))
+
+
 def main() -> None:
     print(json.dumps({"ready": True, "jax": jax.__version__}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
+        if "loop" in request:
+            loop(request["loop"], request["batches"])  # compiled on first use; not timed
+            start = time.perf_counter()
+            for _ in range(request["calls"]):
+                loop(request["loop"], request["batches"])
+            print(json.dumps({"seconds_per_call": (time.perf_counter() - start) / request["calls"]}), flush=True)
+            continue
         syn, procs, x, post = build(request["size"], request["spec"])
         one_call(request["op"], syn, procs, x, post)  # compiled on first use; not timed
         start = time.perf_counter()

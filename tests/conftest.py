@@ -20,7 +20,7 @@ class LiveServer:
     def __init__(self, **settings: object) -> None:
         import uvicorn
 
-        from synapse_serve.app import create_app
+        from synapse_serve.app import create_app, uvicorn_options
         from synapse_serve.settings import Settings
 
         self.sock = socket.socket()
@@ -28,8 +28,9 @@ class LiveServer:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         # in-process servers share JAX's process-wide config: the persistent cache is tested in its own process
-        self.app = create_app(Settings(**{"compilation_cache": False, **settings}))
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
+        self.settings = Settings(**{"compilation_cache": False, **settings})
+        self.app = create_app(self.settings)
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", **uvicorn_options(self.settings))
         self.server = uvicorn.Server(config)
         self.exit_code: int | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)

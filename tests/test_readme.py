@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
@@ -35,6 +37,19 @@ def test_readme_fast_loop_example_runs(live_server):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "(16, 14, 14, 1)" in result.stdout and "'step': 1" in result.stdout and "'evolve': 1" in result.stdout
+
+
+@pytest.mark.parametrize("where", ["server", "local"])
+def test_readme_loop_example_runs(live_server, where):
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert len(blocks) >= 4, "README lost its session / sequence / packed example"
+    code = blocks[3].replace('"http://127.0.0.1:8000"', '"local"' if where == "local" else f'"{live_server.url}"')
+    if where == "server":
+        code = code.replace('"dict"', '"readme-dict"').replace('f"col-{i}"', 'f"readme-col-{i}"')
+        code = code.replace('outs["col-3"]', 'outs["readme-col-3"]')
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "(5, 32, 8, 8, 1) (2, 4) {'forward': 25, 'backtransmit': 20, 'evolve': 1}" in result.stdout
 
 
 def test_readme_curl_example_runs(live_server):

@@ -1,4 +1,4 @@
-"""synapse_client: a thin Python client for synapse-serve (numpy, msgpack and httpx only)."""
+"""synapse_client: a thin Python client for synapse-serve (numpy, msgpack, httpx and websockets only)."""
 
 from synapse_client._client import (
     AsyncSynapse,
@@ -7,6 +7,7 @@ from synapse_client._client import (
     SynapseClient,
 )
 from synapse_client._codec import DTYPES, Ref, decode_tensor, encode_tensor, packb, unpackb
+from synapse_client._session import AsyncSession, Pending, Session
 from synapse_client._exceptions import (
     APIConnectionError,
     APIStatusError,
@@ -36,6 +37,7 @@ __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
+    "AsyncSession",
     "AsyncSynapse",
     "AsyncSynapseClient",
     "AuthenticationError",
@@ -45,12 +47,14 @@ __all__ = [
     "InternalServerError",
     "NotAcceptableError",
     "NotFoundError",
+    "Pending",
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "PreconditionFailedError",
     "Ref",
     "RequestTimeoutError",
     "ServiceUnavailableError",
+    "Session",
     "Synapse",
     "SynapseClient",
     "SynapseError",

@@ -38,6 +38,8 @@ from synapse_client._exceptions import (
     WireError,
     status_error,
 )
+from synapse_client._local import AsyncLocalSession, AsyncLocalTransport, LocalSession, LocalTransport, is_local
+from synapse_client._session import AsyncSession, Pending, Session
 
 MSGPACK = "application/msgpack"
 OCTET = "application/octet-stream"
@@ -181,11 +183,30 @@ class _BaseClient:
         return headers
 
     @staticmethod
-    def _op_body(tensors: dict[str, Any], returns: Sequence[str] | None) -> dict[str, Any]:
+    def _op_body(tensors: dict[str, Any], returns: Sequence[str] | None,
+                 sequence: dict[str, Any] | None = None) -> dict[str, Any]:
         body = {k: as_array(v) for k, v in tensors.items() if v is not None}
         if returns is not None:
             body["return"] = list(returns)
+        if sequence is not None:
+            body["sequence"] = dict(sequence)
         return body
+
+    def _packed_request(self, operation: str, calls: Any, returns: Sequence[str] | None,
+                        idempotency_key: str | None, owner: str | None) -> tuple[str, dict[str, Any], dict[str, str]]:
+        items = list(calls.items()) if isinstance(calls, dict) else list(calls)
+        body: dict[str, Any] = {"calls": [{"name": check_name(name), "tensors": self._op_body(dict(tensors), None)}
+                                          for name, tensors in items]}
+        if returns is not None:
+            body["return"] = list(returns)
+        headers = self._op_headers(operation, None, idempotency_key)
+        return f"/v1/packed/{quote(str(operation), safe='')}{self._query(owner)}", body, headers
+
+    @staticmethod
+    def _sequence_options(every: int | None, last: bool) -> dict[str, Any]:
+        if last and every is not None:
+            raise ValueError("give every or last, not both")
+        return {"last": True} if last else ({} if every is None else {"every": int(every)})
 
     @staticmethod
     def _create_body(name: str, kind: str, config: dict[str, Any], init: dict[str, Any] | None,
@@ -237,15 +258,18 @@ class SynapseClient(_BaseClient):
 
     def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float | httpx.Timeout | None = None,
                  max_retries: int = 2, headers: dict[str, str] | None = None, token: str | None = None,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, local_settings: dict[str, Any] | None = None) -> None:
         super().__init__(base_url, timeout, max_retries, headers, token)
-        self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout, headers=self.headers,
-                                  transport=transport)
+        self._local = LocalTransport(self.base_url, local_settings or {}) if is_local(self.base_url) else None
+        self._http = None if self._local else httpx.Client(base_url=self.base_url, timeout=self.timeout,
+                                                           headers=self.headers, transport=transport)
 
     def request(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *, retry: bool,
                 headers: dict[str, str] | None = None) -> Any:
         """Send one call. A connection that could not be made is always retried; ``retry=True`` (calls safe to
         repeat) also retries timeouts and dropped connections after the request was sent."""
+        if self._local is not None:
+            return self._local.request(method, path, body, headers)
         content, content_headers = self._prepare(body)
         headers = {**content_headers, **(headers or {})}
         attempt = 0
@@ -259,6 +283,37 @@ class SynapseClient(_BaseClient):
                 return self._decode(response)
             time.sleep(self._backoff(attempt))
             attempt += 1
+
+    def submit(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *, retry: bool,
+               headers: dict[str, str] | None = None) -> Pending:
+        """Send one call now; its answer (or error) from ``.result()`` (over HTTP the call completes here)."""
+        try:
+            answer = self.request(method, path, body, retry=retry, headers=headers)
+        except SynapseError as exc:
+            error = exc
+            return Pending(lambda: (_ for _ in ()).throw(error))
+        return Pending(lambda: answer)
+
+    def session(self) -> Session | LocalSession:
+        """A session stream: ``with client.session() as s: syn = s.get("enc")`` — the same handles and answers,
+        each operation one WebSocket frame instead of an HTTP request (docs/api.md#session-stream). In the
+        in-process mode calls are direct already: the session's handles are the client's."""
+        return LocalSession(self) if self._local is not None else Session(self)
+
+    def call_many(self, operation: str, calls: dict[str, dict[str, Any]] | Sequence[tuple[str, dict[str, Any]]], *,
+                  returns: Sequence[str] | None = None, idempotency_key: str | None = None,
+                  owner: str | None = None) -> dict[str, dict[str, Any]]:
+        """One operation on many instances in one request: ``{name: {tensor: value}}`` in, ``{name: answer}`` out.
+
+        All are applied or none (an error names the call); each answer equals a separate call's, and
+        instances of one kind, config and shapes run as one device call on the server. Example::
+
+            outs = client.call_many("forward", {f"col-{i}": {"inputs": x[i]} for i in range(256)})
+            y3 = outs["col-3"]["outputs"]
+        """
+        path, body, headers = self._packed_request(operation, calls, returns, idempotency_key, owner)
+        answer = self.request("POST", path, body, retry="Idempotency-Key" in headers, headers=headers)
+        return {result.pop("name"): result for result in answer["results"]}
 
     def create(self, name: str, *, kind: str, config: dict[str, Any], init: dict[str, Any] | None = None,
                seed: int = 0, durability: str | None = None, device: str | int | None = None,
@@ -337,8 +392,11 @@ class SynapseClient(_BaseClient):
             return False
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
+        """Close the connection pool (in-process: write what changed, as the durability setting says)."""
+        if self._local is not None:
+            self._local.close()
+        else:
+            self._http.close()
 
     def __enter__(self) -> SynapseClient:
         return self
@@ -359,15 +417,19 @@ class AsyncSynapseClient(_BaseClient):
 
     def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float | httpx.Timeout | None = None,
                  max_retries: int = 2, headers: dict[str, str] | None = None, token: str | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 local_settings: dict[str, Any] | None = None) -> None:
         super().__init__(base_url, timeout, max_retries, headers, token)
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, headers=self.headers,
-                                       transport=transport)
+        self._local = AsyncLocalTransport(self.base_url, local_settings or {}) if is_local(self.base_url) else None
+        self._http = None if self._local else httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout,
+                                                                headers=self.headers, transport=transport)
 
     async def request(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *,
                       retry: bool, headers: dict[str, str] | None = None) -> Any:
         """Send one call. A connection that could not be made is always retried; ``retry=True`` (calls safe to
         repeat) also retries timeouts and dropped connections after the request was sent."""
+        if self._local is not None:
+            return await self._local.request(method, path, body, headers)
         content, content_headers = self._prepare(body)
         headers = {**content_headers, **(headers or {})}
         attempt = 0
@@ -383,6 +445,25 @@ class AsyncSynapseClient(_BaseClient):
                 return self._decode(response)
             await asyncio.sleep(self._backoff(attempt))
             attempt += 1
+
+    def submit(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *, retry: bool,
+               headers: dict[str, str] | None = None) -> asyncio.Task:
+        """Send one call now; await the returned task for its answer (concurrent calls run side by side)."""
+        return asyncio.get_running_loop().create_task(self.request(method, path, body, retry=retry, headers=headers))
+
+    def session(self) -> AsyncSession | AsyncLocalSession:
+        """A session stream: ``async with client.session() as s: syn = await s.get("enc")`` — the same handles
+        and answers, each operation one WebSocket frame instead of an HTTP request (in-process: the client's)."""
+        return AsyncLocalSession(self) if self._local is not None else AsyncSession(self)
+
+    async def call_many(self, operation: str,
+                        calls: dict[str, dict[str, Any]] | Sequence[tuple[str, dict[str, Any]]], *,
+                        returns: Sequence[str] | None = None, idempotency_key: str | None = None,
+                        owner: str | None = None) -> dict[str, dict[str, Any]]:
+        """One operation on many instances in one request (see ``SynapseClient.call_many``)."""
+        path, body, headers = self._packed_request(operation, calls, returns, idempotency_key, owner)
+        answer = await self.request("POST", path, body, retry="Idempotency-Key" in headers, headers=headers)
+        return {result.pop("name"): result for result in answer["results"]}
 
     async def create(self, name: str, *, kind: str, config: dict[str, Any], init: dict[str, Any] | None = None,
                      seed: int = 0, durability: str | None = None, device: str | int | None = None,
@@ -459,8 +540,11 @@ class AsyncSynapseClient(_BaseClient):
             return False
 
     async def close(self) -> None:
-        """Close the connection pool."""
-        await self._http.aclose()
+        """Close the connection pool (in-process: write what changed, as the durability setting says)."""
+        if self._local is not None:
+            await self._local.close()
+        else:
+            await self._http.aclose()
 
     async def __aenter__(self) -> AsyncSynapseClient:
         return self
@@ -520,13 +604,40 @@ class Synapse(_Handle):
         self.call("reset")
 
     def call(self, operation: str, *, returns: Sequence[str] | None = None, if_version: int | None = None,
-             idempotency_key: str | None = None, **tensors: Any) -> dict[str, Any]:
+             idempotency_key: str | None = None, sequence: dict[str, Any] | None = None,
+             **tensors: Any) -> dict[str, Any]:
         """Run any operation by name. Retried after a dropped connection only with an Idempotency-Key (evolve and
-        step always carry one), so a call is never run twice by accident."""
-        body = self.client._op_body(tensors, returns)
+        step always carry one), so a call is never run twice by accident. Tensors with a leading time axis
+        ``(steps, batch, …)`` run ``steps`` steps in one call (``sequence``: ``{"every": k}`` or
+        ``{"last": True}``; see ``run_sequence``)."""
+        body = self.client._op_body(tensors, returns, sequence)
         headers = self.client._op_headers(operation, if_version, idempotency_key)
         return self.client.request("POST", self._url(f"/{quote(str(operation), safe='')}"), body,
                                    retry="Idempotency-Key" in headers, headers=headers)
+
+    def run_sequence(self, operation: str, *, every: int | None = None, last: bool = False,
+                     returns: Sequence[str] | None = None, if_version: int | None = None,
+                     idempotency_key: str | None = None, **tensors: Any) -> dict[str, Any]:
+        """Run ``operation`` over tensors with a leading time axis, ``(steps, batch, …)``: ``steps`` steps in one
+        compiled call on the server, each equal to a separate call. Returns ``{"version", <compartment>: …}``
+        with the compartments after every step (``(steps, batch, …)``), after every ``every``-th step
+        (``(steps // every, batch, …)``), or after the last step alone (``last=True``: ``(batch, …)``).
+
+        Example: ``ys = syn.run_sequence("forward", inputs=xs, every=10)["outputs"]``; ``syn.forward(xs)`` with
+        ``xs`` of shape ``(steps, batch, …)`` returns every step's outputs.
+        """
+        return self.call(operation, returns=returns, if_version=if_version, idempotency_key=idempotency_key,
+                         sequence=self.client._sequence_options(every, last), **tensors)
+
+    def submit(self, operation: str, *, returns: Sequence[str] | None = None, if_version: int | None = None,
+               idempotency_key: str | None = None, sequence: dict[str, Any] | None = None,
+               **tensors: Any) -> Pending:
+        """Send an operation without waiting for its answer; ``.result()`` gives it (on a session, several can be
+        in flight: pipelining)."""
+        body = self.client._op_body(tensors, returns, sequence)
+        headers = self.client._op_headers(operation, if_version, idempotency_key)
+        return self.client.submit("POST", self._url(f"/{quote(str(operation), safe='')}"), body,
+                                  retry="Idempotency-Key" in headers, headers=headers)
 
     def help(self) -> dict[str, Any]:
         """Kind, hyperparameters (with this instance's values), compartments, dynamics."""
@@ -612,13 +723,32 @@ class AsyncSynapse(_Handle):
         await self.call("reset")
 
     async def call(self, operation: str, *, returns: Sequence[str] | None = None, if_version: int | None = None,
-                   idempotency_key: str | None = None, **tensors: Any) -> dict[str, Any]:
+                   idempotency_key: str | None = None, sequence: dict[str, Any] | None = None,
+                   **tensors: Any) -> dict[str, Any]:
         """Run any operation by name. Retried after a dropped connection only with an Idempotency-Key (evolve and
-        step always carry one), so a call is never run twice by accident."""
-        body = self.client._op_body(tensors, returns)
+        step always carry one), so a call is never run twice by accident. Tensors with a leading time axis run
+        a sequence (see ``run_sequence``)."""
+        body = self.client._op_body(tensors, returns, sequence)
         headers = self.client._op_headers(operation, if_version, idempotency_key)
         return await self.client.request("POST", self._url(f"/{quote(str(operation), safe='')}"), body,
                                          retry="Idempotency-Key" in headers, headers=headers)
+
+    async def run_sequence(self, operation: str, *, every: int | None = None, last: bool = False,
+                           returns: Sequence[str] | None = None, if_version: int | None = None,
+                           idempotency_key: str | None = None, **tensors: Any) -> dict[str, Any]:
+        """``steps`` steps of ``operation`` in one call, over tensors ``(steps, batch, …)`` (see
+        ``Synapse.run_sequence``)."""
+        return await self.call(operation, returns=returns, if_version=if_version, idempotency_key=idempotency_key,
+                               sequence=self.client._sequence_options(every, last), **tensors)
+
+    def submit(self, operation: str, *, returns: Sequence[str] | None = None, if_version: int | None = None,
+               idempotency_key: str | None = None, sequence: dict[str, Any] | None = None,
+               **tensors: Any) -> asyncio.Task:
+        """Send an operation now; await the returned task for its answer (concurrent calls are pipelined)."""
+        body = self.client._op_body(tensors, returns, sequence)
+        headers = self.client._op_headers(operation, if_version, idempotency_key)
+        return self.client.submit("POST", self._url(f"/{quote(str(operation), safe='')}"), body,
+                                  retry="Idempotency-Key" in headers, headers=headers)
 
     async def help(self) -> dict[str, Any]:
         """Kind, hyperparameters (with this instance's values), compartments, dynamics."""

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from synapse_serve.api import admin, health, kinds, operations, snapshots, synapses
+from synapse_serve.api import admin, health, kinds, operations, session, snapshots, synapses
 from synapse_serve.api.bodies import problem, problem_from
 from synapse_serve.api.operations import OperationRoute
 from synapse_serve.api.server import Server
@@ -25,7 +25,13 @@ from synapse_serve.settings import Settings
 log = logging.getLogger("synapse_serve")
 _REQUEST_ID = re.compile(r"[!-~]{1,128}")  # visible ASCII: safe in a header and in a log line
 
-__all__ = ["UnsafeSettings", "create_app", "make_backend"]
+__all__ = ["UnsafeSettings", "create_app", "make_backend", "uvicorn_options"]
+
+
+def uvicorn_options(settings: Settings) -> dict:
+    """How uvicorn must run the app: one worker, and the session stream's frame and queue limits."""
+    return {"ws": "websockets-sansio", "ws_max_size": settings.max_body_bytes, "ws_max_queue": settings.session_max_queue,
+            "ws_ping_interval": 20.0, "ws_ping_timeout": 20.0}
 
 
 def make_backend(settings: Settings) -> Backend:
@@ -109,7 +115,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         lifespan=lifespan,
     )
     app.state.server = server
-    for module in (health, kinds, synapses, snapshots, admin, operations):
+    for module in (health, kinds, synapses, snapshots, admin, session, operations):
         app.include_router(module.router)
     if settings.operation_route:
         documented = next(r for r in operations.router.routes if r.path == operations.PATH)

@@ -66,7 +66,15 @@ class Backend(Protocol):
 
     async def call(self, key: InstanceKey, *, operation: str, tensors: Mapping[str, Any],
                    returns: list[str] | None = None, idempotency_key: str | None = None,
-                   expected_version: int | None = None) -> dict[str, Any]: ...
+                   expected_version: int | None = None, sequence: Mapping[str, Any] | None = None
+                   ) -> dict[str, Any]:
+        """Run an operation; tensors with a leading time axis run it as a sequence of steps in one call
+        (``sequence``: ``every``, ``last``)."""
+
+    async def call_many(self, keys: list[InstanceKey], *, operation: str, tensors: list[Mapping[str, Any]],
+                        returns: list[str] | None = None, idempotency_key: str | None = None
+                        ) -> list[dict[str, Any]]:
+        """One operation on many instances (one owner's): all applied or none, each answer a separate call's."""
 
     async def read(self, key: InstanceKey, *, compartment: str) -> tuple[np.ndarray, int]: ...
 

@@ -22,7 +22,7 @@ def _server_dependencies_missing() -> str | None:
     """The first missing server dependency, or None: a client-only install says what to install."""
     import importlib.util
 
-    for module in ("pydantic_settings", "fastapi", "uvicorn", "jax", "optax", "prometheus_client"):
+    for module in ("pydantic_settings", "fastapi", "uvicorn", "jax", "optax", "prometheus_client", "websockets"):
         try:
             if importlib.util.find_spec(module) is None:
                 return module
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    from synapse_serve.app import UnsafeSettings, create_app
+    from synapse_serve.app import UnsafeSettings, create_app, uvicorn_options
     from synapse_serve.logs import configure_logging
     from synapse_serve.store import StateDirLocked, Store
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"synapse-serve: {exc}\n")
     configure_logging(settings.log_level)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), workers=1,
-                access_log=False, log_config=None)
+                access_log=False, log_config=None, **uvicorn_options(settings))
 
 
 def check(settings) -> int:

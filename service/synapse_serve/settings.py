@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(300.0, gt=0, description="a request body must arrive within this many seconds")
     body_idle_timeout_s: float = Field(30.0, gt=0, description="a request body may pause this long between chunks")
     access_log: bool = Field(True, description="one JSON line per request on the synapse_serve.access logger")
+    session_idle_s: float = Field(300.0, gt=0, description="a session stream idle this long is closed")
+    session_max_queue: int = Field(16, ge=1, le=1024, description="session frames a connection may have waiting "
+                                                                  "unread before the server stops reading it")
     operation_route: bool = Field(
         True, description="serve operations through the lean route at the head of the router (the same handler "
                           "and checks as the documented FastAPI route, without its dependency solving); off: "

@@ -1,13 +1,15 @@
 """Owner isolation on every instance route, through the entry points a client uses (issue 18, item 1).
 
-Every operation, compartment and snapshot route (and describe, help, export, delete), with and
-without ``?owner=``, for a non-admin and for an admin: a non-admin never reaches another owner's
-instance — whether by naming the owner or by using the name in their own namespace — and an admin
-always does. The operations go through the lean operation route, the rest through FastAPI's.
+Every operation, compartment and snapshot route (and describe, help, export, delete, packed
+calls), with and without ``?owner=``, for a non-admin and for an admin: a non-admin never reaches
+another owner's instance — whether by naming the owner or by using the name in their own
+namespace — and an admin always does. Over REST the operations go through the lean operation
+route, the rest through FastAPI's; over the session stream every request is a frame.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -40,8 +42,21 @@ ATTEMPTS: dict[str, Callable[[Synapse], object]] = {
     "snapshots": lambda s: s.snapshots(),
     "restore": lambda s: s.restore("base"),
     "delete_snapshot": lambda s: s.delete_snapshot("base"),
+    "call_many": lambda s: s.client.call_many("forward", {s.name: {"inputs": X}}, owner=s.owner),
     "delete": lambda s: s.delete(),
 }
+ENTRIES = ("rest", "session")
+
+
+@contextlib.contextmanager
+def caller(server, token: str, entry: str, **options):
+    """A client (REST) or one of its sessions (frames over a WebSocket) for ``token``."""
+    with SynapseClient(server.url, token=token, **options) as client:
+        if entry == "rest":
+            yield client
+        else:
+            with client.session() as session:
+                yield session
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +82,12 @@ def _untouched(server, name: str) -> None:
         assert [s["snapshot"] for s in syn.snapshots()] == ["base"]
 
 
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("what", list(ATTEMPTS))
-def test_a_non_admin_never_reaches_another_owners_instance(server, what):
-    name = f"private-{what.replace('(', '-').replace(')', '')}"
+def test_a_non_admin_never_reaches_another_owners_instance(server, what, entry):
+    name = f"private-{entry}-{what.replace('(', '-').replace(')', '')}"
     _alices(server, name)
-    with SynapseClient(server.url, token=BOB, max_retries=0) as bob:
+    with caller(server, BOB, entry, max_retries=0) as bob:
         for owner in ("alice", None, "root"):  # naming her; in his own namespace; naming someone else
             handle = Synapse(bob, name, owner=owner)
             with pytest.raises(NotFoundError) as info:
@@ -80,11 +96,12 @@ def test_a_non_admin_never_reaches_another_owners_instance(server, what):
     _untouched(server, name)
 
 
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("what", list(ATTEMPTS))
-def test_an_admin_reaches_every_owners_instance_and_an_owner_their_own(server, what):
-    name = f"shared-{what.replace('(', '-').replace(')', '')}"
+def test_an_admin_reaches_every_owners_instance_and_an_owner_their_own(server, what, entry):
+    name = f"shared-{entry}-{what.replace('(', '-').replace(')', '')}"
     _alices(server, name)
-    with SynapseClient(server.url, token=ROOT) as root, SynapseClient(server.url, token=ALICE) as alice:
+    with caller(server, ROOT, entry) as root, caller(server, ALICE, entry) as alice:
         ATTEMPTS[what](Synapse(root, name, owner="alice"))  # succeeds, on alice's instance
         if what not in ("delete", "snapshot", "delete_snapshot"):  # (those succeed once)
             ATTEMPTS[what](Synapse(alice, name, owner="alice"))  # naming oneself is the same as not
@@ -93,17 +110,19 @@ def test_an_admin_reaches_every_owners_instance_and_an_owner_their_own(server, w
         with SynapseClient(server.url, token=ALICE) as alice, pytest.raises(NotFoundError):
             alice.get(name)
     elif what in ("forward", "evolve", "step", "reset", "set", "restore", "call(return)", "backtransmit",
-                  "backtransmit(stored)", "step(ref)"):
+                  "backtransmit(stored)", "step(ref)", "call_many"):
         with SynapseClient(server.url, token=ALICE) as alice:
             assert alice.get(name).describe()["version"] > 2  # the admin's call landed on alice's instance
 
 
-def test_references_never_reach_another_owner(server):
-    _alices(server, "source")
-    with SynapseClient(server.url, token=BOB) as bob:
-        mine = bob.create("reader", kind=KIND, config=CONFIG)
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_references_never_reach_another_owner(server, entry):
+    _alices(server, f"source-{entry}")
+    with caller(server, BOB, entry) as bob:
+        (bob.client if entry == "session" else bob).create(f"reader-{entry}", kind=KIND, config=CONFIG)
+        mine = Synapse(bob, f"reader-{entry}")
         with pytest.raises(NotFoundError):
-            mine.forward(Ref("inputs", instance="source"))  # "source" is looked up among bob's instances
+            mine.forward(Ref("inputs", instance=f"source-{entry}"))  # looked up among bob's instances
         with pytest.raises(NotFoundError):
-            Synapse(bob, "reader", owner="alice").forward(Ref("inputs", instance="source"))
-    _untouched(server, "source")
+            Synapse(bob, mine.name, owner="alice").forward(Ref("inputs", instance=f"source-{entry}"))
+    _untouched(server, f"source-{entry}")

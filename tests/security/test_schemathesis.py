@@ -44,8 +44,9 @@ OPERATIONS = ["forward", "evolve", "backtransmit", "step", "reset"]
 IN, OUT = (3, 3, 1), (3, 3, 2)
 COMPARTMENTS = ["weights", "biases", "inputs", "outputs", "pre", "post", "dWeights", "dInputs", "key",
                 "opt_state/0/mu/0", "opt_state/0/count", "nope"]
-EXAMPLES = 50  # per documented operation; the operation route gets OPERATION_EXAMPLES
+EXAMPLES = 50  # per documented operation; the operation route gets OPERATION_EXAMPLES, packed calls PACKED_EXAMPLES
 OPERATION_EXAMPLES = 450
+PACKED_EXAMPLES = 150
 
 
 def tensors(shape: tuple[int, ...]):
@@ -65,16 +66,22 @@ ARGUMENTS = {"forward": {"inputs": IN}, "evolve": {"pre": IN, "post": OUT}, "bac
 
 @st.composite
 def operation_bodies(draw, operation: str):
-    """A body for ``operation``: valid (same batch throughout) most of the time, else one mutation."""
+    """A body for ``operation``: valid (same batch throughout) most of the time, else one mutation; now and
+    then a sequence (a leading time axis, sometimes with its options)."""
     batch = draw(st.integers(1, 3))
+    steps = draw(st.sampled_from([None] * 6 + [1, 2, 3]))
+    lead = () if steps is None else (steps,)
     body: dict = {}
     for name, shape in ARGUMENTS.get(operation, {}).items():
         if name == "post" and operation == "backtransmit" and draw(st.booleans()):
             continue  # the stored post
-        if draw(st.integers(0, 9)) == 9:
+        if steps is None and draw(st.integers(0, 9)) == 9:
             body[name] = draw(st.sampled_from([{"ref": "inputs"}, {"ref": "post"}]))
         else:
-            body[name] = np.full((batch, *shape), draw(st.floats(-1, 1, width=32)), np.float32).tolist()
+            body[name] = np.full((*lead, batch, *shape), draw(st.floats(-1, 1, width=32)), np.float32).tolist()
+    if steps is not None and body and draw(st.booleans()):
+        body["sequence"] = draw(st.sampled_from([{"every": 1}, {"every": steps}, {"last": True}, {"every": 0},
+                                                 {"every": 2, "last": True}, {"steps": 2}, "all"]))
     if draw(st.integers(0, 5)) == 5:
         body["return"] = draw(st.lists(st.sampled_from(COMPARTMENTS), max_size=2))
     mutation = draw(st.integers(0, 11))  # 0-7: none
@@ -101,8 +108,27 @@ def create_bodies():
                                                                "durability": st.sampled_from(["off", "sync", "x"])})
 
 
+@st.composite
+def packed_bodies(draw, operation: str):
+    """A packed call on the seeded instances (mostly alice's own), each with a realistic body."""
+    names = draw(st.lists(st.sampled_from(["fz-learner"] * 6 + ["fz-plain", "fz-bobs", "missing-one"]),
+                          min_size=1, max_size=3, unique=True))
+    calls = []
+    for name in names:
+        tensors = draw(operation_bodies(operation))
+        tensors.pop("return", None)
+        tensors.pop("sequence", None)
+        calls.append({"name": name, "tensors": tensors})
+    body = {"calls": calls}
+    if draw(st.integers(0, 5)) == 5:
+        body["return"] = draw(st.lists(st.sampled_from(COMPARTMENTS), max_size=2))
+    return body
+
+
 def body_for(template: str, method: str, operation: str | None, compartment: str | None):
     """A realistic body strategy for a route, or None to keep schemathesis's own."""
+    if template == "/v1/packed/{operation}":
+        return packed_bodies(operation)
     if template.endswith("/{operation}"):
         return operation_bodies(operation)
     if template == "/v1/synapses" and method == "POST":
@@ -198,7 +224,8 @@ def test_fuzz_reaches_every_route_with_auth_and_two_owners(tmp_path):
         assert len(operations) >= 20
         try:
             for operation in operations:
-                fuzz.run(operation, OPERATION_EXAMPLES if operation.path.endswith("/{operation}") else EXAMPLES)
+                fuzz.run(operation, OPERATION_EXAMPLES if operation.path.endswith("/{name}/{operation}") else
+                         PACKED_EXAMPLES if operation.path.endswith("/{operation}") else EXAMPLES)
         finally:
             fuzz.http.close()
         assert httpx.get(f"{server.url}/healthz").status_code == 200
@@ -210,6 +237,8 @@ def test_fuzz_reaches_every_route_with_auth_and_two_owners(tmp_path):
     for operation in OPERATIONS:  # the operation route reaches instances and succeeds often
         share = fuzz.share_2xx("POST", f"/v1/synapses/{{name}}/{{operation}} {operation}")
         assert share >= 0.30, (operation, share)
+    packed = sum(fuzz.statuses[("POST", f"/v1/packed/{{operation}} {op}", "2xx")] for op in OPERATIONS)
+    assert packed >= 20, fuzz.statuses  # packed calls reach instances and succeed too
     for method, template in (("GET", "/v1/synapses/{name}"), ("GET", "/v1/synapses/{name}/compartments/{compartment}"),
                              ("PUT", "/v1/synapses/{name}/compartments/{compartment}"),
                              ("POST", "/v1/synapses/{name}/snapshots"), ("GET", "/v1/synapses/{name}/snapshots"),

@@ -19,16 +19,27 @@ from fastapi.responses import Response
 from starlette.routing import Match, Route
 
 from synapse_serve.api.bodies import (
+    MSGPACK,
     check_acceptable,
     encode,
     idempotency_key,
     if_match,
     problem_from,
     read_body,
+    require_fields,
     response_type,
     tensor_field,
 )
-from synapse_serve.api.schemas import OperationRequest, OperationResponse, body_doc, responses, v1_router
+from synapse_serve.api.frames import packed_calls
+from synapse_serve.api.schemas import (
+    OperationRequest,
+    OperationResponse,
+    PackedRequest,
+    PackedResponse,
+    body_doc,
+    responses,
+    v1_router,
+)
 from synapse_serve.api.server import OwnerDep, Server, ServerDep, get_owner, get_principal, instance_key
 from synapse_serve.errors import MalformedBody, SynapseServeError
 
@@ -41,7 +52,9 @@ PATH = "/v1/synapses/{name}/{operation}"
              description="forward `{inputs}` → `{outputs}`; evolve `{pre, post}` → `{}` (ask for dWeights with "
                          "`return`); backtransmit `{post?}` → `{dInputs}`; step `{inputs, post}` → `{outputs, "
                          "dInputs}` (forward, evolve with pre = inputs, backtransmit: one round trip); reset `{}` → "
-                         "`{}`. Any tensor argument may instead be `{\"ref\": \"<compartment>\"}` (this instance's "
+                         "`{}`. Tensors with a leading time axis `(steps, batch, …)` run the operation that many "
+                         "steps in one compiled call (`sequence: {every, last}` picks which steps come back). Any "
+                         "tensor argument may instead be `{\"ref\": \"<compartment>\"}` (this instance's "
                          "compartment, as it is when the call starts) or `{\"ref\": …, \"instance\": \"<name>\"}` "
                          "(another instance of yours): the values stay on the server. Every answer carries "
                          "the instance's new `version`. An `Idempotency-Key` header makes a retried call apply once "
@@ -63,12 +76,54 @@ async def run_operation(request: Request, server: Server, owner: str, name: str,
         returns = body.pop("return", None)
         if returns is not None and (not isinstance(returns, list) or not all(isinstance(r, str) for r in returns)):
             raise MalformedBody("return: expected a list of compartment names")
+        sequence = body.pop("sequence", None)
+        if sequence is not None and not isinstance(sequence, dict):
+            raise MalformedBody("sequence: expected a map {every?, last?}")
         max_elements = server.settings.max_tensor_elements
         tensors = {k: tensor_field(body, k, media, max_elements) for k in body}
         result = await server.backend.call(key, operation=operation, tensors=tensors, returns=returns,
                                            idempotency_key=idempotency_key(request),
-                                           expected_version=if_match(request))
+                                           expected_version=if_match(request), sequence=sequence)
         response = encode(result, out_media)
+        status = 200
+        return response
+    except SynapseServeError as exc:
+        status = exc.status
+        raise
+    finally:
+        label = operation if operation in server.backend.operation_names() else "unknown"
+        server.metrics.observe_operation(label, status, time.perf_counter() - started)
+
+
+@router.post("/packed/{operation}", tags=["operations"],
+             summary="Run one operation on many of your instances in one request (all applied, or none)",
+             description="Body `{\"calls\": [{\"name\": \"<instance>\", \"tensors\": {…}}, …], \"return\"?: "
+                         "[…]}`; answer `{\"results\": [{\"name\", \"version\", …compartments}, …]}` in the "
+                         "order of the calls, each equal to a separate call's. Instances of one kind, config and "
+                         "shapes run as one device call. Every check comes before anything is applied: an error "
+                         "names the call (`calls[3] ('enc-3'): …`) and nothing changed. An `Idempotency-Key` "
+                         "makes a retry return the first answers.",
+             openapi_extra=body_doc(PackedRequest), responses=responses(PackedResponse, 400, 404, 409, 413, 415, 422,
+                                                                       507))
+async def packed(operation: str, request: Request, server: ServerDep, owner: OwnerDep) -> Response:
+    started, status = time.perf_counter(), 500
+    try:
+        body, media = await read_body(request)
+        require_fields(body, PackedRequest)
+        returns = body.get("return")
+        if returns is not None and (not isinstance(returns, list) or not all(isinstance(r, str) for r in returns)):
+            raise MalformedBody("return: expected a list of compartment names")
+        calls = body["calls"]
+        if media != MSGPACK and isinstance(calls, list):
+            max_elements = server.settings.max_tensor_elements
+            calls = [{**call, "tensors": {k: tensor_field(call.get("tensors") or {}, k, media, max_elements)
+                                          for k in (call.get("tensors") or {})}}
+                     if isinstance(call, dict) and isinstance(call.get("tensors"), dict) else call for call in calls]
+        keys, tensors = packed_calls(calls, owner)
+        answers = await server.backend.call_many(keys, operation=operation, tensors=tensors, returns=returns,
+                                                 idempotency_key=idempotency_key(request))
+        response = encode({"results": [{"name": key.name, **answer} for key, answer in zip(keys, answers)]},
+                          response_type(request, media))
         status = 200
         return response
     except SynapseServeError as exc:

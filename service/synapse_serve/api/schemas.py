@@ -43,17 +43,44 @@ class Ref(BaseModel):
     model_config = {"extra": "forbid"}
 
 
+class SequenceOptions(BaseModel):
+    every: int | None = Field(None, ge=1, description="return the compartments after every k-th step (default 1)")
+    last: bool | None = Field(None, description="return them after the last step only, without a time axis")
+
+
 class OperationRequest(BaseModel):
-    inputs: Tensor | Ref | None = Field(None, description="forward, step: (batch, h, w, c_in)")
-    pre: Tensor | Ref | None = Field(None, description="evolve: (batch, h, w, c_in)")
-    post: Tensor | Ref | None = Field(None, description="evolve, backtransmit, step: (batch, h_out, w_out, c_out)")
+    inputs: Tensor | Ref | None = Field(None, description="forward, step: (batch, …) inputs-shaped; "
+                                                          "(steps, batch, …) runs a sequence")
+    pre: Tensor | Ref | None = Field(None, description="evolve: inputs-shaped")
+    post: Tensor | Ref | None = Field(None, description="evolve, backtransmit, step: outputs-shaped")
     returns: list[str] | None = Field(None, alias="return",
                                       description="compartments to send back (default per operation)")
+    sequence: SequenceOptions | None = Field(
+        None, description="for tensors with a leading time axis (a sequence of steps in one call): which steps' "
+                          "compartments come back")
 
 
 class OperationResponse(BaseModel):
     version: int
     model_config = {"extra": "allow"}
+
+
+class PackedCall(BaseModel):
+    name: str = Field(description=NAME_RULE)
+    tensors: dict[str, Tensor] = Field(default_factory=dict, description="this instance's tensor arguments")
+
+
+class PackedRequest(BaseModel):
+    calls: list[PackedCall] = Field(description="one call per instance (each instance at most once)")
+    returns: list[str] | None = Field(None, alias="return", description="compartments to send back for each")
+
+
+class PackedResult(OperationResponse):
+    name: str
+
+
+class PackedResponse(BaseModel):
+    results: list[PackedResult]
 
 
 class CompartmentWrite(BaseModel):

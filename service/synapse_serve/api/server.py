@@ -38,18 +38,22 @@ def get_server(request: Request) -> Server:
 ServerDep = Annotated[Server, Depends(get_server)]
 
 
-def get_principal(request: Request) -> Principal:
-    """The caller, from ``Authorization: Bearer <token>``; everyone is the local admin when auth is off."""
-    tokens = request.app.state.server.tokens
+def principal_of(tokens: TokenTable | None, authorization: str) -> Principal:
+    """The caller named by an ``Authorization`` header value; everyone is the local admin when auth is off."""
     if tokens is None:
-        request.state.owner = LOCAL.owner
         return LOCAL
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("this server needs a bearer token: send Authorization: Bearer <token>")
     principal = tokens.authenticate(token.strip())
     if principal is None:
         raise Unauthorized("the bearer token is not valid")
+    return principal
+
+
+def get_principal(request: Request) -> Principal:
+    """The caller, from ``Authorization: Bearer <token>`` (a dependency of every /v1 route)."""
+    principal = principal_of(request.app.state.server.tokens, request.headers.get("authorization", ""))
     request.state.owner = principal.owner  # for the access log
     return principal
 
@@ -61,6 +65,11 @@ def get_owner(principal: PrincipalDep,
               owner: Annotated[str | None, Query(description="admin only: act on this owner's instances")] = None
               ) -> str:
     """Whose instances a call addresses: the caller's own, or (admins only) the named owner's."""
+    return owner_for(principal, owner)
+
+
+def owner_for(principal: Principal, owner: str | None) -> str:
+    """The owner a call of ``principal`` addresses when it names ``owner`` (404 for a non-admin naming another)."""
     if owner is None or owner == principal.owner:
         return principal.owner
     if not principal.admin:  # as if nothing were there: names of other owners do not leak

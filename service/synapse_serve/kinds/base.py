@@ -89,21 +89,23 @@ class Kind:
     prepare: Callable[[Any, Any], Any] | None = None  # (config, jax device) -> config, once per new instance
 
 
-def check_tensor(arg: str, value: Any, trailing: tuple[int, ...], batch: int | None = None) -> np.ndarray:
+def check_tensor(arg: str, value: Any, trailing: tuple[int, ...], batch: int | None = None,
+                 steps: bool = False) -> np.ndarray:
     """Return ``value`` as a float32 ``(batch, *trailing)`` array or raise ShapeMismatch.
 
-    Any floating dtype is accepted and cast to float32 (the state's dtype);
-    integer, bool and complex tensors are rejected, as is any other shape.
+    With ``steps`` (a sequence call) the array is ``(T, batch, *trailing)``. Any floating dtype is
+    accepted and cast to float32 (the state's dtype); integer, bool and complex tensors are
+    rejected, as is any other shape.
     """
     array = np.asarray(value)
-    if (array.dtype == _FLOAT32 and array.ndim == 1 + len(trailing) and array.shape[1:] == tuple(trailing)
-            and array.shape[0] >= 1 and (batch is None or array.shape[0] == batch)):
+    lead = 2 if steps else 1
+    if (array.dtype == _FLOAT32 and array.ndim == lead + len(trailing) and array.shape[lead:] == tuple(trailing)
+            and min(array.shape[:lead]) >= 1 and (batch is None or array.shape[lead - 1] == batch)):
         return array  # the common case, without the general checks below
-    expected = f"(batch, {', '.join(map(str, trailing))})" if batch is None else str((batch, *trailing))
+    expected = f"({'steps, ' if steps else ''}{'batch' if batch is None else batch}, {', '.join(map(str, trailing))})"
     _check_floating(arg, array, expected)
-    ok = array.ndim == 1 + len(trailing) and array.shape[1:] == tuple(trailing) and array.shape[0] >= 1
-    if ok and batch is not None and array.shape[0] != batch:
-        ok = False
+    ok = (array.ndim == lead + len(trailing) and array.shape[lead:] == tuple(trailing)
+          and min(array.shape[:lead], default=0) >= 1 and (batch is None or array.shape[lead - 1] == batch))
     if not ok:
         raise ShapeMismatch(
             f"{arg}: expected shape {expected}, received {tuple(array.shape)}",

@@ -5,6 +5,10 @@ of worker threads, never on the event loop — except a call measured quick: one
 on that instance, with the same argument shapes and the same compartment shapes, took less
 than ``inline_call_us``, on an instance no other call holds and whose writes are not
 synchronous. Those run on the loop itself, which saves the thread hop (~90 µs on a small CPU).
+
+With ``in_caller_thread`` (the blocking client's in-process mode, which steps these coroutines
+itself, without an event loop) every method runs its work in the caller's thread: there is no
+loop to keep free, and no hop to pay.
 """
 
 from __future__ import annotations
@@ -99,6 +103,15 @@ def compile_stats() -> CompileStats:
         return _compile_stats
 
 
+def _no_stop_iteration(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A StopIteration from a worker would leave its asyncio future pending forever (asyncio cannot carry it):
+    it becomes a RuntimeError, which the API answers as a 500."""
+    try:
+        return fn(*args, **kwargs)
+    except StopIteration as exc:
+        raise RuntimeError(f"StopIteration escaped {getattr(fn, '__name__', fn)!r}") from exc
+
+
 def registry_from(settings: Settings) -> Registry:
     """A registry with the settings' limits, state directory and durability mode."""
     limits = Limits(max_instances=settings.max_instances, max_instances_per_owner=settings.max_instances_per_owner,
@@ -112,20 +125,26 @@ def registry_from(settings: Settings) -> Registry:
 class LocalBackend:
     """The Backend interface (backend.py) over a Registry in this process."""
 
-    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+    def __init__(self, settings: Settings, registry: Registry | None = None, *, in_caller_thread: bool = False
+                 ) -> None:
         self.settings = settings
+        self.in_caller_thread = in_caller_thread  # every coroutine completes without suspending (no loop needed)
         self.registry = registry or registry_from(settings)
         # calls on different instances proceed side by side; calls on one instance wait for its lock here
         self.executor = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="synapse-worker")
         self.inline_max_s = settings.inline_call_us * 1e-6
         # (instance, operation, argument shapes, compartment shapes) -> seconds its last run took
         self._costs: OrderedDict[tuple, float] = OrderedDict()
+        self._costs_lock = threading.Lock()
         self.compiles = compile_stats()
         self._operations = frozenset(op for kind in KINDS.values() for op in kind.operations)
 
     async def _off(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run blocking registry work on the worker threads, never on the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        """Run blocking registry work on the worker threads, never on the event loop (with no loop: here)."""
+        if self.in_caller_thread:
+            return fn(*args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(
+            _no_stop_iteration, fn, *args, **kwargs))
 
     # --- lifecycle ---
 
@@ -154,7 +173,10 @@ class LocalBackend:
             self.executor.shutdown(wait=True)  # calls in flight finish before the last write
             self.registry.close()
 
-        await asyncio.get_running_loop().run_in_executor(None, shut_down)
+        if self.in_caller_thread:
+            shut_down()
+        else:
+            await asyncio.get_running_loop().run_in_executor(None, shut_down)
 
     def storage_error(self) -> str | None:
         return self.registry.persistence.storage_error
@@ -193,10 +215,14 @@ class LocalBackend:
 
     async def call(self, key: InstanceKey, *, operation: str, tensors: Mapping[str, Any],
                    returns: list[str] | None = None, idempotency_key: str | None = None,
-                   expected_version: int | None = None) -> dict[str, Any]:
+                   expected_version: int | None = None, sequence: Mapping[str, Any] | None = None
+                   ) -> dict[str, Any]:
         run = functools.partial(self.registry.call, key, operation, tensors, returns,
-                                idempotency_key=idempotency_key, expected_version=expected_version)
-        cost_key = self._cost_key(key, operation, tensors)
+                                idempotency_key=idempotency_key, expected_version=expected_version,
+                                sequence=sequence)
+        if self.in_caller_thread:
+            return run()
+        cost_key = self._cost_key(key, operation, tensors, sequence)
         if cost_key is not None and self._costs.get(cost_key, float("inf")) < self.inline_max_s:
             started = time.perf_counter()
             try:
@@ -206,13 +232,25 @@ class LocalBackend:
             else:
                 self._remember_cost(cost_key, time.perf_counter() - started)
                 return answer
-        started = time.perf_counter()
-        answer = await self._off(run)
-        if cost_key is not None:
-            self._remember_cost(cost_key, time.perf_counter() - started)  # with any wait: errs towards a worker
-        return answer
+        if cost_key is None:
+            return await self._off(run)
 
-    def _cost_key(self, key: InstanceKey, operation: str, tensors: Mapping[str, Any]) -> tuple | None:
+        def timed() -> dict[str, Any]:  # the run's own time, without the hop or the wait for the thread
+            started = time.perf_counter()
+            answer = run()
+            self._remember_cost(cost_key, time.perf_counter() - started)
+            return answer
+
+        return await self._off(timed)
+
+    async def call_many(self, keys: list[InstanceKey], *, operation: str, tensors: list[Mapping[str, Any]],
+                        returns: list[str] | None = None, idempotency_key: str | None = None
+                        ) -> list[dict[str, Any]]:
+        return await self._off(self.registry.call_many, keys, operation, tensors, returns,
+                               idempotency_key=idempotency_key)
+
+    def _cost_key(self, key: InstanceKey, operation: str, tensors: Mapping[str, Any],
+                  sequence: Mapping[str, Any] | None) -> tuple | None:
         """What a call's cost depends on, or None if it never runs inline (inline off, sync writes, other
         instances' compartments)."""
         if self.inline_max_s <= 0:
@@ -228,13 +266,15 @@ class LocalBackend:
                 shapes.append((name, value.compartment))
             elif value is not None:
                 shapes.append((name, getattr(value, "shape", None), getattr(value, "dtype", None)))
-        return key, operation, tuple(shapes), peek[0]
+        every = None if sequence is None else tuple(sorted(sequence.items()))
+        return key, operation, tuple(shapes), every, peek[0]
 
     def _remember_cost(self, cost_key: tuple, seconds: float) -> None:
-        self._costs[cost_key] = seconds
-        self._costs.move_to_end(cost_key)
-        if len(self._costs) > COSTS_KEPT:
-            self._costs.popitem(last=False)
+        with self._costs_lock:  # workers remember costs too
+            self._costs[cost_key] = seconds
+            self._costs.move_to_end(cost_key)
+            if len(self._costs) > COSTS_KEPT:
+                self._costs.popitem(last=False)
 
     async def read(self, key: InstanceKey, *, compartment: str) -> tuple[np.ndarray, int]:
         return await self._off(self.registry.read, key, compartment)

@@ -144,11 +144,17 @@ class Capacity:
                 + ("" if len(self.devices) == 1 else "; another device may have room (see GET /v1/devices)"),
                 device=device_name(device), used_bytes=held, needed_bytes=more, budget_bytes=budget)
 
-    def check_batch(self, argument: str, batch: int) -> None:
-        """ShapeMismatch if ``batch`` is over the server's max_batch."""
-        if self.limits.max_batch is not None and batch > self.limits.max_batch:
+    def check_batch(self, argument: str, batch: int, steps: int = 0) -> None:
+        """ShapeMismatch if ``batch`` (times ``steps``, in a sequence) is over the server's max_batch."""
+        if self.limits.max_batch is None:
+            return
+        if batch > self.limits.max_batch:
             raise ShapeMismatch(f"{argument}: batch {batch} is over the server's max_batch of "
                                 f"{self.limits.max_batch}", argument=argument)
+        if steps * batch > self.limits.max_batch:
+            raise ShapeMismatch(f"{argument}: {steps} steps of batch {batch} is {steps * batch} samples, over the "
+                                f"server's max_batch of {self.limits.max_batch} for a sequence; send fewer steps per "
+                                "call", argument=argument)
 
     # --- snapshots on disk ---
 

@@ -104,12 +104,13 @@ def answer_nbytes(answer: dict[str, Any]) -> int:
     return int(sum(getattr(v, "nbytes", 0) for v in answer.values()))
 
 
-def fingerprint(operation: str, args: list[Any], returned: list[str]) -> str:
+def fingerprint(operation: str, args: list[Any], returned: list[str], sequence: Any = None) -> str:
     """What a keyed request asked for, so a key reused for another request is caught.
 
     Tensors are hashed in place (their own buffers, no copy).
     """
-    digest = hashlib.sha256(f"{operation}|{returned}".encode())
+    options = "" if sequence is None else f"|{sorted(sequence.items())!r}"
+    digest = hashlib.sha256(f"{operation}|{returned}{options}".encode())
     for array in args:
         if array is None or isinstance(array, CompartmentRef):
             digest.update(f"-{array!r}".encode())

@@ -13,6 +13,7 @@ the event loop and which on worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import logging
@@ -28,6 +29,7 @@ import numpy as np
 
 from synapse_serve.errors import (
     AlreadyExists,
+    IdempotencyKeyReused,
     DeviceError,
     InvalidConfig,
     InvalidInstanceFile,
@@ -50,6 +52,9 @@ from synapse_serve.kinds.base import (
     state_from_compartments,
     unknown_compartment,
 )
+from synapse_serve.kinds import lean
+from synapse_serve.kinds.packed import run_packed
+from synapse_serve.kinds.sequence import sequence_fn
 from synapse_serve.local.capacity import Capacity, Limits
 from synapse_serve.local.instance import (
     AnswerBudget,
@@ -328,13 +333,16 @@ class Registry:
 
     def call(self, key: InstanceKey, operation: str, tensors: Mapping[str, Any], returns: list[str] | None = None,
              *, idempotency_key: str | None = None, expected_version: int | None = None, wait: bool = True,
-             signature: tuple | None = None) -> dict[str, Any]:
+             signature: tuple | None = None, sequence: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Run ``operation``; returns ``{"version": v, <compartment>: numpy, ...}`` (see docs/api.md).
 
         A tensor argument is an array or a ``CompartmentRef`` (this instance's compartment when the call
-        starts, or another instance's of the same owner). A repeated ``idempotency_key`` returns the first
-        answer without running again (in sync mode, once its write succeeded). ``wait=False`` raises Busy
-        instead of waiting for the lock, or when the compartment shapes are no longer ``signature``.
+        starts, or another instance's of the same owner). Tensors with a leading time axis ``(T, batch, …)``
+        make it a sequence: T steps in one compiled call (``kinds/sequence.py``), the answer's compartments
+        after every ``sequence["every"]``-th step or (``sequence["last"]``) after the last. A repeated
+        ``idempotency_key`` returns the first answer without running again (in sync mode, once its write
+        succeeded). ``wait=False`` raises Busy instead of waiting for the lock, or when the compartment shapes
+        are no longer ``signature``.
         """
         instance = self._get(key)
         op = instance.kind.operations.get(operation)
@@ -343,9 +351,12 @@ class Registry:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UnknownOperation(f"{instance.kind.name} has no operation {str(operation)[:64]!r}{hint}; it has: "
                                    f"{', '.join(instance.kind.operations)}", operation=str(operation)[:64])
-        args = self._bind(instance, op, tensors)
+        args, steps = self._bind(instance, op, tensors)
         returned = list(op.returns if returns is None else returns)
-        print_ = fingerprint(operation, args, returned) if idempotency_key is not None else ""
+        fn, count = op.fn, 1
+        if steps or sequence is not None:
+            fn, count = self._sequence(op, args, steps, returned, sequence), steps
+        print_ = fingerprint(operation, args, returned, sequence) if idempotency_key is not None else ""
         # another instance's compartments are copied before our lock is taken: never two locks at once
         args = [self._read_for(instance, arg.name, a) if isinstance(a, CompartmentRef) and a.instance else a
                 for arg, a in zip(op.args, args)]
@@ -362,58 +373,216 @@ class Registry:
                     raise unknown_compartment(instance.kind, compartment, leaves, "cannot return")
             args = [self._resolve(instance, arg.name, a, leaves) if isinstance(a, (CompartmentRef, _Fetched)) else a
                     for arg, a in zip(op.args, args)]
-            self._check_batches(instance, op, args)
-            new_signature, new_bytes = self._predict(instance, op, args)
+            self._check_batches(instance, op, args, steps)
+            new_signature, new_bytes, runner = self._predict(instance, op.name, fn, args)
             self.capacity.resize(key.owner, instance.device, instance.held_bytes, new_bytes)  # refused before work
             try:
-                state = device_call(op.fn, instance.config, instance.state, *args)
+                out = device_call(runner, instance.config, instance.state, *args)
             except BaseException:
                 self.capacity.resize(key.owner, instance.device, new_bytes, instance.held_bytes, check=False)
                 raise
-            result = {c: np.asarray(v) for c, v in compartment_paths(state).items() if c in returned}
-            self._commit(instance, state, operation, new_signature, new_bytes, accounted=True)
+            if fn is op.fn:
+                state = out
+                result = {c: np.asarray(v) for c, v in compartment_paths(state).items() if c in returned}
+            else:
+                state, kept = out
+                result = {c: np.asarray(v) for c, v in kept.items()}
+            self._commit(instance, state, operation, new_signature, new_bytes, accounted=True, count=count)
             answer = {"version": instance.version, **result}
             if idempotency_key is not None:  # before the write: a retry after a 507 must not apply it again
                 instance.answers.remember(idempotency_key, print_, answer)
             self.persistence.persist(instance)
             return answer
 
-    def _bind(self, instance: Instance, op: Any, tensors: Mapping[str, Any]) -> list[Any]:
-        """The operation's arguments in order: sent tensors checked (shape, dtype, one batch, max_batch)."""
+    def call_many(self, keys: list[InstanceKey], operation: str, tensors: list[Mapping[str, Any]],
+                  returns: list[str] | None = None, *, idempotency_key: str | None = None) -> list[dict[str, Any]]:
+        """One operation on many instances in one go: all applied, or none (every check comes first).
+
+        Instances of one kind, config and shapes run as one device call (``kinds/packed.py``); each
+        answer equals a separate call's (the version, counters and idempotency of each instance as if
+        it had been called alone). A repeated ``idempotency_key`` returns the first answers.
+        """
+        if not keys:
+            raise InvalidRequest("calls: send at least one call", argument="calls")
+        if len(set(keys)) != len(keys):
+            twice = next(k for k in keys if keys.count(k) > 1)
+            raise InvalidRequest(f"calls: instance {twice.name!r} appears more than once; a packed call runs each "
+                                 "instance once", argument="calls")
+        bound = []
+        # the pack is part of what each instance was asked: the same key on other instances is another request
+        pack = {"packed": ",".join(sorted(str(k) for k in keys))} if idempotency_key is not None else None
+        for index, (key, sent) in enumerate(zip(keys, tensors)):
+            with _naming(index, key):
+                instance = self._get(key)
+                op = instance.kind.operations.get(operation)
+                if op is None:
+                    raise UnknownOperation(f"{instance.kind.name} has no operation {str(operation)[:64]!r}; it has: "
+                                           f"{', '.join(instance.kind.operations)}", operation=str(operation)[:64])
+                if any(isinstance(value, CompartmentRef) for value in sent.values()):
+                    raise InvalidRequest("a packed call takes tensors, not references", argument="calls")
+                args, steps = self._bind(instance, op, sent)
+                if steps:
+                    raise InvalidRequest("a packed call runs one step per instance; send (batch, …) tensors",
+                                         argument="calls")
+                returned = list(op.returns if returns is None else returns)
+                print_ = fingerprint(operation, args, returned, pack) if idempotency_key is not None else ""
+                bound.append((index, instance, op, args, returned, print_))
+        with contextlib.ExitStack() as held:
+            for index, instance, *_ in sorted(bound, key=lambda b: (b[1].key.owner, b[1].key.name)):
+                with _naming(index, instance.key):
+                    held.enter_context(self._hold(instance))
+            if idempotency_key is not None:
+                replayed = self._replay_many(bound, idempotency_key)
+                if replayed is not None:
+                    return replayed
+            planned, resized = [], []
+            try:
+                for index, instance, op, args, returned, print_ in bound:
+                    with _naming(index, instance.key):
+                        leaves = compartment_paths(instance.state)
+                        for compartment in returned:
+                            if compartment not in leaves:
+                                raise unknown_compartment(instance.kind, compartment, leaves, "cannot return")
+                        signature, nbytes, _ = self._predict(instance, operation, op.fn, args)
+                        self.capacity.resize(instance.key.owner, instance.device, instance.held_bytes, nbytes)
+                        resized.append((instance, nbytes))
+                        planned.append((signature, nbytes))
+                new_states = self._run_packed(bound)
+            except BaseException:
+                for instance, nbytes in resized:
+                    self.capacity.resize(instance.key.owner, instance.device, nbytes, instance.held_bytes,
+                                         check=False)
+                raise
+            answers = []
+            for (index, instance, op, args, returned, print_), state, (signature, nbytes) in zip(
+                    bound, new_states, planned):
+                result = {c: np.asarray(v) for c, v in compartment_paths(state).items() if c in returned}
+                self._commit(instance, state, operation, signature, nbytes, accounted=True)
+                answer = {"version": instance.version, **result}
+                if idempotency_key is not None:
+                    instance.answers.remember(idempotency_key, print_, answer)
+                answers.append(answer)
+            for index, instance, *_ in bound:
+                with _naming(index, instance.key):
+                    self.persistence.persist(instance)
+            return answers
+
+    def _replay_many(self, bound: list[tuple], idempotency_key: str) -> list[dict[str, Any]] | None:
+        """The first answers of a packed call with this key, or None if it never ran (under every lock)."""
+        entries = []
+        for index, instance, _op, _args, _returned, print_ in bound:
+            with _naming(index, instance.key):
+                entries.append(instance.answers.replay(idempotency_key, print_))
+        if all(entry is None for entry in entries):
+            return None
+        if any(entry is None for entry in entries):
+            raise IdempotencyKeyReused(f"Idempotency-Key {idempotency_key[:64]!r} was used for a packed call on "
+                                       "other instances; use a new key for a new request")
+        for index, instance, *_ in bound:
+            with _naming(index, instance.key):
+                self.persistence.persist(instance)
+        return [instance.answers.answer_of(entry, instance.key.name)
+                for (_, instance, *_), entry in zip(bound, entries)]
+
+    @staticmethod
+    def _run_packed(bound: list[tuple]) -> list[Any]:
+        """The new state of every bound call: one device call per group of one kind, config, device and shapes."""
+        groups: dict[tuple, list[int]] = {}
+        for position, (_, instance, op, args, _, _) in enumerate(bound):
+            shapes = tuple(None if a is None else (tuple(a.shape), a.dtype) for a in args)
+            groups.setdefault((op.fn, instance.config, instance.device, instance.signature, shapes),
+                              []).append(position)
+        new_states: list[Any] = [None] * len(bound)
+        for (fn, config, _, _, _), positions in groups.items():
+            first = bound[positions[0]]
+            states = [bound[p][1].state for p in positions]
+            tensors = tuple(None if first[3][a] is None else [bound[p][3][a] for p in positions]
+                            for a in range(len(first[3])))
+            plan = lean.plan(fn, config, states[0], *first[3])
+            out = device_call(run_packed, plan, config, states, *tensors)
+            for p, state in zip(positions, out):
+                new_states[p] = state
+        return new_states
+
+    def _bind(self, instance: Instance, op: Any, tensors: Mapping[str, Any]) -> tuple[list[Any], int]:
+        """The operation's arguments in order, sent tensors checked (shape, dtype, one batch, max_batch), and the
+        number of steps: 0 for one call, T when the tensors carry a leading time axis ``(T, batch, …)``."""
         allowed = [a.name for a in op.args]
         unknown = set(tensors) - set(allowed)
         if unknown:
             raise InvalidRequest(f"{op.name} takes {', '.join(allowed) or 'no tensors'}; unknown: "
                                  f"{', '.join(sorted(map(str, unknown)))}", argument=sorted(map(str, unknown))[0])
+        sent = {a.name: tensors.get(a.name) for a in op.args}
+        timed = [a.name for a in op.args if sent[a.name] is not None and not isinstance(sent[a.name], CompartmentRef)
+                 and np.ndim(sent[a.name]) == 2 + len(instance.config.trailing(a.space))]
+        steps = 0
+        if timed:
+            refs = [name for name, value in sent.items() if isinstance(value, CompartmentRef)]
+            if refs:
+                raise InvalidRequest(f"{refs[0]}: a sequence call (tensors with a leading time axis) takes tensors, "
+                                     "not references", argument=refs[0])
+            steps = int(np.shape(sent[timed[0]])[0])
         args: list[Any] = []
         for arg in op.args:
-            value = tensors.get(arg.name)
+            value = sent[arg.name]
             if value is None and not arg.optional:
                 raise MissingArgument(f"{op.name} needs the tensor {arg.name!r} "
                                       f"({'inputs' if arg.space == 'in' else 'outputs'}-shaped: "
-                                      f"(batch, {', '.join(map(str, instance.config.trailing(arg.space)))}))",
+                                      f"({'steps, ' if steps else ''}batch, "
+                                      f"{', '.join(map(str, instance.config.trailing(arg.space)))}))",
                                       argument=arg.name)
             if value is not None and not isinstance(value, CompartmentRef):
-                value = check_tensor(arg.name, value, instance.config.trailing(arg.space))
+                value = check_tensor(arg.name, value, instance.config.trailing(arg.space), steps=bool(steps))
             args.append(value)
-        self._check_batches(instance, op, args)
-        return args
+        self._check_batches(instance, op, args, steps)
+        return args, steps
 
-    def _check_batches(self, instance: Instance, op: Any, args: list[Any]) -> None:
-        """Arguments (sent or resolved): each shaped for its map, all of one batch, within max_batch."""
-        batch = None
+    def _check_batches(self, instance: Instance, op: Any, args: list[Any], steps: int = 0) -> None:
+        """Arguments (sent or resolved): each shaped for its map, all of one batch (and of ``steps`` steps in a
+        sequence), within max_batch."""
+        batch, lead = None, 2 if steps else 1
         for arg, value in zip(op.args, args):
             if value is None or isinstance(value, CompartmentRef):
                 continue
             trailing = tuple(instance.config.trailing(arg.space))
-            if tuple(value.shape[1:]) != trailing or value.ndim != 1 + len(trailing):
-                raise ShapeMismatch(f"{arg.name}: expected shape (batch, {', '.join(map(str, trailing))}), "
-                                    f"received {tuple(value.shape)}", argument=arg.name)
-            if batch is not None and value.shape[0] != batch:
-                raise ShapeMismatch(f"{arg.name}: expected batch {batch} (as the arguments before it), received "
+            shown = f"({'steps, ' if steps else ''}batch, {', '.join(map(str, trailing))})"
+            if tuple(value.shape[lead:]) != trailing or value.ndim != lead + len(trailing):
+                raise ShapeMismatch(f"{arg.name}: expected shape {shown}, received {tuple(value.shape)}",
+                                    argument=arg.name)
+            if steps and value.shape[0] != steps:
+                raise ShapeMismatch(f"{arg.name}: expected {steps} steps (as the arguments before it), received "
                                     f"{value.shape[0]}", argument=arg.name)
-            batch = value.shape[0]
-            self.capacity.check_batch(arg.name, batch)
+            if batch is not None and value.shape[lead - 1] != batch:
+                raise ShapeMismatch(f"{arg.name}: expected batch {batch} (as the arguments before it), received "
+                                    f"{value.shape[lead - 1]}", argument=arg.name)
+            batch = value.shape[lead - 1]
+            self.capacity.check_batch(arg.name, batch, steps)
+
+    def _sequence(self, op: Any, args: list[Any], steps: int, returned: list[str],
+                  options: Mapping[str, Any] | None) -> Callable[..., Any]:
+        """The compiled sequence of ``steps`` runs of ``op`` (options checked: every, last)."""
+        options = {} if options is None else options
+        if not isinstance(options, Mapping):
+            raise InvalidRequest("sequence: expected a map {every?, last?}", argument="sequence")
+        unknown = set(options) - {"every", "last"}
+        if unknown:
+            raise InvalidRequest(f"sequence: unknown option {sorted(map(str, unknown))[0][:40]!r}; it takes every "
+                                 "(return after every k-th step) and last (return after the last step only)",
+                                 argument="sequence")
+        if not steps:
+            raise InvalidRequest(f"sequence: {op.name} was sent no tensor with a leading time axis; send "
+                                 "(steps, batch, …) tensors to run steps in one call", argument="sequence")
+        last = options.get("last", False)
+        if not isinstance(last, bool):
+            raise InvalidRequest(f"sequence.last: expected true or false, received {str(last)[:40]!r}",
+                                 argument="sequence")
+        try:
+            every = require_int("sequence.every", options.get("every", 1), 1, steps)
+        except InvalidConfig as exc:
+            raise InvalidRequest(f"{exc.detail} (the steps sent)", argument="sequence") from None
+        if last and "every" in options:
+            raise InvalidRequest("sequence: give every or last, not both", argument="sequence")
+        return sequence_fn(op.fn, tuple(returned), every, last)
 
     @staticmethod
     def _resolve(instance: Instance, argument: str, ref: CompartmentRef | _Fetched, leaves: Mapping[str, Any]) -> Any:
@@ -433,18 +602,25 @@ class Registry:
             value = _floating_compartment(source, argument, ref.compartment, compartment_paths(source.state))
             return _Fetched(jax.device_put(value, caller.device, may_alias=False))
 
-    def _predict(self, instance: Instance, op: Any, args: list[Any]) -> tuple[tuple, int]:
-        """The compartment shapes and bytes the call will leave, before running it (traced once per shapes)."""
+    def _predict(self, instance: Instance, operation: str, fn: Callable[..., Any], args: list[Any]
+                 ) -> tuple[tuple, int, Callable[..., Any]]:
+        """The compartment shapes and bytes the call will leave, and what to run: an operation's plan (only the
+        compartments it touches, ``kinds/lean.py``) or a sequence. Traced once per shapes, before running."""
         shapes = tuple(None if a is None else (tuple(a.shape), a.dtype) for a in args)
-        key = (op.name, instance.config, instance.signature, shapes)
+        key = (operation, fn, instance.config, instance.signature, shapes)
         with self._predictions_lock:
             known = self._predictions.get(key)
             if known is not None:
                 self._predictions.move_to_end(key)
                 return known
-        out = jax.eval_shape(functools.partial(op.fn, instance.config), instance.state, *args)
-        signature = signature_of(out)
-        known = (signature, nbytes_of(signature))
+        if fn is instance.kind.operations[operation].fn:
+            runner = lean.plan(fn, instance.config, instance.state, *args)
+            signature = runner.out_signature
+            runner = runner.run
+        else:  # a sequence: (state, kept)
+            signature = signature_of(jax.eval_shape(functools.partial(fn, instance.config), instance.state, *args)[0])
+            runner = fn
+        known = (signature, nbytes_of(signature), runner)
         with self._predictions_lock:
             self._predictions[key] = known
             while len(self._predictions) > PREDICTIONS_KEPT:
@@ -452,13 +628,14 @@ class Registry:
         return known
 
     def _commit(self, instance: Instance, state: Any, counter: str | None, signature: tuple, nbytes: int,
-                accounted: bool = False) -> None:
-        """The one place a mutation lands (under the instance's lock): the new state, version, counter, last
-        use and size. ``accounted``: capacity already counts ``nbytes`` (else it is resized here, unchecked)."""
+                accounted: bool = False, count: int = 1) -> None:
+        """The one place a mutation lands (under the instance's lock): the new state, version, counter (``count``
+        runs: a sequence's steps), last use and size. ``accounted``: capacity already counts ``nbytes`` (else it
+        is resized here, unchecked)."""
         instance.state = state
         instance.version += 1
         if counter is not None:
-            instance.counters[counter] = instance.counters.get(counter, 0) + 1
+            instance.counters[counter] = instance.counters.get(counter, 0) + count
         instance.last_used_at = time.time()
         instance.signature = signature
         if accounted:
@@ -689,6 +866,18 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._instances)
+
+
+@contextlib.contextmanager
+def _naming(index: int, key: InstanceKey) -> Iterator[None]:
+    """A packed call's error says which of its calls it was about."""
+    try:
+        yield
+    except SynapseServeError as exc:
+        exc.detail = f"calls[{index}] ({key.name!r}): {exc.detail}"
+        exc.args = (exc.detail,)
+        exc.extra.setdefault("call", index)
+        raise
 
 
 class _Fetched:

@@ -1,0 +1,150 @@
+"""A real user loop, side by side: convolutional sparse coding on 8x8 images, as a researcher writes it.
+
+Per batch of 32 images: twenty inference steps — forward the latent code through the dictionary
+(a HebbianDeconvSynapse, 3x3 filters, 16 latent channels onto 1 image channel), take the
+reconstruction error in numpy, back-transmit it and update the code (numpy) — then one evolve
+and a renormalisation of the filters (read, normalise in numpy, write back): 43 calls per batch.
+
+Candidates, measured in interleaved rounds in one run (bench/harness.py):
+
+- ngclearn 3.2.3 in-process (its own Python 3.12 environment, bench/ngclearn_worker.py);
+- bare jitted JAX ops (conv_transpose and its two gradients, no service at all): the floor;
+- the service's engine in-process through the client (``SynapseClient("local")``);
+- the client over the session stream (one WebSocket frame per call);
+- the client over REST (one HTTP request per call).
+
+    .venv/bin/python bench/loop.py [--batches 5] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax import lax
+from jax import numpy as jnp
+
+from synapse_client import SynapseClient
+from synapse_serve.testing import ServerProcess
+
+from harness import ROOT, interleaved, machine, ms, ngclearn_python, table  # noqa: E402 - bench/ is on the path
+
+KIND = "HebbianDeconvSynapse"
+CONFIG = {"shape": [3, 3, 16, 1], "x_shape": [8, 8], "stride": 1, "eta": 0.01, "sign_value": -1.0,
+          "filter_init": {"dist": "uniform", "low": -0.1, "high": 0.1}}
+BATCH, STEPS, RATE, SPARSITY = 32, 20, 0.01, 0.001
+
+
+def images(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random((BATCH, 8, 8, 1), dtype=np.float32)
+
+
+def user_loop(syn, batches: int) -> None:
+    """The loop as a researcher writes it against a handle (REST, session or in-process: the same code)."""
+    for b in range(batches):
+        x = images(b)
+        z = np.zeros((BATCH, 8, 8, 16), np.float32)
+        for _ in range(STEPS):
+            error = x - syn.forward(z)
+            dz = syn.backtransmit(error)
+            z = z - RATE * dz - SPARSITY * np.sign(z)
+        syn.evolve(z, error)
+        w = syn.weights
+        w /= np.sqrt((w ** 2).sum(axis=(0, 1, 3), keepdims=True)) + 1e-8
+        syn.set("weights", w)
+
+
+class BareJax:
+    """The floor: conv_transpose and its gradients as plain jitted functions, numpy between them."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self.w = jnp.asarray(rng.uniform(-0.1, 0.1, (3, 3, 16, 1)).astype(np.float32))
+        dims = ("NHWC", "HWIO", "NHWC")
+
+        def fwd(z, w):
+            return lax.conv_transpose(z, w, (1, 1), "SAME", dimension_numbers=dims, precision=lax.Precision.HIGHEST)
+
+        self.forward = jax.jit(fwd)
+        self.backtransmit = jax.jit(lambda e, w: -jax.vjp(lambda z: fwd(z, w), jnp.zeros((BATCH, 8, 8, 16)))[1](e)[0])
+        self.evolve = jax.jit(lambda z, e, w: w - 0.01 * jax.vjp(lambda k: fwd(z, k), w)[1](e)[0])
+
+    def loop(self, batches: int) -> None:
+        for b in range(batches):
+            x = images(b)
+            z = np.zeros((BATCH, 8, 8, 16), np.float32)
+            for _ in range(STEPS):
+                error = x - np.asarray(self.forward(z, self.w))
+                dz = np.asarray(self.backtransmit(error, self.w))
+                z = z - RATE * dz - SPARSITY * np.sign(z)
+            w = np.array(self.evolve(z, error, self.w))
+            w /= np.sqrt((w ** 2).sum(axis=(0, 1, 3), keepdims=True)) + 1e-8
+            self.w = jnp.asarray(w)
+
+
+class NgclearnLoop:
+    """The same loop in ngclearn's process (bench/ngclearn_worker.py), timed there."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+        self.proc = subprocess.Popen([str(ngclearn_python()), str(ROOT / "bench" / "ngclearn_worker.py")], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        self.hello = json.loads(self.proc.stdout.readline())
+
+    def timed(self, calls: int) -> float:
+        request = {"loop": {**CONFIG, "batch": BATCH, "steps": STEPS, "rate": RATE, "sparsity": SPARSITY},
+                   "batches": self.batches, "calls": calls}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["seconds_per_call"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=3, help="batches per timed loop")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--skip", nargs="*", default=[], help="candidates to leave out")
+    args = parser.parse_args()
+    candidates = {}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        if "ngclearn" not in args.skip:
+            worker = NgclearnLoop(args.batches)
+            stack.callback(worker.close)
+            candidates["ngclearn in-process"] = worker
+        bare = BareJax()
+        candidates["bare jitted JAX"] = lambda: bare.loop(args.batches)
+        if "local" not in args.skip:
+            local = stack.enter_context(SynapseClient("local"))
+            local_syn = local.create("csc", kind=KIND, config=CONFIG)
+            candidates["in-process client"] = lambda: user_loop(local_syn, args.batches)
+        server = stack.enter_context(ServerProcess(Path(tmp) / "state", durability="off"))
+        client = stack.enter_context(SynapseClient(server.url))
+        rest_syn = client.create("csc", kind=KIND, config=CONFIG)
+        session = stack.enter_context(client.session())
+        stream_syn = session.get("csc")
+        candidates["session stream"] = lambda: user_loop(stream_syn, args.batches)
+        candidates["REST"] = lambda: user_loop(rest_syn, args.batches)
+        result = interleaved(candidates, args.rounds, 1)
+    base = result.get("ngclearn in-process")
+    calls = args.batches * (2 * STEPS + 3)
+    rows = [[name, ms(seconds / args.batches), f"{seconds / calls * 1e3:.3f}",
+             f"{seconds / base:.2f}" if base else "-"] for name, seconds in result.items()]
+    print(machine(f", JAX {jax.__version__} on {jax.devices()[0].platform}; {args.rounds} rounds of {args.batches} "
+                  f"batches"))
+    print(table(["candidate", "ms per batch (43 calls)", "ms per call", "/ ngclearn"], rows))
+
+
+if __name__ == "__main__":
+    main()

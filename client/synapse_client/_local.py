@@ -1,0 +1,138 @@
+"""The in-process mode: ``SynapseClient("local")`` runs the engine in this process, with the same API.
+
+The handles make the same REST-shaped requests; here each becomes a frame (``_frames.py``) run
+by the server's own dispatcher and backend in this process (``synapse_serve.inprocess``): the
+same checks, errors and numbers, no HTTP. It needs the server's dependencies (JAX): install
+``synapse-serve[server]``. ``"local"`` keeps instances in memory; ``"local:<directory>"`` keeps
+them in a state directory, as a server would (``SynapseClient("local:state")``, then
+``synapse-serve --state-dir state`` serves the same instances once the client is closed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from synapse_client._codec import Ref
+from synapse_client._frames import frame_of, result_of
+
+SERVER_EXTRA = ("SynapseClient('local') runs the engine in this process and needs the server's dependencies "
+                "(JAX, FastAPI): pip install 'synapse-serve[server]'; or pass a server's URL")
+
+
+def is_local(base_url: str) -> bool:
+    """Whether a client address names the in-process engine (``"local"`` or ``"local:<state directory>"``)."""
+    return base_url == "local" or base_url.startswith("local:")
+
+
+def _engine(base_url: str, asynchronous: bool, settings: dict[str, Any]) -> Any:
+    try:
+        from synapse_serve.inprocess import Engine
+    except ImportError as exc:
+        raise ImportError(f"{SERVER_EXTRA} ({exc})") from None
+    state_dir = base_url.partition(":")[2] or None
+    return Engine(state_dir, in_caller_thread=not asynchronous, **settings)
+
+
+def _frame(method: str, path: str, body: Any, headers: dict[str, str] | None) -> dict[str, Any] | None:
+    """The request's frame, its references in their wire form (what the engine reads)."""
+    frame = frame_of(method, path, body, headers)
+    if frame is not None and isinstance(frame.get("tensors"), dict):
+        frame["tensors"] = {k: v.to_wire() if isinstance(v, Ref) else v for k, v in frame["tensors"].items()}
+    return frame
+
+
+def _owned(value: Any) -> Any:
+    """The caller's own copy of an answer: writable arrays that nothing in the engine shares."""
+    if isinstance(value, np.ndarray):
+        return np.array(value)
+    if isinstance(value, dict):
+        return {k: _owned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_owned(v) for v in value]
+    return value
+
+
+class LocalTransport:
+    """What a blocking client sends through in the in-process mode."""
+
+    def __init__(self, base_url: str, settings: dict[str, Any]) -> None:
+        self.engine = _engine(base_url, False, settings)
+
+    def request(self, method: str, path: str, body: Any, headers: dict[str, str] | None) -> Any:
+        frame = _frame(method, path, body, headers)
+        if frame is None:
+            if method == "GET" and path in ("/healthz", "/readyz"):
+                return {"status": "ok" if self.engine.ready else "starting"}
+            raise ValueError(f"{method} {path} has no in-process equivalent")
+        return _owned(result_of(self.engine.run(frame)))
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class AsyncLocalTransport:
+    """What an asyncio client sends through in the in-process mode (calls awaited on the caller's loop)."""
+
+    def __init__(self, base_url: str, settings: dict[str, Any]) -> None:
+        self.engine = _engine(base_url, True, settings)
+
+    async def request(self, method: str, path: str, body: Any, headers: dict[str, str] | None) -> Any:
+        frame = _frame(method, path, body, headers)
+        if frame is None:
+            if method == "GET" and path in ("/healthz", "/readyz"):
+                return {"status": "ok" if self.engine.ready else "starting"}
+            raise ValueError(f"{method} {path} has no in-process equivalent")
+        return _owned(result_of(await self.engine.arun(frame)))
+
+    async def close(self) -> None:
+        await self.engine.aclose()
+
+
+class LocalSession:
+    """``client.session()`` in the in-process mode: calls are direct already, so its handles are the client's."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def get(self, name: str, *, owner: str | None = None) -> Any:
+        """The handle of an existing instance (NotFoundError if there is none)."""
+        return self.client.get(name, owner=owner)
+
+    def call_many(self, operation: str, calls: Any, **options: Any) -> dict[str, dict[str, Any]]:
+        """One operation on many instances (see ``SynapseClient.call_many``)."""
+        return self.client.call_many(operation, calls, **options)
+
+    def close(self) -> None:
+        """Nothing to close: the client stays open."""
+
+    def __enter__(self) -> LocalSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncLocalSession:
+    """The asyncio twin of LocalSession."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    async def get(self, name: str, *, owner: str | None = None) -> Any:
+        """The handle of an existing instance (NotFoundError if there is none)."""
+        return await self.client.get(name, owner=owner)
+
+    async def call_many(self, operation: str, calls: Any, **options: Any) -> dict[str, dict[str, Any]]:
+        """One operation on many instances (see ``SynapseClient.call_many``)."""
+        return await self.client.call_many(operation, calls, **options)
+
+    async def close(self) -> None:
+        """Nothing to close: the client stays open."""
+
+    async def __aenter__(self) -> AsyncLocalSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

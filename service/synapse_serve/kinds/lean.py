@@ -1,0 +1,91 @@
+"""An operation run on the compartments it touches, not the whole state.
+
+A kind's operation is written as ``fn(config, state, *tensors) -> state``: clear, and the state
+is one donated pytree. But each call then passes every compartment in and out of the compiled
+program, which costs dispatch time on every call (~10-25 µs a call on a small CPU, measured in
+docs/benchmarks.md) for compartments the operation never reads or writes (a forward reads only
+the weights). So the registry runs a *plan*: traced once per shapes, the operation's program
+says which compartments it reads and which it writes; the compiled call then takes the written
+compartments (donated: they are replaced, and XLA may reuse their buffers) and the read-only
+ones (kept), and returns only the written ones. The computation is the operation's own, traced
+from the same function; the tests check it against the whole-state call bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax import numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How to run one operation on one set of shapes: which state leaves go in, which come out."""
+
+    fn: Callable[..., Any]  # the operation's fn(config, state, *tensors) -> state
+    treedef: Any
+    written: tuple[int, ...]  # leaves the operation writes (their old buffers are donated)
+    kept: tuple[int, ...]  # leaves it reads and leaves as they are
+    absent: tuple[tuple[int, tuple[int, ...], str], ...]  # leaves it neither reads nor writes: (index, shape, dtype)
+    out_signature: tuple  # (shape, dtype) of every leaf after the call
+    read: tuple[int, ...]  # every leaf it reads (kept or written)
+    in_specs: tuple[tuple[tuple[int, ...], str], ...]  # (shape, dtype) of every leaf before the call
+
+    def run(self, config: Any, state: Any, *tensors: Any) -> Any:
+        """The operation's new state: the written leaves from the compiled call, the others as they were."""
+        leaves = jax.tree_util.tree_leaves(state)
+        written = _run(self.fn, config, self.meta, [leaves[i] for i in self.written],
+                       [leaves[i] for i in self.kept], *tensors)
+        for index, value in zip(self.written, written):
+            leaves[index] = value
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    @functools.cached_property
+    def meta(self) -> tuple:
+        return self.treedef, self.written, self.kept, self.absent
+
+
+def plan(fn: Callable[..., Any], config: Any, state: Any, *tensors: Any) -> Plan:
+    """Trace ``fn`` once (shapes only) and say what it reads and writes; the registry caches plans by shapes."""
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    closed = jax.make_jaxpr(functools.partial(fn, config))(state, *tensors)
+    out_signature = tuple((tuple(a.shape), a.dtype) for a in closed.out_avals)
+    jaxpr = _body(closed.jaxpr)
+    count = len(leaves)
+    ins, outs = jaxpr.invars[:count], jaxpr.outvars
+    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
+    written = tuple(j for j, out in enumerate(outs) if out is not ins[j])
+    used |= {id(outs[j]) for j in written}
+    read = {i for i, var in enumerate(ins) if id(var) in used}
+    kept = tuple(i for i in sorted(read) if i not in written)
+    absent = tuple((i, tuple(leaf.shape), str(leaf.dtype)) for i, leaf in enumerate(leaves)
+                   if i not in read and i not in written)
+    in_specs = tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves)
+    return Plan(fn, treedef, written, kept, absent, out_signature, tuple(sorted(read)), in_specs)
+
+
+def _body(jaxpr: Any) -> Any:
+    """The program inside a jitted function's trace (a jit traced is one call of the inner program)."""
+    while (len(jaxpr.eqns) == 1 and "jaxpr" in jaxpr.eqns[0].params
+           and list(jaxpr.eqns[0].invars) == list(jaxpr.invars) and list(jaxpr.eqns[0].outvars) == list(jaxpr.outvars)):
+        inner = jaxpr.eqns[0].params["jaxpr"]
+        jaxpr = getattr(inner, "jaxpr", inner)
+    return jaxpr
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=3)
+def _run(fn: Callable[..., Any], config: Any, meta: tuple, written: list, kept: list, *tensors: Any) -> list:
+    treedef, written_at, kept_at, absent = meta
+    leaves: list[Any] = [None] * treedef.num_leaves
+    for index, value in zip(written_at, written):
+        leaves[index] = value
+    for index, value in zip(kept_at, kept):
+        leaves[index] = value
+    for index, shape, dtype in absent:  # never read: XLA drops them
+        leaves[index] = jnp.zeros(shape, dtype)
+    new = jax.tree_util.tree_leaves(fn(config, jax.tree_util.tree_unflatten(treedef, leaves), *tensors))
+    return [new[i] for i in written_at]

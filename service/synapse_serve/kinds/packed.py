@@ -1,0 +1,56 @@
+"""One operation on many instances of one config in one compiled call.
+
+The instances' read compartments (and each one's tensors) are stacked along a new leading axis,
+the operation's own function runs on each slice in turn (``lax.map``: one device call, each
+slice computed as a separate call computes it, so the results are bit-identical; ``vmap`` would
+batch the arithmetic itself into other kernels, which round differently), and each instance gets
+back the compartments the operation writes (``kinds/lean.py``'s plan says which: a forward reads
+the weights and writes inputs and outputs, so that is all that moves). Nothing is donated: a
+packed call is applied to all its instances or to none (the registry commits them together).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax import lax
+from jax import numpy as jnp
+
+from synapse_serve.kinds.lean import Plan
+
+
+def run_packed(plan: Plan, config: Any, states: list[Any], *tensors: list[Any] | None) -> list[Any]:
+    """The new state of each of ``states`` (one plan's shapes), ``tensors`` a list per argument (or None)."""
+    leaves = [jax.tree_util.tree_leaves(state) for state in states]
+    reads = [[instance[i] for instance in leaves] for i in plan.read]
+    meta = (plan.treedef, plan.read, plan.written, plan.in_specs, len(states))
+    written = _packed(plan.fn, config, meta, reads, *tensors)
+    out = []
+    for instance, new in zip(leaves, written):
+        instance = list(instance)
+        for index, value in zip(plan.written, new):
+            instance[index] = value
+        out.append(jax.tree_util.tree_unflatten(plan.treedef, instance))
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _packed(fn: Callable[..., Any], config: Any, meta: tuple, reads: list, *tensors: list | None) -> list:
+    treedef, read_at, written_at, specs, count = meta
+
+    def one(slices: tuple) -> list:
+        read, sent = slices
+        leaves = [jnp.zeros(shape, dtype) for shape, dtype in specs]  # those never read: XLA drops them
+        for index, value in zip(read_at, read):
+            leaves[index] = value
+        new = jax.tree_util.tree_leaves(fn(config, jax.tree_util.tree_unflatten(treedef, leaves), *sent))
+        return [new[i] for i in written_at]
+
+    stacked = ([jnp.stack(values) for values in reads], tuple(None if t is None else jnp.stack(t) for t in tensors))
+    if not jax.tree_util.tree_leaves(stacked):  # nothing read, nothing sent (a reset): the same slice, count times
+        return [one(([], tuple(None for _ in tensors))) for _ in range(count)]
+    out = lax.map(one, stacked)
+    return [[column[i] for column in out] for i in range(count)]

@@ -1,0 +1,258 @@
+"""The session stream against a real uvicorn server: auth once, isolation, pipelining, limits, misbehaving clients.
+
+Raw frames go through websockets' own client (what any language's client would send); the
+Python client's ``Session`` is exercised for reconnects and keyed retries. Every refusal must
+leave the server serving and the instances untouched.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from conftest import LiveServer
+from synapse_client import APIConnectionError, AuthenticationError, SynapseClient, packb, unpackb
+
+ALICE, BOB = "alice-" + "a" * 24, "bob-" + "b" * 24
+KIND = "HebbianDeconvSynapse"
+CONFIG = {"shape": [2, 2, 1, 2], "x_shape": [4, 4], "eta": 0.1}
+MAX_BODY = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LiveServer(state_dir=tmp_path_factory.mktemp("session"), tokens=f"alice:{ALICE},bob:{BOB}",
+                    max_body_bytes=MAX_BODY, session_max_queue=2) as live:
+        yield live
+
+
+def ws_url(server) -> str:
+    return server.url.replace("http://", "ws://") + "/v1/session"
+
+
+def stream(server, token: str = ALICE, **options):
+    return connect(ws_url(server), additional_headers={"Authorization": f"Bearer {token}"}, max_size=None,
+                   **options)
+
+
+def ask(ws, frame: dict) -> dict:
+    ws.send(packb(frame))
+    return unpackb(ws.recv(timeout=30))
+
+
+def inputs(seed: int, batch: int = 2) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(batch, 4, 4, 1)).astype(np.float32)
+
+
+def alive(server) -> bool:
+    return httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+def created(server, name: str, token: str = ALICE):
+    with SynapseClient(server.url, token=token) as client:
+        return client.create(name, kind=KIND, config=CONFIG)
+
+
+def version(server, name: str, token: str = ALICE) -> int:
+    with SynapseClient(server.url, token=token) as client:
+        return client.get(name).describe()["version"]
+
+
+def test_the_stream_needs_a_valid_token(server):
+    for headers in ({}, {"Authorization": "Bearer not-a-token-at-all-xx"}, {"Authorization": f"Basic {ALICE}"}):
+        with pytest.raises(InvalidStatus) as info:
+            connect(ws_url(server), additional_headers=headers).close()
+        assert info.value.response.status_code == 403
+    with SynapseClient(server.url, token="wrong-" + "x" * 20) as client, pytest.raises(AuthenticationError):
+        client.session()
+    assert alive(server)
+
+
+def test_owners_stay_isolated_on_the_stream(server):
+    created(server, "secret-one")
+    with stream(server, BOB) as ws:
+        for frame in ({"op": "describe", "name": "secret-one"},
+                      {"op": "describe", "name": "secret-one", "owner": "alice"},
+                      {"op": "call", "name": "secret-one", "operation": "forward", "owner": "alice",
+                       "tensors": {"inputs": inputs(0)}},
+                      {"op": "call_many", "operation": "forward", "owner": "alice",
+                       "calls": [{"name": "secret-one", "tensors": {"inputs": inputs(0)}}]},
+                      {"op": "list", "owner": "alice"}):
+            answer = ask(ws, {"id": 1, **frame})
+            assert answer["status"] == 404, (frame, answer)
+            assert "alice" not in answer["problem"]["detail"]
+        assert ask(ws, {"id": 2, "op": "list"}) == {"id": 2, "status": 200, "result": {"synapses": []}}
+    assert version(server, "secret-one") == 1
+
+
+def test_pipelined_frames_are_answered_in_order_each_tagged_with_its_id(server):
+    created(server, "piped")
+    created(server, "piped-twin")
+    with stream(server) as ws, SynapseClient(server.url, token=ALICE) as client:
+        twin = client.get("piped-twin")
+        for i in range(20):  # all sent before any answer is read
+            ws.send(packb({"id": 100 + i, "op": "call", "name": "piped", "operation": "forward",
+                           "tensors": {"inputs": inputs(i)}}))
+        answers = [unpackb(ws.recv(timeout=30)) for _ in range(20)]
+        assert [a["id"] for a in answers] == list(range(100, 120))
+        assert [a["result"]["version"] for a in answers] == list(range(2, 22))
+        for i, answer in enumerate(answers):
+            assert np.array_equal(answer["result"]["outputs"], twin.forward(inputs(i)))
+
+
+def test_a_client_that_floods_the_stream_is_slowed_not_harmed(server):
+    """session_max_queue=2: the server stops reading the socket while frames wait; none is lost or reordered."""
+    created(server, "flooded")
+    with stream(server) as ws:
+        for i in range(200):
+            ws.send(packb({"id": i, "op": "call", "name": "flooded", "operation": "forward",
+                           "tensors": {"inputs": inputs(i % 7)}}))
+        assert [unpackb(ws.recv(timeout=60))["id"] for _ in range(200)] == list(range(200))
+    assert version(server, "flooded") == 201 and alive(server)
+
+
+def test_a_frame_gets_the_problem_the_rest_route_gives(server):
+    created(server, "errors")
+    cases = [
+        ({"op": "describe", "name": "nothing-here"}, "GET", "/v1/synapses/nothing-here", None, {}),
+        ({"op": "call", "name": "errors", "operation": "forward", "tensors": {"inputs": np.ones((2, 3, 3, 1))}},
+         "POST", "/v1/synapses/errors/forward", {"inputs": np.ones((2, 3, 3, 1))}, {}),
+        ({"op": "call", "name": "errors", "operation": "fly"}, "POST", "/v1/synapses/errors/fly", {}, {}),
+        ({"op": "read", "name": "errors", "compartment": "wieghts"}, "GET",
+         "/v1/synapses/errors/compartments/wieghts", None, {}),
+        ({"op": "call", "name": "errors", "operation": "forward", "if_match": 99,
+          "tensors": {"inputs": inputs(0)}}, "POST", "/v1/synapses/errors/forward", {"inputs": inputs(0)},
+         {"If-Match": '"99"'}),
+        ({"op": "create", "body": {"name": "errors", "kind": KIND, "config": CONFIG}}, "POST", "/v1/synapses",
+         {"name": "errors", "kind": KIND, "config": CONFIG}, {}),
+        ({"op": "create", "body": {"name": "bad name!", "kind": KIND, "config": CONFIG}}, "POST", "/v1/synapses",
+         {"name": "bad name!", "kind": KIND, "config": CONFIG}, {}),
+        ({"op": "call", "name": "errors", "operation": "forward", "sequence": {"every": 9},
+          "tensors": {"inputs": np.ones((3, 2, 4, 4, 1))}}, "POST", "/v1/synapses/errors/forward",
+         {"inputs": np.ones((3, 2, 4, 4, 1)), "sequence": {"every": 9}}, {}),
+    ]
+    with stream(server) as ws:
+        for frame, method, path, body, headers in cases:
+            answer = ask(ws, {"id": 7, **frame})
+            rest = httpx.request(method, f"{server.url}{path}", content=None if body is None else packb(body),
+                                 headers={"Authorization": f"Bearer {ALICE}", "Content-Type": "application/msgpack",
+                                          **headers})
+            problem = rest.json()
+            assert answer["status"] == rest.status_code, (frame, answer, problem)
+            for field in ("type", "title", "status", "detail"):
+                assert answer["problem"][field] == problem[field], (field, answer["problem"], problem)
+            assert answer["problem"]["request_id"].endswith(":7")
+    assert version(server, "errors") == 1
+
+
+@pytest.mark.parametrize(("send", "code", "answered"), [
+    (lambda ws: ws.send("a text frame"), 1003, None),
+    (lambda ws: ws.send(b"\xc1 not msgpack"), 1007, 400),
+    (lambda ws: ws.send(msgpack.packb([1, 2, 3])), 1007, 400),
+    (lambda ws: ws.send(msgpack.packb({"id": 1, "op": "call", "name": "x", "operation": "forward",
+                                       "tensors": {"inputs": {"dtype": "float32", "shape": [1 << 40],
+                                                              "data": b""}}})), 1007, 400),
+])
+def test_garbage_closes_that_connection_and_nothing_else(server, send, code, answered, unique_name):
+    created(server, unique_name)
+    with stream(server) as ws:
+        send(ws)
+        if answered is not None:
+            assert unpackb(ws.recv(timeout=30))["status"] == answered
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv(timeout=30)
+        assert info.value.rcvd.code == code
+    with stream(server) as ws:  # the next client is served
+        assert ask(ws, {"id": 1, "op": "describe", "name": unique_name})["status"] == 200
+    assert alive(server)
+
+
+@pytest.mark.parametrize("frame", [
+    {"op": "explode", "name": "x"},
+    {"op": "call", "name": "x"},
+    {"op": "read", "name": "x", "compartment": "weights", "extra": 1},
+    {"op": "call", "name": ["x"], "operation": "forward"},
+    {"op": "call", "name": "x", "operation": "forward", "tensors": [1, 2]},
+    {"op": "call", "name": "x", "operation": "forward", "idempotency_key": "\n"},
+    {"op": "call_many", "operation": "forward", "calls": "everything"},
+    {"op": 7},
+])
+def test_a_bad_frame_is_a_problem_answer_and_the_stream_goes_on(server, frame):
+    with stream(server) as ws:
+        answer = ask(ws, {"id": "q", **frame})
+        assert answer["id"] == "q" and 400 <= answer["status"] < 500, answer
+        assert answer["problem"]["detail"]
+        assert ask(ws, {"id": 2, "op": "kinds"})["status"] == 200
+
+
+def test_an_oversized_frame_closes_the_connection(server):
+    created(server, "big")
+    with stream(server) as ws:
+        ws.send(packb({"id": 1, "op": "call", "name": "big", "operation": "forward",
+                       "tensors": {"inputs": np.zeros((MAX_BODY // 64 + 1, 4, 4, 1), np.float32)}}))
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv(timeout=30)
+        assert info.value.rcvd.code == 1009  # message too big
+    assert version(server, "big") == 1 and alive(server)
+
+
+def test_a_client_that_vanishes_mid_frame_changes_nothing(server):
+    created(server, "vanish")
+    frame = packb({"id": 1, "op": "call", "name": "vanish", "operation": "forward",
+                   "tensors": {"inputs": inputs(0, batch=64)}})
+    ws = stream(server)
+    header = bytes([0x82, 0x80 | 127]) + len(frame).to_bytes(8, "big") + b"\0\0\0\0"  # binary, masked (key 0)
+    ws.socket.sendall(header + frame[: len(frame) // 2])
+    ws.socket.shutdown(socket.SHUT_RDWR)
+    ws.socket.close()
+    time.sleep(0.3)
+    assert version(server, "vanish") == 1 and alive(server)
+
+
+def test_an_idle_stream_is_closed(tmp_path):
+    with LiveServer(state_dir=tmp_path, session_idle_s=0.3) as live:
+        with connect(ws_url(live)) as ws:
+            assert ask(ws, {"id": 1, "op": "kinds"})["status"] == 200
+            time.sleep(0.8)
+            with pytest.raises(ConnectionClosed) as info:
+                ws.recv(timeout=5)
+            assert info.value.rcvd.code == 1001
+
+
+def _drop(session) -> None:
+    """Break the session's connection under it, as a network would."""
+    session._ws.sock.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_keyed_call_is_applied_once_when_the_connection_drops_before_its_answer(server):
+    created(server, "keyed")
+    x, post = inputs(1), np.ones((2, 4, 4, 2), np.float32)
+    with SynapseClient(server.url, token=ALICE) as client, client.session() as session:
+        syn = session.get("keyed")
+        pending = syn.submit("evolve", pre=x, post=post, idempotency_key="evolve-once")
+        _drop(session)
+        assert pending.result()["version"] == 2  # sent again on a new connection, with its key
+        assert syn.evolve(x, post, returns=()) == {"version": 3}  # the stream works again
+        again = syn.call("evolve", pre=x, post=post, idempotency_key="evolve-once")
+        assert again["version"] == 2  # the first answer, not a third update
+    with SynapseClient(server.url, token=ALICE) as client:
+        assert client.get("keyed").describe()["counters"] == {"evolve": 2}
+
+
+def test_an_unkeyed_call_is_not_sent_again_after_a_drop(server):
+    created(server, "unkeyed")
+    with SynapseClient(server.url, token=ALICE) as client, client.session() as session:
+        syn = session.get("unkeyed")
+        pending = syn.submit("forward", inputs=inputs(2))
+        _drop(session)
+        with pytest.raises(APIConnectionError, match="not sent again"):
+            pending.result()
+        assert syn.forward(inputs(3)).shape == (2, 4, 4, 2)  # the session reconnected
+    assert version(server, "unkeyed") in (2, 3)  # the lost forward may or may not have run: never twice

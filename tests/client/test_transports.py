@@ -1,0 +1,234 @@
+"""One client API, three ways to reach the engine: REST, the session stream, and the in-process mode.
+
+The same scenarios run through each; the numbers are compared with the registry called
+directly (the engine's own answer), the errors by class and message. ``SynapseClient("local")``
+must behave as the HTTP client does, with no HTTP at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from synapse_client import (
+    AsyncSynapseClient,
+    ConflictError,
+    NotFoundError,
+    PreconditionFailedError,
+    Ref,
+    SynapseClient,
+    UnprocessableEntityError,
+)
+from synapse_serve.local.registry import Registry
+from synapse_serve.names import InstanceKey
+
+KIND = "HebbianDeconvSynapse"
+CONFIG = {"shape": [3, 3, 2, 3], "x_shape": [6, 6], "eta": 0.05, "optim_type": "adam"}
+DENSE = {"shape": [5, 4], "eta": 0.1, "bias": True}
+TRANSPORTS = ("rest", "session", "local")
+
+
+def rand(shape, seed):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+X, POST = rand((2, 6, 6, 2), 1), rand((2, 6, 6, 3), 2)
+
+
+class Via:
+    """A client and where its handles come from: the client itself, or one of its sessions."""
+
+    def __init__(self, client, session=None) -> None:
+        self.client, self.session = client, session
+
+    def create(self, name, **options):
+        self.client.create(name, **options)
+        return self.handle(name)
+
+    def handle(self, name):
+        return (self.session or self.client).get(name)
+
+    def call_many(self, *args, **options):
+        return (self.session or self.client).call_many(*args, **options)
+
+
+@pytest.fixture(params=TRANSPORTS)
+def via(request, live_server):
+    if request.param == "local":
+        with SynapseClient("local") as client:
+            yield Via(client)
+    else:
+        with SynapseClient(live_server.url) as client:
+            if request.param == "rest":
+                yield Via(client)
+            else:
+                with client.session() as session:
+                    yield Via(client, session)
+
+
+def engine_answers(kind, config, calls, seed=0):
+    """What the engine itself answers to ``calls`` [(operation, tensors, returns)], no client at all."""
+    registry = Registry()
+    key = InstanceKey.of("me", "truth")
+    registry.create(key, kind=kind, config=config, seed=seed)
+    return [registry.call(key, operation, tensors, returns) for operation, tensors, returns in calls]
+
+
+def test_the_operations_give_the_engines_numbers(via, unique_name):
+    syn = via.create(unique_name, kind=KIND, config=CONFIG)
+    truth = engine_answers(KIND, CONFIG, [("forward", {"inputs": X}, None),
+                                          ("evolve", {"pre": X, "post": POST}, ["dWeights"]),
+                                          ("backtransmit", {"post": POST}, None),
+                                          ("step", {"inputs": X, "post": POST}, None)])
+    assert np.array_equal(syn.forward(X), truth[0]["outputs"])
+    assert np.array_equal(syn.evolve(X, POST, returns=["dWeights"])["dWeights"], truth[1]["dWeights"])
+    assert np.array_equal(syn.backtransmit(POST), truth[2]["dInputs"])
+    stepped = syn.step(X, POST)
+    assert np.array_equal(stepped["outputs"], truth[3]["outputs"]) and stepped["version"] == 5
+    syn.reset()
+    assert syn.describe()["counters"] == {"forward": 1, "evolve": 1, "backtransmit": 1, "step": 1, "reset": 1}
+    assert syn.help()["kind"] == KIND
+
+
+def test_answers_are_the_callers_own_arrays(via, unique_name):
+    syn = via.create(unique_name, kind=KIND, config=CONFIG)
+    weights = syn.weights
+    weights += 1.0  # writable, and not the engine's
+    assert not np.array_equal(syn.weights, weights)
+    value = np.full((3, 3, 2, 3), 0.25, np.float32)
+    syn.set("weights", value)
+    value[...] = 7.0  # the engine kept its own copy
+    assert np.all(syn.get("weights") == 0.25)
+
+
+def test_references_and_compartments(via, unique_name):
+    syn = via.create(unique_name, kind=KIND, config=CONFIG)
+    y = syn.forward(X)
+    assert np.array_equal(syn.forward(Ref("inputs")), y)
+    assert np.array_equal(syn.get("inputs"), X)
+    other = via.create(unique_name + "-b", kind=KIND, config=CONFIG)
+    assert np.array_equal(other.forward(Ref("inputs", instance=unique_name)), y)
+
+
+def test_errors_are_the_same_classes_and_messages(via, unique_name):
+    syn = via.create(unique_name, kind=KIND, config=CONFIG)
+    with pytest.raises(NotFoundError, match="no instance named 'missing-one'"):
+        via.handle("missing-one")
+    with pytest.raises(UnprocessableEntityError, match=r"inputs: expected shape \(batch, 6, 6, 2\), received"):
+        syn.forward(np.ones((2, 5, 5, 2)))
+    with pytest.raises(ConflictError):
+        via.create(unique_name, kind=KIND, config=CONFIG)
+    with pytest.raises(PreconditionFailedError):
+        syn.evolve(X, POST, if_version=99)
+    with pytest.raises(UnprocessableEntityError, match="did you mean 'weights'"):
+        syn.get("wieghts")
+    assert syn.describe()["version"] == 1
+
+
+def test_a_keyed_call_applies_once(via, unique_name):
+    syn = via.create(unique_name, kind=KIND, config=CONFIG)
+    first = syn.call("evolve", pre=X, post=POST, idempotency_key="same-key", returns=["weights"])
+    again = syn.call("evolve", pre=X, post=POST, idempotency_key="same-key", returns=["weights"])
+    assert first["version"] == again["version"] == 2 and np.array_equal(first["weights"], again["weights"])
+    assert syn.describe()["counters"] == {"evolve": 1}
+
+
+def test_snapshots_files_and_listing(via, unique_name, tmp_path):
+    syn = via.create(unique_name, kind=KIND, config=CONFIG)
+    syn.evolve(X, POST)
+    syn.snapshot("s1")
+    before = syn.weights
+    syn.evolve(X, POST)
+    assert [s["snapshot"] for s in syn.snapshots()] == ["s1"]
+    assert syn.restore("s1") == 4
+    assert np.array_equal(syn.weights, before)
+    path = syn.export(tmp_path / "copy.safetensors")
+    via.client.import_(path, name=unique_name + "-copy")
+    assert np.array_equal(via.handle(unique_name + "-copy").weights, before)
+    names = {d["name"] for d in via.client.list()}
+    assert {unique_name, unique_name + "-copy"} <= names
+    syn.delete_snapshot("s1")
+    syn.delete()
+    with pytest.raises(NotFoundError):
+        via.handle(unique_name)
+    assert any(k["name"] == KIND for k in via.client.kinds()) and via.client.kind_help(KIND)["kind"] == KIND
+    assert via.client.health()
+
+
+def test_sequences_and_packed_calls(via, unique_name):
+    syn = via.create(unique_name, kind="HebbianSynapse", config=DENSE)
+    xs, posts = rand((6, 3, 5), 3), rand((6, 3, 4), 4)
+    truth = engine_answers("HebbianSynapse", DENSE, [("step", {"inputs": xs[t], "post": posts[t]}, None)
+                                                     for t in range(6)])
+    every2 = syn.run_sequence("step", inputs=xs, post=posts, every=2)
+    assert np.array_equal(every2["outputs"], np.stack([truth[t]["outputs"] for t in (1, 3, 5)]))
+    assert syn.describe()["counters"] == {"step": 6} and every2["version"] == 2
+    assert syn.run_sequence("forward", inputs=xs, last=True)["outputs"].shape == (3, 4)
+    assert syn.forward(xs).shape == (6, 3, 4)  # a leading time axis alone
+    for i in range(3):
+        via.client.create(f"{unique_name}-p{i}", kind="HebbianSynapse", config=DENSE, seed=i)
+    packed = via.call_many("forward", {f"{unique_name}-p{i}": {"inputs": xs[i]} for i in range(3)})
+    for i in range(3):
+        truth = engine_answers("HebbianSynapse", DENSE, [("forward", {"inputs": xs[i]}, None)], seed=i)
+        assert np.array_equal(packed[f"{unique_name}-p{i}"]["outputs"], truth[0]["outputs"])
+        assert packed[f"{unique_name}-p{i}"]["version"] == 2
+
+
+def test_the_async_client_in_process(tmp_path):
+    async def main():
+        async with AsyncSynapseClient("local") as client:
+            syn = await client.create("a", kind=KIND, config=CONFIG)
+            y = await syn.forward(X)
+            assert np.array_equal(y, engine_answers(KIND, CONFIG, [("forward", {"inputs": X}, None)])[0]["outputs"])
+            async with client.session() as session:
+                handle = await session.get("a")
+                results = await asyncio.gather(*(handle.forward(X) for _ in range(4)))
+                assert all(np.array_equal(r, y) for r in results)
+            assert (await syn.describe())["counters"] == {"forward": 5}
+            with pytest.raises(NotFoundError):
+                await client.get("b")
+
+    asyncio.run(main())
+
+
+def test_an_in_process_state_directory_is_a_servers(tmp_path):
+    """``local:<dir>`` keeps instances there, as a server would, and a server cannot share it meanwhile."""
+    from conftest import LiveServer
+
+    state = tmp_path / "state"
+    with SynapseClient(f"local:{state}", local_settings={"durability": "sync"}) as client:
+        client.create("kept", kind=KIND, config=CONFIG).evolve(X, POST)
+        busy = LiveServer(state_dir=state)
+        with contextlib.suppress(Exception):
+            busy.start()
+        assert busy.exit_code is not None or not busy.thread.is_alive()  # refused: the directory is taken
+        busy.server.should_exit = True
+        busy.sock.close()
+    with LiveServer(state_dir=state) as live, SynapseClient(live.url) as client:
+        assert client.get("kept").describe()["counters"] == {"evolve": 1}
+
+
+def test_local_mode_without_the_server_extra_says_what_to_install():
+    script = textwrap.dedent(
+        """
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {"jax", "jaxlib", "fastapi", "synapse_serve"}:
+                    raise ImportError(f"blocked: {name}")
+        sys.meta_path.insert(0, Block())
+        from synapse_client import SynapseClient
+        try:
+            SynapseClient("local")
+        except ImportError as exc:
+            print(exc)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "pip install 'synapse-serve[server]'" in result.stdout, result.stderr

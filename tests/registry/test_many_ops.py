@@ -1,0 +1,237 @@
+"""Many operations per call, in the registry: T-step sequences and packed calls equal separate calls bit for bit.
+
+A sequence (tensors with a leading time axis) runs the operation's own function once per step in
+one compiled scan; a packed call runs one operation on many instances, one device call per group
+of one config. Both must leave every compartment, version, counter and answer exactly as the
+separate calls would, and refuse bad input before anything changes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from synapse_serve.errors import (
+    IdempotencyKeyReused,
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+    ShapeMismatch,
+    UnknownCompartment,
+)
+from synapse_serve.local.capacity import Capacity, Limits
+from synapse_serve.local.registry import Registry
+from synapse_serve.names import CompartmentRef, InstanceKey
+
+DECONV = ("HebbianDeconvSynapse", {"shape": [3, 3, 2, 3], "x_shape": [6, 6], "eta": 0.05, "optim_type": "adam",
+                                   "bias": True})
+DENSE = ("HebbianSynapse", {"shape": [5, 4], "eta": 0.05, "optim_type": "sgd", "bias": True, "w_decay": 0.01})
+DENSE_NAG = ("HebbianSynapse", {"shape": [5, 4], "eta": 0.05, "optim_type": "nag", "p_conn": 0.7})
+KINDS = {"deconv": DECONV, "dense": DENSE, "dense-nag": DENSE_NAG}
+BATCH, STEPS = 3, 7
+
+
+def key(name: str) -> InstanceKey:
+    return InstanceKey.of("me", name)
+
+
+def shapes(registry: Registry, name: str) -> tuple[tuple, tuple]:
+    described = registry.describe(key(name))["compartments"]
+    return tuple(described["inputs"]["shape"][1:]), tuple(described["outputs"]["shape"][1:])
+
+
+def tensors(registry: Registry, name: str, operation: str, lead: tuple, seed: int) -> dict[str, np.ndarray]:
+    inputs, outputs = shapes(registry, name)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(*lead, BATCH, *inputs)).astype(np.float32)
+    y = rng.normal(size=(*lead, BATCH, *outputs)).astype(np.float32)
+    return {"forward": {"inputs": x}, "evolve": {"pre": x, "post": y}, "backtransmit": {"post": y},
+            "step": {"inputs": x, "post": y}, "calc_update": {"pre": x, "post": y}}[operation]
+
+
+def same_instances(registry: Registry, a: str, b: str) -> None:
+    da, db = registry.describe(key(a)), registry.describe(key(b))
+    assert (da["version"], da["counters"]) == (db["version"], db["counters"])
+    for compartment in da["compartments"]:
+        va, vb = registry.read(key(a), compartment)[0], registry.read(key(b), compartment)[0]
+        assert va.dtype == vb.dtype and np.array_equal(va, vb), compartment
+
+
+@pytest.fixture
+def registry() -> Registry:
+    return Registry()
+
+
+def twins(registry: Registry, kind: tuple, *names: str) -> None:
+    for name in names:
+        registry.create(key(name), kind=kind[0], config=kind[1], seed=3)
+
+
+# --- sequences ---
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("operation", ["forward", "evolve", "backtransmit", "step"])
+@pytest.mark.parametrize("every", [1, 3, STEPS])
+def test_a_sequence_is_the_separate_calls_bit_for_bit(registry, kind, operation, every):
+    twins(registry, KINDS[kind], "seq", "calls")
+    sent = tensors(registry, "seq", operation, (STEPS,), seed=1)
+    returned = ["outputs", "weights", "dInputs"]
+    answer = registry.call(key("seq"), operation, sent, returned, sequence={"every": every})
+    separate = [registry.call(key("calls"), operation, {k: v[t] for k, v in sent.items()}, returned)
+                for t in range(STEPS)]
+    kept = [separate[t] for t in range(STEPS) if (t + 1) % every == 0]
+    for compartment in returned:
+        assert answer[compartment].shape == (len(kept), *separate[0][compartment].shape)
+        assert np.array_equal(answer[compartment], np.stack([k[compartment] for k in kept])), compartment
+    assert answer["version"] == 2  # one call: one version, whatever the steps
+    assert registry.describe(key("seq"))["counters"] == {operation: STEPS}
+    assert registry.describe(key("calls"))["counters"] == {operation: STEPS}
+    for compartment, value in registry.describe(key("seq"))["compartments"].items():
+        assert np.array_equal(registry.read(key("seq"), compartment)[0], registry.read(key("calls"), compartment)[0])
+
+
+def test_a_leading_time_axis_alone_makes_a_sequence_and_last_drops_the_axis(registry):
+    twins(registry, DECONV, "a", "b")
+    xs = tensors(registry, "a", "forward", (4,), seed=2)["inputs"]
+    assert registry.call(key("a"), "forward", {"inputs": xs})["outputs"].shape[:2] == (4, BATCH)
+    last = registry.call(key("b"), "forward", {"inputs": xs}, sequence={"last": True})["outputs"]
+    assert last.shape[0] == BATCH and np.array_equal(last, registry.read(key("a"), "outputs")[0])
+
+
+def test_a_keyed_sequence_is_applied_once(registry):
+    twins(registry, DENSE, "a")
+    sent = tensors(registry, "a", "step", (STEPS,), seed=4)
+    first = registry.call(key("a"), "step", sent, idempotency_key="k1", sequence={"every": 2})
+    again = registry.call(key("a"), "step", sent, idempotency_key="k1", sequence={"every": 2})
+    assert again["version"] == first["version"] == 2 and np.array_equal(again["outputs"], first["outputs"])
+    assert registry.describe(key("a"))["counters"] == {"step": STEPS}
+    with pytest.raises(IdempotencyKeyReused):  # the same key for other options is another request
+        registry.call(key("a"), "step", sent, idempotency_key="k1", sequence={"every": 1})
+
+
+@pytest.mark.parametrize(("options", "sent", "error", "fragment"), [
+    ({"every": 8}, "seq", InvalidRequest, "sequence.every: 8 is not allowed; it must be between 1 and 7"),
+    ({"every": 0}, "seq", InvalidRequest, "sequence.every: 0"),
+    ({"every": 2, "last": True}, "seq", InvalidRequest, "give every or last, not both"),
+    ({"last": "yes"}, "seq", InvalidRequest, "sequence.last: expected true or false"),
+    ({"steps": 3}, "seq", InvalidRequest, "unknown option 'steps'"),
+    ({}, "one", InvalidRequest, "no tensor with a leading time axis"),
+    (None, "mixed", ShapeMismatch, "post: expected shape (steps, batch"),
+    (None, "ragged", ShapeMismatch, "post: expected 7 steps"),
+    (None, "ref", InvalidRequest, "takes tensors, not references"),
+])
+def test_bad_sequences_are_refused_before_anything_changes(registry, options, sent, error, fragment):
+    twins(registry, DECONV, "a")
+    seq = tensors(registry, "a", "step", (STEPS,), seed=5)
+    one = tensors(registry, "a", "step", (), seed=5)
+    args = {"seq": seq, "one": one, "mixed": {"inputs": seq["inputs"], "post": one["post"]},
+            "ragged": {"inputs": seq["inputs"], "post": seq["post"][:3]},
+            "ref": {"inputs": seq["inputs"], "post": CompartmentRef("outputs")}}[sent]
+    before = registry.describe(key("a"))
+    with pytest.raises(error, match=fragment.replace("(", r"\(")):
+        registry.call(key("a"), "step", args, sequence=options)
+    assert registry.describe(key("a"))["version"] == before["version"]
+
+
+def test_a_sequence_counts_every_sample_against_max_batch():
+    registry = Registry(Capacity(Limits(max_batch=20)))
+    twins(registry, DENSE, "a")
+    sent = tensors(registry, "a", "forward", (STEPS,), seed=6)  # 7 steps x 3 = 21 samples
+    with pytest.raises(ShapeMismatch, match="7 steps of batch 3 is 21 samples, over the server's max_batch of 20"):
+        registry.call(key("a"), "forward", sent)
+    registry.call(key("a"), "forward", {"inputs": sent["inputs"][:6]})  # 18 samples
+
+
+# --- packed calls ---
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("operation", ["forward", "evolve", "step"])
+def test_a_packed_call_is_the_separate_calls_bit_for_bit(registry, kind, operation):
+    count = 5
+    for i in range(count):
+        registry.create(key(f"p{i}"), kind=KINDS[kind][0], config=KINDS[kind][1], seed=i)
+        registry.create(key(f"s{i}"), kind=KINDS[kind][0], config=KINDS[kind][1], seed=i)
+    sent = [tensors(registry, "p0", operation, (), seed=10 + i) for i in range(count)]
+    returned = ["outputs", "weights"]
+    packed = registry.call_many([key(f"p{i}") for i in range(count)], operation, sent, returned)
+    separate = [registry.call(key(f"s{i}"), operation, sent[i], returned) for i in range(count)]
+    for p, s in zip(packed, separate):
+        assert p["version"] == s["version"]
+        for compartment in returned:
+            assert np.array_equal(p[compartment], s[compartment]), compartment
+    for i in range(count):
+        same_instances(registry, f"p{i}", f"s{i}")
+
+
+def test_one_packed_call_mixes_configs_and_batches(registry):
+    configs = [DECONV, DENSE, DECONV, DENSE_NAG, DENSE]
+    for i, (kind, config) in enumerate(configs):
+        registry.create(key(f"p{i}"), kind=kind, config=config, seed=i)
+        registry.create(key(f"s{i}"), kind=kind, config=config, seed=i)
+    sent = []
+    for i in range(len(configs)):
+        inputs, _ = shapes(registry, f"p{i}")
+        sent.append({"inputs": np.random.default_rng(i).normal(size=(1 + i % 2, *inputs)).astype(np.float32)})
+    packed = registry.call_many([key(f"p{i}") for i in range(len(configs))], "forward", sent)
+    for i, answer in enumerate(packed):
+        assert np.array_equal(answer["outputs"], registry.call(key(f"s{i}"), "forward", sent[i])["outputs"])
+        same_instances(registry, f"p{i}", f"s{i}")
+
+
+@pytest.mark.parametrize(("change", "error", "fragment"), [
+    ("missing", NotFound, "calls[2] ('nope'): no instance named 'nope'"),
+    ("shape", ShapeMismatch, "calls[1] ('p1'): inputs: expected shape"),
+    ("duplicate", InvalidRequest, "instance 'p0' appears more than once"),
+    ("returns", UnknownCompartment, "calls[0] ('p0'): cannot return 'nothing'"),
+    ("ref", InvalidRequest, "calls[1] ('p1'): a packed call takes tensors, not references"),
+    ("sequence", InvalidRequest, "calls[0] ('p0'): a packed call runs one step per instance"),
+])
+def test_a_bad_packed_call_names_the_call_and_applies_nothing(registry, change, error, fragment):
+    for i in range(3):
+        registry.create(key(f"p{i}"), kind=DECONV[0], config=DECONV[1], seed=i)
+    keys = [key(f"p{i}") for i in range(3)]
+    sent = [tensors(registry, "p0", "forward", (), seed=i) for i in range(3)]
+    returns = None
+    if change == "missing":
+        keys[2] = key("nope")
+    elif change == "shape":
+        sent[1] = {"inputs": sent[1]["inputs"][:, :3]}
+    elif change == "duplicate":
+        keys[2] = key("p0")
+    elif change == "returns":
+        returns = ["nothing"]
+    elif change == "ref":
+        sent[1] = {"inputs": CompartmentRef("inputs")}
+    else:
+        sent[0] = tensors(registry, "p0", "forward", (2,), seed=0)
+    before = [registry.describe(key(f"p{i}"))["version"] for i in range(3)]
+    with pytest.raises(error, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        registry.call_many(keys, "forward", sent, returns)
+    assert [registry.describe(key(f"p{i}"))["version"] for i in range(3)] == before
+
+
+def test_a_packed_call_over_quota_applies_nothing():
+    registry = Registry(Capacity(Limits(max_state_bytes_per_owner=60_000)))
+    for i in range(2):
+        registry.create(key(f"p{i}"), kind=DECONV[0], config=DECONV[1], seed=i)
+    big = tensors(registry, "p0", "forward", (), seed=0)["inputs"].repeat(200, axis=0)  # grows the signals
+    with pytest.raises(QuotaExceeded):
+        registry.call_many([key("p0"), key("p1")], "forward", [{"inputs": big[:3]}, {"inputs": big}])
+    assert [registry.describe(key(f"p{i}"))["version"] for i in range(2)] == [1, 1]
+    assert registry.capacity.owner_usage("me")["state_bytes"] == sum(registry.describe(key(f"p{i}"))["state_bytes"]
+                                                      for i in range(2))
+
+
+def test_a_keyed_packed_call_is_applied_once(registry):
+    for i in range(3):
+        registry.create(key(f"p{i}"), kind=DENSE[0], config=DENSE[1], seed=i)
+    keys = [key(f"p{i}") for i in range(3)]
+    sent = [tensors(registry, "p0", "evolve", (), seed=i) for i in range(3)]
+    first = registry.call_many(keys, "evolve", sent, ["weights"], idempotency_key="pack-1")
+    again = registry.call_many(keys, "evolve", sent, ["weights"], idempotency_key="pack-1")
+    assert [a["version"] for a in again] == [a["version"] for a in first] == [2, 2, 2]
+    assert all(np.array_equal(a["weights"], b["weights"]) for a, b in zip(first, again))
+    with pytest.raises(IdempotencyKeyReused):  # the key on other instances is another request
+        registry.call_many(keys[:2], "evolve", sent[:2], ["weights"], idempotency_key="pack-1")
