@@ -23,6 +23,7 @@ from synapse_serve.names import CompartmentRef, InstanceKey
 from synapse_serve.store import Record
 
 IDEMPOTENCY_KEYS_KEPT = 128  # per instance: its most recent keyed calls (retries come soon)
+PLANS_KEPT = 16  # per instance: plans of its recent call shapes
 
 
 @dataclass(eq=False)
@@ -50,6 +51,13 @@ class Instance:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     waiting: int = 0  # calls queued for its lock
     answers: IdempotencyCache | None = field(default=None, repr=False)
+    plans: dict[tuple, tuple] = field(default_factory=dict, repr=False)  # its calls' plans, by shapes (a few)
+
+    def remember_plan(self, key: tuple, plan: tuple) -> None:
+        """Keep a plan for this instance's next calls of the same shapes (bounded: shapes vary little)."""
+        if len(self.plans) >= PLANS_KEPT:
+            self.plans.pop(next(iter(self.plans)))
+        self.plans[key] = plan
 
     def check_version(self, expected: int | None) -> None:
         """412 unless ``expected`` (from If-Match) is None or the current version."""

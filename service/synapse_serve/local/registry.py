@@ -47,6 +47,7 @@ from synapse_serve.kinds import Kind, get_kind
 from synapse_serve.kinds.base import (
     check_tensor,
     compartment_paths,
+    leaf_names,
     replace_compartment,
     require_int,
     state_from_compartments,
@@ -367,14 +368,16 @@ class Registry:
                     self.persistence.persist(instance)  # sync mode: acknowledged only once stored
                     return instance.answers.answer_of(entry, key.name)
             instance.check_version(expected_version)
-            leaves = compartment_paths(instance.state)
+            names = leaf_names(jax.tree_util.tree_structure(instance.state))
             for compartment in returned:
-                if compartment not in leaves:
-                    raise unknown_compartment(instance.kind, compartment, leaves, "cannot return")
-            args = [self._resolve(instance, arg.name, a, leaves) if isinstance(a, (CompartmentRef, _Fetched)) else a
-                    for arg, a in zip(op.args, args)]
-            self._check_batches(instance, op, args, steps)
-            new_signature, new_bytes, runner = self._predict(instance, op.name, fn, args)
+                if compartment not in names:
+                    raise unknown_compartment(instance.kind, compartment, names, "cannot return")
+            if any(isinstance(a, (CompartmentRef, _Fetched)) for a in args):
+                leaves = compartment_paths(instance.state)
+                args = [self._resolve(instance, arg.name, a, leaves) if isinstance(a, (CompartmentRef, _Fetched))
+                        else a for arg, a in zip(op.args, args)]
+                self._check_batches(instance, op, args, steps)  # the resolved ones too
+            new_signature, new_bytes, runner, _ = self._predict(instance, op.name, fn, args)
             self.capacity.resize(key.owner, instance.device, instance.held_bytes, new_bytes)  # refused before work
             try:
                 out = device_call(runner, instance.config, instance.state, *args)
@@ -400,7 +403,8 @@ class Registry:
 
         Instances of one kind, config and shapes run as one device call (``kinds/packed.py``); each
         answer equals a separate call's (the version, counters and idempotency of each instance as if
-        it had been called alone). A repeated ``idempotency_key`` returns the first answers.
+        it had been called alone). A repeated ``idempotency_key`` returns the first answers. An error
+        names the call it is about (``calls[3] ('enc-3'): …``).
         """
         if not keys:
             raise InvalidRequest("calls: send at least one call", argument="calls")
@@ -408,11 +412,11 @@ class Registry:
             twice = next(k for k in keys if keys.count(k) > 1)
             raise InvalidRequest(f"calls: instance {twice.name!r} appears more than once; a packed call runs each "
                                  "instance once", argument="calls")
-        bound = []
         # the pack is part of what each instance was asked: the same key on other instances is another request
         pack = {"packed": ",".join(sorted(str(k) for k in keys))} if idempotency_key is not None else None
-        for index, (key, sent) in enumerate(zip(keys, tensors)):
-            with _naming(index, key):
+        bound = []
+        with _naming(keys) as at:
+            for at.index, (key, sent) in enumerate(zip(keys, tensors)):
                 instance = self._get(key)
                 op = instance.kind.operations.get(operation)
                 if op is None:
@@ -426,80 +430,75 @@ class Registry:
                                          argument="calls")
                 returned = list(op.returns if returns is None else returns)
                 print_ = fingerprint(operation, args, returned, pack) if idempotency_key is not None else ""
-                bound.append((index, instance, op, args, returned, print_))
-        with contextlib.ExitStack() as held:
-            for index, instance, *_ in sorted(bound, key=lambda b: (b[1].key.owner, b[1].key.name)):
-                with _naming(index, instance.key):
-                    held.enter_context(self._hold(instance))
+                bound.append((instance, op, args, returned, print_))
+        with contextlib.ExitStack() as held, _naming(keys) as at:
+            for at.index in sorted(range(len(bound)), key=lambda i: (keys[i].owner, keys[i].name)):
+                held.enter_context(self._hold(bound[at.index][0]))
+            at.index = None
             if idempotency_key is not None:
-                replayed = self._replay_many(bound, idempotency_key)
+                replayed = self._replay_many(bound, idempotency_key, at)
                 if replayed is not None:
                     return replayed
             planned, resized = [], []
             try:
-                for index, instance, op, args, returned, print_ in bound:
-                    with _naming(index, instance.key):
-                        leaves = compartment_paths(instance.state)
-                        for compartment in returned:
-                            if compartment not in leaves:
-                                raise unknown_compartment(instance.kind, compartment, leaves, "cannot return")
-                        signature, nbytes, _ = self._predict(instance, operation, op.fn, args)
-                        self.capacity.resize(instance.key.owner, instance.device, instance.held_bytes, nbytes)
-                        resized.append((instance, nbytes))
-                        planned.append((signature, nbytes))
-                new_states = self._run_packed(bound)
+                for at.index, (instance, op, args, returned, _) in enumerate(bound):
+                    names = leaf_names(jax.tree_util.tree_structure(instance.state))
+                    for compartment in returned:
+                        if compartment not in names:
+                            raise unknown_compartment(instance.kind, compartment, names, "cannot return")
+                    signature, nbytes, _, plan = self._predict(instance, operation, op.fn, args)
+                    self.capacity.resize(instance.key.owner, instance.device, instance.held_bytes, nbytes)
+                    resized.append((instance, nbytes))
+                    planned.append((signature, nbytes, plan))
+                at.index = None
+                new_states = self._run_packed(bound, planned)
             except BaseException:
                 for instance, nbytes in resized:
                     self.capacity.resize(instance.key.owner, instance.device, nbytes, instance.held_bytes,
                                          check=False)
                 raise
             answers = []
-            for (index, instance, op, args, returned, print_), state, (signature, nbytes) in zip(
-                    bound, new_states, planned):
-                result = {c: np.asarray(v) for c, v in compartment_paths(state).items() if c in returned}
+            for (instance, _, _, returned, print_), state, (signature, nbytes, _) in zip(bound, new_states, planned):
+                leaves = compartment_paths(state)
+                result = {c: np.asarray(leaves[c]) for c in returned}
                 self._commit(instance, state, operation, signature, nbytes, accounted=True)
                 answer = {"version": instance.version, **result}
                 if idempotency_key is not None:
                     instance.answers.remember(idempotency_key, print_, answer)
                 answers.append(answer)
-            for index, instance, *_ in bound:
-                with _naming(index, instance.key):
-                    self.persistence.persist(instance)
+            for at.index, (instance, *_) in enumerate(bound):
+                self.persistence.persist(instance)
             return answers
 
-    def _replay_many(self, bound: list[tuple], idempotency_key: str) -> list[dict[str, Any]] | None:
+    def _replay_many(self, bound: list[tuple], idempotency_key: str, at: Any) -> list[dict[str, Any]] | None:
         """The first answers of a packed call with this key, or None if it never ran (under every lock)."""
         entries = []
-        for index, instance, _op, _args, _returned, print_ in bound:
-            with _naming(index, instance.key):
-                entries.append(instance.answers.replay(idempotency_key, print_))
+        for at.index, (instance, _op, _args, _returned, print_) in enumerate(bound):
+            entries.append(instance.answers.replay(idempotency_key, print_))
+        at.index = None
         if all(entry is None for entry in entries):
             return None
         if any(entry is None for entry in entries):
             raise IdempotencyKeyReused(f"Idempotency-Key {idempotency_key[:64]!r} was used for a packed call on "
                                        "other instances; use a new key for a new request")
-        for index, instance, *_ in bound:
-            with _naming(index, instance.key):
-                self.persistence.persist(instance)
-        return [instance.answers.answer_of(entry, instance.key.name)
-                for (_, instance, *_), entry in zip(bound, entries)]
+        for at.index, (instance, *_) in enumerate(bound):
+            self.persistence.persist(instance)
+        return [instance.answers.answer_of(entry, instance.key.name) for (instance, *_), entry in zip(bound, entries)]
 
     @staticmethod
-    def _run_packed(bound: list[tuple]) -> list[Any]:
+    def _run_packed(bound: list[tuple], planned: list[tuple]) -> list[Any]:
         """The new state of every bound call: one device call per group of one kind, config, device and shapes."""
         groups: dict[tuple, list[int]] = {}
-        for position, (_, instance, op, args, _, _) in enumerate(bound):
-            shapes = tuple(None if a is None else (tuple(a.shape), a.dtype) for a in args)
-            groups.setdefault((op.fn, instance.config, instance.device, instance.signature, shapes),
-                              []).append(position)
+        for position, ((instance, op, args, _, _), (_, _, plan)) in enumerate(zip(bound, planned)):
+            shapes = tuple(None if a is None else (a.shape, a.dtype) for a in args)
+            groups.setdefault((id(plan), instance.device, shapes), []).append(position)
         new_states: list[Any] = [None] * len(bound)
-        for (fn, config, _, _, _), positions in groups.items():
-            first = bound[positions[0]]
-            states = [bound[p][1].state for p in positions]
-            tensors = tuple(None if first[3][a] is None else [bound[p][3][a] for p in positions]
-                            for a in range(len(first[3])))
-            plan = lean.plan(fn, config, states[0], *first[3])
-            out = device_call(run_packed, plan, config, states, *tensors)
+        for positions in groups.values():
+            first, plan = bound[positions[0]], planned[positions[0]][2]
+            states = [bound[p][0].state for p in positions]
+            tensors = tuple(None if first[2][a] is None else [bound[p][2][a] for p in positions]
+                            for a in range(len(first[2])))
+            out = device_call(run_packed, plan, first[0].config, states, *tensors)
             for p, state in zip(positions, out):
                 new_states[p] = state
         return new_states
@@ -603,24 +602,29 @@ class Registry:
             return _Fetched(jax.device_put(value, caller.device, may_alias=False))
 
     def _predict(self, instance: Instance, operation: str, fn: Callable[..., Any], args: list[Any]
-                 ) -> tuple[tuple, int, Callable[..., Any]]:
-        """The compartment shapes and bytes the call will leave, and what to run: an operation's plan (only the
-        compartments it touches, ``kinds/lean.py``) or a sequence. Traced once per shapes, before running."""
-        shapes = tuple(None if a is None else (tuple(a.shape), a.dtype) for a in args)
+                 ) -> tuple[tuple, int, Callable[..., Any], lean.Plan | None]:
+        """The compartment shapes and bytes the call will leave, what to run (an operation's plan: only the
+        compartments it touches, ``kinds/lean.py``; or a sequence) and the plan. Traced once per shapes."""
+        shapes = tuple(None if a is None else (a.shape, a.dtype) for a in args)
+        own = (operation, fn, instance.signature, shapes)  # the instance's own plans: no config to hash
+        known = instance.plans.get(own)
+        if known is not None:
+            return known
         key = (operation, fn, instance.config, instance.signature, shapes)
         with self._predictions_lock:
             known = self._predictions.get(key)
             if known is not None:
                 self._predictions.move_to_end(key)
+                instance.remember_plan(own, known)
                 return known
         if fn is instance.kind.operations[operation].fn:
-            runner = lean.plan(fn, instance.config, instance.state, *args)
-            signature = runner.out_signature
-            runner = runner.run
+            plan = lean.plan(fn, instance.config, instance.state, *args)
+            signature, runner = plan.out_signature, plan.run
         else:  # a sequence: (state, kept)
             signature = signature_of(jax.eval_shape(functools.partial(fn, instance.config), instance.state, *args)[0])
-            runner = fn
-        known = (signature, nbytes_of(signature), runner)
+            plan, runner = None, fn
+        known = (signature, nbytes_of(signature), runner, plan)
+        instance.remember_plan(own, known)
         with self._predictions_lock:
             self._predictions[key] = known
             while len(self._predictions) > PREDICTIONS_KEPT:
@@ -868,15 +872,23 @@ class Registry:
         return len(self._instances)
 
 
+class _At:
+    """Which call of a packed call is being checked (None: the call as a whole)."""
+
+    index: int | None = None
+
+
 @contextlib.contextmanager
-def _naming(index: int, key: InstanceKey) -> Iterator[None]:
-    """A packed call's error says which of its calls it was about."""
+def _naming(keys: list[InstanceKey]) -> Iterator[_At]:
+    """A packed call's error says which of its calls it was about (the one ``at.index`` points to)."""
+    at = _At()
     try:
-        yield
+        yield at
     except SynapseServeError as exc:
-        exc.detail = f"calls[{index}] ({key.name!r}): {exc.detail}"
-        exc.args = (exc.detail,)
-        exc.extra.setdefault("call", index)
+        if at.index is not None:
+            exc.detail = f"calls[{at.index}] ({keys[at.index].name!r}): {exc.detail}"
+            exc.args = (exc.detail,)
+            exc.extra.setdefault("call", at.index)
         raise
 
 
