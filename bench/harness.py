@@ -6,6 +6,7 @@ Benchmarks are run by hand; they are not timed tests.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -95,7 +96,14 @@ def ngclearn_python() -> Path:
     versions = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
     candidates = sorted(versions.glob("3.12.*/bin/python")) or sorted(versions.glob("3.1[3-9]*/bin/python"))
     base = str(candidates[-1]) if candidates else shutil.which("python3.12") or shutil.which("python3")
-    print(f"creating {NGCLEARN_VENV} with {base} (ngclearn==3.2.3)", flush=True)
+    # the JAX of this environment, so that bit-for-bit comparisons compare the same compiler
+    pins = []
+    for package in ("jax", "jaxlib"):
+        try:
+            pins.append(f"{package}=={importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    print(f"creating {NGCLEARN_VENV} with {base} (ngclearn==3.2.3 {' '.join(pins)})", flush=True)
     subprocess.run([base, "-m", "venv", str(NGCLEARN_VENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "ngclearn==3.2.3"], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "ngclearn==3.2.3", *pins], check=True)
     return python

@@ -14,12 +14,14 @@ do). The error says how many attempts were made.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
 import re
 import time
 import uuid
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
-from synapse_client import _codec
+from synapse_client import _codec, _ngclearn
 from synapse_client._codec import Ref
 from synapse_client._exceptions import (
     APIConnectionError,
@@ -203,6 +205,41 @@ class _BaseClient:
         return f"/v1/packed/{quote(str(operation), safe='')}{self._query(owner)}", body, headers
 
     @staticmethod
+    def _ngclearn_plan(path: str | os.PathLike[str], kind: str | None, config: dict[str, Any] | None,
+                       component: str | None, allow_pickle: bool) -> tuple[str, dict, dict, int, list[tuple]]:
+        """What importing an ngclearn save takes: kind, config, the create's init and seed, then the compartment
+        writes in order (mask before weights: the weights are written exactly as saved)."""
+        folder, component, entry, meta = _ngclearn.find_save(Path(path), component)
+        if config is None:
+            if meta is not None:  # our own export: its config is exact
+                kind, config = meta["kind"], meta["config"]
+            elif entry is not None:
+                kind, config = _ngclearn.config_from_entry(entry)
+            else:
+                raise ValueError(f"{folder}: a component save has no hyperparameters (ngclearn keeps them only in "
+                                 "a model folder's roots.json): pass kind= and config=")
+        elif kind is None:
+            raise ValueError("config= needs kind= (HebbianSynapse or HebbianDeconvSynapse)")
+        arrays, objects = _ngclearn._safe_npz(folder / f"{component}.npz")
+        pickled = folder / f"{component}_opt_params.pkl"
+        opt = _ngclearn.read_opt_params(pickled) if allow_pickle and pickled.is_file() else None
+        config, compartments = _ngclearn.to_service(kind, config, arrays, objects, opt)
+        optim = config.get("optim_type", "sgd")
+        if opt is None and not (kind == "HebbianDeconvSynapse" and optim == "sgd"):
+            warnings.warn(f"{folder / component}: the optimizer state was not read (it is a pickle: pass "
+                          f"allow_pickle=True for a file you trust); the instance starts with a fresh {optim} state",
+                          stacklevel=3)
+        init = {"weights": compartments.pop("weights")}
+        if "biases" in compartments:
+            init["biases"] = compartments.pop("biases")
+        key = compartments["key"]
+        seed = int(meta["seed"]) if meta is not None else (int(key[1]) if int(key[0]) == 0 else 0)
+        writes = [(c, compartments.pop(c)) for c in ("mask",) if c in compartments]
+        writes += [("weights", init["weights"])] if writes else []
+        writes += sorted(compartments.items())
+        return kind, config, init, seed, writes
+
+    @staticmethod
     def _sequence_options(every: int | None, last: bool) -> dict[str, Any]:
         if last and every is not None:
             raise ValueError("give every or last, not both")
@@ -354,6 +391,30 @@ class SynapseClient(_BaseClient):
                     raise
         raise SynapseError(f"instance {name!r} kept appearing and disappearing; try again")
 
+    def from_ngclearn(self, path: str | os.PathLike[str], *, name: str, kind: str | None = None,
+                      config: dict[str, Any] | None = None, component: str | None = None, allow_pickle: bool = False,
+                      durability: str | None = None, owner: str | None = None) -> Synapse:
+        """Create instance ``name`` from an ngclearn 3.2.3 save: a model folder (``ctx.save_to_json``; the
+        hyperparameters come from its roots.json), a component folder or ``.npz`` (``syn.save``; pass ``kind``
+        and ``config``), or a folder ``Synapse.to_ngclearn`` wrote. Every array is checked before it is read
+        (numbers only, sane shapes); the weights, biases, mask, signals and key become the instance's.
+
+        ``allow_pickle=True`` also reads the optimizer state from ``<component>_opt_params.pkl``. **A pickle can
+        run code when loaded**: pass it only for files you trust. Even then only numpy arrays are accepted (any
+        other object is refused). Without it the instance starts with a fresh optimizer state (a warning says so).
+        Runs in this process; the server is sent arrays only. Docs: docs/ngclearn.md.
+        """
+        kind, config, init, seed, writes = self._ngclearn_plan(path, kind, config, component, allow_pickle)
+        syn = self.create(name, kind=kind, config=config, init=init, seed=seed, durability=durability, owner=owner)
+        try:
+            for compartment, value in writes:
+                syn.set(compartment, value)
+        except BaseException:
+            with contextlib.suppress(SynapseError):
+                syn.delete()  # nothing half-imported is left behind
+            raise
+        return syn
+
     def import_(self, path: str | os.PathLike[str], *, name: str, owner: str | None = None) -> Synapse:
         """Create instance ``name`` from a file written by ``Synapse.export`` (bit-identical state)."""
         query = f"?name={quote(check_name(name), safe='')}" + (f"&owner={quote(check_name(owner, 'owner'))}"
@@ -502,6 +563,24 @@ class AsyncSynapseClient(_BaseClient):
                 if getattr(exc, "status_code", None) != 409:
                     raise
         raise SynapseError(f"instance {name!r} kept appearing and disappearing; try again")
+
+    async def from_ngclearn(self, path: str | os.PathLike[str], *, name: str, kind: str | None = None,
+                            config: dict[str, Any] | None = None, component: str | None = None,
+                            allow_pickle: bool = False, durability: str | None = None,
+                            owner: str | None = None) -> AsyncSynapse:
+        """Create instance ``name`` from an ngclearn 3.2.3 save (see ``SynapseClient.from_ngclearn``; a pickle
+        can run code when loaded: ``allow_pickle=True`` only for files you trust)."""
+        kind, config, init, seed, writes = self._ngclearn_plan(path, kind, config, component, allow_pickle)
+        syn = await self.create(name, kind=kind, config=config, init=init, seed=seed, durability=durability,
+                                owner=owner)
+        try:
+            for compartment, value in writes:
+                await syn.set(compartment, value)
+        except BaseException:
+            with contextlib.suppress(SynapseError):
+                await syn.delete()  # nothing half-imported is left behind
+            raise
+        return syn
 
     async def import_(self, path: str | os.PathLike[str], *, name: str, owner: str | None = None) -> AsyncSynapse:
         """Create instance ``name`` from a file written by ``AsyncSynapse.export`` (bit-identical state)."""
@@ -669,6 +748,18 @@ class Synapse(_Handle):
         target.write_bytes(self.client.request("GET", self._url("/export"), retry=True))
         return target
 
+    def to_ngclearn(self, path: str | os.PathLike[str], *, layout: str = "component") -> Path:
+        """Write the instance as ngclearn 3.2.3 files, from one consistent copy (its export).
+
+        ``layout="component"``: ``<path>/<name>.npz`` and ``<name>_opt_params.pkl`` for ``syn.load(path)``;
+        ``layout="model"``: ``<path>/<name>/`` for ``Context.load(path, name)``. Beside them,
+        ``synapse-serve.json`` (provenance, the constructor call, notes on what ngclearn cannot restore) and
+        ``load_in_ngclearn.py`` (``load_component`` / ``load_model``: restores everything ngclearn can hold, the
+        optimizer state included). Returns the folder ngclearn reads. Docs: docs/ngclearn.md.
+        """
+        record, arrays = _ngclearn.read_export(self.client.request("GET", self._url("/export"), retry=True))
+        return _ngclearn.write_ngclearn(Path(path), layout, self.name, record, arrays, record.get("provenance", {}))
+
     def delete(self) -> None:
         """Delete the instance (and its snapshots) on the server."""
         self.client.request("DELETE", self._url(), retry=False)
@@ -779,6 +870,11 @@ class AsyncSynapse(_Handle):
         target = Path(path)
         target.write_bytes(await self.client.request("GET", self._url("/export"), retry=True))
         return target
+
+    async def to_ngclearn(self, path: str | os.PathLike[str], *, layout: str = "component") -> Path:
+        """Write the instance as ngclearn 3.2.3 files (see ``Synapse.to_ngclearn``)."""
+        record, arrays = _ngclearn.read_export(await self.client.request("GET", self._url("/export"), retry=True))
+        return _ngclearn.write_ngclearn(Path(path), layout, self.name, record, arrays, record.get("provenance", {}))
 
     async def delete(self) -> None:
         """Delete the instance (and its snapshots) on the server."""

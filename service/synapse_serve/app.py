@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from synapse_serve import __version__
 from synapse_serve.api import admin, health, kinds, operations, session, snapshots, synapses
 from synapse_serve.api.bodies import problem, problem_from
 from synapse_serve.api.operations import OperationRoute
@@ -108,7 +109,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     app = FastAPI(
         title="synapse-serve",
-        version="0.1.0",
+        version=__version__,
         summary="Learnable synapses (ngclearn's synapses) as a REST service.",
         description="Bodies are msgpack (`application/msgpack`, primary) or JSON (`application/json`); "
                     "tensors follow docs/wire-format.md. Errors are RFC 9457 problem details.",

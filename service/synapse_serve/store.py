@@ -4,7 +4,8 @@ The same format serves persistence, export, import and snapshots. A file holds e
 compartment as a tensor (the optimizer state under its path, e.g.
 ``opt_state/0/mu/0``) and, in the header's ``__metadata__``, a JSON record:
 format version, kind, config, seed, version, counters, owner, durability mode,
-creation and save times, and a SHA-256 over the rest of the header and the data, so
+creation and save times, provenance (service and JAX versions, device, key schedule: read by
+people and tools, never needed to continue), and a SHA-256 over the rest of the header and the data, so
 truncation, bit flips and tampering are caught before anything is used.
 
 safetensors layout: 8-byte little-endian header length N, N bytes of JSON
@@ -76,6 +77,7 @@ class Record:
     saved_at: float = 0.0  # when this copy was taken
     durability: str | None = None  # the instance's own mode; None follows the server's
     owner: str = "local"  # who the instance belongs to
+    provenance: dict[str, Any] | None = None  # written for the reader; never needed to continue
 
 
 def _canonical(obj: Any) -> bytes:
@@ -113,6 +115,8 @@ class _Layout:
                 "seed": record.seed, "version": record.version, "counters": record.counters,
                 "created_at": record.created_at, "saved_at": record.saved_at, "durability": record.durability,
                 "owner": record.owner}
+        if record.provenance is not None:
+            meta["provenance"] = record.provenance
         self.body = {"record": json.dumps(meta, sort_keys=True, allow_nan=False)}
         self.header_bytes = len(self.header(_CHECKSUM_PLACEHOLDER))
 

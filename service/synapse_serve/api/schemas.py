@@ -111,6 +111,8 @@ class Description(BaseModel):
     state_bytes: int
     created_at: float
     last_used_at: float
+    provenance: dict[str, Any] = Field(description="service and JAX versions, the ngclearn release the numbers "
+                                                   "follow, device, seed and key schedule")
 
 
 class SnapshotRequest(BaseModel):

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from synapse_serve import NGCLEARN_VERSION, __version__
 from synapse_serve.errors import AnswerNotKept, IdempotencyKeyReused, PreconditionFailed
 from synapse_serve.kinds import Kind
 from synapse_serve.kinds.base import compartment_paths
@@ -24,6 +25,9 @@ from synapse_serve.store import Record
 
 IDEMPOTENCY_KEYS_KEPT = 128  # per instance: its most recent keyed calls (retries come soon)
 PLANS_KEPT = 16  # per instance: plans of its recent call shapes
+KEY_SCHEDULE = ("ngclearn's: key = PRNGKey(seed mod 2**32) (the key compartment); the initial draws come from "
+                "split(key, 4) as ngclearn's constructors take them (dense: weights, mask, biases from parts 1-3; "
+                "deconvolution: filters from part 1, biases from part 3)")
 
 
 @dataclass(eq=False)
@@ -72,7 +76,14 @@ class Instance:
         releasing it: the next call donates them)."""
         return Record(kind=self.kind.name, config=self.config.to_dict(), seed=self.seed, version=self.version,
                       counters=dict(self.counters), created_at=self.created_at, saved_at=time.time(),
-                      durability=self.durability, owner=self.key.owner, arrays=compartment_paths(self.state))
+                      durability=self.durability, owner=self.key.owner, arrays=compartment_paths(self.state),
+                      provenance=self.provenance())
+
+    def provenance(self) -> dict[str, Any]:
+        """Where the numbers come from: in every description and every file written of the instance."""
+        return {"service": f"synapse-serve {__version__}", "kind": self.kind.name,
+                "follows": f"ngclearn {NGCLEARN_VERSION}", "jax": jax.__version__, "device": device_name(self.device),
+                "seed": self.seed, "key_schedule": KEY_SCHEDULE}
 
     def describe(self, durability: str) -> dict[str, Any]:
         """Kind, config, compartment shapes and dtypes, device, counters and version (call under the lock)."""
@@ -91,6 +102,7 @@ class Instance:
             "state_bytes": self.held_bytes,
             "created_at": self.created_at,
             "last_used_at": self.last_used_at,
+            "provenance": self.provenance(),
         }
 
 
