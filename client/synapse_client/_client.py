@@ -226,8 +226,8 @@ class _BaseClient:
         config, compartments = _ngclearn.to_service(kind, config, arrays, objects, opt)
         optim = config.get("optim_type", "sgd")
         if opt is None and not (kind == "HebbianDeconvSynapse" and optim == "sgd"):
-            warnings.warn(f"{folder / component}: the optimizer state was not read (it is a pickle: pass "
-                          f"allow_pickle=True for a file you trust); the instance starts with a fresh {optim} state",
+            warnings.warn(f"{folder / component}: the optimizer state was not read (it is a pickle: set "
+                          f"allow_pickle to True for a file you trust); the instance starts with a fresh {optim} state",
                           stacklevel=3)
         init = {"weights": compartments.pop("weights")}
         if "biases" in compartments:
@@ -399,7 +399,7 @@ class SynapseClient(_BaseClient):
         and ``config``), or a folder ``Synapse.to_ngclearn`` wrote. Every array is checked before it is read
         (numbers only, sane shapes); the weights, biases, mask, signals and key become the instance's.
 
-        ``allow_pickle=True`` also reads the optimizer state from ``<component>_opt_params.pkl``. **A pickle can
+        With ``allow_pickle`` true it also reads the optimizer state from ``<component>_opt_params.pkl``. **A pickle can
         run code when loaded**: pass it only for files you trust. Even then only numpy arrays are accepted (any
         other object is refused). Without it the instance starts with a fresh optimizer state (a warning says so).
         Runs in this process; the server is sent arrays only. Docs: docs/ngclearn.md.
@@ -569,7 +569,7 @@ class AsyncSynapseClient(_BaseClient):
                             allow_pickle: bool = False, durability: str | None = None,
                             owner: str | None = None) -> AsyncSynapse:
         """Create instance ``name`` from an ngclearn 3.2.3 save (see ``SynapseClient.from_ngclearn``; a pickle
-        can run code when loaded: ``allow_pickle=True`` only for files you trust)."""
+        can run code when loaded: ``allow_pickle`` only for files you trust)."""
         kind, config, init, seed, writes = self._ngclearn_plan(path, kind, config, component, allow_pickle)
         syn = await self.create(name, kind=kind, config=config, init=init, seed=seed, durability=durability,
                                 owner=owner)
