@@ -34,3 +34,16 @@ ensure_venv() {  # ensure_venv EXTRAS
     touch "$stamp"
   fi
 }
+
+ensure_chromium() {  # the browser tests drive the system's Chromium (Debian's package), never a downloaded one
+  local name
+  for name in chromium chromium-browser google-chrome; do
+    command -v "$name" >/dev/null 2>&1 && return 0
+  done
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's chromium for the browser tests" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "no Chromium found: install your distribution's chromium package (the browser tests need it)" >&2
+  fi
+}

@@ -2,6 +2,7 @@
 # Set up .venv (first run only) and run the whole test suite. Extra args go to pytest.
 source "$(dirname "$0")/_python.sh"
 ensure_venv test
+ensure_chromium
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 set +e
 .venv/bin/python -m pytest "$@"

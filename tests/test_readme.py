@@ -52,6 +52,16 @@ def test_readme_loop_example_runs(live_server, where):
     assert "(5, 32, 8, 8, 1) (2, 4) {'forward': 25, 'backtransmit': 20, 'evolve': 1}" in result.stdout
 
 
+def test_readme_insight_example_runs(live_server, tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert len(blocks) >= 5, "README lost its pictures / history example"
+    code = blocks[4].replace("http://127.0.0.1:8000", live_server.url)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "True 20 1024" in result.stdout
+    assert (tmp_path / "filters.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_readme_curl_example_runs(live_server):
     import httpx
 

@@ -1,6 +1,7 @@
 """synapse_client: a thin Python client for synapse-serve (numpy, msgpack, httpx and websockets only)."""
 
 from synapse_client._client import (
+    PNG,
     AsyncSynapse,
     AsyncSynapseClient,
     Synapse,
@@ -47,6 +48,7 @@ __all__ = [
     "InternalServerError",
     "NotAcceptableError",
     "NotFoundError",
+    "PNG",
     "Pending",
     "PayloadTooLargeError",
     "PermissionDeniedError",

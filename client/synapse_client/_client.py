@@ -30,7 +30,7 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
-from synapse_client import _codec, _ngclearn
+from synapse_client import _codec, _ngclearn, _progress
 from synapse_client._codec import Ref
 from synapse_client._exceptions import (
     APIConnectionError,
@@ -45,6 +45,7 @@ from synapse_client._session import AsyncSession, Pending, Session
 
 MSGPACK = "application/msgpack"
 OCTET = "application/octet-stream"
+PNG_MEDIA = "image/png"
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=120.0, pool=10.0)
 DEFAULT_URL = "http://127.0.0.1:8000"
 LEARNING_OPERATIONS = ("evolve", "step")  # not repeatable by accident: sent with an Idempotency-Key
@@ -54,6 +55,19 @@ _TOKEN = re.compile(r"[!-~]+")  # what an HTTP header can carry: visible ASCII, 
 # the request never reached the server: safe to send again, whatever it was
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 START_HINT = "is the server running? Start one with ./scripts/serve.sh (from a checkout) or synapse-serve"
+
+
+class PNG(bytes):
+    """A PNG image's bytes; Jupyter displays it (``_repr_png_``), ``save(path)`` writes it."""
+
+    def _repr_png_(self) -> bytes:
+        return bytes(self)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the image to ``path``; returns the path."""
+        target = Path(path)
+        target.write_bytes(self)
+        return target
 
 
 def as_array(value: Any) -> np.ndarray | Ref:
@@ -129,24 +143,26 @@ class _BaseClient:
         return parts, {"Content-Type": MSGPACK, "Content-Length": str(sum(len(p) for p in parts))}
 
     @staticmethod
-    def _decode(response: httpx.Response) -> Any:
-        """The answer's body: numpy arrays (writable: the caller owns them), a file's bytes, or an error raised."""
+    def _decode(response: httpx.Response, content: bytes | None = None) -> Any:
+        """The answer's body (``content``: read already, from a stream): numpy arrays (writable: the caller owns
+        them), a file's or picture's bytes, or an error raised."""
         media = response.headers.get("content-type", "").split(";")[0].strip()
+        content = response.content if content is None else content
         if response.status_code >= 400:
             try:
-                problem = json.loads(response.content) if "json" in media else _codec.unpackb(response.content)
+                problem = json.loads(content) if "json" in media else _codec.unpackb(content)
             except (ValueError, WireError):
-                problem = {"detail": response.text[:500]}
+                problem = {"detail": content[:500].decode("utf-8", "replace")}
             if not isinstance(problem, dict):
                 problem = {"detail": str(problem)[:500]}
             raise status_error(response.status_code, problem, response.headers.get("x-request-id"))
-        if response.status_code == 204 or not response.content:
+        if response.status_code == 204 or not content:
             return None
-        if media == OCTET:
-            return response.content
+        if media in (OCTET, PNG_MEDIA):
+            return content
         if media == MSGPACK:
-            return _codec.unpackb(response.content, writable=True)
-        return response.json()
+            return _codec.unpackb(content, writable=True)
+        return json.loads(content)
 
     def _connection_error(self, method: str, path: str, exc: httpx.TransportError, attempts: int,
                           retried: bool) -> APIConnectionError:
@@ -273,6 +289,24 @@ class _BaseClient:
                              "name, or get() it as it is")
 
 
+def _titled(progress: bool, title: str) -> dict[str, str]:
+    """The request's progress argument: only when asked (a session's or in-process request takes it too)."""
+    return {"progress": title} if progress else {}
+
+
+def _part_key(key: str | None, index: int) -> str | None:
+    """A part's Idempotency-Key of a sequence run in parts: the caller's, told apart by part."""
+    return None if key is None else f"{key[:240]}/part-{index}"
+
+
+def _sliced(tensors: dict[str, Any], part: slice) -> dict[str, Any]:
+    return {k: (None if v is None else np.asarray(v)[part]) for k, v in tensors.items()}
+
+
+def _body_length(content: Any) -> int:
+    return sum(len(memoryview(p).cast("B")) for p in (content if isinstance(content, list) else [content]))
+
+
 async def _stream(parts: list[bytes | memoryview]):
     """Body parts for httpx's AsyncClient (which takes only async iterables); a fresh one per attempt."""
     for part in parts:
@@ -302,16 +336,19 @@ class SynapseClient(_BaseClient):
                                                            headers=self.headers, transport=transport)
 
     def request(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *, retry: bool,
-                headers: dict[str, str] | None = None) -> Any:
+                headers: dict[str, str] | None = None, progress: str | None = None) -> Any:
         """Send one call. A connection that could not be made is always retried; ``retry=True`` (calls safe to
-        repeat) also retries timeouts and dropped connections after the request was sent."""
+        repeat) also retries timeouts and dropped connections after the request was sent. ``progress``: show a
+        bar with this title while the body goes out (a body) or comes in (no body)."""
         if self._local is not None:
-            return self._local.request(method, path, body, headers)
+            return _progress.finished(self._local.request(method, path, body, headers), progress)
         content, content_headers = self._prepare(body)
         headers = {**content_headers, **(headers or {})}
         attempt = 0
         while True:
             try:
+                if progress is not None:
+                    return self._with_progress(method, path, content, headers, progress)
                 response = self._http.request(method, path, content=content, headers=headers)
             except httpx.TransportError as exc:
                 if not self._retryable(exc, attempt, retry):
@@ -320,6 +357,30 @@ class SynapseClient(_BaseClient):
                 return self._decode(response)
             time.sleep(self._backoff(attempt))
             attempt += 1
+
+    def _with_progress(self, method: str, path: str, content: Any, headers: dict[str, str], title: str) -> Any:
+        if content is not None:  # an upload: the bar follows the body out
+            total = int(headers.get("Content-Length") or _body_length(content))
+            bar = _progress.bar(total, title)
+            try:
+                response = self._http.request(method, path, content=_progress.upload(content, bar),
+                                              headers={**headers, "Content-Length": str(total)})
+            finally:
+                bar.close()
+            return self._decode(response)
+        with self._http.stream(method, path, headers=headers) as response:  # a download: the bar follows the answer
+            if response.status_code >= 400:
+                response.read()
+                return self._decode(response)
+            bar = _progress.bar(int(response.headers.get("content-length", 0)) or None, title)
+            try:
+                chunks = []
+                for chunk in response.iter_bytes(_progress.CHUNK_BYTES):
+                    chunks.append(chunk)
+                    bar.update(len(chunk))
+            finally:
+                bar.close()
+            return self._decode(response, b"".join(chunks))
 
     def submit(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *, retry: bool,
                headers: dict[str, str] | None = None) -> Pending:
@@ -415,11 +476,14 @@ class SynapseClient(_BaseClient):
             raise
         return syn
 
-    def import_(self, path: str | os.PathLike[str], *, name: str, owner: str | None = None) -> Synapse:
-        """Create instance ``name`` from a file written by ``Synapse.export`` (bit-identical state)."""
+    def import_(self, path: str | os.PathLike[str], *, name: str, owner: str | None = None,
+                progress: bool = False) -> Synapse:
+        """Create instance ``name`` from a file written by ``Synapse.export`` (bit-identical state;
+        ``progress=True``: a bar while it uploads)."""
         query = f"?name={quote(check_name(name), safe='')}" + (f"&owner={quote(check_name(owner, 'owner'))}"
                                                                if owner is not None else "")
-        self.request("POST", f"/v1/synapses/import{query}", Path(path).read_bytes(), retry=False)
+        self.request("POST", f"/v1/synapses/import{query}", Path(path).read_bytes(), retry=False,
+                     **_titled(progress, f"{name} import"))
         return Synapse(self, name, owner=owner)
 
     def list(self, *, owner: str | None = None) -> list[dict[str, Any]]:
@@ -486,16 +550,19 @@ class AsyncSynapseClient(_BaseClient):
                                                                 headers=self.headers, transport=transport)
 
     async def request(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *,
-                      retry: bool, headers: dict[str, str] | None = None) -> Any:
+                      retry: bool, headers: dict[str, str] | None = None, progress: str | None = None) -> Any:
         """Send one call. A connection that could not be made is always retried; ``retry=True`` (calls safe to
-        repeat) also retries timeouts and dropped connections after the request was sent."""
+        repeat) also retries timeouts and dropped connections after the request was sent. ``progress``: show a
+        bar with this title while the body goes out (a body) or comes in (no body)."""
         if self._local is not None:
-            return await self._local.request(method, path, body, headers)
+            return _progress.finished(await self._local.request(method, path, body, headers), progress)
         content, content_headers = self._prepare(body)
         headers = {**content_headers, **(headers or {})}
         attempt = 0
         while True:
             try:
+                if progress is not None:
+                    return await self._with_progress(method, path, content, headers, progress)
                 response = await self._http.request(
                     method, path, content=_stream(content) if isinstance(content, list) else content,
                     headers=headers)
@@ -506,6 +573,35 @@ class AsyncSynapseClient(_BaseClient):
                 return self._decode(response)
             await asyncio.sleep(self._backoff(attempt))
             attempt += 1
+
+    async def _with_progress(self, method: str, path: str, content: Any, headers: dict[str, str], title: str) -> Any:
+        if content is not None:  # an upload: the bar follows the body out
+            total = int(headers.get("Content-Length") or _body_length(content))
+            bar = _progress.bar(total, title)
+
+            async def parts():
+                for piece in _progress.upload(content, bar):
+                    yield piece
+
+            try:
+                response = await self._http.request(method, path, content=parts(),
+                                                    headers={**headers, "Content-Length": str(total)})
+            finally:
+                bar.close()
+            return self._decode(response)
+        async with self._http.stream(method, path, headers=headers) as response:  # a download
+            if response.status_code >= 400:
+                await response.aread()
+                return self._decode(response)
+            bar = _progress.bar(int(response.headers.get("content-length", 0)) or None, title)
+            try:
+                chunks = []
+                async for chunk in response.aiter_bytes(_progress.CHUNK_BYTES):
+                    chunks.append(chunk)
+                    bar.update(len(chunk))
+            finally:
+                bar.close()
+            return self._decode(response, b"".join(chunks))
 
     def submit(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *, retry: bool,
                headers: dict[str, str] | None = None) -> asyncio.Task:
@@ -582,11 +678,14 @@ class AsyncSynapseClient(_BaseClient):
             raise
         return syn
 
-    async def import_(self, path: str | os.PathLike[str], *, name: str, owner: str | None = None) -> AsyncSynapse:
-        """Create instance ``name`` from a file written by ``AsyncSynapse.export`` (bit-identical state)."""
+    async def import_(self, path: str | os.PathLike[str], *, name: str, owner: str | None = None,
+                      progress: bool = False) -> AsyncSynapse:
+        """Create instance ``name`` from a file written by ``AsyncSynapse.export`` (bit-identical state;
+        ``progress=True``: a bar while it uploads)."""
         query = f"?name={quote(check_name(name), safe='')}" + (f"&owner={quote(check_name(owner, 'owner'))}"
                                                                if owner is not None else "")
-        await self.request("POST", f"/v1/synapses/import{query}", Path(path).read_bytes(), retry=False)
+        await self.request("POST", f"/v1/synapses/import{query}", Path(path).read_bytes(), retry=False,
+                           **_titled(progress, f"{name} import"))
         return AsyncSynapse(self, name, owner=owner)
 
     async def list(self, *, owner: str | None = None) -> list[dict[str, Any]]:
@@ -647,6 +746,21 @@ class _Handle:
         owner = f", owner={self.owner!r}" if self.owner is not None else ""
         return f"{type(self).__name__}({self.name!r}{owner} at {self.client.base_url})"
 
+    def _picture_url(self, compartment: str, normalize: str, scale: int | None, columns: int | None,
+                     tile: tuple[int, int] | None, padding: int | None) -> str:
+        options = {"compartment": _compartment_path(compartment), "normalize": normalize, "scale": scale,
+                   "columns": columns, "tile": None if tile is None else f"{int(tile[0])},{int(tile[1])}",
+                   "padding": padding}
+        query = "&".join(f"{k}={quote(str(v), safe=',/')}" for k, v in options.items() if v is not None)
+        return f"{self._path}/filters.png{self._query}{'&' if self._query else '?'}{query}"
+
+    @staticmethod
+    def _picture(answer: Any, path: str | os.PathLike[str] | None) -> PNG:
+        png = PNG(answer["png"] if isinstance(answer, dict) else answer)  # a frame's answer, or REST's body
+        if path is not None:
+            Path(path).write_bytes(png)
+        return png
+
 
 class Synapse(_Handle):
     """Handle of one named instance on the server; numpy in, numpy out (writable arrays of your own)."""
@@ -696,7 +810,7 @@ class Synapse(_Handle):
 
     def run_sequence(self, operation: str, *, every: int | None = None, last: bool = False,
                      returns: Sequence[str] | None = None, if_version: int | None = None,
-                     idempotency_key: str | None = None, **tensors: Any) -> dict[str, Any]:
+                     idempotency_key: str | None = None, progress: bool = False, **tensors: Any) -> dict[str, Any]:
         """Run ``operation`` over tensors with a leading time axis, ``(steps, batch, …)``: ``steps`` steps in one
         compiled call on the server, each equal to a separate call. Returns ``{"version", <compartment>: …}``
         with the compartments after every step (``(steps, batch, …)``), after every ``every``-th step
@@ -704,9 +818,25 @@ class Synapse(_Handle):
 
         Example: ``ys = syn.run_sequence("forward", inputs=xs, every=10)["outputs"]``; ``syn.forward(xs)`` with
         ``xs`` of shape ``(steps, batch, …)`` returns every step's outputs.
+
+        ``progress=True`` shows a bar: the sequence then runs as up to 20 consecutive calls of whole
+        ``every``-step blocks (the same numbers; the answer joined), each advancing the bar.
         """
-        return self.call(operation, returns=returns, if_version=if_version, idempotency_key=idempotency_key,
-                         sequence=self.client._sequence_options(every, last), **tensors)
+        options = self.client._sequence_options(every, last)
+        if not progress:
+            return self.call(operation, returns=returns, if_version=if_version, idempotency_key=idempotency_key,
+                             sequence=options, **tensors)
+        steps, parts = _progress.sequence_parts(tensors, every)
+        line, answers = _progress.bar(steps, f"{self.name} {operation}", unit="step"), []
+        try:
+            for index, part in enumerate(parts):
+                answers.append(self.call(operation, returns=returns, if_version=if_version if index == 0 else None,
+                                         idempotency_key=_part_key(idempotency_key, index), sequence=options,
+                                         **_sliced(tensors, part)))
+                line.update(part.stop - part.start)
+        finally:
+            line.close()
+        return _progress.join_answers(answers, last)
 
     def submit(self, operation: str, *, returns: Sequence[str] | None = None, if_version: int | None = None,
                idempotency_key: str | None = None, sequence: dict[str, Any] | None = None,
@@ -726,26 +856,57 @@ class Synapse(_Handle):
         """Config, compartment shapes, device, counters and version."""
         return self.client.request("GET", self._url(), retry=True)
 
-    def get(self, compartment: str) -> np.ndarray:
-        """A copy of one compartment (writable, yours), e.g. ``"weights"`` or ``"opt_state/0/mu/0"``."""
-        return self.client.request("GET", self._url(f"/compartments/{_compartment_path(compartment)}"),
-                                   retry=True)["value"]
+    def plot_filters(self, path: str | os.PathLike[str] | None = None, *, compartment: str = "weights",
+                     normalize: str = "tile", scale: int | None = None, columns: int | None = None,
+                     tile: tuple[int, int] | None = None, padding: int | None = None) -> PNG:
+        """The weights (or ``dWeights``, …) drawn by the server as a PNG grid of filter tiles; also written to
+        ``path`` when given. In Jupyter the returned image displays itself.
 
-    def set(self, compartment: str, value: Any) -> int:
-        """Overwrite one compartment (same shape; batch may differ for signals); returns the new version."""
+        Filters: one tile per output channel (grey for 1 input channel, colour for 3) or per (c_in, c_out)
+        filter; dense: each output unit's weights as a ``tile=(h, w)`` tile (default when ``n_in`` is a
+        square), else the matrix as a heat map. ``normalize``: ``"tile"``, ``"global"`` or ``"symmetric"``
+        (blue-white-red around zero); ``scale``: pixels per weight; ``columns``: tiles per row.
+        """
+        url = self._picture_url(compartment, normalize, scale, columns, tile, padding)
+        answer = self.client.request("GET", url, retry=True, headers={"Accept": PNG_MEDIA})
+        return self._picture(answer, path)
+
+    def stats(self) -> dict[str, Any]:
+        """Statistics now: ``weights`` (mean, std, min, max, norm, abs_mean, sparsity, filter_norms), ``update``
+        (of dWeights) and ``biases``, with the version and counters they belong to."""
+        return self.client.request("GET", self._url("/stats"), retry=True)
+
+    def history(self) -> list[dict[str, Any]]:
+        """The learning curve the server kept: one entry after each evolve or step call (a sequence: one, after
+        its last step), oldest first, the last ``history_length`` of them (see ``describe()``). Each entry:
+        ``version``, ``steps`` (updates so far), ``time``, the weights' mean, std, min, max, norm, sparsity and
+        ``update_norm`` (of dWeights)."""
+        return self.client.request("GET", self._url("/history"), retry=True)["entries"]
+
+    def get(self, compartment: str, *, progress: bool = False) -> np.ndarray:
+        """A copy of one compartment (writable, yours), e.g. ``"weights"`` or ``"opt_state/0/mu/0"``
+        (``progress=True``: a bar while it downloads)."""
+        return self.client.request("GET", self._url(f"/compartments/{_compartment_path(compartment)}"),
+                                   retry=True, **_titled(progress, f"{self.name} {compartment}"))["value"]
+
+    def set(self, compartment: str, value: Any, *, progress: bool = False) -> int:
+        """Overwrite one compartment (same shape; batch may differ for signals); returns the new version
+        (``progress=True``: a bar while it uploads)."""
         body = {"value": as_array(value)}
         return self.client.request("PUT", self._url(f"/compartments/{_compartment_path(compartment)}"), body,
-                                   retry=True)["version"]
+                                   retry=True, **_titled(progress, f"{self.name} {compartment}"))["version"]
 
     @property
     def weights(self) -> np.ndarray:
         """The current weights (a writable copy)."""
         return self.get("weights")
 
-    def export(self, path: str | os.PathLike[str]) -> Path:
-        """Save the whole instance (config, compartments, optimizer state, counters) to one file."""
+    def export(self, path: str | os.PathLike[str], *, progress: bool = False) -> Path:
+        """Save the whole instance (config, compartments, optimizer state, counters) to one file
+        (``progress=True``: a bar while it downloads)."""
         target = Path(path)
-        target.write_bytes(self.client.request("GET", self._url("/export"), retry=True))
+        target.write_bytes(self.client.request("GET", self._url("/export"), retry=True,
+                                               **_titled(progress, f"{self.name} export")))
         return target
 
     def to_ngclearn(self, path: str | os.PathLike[str], *, layout: str = "component") -> Path:
@@ -826,11 +987,26 @@ class AsyncSynapse(_Handle):
 
     async def run_sequence(self, operation: str, *, every: int | None = None, last: bool = False,
                            returns: Sequence[str] | None = None, if_version: int | None = None,
-                           idempotency_key: str | None = None, **tensors: Any) -> dict[str, Any]:
+                           idempotency_key: str | None = None, progress: bool = False,
+                           **tensors: Any) -> dict[str, Any]:
         """``steps`` steps of ``operation`` in one call, over tensors ``(steps, batch, …)`` (see
-        ``Synapse.run_sequence``)."""
-        return await self.call(operation, returns=returns, if_version=if_version, idempotency_key=idempotency_key,
-                               sequence=self.client._sequence_options(every, last), **tensors)
+        ``Synapse.run_sequence``; ``progress=True``: a bar, the steps in up to 20 calls)."""
+        options = self.client._sequence_options(every, last)
+        if not progress:
+            return await self.call(operation, returns=returns, if_version=if_version,
+                                   idempotency_key=idempotency_key, sequence=options, **tensors)
+        steps, parts = _progress.sequence_parts(tensors, every)
+        line, answers = _progress.bar(steps, f"{self.name} {operation}", unit="step"), []
+        try:
+            for index, part in enumerate(parts):
+                answers.append(await self.call(operation, returns=returns,
+                                               if_version=if_version if index == 0 else None,
+                                               idempotency_key=_part_key(idempotency_key, index), sequence=options,
+                                               **_sliced(tensors, part)))
+                line.update(part.stop - part.start)
+        finally:
+            line.close()
+        return _progress.join_answers(answers, last)
 
     def submit(self, operation: str, *, returns: Sequence[str] | None = None, if_version: int | None = None,
                idempotency_key: str | None = None, sequence: dict[str, Any] | None = None,
@@ -849,26 +1025,49 @@ class AsyncSynapse(_Handle):
         """Config, compartment shapes, device, counters and version."""
         return await self.client.request("GET", self._url(), retry=True)
 
-    async def get(self, compartment: str) -> np.ndarray:
-        """A copy of one compartment (writable, yours), e.g. ``"weights"``."""
-        return (await self.client.request("GET", self._url(f"/compartments/{_compartment_path(compartment)}"),
-                                          retry=True))["value"]
+    async def plot_filters(self, path: str | os.PathLike[str] | None = None, *, compartment: str = "weights",
+                           normalize: str = "tile", scale: int | None = None, columns: int | None = None,
+                           tile: tuple[int, int] | None = None, padding: int | None = None) -> PNG:
+        """The weights drawn by the server as a PNG grid (see ``Synapse.plot_filters``); also written to ``path``."""
+        url = self._picture_url(compartment, normalize, scale, columns, tile, padding)
+        answer = await self.client.request("GET", url, retry=True, headers={"Accept": PNG_MEDIA})
+        return self._picture(answer, path)
 
-    async def set(self, compartment: str, value: Any) -> int:
-        """Overwrite one compartment; returns the new version."""
+    async def stats(self) -> dict[str, Any]:
+        """Statistics now: ``weights`` (mean, std, min, max, norm, abs_mean, sparsity, filter_norms), ``update``
+        (of dWeights) and ``biases``, with the version and counters they belong to."""
+        return await self.client.request("GET", self._url("/stats"), retry=True)
+
+    async def history(self) -> list[dict[str, Any]]:
+        """The learning curve the server kept: one entry after each evolve or step call (a sequence: one, after
+        its last step), oldest first, the last ``history_length`` of them (see ``describe()``). Each entry:
+        ``version``, ``steps`` (updates so far), ``time``, the weights' mean, std, min, max, norm, sparsity and
+        ``update_norm`` (of dWeights)."""
+        return (await self.client.request("GET", self._url("/history"), retry=True))["entries"]
+
+    async def get(self, compartment: str, *, progress: bool = False) -> np.ndarray:
+        """A copy of one compartment (writable, yours), e.g. ``"weights"`` (``progress=True``: a bar)."""
+        return (await self.client.request("GET", self._url(f"/compartments/{_compartment_path(compartment)}"),
+                                          retry=True, **_titled(progress, f"{self.name} {compartment}")))["value"]
+
+    async def set(self, compartment: str, value: Any, *, progress: bool = False) -> int:
+        """Overwrite one compartment; returns the new version (``progress=True``: a bar)."""
         body = {"value": as_array(value)}
         return (await self.client.request("PUT", self._url(f"/compartments/{_compartment_path(compartment)}"),
-                                          body, retry=True))["version"]
+                                          body, retry=True, **_titled(progress, f"{self.name} {compartment}"))
+                )["version"]
 
     @property
     async def weights(self) -> np.ndarray:
         """The current weights (a writable copy): ``await syn.weights``."""
         return await self.get("weights")
 
-    async def export(self, path: str | os.PathLike[str]) -> Path:
-        """Save the whole instance (config, compartments, optimizer state, counters) to one file."""
+    async def export(self, path: str | os.PathLike[str], *, progress: bool = False) -> Path:
+        """Save the whole instance (config, compartments, optimizer state, counters) to one file
+        (``progress=True``: a bar while it downloads)."""
         target = Path(path)
-        target.write_bytes(await self.client.request("GET", self._url("/export"), retry=True))
+        target.write_bytes(await self.client.request("GET", self._url("/export"), retry=True,
+                                                     **_titled(progress, f"{self.name} export")))
         return target
 
     async def to_ngclearn(self, path: str | os.PathLike[str], *, layout: str = "component") -> Path:

@@ -12,7 +12,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from synapse_client._exceptions import status_error
 
-_INSTANCE_GETS = {(): "describe", ("help",): "help", ("export",): "export", ("snapshots",): "snapshots"}
+_INSTANCE_GETS = {(): "describe", ("help",): "help", ("export",): "export", ("snapshots",): "snapshots",
+                  ("stats",): "stats", ("history",): "history"}
 
 
 def frame_of(method: str, path: str, body: Any, headers: dict[str, str] | None) -> dict[str, Any] | None:
@@ -75,6 +76,9 @@ def _op_of(method: str, resource: str, rest: list[str], frame: dict[str, Any], b
         frame.update(name=(query.get("name") or [""])[0], blob=body)
         return "import"
     frame["name"], tail = rest[0], tuple(rest[1:])
+    if method == "GET" and tail == ("filters.png",):
+        frame["options"] = {k: v[0] for k, v in query.items() if k != "owner"}
+        return "filters"
     if method == "GET" and tail in _INSTANCE_GETS:
         return _INSTANCE_GETS[tail]
     if method == "DELETE" and not tail:

@@ -30,6 +30,7 @@ from websockets.uri import parse_uri
 
 from synapse_client import _codec
 from synapse_client._exceptions import APIConnectionError, APITimeoutError, AuthenticationError
+from synapse_client import _progress
 from synapse_client._frames import frame_of, result_of
 
 
@@ -179,9 +180,10 @@ class Session:
         return self.client._op_headers(operation, if_version, idempotency_key)
 
     def request(self, method: str, path: str, body: Any = None, *, retry: bool,
-                headers: dict[str, str] | None = None) -> Any:
-        """Send one request as a frame and wait for its answer (what the stream does not carry goes over HTTP)."""
-        return self.submit(method, path, body, retry=retry, headers=headers).result()
+                headers: dict[str, str] | None = None, progress: str | None = None) -> Any:
+        """Send one request as a frame and wait for its answer (what the stream does not carry goes over HTTP);
+        ``progress``: a bar, shown done when the frame's answer arrives."""
+        return _progress.finished(self.submit(method, path, body, retry=retry, headers=headers).result(), progress)
 
     def submit(self, method: str, path: str, body: Any = None, *, retry: bool,
                headers: dict[str, str] | None = None) -> Pending:
@@ -318,8 +320,13 @@ class AsyncSession:
         return self.client._op_headers(operation, if_version, idempotency_key)
 
     async def request(self, method: str, path: str, body: Any = None, *, retry: bool,
-                      headers: dict[str, str] | None = None) -> Any:
-        """Send one request as a frame and wait for its answer (what the stream does not carry goes over HTTP)."""
+                      headers: dict[str, str] | None = None, progress: str | None = None) -> Any:
+        """Send one request as a frame and wait for its answer (what the stream does not carry goes over HTTP);
+        ``progress``: a bar, shown done when the frame's answer arrives."""
+        return _progress.finished(await self._request(method, path, body, retry=retry, headers=headers), progress)
+
+    async def _request(self, method: str, path: str, body: Any, *, retry: bool,
+                       headers: dict[str, str] | None) -> Any:
         frame = frame_of(method, path, body, headers)
         if frame is None:
             return await self.client.request(method, path, body, retry=retry, headers=headers)

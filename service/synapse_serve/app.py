@@ -13,9 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from synapse_serve import __version__
-from synapse_serve.api import admin, health, kinds, operations, session, snapshots, synapses
+from synapse_serve.api import admin, health, insight, kinds, operations, session, snapshots, synapses, ui
 from synapse_serve.api.bodies import problem, problem_from
 from synapse_serve.api.operations import OperationRoute
+from synapse_serve.api.schemas import add_request_schemas
 from synapse_serve.api.server import Server
 from synapse_serve.auth import UnsafeSettings, auth_mode, token_table
 from synapse_serve.backend import Backend
@@ -36,7 +37,11 @@ def uvicorn_options(settings: Settings) -> dict:
 
 
 def make_backend(settings: Settings) -> Backend:
-    """The backend the settings ask for (the local one: this process's JAX devices)."""
+    """The backend the settings ask for: this process's JAX devices, or shard actors on a Ray cluster."""
+    if settings.backend == "ray":
+        from synapse_serve.cluster.backend import RayBackend  # no JAX in this process: the shards have it
+
+        return RayBackend(settings)
     from synapse_serve.local.backend import LocalBackend  # JAX is imported here, not by the API
 
     return LocalBackend(settings)
@@ -114,10 +119,19 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         description="Bodies are msgpack (`application/msgpack`, primary) or JSON (`application/json`); "
                     "tensors follow docs/wire-format.md. Errors are RFC 9457 problem details.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from api/ui.py, with their assets served from the package
+        redoc_url=None,
     )
     app.state.server = server
-    for module in (health, kinds, synapses, snapshots, admin, session, operations):
-        app.include_router(module.router)
+    fastapi_openapi = app.openapi
+
+    def openapi() -> dict:
+        return add_request_schemas(fastapi_openapi())  # FastAPI caches the document: this completes it once
+
+    app.openapi = openapi
+    for router in (health.router, kinds.router, synapses.router, insight.router, insight.pictures, snapshots.router,
+                   admin.router, session.router, operations.router, ui.router):
+        app.include_router(router)
     if settings.operation_route:
         documented = next(r for r in operations.router.routes if r.path == operations.PATH)
         app.router.routes.insert(0, OperationRoute(documented, backend.operation_names()))

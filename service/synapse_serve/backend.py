@@ -30,8 +30,9 @@ class Backend(Protocol):
     async def get_ready(self, phase: Callable[[str], None]) -> None:
         """Restore stored instances, warm up, start background work; report each phase by calling ``phase``."""
 
-    async def probe(self) -> None:
-        """Raise if a device cannot compute now (readiness)."""
+    async def probe(self) -> dict[str, Any] | None:
+        """Raise if a device cannot compute now (readiness); anything else readiness should say (a cluster: how
+        many shards are up)."""
 
     async def close(self) -> None:
         """Graceful shutdown: write what changed, release the state."""
@@ -59,6 +60,12 @@ class Backend(Protocol):
     async def describe(self, key: InstanceKey) -> dict[str, Any]: ...
 
     async def help(self, key: InstanceKey) -> dict[str, Any]: ...
+
+    async def stats(self, key: InstanceKey) -> dict[str, Any]:
+        """Statistics of the weights (per filter too), the last update and the biases, now."""
+
+    async def history(self, key: InstanceKey) -> dict[str, Any]:
+        """The samples of those statistics kept after each learning call (bounded), oldest first."""
 
     async def list(self, *, owner: str | None) -> list[dict[str, Any]]: ...
 

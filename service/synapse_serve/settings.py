@@ -68,5 +68,23 @@ class Settings(BaseSettings):
     gpu_memory_fraction: float | None = Field(
         None, gt=0, le=1, description="with preallocation: the share of GPU memory JAX takes "
                                       "(XLA_PYTHON_CLIENT_MEM_FRACTION)")
+    history_length: int = Field(
+        256, ge=0, le=100_000, description="per instance: statistics samples kept after each learning call (evolve, "
+                                           "step), for GET …/history and the /ui page; 0 keeps none")
+    history_when_durability_off: bool = Field(
+        False, description="keep the history for durability=off instances too (a sample costs one small device "
+                           "call per learning call: ~15-30 µs on a CPU, felt by tiny memory-only loops)")
+    backend: Literal["local", "ray"] = Field(
+        "local", description="local: this process's JAX devices; ray: shard actors on a Ray cluster (docs/scaling.md)")
+    ray_address: str | None = Field(
+        None, description="ray backend: the cluster to join ('auto', 'ray://head:10001', 'head:6379'); none: start a "
+                          "local one")
+    ray_namespace: str = Field("synapse-serve", min_length=1, max_length=64,
+                               description="ray backend: the namespace of this deployment's shard actors")
+    ray_shards: int | None = Field(None, ge=1, le=4096, description="ray backend: shard actors (default: one per GPU "
+                                                                     "of the cluster, or 2 without GPUs)")
+    ray_shard_cpus: float = Field(1.0, ge=0, description="ray backend, CPU clusters: CPUs each shard reserves")
+    ray_restart_timeout_s: float = Field(
+        120.0, gt=0, description="ray backend: how long a call waits for its dead shard to be restarted and restored")
     worker_threads: int = Field(32, ge=1, le=1024, description="threads running registry work (JAX calls); "
                                                                 "calls on different instances run side by side")

@@ -42,6 +42,8 @@ FORMAT = "synapse-serve"
 FORMAT_VERSION = 1
 MAX_HEADER = 16 << 20
 MAX_COUNT = 2**63 - 1  # versions, counters and seeds fit a signed 64-bit integer (msgpack, JSON readers)
+APPLIED_KEPT = 16  # keyed calls a file remembers
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 DURABILITY_MODES = ("sync", "interval", "off")
 _TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int32": "I32",
           "int64": "I64", "uint32": "U32", "uint8": "U8", "bool": "BOOL"}
@@ -78,6 +80,9 @@ class Record:
     durability: str | None = None  # the instance's own mode; None follows the server's
     owner: str = "local"  # who the instance belongs to
     provenance: dict[str, Any] | None = None  # written for the reader; never needed to continue
+    # the most recent keyed calls applied: {key, fingerprint, version, whole}; a retry of one after a restart is
+    # answered from here instead of being applied again (whole: its answer was the version alone)
+    applied: list[dict[str, Any]] | None = None
 
 
 def _canonical(obj: Any) -> bytes:
@@ -117,6 +122,8 @@ class _Layout:
                 "owner": record.owner}
         if record.provenance is not None:
             meta["provenance"] = record.provenance
+        if record.applied:
+            meta["applied"] = record.applied
         self.body = {"record": json.dumps(meta, sort_keys=True, allow_nan=False)}
         self.header_bytes = len(self.header(_CHECKSUM_PLACEHOLDER))
 
@@ -277,11 +284,29 @@ def _validated(record: dict[str, Any], arrays: dict[str, np.ndarray]) -> Record:
     if not isinstance(owner, str) or not _OWNER.fullmatch(owner):
         raise CorruptFile(f"record: owner {str(owner)[:70]!r} is not a valid owner name")
     seed, version, created_at, saved_at = fields
-    return Record(kind=kind, config=config, seed=_count("record: seed", seed, MAX_COUNT),
+    return Record(applied=_applied(record.get("applied")), kind=kind, config=config,
+                  seed=_count("record: seed", seed, MAX_COUNT),
                   version=_count("record: version", version, MAX_COUNT, low=1),
                   counters={k: _count(f"record: counter {k!r}", v, MAX_COUNT) for k, v in counters.items()},
                   created_at=_time("record: created_at", created_at), arrays=arrays,
                   saved_at=_time("record: saved_at", saved_at), durability=durability, owner=owner)
+
+
+def _applied(entries: Any) -> list[dict[str, Any]] | None:
+    """The keyed calls a file says were applied, each checked (at most APPLIED_KEPT)."""
+    if entries is None:
+        return None
+    if not isinstance(entries, list) or len(entries) > APPLIED_KEPT:
+        raise CorruptFile(f"record: applied must be a list of at most {APPLIED_KEPT} keyed calls")
+    out = []
+    for entry in entries:
+        if not (isinstance(entry, dict) and set(entry) == {"key", "fingerprint", "version", "whole"}
+                and isinstance(entry["key"], str) and 1 <= len(entry["key"]) <= 255 and entry["key"].isascii()
+                and entry["key"].isprintable() and isinstance(entry["fingerprint"], str)
+                and _FINGERPRINT.fullmatch(entry["fingerprint"]) and isinstance(entry["whole"], bool)):
+            raise CorruptFile("record: an applied keyed call must be {key, fingerprint, version, whole}")
+        out.append({**entry, "version": _count("record: applied version", entry["version"], MAX_COUNT, low=1)})
+    return out
 
 
 def fsync_dir(directory: Path) -> None:

@@ -137,6 +137,11 @@ def test_a_frame_gets_the_problem_the_rest_route_gives(server):
         ({"op": "call", "name": "errors", "operation": "forward", "sequence": {"every": 9},
           "tensors": {"inputs": np.ones((3, 2, 4, 4, 1))}}, "POST", "/v1/synapses/errors/forward",
          {"inputs": np.ones((3, 2, 4, 4, 1)), "sequence": {"every": 9}}, {}),
+        *(({"op": "call", "name": "errors", "operation": "forward", "sequence": options,  # once a 500 (unhashable)
+            "tensors": {"inputs": np.ones((3, 2, 4, 4, 1))}}, "POST", "/v1/synapses/errors/forward",
+           {"inputs": np.ones((3, 2, 4, 4, 1)), "sequence": options}, {})
+          for options in ({"every": [1, 2]}, {"every": {"a": 1}}, {"last": "yes"}, {"every": 1, "last": True,
+                                                                                    "more": 2})),
     ]
     with stream(server) as ws:
         for frame, method, path, body, headers in cases:

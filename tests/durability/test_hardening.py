@@ -234,3 +234,32 @@ def test_restore_waits_are_bounded_by_a_retry_after(tmp_path, monkeypatch):
     finally:
         release.set()
         server.__exit__()
+
+
+def test_a_keyed_call_retried_after_a_restart_applies_exactly_once(tmp_path):
+    """A sync-mode evolve acknowledged (or applied and stored, the answer lost) before the server (or a shard)
+    restarted is not applied again when its retry arrives: the file remembers its Idempotency-Key."""
+    x, post = X, POST
+    headers = {"Idempotency-Key": "evolve-before-the-crash"}
+    with LiveServer(state_dir=tmp_path, durability="sync") as server, SynapseClient(server.url) as client:
+        syn = client.create("once", kind=KIND, config=CONFIG)
+        first = client.request("POST", "/v1/synapses/once/evolve", {"pre": x, "post": post}, retry=False,
+                               headers=headers)
+        returned = client.request("POST", "/v1/synapses/once/evolve", {"pre": x, "post": post},
+                                  retry=False, headers={"Idempotency-Key": "with-weights"})
+        kept = syn.call("evolve", pre=x, post=post, returns=["weights"], idempotency_key="with-tensors")
+        weights = syn.get("weights")
+    with LiveServer(state_dir=tmp_path, durability="sync") as server, SynapseClient(server.url) as client:
+        again = client.request("POST", "/v1/synapses/once/evolve", {"pre": x, "post": post}, retry=False,
+                               headers=headers)
+        assert again == first  # answered from the file: {"version": …}
+        assert client.request("POST", "/v1/synapses/once/evolve", {"pre": x, "post": post}, retry=False,
+                              headers={"Idempotency-Key": "with-weights"}) == returned
+        with pytest.raises(ConflictError, match="no longer kept"):  # applied once; its tensors were not stored
+            client.get("once").call("evolve", pre=x, post=post, returns=["weights"], idempotency_key="with-tensors")
+        with pytest.raises(UnprocessableEntityError, match="different request"):
+            client.request("POST", "/v1/synapses/once/evolve", {"pre": x * 2, "post": post}, retry=False,
+                           headers=headers)
+        described = client.get("once").describe()
+        assert described["counters"]["evolve"] == 3 and described["version"] == kept["version"]
+        np.testing.assert_array_equal(client.get("once").get("weights"), weights)

@@ -178,12 +178,20 @@ def test_writing_streams_the_arrays_without_copying_the_state(tmp_path):
     ({"seed": -3}, "seed"),
     ({"owner": "../etc"}, "owner"),
     ({"kind": 3}, "kind"),
+    ({"applied": "key"}, "applied"),
+    ({"applied": [{"key": "k", "fingerprint": "0" * 64, "version": 2}]}, "applied"),
+    ({"applied": [{"key": "k", "fingerprint": "xyz", "version": 2, "whole": True}]}, "applied"),
+    ({"applied": [{"key": "", "fingerprint": "0" * 64, "version": 2, "whole": True}]}, "applied"),
+    ({"applied": [{"key": "k", "fingerprint": "0" * 64, "version": 0, "whole": True}]}, "applied version"),
+    ({"applied": [{"key": "k", "fingerprint": "0" * 64, "version": 2, "whole": True}] * 17}, "applied"),
 ])
 def test_every_record_field_is_validated_even_with_a_valid_checksum(change, message):
     crafted = with_record(encode(record()), **change)
     with pytest.raises(CorruptFile, match=message):
         decode(crafted)
     assert decode(with_record(encode(record()))).version == 9  # the crafting itself is sound
+    applied = [{"key": "evolve-1", "fingerprint": "ab" * 32, "version": 4, "whole": True}]
+    assert decode(with_record(encode(record()), applied=applied)).applied == applied
 
 
 def test_the_directory_is_fsynced_after_the_rename(tmp_path, monkeypatch):

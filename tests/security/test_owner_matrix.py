@@ -1,7 +1,7 @@
 """Owner isolation on every instance route, through the entry points a client uses (issue 18, item 1).
 
-Every operation, compartment and snapshot route (and describe, help, export, delete, packed
-calls), with and without ``?owner=``, for a non-admin and for an admin: a non-admin never reaches
+Every operation, compartment and snapshot route (and describe, help, stats, history, the filters
+picture, export, delete, packed calls), with and without ``?owner=``, for a non-admin and for an admin: a non-admin never reaches
 another owner's instance — whether by naming the owner or by using the name in their own
 namespace — and an admin always does. Over REST the operations go through the lean operation
 route, the rest through FastAPI's; over the session stream every request is a frame.
@@ -37,6 +37,10 @@ ATTEMPTS: dict[str, Callable[[Synapse], object]] = {
     "set": lambda s: s.set("weights", np.zeros((2, 2, 1, 2), np.float32)),
     "describe": lambda s: s.describe(),
     "help": lambda s: s.help(),
+    "stats": lambda s: s.stats(),
+    "history": lambda s: s.history(),
+    "plot_filters": lambda s: s.plot_filters(),
+    "plot_filters(dWeights)": lambda s: s.plot_filters(compartment="dWeights"),
     "export": lambda s: s.client.request("GET", s._url("/export"), retry=False),
     "snapshot": lambda s: s.snapshot("intruder"),
     "snapshots": lambda s: s.snapshots(),

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from synapse_serve.api.bodies import PROBLEM_BASE, compartment_ref, require_fields
+from synapse_serve.api.insight import draw
 from synapse_serve.api.schemas import CreateRequest, SnapshotRequest
 from synapse_serve.api.server import Server, instance_key, owner_for
 from synapse_serve.auth import Principal
@@ -214,6 +215,19 @@ async def _unevict(server: Server, principal: Principal, frame: dict[str, Any]) 
     return await server.backend.unevict(_key(principal, frame))
 
 
+async def _stats(server: Server, principal: Principal, frame: dict[str, Any]) -> Any:
+    return await server.backend.stats(_key(principal, frame))
+
+
+async def _history(server: Server, principal: Principal, frame: dict[str, Any]) -> Any:
+    return await server.backend.history(_key(principal, frame))
+
+
+async def _filters(server: Server, principal: Principal, frame: dict[str, Any]) -> Any:
+    picture = await draw(server, _key(principal, frame), frame.get("options") or {})
+    return {"png": picture.png, "layout": picture.headers()}
+
+
 async def _kinds(server: Server, principal: Principal, frame: dict[str, Any]) -> Any:
     return {"kinds": server.backend.kinds()}
 
@@ -244,6 +258,9 @@ OPS: dict[str, FrameOp] = {
     "delete_snapshot": _op("name snapshot", "", _delete_snapshot),
     "evicted": _op("", "", _evicted),
     "unevict": _op("name", "", _unevict),
+    "stats": _op("name", "", _stats),
+    "history": _op("name", "", _history),
+    "filters": _op("name", "options", _filters),
     "kinds": _op("", "", _kinds),
     "kind_help": _op("kind", "", _kind_help),
 }

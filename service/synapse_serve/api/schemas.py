@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
+from pydantic.json_schema import models_json_schema
 
 from synapse_serve.api.bodies import JSON, MSGPACK, PROBLEM, check_acceptable
 from synapse_serve.api.server import get_principal
@@ -111,8 +112,58 @@ class Description(BaseModel):
     state_bytes: int
     created_at: float
     last_used_at: float
+    running: dict[str, Any] | None = Field(
+        None, description="what the call holding the instance runs (operation; steps of a sequence) and since "
+                          "when (Unix time); null when idle")
+    history_length: int = Field(0, description="statistics samples kept after learning calls (GET …/history)")
     provenance: dict[str, Any] = Field(description="service and JAX versions, the ngclearn release the numbers "
                                                    "follow, device, seed and key schedule")
+
+
+class ArrayStats(BaseModel):
+    size: int
+    mean: float | None = None
+    std: float | None = None
+    min: float | None = None
+    max: float | None = None
+    norm: float | None = Field(None, description="L2 (Frobenius) norm")
+    abs_mean: float | None = None
+    sparsity: float | None = Field(None, description="the fraction of values exactly zero")
+    filter_norms: list[float] | None = Field(
+        None, description="weights only: each filter's L2 norm (a dense synapse's output unit: a column; a "
+                          "convolution's output channel: its (kh, kw, c_in) block)")
+
+
+class Stats(BaseModel):
+    name: str
+    owner: str
+    kind: str
+    version: int
+    counters: dict[str, int]
+    weights: ArrayStats
+    update: ArrayStats | None = Field(description="dWeights, the last update (null for kinds that do not learn)")
+    biases: ArrayStats | None = Field(description="null for a synapse without biases")
+
+
+class HistoryEntry(BaseModel):
+    version: int = Field(description="the instance's version right after the learning call")
+    steps: int = Field(description="weight updates applied so far (evolve and step, every step of a sequence)")
+    time: float = Field(description="Unix time of the call")
+    mean: float
+    std: float
+    min: float
+    max: float
+    norm: float
+    sparsity: float
+    update_norm: float | None = Field(description="L2 norm of dWeights after the call")
+
+
+class History(BaseModel):
+    name: str
+    owner: str
+    version: int
+    length: int = Field(description="the most entries kept (SYNAPSE_HISTORY_LENGTH); older ones are dropped")
+    entries: list[HistoryEntry]
 
 
 class SnapshotRequest(BaseModel):
@@ -139,8 +190,18 @@ class Problem(BaseModel):
     request_id: str | None = None
 
 
+def add_request_schemas(document: dict[str, Any]) -> dict[str, Any]:
+    """Put the request bodies' models (referenced by ``body_doc``, which FastAPI does not collect, as handlers read
+    bodies with the wire codec) and the models they use into the document's components."""
+    _, top = models_json_schema([(m, "validation") for m in REQUEST_MODELS], ref_template=REF_TEMPLATE)
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for name, schema in top.get("$defs", {}).items():
+        schemas.setdefault(name, schema)
+    return document
+
+
 def body_doc(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
-    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    schema = {"$ref": REF_TEMPLATE.format(model=model.__name__)}
     return {"requestBody": {"required": required, "content": {MSGPACK: {"schema": schema}, JSON: {"schema": schema}}}}
 
 
@@ -152,6 +213,9 @@ def responses(model: type[BaseModel] | None, *errors: int, status: int = 200) ->
         out[code] = {"model": Problem, "content": {PROBLEM: {}}, "description": "problem details (RFC 9457)"}
     return out
 
+
+REF_TEMPLATE = "#/components/schemas/{model}"
+REQUEST_MODELS = (CreateRequest, OperationRequest, PackedRequest, CompartmentWrite, SnapshotRequest, EvictRequest)
 
 # Any /v1 call may meet these; documenting them everywhere keeps the OpenAPI document honest.
 COMMON_ERRORS = (400, 401, 403, 404, 406, 408, 409, 412, 413, 415, 422, 500, 503, 507)

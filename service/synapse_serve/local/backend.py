@@ -119,7 +119,8 @@ def registry_from(settings: Settings) -> Registry:
                     max_snapshot_bytes_per_owner=settings.max_snapshot_bytes_per_owner,
                     max_batch=settings.max_batch, device_budget_bytes=settings.device_budget_bytes)
     return Registry(Capacity(limits), Persistence(Store(settings.state_dir), settings.durability),
-                    answer_budget_bytes=settings.idempotency_answer_bytes)
+                    answer_budget_bytes=settings.idempotency_answer_bytes, history_length=settings.history_length,
+                    history_when_off=settings.history_when_durability_off)
 
 
 class LocalBackend:
@@ -165,6 +166,8 @@ class LocalBackend:
         self.registry.start_background(self.settings.flush_interval_s, self.settings.evict_idle_after_s)
 
     async def probe(self) -> None:
+        if self.in_caller_thread:  # no loop to time it out on: the caller (a shard's front) bounds the wait
+            return self.registry.capacity.probe()
         await asyncio.wait_for(self._off(self.registry.capacity.probe), PROBE_TIMEOUT_S)
 
     async def close(self) -> None:
@@ -206,6 +209,12 @@ class LocalBackend:
 
     async def help(self, key: InstanceKey) -> dict[str, Any]:
         return await self._off(self.registry.help, key)
+
+    async def stats(self, key: InstanceKey) -> dict[str, Any]:
+        return await self._off(self.registry.learning_stats, key)
+
+    async def history(self, key: InstanceKey) -> dict[str, Any]:
+        return await self._off(self.registry.history, key)
 
     async def list(self, *, owner: str | None) -> list[dict[str, Any]]:
         return await self._off(self.registry.list, owner)
@@ -266,7 +275,12 @@ class LocalBackend:
                 shapes.append((name, value.compartment))
             elif value is not None:
                 shapes.append((name, getattr(value, "shape", None), getattr(value, "dtype", None)))
-        every = None if sequence is None else tuple(sorted(sequence.items()))
+        every = None
+        if sequence is not None:
+            if not (isinstance(sequence, Mapping) and len(sequence) <= 2
+                    and all(isinstance(k, str) and isinstance(v, int) for k, v in sequence.items())):
+                return None  # not options the registry takes: it refuses them, with the reason, on a worker
+            every = tuple(sorted(sequence.items()))
         return key, operation, tuple(shapes), every, peek[0]
 
     def _remember_cost(self, cost_key: tuple, seconds: float) -> None:

@@ -20,8 +20,9 @@ from synapse_serve import NGCLEARN_VERSION, __version__
 from synapse_serve.errors import AnswerNotKept, IdempotencyKeyReused, PreconditionFailed
 from synapse_serve.kinds import Kind
 from synapse_serve.kinds.base import compartment_paths
+from synapse_serve.local.history import LEARNING_OPERATIONS, History
 from synapse_serve.names import CompartmentRef, InstanceKey
-from synapse_serve.store import Record
+from synapse_serve.store import APPLIED_KEPT, Record
 
 IDEMPOTENCY_KEYS_KEPT = 128  # per instance: its most recent keyed calls (retries come soon)
 PLANS_KEPT = 16  # per instance: plans of its recent call shapes
@@ -56,6 +57,12 @@ class Instance:
     waiting: int = 0  # calls queued for its lock
     answers: IdempotencyCache | None = field(default=None, repr=False)
     plans: dict[tuple, tuple] = field(default_factory=dict, repr=False)  # its calls' plans, by shapes (a few)
+    history: History | None = field(default=None, repr=False)  # samples after learning calls (None: not kept)
+    running: dict[str, Any] | None = None  # what the call holding its lock runs, and since when
+
+    def learning_steps(self) -> int:
+        """How many weight updates it has applied (evolve and step calls, every step of a sequence)."""
+        return sum(self.counters.get(op, 0) for op in LEARNING_OPERATIONS)
 
     def remember_plan(self, key: tuple, plan: tuple) -> None:
         """Keep a plan for this instance's next calls of the same shapes (bounded: shapes vary little)."""
@@ -77,7 +84,7 @@ class Instance:
         return Record(kind=self.kind.name, config=self.config.to_dict(), seed=self.seed, version=self.version,
                       counters=dict(self.counters), created_at=self.created_at, saved_at=time.time(),
                       durability=self.durability, owner=self.key.owner, arrays=compartment_paths(self.state),
-                      provenance=self.provenance())
+                      provenance=self.provenance(), applied=self.answers.recent() if self.answers else None)
 
     def provenance(self) -> dict[str, Any]:
         """Where the numbers come from: in every description and every file written of the instance."""
@@ -86,7 +93,8 @@ class Instance:
                 "seed": self.seed, "key_schedule": KEY_SCHEDULE}
 
     def describe(self, durability: str) -> dict[str, Any]:
-        """Kind, config, compartment shapes and dtypes, device, counters and version (call under the lock)."""
+        """Kind, config, compartment shapes and dtypes, device, counters, version, and what runs on it now (under
+        the lock; or without it while a call runs, from what that call has not replaced yet)."""
         leaves = compartment_paths(self.state)
         return {
             "name": self.key.name,
@@ -102,6 +110,8 @@ class Instance:
             "state_bytes": self.held_bytes,
             "created_at": self.created_at,
             "last_used_at": self.last_used_at,
+            "running": self.running,
+            "history_length": 0 if self.history is None else self.history.length,
             "provenance": self.provenance(),
         }
 
@@ -216,6 +226,19 @@ class IdempotencyCache:
         while len(self._entries) > IDEMPOTENCY_KEYS_KEPT:
             _, dropped = self._entries.popitem(last=False)
             self.budget.forget(dropped)
+
+    def recent(self) -> list[dict[str, Any]]:
+        """The most recent keyed calls (at most APPLIED_KEPT), for the instance's file: after a restart their
+        retries are answered from there, not applied again."""
+        newest = list(self._entries.items())[-APPLIED_KEPT:]
+        return [{"key": key, "fingerprint": entry.fingerprint, "version": entry.version,
+                 "whole": entry.answer is not None and entry.answer.keys() == {"version"}} for key, entry in newest]
+
+    def restore(self, applied: list[dict[str, Any]]) -> None:
+        """Remember the keyed calls a stored file says were applied (a restarted server or shard)."""
+        for item in applied:
+            answer = {"version": item["version"]} if item["whole"] else None
+            self._entries[item["key"]] = _Entry(item["fingerprint"], item["version"], answer, 0)
 
     def clear(self) -> None:
         for entry in self._entries.values():

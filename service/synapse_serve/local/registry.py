@@ -57,6 +57,7 @@ from synapse_serve.kinds import lean
 from synapse_serve.kinds.packed import run_packed
 from synapse_serve.kinds.sequence import sequence_fn
 from synapse_serve.local.capacity import Capacity, Limits
+from synapse_serve.local.history import LEARNING_OPERATIONS, History, weight_stats
 from synapse_serve.local.instance import (
     AnswerBudget,
     IdempotencyCache,
@@ -91,8 +92,12 @@ class Registry:
     """In-process instances on the JAX devices of this process, kept in a state directory by ``persistence``."""
 
     def __init__(self, capacity: Capacity | None = None, persistence: Persistence | None = None, *,
-                 answer_budget_bytes: int = 256 << 20) -> None:
+                 answer_budget_bytes: int = 256 << 20, history_length: int = 256,
+                 history_when_off: bool = False) -> None:
         self.capacity = capacity or Capacity(Limits())
+        # statistics samples kept per instance after learning calls (0: none); for durability=off instances only
+        # when asked: a sample costs a small device call per learning call, which fast memory-only loops feel
+        self.history_length, self.history_when_off = history_length, history_when_off
         self.persistence = persistence or Persistence(None)
         self._instances: dict[InstanceKey, Instance] = {}
         self._lock = threading.Lock()  # guards the dicts and sets, not the instances
@@ -239,6 +244,11 @@ class Registry:
                                 field="durability")
         return durability
 
+    def _history_for(self, durability: str | None) -> History | None:
+        """A new instance's history: ``history_length`` samples, none for a memory-only one unless asked."""
+        off = (durability or self.persistence.durability) == "off"
+        return History(self.history_length) if self.history_length and (self.history_when_off or not off) else None
+
     def _reserve(self, key: InstanceKey, kind_: Kind, cfg: Any, seed: int, device: jax.Device,
                  durability: str | None, nbytes: int, *, stored: bool = False,
                  record: Record | None = None) -> Instance:
@@ -256,11 +266,14 @@ class Registry:
                     name=key.name)
             self.capacity.admit(key.owner, device, nbytes, check=not stored)
             instance = Instance(key, kind_, cfg, seed, device, durability, held_bytes=nbytes,
-                                answers=IdempotencyCache(self.answers))
+                                answers=IdempotencyCache(self.answers),
+                                history=self._history_for(durability))
             if record is not None:
                 instance.version, instance.counters = record.version, dict(record.counters)
                 instance.created_at = record.created_at
                 instance.stored_version = record.version if stored else 0
+                if stored and record.applied:  # a retry of a keyed call it applied before the restart
+                    instance.answers.restore(record.applied)
             instance.lock.acquire()
             self._instances[key] = instance
         return instance
@@ -310,14 +323,38 @@ class Registry:
                                key=lambda i: i.key)
         out = []
         for instance in instances:
+            if instance.running is not None and instance.state is not None:
+                out.append(instance.describe(self.persistence.mode(instance)))
+                continue
             with instance.lock:
                 if instance.state is not None:
                     out.append(instance.describe(self.persistence.mode(instance)))
         return out
 
     def describe(self, key: InstanceKey) -> dict[str, Any]:
-        with self._hold(key) as instance:
+        """The instance's description; while a long call holds it, at once (saying what runs and since when)."""
+        instance = self._get(key)
+        if instance.running is not None and instance.state is not None:  # do not wait for the call to end
             return instance.describe(self.persistence.mode(instance))
+        with self._hold(instance) as instance:
+            return instance.describe(self.persistence.mode(instance))
+
+    def learning_stats(self, key: InstanceKey) -> dict[str, Any]:
+        """Statistics of the weights, the last update and the biases now (numpy's, on host copies)."""
+        with self._hold(key) as instance:
+            leaves = compartment_paths(instance.state)
+            copies = {c: np.asarray(leaves[c]) for c in ("weights", "dWeights", "biases") if c in leaves}
+            head = {"name": key.name, "owner": key.owner, "kind": instance.kind.name, "version": instance.version,
+                    "counters": dict(instance.counters)}
+        return {**head, **weight_stats(copies)}
+
+    def history(self, key: InstanceKey) -> dict[str, Any]:
+        """The samples kept after each learning call (oldest first) and how many are kept at most."""
+        with self._hold(key) as instance:
+            history, version = instance.history, instance.version
+        return {"name": key.name, "owner": key.owner, "version": version,
+                "length": 0 if history is None else history.length,
+                "entries": [] if history is None else history.read()}
 
     def help(self, key: InstanceKey) -> dict[str, Any]:
         with self._hold(key) as instance:
@@ -361,7 +398,8 @@ class Registry:
         # another instance's compartments are copied before our lock is taken: never two locks at once
         args = [self._read_for(instance, arg.name, a) if isinstance(a, CompartmentRef) and a.instance else a
                 for arg, a in zip(op.args, args)]
-        with self._hold(instance, wait=wait, signature=signature):
+        doing = {"operation": operation, "steps": steps} if steps else {"operation": operation}
+        with self._hold(instance, wait=wait, signature=signature, doing=doing):
             if idempotency_key is not None:
                 entry = instance.answers.replay(idempotency_key, print_)
                 if entry is not None:
@@ -433,7 +471,7 @@ class Registry:
                 bound.append((instance, op, args, returned, print_))
         with contextlib.ExitStack() as held, _naming(keys) as at:
             for at.index in sorted(range(len(bound)), key=lambda i: (keys[i].owner, keys[i].name)):
-                held.enter_context(self._hold(bound[at.index][0]))
+                held.enter_context(self._hold(bound[at.index][0], doing={"operation": operation, "packed": True}))
             at.index = None
             if idempotency_key is not None:
                 replayed = self._replay_many(bound, idempotency_key, at)
@@ -640,6 +678,8 @@ class Registry:
         instance.version += 1
         if counter is not None:
             instance.counters[counter] = instance.counters.get(counter, 0) + count
+            if counter in LEARNING_OPERATIONS and instance.history is not None:
+                instance.history.record(instance.version, instance.learning_steps(), state)
         instance.last_used_at = time.time()
         instance.signature = signature
         if accounted:
@@ -662,7 +702,7 @@ class Registry:
 
     def write(self, key: InstanceKey, compartment: str, value: Any, expected_version: int | None = None) -> int:
         """Replace one compartment (shape, dtype, finiteness and max_batch checked); returns the new version."""
-        with self._hold(key) as instance:
+        with self._hold(key, doing={"operation": "write"}) as instance:
             instance.check_version(expected_version)
             state = replace_compartment(instance.kind, instance.state, compartment, value,
                                         self.capacity.limits.max_batch)
@@ -676,7 +716,7 @@ class Registry:
 
     def export(self, key: InstanceKey) -> tuple[int, Callable[[], Iterator[bytes | memoryview]]]:
         """The instance as one file: its length, and its parts to send (host arrays taken under the lock)."""
-        with self._hold(key) as instance:
+        with self._hold(key, doing={"operation": "export"}) as instance:
             record = instance.record()
             record.arrays = {name: np.asarray(a) for name, a in record.arrays.items()}
         return stream_record(record)
@@ -686,7 +726,7 @@ class Registry:
         snapshot quota before it is written."""
         validate_name(snapshot, "snapshot name")
         self.persistence.require_store()
-        with self._hold(key) as instance:
+        with self._hold(key, doing={"operation": "snapshot"}) as instance:
             if self.persistence.snapshot_exists(key, snapshot):
                 raise AlreadyExists(f"this instance already has a snapshot {snapshot!r}", snapshot=snapshot)
             record = instance.record()
@@ -714,7 +754,7 @@ class Registry:
     def rollback(self, key: InstanceKey, snapshot: str, expected_version: int | None = None) -> int:
         """Replace every compartment with the snapshot's; counters keep counting; returns the new version."""
         validate_name(snapshot, "snapshot name")
-        with self._hold(key) as instance:
+        with self._hold(key, doing={"operation": "restore"}) as instance:
             instance.check_version(expected_version)
             record = self.persistence.read_snapshot(self.persistence.snapshot_path(key, snapshot))
             with jax.default_device(instance.device):
@@ -825,11 +865,12 @@ class Registry:
     # --- locking ---
 
     @contextmanager
-    def _hold(self, target: InstanceKey | Instance, *, wait: bool = True,
-              signature: tuple | None = None) -> Iterator[Instance]:
+    def _hold(self, target: InstanceKey | Instance, *, wait: bool = True, signature: tuple | None = None,
+              doing: dict[str, Any] | None = None) -> Iterator[Instance]:
         """The instance, locked; NotFound if it was deleted (or failed to build) while we waited.
 
         ``wait=False``: Busy if another call holds it, or if its shapes are no longer ``signature``.
+        ``doing``: what the holder runs (``{"operation": …}``), which descriptions show meanwhile.
         """
         instance = target if isinstance(target, Instance) else self._get(target)
         if not instance.lock.acquire(blocking=False):
@@ -847,8 +888,11 @@ class Registry:
                 raise NotFound(f"no instance named {instance.key.name!r}", name=instance.key.name)
             if signature is not None and instance.signature != signature:
                 raise Busy
+            if doing is not None:
+                instance.running = {**doing, "since": time.time()}
             yield instance
         finally:
+            instance.running = None
             instance.lock.release()
 
     def _get(self, key: InstanceKey) -> Instance:

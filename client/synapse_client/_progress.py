@@ -1,0 +1,90 @@
+"""Progress for long work: a tqdm bar when tqdm is installed (``pip install 'synapse-serve[progress]'``), else one
+plain line on stderr. Used by ``progress=True`` on sequences, uploads and downloads."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+CHUNK_BYTES = 1 << 20  # uploads and downloads advance the bar every MiB
+SEQUENCE_PARTS = 20  # a sequence with progress runs as at most this many calls, one bar step each
+
+
+class _Line:
+    """tqdm's few methods we use, printed as one line that rewrites itself."""
+
+    def __init__(self, total: int | None, desc: str, unit: str) -> None:
+        self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+        self._shown = 0.0
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if time.monotonic() - self._shown > 0.2 or (self.total is not None and self.n >= self.total):
+            self._show()
+
+    def _show(self) -> None:
+        self._shown = time.monotonic()
+        done = f"{self.n}/{self.total}" if self.total else str(self.n)
+        percent = f"{100 * self.n / self.total:3.0f}% " if self.total else ""
+        print(f"\r{self.desc}: {percent}{done} {self.unit}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self._show()
+        print(file=sys.stderr, flush=True)
+
+
+def bar(total: int | None, desc: str, unit: str = "B") -> Any:
+    """A progress bar (tqdm's if installed) with ``update(n)`` and ``close()``."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _Line(total, desc, unit)
+    scaled = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+    return tqdm(total=total, desc=desc, unit=unit, **scaled)
+
+
+def finished(answer: Any, title: str | None) -> Any:
+    """A transfer that arrived whole (a frame, in process): its bar shown done; returns the answer."""
+    if title is not None:
+        size = len(answer) if isinstance(answer, (bytes, bytearray)) else 0
+        line = bar(size or None, title)
+        line.update(size)
+        line.close()
+    return answer
+
+
+def upload(parts: Any, progress: Any) -> Iterator[bytes | memoryview]:
+    """A body's parts in MiB slices, advancing ``progress`` as each is handed to the connection."""
+    for part in parts if isinstance(parts, list) else [parts]:
+        view = memoryview(part).cast("B")
+        for start in range(0, len(view), CHUNK_BYTES):
+            piece = view[start:start + CHUNK_BYTES]
+            yield piece
+            progress.update(len(piece))
+
+
+def sequence_parts(tensors: dict[str, Any], every: int | None) -> tuple[int, list[slice]]:
+    """The steps of a sequence and the slices it runs as (each a whole number of ``every``-step blocks)."""
+    arrays = [np.asarray(v) for v in tensors.values() if v is not None and not hasattr(v, "to_wire")]
+    if not arrays or arrays[0].ndim == 0:
+        raise ValueError("a sequence with progress needs tensors with a leading time axis (steps, batch, …)")
+    steps = arrays[0].shape[0]
+    block = every or 1
+    size = max(block, math.ceil(steps / SEQUENCE_PARTS / block) * block)
+    return steps, [slice(start, min(start + size, steps)) for start in range(0, steps, size)]
+
+
+def join_answers(answers: list[dict[str, Any]], last: bool) -> dict[str, Any]:
+    """The answer of one sequence from those of its parts: compartments joined along time (``last``: the last)."""
+    if last:
+        return answers[-1]
+    joined = {"version": answers[-1]["version"]}
+    for name in answers[-1]:
+        if name != "version":
+            joined[name] = np.concatenate([a[name] for a in answers], axis=0)
+    return joined
