@@ -131,6 +131,12 @@ class _Gauges:
             yield limit
         yield GaugeMetricFamily("synapse_storage_failing", "1 while instance files cannot be written.",
                                 value=int(g["storage_failing"]))
+        if g.get("shards"):  # the Ray backend: whether each shard answered this scrape
+            shards = GaugeMetricFamily("synapse_shard_up", "1 while the shard actor answers (Ray backend).",
+                                       labels=("shard",))
+            for shard, up in sorted(g["shards"].items()):
+                shards.add_metric((shard,), int(up))
+            yield shards
 
 
 def _without_owner(key: Any) -> Any:

@@ -47,15 +47,38 @@ def test_compose_ships_with_auth_on(compose):
     assert "synapse_tokens" in service["secrets"] and "synapse_tokens" in compose["secrets"]
 
 
-@pytest.mark.parametrize(("name", "extra"), [("Dockerfile.cpu", "server"), ("Dockerfile.gpu", "gpu")])
+@pytest.mark.parametrize(("name", "extra"), [("Dockerfile.cpu", "server"), ("Dockerfile.gpu", "gpu"),
+                                             ("Dockerfile.ray", "gpu,ray")])
 def test_dockerfiles_install_the_right_extra_as_non_root(name, extra):
     text = (ROOT / "docker" / name).read_text()
     assert re.search(rf'pip install "\.\[{extra}\]"', text)
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1] not in ("root", "0")
-    assert "HEALTHCHECK" in text and "/healthz" in text
+    if name != "Dockerfile.ray":  # one image for head, workers and front: compose checks each service's health
+        assert "HEALTHCHECK" in text and "/healthz" in text
     assert re.search(r"^VOLUME .*synapse-serve", text, re.M)
     assert re.search(r"^CMD \[\"synapse-serve\"\]", text, re.M)
+
+
+def test_the_ray_compose_file_is_valid_keeps_ray_inside_and_needs_tokens():
+    schema = json.loads(SCHEMA.read_text())
+    compose = yaml.safe_load((ROOT / "docker" / "compose.ray.yaml").read_text())
+    jsonschema.Draft7Validator(schema).validate(compose)
+    services = compose["services"]
+    assert set(services) == {"ray-head", "ray-worker", "synapse-serve"}
+    for name, service in services.items():
+        assert service["environment"]["RAY_AUTH_MODE"] == "token", name  # Ray's own auth on every node
+        assert "ray_token" in service["secrets"], name
+        assert service["volumes"][0].split(":")[0] in compose["volumes"], name  # the shared state
+        if name != "synapse-serve":
+            assert "ports" not in service, f"{name} publishes Ray's ports"
+    front = services["synapse-serve"]
+    assert front["ports"] == ["127.0.0.1:8000:8000"]
+    assert front["environment"]["SYNAPSE_BACKEND"] == "ray" and front["environment"]["SYNAPSE_AUTH"] == "on"
+    assert "deploy" not in front  # the front needs no GPU
+    gpus = services["ray-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpus["driver"] == "nvidia" and gpus["capabilities"] == ["gpu"]
+    assert set(compose["secrets"]) == {"synapse_tokens", "ray_token"}
 
 
 def test_extras_exist_in_pyproject():
@@ -72,6 +95,6 @@ def test_the_tokens_file_is_never_committed():
 
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    for path in ("docker/synapse-tokens", "lab.tokens"):
+    for path in ("docker/synapse-tokens", "docker/ray-token", "lab.tokens"):
         result = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, timeout=30)
         assert result.returncode == 0, f"{path} is not ignored by git"

@@ -22,12 +22,14 @@ async def healthz(server: ServerDep) -> dict[str, str]:
 async def readyz(server: ServerDep) -> dict[str, str]:
     if not server.ready.is_set():
         raise NotReady(f"the server is not ready yet: {server.phase}", phase=server.phase)
-    try:  # a tiny computation on every device, off the event loop
-        await server.backend.probe()
+    try:  # a tiny computation on every device, off the event loop (a cluster: also how many shards are up)
+        detail = await server.backend.probe()
+    except NotReady as exc:
+        raise NotReady(exc.detail, phase="shards down") from None
     except Exception as exc:  # a device that fails or hangs makes the server unready, not dead
         raise NotReady(f"a device is unusable: {type(exc).__name__}: {str(exc)[:200]}", phase="device unusable") \
             from None
-    return {"status": "ready"}
+    return {"status": "ready", **(detail or {})}
 
 
 @router.get("/metrics", summary="Prometheus metrics (text format)",

@@ -1,0 +1,437 @@
+"""``RayBackend``: the Backend interface over shard actors on a Ray cluster (docs/scaling.md).
+
+The front (this process: the FastAPI server, any number of replicas) never imports JAX. It
+starts or finds the shards — one named, detached actor per device, ``shard-<i>`` in the
+deployment's namespace (``get_if_exists``), restarted by Ray when it dies (``max_restarts=-1``)
+and never retried blindly by Ray (``max_task_retries=0``: our Idempotency-Key does that) — and
+routes each instance to the shard that holds it. The durable name → shard map is the shards' own
+state directories: at start-up the front asks every shard which names it holds, and a name it
+does not know it looks up on every shard (another front may have created it).
+
+A new instance goes to the shard holding the fewest state bytes (or the one ``device`` names:
+``"shard-1"``, ``"shard-1/cpu:0"``, or an index into ``GET /v1/devices``); a shard whose budget
+refuses it passes it to the next. A call whose shard dies is retried, once Ray has restarted it
+and it has restored its instances, when repeating it cannot apply it twice: reads, writes, and
+keyed calls (``evolve`` and ``step`` always carry a key; the key's answer is in the instance's
+file in sync mode). Other calls answer 503 and leave the retry to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from synapse_serve import errors
+from synapse_serve.backend import ExportParts
+from synapse_serve.cluster.shard import Directory, Shard
+from synapse_serve.errors import AlreadyExists, DeviceFull, InvalidRequest, NotFound, NotReady, SynapseServeError
+from synapse_serve.names import CompartmentRef, InstanceKey
+from synapse_serve.settings import Settings
+
+log = logging.getLogger("synapse_serve")
+PING_TIMEOUT_S = 5.0
+# calls that may run again after their shard died mid-call without applying anything twice
+RETRYABLE = frozenset({"describe", "help", "stats", "history", "list", "read", "write", "snapshots", "evicted",
+                       "storage", "devices", "gauges", "probe", "export", "kinds", "kind_help", "describe_setup"})
+
+
+def _raised(outcome: tuple) -> Any:
+    """A shard's answer, or its domain error raised again as the same class."""
+    if outcome[0] == "ok":
+        return outcome[1]
+    _, name, detail, extra, headers = outcome
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SynapseServeError)):
+        cls = SynapseServeError
+    error = cls.__new__(cls)
+    SynapseServeError.__init__(error, detail, headers=headers, **extra)
+    raise error
+
+
+class RayBackend:
+    """Instances on shard actors of a Ray cluster; every method as backend.Backend says."""
+
+    def __init__(self, settings: Settings) -> None:
+        import ray  # the optional extra: pip install 'synapse-serve[ray]'
+
+        self.ray, self.settings = ray, settings
+        if not ray.is_initialized():  # no address: a new local cluster ("local"), never a stale one Ray remembers
+            ray.init(address=settings.ray_address or "local", include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=False)
+        self._dead = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        count = settings.ray_shards or gpus or 2
+        options: dict[str, Any] = {
+            "namespace": settings.ray_namespace, "lifetime": "detached", "get_if_exists": True,
+            "max_restarts": -1, "max_task_retries": 0, "max_concurrency": settings.worker_threads}
+        if gpus:
+            options["num_gpus"] = 1
+        else:  # Ray leaves CUDA_VISIBLE_DEVICES unset for 0-GPU actors: JAX must not look for one
+            options.update(num_cpus=settings.ray_shard_cpus, num_gpus=0,
+                           runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu"}})
+        shard_settings = settings.model_dump(mode="json")
+        shard_settings.update(backend="local", tokens="", tokens_file=None, auth="off")
+        actor = ray.remote(Shard)
+        self.shards = [actor.options(name=f"shard-{i}", **options).remote(i, shard_settings) for i in range(count)]
+        # the names every front of this deployment agrees on (creates claim them there first)
+        self.directory = ray.remote(Directory).options(
+            name="directory", namespace=settings.ray_namespace, lifetime="detached", get_if_exists=True,
+            max_restarts=-1, max_task_retries=-1, num_cpus=0).remote(settings.ray_namespace, count)
+        # the catalogue of kinds comes from a shard (the front has no JAX): the first one up answers
+        self._kinds = self._blocking(0, "kinds")
+        self._operations = frozenset(op for kind in self._kinds for op in kind["operations"])
+        self._where: dict[InstanceKey, int] = {}
+        self._creating: dict[InstanceKey, asyncio.Lock] = {}
+        self._storage_error: str | None = None
+        self._setup: dict[str, Any] = {}
+
+    def _blocking(self, shard: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _raised(self.ray.get(self.shards[shard].run.remote(method, args, kwargs)))
+
+    async def _run(self, shard: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """One Backend method on one shard; after the shard died, retried once it is back if that is safe."""
+        retry = method in RETRYABLE or (method in ("call", "call_many") and kwargs.get("idempotency_key"))
+        deadline = time.monotonic() + self.settings.ray_restart_timeout_s
+        while True:
+            try:
+                return _raised(await self.shards[shard].run.remote(method, args, kwargs))
+            except self._dead as exc:
+                if not retry:
+                    raise NotReady(f"shard-{shard} stopped during the call ({type(exc).__name__}) and is being "
+                                   "restarted; the call may or may not have been applied: read the instance, or retry "
+                                   "it with an Idempotency-Key", headers={"Retry-After": "1"}) from None
+                log.warning("shard-%d stopped during %s (%s); retrying once it is back", shard, method,
+                            type(exc).__name__)
+                await self._wait_for(shard, deadline)
+
+    async def _wait_for(self, shard: int, deadline: float) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._ping(shard), PING_TIMEOUT_S)
+                return
+            except (TimeoutError, *self._dead):
+                if time.monotonic() > deadline:
+                    raise NotReady(f"shard-{shard} did not come back within {self.settings.ray_restart_timeout_s:.0f} s",
+                                   headers={"Retry-After": "5"}) from None
+                await asyncio.sleep(0.2)
+
+    async def _ping(self, shard: int) -> int:
+        return await self.shards[shard].ping.remote()
+
+    async def _each(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        return list(await asyncio.gather(*(self._run(i, method, *args, **kwargs) for i in range(len(self.shards)))))
+
+    # --- routing ---
+
+    async def _find(self, key: InstanceKey) -> int | None:
+        """The shard answering for ``key``, asking every shard (and remembering it), or None."""
+        held = await asyncio.gather(*(shard.keys.remote() for shard in self.shards))
+        for index, keys in enumerate(held):
+            if (key.owner, key.name) in {tuple(k) for k in keys}:
+                self._where[key] = index
+                return index
+        self._where.pop(key, None)
+        return None
+
+    async def _shard_of(self, key: InstanceKey) -> int:
+        shard = self._where.get(key)
+        if shard is None:
+            shard = await self._find(key)
+        if shard is None:
+            raise NotFound(f"no instance named {key.name!r}", name=key.name)
+        return shard
+
+    async def _on(self, key: InstanceKey, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A method on the shard of ``key``; a name that moved (deleted and created again through another front)
+        is looked up again once."""
+        shard = await self._shard_of(key)
+        try:
+            return await self._run(shard, method, key, *args, **kwargs)
+        except NotFound:
+            moved = await self._find(key)
+            if moved is None or moved == shard:
+                raise
+            return await self._run(moved, method, key, *args, **kwargs)
+
+    def _named(self, shard: int, description: dict[str, Any]) -> dict[str, Any]:
+        """A shard's description with its device named across the cluster (``shard-1/cpu:0``)."""
+        return {**description, "device": f"shard-{shard}/{description['device']}", "shard": shard}
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        """Nothing to take: each shard holds its own directory's lock (started in the constructor)."""
+
+    async def get_ready(self, phase: Callable[[str], None]) -> None:
+        phase("starting shards")
+        for index in range(len(self.shards)):
+            await self._wait_for(index, time.monotonic() + self.settings.ray_restart_timeout_s)
+        phase("mapping instances to shards")
+        held = await asyncio.gather(*(shard.keys.remote() for shard in self.shards))
+        for index, keys in enumerate(held):
+            for owner, name in keys:
+                self._where[InstanceKey(owner, name)] = index
+        await self.directory.learn.remote([(owner, name, i) for i, keys in enumerate(held) for owner, name in keys])
+        setups = await self._each("describe_setup")
+        self._setup = {"devices": [f"shard-{i}/{d}" for i, s in enumerate(setups) for d in s["devices"]],
+                       "state_dir": str(self.settings.state_dir.resolve()),
+                       "durability": setups[0]["durability"] if setups else self.settings.durability}
+
+    async def probe(self) -> dict[str, Any]:
+        answers = await asyncio.gather(*(asyncio.wait_for(self._ping(i), PING_TIMEOUT_S)
+                                         for i in range(len(self.shards))), return_exceptions=True)
+        up = sum(not isinstance(a, BaseException) for a in answers)
+        if up < len(self.shards):
+            raise NotReady(f"{up} of {len(self.shards)} shards up")
+        await asyncio.wait_for(self._each("probe"), PING_TIMEOUT_S)  # every device of every shard computes
+        return {"shards": f"{up}/{len(self.shards)} up"}
+
+    async def close(self) -> None:
+        """The shards are detached and shared by every front: they stay (an operator stops them with the cluster)."""
+
+    def storage_error(self) -> str | None:
+        return self._storage_error
+
+    # --- kinds ---
+
+    def kinds(self) -> list[dict[str, Any]]:
+        return self._kinds
+
+    def kind_help(self, kind: str) -> dict[str, Any]:
+        for entry in self._kinds:
+            if entry["name"] == kind:
+                return entry["help"]
+        return self._blocking(0, "kind_help", kind)  # NotFound, with the shard's message
+
+    def operation_names(self) -> frozenset[str]:
+        return self._operations
+
+    # --- instances ---
+
+    async def create(self, key: InstanceKey, *, kind: str, config: Mapping[str, Any],
+                     init: Mapping[str, Any] | None = None, seed: int = 0, durability: str | None = None,
+                     device: str | int | None = None) -> dict[str, Any]:
+        async with self._name_lock(key):  # one create of a name at a time through this front
+            order, device = await self._placement(device)
+            return await self._place(key, order, "create", kind=kind, config=config, init=init, seed=seed,
+                                     durability=durability, device=device)
+
+    def _name_lock(self, key: InstanceKey) -> asyncio.Lock:
+        if len(self._creating) > 4096:  # forget the locks nobody holds
+            self._creating = {k: lock for k, lock in self._creating.items() if lock.locked()}
+        return self._creating.setdefault(key, asyncio.Lock())
+
+    async def _place(self, key: InstanceKey, order: list[int], method: str, **kwargs: Any) -> dict[str, Any]:
+        """Create (or import) ``key`` on the first shard of ``order`` with room; its description. The name is
+        claimed in the deployment's directory first, so no other front can take it meanwhile."""
+        holder = await self.directory.claim.remote(key.owner, key.name)
+        if holder is not None or await self._find(key) is not None:
+            if holder is None:
+                await self.directory.release.remote(key.owner, key.name)
+            raise AlreadyExists(f"an instance named {key.name!r} already exists" if holder != -1 else
+                                f"an instance named {key.name!r} is being created", name=key.name)
+        settled = False
+        try:
+            refused: DeviceFull | None = None
+            for shard in order:
+                try:
+                    description = await self._run(shard, method, key, **kwargs)
+                except DeviceFull as exc:  # this shard's budget: the next one may have room
+                    refused = exc
+                    continue
+                self._where[key] = shard
+                await self.directory.settle.remote(key.owner, key.name, shard)
+                settled = True
+                return self._named(shard, description)
+            raise refused or DeviceFull("no shard has room for it")
+        finally:
+            if not settled:
+                await self.directory.release.remote(key.owner, key.name)
+
+    async def _placement(self, device: str | int | None) -> tuple[list[int], str | int | None]:
+        """The shards to try, best first, and the device to ask of them."""
+        if isinstance(device, str) and device.startswith("shard-"):
+            name, _, local = device.partition("/")
+            try:
+                shard = int(name.removeprefix("shard-"))
+            except ValueError:
+                shard = -1
+            if not 0 <= shard < len(self.shards):
+                raise InvalidRequest(f"device: no shard {name[:40]!r}; this cluster has shard-0 to "
+                                     f"shard-{len(self.shards) - 1}", argument="device")
+            return [shard], (local or None)
+        devices = await self._each("devices")
+        if isinstance(device, int) and not isinstance(device, bool):
+            flat = [(shard, index) for shard, listed in enumerate(devices) for index in range(len(listed))]
+            if not 0 <= device < len(flat):
+                raise InvalidRequest(f"device: index {device} is not one of 0..{len(flat) - 1}", argument="device")
+            return [flat[device][0]], flat[device][1]
+        held = [sum(d["state_bytes"] for d in listed) for listed in devices]
+        return sorted(range(len(self.shards)), key=lambda s: (held[s], s)), device
+
+    async def describe(self, key: InstanceKey) -> dict[str, Any]:
+        shard = await self._shard_of(key)
+        return self._named(shard, await self._on(key, "describe"))
+
+    async def help(self, key: InstanceKey) -> dict[str, Any]:
+        return await self._on(key, "help")
+
+    async def stats(self, key: InstanceKey) -> dict[str, Any]:
+        return await self._on(key, "stats")
+
+    async def history(self, key: InstanceKey) -> dict[str, Any]:
+        return await self._on(key, "history")
+
+    async def list(self, *, owner: str | None) -> list[dict[str, Any]]:
+        listed = await self._each("list", owner=owner)
+        out = [self._named(shard, d) for shard, descriptions in enumerate(listed) for d in descriptions]
+        return sorted(out, key=lambda d: (d["owner"], d["name"]))
+
+    async def delete(self, key: InstanceKey, *, expected_version: int | None = None) -> None:
+        shard = await self._shard_of(key)
+        await self._on(key, "delete", expected_version=expected_version)
+        self._where.pop(key, None)
+        await self.directory.release.remote(key.owner, key.name, shard)
+
+    async def call(self, key: InstanceKey, *, operation: str, tensors: Mapping[str, Any],
+                   returns: list[str] | None = None, idempotency_key: str | None = None,
+                   expected_version: int | None = None, sequence: Mapping[str, Any] | None = None
+                   ) -> dict[str, Any]:
+        shard = await self._shard_of(key)
+        tensors = await self._fetch_references(key, shard, tensors)
+        return await self._on(key, "call", operation=operation, tensors=tensors, returns=returns,
+                              idempotency_key=idempotency_key, expected_version=expected_version, sequence=sequence)
+
+    async def _fetch_references(self, key: InstanceKey, shard: int, tensors: Mapping[str, Any]) -> dict[str, Any]:
+        """References to another owner's-own instance on another shard become its values, read before the call
+        (the local engine reads them before taking the caller's lock too)."""
+        out = dict(tensors)
+        for argument, value in tensors.items():
+            if isinstance(value, CompartmentRef) and value.instance is not None:
+                other = InstanceKey(key.owner, value.instance)
+                other_shard = await self._shard_of(other)
+                if other_shard != shard:
+                    out[argument], _ = await self._on(other, "read", compartment=value.compartment)
+        return out
+
+    async def call_many(self, keys: list[InstanceKey], *, operation: str, tensors: list[Mapping[str, Any]],
+                        returns: list[str] | None = None, idempotency_key: str | None = None
+                        ) -> list[dict[str, Any]]:
+        shards = sorted({await self._shard_of(key) for key in keys}) if keys else [0]
+        if len(shards) > 1:
+            raise InvalidRequest(f"calls: a packed call is applied all or nothing on one shard, and these instances "
+                                 f"live on shards {', '.join(map(str, shards))}; pack the instances of each shard "
+                                 "apart", argument="calls")
+        return await self._run(shards[0], "call_many", keys, operation=operation, tensors=tensors, returns=returns,
+                               idempotency_key=idempotency_key)
+
+    async def read(self, key: InstanceKey, *, compartment: str) -> Any:
+        return await self._on(key, "read", compartment=compartment)
+
+    async def write(self, key: InstanceKey, *, compartment: str, value: Any,
+                    expected_version: int | None = None) -> int:
+        return await self._on(key, "write", compartment=compartment, value=value, expected_version=expected_version)
+
+    # --- files ---
+
+    async def export(self, key: InstanceKey) -> ExportParts:
+        blob = await self._on(key, "export")
+        return len(blob), lambda: iter([blob])
+
+    async def import_(self, key: InstanceKey, *, blob: bytes) -> dict[str, Any]:
+        async with self._name_lock(key):
+            order, _ = await self._placement(None)
+            return await self._place(key, order, "import_", blob=blob)
+
+    async def snapshot(self, key: InstanceKey, *, snapshot: str) -> dict[str, Any]:
+        return await self._on(key, "snapshot", snapshot=snapshot)
+
+    async def snapshots(self, key: InstanceKey) -> list[dict[str, Any]]:
+        return await self._on(key, "snapshots")
+
+    async def rollback(self, key: InstanceKey, *, snapshot: str, expected_version: int | None = None) -> int:
+        return await self._on(key, "rollback", snapshot=snapshot, expected_version=expected_version)
+
+    async def delete_snapshot(self, key: InstanceKey, *, snapshot: str) -> None:
+        await self._on(key, "delete_snapshot", snapshot=snapshot)
+
+    async def evicted(self, *, owner: str) -> list[dict[str, Any]]:
+        listed = await self._each("evicted", owner=owner)
+        return [{**entry, "shard": shard} for shard, entries in enumerate(listed) for entry in entries]
+
+    async def unevict(self, key: InstanceKey) -> dict[str, Any]:
+        listed = await self._each("evicted", owner=key.owner)
+        for shard, entries in enumerate(listed):
+            if any(entry.get("name") == key.name for entry in entries):
+                if await self.directory.claim.remote(key.owner, key.name) is not None:
+                    raise AlreadyExists(f"an instance named {key.name!r} already exists", name=key.name)
+                try:
+                    description = await self._run(shard, "unevict", key)
+                except BaseException:
+                    await self.directory.release.remote(key.owner, key.name)
+                    raise
+                self._where[key] = shard
+                await self.directory.settle.remote(key.owner, key.name, shard)
+                return self._named(shard, description)
+        raise NotFound(f"no evicted instance named {key.name!r}", name=key.name)
+
+    # --- operators ---
+
+    async def evict_idle(self, *, idle_s: float) -> list[dict[str, Any]]:
+        evicted = await self._each("evict_idle", idle_s=idle_s)
+        for shard, entries in enumerate(evicted):
+            for entry in entries:
+                self._where.pop(InstanceKey(entry["owner"], entry["name"]), None)
+                await self.directory.release.remote(entry["owner"], entry["name"], shard)
+        return [entry for entries in evicted for entry in entries]
+
+    async def storage(self) -> dict[str, Any]:
+        statuses = await self._each("storage")
+        failing = [s["storage_error"] for s in statuses if s.get("storage_error")]
+        self._storage_error = failing[0] if failing else None
+        return {"durability": statuses[0]["durability"], "storage_error": self._storage_error,
+                "restore_errors": {k: v for s in statuses for k, v in s.get("restore_errors", {}).items()},
+                "shards": [{"shard": i, **s} for i, s in enumerate(statuses)]}
+
+    async def devices(self) -> list[dict[str, Any]]:
+        listed = await self._each("devices")
+        return [{**d, "device": f"shard-{shard}/{d['device']}", "shard": shard}
+                for shard, devices in enumerate(listed) for d in devices]
+
+    async def gauges(self) -> dict[str, Any]:
+        answers = await asyncio.gather(*(self._run(i, "gauges") for i in range(len(self.shards))),
+                                       return_exceptions=True)
+        merged: dict[str, Any] = {"instances": {}, "state_bytes": {}, "queue_depth": {}, "memory": {},
+                                  "device_budget_bytes": self.settings.device_budget_bytes,
+                                  "storage_failing": False, "compiles": {"count": 0, "seconds": 0.0, "cache_hits": 0},
+                                  "shards": {}}
+        for shard, gauges in enumerate(answers):
+            merged["shards"][f"shard-{shard}"] = not isinstance(gauges, BaseException)
+            if isinstance(gauges, BaseException):
+                continue
+            for key, count in gauges["instances"].items():
+                merged["instances"][key] = merged["instances"].get(key, 0) + count
+            for device, held in gauges["state_bytes"].items():
+                merged["state_bytes"][f"shard-{shard}/{device}"] = held
+            for owner, depth in gauges["queue_depth"].items():
+                merged["queue_depth"][owner] = merged["queue_depth"].get(owner, 0) + depth
+            for device, memory in gauges.get("memory", {}).items():
+                merged["memory"][f"shard-{shard}/{device}"] = memory
+            merged["storage_failing"] |= bool(gauges["storage_failing"])
+            for field in ("count", "seconds", "cache_hits"):
+                merged["compiles"][field] += gauges["compiles"][field]
+        return merged
+
+    def describe_setup(self) -> dict[str, Any]:
+        return self._setup or {"devices": [], "state_dir": str(self.settings.state_dir), "durability":
+                               self.settings.durability}
+
+    def shard_info(self) -> list[dict[str, Any]]:
+        """Each shard's index, process id, host and phase (blocking: for tests and operators)."""
+        return self.ray.get([shard.info.remote() for shard in self.shards])
+
+

@@ -1,0 +1,134 @@
+"""A shard: one long-lived Ray actor per device, holding many instances with the local engine.
+
+The actor runs a ``LocalBackend`` over its own state directory (``<state_dir>/shards/shard-<i>``,
+on storage every node mounts) with every call in the calling actor thread, exactly as the
+in-process client does: the same registry, checks, limits, durability and numbers. The actor is
+threaded (``max_concurrency``), so calls on different instances run side by side and calls on
+one instance wait for its lock.
+
+When Ray restarts a shard that died, ``__init__`` runs again and restores the instances from
+the directory before the actor answers anything (Ray queues calls until ``__init__`` returns).
+
+Domain errors cross the process boundary as plain values (``("error", class, detail, extra,
+headers)``) and are raised again, as the same class, by the front; anything else is a bug and
+crosses as Ray's own error. JAX is imported only here, in the actor's process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from synapse_serve.errors import SynapseServeError
+
+# what the front may ask a shard to run: the Backend methods that act on the shard's instances
+ASYNC_METHODS = frozenset({
+    "create", "describe", "help", "stats", "history", "list", "delete", "call", "call_many", "read", "write",
+    "import_", "snapshot", "snapshots", "rollback", "delete_snapshot", "evicted", "unevict", "evict_idle",
+    "storage", "devices", "gauges", "probe",
+})
+SYNC_METHODS = frozenset({"kinds", "kind_help", "operation_names", "storage_error", "describe_setup"})
+
+
+class Shard:
+    """The actor's class (wrapped by ``ray.remote`` in the front): a LocalBackend run in the actor's threads."""
+
+    def __init__(self, index: int, settings: dict[str, Any]) -> None:
+        from synapse_serve.inprocess import _complete  # noqa: PLC0415 - JAX comes in with the local backend
+        from synapse_serve.local.backend import LocalBackend
+        from synapse_serve.settings import Settings
+
+        self.index = index
+        self._complete = _complete
+        state_dir = Path(settings["state_dir"]) / "shards" / f"shard-{index}"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.settings = Settings(**{**settings, "state_dir": state_dir})
+        self.backend = LocalBackend(self.settings, in_caller_thread=True)
+        self.phase = "starting"
+        _complete(self.backend.start())  # the directory's lock: the dead incarnation's went with its process
+        _complete(self.backend.get_ready(self._set_phase))  # restored before the first call is answered
+        self.phase = "ready"
+
+    def _set_phase(self, phase: str) -> None:
+        self.phase = phase
+
+    def run(self, method: str, args: tuple, kwargs: dict[str, Any]) -> tuple:
+        """One Backend method on this shard: ``("ok", value)`` or ``("error", class, detail, extra, headers)``."""
+        try:
+            if method in ASYNC_METHODS:
+                value = self._complete(getattr(self.backend, method)(*args, **kwargs))
+            elif method in SYNC_METHODS:
+                value = getattr(self.backend, method)(*args, **kwargs)
+            elif method == "export":
+                length, parts = self._complete(self.backend.export(*args, **kwargs))
+                value = b"".join(bytes(part) for part in parts())  # one object for Ray to carry
+                assert len(value) == length
+            else:
+                raise ValueError(f"a shard does not run {method!r}")
+        except SynapseServeError as exc:
+            return ("error", type(exc).__name__, exc.detail, exc.extra, exc.headers)
+        return ("ok", value)
+
+    def keys(self) -> list[tuple[str, str]]:
+        """Every (owner, name) this shard holds or is restoring or could not load: the names it answers for."""
+        registry = self.backend.registry
+        with registry._lock:
+            keys = set(registry._instances) | set(registry._restoring) | set(registry._unloadable)
+        return sorted((key.owner, key.name) for key in keys)
+
+    def info(self) -> dict[str, Any]:
+        """Who and where this shard is (for the front's listing, tests and operators)."""
+        return {"index": self.index, "pid": os.getpid(), "host": socket.gethostname(), "phase": self.phase,
+                "state_dir": str(self.settings.state_dir), "devices": self.backend.describe_setup()["devices"]}
+
+    def ping(self) -> int:
+        return self.index
+
+    def close(self) -> None:
+        """Write what changed and release the directory (before the actor is killed on purpose)."""
+        self._complete(self.backend.close())
+
+
+class Directory:
+    """Which shard holds each name, for every front of one deployment: a named, detached, single-threaded actor,
+    so two fronts creating the same name at the same moment cannot both succeed.
+
+    A create claims the name first (``claim``: None if it was free, else the shard holding it or -1 while
+    another create of it is under way), then ``settle``s it on the shard that took it, or ``release``s it. A
+    restarted directory rebuilds itself from the shards' own lists (the durable map).
+    """
+
+    def __init__(self, namespace: str, shards: int) -> None:
+        import ray  # noqa: PLC0415 - in the actor's process
+
+        self.names: dict[tuple[str, str], int] = {}
+        for index in range(shards):
+            try:
+                shard = ray.get_actor(f"shard-{index}", namespace=namespace)
+                for owner, name in ray.get(shard.keys.remote(), timeout=60):
+                    self.names[(owner, name)] = index
+            except Exception:  # noqa: BLE001 - a shard not up yet: its names are claimed when it lists them
+                continue
+
+    def claim(self, owner: str, name: str) -> int | None:
+        """Reserve a free name (None), or say who holds it: a shard, or -1 (a create of it is under way)."""
+        holder = self.names.get((owner, name))
+        if holder is None:
+            self.names[(owner, name)] = -1
+        return holder
+
+    def settle(self, owner: str, name: str, shard: int) -> None:
+        self.names[(owner, name)] = shard
+
+    def release(self, owner: str, name: str, shard: int | None = None) -> None:
+        """Forget a name (a failed create: ``shard`` None; a delete: only if ``shard`` still holds it)."""
+        holder = self.names.get((owner, name))
+        if holder is not None and (shard is None or holder in (shard, -1)):
+            del self.names[(owner, name)]
+
+    def learn(self, entries: list[tuple[str, str, int]]) -> None:
+        """Names a front found on shards (at its start): known holders are kept."""
+        for owner, name, shard in entries:
+            self.names.setdefault((owner, name), shard)

@@ -1,0 +1,222 @@
+"""The Ray backend: the same API and client over two shard actors of a local Ray cluster (issue 17).
+
+The test session starts a Ray cluster (``cluster/raycluster.py``: loopback, token authentication,
+no dashboard, a small object store, ``JAX_PLATFORMS=cpu`` in the shards); each server below is a
+real uvicorn front whose backend is ``RayBackend`` with two shards in a namespace of its own. The answers are checked
+against the in-process engine (the local backend) bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+
+from cluster.raycluster import ray, ray_server, stop_shards
+from synapse_client import (
+    ConflictError,
+    NotFoundError,
+    Ref,
+    SynapseClient,
+    UnprocessableEntityError,
+)
+
+ALICE, BOB, ROOT = "alice-" + "a" * 24, "bob-" + "b" * 24, "root-" + "r" * 24
+DENSE = {"shape": [12, 5], "eta": 0.1, "optim_type": "adam", "sign_value": -1.0}
+DECONV = {"shape": [3, 3, 1, 4], "x_shape": [8, 8], "eta": 0.05}
+
+
+@pytest.fixture(scope="module")
+def server(cluster, tmp_path_factory):
+    live = ray_server(tmp_path_factory.mktemp("ray-state"), durability="sync",
+                      tokens=f"alice:{ALICE},bob:{BOB},root:{ROOT}:admin")
+    with live:
+        yield live
+    stop_shards(live)
+
+
+@pytest.fixture
+def alice(server):
+    with SynapseClient(server.url, token=ALICE) as client:
+        yield client
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def test_answers_equal_the_local_engines_bit_for_bit(alice):
+    rng = np.random.default_rng(0)
+    x, post = rng.random((4, 12), np.float32), rng.random((4, 5), np.float32)
+    with SynapseClient("local", local_settings={"history_when_durability_off": True}) as local:
+        name = _name("same")
+        remote = alice.create(name, kind="HebbianSynapse", config=DENSE, seed=3)
+        here = local.create(name, kind="HebbianSynapse", config=DENSE, seed=3)
+        for syn in (remote, here):
+            for _ in range(3):
+                syn.evolve(x, post)
+        np.testing.assert_array_equal(remote.forward(x), here.forward(x))
+        np.testing.assert_array_equal(remote.get("weights"), here.get("weights"))
+        np.testing.assert_array_equal(remote.get("opt_state/mu/0"), here.get("opt_state/mu/0"))
+        seq = rng.random((6, 4, 12), np.float32)
+        np.testing.assert_array_equal(remote.run_sequence("forward", inputs=seq)["outputs"],
+                                      here.run_sequence("forward", inputs=seq)["outputs"])
+        assert remote.describe()["counters"] == here.describe()["counters"] == {"evolve": 3, "forward": 7}
+        assert remote.stats()["weights"] == here.stats()["weights"]
+        assert [e["norm"] for e in remote.history()] == pytest.approx([e["norm"] for e in here.history()])
+        assert remote.plot_filters()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_whole_api_works_over_rest_and_the_session(alice, tmp_path):
+    name = _name("api")
+    syn = alice.create(name, kind="HebbianDeconvSynapse", config=DECONV)
+    described = syn.describe()
+    assert described["device"].startswith(f"shard-{described['shard']}/")
+    x = np.ones((2, 8, 8, 1), np.float32)
+    with alice.session() as session:
+        handle = session.get(name)
+        y = handle.forward(x)
+        handle.evolve(x, y)
+        assert handle.describe()["counters"] == {"forward": 1, "evolve": 1}
+    version = syn.set("weights", np.zeros((3, 3, 1, 4), np.float32))
+    assert syn.describe()["version"] == version
+    syn.snapshot("zero")
+    syn.set("weights", np.ones((3, 3, 1, 4), np.float32))
+    syn.restore("zero")
+    assert not syn.get("weights").any()
+    path = syn.export(tmp_path / "api.safetensors")
+    copy = alice.import_(path, name=_name("copy"))
+    np.testing.assert_array_equal(copy.get("weights"), syn.get("weights"))
+    assert {d["name"] for d in alice.list()} >= {name, copy.name}
+    syn.delete()
+    with pytest.raises(NotFoundError):
+        syn.describe()
+
+
+def test_instances_spread_over_the_shards_and_references_cross_them(alice):
+    # each new instance goes to the shard holding the fewest state bytes: two large ones land on both
+    names = [_name("spread") for _ in range(2)]
+    shards = {alice.create(n, kind="HebbianSynapse", config={"shape": [128, 128]}).describe()["shard"]
+              for n in names}
+    assert shards == {0, 1}
+    a = alice.create(_name("ref-a"), kind="HebbianSynapse", config={"shape": [5, 5]}, device="shard-0")
+    b = alice.create(_name("ref-b"), kind="HebbianSynapse", config={"shape": [5, 3]}, device="shard-1/cpu:0")
+    assert (a.describe()["shard"], b.describe()["shard"]) == (0, 1)
+    outputs = a.forward(np.random.default_rng(1).random((2, 5), np.float32))
+    np.testing.assert_array_equal(b.forward(Ref("outputs", instance=a.name)), b.forward(outputs))
+    with pytest.raises(UnprocessableEntityError, match="one shard"):
+        alice.call_many("forward", {a.name: {"inputs": np.ones((1, 5))}, b.name: {"inputs": np.ones((1, 5))}})
+    same = alice.create(_name("ref-c"), kind="HebbianSynapse", config={"shape": [5, 5]}, device="shard-0")
+    packed = alice.call_many("forward", {a.name: {"inputs": np.ones((1, 5))}, same.name: {"inputs": np.ones((1, 5))}})
+    assert set(packed) == {a.name, same.name}
+
+
+def test_owners_stay_apart_across_shards(server, alice):
+    mine = [alice.create(_name("mine"), kind="HebbianSynapse", config=DENSE, device=f"shard-{i}") for i in (0, 1)]
+    with SynapseClient(server.url, token=BOB) as bob, SynapseClient(server.url, token=ROOT) as root:
+        for syn in mine:
+            with pytest.raises(NotFoundError):
+                bob.get(syn.name).describe()
+            with pytest.raises(NotFoundError):
+                bob.get(syn.name, owner="alice").describe()
+            assert root.get(syn.name, owner="alice").describe()["owner"] == "alice"
+        assert not any(d["owner"] == "alice" for d in bob.list())
+        everyone = {(d["owner"], d["name"]) for d in root.list()}
+        assert {("alice", s.name) for s in mine} <= everyone
+
+
+def test_a_shards_budget_refuses_a_create_before_any_work(cluster, tmp_path):
+    with SynapseClient("local") as local:  # what one such instance holds
+        nbytes = local.create("probe", kind="HebbianSynapse", config={"shape": [16, 16]}).describe()["state_bytes"]
+    live = ray_server(tmp_path, device_budget_bytes=nbytes * 3 // 2)  # room for one per shard
+    with live, SynapseClient(live.url) as client:
+        first = client.create("first", kind="HebbianSynapse", config={"shape": [16, 16]})
+        second = client.create("second", kind="HebbianSynapse", config={"shape": [16, 16]})
+        assert {first.describe()["shard"], second.describe()["shard"]} == {0, 1}  # the full one passed it on
+        with pytest.raises(ConflictError, match="[Dd]evice"):
+            client.create("third", kind="HebbianSynapse", config={"shape": [16, 16]})
+        assert {d["name"] for d in client.list()} == {"first", "second"}
+        ready = httpx.get(f"{live.url}/readyz").json()
+        assert ready == {"status": "ready", "shards": "2/2 up"}
+        metrics = httpx.get(f"{live.url}/metrics").text
+        assert 'synapse_shard_up{shard="shard-0"} 1.0' in metrics and 'synapse_shard_up{shard="shard-1"} 1.0' in metrics
+        assert 'synapse_state_bytes{device="shard-1/cpu:0"}' in metrics
+        assert {d["device"] for d in client.request("GET", "/v1/devices", retry=True)["devices"]} == {
+            "shard-0/cpu:0", "shard-1/cpu:0"}
+        assert len(client.request("GET", "/v1/admin/storage", retry=True)["shards"]) == 2
+    stop_shards(live)
+
+
+@pytest.mark.parametrize("how", ["ray.kill", "kill -9"])
+def test_a_shard_killed_mid_stream_loses_no_acknowledged_evolve(cluster, tmp_path, how):
+    live = ray_server(tmp_path, durability="sync")
+    with live, SynapseClient(live.url, timeout=120) as client:
+        syn = client.create("learner", kind="HebbianSynapse", config={"shape": [8, 4], "eta": 0.05})
+        backend = live.app.state.server.backend
+        shard = syn.describe()["shard"]
+        rng = np.random.default_rng(2)
+        acknowledged, errors = [], []
+        started = threading.Event()
+
+        def stream() -> None:
+            try:
+                for _ in range(60):
+                    acknowledged.append(syn.evolve(rng.random((2, 8), np.float32), rng.random((2, 4), np.float32)))
+                    started.set()
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                started.set()
+
+        before = backend.shard_info()[shard]["pid"]
+        worker = threading.Thread(target=stream)
+        worker.start()
+        started.wait(60)
+        if how == "ray.kill":
+            ray.kill(backend.shards[shard], no_restart=False)
+        else:
+            os.kill(before, signal.SIGKILL)
+        at_kill = len(acknowledged)
+        worker.join(180)
+        assert not worker.is_alive() and errors == [], errors
+        assert len(acknowledged) == 60
+        described = syn.describe()  # the restarted shard restored it from its files
+        assert described["counters"] == {"evolve": 60}  # every acknowledged evolve, each exactly once
+        assert described["version"] == acknowledged[-1]["version"] == 61
+        syn.forward(np.ones((1, 8), np.float32))  # and it answers
+        assert backend.shard_info()[shard]["pid"] != before  # it was a new process
+        assert 0 < at_kill < 60, "the shard was not killed in the middle of the stream"
+    stop_shards(live)
+
+
+def test_two_fronts_never_both_create_one_name(cluster, tmp_path):
+    """Fronts of one deployment share its shards and its directory: racing creates of a name, one wins."""
+    first = ray_server(tmp_path)
+    with first, ray_server(tmp_path, ray_namespace=first.settings.ray_namespace) as second, \
+            SynapseClient(first.url) as a, SynapseClient(second.url) as b:
+        outcomes: dict[str, list[str]] = {}
+
+        def create(client, name) -> None:
+            try:
+                client.create(name, kind="HebbianSynapse", config={"shape": [4, 2]})
+                outcomes.setdefault(name, []).append("created")
+            except ConflictError:
+                outcomes.setdefault(name, []).append("conflict")
+
+        for i in range(8):
+            racers = [threading.Thread(target=create, args=(client, f"race-{i}")) for client in (a, b)]
+            for racer in racers:
+                racer.start()
+            for racer in racers:
+                racer.join(60)
+        assert all(sorted(o) == ["conflict", "created"] for o in outcomes.values()), outcomes
+        assert len(outcomes) == 8
+        assert {d["name"] for d in b.list()} == {f"race-{i}" for i in range(8)}  # each on one shard, seen by both
+        b.get("race-0").delete()
+        a.create("race-0", kind="HebbianSynapse", config={"shape": [4, 2]})  # a deleted name is free again
+        assert a.get("race-0").describe()["version"] == 1
+    stop_shards(first)
