@@ -146,16 +146,20 @@ class RayBackend:
         return shard
 
     async def _on(self, key: InstanceKey, method: str, *args: Any, **kwargs: Any) -> Any:
-        """A method on the shard of ``key``; a name that moved (deleted and created again through another front)
-        is looked up again once."""
+        """A method on the shard of ``key`` (see ``_on_shard``)."""
+        return (await self._on_shard(key, method, *args, **kwargs))[1]
+
+    async def _on_shard(self, key: InstanceKey, method: str, *args: Any, **kwargs: Any) -> tuple[int, Any]:
+        """The shard of ``key`` and a method's answer there; a name that moved (deleted and created again through
+        another front) is looked up again once."""
         shard = await self._shard_of(key)
         try:
-            return await self._run(shard, method, key, *args, **kwargs)
+            return shard, await self._run(shard, method, key, *args, **kwargs)
         except NotFound:
             moved = await self._find(key)
             if moved is None or moved == shard:
                 raise
-            return await self._run(moved, method, key, *args, **kwargs)
+            return moved, await self._run(moved, method, key, *args, **kwargs)
 
     def _named(self, shard: int, description: dict[str, Any]) -> dict[str, Any]:
         """A shard's description with its device named across the cluster (``shard-1/cpu:0``)."""
@@ -229,9 +233,10 @@ class RayBackend:
         """Create (or import) ``key`` on the first shard of ``order`` with room; its description. The name is
         claimed in the deployment's directory first, so no other front can take it meanwhile."""
         holder = await self.directory.claim.remote(key.owner, key.name)
-        if holder is not None or await self._find(key) is not None:
-            if holder is None:
-                await self.directory.release.remote(key.owner, key.name)
+        found = await self._find(key) if holder is None else None
+        if holder is not None or found is not None:
+            if found is not None:  # a shard holds it but the directory had not heard (it restarted): tell it
+                await self.directory.settle.remote(key.owner, key.name, found)
             raise AlreadyExists(f"an instance named {key.name!r} already exists" if holder != -1 else
                                 f"an instance named {key.name!r} is being created", name=key.name)
         settled = False
@@ -274,8 +279,7 @@ class RayBackend:
         return sorted(range(len(self.shards)), key=lambda s: (held[s], s)), device
 
     async def describe(self, key: InstanceKey) -> dict[str, Any]:
-        shard = await self._shard_of(key)
-        return self._named(shard, await self._on(key, "describe"))
+        return self._named(*await self._on_shard(key, "describe"))
 
     async def help(self, key: InstanceKey) -> dict[str, Any]:
         return await self._on(key, "help")
@@ -292,8 +296,7 @@ class RayBackend:
         return sorted(out, key=lambda d: (d["owner"], d["name"]))
 
     async def delete(self, key: InstanceKey, *, expected_version: int | None = None) -> None:
-        shard = await self._shard_of(key)
-        await self._on(key, "delete", expected_version=expected_version)
+        shard, _ = await self._on_shard(key, "delete", expected_version=expected_version)
         self._where.pop(key, None)
         await self.directory.release.remote(key.owner, key.name, shard)
 
