@@ -220,3 +220,14 @@ def test_two_fronts_never_both_create_one_name(cluster, tmp_path):
         a.create("race-0", kind="HebbianSynapse", config={"shape": [4, 2]})  # a deleted name is free again
         assert a.get("race-0").describe()["version"] == 1
     stop_shards(first)
+
+
+def test_a_restarted_directory_relearns_the_names_from_the_shards(server, alice):
+    """The directory is rebuilt from the shards' own lists: a held name stays taken, a free one can be created."""
+    held = alice.create(_name("held"), kind="HebbianSynapse", config={"shape": [4, 2]})
+    backend = server.app.state.server.backend
+    ray.kill(backend.directory, no_restart=False)
+    with pytest.raises(ConflictError, match="already exists"):
+        alice.create(held.name, kind="HebbianSynapse", config={"shape": [4, 2]})
+    fresh = alice.create(_name("fresh"), kind="HebbianSynapse", config={"shape": [4, 2]})
+    assert fresh.describe()["version"] == 1 and held.describe()["version"] == 1
