@@ -294,15 +294,6 @@ def _titled(progress: bool, title: str) -> dict[str, str]:
     return {"progress": title} if progress else {}
 
 
-def _part_key(key: str | None, index: int) -> str | None:
-    """A part's Idempotency-Key of a sequence run in parts: the caller's, told apart by part."""
-    return None if key is None else f"{key[:240]}/part-{index}"
-
-
-def _sliced(tensors: dict[str, Any], part: slice) -> dict[str, Any]:
-    return {k: (None if v is None else np.asarray(v)[part]) for k, v in tensors.items()}
-
-
 def _body_length(content: Any) -> int:
     return sum(len(memoryview(p).cast("B")) for p in (content if isinstance(content, list) else [content]))
 
@@ -826,16 +817,8 @@ class Synapse(_Handle):
         if not progress:
             return self.call(operation, returns=returns, if_version=if_version, idempotency_key=idempotency_key,
                              sequence=options, **tensors)
-        steps, parts = _progress.sequence_parts(tensors, every)
-        line, answers = _progress.bar(steps, f"{self.name} {operation}", unit="step"), []
-        try:
-            for index, part in enumerate(parts):
-                answers.append(self.call(operation, returns=returns, if_version=if_version if index == 0 else None,
-                                         idempotency_key=_part_key(idempotency_key, index), sequence=options,
-                                         **_sliced(tensors, part)))
-                line.update(part.stop - part.start)
-        finally:
-            line.close()
+        with _progress.SequenceInParts(f"{self.name} {operation}", tensors, every, if_version, idempotency_key) as run:
+            answers = [self.call(operation, returns=returns, sequence=options, **part) for part in run.calls()]
         return _progress.join_answers(answers, last)
 
     def submit(self, operation: str, *, returns: Sequence[str] | None = None, if_version: int | None = None,
@@ -995,17 +978,8 @@ class AsyncSynapse(_Handle):
         if not progress:
             return await self.call(operation, returns=returns, if_version=if_version,
                                    idempotency_key=idempotency_key, sequence=options, **tensors)
-        steps, parts = _progress.sequence_parts(tensors, every)
-        line, answers = _progress.bar(steps, f"{self.name} {operation}", unit="step"), []
-        try:
-            for index, part in enumerate(parts):
-                answers.append(await self.call(operation, returns=returns,
-                                               if_version=if_version if index == 0 else None,
-                                               idempotency_key=_part_key(idempotency_key, index), sequence=options,
-                                               **_sliced(tensors, part)))
-                line.update(part.stop - part.start)
-        finally:
-            line.close()
+        with _progress.SequenceInParts(f"{self.name} {operation}", tensors, every, if_version, idempotency_key) as run:
+            answers = [await self.call(operation, returns=returns, sequence=options, **part) for part in run.calls()]
         return _progress.join_answers(answers, last)
 
     def submit(self, operation: str, *, returns: Sequence[str] | None = None, if_version: int | None = None,

@@ -68,6 +68,30 @@ def upload(parts: Any, progress: Any) -> Iterator[bytes | memoryview]:
             progress.update(len(piece))
 
 
+class SequenceInParts:
+    """A sequence run as up to SEQUENCE_PARTS calls of whole ``every``-step blocks, with a bar: ``calls()`` yields
+    each call's arguments (the bar advances as the next is asked for), ``joined`` makes one answer of theirs."""
+
+    def __init__(self, title: str, tensors: dict[str, Any], every: int | None, if_version: int | None,
+                 idempotency_key: str | None) -> None:
+        self.tensors, self.if_version, self.key = tensors, if_version, idempotency_key
+        steps, self.parts = sequence_parts(tensors, every)
+        self.bar = bar(steps, title, unit="step")
+
+    def calls(self) -> Iterator[dict[str, Any]]:
+        for index, part in enumerate(self.parts):
+            yield {"if_version": self.if_version if index == 0 else None,
+                   "idempotency_key": None if self.key is None else f"{self.key[:240]}/part-{index}",
+                   **{k: (None if v is None else np.asarray(v)[part]) for k, v in self.tensors.items()}}
+            self.bar.update(part.stop - part.start)
+
+    def __enter__(self) -> SequenceInParts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
 def sequence_parts(tensors: dict[str, Any], every: int | None) -> tuple[int, list[slice]]:
     """The steps of a sequence and the slices it runs as (each a whole number of ``every``-step blocks)."""
     arrays = [np.asarray(v) for v in tensors.values() if v is not None and not hasattr(v, "to_wire")]
