@@ -143,6 +143,9 @@ def test_the_page_shows_an_owners_instances_pictures_and_curves_and_nothing_else
         offline.page.wait_for_function("() => document.querySelectorAll('#instances tbody tr').length === 2")
         owners_and_names = sorted(rows.nth(i).get_attribute("data-instance") for i in range(rows.count()))
         assert owners_and_names == ["alice/alice-dense", "alice/alice-enc"]
+        enc_row = offline.page.locator('#instances tr[data-instance="alice/alice-enc"] td')
+        assert [enc_row.nth(i).inner_text() for i in (0, 2, 3, 5)] == ["alice", "HebbianDeconvSynapse", "cpu:0",
+                                                                      "evolve 1"]
         before = card_image(offline, "alice/alice-enc")
         assert before.std() > 0, "the filters picture is blank"
         offline.page.wait_for_selector('article[data-instance="alice/alice-enc"] svg.history[data-field="norm"]'

@@ -70,8 +70,10 @@ function renderTable(list) {
     const row = element("tr", {"data-instance": `${d.owner}/${d.name}`});
     const running = d.running ? `${d.running.operation}${d.running.steps ? " ×" + d.running.steps : ""} since `
       + when(d.running.since) : "";
-    for (const cell of [d.owner, d.name, d.kind, d.device, d.version, learningSteps(d), when(d.last_used_at),
-                        running]) row.append(element("td", {}, String(cell)));
+    const counters = Object.entries(d.counters).map(([op, n]) => `${op} ${n}`).join(" · ") || "–";
+    for (const cell of [d.owner, d.name, d.kind, d.device, d.version, counters, when(d.last_used_at), running]) {
+      row.append(element("td", {}, String(cell)));
+    }
     return row;
   }));
   document.getElementById("instances").hidden = list.length === 0;
