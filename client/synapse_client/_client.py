@@ -22,7 +22,7 @@ import re
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -294,11 +294,7 @@ def _titled(progress: bool, title: str) -> dict[str, str]:
     return {"progress": title} if progress else {}
 
 
-def _body_length(content: Any) -> int:
-    return sum(len(memoryview(p).cast("B")) for p in (content if isinstance(content, list) else [content]))
-
-
-async def _stream(parts: list[bytes | memoryview]):
+async def _stream(parts: Iterable[bytes | memoryview]):
     """Body parts for httpx's AsyncClient (which takes only async iterables); a fresh one per attempt."""
     for part in parts:
         yield part
@@ -351,27 +347,18 @@ class SynapseClient(_BaseClient):
 
     def _with_progress(self, method: str, path: str, content: Any, headers: dict[str, str], title: str) -> Any:
         if content is not None:  # an upload: the bar follows the body out
-            total = int(headers.get("Content-Length") or _body_length(content))
-            bar = _progress.bar(total, title)
-            try:
-                response = self._http.request(method, path, content=_progress.upload(content, bar),
-                                              headers={**headers, "Content-Length": str(total)})
-            finally:
-                bar.close()
-            return self._decode(response)
+            total = int(headers.get("Content-Length") or _progress.body_length(content))
+            with _progress.bar(total, title) as line:
+                return self._decode(self._http.request(method, path, content=_progress.upload(content, line),
+                                                       headers={**headers, "Content-Length": str(total)}))
         with self._http.stream(method, path, headers=headers) as response:  # a download: the bar follows the answer
             if response.status_code >= 400:
                 response.read()
                 return self._decode(response)
-            bar = _progress.bar(int(response.headers.get("content-length", 0)) or None, title)
-            try:
-                chunks = []
+            with _progress.Download(response.headers.get("content-length"), title) as received:
                 for chunk in response.iter_bytes(_progress.CHUNK_BYTES):
-                    chunks.append(chunk)
-                    bar.update(len(chunk))
-            finally:
-                bar.close()
-            return self._decode(response, b"".join(chunks))
+                    received.add(chunk)
+            return self._decode(response, received.body())
 
     def submit(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *, retry: bool,
                headers: dict[str, str] | None = None) -> Pending:
@@ -567,32 +554,19 @@ class AsyncSynapseClient(_BaseClient):
 
     async def _with_progress(self, method: str, path: str, content: Any, headers: dict[str, str], title: str) -> Any:
         if content is not None:  # an upload: the bar follows the body out
-            total = int(headers.get("Content-Length") or _body_length(content))
-            bar = _progress.bar(total, title)
-
-            async def parts():
-                for piece in _progress.upload(content, bar):
-                    yield piece
-
-            try:
-                response = await self._http.request(method, path, content=parts(),
-                                                    headers={**headers, "Content-Length": str(total)})
-            finally:
-                bar.close()
-            return self._decode(response)
+            total = int(headers.get("Content-Length") or _progress.body_length(content))
+            with _progress.bar(total, title) as line:
+                return self._decode(await self._http.request(
+                    method, path, content=_stream(_progress.upload(content, line)),
+                    headers={**headers, "Content-Length": str(total)}))
         async with self._http.stream(method, path, headers=headers) as response:  # a download
             if response.status_code >= 400:
                 await response.aread()
                 return self._decode(response)
-            bar = _progress.bar(int(response.headers.get("content-length", 0)) or None, title)
-            try:
-                chunks = []
+            with _progress.Download(response.headers.get("content-length"), title) as received:
                 async for chunk in response.aiter_bytes(_progress.CHUNK_BYTES):
-                    chunks.append(chunk)
-                    bar.update(len(chunk))
-            finally:
-                bar.close()
-            return self._decode(response, b"".join(chunks))
+                    received.add(chunk)
+            return self._decode(response, received.body())
 
     def submit(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *, retry: bool,
                headers: dict[str, str] | None = None) -> asyncio.Task:

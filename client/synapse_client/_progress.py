@@ -37,6 +37,12 @@ class _Line:
         self._show()
         print(file=sys.stderr, flush=True)
 
+    def __enter__(self) -> _Line:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def bar(total: int | None, desc: str, unit: str = "B") -> Any:
     """A progress bar (tqdm's if installed) with ``update(n)`` and ``close()``."""
@@ -46,6 +52,32 @@ def bar(total: int | None, desc: str, unit: str = "B") -> Any:
         return _Line(total, desc, unit)
     scaled = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
     return tqdm(total=total, desc=desc, unit=unit, **scaled)
+
+
+class Download:
+    """An answer's body as it arrives, with a bar (of its Content-Length when the server sent one)."""
+
+    def __init__(self, length: str | None, title: str) -> None:
+        self.bar = bar(int(length or 0) or None, title)
+        self.chunks: list[bytes] = []
+
+    def add(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.bar.update(len(chunk))
+
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def __enter__(self) -> Download:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def body_length(content: Any) -> int:
+    """Bytes of a request body (one buffer, or a list of parts)."""
+    return sum(len(memoryview(p).cast("B")) for p in (content if isinstance(content, list) else [content]))
 
 
 def finished(answer: Any, title: str | None) -> Any:

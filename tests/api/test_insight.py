@@ -350,3 +350,16 @@ def test_the_async_client_shows_progress_too(server, tmp_path, capsys):
     err = capsys.readouterr().err
     for title in ("weights", "export", "import", "forward"):
         assert title in err, title
+
+
+def test_without_tqdm_progress_is_a_line_on_stderr(server, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    with SynapseClient(server.url) as client:
+        syn = client.create(_unique("plain-bar"), kind=DENSE, config={"shape": [8, 3]})
+        syn.set("weights", np.ones((8, 3), np.float32), progress=True)
+        assert syn.get("weights", progress=True).sum() == 24
+    err = capsys.readouterr().err
+    assert "100%" in err and "weights" in err

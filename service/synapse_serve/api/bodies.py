@@ -163,6 +163,13 @@ def _wanted(request: Request) -> list[str]:
     return [_media_type(part) for part in accept.split(",") if part.strip()]
 
 
+def returns_field(value: Any) -> list[str] | None:
+    """A request's ``return``: None, or a list of compartment names (MalformedBody otherwise)."""
+    if value is not None and (not isinstance(value, list) or not all(isinstance(r, str) for r in value)):
+        raise MalformedBody("return: expected a list of compartment names")
+    return value
+
+
 def check_acceptable(request: Request) -> None:
     """406 before anything is done when ``Accept`` allows neither msgpack nor JSON (a dependency of /v1)."""
     wanted = _wanted(request)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from synapse_serve.api.bodies import PROBLEM_BASE, compartment_ref, require_fields
+from synapse_serve.api.bodies import PROBLEM_BASE, compartment_ref, require_fields, returns_field
 from synapse_serve.api.insight import draw
 from synapse_serve.api.schemas import CreateRequest, SnapshotRequest
 from synapse_serve.api.server import Server, instance_key, owner_for
@@ -69,10 +69,7 @@ def _tensors(frame: dict[str, Any]) -> dict[str, Any]:
 
 
 def _returns(frame: dict[str, Any]) -> list[str] | None:
-    value = frame.get("return")
-    if value is not None and (not isinstance(value, list) or not all(isinstance(r, str) for r in value)):
-        raise MalformedBody("return: expected a list of compartment names")
-    return value
+    return returns_field(frame.get("return"))
 
 
 def _idempotency_key(frame: dict[str, Any]) -> str | None:
@@ -291,9 +288,7 @@ async def run_frame(server: Server, principal: Principal, frame: dict[str, Any],
                                              "status": 500, "request_id": request_id,
                                              "detail": f"an unexpected error occurred; request id {request_id}"}}
     if op in ("call", "call_many"):
-        operation = frame.get("operation")
-        label = operation if operation in server.backend.operation_names() else "unknown"
-        server.metrics.observe_operation(label, answer["status"], time.perf_counter() - begun)
+        server.count_operation(frame.get("operation"), answer["status"], time.perf_counter() - begun)
     return answer
 
 

@@ -11,7 +11,6 @@ operations). tests/api/test_operation_route.py sends the same requests through b
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 from fastapi import Request
@@ -19,6 +18,7 @@ from fastapi.responses import Response
 from starlette.routing import Match, Route
 
 from synapse_serve.api.bodies import (
+    returns_field,
     MSGPACK,
     check_acceptable,
     encode,
@@ -40,7 +40,15 @@ from synapse_serve.api.schemas import (
     responses,
     v1_router,
 )
-from synapse_serve.api.server import OwnerDep, Server, ServerDep, get_owner, get_principal, instance_key
+from synapse_serve.api.server import (
+    Counted,
+    OwnerDep,
+    Server,
+    ServerDep,
+    get_owner,
+    get_principal,
+    instance_key,
+)
 from synapse_serve.errors import MalformedBody, SynapseServeError
 
 router = v1_router()
@@ -68,14 +76,11 @@ async def operate(name: str, operation: str, request: Request, server: ServerDep
 
 async def run_operation(request: Request, server: Server, owner: str, name: str, operation: str) -> Response:
     """Decode, run the operation on the backend, encode: for both entry points."""
-    started, status = time.perf_counter(), 500
-    try:
+    with Counted(server, operation) as counted:
         key = instance_key(owner, name)
         body, media = await read_body(request)
         out_media = response_type(request, media)
-        returns = body.pop("return", None)
-        if returns is not None and (not isinstance(returns, list) or not all(isinstance(r, str) for r in returns)):
-            raise MalformedBody("return: expected a list of compartment names")
+        returns = returns_field(body.pop("return", None))
         sequence = body.pop("sequence", None)
         if sequence is not None and not isinstance(sequence, dict):
             raise MalformedBody("sequence: expected a map {every?, last?}")
@@ -85,14 +90,8 @@ async def run_operation(request: Request, server: Server, owner: str, name: str,
                                            idempotency_key=idempotency_key(request),
                                            expected_version=if_match(request), sequence=sequence)
         response = encode(result, out_media)
-        status = 200
+        counted.status = 200
         return response
-    except SynapseServeError as exc:
-        status = exc.status
-        raise
-    finally:
-        label = operation if operation in server.backend.operation_names() else "unknown"
-        server.metrics.observe_operation(label, status, time.perf_counter() - started)
 
 
 @router.post("/packed/{operation}", tags=["operations"],
@@ -106,13 +105,10 @@ async def run_operation(request: Request, server: Server, owner: str, name: str,
              openapi_extra=body_doc(PackedRequest), responses=responses(PackedResponse, 400, 404, 409, 413, 415, 422,
                                                                        507))
 async def packed(operation: str, request: Request, server: ServerDep, owner: OwnerDep) -> Response:
-    started, status = time.perf_counter(), 500
-    try:
+    with Counted(server, operation) as counted:
         body, media = await read_body(request)
         require_fields(body, PackedRequest)
-        returns = body.get("return")
-        if returns is not None and (not isinstance(returns, list) or not all(isinstance(r, str) for r in returns)):
-            raise MalformedBody("return: expected a list of compartment names")
+        returns = returns_field(body.get("return"))
         calls = body["calls"]
         if media != MSGPACK and isinstance(calls, list):
             max_elements = server.settings.max_tensor_elements
@@ -124,14 +120,8 @@ async def packed(operation: str, request: Request, server: ServerDep, owner: Own
                                                  idempotency_key=idempotency_key(request))
         response = encode({"results": [{"name": key.name, **answer} for key, answer in zip(keys, answers)]},
                           response_type(request, media))
-        status = 200
+        counted.status = 200
         return response
-    except SynapseServeError as exc:
-        status = exc.status
-        raise
-    finally:
-        label = operation if operation in server.backend.operation_names() else "unknown"
-        server.metrics.observe_operation(label, status, time.perf_counter() - started)
 
 
 class OperationRoute(Route):

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
 
 from synapse_serve.auth import LOCAL, Principal, TokenTable
 from synapse_serve.backend import Backend
-from synapse_serve.errors import NotFound, Unauthorized
+from synapse_serve.errors import NotFound, SynapseServeError, Unauthorized
 from synapse_serve.metrics import Metrics
 from synapse_serve.names import InstanceKey
 from synapse_serve.settings import Settings
@@ -29,6 +30,29 @@ class Server:
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
+
+    def count_operation(self, operation: Any, status: int, seconds: float) -> None:
+        """An operation call in the metrics, by operation (names the server does not know: ``unknown``)."""
+        label = operation if operation in self.backend.operation_names() else "unknown"
+        self.metrics.observe_operation(label, status, seconds)
+
+
+class Counted:
+    """Counts one operation call of a route in the metrics with its status (500 unless it answered, a domain
+    error's own) and duration, however it ends."""
+
+    __slots__ = ("server", "operation", "started", "status")
+
+    def __init__(self, server: Server, operation: str) -> None:
+        self.server, self.operation, self.started, self.status = server, operation, time.perf_counter(), 500
+
+    def __enter__(self) -> Counted:
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if isinstance(exc, SynapseServeError):
+            self.status = exc.status
+        self.server.count_operation(self.operation, self.status, time.perf_counter() - self.started)
 
 
 def get_server(request: Request) -> Server:
