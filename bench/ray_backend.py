@@ -1,7 +1,9 @@
 """The Ray backend against the local one, side by side in one run (docs/scaling.md).
 
-Three servers on this machine (loopback, durability off): the local backend, the Ray backend with
-two shards and the Ray backend with one shard (each Ray server starts its own local Ray cluster).
+Four servers on this machine (loopback, durability off): the local backend, the Ray backend with
+two shards and with one shard, and with two shards whose step calls take Ray's actor call instead
+of the shards' direct channel (``ray_direct=false``); each Ray server starts its own local Ray
+cluster.
 
 0. the floor: a trivial call to a threaded Ray actor on a local cluster started here (before the servers);
 1. a tiny dense forward round trip (REST, and the session stream): what a Ray actor call adds;
@@ -39,8 +41,9 @@ def servers(root: Path):
     started = []
     try:
         for name, settings in (("local", {}), ("ray, 2 shards", {"backend": "ray", "ray_shards": 2}),
-                               ("ray, 1 shard", {"backend": "ray", "ray_shards": 1})):
-            started.append((name, ServerProcess(root / name.replace(" ", "").replace(",", "-"), durability="off",
+                               ("ray, 1 shard", {"backend": "ray", "ray_shards": 1}),
+                               ("ray, 2 shards, Ray's call", {"backend": "ray", "ray_shards": 2, "ray_direct": False})):
+            started.append((name, ServerProcess(root / "".join(c for c in name if c.isalnum()), durability="off",
                                                 **settings).start(timeout=300)))
         yield dict(started)
     finally:

@@ -61,8 +61,10 @@ def ray_server(state_dir, **settings) -> LiveServer:
     """A front (uvicorn, in this process) whose backend is two shards on the cluster, in a namespace of its own
     (or ``ray_namespace``'s: a second front of the same deployment)."""
     settings.setdefault("ray_namespace", f"test-{uuid.uuid4().hex[:12]}")
-    return LiveServer(state_dir=state_dir, backend="ray", ray_shards=2, ray_shard_cpus=1, ray_restart_timeout_s=90,
-                      warmup=False, **settings)
+    settings.setdefault("ray_direct_host", "127.0.0.1")  # the shards' channels on loopback, where the tests knock
+    settings.setdefault("ray_shards", 2)
+    return LiveServer(state_dir=state_dir, backend="ray", ray_shard_cpus=1, ray_restart_timeout_s=90, warmup=False,
+                      **settings)
 
 
 def stop_shards(server: LiveServer) -> None:

@@ -14,6 +14,10 @@ refuses it passes it to the next. A call whose shard dies is retried, once Ray h
 and it has restored its instances, when repeating it cannot apply it twice: reads, writes, and
 keyed calls (``evolve`` and ``step`` always carry a key; the key's answer is in the instance's
 file in sync mode). Other calls answer 503 and leave the retry to the caller.
+
+The calls a loop makes on every step (call, read, write) go to the shard over its direct channel
+(``channel.py``), not Ray's actor call, unless ``ray_direct`` is off; a channel that cannot be
+reached while Ray still reaches its shard is set aside for a while and Ray carries its calls.
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ from typing import Any
 
 from synapse_serve import errors
 from synapse_serve.backend import ExportParts
-from synapse_serve.cluster.shard import Directory, Shard
+from synapse_serve.cluster.channel import DIRECT_METHODS, Channel, ChannelLost, decode_answer, request_parts
+from synapse_serve.cluster.shard import Directory, Shard, frame_cap
 from synapse_serve.errors import AlreadyExists, DeviceFull, InvalidRequest, NotFound, NotReady, SynapseServeError
 from synapse_serve.names import CompartmentRef, InstanceKey
 from synapse_serve.settings import Settings
 
 log = logging.getLogger("synapse_serve")
 PING_TIMEOUT_S = 5.0
+CHANNEL_SUSPEND_S = 30.0  # a channel Ray can see past but we cannot reach: how long Ray carries its calls
 # calls that may run again after their shard died mid-call without applying anything twice
 RETRYABLE = frozenset({"describe", "help", "stats", "history", "list", "read", "write", "snapshots", "evicted",
                        "storage", "devices", "gauges", "probe", "export", "kinds", "kind_help", "describe_setup"})
@@ -77,6 +83,9 @@ class RayBackend:
         shard_settings.update(backend="local", tokens="", tokens_file=None, auth="off")
         actor = ray.remote(Shard)
         self.shards = [actor.options(name=f"shard-{i}", **options).remote(i, shard_settings) for i in range(count)]
+        self.channels = [Channel(self._locator(i), size=settings.worker_threads) if settings.ray_direct else None
+                         for i in range(count)]
+        self._frame_cap = frame_cap(settings)
         # the names every front of this deployment agrees on (creates claim them there first)
         self.directory = ray.remote(Directory).options(
             name="directory", namespace=settings.ray_namespace, lifetime="detached", get_if_exists=True,
@@ -92,20 +101,56 @@ class RayBackend:
     def _blocking(self, shard: int, method: str, *args: Any, **kwargs: Any) -> Any:
         return _raised(self.ray.get(self.shards[shard].run.remote(method, args, kwargs)))
 
+    def _locator(self, shard: int) -> Callable[[], Any]:
+        async def locate() -> tuple[str, int, bytes]:
+            where = await self.shards[shard].channel.remote()
+            if where is None:
+                raise ConnectionError("the shard has no channel (ray_direct is off where it started)")
+            return where
+        return locate
+
+    async def _send(self, shard: int, method: str, args: tuple, kwargs: dict[str, Any]) -> tuple:
+        """A shard's outcome of one method: over its direct channel when the method is a step's, else Ray's call."""
+        channel = self.channels[shard]
+        if channel is not None and method in DIRECT_METHODS and channel.usable():
+            parts = request_parts(method, args, kwargs)
+            if sum(len(part) for part in parts) <= self._frame_cap:
+                try:
+                    return decode_answer(method, await channel.call(parts))
+                except ChannelLost as exc:
+                    if exc.sent:
+                        raise
+                    # nothing was sent: a shard Ray still reaches has a channel we cannot (a firewall, a port)
+                    if not await self._answers(shard):
+                        raise
+                    log.warning("shard-%d answers Ray but not its direct channel (%s); Ray carries its calls for "
+                                "%.0f s", shard, exc, CHANNEL_SUSPEND_S)
+                    channel.suspend(CHANNEL_SUSPEND_S)
+        return await self.shards[shard].run.remote(method, args, kwargs)
+
+    async def _answers(self, shard: int) -> bool:
+        try:
+            await asyncio.wait_for(self._ping(shard), PING_TIMEOUT_S)
+        except (TimeoutError, *self._dead):
+            return False
+        return True
+
     async def _run(self, shard: int, method: str, *args: Any, **kwargs: Any) -> Any:
         """One Backend method on one shard; after the shard died, retried once it is back if that is safe."""
         retry = method in RETRYABLE or (method in ("call", "call_many") and kwargs.get("idempotency_key"))
         deadline = time.monotonic() + self.settings.ray_restart_timeout_s
         while True:
             try:
-                return _raised(await self.shards[shard].run.remote(method, args, kwargs))
-            except self._dead as exc:
-                if not retry:
+                return _raised(await self._send(shard, method, args, kwargs))
+            except (*self._dead, ChannelLost) as exc:
+                if self.channels[shard] is not None:
+                    self.channels[shard].forget()  # a restarted shard listens elsewhere
+                unsent = isinstance(exc, ChannelLost) and not exc.sent  # nothing reached the shard: safe to repeat
+                if not (retry or unsent):
                     raise NotReady(f"shard-{shard} stopped during the call ({type(exc).__name__}) and is being "
                                    "restarted; the call may or may not have been applied: read the instance, or retry "
                                    "it with an Idempotency-Key", headers={"Retry-After": "1"}) from None
-                log.warning("shard-%d stopped during %s (%s); retrying once it is back", shard, method,
-                            type(exc).__name__)
+                log.warning("shard-%d stopped during %s (%s); retrying once it is back", shard, method, exc)
                 await self._wait_for(shard, deadline)
 
     async def _wait_for(self, shard: int, deadline: float) -> None:
@@ -195,7 +240,11 @@ class RayBackend:
         return {"shards": f"{up}/{len(self.shards)} up"}
 
     async def close(self) -> None:
-        """The shards are detached and shared by every front: they stay (an operator stops them with the cluster)."""
+        """The shards are detached and shared by every front: they stay (an operator stops them with the cluster);
+        this front's connections to their channels close."""
+        for channel in self.channels:
+            if channel is not None:
+                channel.forget()
 
     def storage_error(self) -> str | None:
         return self._storage_error

@@ -9,6 +9,9 @@ one instance wait for its lock.
 When Ray restarts a shard that died, ``__init__`` runs again and restores the instances from
 the directory before the actor answers anything (Ray queues calls until ``__init__`` returns).
 
+The calls a loop makes on every step reach the shard over its direct channel (``channel.py``: a
+socket of its own, not Ray's RPC) when the deployment allows it; both run ``run`` below.
+
 Domain errors cross the process boundary as plain values (``("error", class, detail, extra,
 headers)``) and are raised again, as the same class, by the front; anything else is a bug and
 crosses as Ray's own error. JAX is imported only here, in the actor's process.
@@ -32,6 +35,18 @@ ASYNC_METHODS = frozenset({
 SYNC_METHODS = frozenset({"kinds", "kind_help", "operation_names", "storage_error", "describe_setup"})
 
 
+def frame_cap(settings: Any) -> int:
+    """The largest request frame a shard's channel takes: a body at the limit, with a reference's values fetched
+    from another shard beside it (larger requests go through Ray)."""
+    return 2 * settings.max_body_bytes + (64 << 20)
+
+
+def _node_address(ray: Any) -> str:
+    """The address this node has in the cluster (the one Ray's own ports use), not whatever the host routes by."""
+    node = ray.get_runtime_context().get_node_id()
+    return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node)
+
+
 class Shard:
     """The actor's class (wrapped by ``ray.remote`` in the front): a LocalBackend run in the actor's threads."""
 
@@ -49,6 +64,17 @@ class Shard:
         self.phase = "starting"
         _complete(self.backend.start())  # the directory's lock: the dead incarnation's went with its process
         _complete(self.backend.get_ready(self._set_phase))  # restored before the first call is answered
+        self.listener = None
+        if self.settings.ray_direct:
+            import ray  # noqa: PLC0415 - in the actor's process
+
+            from synapse_serve.cluster.channel import Listener
+
+            port = self.settings.ray_direct_port + index if self.settings.ray_direct_port else 0
+            host = self.settings.ray_direct_host or _node_address(ray)
+            self.listener = Listener(self.run, host=host, port=port,
+                                     max_frame_bytes=frame_cap(self.settings),
+                                     max_elements=self.settings.max_tensor_elements)
         self.phase = "ready"
 
     def _set_phase(self, phase: str) -> None:
@@ -71,6 +97,10 @@ class Shard:
             return ("error", type(exc).__name__, exc.detail, exc.extra, exc.headers)
         return ("ok", value)
 
+    def channel(self) -> tuple[str, int, bytes] | None:
+        """Where this shard's direct channel listens and its secret (None: the deployment turned it off)."""
+        return None if self.listener is None else (*self.listener.address, self.listener.secret)
+
     def keys(self) -> list[tuple[str, str]]:
         """Every (owner, name) this shard holds or is restoring or could not load: the names it answers for."""
         registry = self.backend.registry
@@ -81,13 +111,18 @@ class Shard:
     def info(self) -> dict[str, Any]:
         """Who and where this shard is (for the front's listing, tests and operators)."""
         return {"index": self.index, "pid": os.getpid(), "host": socket.gethostname(), "phase": self.phase,
-                "state_dir": str(self.settings.state_dir), "devices": self.backend.describe_setup()["devices"]}
+                "state_dir": str(self.settings.state_dir), "devices": self.backend.describe_setup()["devices"],
+                "channel": None if self.listener is None else {
+                    "address": list(self.listener.address), "frames": self.listener.frames,
+                    "refused": self.listener.refused}}
 
     def ping(self) -> int:
         return self.index
 
     def close(self) -> None:
         """Write what changed and release the directory (before the actor is killed on purpose)."""
+        if self.listener is not None:
+            self.listener.close()
         self._complete(self.backend.close())
 
 

@@ -1,0 +1,137 @@
+"""The direct channel of the Ray backend (cluster/channel.py): each step's calls go to the shard over a socket of
+its own, authenticated by the shard's secret; strangers and garbage close their connection and nothing else; when
+the channel cannot be reached but Ray can, Ray carries the calls; with the channel off, Ray carries everything."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import numpy as np
+import pytest
+
+from cluster.raycluster import ray, ray_server, stop_shards
+from synapse_client import SynapseClient
+from synapse_serve.cluster.shard import frame_cap
+from synapse_serve.testing import free_port
+
+CONFIG = {"shape": [6, 3], "eta": 0.1}
+
+
+@pytest.fixture(scope="module")
+def server(cluster, tmp_path_factory):
+    live = ray_server(tmp_path_factory.mktemp("ray-channel"), durability="sync")
+    with live:
+        yield live
+    stop_shards(live)
+
+
+def _channel(server, shard: int) -> dict:
+    return server.app.state.server.backend.shard_info()[shard]["channel"]
+
+
+def _learn(syn) -> np.ndarray:
+    rng = np.random.default_rng(4)
+    x, post = rng.random((2, 6), np.float32), rng.random((2, 3), np.float32)
+    y = syn.forward(x)
+    syn.evolve(x, post)
+    syn.set("weights", syn.get("weights") * 0.5)
+    return y
+
+
+def test_each_steps_calls_take_the_channel_and_the_rest_takes_ray(server):
+    with SynapseClient(server.url) as client:
+        syn = client.create("steps", kind="HebbianSynapse", config=CONFIG, device="shard-1")
+        before = _channel(server, 1)["frames"]
+        _learn(syn)
+        syn.describe()  # through Ray
+        with client.session() as session:
+            session.get("steps").forward(np.ones((1, 6), np.float32))
+        assert _channel(server, 1)["frames"] - before == 5  # forward, evolve, read, write, and the session's forward
+        host, port = _channel(server, 1)["address"]
+        assert (host, port > 0) == ("127.0.0.1", True)  # where it was told to listen (loopback here), never 0.0.0.0
+
+
+def test_by_default_a_channel_listens_on_its_nodes_cluster_address(cluster, tmp_path):
+    live = ray_server(tmp_path, ray_direct_host=None, ray_shards=1)
+    with live:
+        node = ray.get_runtime_context().get_node_id()
+        address = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node)
+        assert _channel(live, 0)["address"][0] == address
+        with SynapseClient(live.url) as client:
+            _learn(client.create("default-host", kind="HebbianSynapse", config=CONFIG))
+        assert _channel(live, 0)["frames"] == 4
+    stop_shards(live)
+
+
+def _frames(server, shard: int) -> tuple[str, int, bytes]:
+    return ray.get(server.app.state.server.backend.shards[shard].channel.remote())
+
+
+def _closed(connection: socket.socket) -> bool:
+    connection.settimeout(10)
+    try:
+        return connection.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_strangers_and_garbage_close_their_connection_and_nothing_else(server):
+    host, port, secret = _frames(server, 0)
+    refused = _channel(server, 0)["refused"]
+    attempts = [
+        b"\0" * 32,  # not the secret
+        secret[:31],  # half a secret, then silence: the shard stops waiting
+        secret + struct.pack("<Q", frame_cap(server.settings) + 1),  # a frame over the cap
+        secret + struct.pack("<Q", 3) + b"\xc1\xc1\xc1",  # not msgpack
+        secret + struct.pack("<Q", 2) + b"\x91\x01",  # msgpack, not a request
+    ]
+    for attempt in attempts:
+        with socket.create_connection((host, port)) as connection:
+            connection.sendall(attempt)
+            assert _closed(connection), attempt[:40]
+    assert _channel(server, 0)["refused"] - refused == 4  # the half secret timed out: closed, not counted
+    with socket.create_connection((host, port)) as connection:  # a frame cut in the middle, then gone
+        connection.sendall(secret + struct.pack("<Q", 1000) + b"\x83")
+    with SynapseClient(server.url) as client:  # the shard answers as before
+        syn = client.create("after-garbage", kind="HebbianSynapse", config=CONFIG, device="shard-0")
+        with SynapseClient("local") as local:
+            here = local.create("after-garbage", kind="HebbianSynapse", config=CONFIG)
+            np.testing.assert_array_equal(_learn(syn), _learn(here))
+            np.testing.assert_array_equal(syn.get("weights"), here.get("weights"))
+
+
+def test_a_channel_that_cannot_be_reached_leaves_the_calls_to_ray(server):
+    backend = server.app.state.server.backend
+    with SynapseClient(server.url) as client:
+        syn = client.create("fallback", kind="HebbianSynapse", config=CONFIG, device="shard-0")
+        channel = backend.channels[0]
+        located = channel.locate
+        nowhere = free_port()  # nothing listens there: as if a firewall dropped the shard's port
+
+        async def wrong_address():
+            return ("127.0.0.1", nowhere, b"\0" * 32)
+
+        channel.locate = wrong_address
+        channel.forget()
+        frames = _channel(server, 0)["frames"]
+        try:
+            _learn(syn)  # every call answered, through Ray
+            assert not channel.usable()
+            assert _channel(server, 0)["frames"] == frames
+        finally:
+            channel.locate = located
+            channel.suspended_until = 0.0
+        syn.forward(np.ones((1, 6), np.float32))
+        assert _channel(server, 0)["frames"] == frames + 1  # and the channel again once it is reachable
+
+
+def test_with_the_channel_off_ray_carries_every_call(cluster, tmp_path):
+    live = ray_server(tmp_path, ray_direct=False)
+    with live, SynapseClient(live.url) as client, SynapseClient("local") as local:
+        assert all(info["channel"] is None for info in live.app.state.server.backend.shard_info())
+        syn = client.create("no-channel", kind="HebbianSynapse", config=CONFIG)
+        here = local.create("no-channel", kind="HebbianSynapse", config=CONFIG)
+        np.testing.assert_array_equal(_learn(syn), _learn(here))
+        np.testing.assert_array_equal(syn.get("weights"), here.get("weights"))
+    stop_shards(live)
