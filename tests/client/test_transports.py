@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import textwrap
@@ -232,3 +233,27 @@ def test_local_mode_without_the_server_extra_says_what_to_install():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "pip install 'synapse-serve[server]'" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("ending", ["with", "nothing"])
+def test_a_script_that_ends_under_queued_device_work_exits_cleanly(ending):
+    """JAX answers a call once its work is queued; a script that ends right after a burst of learning calls (closing
+    the client, or not even that) must exit 0, not die in XLA's teardown under the queued work (it did: SIGSEGV)."""
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        from synapse_client import Ref, SynapseClient
+        rng = np.random.default_rng(0)
+        client = SynapseClient("local")
+        syn = client.create("big", kind="HebbianSynapse", config={{"shape": [1536, 1536], "eta": 0.001}})
+        syn.evolve(rng.random((512, 1536), np.float32), rng.random((512, 1536), np.float32))
+        for _ in range(60):
+            syn.evolve(Ref("pre"), Ref("post"))  # no data to wait for: the calls only queue device work
+        if {ending == "with"!r}:
+            client.close()
+        print("ended")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert (result.returncode, result.stdout.strip()) == (0, "ended"), result.stderr[-2000:]

@@ -163,10 +163,22 @@ class Registry:
                                    lambda: self.evict_idle(evict_idle_after_s))
 
     def close(self) -> None:
-        """Stop the background threads, write whatever changed, release the state directory."""
+        """Stop the background threads, write whatever changed, wait for the device work already dispatched,
+        release the state directory."""
         self.persistence.stop()
         self.flush()
+        self.settle()
         self.persistence.close()
+
+    def settle(self) -> None:
+        """Wait until every instance's state is computed. JAX dispatches asynchronously: a call is answered
+        once its work is queued, and a process that exits under queued work dies in XLA's teardown (SIGSEGV)."""
+        with self._lock:
+            instances = list(self._instances.values())
+        for instance in instances:
+            with instance.lock:
+                if instance.state is not None:
+                    jax.block_until_ready(instance.state)
 
     # --- instances ---
 
