@@ -11,6 +11,7 @@ Candidates, measured in interleaved rounds in one run (bench/harness.py):
 - bare jitted JAX ops (conv_transpose and its two gradients, no service at all): the floor;
 - the service's engine in-process through the client (``SynapseClient("local")``);
 - the client over the session stream (one WebSocket frame per call);
+- the same, the instance renormalising its filters itself after each evolve (``w_norm``: 41 calls);
 - the client over REST (one HTTP request per call).
 
     .venv/bin/python bench/loop.py [--batches 5] [--rounds 7]
@@ -40,14 +41,16 @@ KIND = "HebbianDeconvSynapse"
 CONFIG = {"shape": [3, 3, 16, 1], "x_shape": [8, 8], "stride": 1, "eta": 0.01, "sign_value": -1.0,
           "filter_init": {"dist": "uniform", "low": -0.1, "high": 0.1}}
 BATCH, STEPS, RATE, SPARSITY = 32, 20, 0.01, 0.001
+NORMED = {**CONFIG, "w_norm": 1.0, "w_norm_per": "in"}  # the same renormalisation, done by the instance
 
 
 def images(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random((BATCH, 8, 8, 1), dtype=np.float32)
 
 
-def user_loop(syn, batches: int) -> None:
-    """The loop as a researcher writes it against a handle (REST, session or in-process: the same code)."""
+def user_loop(syn, batches: int, renormalise: bool = True) -> None:
+    """The loop as a researcher writes it against a handle (REST, session or in-process: the same code).
+    ``renormalise`` False: the instance does it itself after each evolve (``w_norm``: 41 calls per batch)."""
     for b in range(batches):
         x = images(b)
         z = np.zeros((BATCH, 8, 8, 16), np.float32)
@@ -56,9 +59,10 @@ def user_loop(syn, batches: int) -> None:
             dz = syn.backtransmit(error)
             z = z - RATE * dz - SPARSITY * np.sign(z)
         syn.evolve(z, error)
-        w = syn.weights
-        w /= np.sqrt((w ** 2).sum(axis=(0, 1, 3), keepdims=True)) + 1e-8
-        syn.set("weights", w)
+        if renormalise:
+            w = syn.weights
+            w /= np.sqrt((w ** 2).sum(axis=(0, 1, 3), keepdims=True)) + 1e-8
+            syn.set("weights", w)
 
 
 class BareJax:
@@ -135,15 +139,18 @@ def main() -> None:
         session = stack.enter_context(client.session())
         stream_syn = session.get("csc")
         candidates["session stream"] = lambda: user_loop(stream_syn, args.batches)
+        client.create("csc-normed", kind=KIND, config=NORMED)
+        normed_syn = session.get("csc-normed")
+        candidates["session stream, w_norm (41 calls)"] = lambda: user_loop(normed_syn, args.batches, False)
         candidates["REST"] = lambda: user_loop(rest_syn, args.batches)
         result = interleaved(candidates, args.rounds, 1)
     base = result.get("ngclearn in-process")
-    calls = args.batches * (2 * STEPS + 3)
-    rows = [[name, ms(seconds / args.batches), f"{seconds / calls * 1e3:.3f}",
+    rows = [[name, ms(seconds / args.batches),
+             f"{seconds / (args.batches * (2 * STEPS + (1 if 'w_norm' in name else 3))) * 1e3:.3f}",
              f"{seconds / base:.2f}" if base else "-"] for name, seconds in result.items()]
     print(machine(f", JAX {jax.__version__} on {jax.devices()[0].platform}; {args.rounds} rounds of {args.batches} "
                   f"batches"))
-    print(table(["candidate", "ms per batch (43 calls)", "ms per call", "/ ngclearn"], rows))
+    print(table(["candidate", "ms per batch", "ms per call", "/ ngclearn"], rows))
 
 
 if __name__ == "__main__":

@@ -141,6 +141,10 @@ def notes_for(kind: str, config: dict[str, Any], layout: str) -> list[str]:
                      "steps differ by rounding.")
     if config.get("filter_update") == "adjoint":
         notes.append("filter_update 'adjoint': ngclearn computes the VJP form; the updates agree to rounding.")
+    if config.get("w_norm", 0.0) > 0.0:
+        notes.append(f"w_norm {config['w_norm']} (per {config.get('w_norm_per', 'out')}): ngclearn has no such "
+                     "constraint; after each evolve there, rescale the filters yourself "
+                     "(W / (||W|| + 1e-8) * w_norm), or they drift from the service's.")
     if kind == "HebbianSynapse" and config.get("p_release_mean", 1.0) < 1.0:
         notes.append("p_release_mean < 1: ngclearn 3.2.3's forward fails on it (NameError: nn).")
     notes.append("The service's dInputs has no ngclearn counterpart in the dense kind and is not written."

@@ -167,6 +167,11 @@ def test_the_export_says_where_it_comes_from_and_what_ngclearn_cannot_restore(tm
         odd = client.create("odd", kind="HebbianDeconvSynapse", config={"shape": [3, 2, 1, 2], "x_shape": [4, 4]})
         with pytest.raises(NgclearnFileError, match="square kernels"):
             odd.to_ngclearn(tmp_path / "odd")
+        normed = client.create("normed", kind="HebbianSynapse", config={"shape": [3, 2], "w_norm": 1.0})
+        folder = normed.to_ngclearn(tmp_path / "normed", layout="model")
+        notes = " ".join(json.loads((folder / "synapse-serve.json").read_text())["notes"])
+        assert "w_norm 1.0 (per out): ngclearn has no such constraint" in notes  # it would drift silently
+        assert "w_norm" not in json.loads((folder / "component" / "roots.json").read_text())["normed"]["kwargs"]
         plain = client.create("plain", kind="DenseSynapse", config={"shape": [2, 2]})
         with pytest.raises(NgclearnFileError, match="no ngclearn counterpart"):
             plain.to_ngclearn(tmp_path / "plain")

@@ -400,6 +400,27 @@ def sample(spec: tuple, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.full(shape, p["value"], jnp.float32)
 
 
+NORM_PER = ("out", "in")  # rescale each output unit's filter, or each input's (a dictionary's atoms)
+W_NORM_HELP = {
+    "w_norm": ("float", 0.0, "extension beyond ngclearn (0: off): after each evolve (after the clip and the mask), "
+                             "rescale each filter to L2 norm w_norm: W / (||W|| + 1e-8) * w_norm"),
+    "w_norm_per": ("str", "out", "which filters w_norm rescales: 'out' (one per output unit or channel) or 'in' (one "
+                                 "per input unit or channel: a dictionary's atoms in sparse coding)"),
+}
+
+
+def check_w_norm(config: Any) -> None:
+    """Validate (in place, in a config's ``__post_init__``) the optional filter normalisation fields."""
+    object.__setattr__(config, "w_norm", require_float("w_norm", config.w_norm, 0.0))
+    object.__setattr__(config, "w_norm_per", require_choice("w_norm_per", config.w_norm_per, NORM_PER))
+
+
+def normalized(weights: jax.Array, norm: float, axes: tuple[int, ...]) -> jax.Array:
+    """Each filter of ``weights`` (the slices left after reducing ``axes``) rescaled to L2 norm ``norm``: what
+    a sparse-coding loop does after each update, as it writes it (divide by the norm plus 1e-8)."""
+    return weights / (jnp.sqrt(jnp.sum(weights * weights, axis=axes, keepdims=True)) + 1e-8) * norm
+
+
 def make_reset(fields: Mapping[str, str]) -> Operation:
     """The reset operation of a kind: each field is zeroed. ``"in"``/``"out"`` fields are signals, zeroed at
     ``config.batch_size`` (a call at a large batch does not leave its signals resident; ngclearn's reset also

@@ -43,11 +43,14 @@ from jax import numpy as jnp
 from synapse_serve.errors import InvalidConfig
 from synapse_serve.kinds import dense, optim
 from synapse_serve.kinds.base import (
+    W_NORM_HELP,
     Kind,
     Operation,
     TensorArg,
+    check_w_norm,
     help_dict,
     make_reset,
+    normalized,
     parse_dataclass,
     require_bool,
     require_choice,
@@ -99,6 +102,8 @@ class HebbianConfig(DenseConfig):
       sign_value: multiplies dWeights (the prior term too) and dBiases; +1 (the default) is anti-Hebbian.
       optim_type: ``"sgd"``, ``"adam"`` or ``"nag"`` (ngclearn's arithmetic: optim.py).
       pre_wght, post_wght: scale pre and post before their outer product.
+      w_norm, w_norm_per: beyond ngclearn, off by default: after each evolve rescale each column (``"out"``)
+        or row (``"in"``) of W to this L2 norm.
     """
 
     eta: float = 0.0
@@ -110,9 +115,12 @@ class HebbianConfig(DenseConfig):
     optim_type: str = "sgd"
     pre_wght: float = 1.0
     post_wght: float = 1.0
+    w_norm: float = 0.0
+    w_norm_per: str = "out"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_w_norm(self)
         set_ = functools.partial(object.__setattr__, self)
         set_("eta", require_float("eta", self.eta, 0.0))
         set_("w_bound", require_float("w_bound", self.w_bound, 0.0))
@@ -198,6 +206,8 @@ def _evolve(config: HebbianConfig, state: HebbianState, pre: jax.Array, post: ja
         weights = jnp.clip(weights, 0.0 if config.is_nonnegative else -config.w_bound, config.w_bound)
     if config.masked:
         weights = weights * state.mask
+    if config.w_norm > 0.0:  # static: decided at trace time
+        weights = normalized(weights, config.w_norm, (0,) if config.w_norm_per == "out" else (1,))
     return state._replace(weights=weights, biases=biases, opt_state=opt_state, pre=pre, post=post,
                           dWeights=d_weights, dBiases=d_biases)
 
@@ -264,6 +274,7 @@ HYPERPARAMETERS = {
                                  "as ngclearn) or 'nag' (Nesterov, momentum 0.9, as ngclearn)"),
     "pre_wght": ("float", 1.0, "scales pre before the outer product"),
     "post_wght": ("float", 1.0, "scales post before the outer product (and the bias update)"),
+    **W_NORM_HELP,
 }
 
 COMPARTMENTS = {

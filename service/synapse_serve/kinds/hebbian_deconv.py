@@ -47,11 +47,14 @@ from synapse_serve.errors import InvalidConfig
 from synapse_serve.kinds import deconv, optim
 from synapse_serve.kinds.base import (
     PRECISIONS,
+    W_NORM_HELP,
     Kind,
     Operation,
     TensorArg,
+    check_w_norm,
     help_dict,
     make_reset,
+    normalized,
     parse_dataclass,
     require_bool,
     require_choice,
@@ -79,6 +82,9 @@ class HebbianDeconvConfig(DeconvConfig):
         of the strided forward convolution conv_transpose is the adjoint of; much faster on GPUs
         at stride > 1), ``"auto"`` (resolved at create: see ``choose_filter_update``) or
         ``"timed"`` (both timed at create on the device in use; the faster is kept).
+      w_norm, w_norm_per: beyond ngclearn, off by default: after each evolve rescale each output channel's
+        filter (``"out"``: ``W[..., o]``) or each input channel's (``"in"``: ``W[:, :, i, :]``, a sparse code's
+        dictionary atoms) to this L2 norm.
     """
 
     eta: float = 0.0
@@ -88,9 +94,12 @@ class HebbianDeconvConfig(DeconvConfig):
     sign_value: float = 1.0
     optim_type: str = "sgd"
     filter_update: str = "auto"
+    w_norm: float = 0.0
+    w_norm_per: str = "out"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_w_norm(self)
         set_ = functools.partial(object.__setattr__, self)
         set_("eta", require_float("eta", self.eta, 0.0))
         set_("w_bound", require_float("w_bound", self.w_bound, 0.0))
@@ -276,6 +285,8 @@ def _evolve(config: HebbianDeconvConfig, state: HebbianDeconvState, pre: jax.Arr
     if config.w_bound > 0.0:
         low = 0.0 if config.is_nonnegative else -config.w_bound
         weights = jnp.clip(weights, low, config.w_bound)
+    if config.w_norm > 0.0:  # static: decided at trace time
+        weights = normalized(weights, config.w_norm, (0, 1, 2) if config.w_norm_per == "out" else (0, 1, 3))
     return state._replace(
         weights=weights, biases=biases, opt_state=opt_state, pre=pre, post=post,
         dWeights=d_weights, dBiases=d_biases,
@@ -331,6 +342,7 @@ HYPERPARAMETERS = {
     "filter_update": ("str", "auto", "'vjp', 'adjoint' (fast strided form; equal up to rounding), 'auto' "
                                      "(adjoint on GPUs at stride > 1, else vjp) or 'timed' (both timed at create "
                                      "on the device in use, the faster kept); the description shows the choice"),
+    **W_NORM_HELP,
 }
 
 COMPARTMENTS = {
