@@ -92,6 +92,9 @@ class Settings(BaseSettings):
                                           "each node's address in the Ray cluster)")
     ray_direct_port: int = Field(0, ge=0, le=65535, description="ray backend: shard i's direct channel listens on "
                                                                 "this port + i (0: any free port)")
+    ray_pin_cpus: bool = Field(
+        True, description="ray backend, CPU clusters: pin each shard to ray_shard_cpus cores of its own (a whole "
+                          "number), so shards on one node do not fight over every core")
     ray_restart_timeout_s: float = Field(
         120.0, gt=0, description="ray backend: how long a call waits for its dead shard to be restarted and restored")
     worker_threads: int = Field(32, ge=1, le=1024, description="threads running registry work (JAX calls); "

@@ -82,7 +82,9 @@ class RayBackend:
         shard_settings = settings.model_dump(mode="json")
         shard_settings.update(backend="local", tokens="", tokens_file=None, auth="off")
         actor = ray.remote(Shard)
-        self.shards = [actor.options(name=f"shard-{i}", **options).remote(i, shard_settings) for i in range(count)]
+        cores = settings.ray_shard_cpus
+        pin = int(cores) if not gpus and settings.ray_pin_cpus and cores >= 1 and float(cores).is_integer() else 0
+        self.shards = [actor.options(name=f"shard-{i}", **options).remote(i, shard_settings, pin) for i in range(count)]
         self.channels = [Channel(self._locator(i), size=settings.worker_threads) if settings.ray_direct else None
                          for i in range(count)]
         self._frame_cap = frame_cap(settings)

@@ -19,8 +19,12 @@ crosses as Ray's own error. JAX is imported only here, in the actor's process.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +51,57 @@ def _node_address(ray: Any) -> str:
     return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node)
 
 
+def _claim_cores(count: int, wait_s: float = 5.0) -> list[int] | None:
+    """Pin this process (every thread) to ``count`` cores no other shard on this node holds, and hold them while
+    the process lives (a lock file per core, released by the kernel when the process ends, however it ends).
+
+    Ray reserves CPUs by count, not which ones; without this every shard's XLA would spread its threads over all
+    the node's cores and the shards would fight for them. None (not pinned, logged) if no such cores free up
+    within ``wait_s`` (a shard that just died may still hold its own).
+    """
+    import fcntl  # noqa: PLC0415 - POSIX only, like Ray's workers
+
+    import ray  # noqa: PLC0415 - in the actor's process
+
+    cores = sorted(os.sched_getaffinity(0))
+    folder = Path(tempfile.gettempdir()) / "synapse-serve-cores" / ray.get_runtime_context().get_node_id()
+    folder.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    while True:
+        held: list[tuple[int, Any]] = []
+        for core in cores:
+            handle = (folder / f"{core}.lock").open("a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            held.append((core, handle))
+            if len(held) == count:
+                _HELD_CORES.extend(handle for _, handle in held)
+                mine = {core for core, _ in held}
+                for thread in os.listdir("/proc/self/task"):  # Ray's threads too: they run our calls
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(int(thread), mine)
+                return sorted(mine)
+        for _, handle in held:
+            handle.close()
+        if time.monotonic() > deadline:
+            logging.getLogger("synapse_serve").warning(
+                "shard: no %d free cores of %d on this node; not pinned (the shards share the cores)", count, len(cores))
+            return None
+        time.sleep(0.2)
+
+
+_HELD_CORES: list[Any] = []  # the open, locked files that say which cores this process holds
+
+
 class Shard:
     """The actor's class (wrapped by ``ray.remote`` in the front): a LocalBackend run in the actor's threads."""
 
-    def __init__(self, index: int, settings: dict[str, Any]) -> None:
+    def __init__(self, index: int, settings: dict[str, Any], cores: int = 0) -> None:
+        # a CPU shard is a device of ``cores`` cores of its own: pinned before JAX sizes its threads to them
+        self.cores = _claim_cores(cores) if cores else None
         from synapse_serve.inprocess import _complete  # noqa: PLC0415 - JAX comes in with the local backend
         from synapse_serve.local.backend import LocalBackend
         from synapse_serve.settings import Settings
@@ -112,6 +163,7 @@ class Shard:
         """Who and where this shard is (for the front's listing, tests and operators)."""
         return {"index": self.index, "pid": os.getpid(), "host": socket.gethostname(), "phase": self.phase,
                 "state_dir": str(self.settings.state_dir), "devices": self.backend.describe_setup()["devices"],
+                "cores": self.cores,
                 "channel": None if self.listener is None else {
                     "address": list(self.listener.address), "frames": self.listener.frames,
                     "refused": self.listener.refused}}

@@ -1,0 +1,62 @@
+"""CPU shards are devices of their own cores: each shard pinned to ``ray_shard_cpus`` cores no other shard on the
+node holds, every thread of it, again after it is restarted (issue 17: "a configurable count on CPU nodes")."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+
+from cluster.raycluster import ray_server, stop_shards
+from synapse_client import SynapseClient
+
+
+def _pinned(live) -> list[list[int] | None]:
+    return [info["cores"] for info in live.app.state.server.backend.shard_info()]
+
+
+def _threads_on(pid: int) -> set[frozenset[int]]:
+    masks = set()
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        try:
+            masks.add(frozenset(os.sched_getaffinity(int(thread))))
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return masks
+
+
+def test_cpu_shards_hold_cores_of_their_own_and_again_after_a_restart(cluster, tmp_path):
+    live = ray_server(tmp_path, ray_pin_cpus=True, durability="sync")
+    with live, SynapseClient(live.url, timeout=120) as client:
+        backend = live.app.state.server.backend
+        cores = _pinned(live)
+        assert all(c is not None and len(c) == 1 for c in cores) and cores[0] != cores[1], cores
+        infos = backend.shard_info()
+        for info in infos:  # every thread of the shard's process: XLA's, and Ray's that run our calls
+            assert _threads_on(info["pid"]) == {frozenset(info["cores"])}
+        syn = client.create("pinned", kind="HebbianSynapse", config={"shape": [8, 4]}, device="shard-1")
+        y = syn.forward(np.ones((2, 8), np.float32))
+        os.kill(infos[1]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while True:  # Ray restarts it; the dead process's cores came free with it
+            try:
+                np.testing.assert_array_equal(syn.forward(np.ones((2, 8), np.float32)), y)
+                break
+            except Exception:  # noqa: BLE001 - 503 while it restarts (an unkeyed call is not retried for us)
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+        again = backend.shard_info()[1]
+        assert again["pid"] != infos[1]["pid"] and again["cores"] == cores[1]
+        assert _threads_on(again["pid"]) == {frozenset(cores[1])}
+    stop_shards(live)
+
+
+def test_without_pinning_a_shard_keeps_every_core(cluster, tmp_path):
+    live = ray_server(tmp_path, ray_shards=1)
+    with live:
+        info = live.app.state.server.backend.shard_info()[0]
+        assert info["cores"] is None
+        assert _threads_on(info["pid"]) == {frozenset(os.sched_getaffinity(0))}
+    stop_shards(live)
