@@ -13,7 +13,9 @@ extra, headers]``. One call at a time per connection, in order; a front keeps a 
 connections per shard, so calls on different instances run side by side.
 
 Security: a connection's first 32 bytes must be the shard's secret, a random value the shard
-makes at start and gives only to callers of its actor (through Ray, token-authenticated). The
+makes at start and gives only to callers of its actor (through Ray, token-authenticated); the
+shard accepts it with one byte, and only then does a front send a call (so a connection refused
+at the door — a wrong shard, a shard at its connection limit — is never a call lost). The
 listener binds the node's cluster address only, like Ray's own ports; frames over the size cap,
 undecodable frames and wrong secrets close that connection and nothing else.
 """
@@ -42,6 +44,7 @@ DIRECT_METHODS = frozenset({"call", "call_many", "read", "write"})
 SECRET_BYTES = 32
 HEADER = struct.Struct("<Q")
 AUTH_TIMEOUT_S = 5.0
+ACCEPTED = b"\x01"  # the shard's answer to a right secret
 ANSWER_MAX_BYTES = 1 << 40  # the front trusts an authenticated shard's answers (they are its own state)
 
 
@@ -135,6 +138,9 @@ class Listener:
         threading.Thread(target=self._accept, name="shard-channel", daemon=True).start()
 
     def close(self) -> None:
+        """Stop listening (a blocked accept wakes only on shutdown, not on close) and end every connection."""
+        with contextlib.suppress(OSError):
+            self._socket.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._socket.close()
         with self._lock:
@@ -164,6 +170,7 @@ class Listener:
                 self.refused += 1
                 return
             connection.settimeout(None)
+            connection.sendall(ACCEPTED)  # the front sends no call before this: a closed door is never a lost call
             while True:
                 header = _receive(connection, HEADER.size)
                 if header is None:
@@ -271,6 +278,8 @@ class Channel:
                 writer.writelines(parts)
                 await writer.drain()
                 (length,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+                if length > ANSWER_MAX_BYTES:  # not a frame: the stream is out of step
+                    raise ConnectionError(f"an answer frame of {length} bytes")
                 payload = await reader.readexactly(length)
             except (OSError, asyncio.IncompleteReadError) as exc:
                 writer.close()
@@ -301,5 +310,15 @@ class Channel:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             _keepalive(sock)
-        writer.write(secret)
+        try:  # a shard at its connection limit (or not this shard) closes the door before any call is sent
+            writer.write(secret)
+            accepted = await asyncio.wait_for(reader.readexactly(len(ACCEPTED)), AUTH_TIMEOUT_S)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            writer.close()
+            self._where = None
+            raise ChannelLost(f"the shard's channel did not accept the connection ({type(exc).__name__})",
+                              sent=False) from None
+        if accepted != ACCEPTED:
+            writer.close()
+            raise ChannelLost("the shard's channel answered the secret with something else", sent=False)
         return reader, writer
