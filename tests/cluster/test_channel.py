@@ -30,6 +30,8 @@ class Shard:
             return ("ok", (np.arange(6, dtype=np.float32).reshape(2, 3), 7))
         if method == "write":
             return ("error", "PreconditionFailed", "version moved", {"current": 3}, {"ETag": '"3"'})
+        if kwargs.get("operation") == "broken":
+            raise KeyError("a bug in the shard")
         return ("ok", {"version": 2, "outputs": kwargs["tensors"]["inputs"] * 2})
 
 
@@ -79,6 +81,9 @@ def test_a_call_carries_arrays_references_and_errors_exactly(shard):
         np.testing.assert_array_equal(read[1][0], np.arange(6, dtype=np.float32).reshape(2, 3))
         assert await _call(channel, "write", key, compartment="w", value=x, expected_version=1) == (
             "error", "PreconditionFailed", "version moved", {"current": 3}, {"ETag": '"3"'})
+        broken = await _call(channel, "call", key, operation="broken", tensors={})  # our bug: a 500, and it goes on
+        assert broken[:2] == ("error", "SynapseServeError") and "KeyError" in broken[2]
+        assert (await _call(channel, "read", key, compartment="weights"))[0] == "ok"
         channel.forget()
 
     run(main())
@@ -87,7 +92,7 @@ def test_a_call_carries_arrays_references_and_errors_exactly(shard):
     np.testing.assert_array_equal(k1["tensors"]["inputs"], x)
     assert k2["tensors"]["pre"] == CompartmentRef("outputs", "dec") and k2["expected_version"] == 4
     assert k2["sequence"] == {"every": 2, "last": False} and k2["returns"] == ["weights"]
-    assert listener.frames == 4
+    assert listener.frames == 6
 
 
 def test_a_door_closed_before_the_call_is_a_call_never_sent(shard):

@@ -190,8 +190,14 @@ class Listener:
                     log.warning("shard channel: an undecodable frame (%s); closing the connection", str(exc)[:200])
                     self.refused += 1
                     return
-                _send(connection, answer_parts(self.handle(method, args, kwargs)))
-                self.frames += 1
+                try:
+                    outcome = self.handle(method, args, kwargs)
+                except Exception as exc:  # a bug, not the caller's: a 500 at the front (as through Ray), not a lost shard
+                    log.exception("shard channel: %s failed", method)
+                    outcome = ("error", "SynapseServeError", f"the shard failed: {type(exc).__name__}: {exc}"[:500],
+                               {}, {})
+                self.frames += 1  # before the answer goes: whoever reads the count after it sees this call
+                _send(connection, answer_parts(outcome))
         except OSError:
             return  # the front went away, or a frame arrived half (the front's call fails with ChannelLost)
         finally:
