@@ -140,3 +140,18 @@ def test_with_the_channel_off_ray_carries_every_call(cluster, tmp_path):
         np.testing.assert_array_equal(_learn(syn), _learn(here))
         np.testing.assert_array_equal(syn.get("weights"), here.get("weights"))
     stop_shards(live)
+
+
+def test_a_shard_whose_channel_port_is_taken_serves_through_ray(cluster, tmp_path):
+    taken = socket.create_server(("127.0.0.1", 0))  # what another program holds on this node
+    try:
+        live = ray_server(tmp_path, ray_shards=1, ray_direct_port=taken.getsockname()[1])
+        with live, SynapseClient(live.url) as client, SynapseClient("local") as local:
+            assert _channel(live, 0) is None  # it could not listen, and said so; it did not crash-loop
+            syn = client.create("port-taken", kind="HebbianSynapse", config=CONFIG)
+            here = local.create("port-taken", kind="HebbianSynapse", config=CONFIG)
+            np.testing.assert_array_equal(_learn(syn), _learn(here))
+            assert not live.app.state.server.backend.channels[0].usable()  # set aside: Ray carries its calls
+        stop_shards(live)
+    finally:
+        taken.close()

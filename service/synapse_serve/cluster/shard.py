@@ -123,9 +123,13 @@ class Shard:
 
             port = self.settings.ray_direct_port + index if self.settings.ray_direct_port else 0
             host = self.settings.ray_direct_host or _node_address(ray)
-            self.listener = Listener(self.run, host=host, port=port,
-                                     max_frame_bytes=frame_cap(self.settings),
-                                     max_elements=self.settings.max_tensor_elements)
+            try:
+                self.listener = Listener(self.run, host=host, port=port, max_frame_bytes=frame_cap(self.settings),
+                                         max_elements=self.settings.max_tensor_elements)
+            except (OSError, OverflowError) as exc:  # a port taken or out of range: Ray carries the calls instead
+                logging.getLogger("synapse_serve").warning(
+                    "shard-%d: its direct channel cannot listen on %s:%d (%s); the front sends everything "
+                    "through Ray", index, host, port, exc)
         self.phase = "ready"
 
     def _set_phase(self, phase: str) -> None:
