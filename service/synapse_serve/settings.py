@@ -82,7 +82,8 @@ class Settings(BaseSettings):
     ray_namespace: str = Field("synapse-serve", min_length=1, max_length=64,
                                description="ray backend: the namespace of this deployment's shard actors")
     ray_shards: int | None = Field(None, ge=1, le=4096, description="ray backend: shard actors (default: one per GPU "
-                                                                     "of the cluster, or 2 without GPUs)")
+                                                                     "of the cluster, or 2 without GPUs: 1 if its "
+                                                                     "CPUs hold only one)")
     ray_shard_cpus: float = Field(1.0, ge=0, description="ray backend, CPU clusters: CPUs each shard reserves")
     ray_direct: bool = Field(
         True, description="ray backend: send each step's calls (call, read, write) to the shard over a socket of "

@@ -64,8 +64,8 @@ def ray_server(state_dir, **settings) -> LiveServer:
     settings.setdefault("ray_direct_host", "127.0.0.1")  # the shards' channels on loopback, where the tests knock
     settings.setdefault("ray_shards", 2)
     settings.setdefault("ray_pin_cpus", False)  # many servers share the test cluster's two cores (test_ray_pinning.py)
-    return LiveServer(state_dir=state_dir, backend="ray", ray_shard_cpus=1, ray_restart_timeout_s=90, warmup=False,
-                      **settings)
+    settings.setdefault("ray_shard_cpus", 1)
+    return LiveServer(state_dir=state_dir, backend="ray", ray_restart_timeout_s=90, warmup=False, **settings)
 
 
 def stop_shards(server: LiveServer) -> None:

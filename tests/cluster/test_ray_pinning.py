@@ -60,3 +60,12 @@ def test_without_pinning_a_shard_keeps_every_core(cluster, tmp_path):
         assert info["cores"] is None
         assert _threads_on(info["pid"]) == {frozenset(os.sched_getaffinity(0))}
     stop_shards(live)
+
+
+def test_a_cluster_with_cpus_for_one_shard_gets_one_by_default(cluster, tmp_path):
+    live = ray_server(tmp_path, ray_shards=None, ray_shard_cpus=3)  # the test cluster has 4 CPUs: room for one
+    with live, SynapseClient(live.url) as client:
+        assert len(live.app.state.server.backend.shards) == 1  # not two, the second of which Ray could never place
+        syn = client.create("alone", kind="HebbianSynapse", config={"shape": [4, 2]})
+        assert syn.forward(np.ones((1, 4), np.float32)).shape == (1, 2)
+    stop_shards(live)

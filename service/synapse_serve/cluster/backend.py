@@ -70,7 +70,9 @@ class RayBackend:
         self._dead = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
-        count = settings.ray_shards or gpus or 2
+        # CPU clusters: two shards, or one where the cluster has CPUs for only one (Ray would never place the second)
+        fits = int(resources.get("CPU", 0) // settings.ray_shard_cpus) if settings.ray_shard_cpus else 2
+        count = settings.ray_shards or gpus or max(1, min(2, fits))
         options: dict[str, Any] = {
             "namespace": settings.ray_namespace, "lifetime": "detached", "get_if_exists": True,
             "max_restarts": -1, "max_task_retries": 0, "max_concurrency": settings.worker_threads}
