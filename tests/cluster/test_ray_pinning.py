@@ -3,13 +3,17 @@ node holds, every thread of it, again after it is restarted (issue 17: "a config
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
-from cluster.raycluster import ray_server, stop_shards
+from cluster.raycluster import ray, ray_server, stop_shards
 from synapse_client import SynapseClient
 
 
@@ -69,3 +73,28 @@ def test_a_cluster_with_cpus_for_one_shard_gets_one_by_default(cluster, tmp_path
         syn = client.create("alone", kind="HebbianSynapse", config={"shape": [4, 2]})
         assert syn.forward(np.ones((1, 4), np.float32)).shape == (1, 2)
     stop_shards(live)
+
+
+def test_a_shard_waits_a_moment_for_cores_a_dying_process_still_holds(cluster, tmp_path):
+    """A shard restarted while its dead incarnation's process is still going away finds its cores held: it waits
+    for them (a few seconds) rather than run unpinned. Here this test holds every core's lock, as such a
+    process would, and lets one go after a second."""
+    folder = Path(tempfile.gettempdir()) / "synapse-serve-cores" / ray.get_runtime_context().get_node_id()
+    folder.mkdir(parents=True, exist_ok=True)
+    held = []
+    for core in sorted(os.sched_getaffinity(0)):
+        handle = (folder / f"{core}.lock").open("a")
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append((core, handle))
+    freed = held[-1][0]
+    timer = threading.Timer(1.0, held[-1][1].close)
+    timer.start()
+    try:
+        live = ray_server(tmp_path, ray_shards=1, ray_pin_cpus=True)
+        with live:
+            assert _pinned(live) == [[freed]]
+        stop_shards(live)
+    finally:
+        timer.cancel()
+        for _, handle in held:
+            handle.close()
