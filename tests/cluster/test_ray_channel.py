@@ -65,7 +65,8 @@ def test_by_default_a_channel_listens_on_its_nodes_cluster_address(cluster, tmp_
     stop_shards(live)
 
 
-def _frames(server, shard: int) -> tuple[str, int, bytes]:
+def _listening(server, shard: int) -> tuple[str, int, bytes]:
+    """Where the shard's channel listens, and its secret (what the front learns through Ray)."""
     return ray.get(server.app.state.server.backend.shards[shard].channel.remote())
 
 
@@ -82,7 +83,7 @@ def _closed(connection: socket.socket) -> bool:
 
 
 def test_strangers_and_garbage_close_their_connection_and_nothing_else(server):
-    host, port, secret = _frames(server, 0)
+    host, port, secret = _listening(server, 0)
     refused = _channel(server, 0)["refused"]
     attempts = [
         b"\0" * 32,  # not the secret

@@ -45,7 +45,8 @@ SECRET_BYTES = 32
 HEADER = struct.Struct("<Q")
 AUTH_TIMEOUT_S = 5.0
 ACCEPTED = b"\x01"  # the shard's answer to a right secret
-ANSWER_MAX_BYTES = 1 << 40  # the front trusts an authenticated shard's answers (they are its own state)
+# the front trusts an authenticated shard's answers (they are its own state): bounds only against a stream out of step
+ANSWER_MAX_BYTES = ANSWER_MAX_ELEMENTS = 1 << 40
 
 
 class ChannelLost(Exception):
@@ -113,7 +114,7 @@ def answer_parts(outcome: tuple) -> list[bytes | memoryview]:
 
 def decode_answer(method: str, payload: bytes) -> tuple:
     """An answer frame's body as the shard's outcome tuple (a read's value is its (array, version) pair again)."""
-    outcome = unpackb(payload, ANSWER_MAX_BYTES)
+    outcome = unpackb(payload, ANSWER_MAX_ELEMENTS)
     if outcome[0] == "ok" and method == "read":
         return ("ok", tuple(outcome[1]))
     return tuple(outcome)
