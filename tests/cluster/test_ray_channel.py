@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -156,3 +157,34 @@ def test_a_shard_whose_channel_port_is_taken_serves_through_ray(cluster, tmp_pat
         stop_shards(live)
     finally:
         taken.close()
+
+
+def test_concurrent_callers_each_get_their_own_answers(server):
+    """Many calls at once over each shard's pool of connections: every answer is its own call's, bit for bit."""
+    count, calls = 8, 15
+    with SynapseClient(server.url) as client, SynapseClient("local") as local:
+        remote = [client.create(f"busy-{i}", kind="HebbianSynapse", config=CONFIG, seed=i, device=f"shard-{i % 2}")
+                  for i in range(count)]
+        here = [local.create(f"busy-{i}", kind="HebbianSynapse", config=CONFIG, seed=i) for i in range(count)]
+        inputs = np.random.default_rng(9).random((count, calls, 2, 6), np.float32)
+        expected = [[h.forward(x) for x in inputs[i]] for i, h in enumerate(here)]
+        got: dict[int, list[np.ndarray]] = {}
+        errors: list[BaseException] = []
+
+        def work(i: int) -> None:
+            try:
+                with SynapseClient(server.url) as own:  # a connection (and a front-side call) of its own
+                    syn = own.get(remote[i].name)
+                    got[i] = [syn.forward(x) for x in inputs[i]]
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert errors == [] and len(got) == count
+        for i in range(count):
+            for answer, want in zip(got[i], expected[i]):
+                np.testing.assert_array_equal(answer, want)
