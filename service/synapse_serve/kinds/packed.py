@@ -22,8 +22,9 @@ from jax import numpy as jnp
 from synapse_serve.kinds.lean import Plan
 
 
-def run_packed(plan: Plan, config: Any, states: list[Any], *tensors: list[Any] | None) -> list[Any]:
-    """The new state of each of ``states`` (one plan's shapes), ``tensors`` a list per argument (or None)."""
+def run_packed(plan: Plan, config: Any, states: list[Any], *tensors: Any) -> list[Any]:
+    """The new state of each of ``states`` (one plan's shapes); ``tensors``: per argument, the instances' tensors
+    stacked along a new leading axis (or None)."""
     leaves = [jax.tree_util.tree_leaves(state) for state in states]
     reads = [[instance[i] for instance in leaves] for i in plan.read]
     meta = (plan.treedef, plan.read, plan.written, plan.in_specs, len(states))
@@ -38,7 +39,7 @@ def run_packed(plan: Plan, config: Any, states: list[Any], *tensors: list[Any] |
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _packed(fn: Callable[..., Any], config: Any, meta: tuple, reads: list, *tensors: list | None) -> list:
+def _packed(fn: Callable[..., Any], config: Any, meta: tuple, reads: list, *tensors: Any) -> list:
     treedef, read_at, written_at, specs, count = meta
 
     def one(slices: tuple) -> list:
@@ -49,7 +50,7 @@ def _packed(fn: Callable[..., Any], config: Any, meta: tuple, reads: list, *tens
         new = jax.tree_util.tree_leaves(fn(config, jax.tree_util.tree_unflatten(treedef, leaves), *sent))
         return [new[i] for i in written_at]
 
-    stacked = ([jnp.stack(values) for values in reads], tuple(None if t is None else jnp.stack(t) for t in tensors))
+    stacked = ([jnp.stack(values) for values in reads], tensors)
     if not jax.tree_util.tree_leaves(stacked):  # nothing read, nothing sent (a reset): the same slice, count times
         return [one(([], tuple(None for _ in tensors))) for _ in range(count)]
     out = lax.map(one, stacked)

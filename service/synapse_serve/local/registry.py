@@ -546,7 +546,8 @@ class Registry:
         for positions in groups.values():
             first, plan = bound[positions[0]], planned[positions[0]][2]
             states = [bound[p][0].state for p in positions]
-            tensors = tuple(None if first[2][a] is None else [bound[p][2][a] for p in positions]
+            # the sent tensors stacked here, on the host: one argument for the device call, not one per instance
+            tensors = tuple(None if first[2][a] is None else np.stack([bound[p][2][a] for p in positions])
                             for a in range(len(first[2])))
             out = device_call(run_packed, plan, first[0].config, states, *tensors)
             for p, state in zip(positions, out):
