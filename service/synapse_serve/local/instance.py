@@ -25,7 +25,7 @@ from synapse_serve.names import CompartmentRef, InstanceKey
 from synapse_serve.store import APPLIED_KEPT, Record
 
 IDEMPOTENCY_KEYS_KEPT = 128  # per instance: its most recent keyed calls (retries come soon)
-PLANS_KEPT = 16  # per instance: plans of its recent call shapes
+PLANS_KEPT = 32  # per instance: plans of its recent call shapes, and the argument shapes checked
 KEY_SCHEDULE = ("ngclearn's: key = PRNGKey(seed mod 2**32) (the key compartment); the initial draws come from "
                 "split(key, 4) as ngclearn's constructors take them (dense: weights, mask, biases from parts 1-3; "
                 "deconvolution: filters from part 1, biases from part 3)")
@@ -56,7 +56,7 @@ class Instance:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     waiting: int = 0  # calls queued for its lock
     answers: IdempotencyCache | None = field(default=None, repr=False)
-    plans: dict[tuple, tuple] = field(default_factory=dict, repr=False)  # its calls' plans, by shapes (a few)
+    plans: dict[tuple, Any] = field(default_factory=dict, repr=False)  # its calls' plans and checked shapes (a few)
     history: History | None = field(default=None, repr=False)  # samples after learning calls (None: not kept)
     running: dict[str, Any] | None = None  # what the call holding its lock runs, and since when
 
