@@ -10,7 +10,7 @@ started here (durability off, loopback):
    (REST, session stream, in-process client);
 4. throughput of 16 session clients (threads), each on its own instance, against one.
 
-    .venv/bin/python bench/many_ops.py [--rounds 7]
+    .venv/bin/python bench/many_ops.py [--rounds 7] [--sections tiny,sequence,packed,throughput]
 """
 
 from __future__ import annotations
@@ -154,20 +154,27 @@ def session_throughput(url: str, rounds: int) -> list[list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--sections", default="tiny,sequence,packed,throughput",
+                        help="comma-separated: tiny, sequence, packed, throughput")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         server = stack.enter_context(ServerProcess(Path(tmp) / "state", durability="off"))
         client = stack.enter_context(SynapseClient(server.url))
         echo_url = stack.enter_context(echo_server())
         print(machine(f"; {args.rounds} interleaved rounds"))
-        print("\n1. A tiny forward ((1, 4, 4, 1) in, (1, 4, 4, 2) out) on the session stream vs a bare WebSocket echo")
-        print(table(["candidate", "µs per call", "/ echo"], stream_vs_echo(client, echo_url, args.rounds)))
-        print("\n2. T = 20 forward steps (batch 8, 8x8x4 -> 8x8x4)")
-        print(table(["candidate", "ms per 20 steps", "/ 20 REST calls"], sequence_vs_calls(client, args.rounds)))
-        print(f"\n3. forward on {PACKED} small instances of one config (batch 2, 4x4x1 -> 4x4x2)")
-        print(table(["candidate", "ms", f"/ {PACKED} REST calls"], packed_vs_separate(client, args.rounds)))
-        print("\n4. throughput: session clients (threads), each on its own instance, tiny forward")
-        print(table(["clients", "calls per second", "/ one client"], session_throughput(server.url, args.rounds)))
+        if "tiny" in sections:
+            print("\n1. A tiny forward ((1, 4, 4, 1) in, (1, 4, 4, 2) out) on the session stream vs a bare WebSocket echo")
+            print(table(["candidate", "µs per call", "/ echo"], stream_vs_echo(client, echo_url, args.rounds)))
+        if "sequence" in sections:
+            print("\n2. T = 20 forward steps (batch 8, 8x8x4 -> 8x8x4)")
+            print(table(["candidate", "ms per 20 steps", "/ 20 REST calls"], sequence_vs_calls(client, args.rounds)))
+        if "packed" in sections:
+            print(f"\n3. forward on {PACKED} small instances of one config (batch 2, 4x4x1 -> 4x4x2)")
+            print(table(["candidate", "ms", f"/ {PACKED} REST calls"], packed_vs_separate(client, args.rounds)))
+        if "throughput" in sections:
+            print("\n4. throughput: session clients (threads), each on its own instance, tiny forward")
+            print(table(["clients", "calls per second", "/ one client"], session_throughput(server.url, args.rounds)))
 
 
 if __name__ == "__main__":
