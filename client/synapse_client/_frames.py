@@ -7,6 +7,7 @@ and errors are the REST API's.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -18,16 +19,14 @@ _INSTANCE_GETS = {(): "describe", ("help",): "help", ("export",): "export", ("sn
 
 def frame_of(method: str, path: str, body: Any, headers: dict[str, str] | None) -> dict[str, Any] | None:
     """The frame for a REST-shaped request, or None for a request frames do not carry (health)."""
-    parts = urlsplit(path)
-    segments = [unquote(s) for s in parts.path.split("/")]
-    if segments[:2] != ["", "v1"] or len(segments) < 3:
+    segments, query = _parsed(path)
+    if segments[:2] != ("", "v1") or len(segments) < 3:
         return None
-    query = parse_qs(parts.query)
     frame: dict[str, Any] = {}
     if query.get("owner"):
         frame["owner"] = query["owner"][0]
     headers = headers or {}
-    resource, rest = segments[2], segments[3:]
+    resource, rest = segments[2], list(segments[3:])
     op = _op_of(method, resource, rest, frame, body, query, headers)
     if op is None:
         return None
@@ -36,6 +35,14 @@ def frame_of(method: str, path: str, body: Any, headers: dict[str, str] | None) 
     if if_match is not None and op in ("call", "write", "delete", "rollback"):
         frame["if_match"] = int(if_match.strip('"'))
     return frame
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(path: str) -> tuple[tuple[str, ...], dict[str, list[str]]]:
+    """A path's decoded segments and query (a loop sends the same few paths again and again: parsed once each).
+    The query is shared between calls: read it, never change it."""
+    parts = urlsplit(path)
+    return tuple(unquote(s) for s in parts.path.split("/")), parse_qs(parts.query)
 
 
 def _op_of(method: str, resource: str, rest: list[str], frame: dict[str, Any], body: Any,
