@@ -7,7 +7,8 @@ started here (durability off, loopback):
    (bench/echo_app.py: same uvicorn, same codec, no engine): what the stream adds;
 2. T = 20 forward steps as one sequence call against 20 REST calls, and against 20 stream frames;
 3. one packed forward on 256 small instances of one config against 256 separate calls
-   (REST, session stream, in-process client);
+   (REST, session stream, in-process client), as a list of calls and in the stacked form
+   (one (256, batch, …) tensor in, one out);
 4. throughput of 16 session clients (threads), each on its own instance, against one.
 
     .venv/bin/python bench/many_ops.py [--rounds 7] [--sections tiny,sequence,packed,throughput]
@@ -112,6 +113,9 @@ def packed_vs_separate(client: SynapseClient, rounds: int) -> list[list[str]]:
             "1 packed call (REST)": lambda: client.call_many("forward", calls),
             "1 packed call (stream)": lambda: session.call_many("forward", calls),
             "1 packed call (in-process)": lambda: local.call_many("forward", calls),
+            "1 stacked packed call (REST)": lambda: client.call_stacked("forward", names, {"inputs": xs}),
+            "1 stacked packed call (stream)": lambda: session.call_stacked("forward", names, {"inputs": xs}),
+            "1 stacked packed call (in-process)": lambda: local.call_stacked("forward", names, {"inputs": xs}),
         }, rounds, 1)
     local.close()
     base = result[f"{PACKED} REST calls"]

@@ -49,7 +49,7 @@ def test_readme_loop_example_runs(live_server, where):
         code = code.replace('outs["col-3"]', 'outs["readme-col-3"]')
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "(5, 32, 8, 8, 1) (2, 4) {'forward': 25, 'backtransmit': 20, 'evolve': 1}" in result.stdout
+    assert "(5, 32, 8, 8, 1) (2, 4) (4, 2, 4) {'forward': 25, 'backtransmit': 20, 'evolve': 1}" in result.stdout
 
 
 def test_readme_insight_example_runs(live_server, tmp_path):

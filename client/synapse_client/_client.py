@@ -220,6 +220,18 @@ class _BaseClient:
         headers = self._op_headers(operation, None, idempotency_key)
         return f"/v1/packed/{quote(str(operation), safe='')}{self._query(owner)}", body, headers
 
+    def _stacked_request(self, operation: str, names: Sequence[str], tensors: dict[str, Any],
+                         returns: Sequence[str] | None, idempotency_key: str | None,
+                         owner: str | None) -> tuple[str, dict[str, Any], dict[str, str]]:
+        if isinstance(names, str):
+            raise TypeError("names: a list of instance names, not one string")
+        body: dict[str, Any] = {"names": [check_name(name) for name in names],
+                                "tensors": self._op_body(dict(tensors), None)}
+        if returns is not None:
+            body["return"] = list(returns)
+        headers = self._op_headers(operation, None, idempotency_key)
+        return f"/v1/packed/{quote(str(operation), safe='')}{self._query(owner)}", body, headers
+
     @staticmethod
     def _ngclearn_plan(path: str | os.PathLike[str], kind: str | None, config: dict[str, Any] | None,
                        component: str | None, allow_pickle: bool) -> tuple[str, dict, dict, int, list[tuple]]:
@@ -390,6 +402,22 @@ class SynapseClient(_BaseClient):
         path, body, headers = self._packed_request(operation, calls, returns, idempotency_key, owner)
         answer = self.request("POST", path, body, retry="Idempotency-Key" in headers, headers=headers)
         return {result.pop("name"): result for result in answer["results"]}
+
+    def call_stacked(self, operation: str, names: Sequence[str], tensors: dict[str, Any], *,
+                     returns: Sequence[str] | None = None, idempotency_key: str | None = None,
+                     owner: str | None = None) -> dict[str, Any]:
+        """``call_many`` for a population: each tensor stacked along a leading instance axis, the answer too.
+
+        ``tensors[arg][i]`` goes to ``names[i]``; the answer is ``{"names", "versions", <compartment>:
+        (len(names), …)}``, row ``i`` of each compartment being what a separate call on ``names[i]``
+        answers (bit for bit). The instances must return one shape (one config). All are applied or none.
+        Example::
+
+            out = client.call_stacked("forward", [f"col-{i}" for i in range(256)], {"inputs": xs})  # xs: (256, B, …)
+            ys = out["outputs"]  # (256, B, …)
+        """
+        path, body, headers = self._stacked_request(operation, names, tensors, returns, idempotency_key, owner)
+        return self.request("POST", path, body, retry="Idempotency-Key" in headers, headers=headers)
 
     def create(self, name: str, *, kind: str, config: dict[str, Any], init: dict[str, Any] | None = None,
                seed: int = 0, durability: str | None = None, device: str | int | None = None,
@@ -586,6 +614,13 @@ class AsyncSynapseClient(_BaseClient):
         path, body, headers = self._packed_request(operation, calls, returns, idempotency_key, owner)
         answer = await self.request("POST", path, body, retry="Idempotency-Key" in headers, headers=headers)
         return {result.pop("name"): result for result in answer["results"]}
+
+    async def call_stacked(self, operation: str, names: Sequence[str], tensors: dict[str, Any], *,
+                           returns: Sequence[str] | None = None, idempotency_key: str | None = None,
+                           owner: str | None = None) -> dict[str, Any]:
+        """One operation on a population, tensors and answer stacked (see ``SynapseClient.call_stacked``)."""
+        path, body, headers = self._stacked_request(operation, names, tensors, returns, idempotency_key, owner)
+        return await self.request("POST", path, body, retry="Idempotency-Key" in headers, headers=headers)
 
     async def create(self, name: str, *, kind: str, config: dict[str, Any], init: dict[str, Any] | None = None,
                      seed: int = 0, durability: str | None = None, device: str | int | None = None,

@@ -58,9 +58,10 @@ def _op_of(method: str, resource: str, rest: list[str], frame: dict[str, Any], b
     if resource == "packed":
         if len(rest) == 1 and method == "POST":
             body = dict(body or {})
-            frame.update(operation=rest[0], calls=body.get("calls"))
-            if "return" in body:
-                frame["return"] = body["return"]
+            frame["operation"] = rest[0]
+            for field in ("calls", "names", "tensors", "return"):  # calls, or the stacked form: names and tensors
+                if field in body:
+                    frame[field] = body[field]
             if "Idempotency-Key" in headers:
                 frame["idempotency_key"] = headers["Idempotency-Key"]
             return "call_many"

@@ -104,6 +104,10 @@ class LocalSession:
         """One operation on many instances (see ``SynapseClient.call_many``)."""
         return self.client.call_many(operation, calls, **options)
 
+    def call_stacked(self, operation: str, names: Any, tensors: dict[str, Any], **options: Any) -> dict[str, Any]:
+        """One operation on a population (see ``SynapseClient.call_stacked``)."""
+        return self.client.call_stacked(operation, names, tensors, **options)
+
     def close(self) -> None:
         """Nothing to close: the client stays open."""
 
@@ -127,6 +131,11 @@ class AsyncLocalSession:
     async def call_many(self, operation: str, calls: Any, **options: Any) -> dict[str, dict[str, Any]]:
         """One operation on many instances (see ``SynapseClient.call_many``)."""
         return await self.client.call_many(operation, calls, **options)
+
+    async def call_stacked(self, operation: str, names: Any, tensors: dict[str, Any], **options: Any
+                           ) -> dict[str, Any]:
+        """One operation on a population (see ``SynapseClient.call_stacked``)."""
+        return await self.client.call_stacked(operation, names, tensors, **options)
 
     async def close(self) -> None:
         """Nothing to close: the client stays open."""

@@ -251,6 +251,12 @@ class Session:
         answer = self.request("POST", path, body, retry="Idempotency-Key" in headers, headers=headers)
         return {result.pop("name"): result for result in answer["results"]}
 
+    def call_stacked(self, operation: str, names: Any, tensors: dict[str, Any], *, returns: Any = None,
+                     idempotency_key: str | None = None, owner: str | None = None) -> dict[str, Any]:
+        """One operation on a population, as one frame (see ``SynapseClient.call_stacked``)."""
+        path, body, headers = self.client._stacked_request(operation, names, tensors, returns, idempotency_key, owner)
+        return self.request("POST", path, body, retry="Idempotency-Key" in headers, headers=headers)
+
     def get(self, name: str, *, owner: str | None = None):
         """The handle of an existing instance, its calls over this session (NotFoundError if there is none)."""
         from synapse_client._client import Synapse
@@ -361,6 +367,12 @@ class AsyncSession:
         path, body, headers = self.client._packed_request(operation, calls, returns, idempotency_key, owner)
         answer = await self.request("POST", path, body, retry="Idempotency-Key" in headers, headers=headers)
         return {result.pop("name"): result for result in answer["results"]}
+
+    async def call_stacked(self, operation: str, names: Any, tensors: dict[str, Any], *, returns: Any = None,
+                           idempotency_key: str | None = None, owner: str | None = None) -> dict[str, Any]:
+        """One operation on a population, as one frame (see ``SynapseClient.call_stacked``)."""
+        path, body, headers = self.client._stacked_request(operation, names, tensors, returns, idempotency_key, owner)
+        return await self.request("POST", path, body, retry="Idempotency-Key" in headers, headers=headers)
 
     async def get(self, name: str, *, owner: str | None = None):
         """The handle of an existing instance, its calls over this session (NotFoundError if there is none)."""

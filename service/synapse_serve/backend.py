@@ -83,6 +83,11 @@ class Backend(Protocol):
                         ) -> list[dict[str, Any]]:
         """One operation on many instances (one owner's): all applied or none, each answer a separate call's."""
 
+    async def call_stacked(self, keys: list[InstanceKey], *, operation: str, tensors: Mapping[str, Any],
+                           returns: list[str] | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
+        """``call_many`` with each tensor stacked along a leading instance axis; answers ``{"versions": […],
+        <compartment>: stacked, …}`` (the instances must agree on the shapes they return)."""
+
     async def read(self, key: InstanceKey, *, compartment: str) -> tuple[np.ndarray, int]: ...
 
     async def write(self, key: InstanceKey, *, compartment: str, value: Any,

@@ -196,6 +196,31 @@ def test_json_for_curl(live_server, unique_name):
     assert r.status_code == 406 and r.headers["content-type"] == "application/problem+json"
 
 
+def test_packed_calls_in_json_both_forms(live_server, unique_name):
+    names = [f"{unique_name}-{i}" for i in range(2)]
+    for name in names:
+        assert httpx.post(f"{live_server.url}/v1/synapses", json={"name": name, "kind": KIND,
+                                                                  "config": CONFIG}).status_code == 201
+    x = np.arange(2 * 72, dtype=np.float32).reshape(2, 1, 6, 6, 2) / 144
+    r = httpx.post(f"{live_server.url}/v1/packed/forward", json={"names": names, "tensors": {"inputs": x.tolist()}})
+    assert r.status_code == 200, r.text
+    stacked = r.json()
+    assert stacked["names"] == names and stacked["versions"] == [2, 2]
+    assert stacked["outputs"]["shape"] == [2, 1, 6, 6, 4]
+    r = httpx.post(f"{live_server.url}/v1/packed/forward",
+                   json={"calls": [{"name": n, "tensors": {"inputs": x[i].tolist()}} for i, n in enumerate(names)]})
+    assert r.status_code == 200, r.text
+    for i, result in enumerate(r.json()["results"]):  # the same inputs again: the same outputs, a new version
+        assert result["version"] == 3
+        assert np.array_equal(np.asarray(result["outputs"]["values"], np.float32),
+                              np.asarray(stacked["outputs"]["values"], np.float32)[i])
+    for body, fragment in (({"names": names}, "give calls"), ({"calls": [], "names": names, "tensors": {}}, "give calls"),
+                           ({"names": names, "tensors": {"inputs": x[:1].tolist()}}, "leading axis of 2")):
+        r = httpx.post(f"{live_server.url}/v1/packed/forward", json=body)
+        assert r.status_code in (400, 422) and fragment in r.json()["detail"], r.text
+    assert [httpx.get(f"{live_server.url}/v1/synapses/{n}").json()["version"] for n in names] == [3, 3]
+
+
 def test_plain_msgpack_library_reads_every_response(live_server, unique_name):
     headers = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
     body = {"name": unique_name, "kind": KIND, "config": CONFIG}

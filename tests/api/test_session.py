@@ -84,6 +84,8 @@ def test_owners_stay_isolated_on_the_stream(server):
                        "tensors": {"inputs": inputs(0)}},
                       {"op": "call_many", "operation": "forward", "owner": "alice",
                        "calls": [{"name": "secret-one", "tensors": {"inputs": inputs(0)}}]},
+                      {"op": "call_many", "operation": "forward", "owner": "alice", "names": ["secret-one"],
+                       "tensors": {"inputs": inputs(0)[None]}},
                       {"op": "list", "owner": "alice"}):
             answer = ask(ws, {"id": 1, **frame})
             assert answer["status"] == 404, (frame, answer)
@@ -187,6 +189,11 @@ def test_garbage_closes_that_connection_and_nothing_else(server, send, code, ans
     {"op": "call", "name": "x", "operation": "forward", "tensors": [1, 2]},
     {"op": "call", "name": "x", "operation": "forward", "idempotency_key": "\n"},
     {"op": "call_many", "operation": "forward", "calls": "everything"},
+    {"op": "call_many", "operation": "forward"},
+    {"op": "call_many", "operation": "forward", "calls": [], "names": ["x"], "tensors": {}},
+    {"op": "call_many", "operation": "forward", "names": ["x"]},
+    {"op": "call_many", "operation": "forward", "names": "x", "tensors": {"inputs": np.ones((1, 1), np.float32)}},
+    {"op": "call_many", "operation": "forward", "names": ["x"], "tensors": {"inputs": {"ref": "inputs"}}},
     {"op": 7},
 ])
 def test_a_bad_frame_is_a_problem_answer_and_the_stream_goes_on(server, frame):

@@ -58,6 +58,9 @@ class Via:
     def call_many(self, *args, **options):
         return (self.session or self.client).call_many(*args, **options)
 
+    def call_stacked(self, *args, **options):
+        return (self.session or self.client).call_stacked(*args, **options)
+
 
 @pytest.fixture(params=TRANSPORTS)
 def via(request, live_server):
@@ -179,6 +182,19 @@ def test_sequences_and_packed_calls(via, unique_name):
         truth = engine_answers("HebbianSynapse", DENSE, [("forward", {"inputs": xs[i]}, None)], seed=i)
         assert np.array_equal(packed[f"{unique_name}-p{i}"]["outputs"], truth[0]["outputs"])
         assert packed[f"{unique_name}-p{i}"]["version"] == 2
+    names = [f"{unique_name}-p{i}" for i in range(3)]
+    stacked = via.call_stacked("forward", names, {"inputs": xs[:3]}, returns=["outputs", "inputs"])
+    assert stacked["names"] == names and stacked["versions"] == [3, 3, 3]
+    assert stacked["outputs"].shape == (3, 3, 4) and stacked["outputs"].flags.writeable
+    for i in range(3):  # each row is what a separate call on that instance answers
+        truth = engine_answers("HebbianSynapse", DENSE, [("forward", {"inputs": xs[i]}, None)] * 2, seed=i)
+        assert np.array_equal(stacked["outputs"][i], truth[1]["outputs"])
+    assert np.array_equal(stacked["inputs"], xs[:3])
+    with pytest.raises(UnprocessableEntityError, match="expected a leading axis of 3"):
+        via.call_stacked("forward", names, {"inputs": xs[:2]})
+    with pytest.raises(NotFoundError, match=r"names\[1\]"):
+        via.call_stacked("forward", [names[0], f"{unique_name}-none", names[2]], {"inputs": xs[:3]})
+    assert [via.client.get(n).describe()["version"] for n in names] == [3, 3, 3]  # the refused ones applied nothing
 
 
 def test_the_async_client_in_process(tmp_path):

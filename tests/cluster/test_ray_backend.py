@@ -114,6 +114,10 @@ def test_instances_spread_over_the_shards_and_references_cross_them(alice):
     same = alice.create(_name("ref-c"), kind="HebbianSynapse", config={"shape": [5, 5]}, device="shard-0")
     packed = alice.call_many("forward", {a.name: {"inputs": np.ones((1, 5))}, same.name: {"inputs": np.ones((1, 5))}})
     assert set(packed) == {a.name, same.name}
+    stacked = alice.call_stacked("forward", [a.name, same.name], {"inputs": np.ones((2, 1, 5))})
+    np.testing.assert_array_equal(stacked["outputs"], np.stack([packed[a.name]["outputs"], packed[same.name]["outputs"]]))
+    with pytest.raises(UnprocessableEntityError, match="one shard"):
+        alice.call_stacked("forward", [a.name, b.name], {"inputs": np.ones((2, 1, 5))})
 
 
 def test_owners_stay_apart_across_shards(server, alice):

@@ -235,3 +235,98 @@ def test_a_keyed_packed_call_is_applied_once(registry):
     assert all(np.array_equal(a["weights"], b["weights"]) for a, b in zip(first, again))
     with pytest.raises(IdempotencyKeyReused):  # the key on other instances is another request
         registry.call_many(keys[:2], "evolve", sent[:2], ["weights"], idempotency_key="pack-1")
+
+
+# --- the stacked form: tensors and answers stacked along a leading instance axis ---
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("operation", ["forward", "evolve", "step"])
+def test_a_stacked_call_is_the_separate_calls_bit_for_bit(registry, kind, operation):
+    count = 4
+    for i in range(count):
+        registry.create(key(f"p{i}"), kind=KINDS[kind][0], config=KINDS[kind][1], seed=i)
+        registry.create(key(f"s{i}"), kind=KINDS[kind][0], config=KINDS[kind][1], seed=i)
+    sent = [tensors(registry, "p0", operation, (), seed=20 + i) for i in range(count)]
+    stacked_sent = {name: np.stack([s[name] for s in sent]) for name in sent[0]}
+    returned = ["outputs", "weights"]
+    stacked = registry.call_stacked([key(f"p{i}") for i in range(count)], operation, stacked_sent, returned)
+    assert set(stacked) == {"versions", *returned}
+    separate = [registry.call(key(f"s{i}"), operation, sent[i], returned) for i in range(count)]
+    assert stacked["versions"] == [s["version"] for s in separate]
+    for compartment in returned:
+        assert stacked[compartment].shape == (count, *separate[0][compartment].shape)
+        assert np.array_equal(stacked[compartment], np.stack([s[compartment] for s in separate])), compartment
+    for i in range(count):
+        same_instances(registry, f"p{i}", f"s{i}")
+
+
+@pytest.mark.parametrize(("change", "error", "fragment"), [
+    ("leading axis", ShapeMismatch, "inputs: expected a leading axis of 3"),
+    ("missing", NotFound, "names[2] ('nope'): no instance named 'nope'"),
+    ("shape", ShapeMismatch, "names[0] ('p0'): inputs: expected shape"),
+    ("ref", InvalidRequest, "inputs: a stacked call takes tensors, not references"),
+    ("configs", InvalidRequest, "names[2] ('p2'): outputs would be"),
+    ("kinds", InvalidRequest, "names[2] ('p2'): inputs: expected shape"),
+])
+def test_a_bad_stacked_call_is_refused_and_applies_nothing(registry, change, error, fragment):
+    for i in range(2):
+        registry.create(key(f"p{i}"), kind=DECONV[0], config=DECONV[1], seed=i)
+    if change == "configs":  # more output channels: its outputs cannot be stacked with the others'
+        registry.create(key("p2"), kind=DECONV[0], config={**DECONV[1], "shape": [3, 3, 2, 4]}, seed=2)
+    elif change == "kinds":
+        registry.create(key("p2"), kind=DENSE[0], config=DENSE[1], seed=2)
+    else:
+        registry.create(key("p2"), kind=DECONV[0], config=DECONV[1], seed=2)
+    keys = [key(f"p{i}") for i in range(3)]
+    x = np.stack([tensors(registry, "p0", "forward", (), seed=i)["inputs"] for i in range(3)])
+    sent: dict = {"inputs": x}
+    if change == "leading axis":
+        sent = {"inputs": x[:2]}
+    elif change == "missing":
+        keys[2] = key("nope")
+    elif change == "shape":
+        sent = {"inputs": x[:, :, :3]}
+    elif change == "ref":
+        sent = {"inputs": CompartmentRef("inputs")}
+    before = [registry.describe(key(f"p{i}"))["version"] for i in range(3)]
+    with pytest.raises(error, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        registry.call_stacked(keys, "forward", sent)
+    assert [registry.describe(key(f"p{i}"))["version"] for i in range(3)] == before
+
+
+def test_a_keyed_stacked_call_is_applied_once(registry):
+    for i in range(3):
+        registry.create(key(f"p{i}"), kind=DENSE[0], config=DENSE[1], seed=i)
+    keys = [key(f"p{i}") for i in range(3)]
+    sent = [tensors(registry, "p0", "evolve", (), seed=i) for i in range(3)]
+    stacked_sent = {name: np.stack([s[name] for s in sent]) for name in sent[0]}
+    first = registry.call_stacked(keys, "evolve", stacked_sent, ["weights"], idempotency_key="stack-1")
+    again = registry.call_stacked(keys, "evolve", stacked_sent, ["weights"], idempotency_key="stack-1")
+    assert again["versions"] == first["versions"] == [2, 2, 2]
+    assert np.array_equal(again["weights"], first["weights"])
+    as_list = registry.call_many(keys, "evolve", sent, ["weights"], idempotency_key="stack-1")  # the same request
+    assert [a["version"] for a in as_list] == [2, 2, 2]
+
+
+def test_a_packed_call_leaves_every_lock_free_whatever_happens(registry):
+    for i in range(3):
+        registry.create(key(f"p{i}"), kind=DECONV[0], config=DECONV[1], seed=i)
+    keys = [key(f"p{i}") for i in range(3)]
+    sent = [tensors(registry, "p0", "forward", (), seed=i) for i in range(3)]
+
+    def all_free() -> bool:
+        locks = [registry._instances[k].lock for k in keys]
+        free = [lock.acquire(blocking=False) for lock in locks]
+        for lock, taken in zip(locks, free):
+            if taken:
+                lock.release()
+        return all(free) and all(registry.describe(k)["running"] is None for k in keys)
+
+    registry.call_many(keys, "forward", sent)
+    assert all_free()
+    registry.call_stacked(keys, "forward", {"inputs": np.stack([s["inputs"] for s in sent])})
+    assert all_free()
+    with pytest.raises(UnknownCompartment):  # refused under the locks, after they were all taken
+        registry.call_many(keys, "forward", sent, ["nothing"])
+    assert all_free()

@@ -47,6 +47,7 @@ ATTEMPTS: dict[str, Callable[[Synapse], object]] = {
     "restore": lambda s: s.restore("base"),
     "delete_snapshot": lambda s: s.delete_snapshot("base"),
     "call_many": lambda s: s.client.call_many("forward", {s.name: {"inputs": X}}, owner=s.owner),
+    "call_stacked": lambda s: s.client.call_stacked("forward", [s.name], {"inputs": X[None]}, owner=s.owner),
     "delete": lambda s: s.delete(),
 }
 ENTRIES = ("rest", "session")
@@ -114,7 +115,7 @@ def test_an_admin_reaches_every_owners_instance_and_an_owner_their_own(server, w
         with SynapseClient(server.url, token=ALICE) as alice, pytest.raises(NotFoundError):
             alice.get(name)
     elif what in ("forward", "evolve", "step", "reset", "set", "restore", "call(return)", "backtransmit",
-                  "backtransmit(stored)", "step(ref)", "call_many"):
+                  "backtransmit(stored)", "step(ref)", "call_many", "call_stacked"):
         with SynapseClient(server.url, token=ALICE) as alice:
             assert alice.get(name).describe()["version"] > 2  # the admin's call landed on alice's instance
 

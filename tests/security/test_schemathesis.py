@@ -119,7 +119,10 @@ def packed_bodies(draw, operation: str):
         tensors.pop("return", None)
         tensors.pop("sequence", None)
         calls.append({"name": name, "tensors": tensors})
-    body = {"calls": calls}
+    body: dict = {"calls": calls}
+    if draw(st.integers(0, 2)) == 2:  # the stacked form: the first call's tensors, one slice per name
+        body = {"names": names, "tensors": {k: [v] * len(names) if isinstance(v, list) else v
+                                            for k, v in calls[0]["tensors"].items()}}
     if draw(st.integers(0, 5)) == 5:
         body["return"] = draw(st.lists(st.sampled_from(COMPARTMENTS), max_size=2))
     return body

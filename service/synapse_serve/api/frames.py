@@ -24,7 +24,7 @@ from synapse_serve.api.schemas import CreateRequest, SnapshotRequest
 from synapse_serve.api.server import Server, instance_key, owner_for
 from synapse_serve.auth import Principal
 from synapse_serve.errors import InvalidFields, MalformedBody, NotReady, SynapseServeError
-from synapse_serve.names import InstanceKey
+from synapse_serve.names import CompartmentRef, InstanceKey
 
 log = logging.getLogger("synapse_serve")
 
@@ -105,11 +105,35 @@ async def _call(server: Server, principal: Principal, frame: dict[str, Any]) -> 
 
 
 async def _call_many(server: Server, principal: Principal, frame: dict[str, Any]) -> Any:
-    owner = _owner(principal, frame)
-    keys, tensors = packed_calls(frame["calls"], owner)
-    answers = await server.backend.call_many(keys, operation=_text(frame, "operation"), tensors=tensors,
-                                             returns=_returns(frame), idempotency_key=_idempotency_key(frame))
-    return {"results": [{"name": key.name, **answer} for key, answer in zip(keys, answers)]}
+    return await run_packed(server, _owner(principal, frame), _text(frame, "operation"), frame, frame.get("tensors"),
+                            _returns(frame), _idempotency_key(frame))
+
+
+async def run_packed(server: Server, owner: str, operation: str, body: dict[str, Any], tensors: Any,
+                     returns: list[str] | None, idempotency_key: str | None) -> dict[str, Any]:
+    """A packed call's answer (REST and frames): ``calls`` answers ``{"results": […]}``; the stacked form (``names``
+    and ``tensors``, each tensor (instances, batch, …)) answers ``{"names", "versions", <compartment>: stacked}``."""
+    stacked_form = "names" in body or "tensors" in body
+    if ("calls" in body) == stacked_form or (stacked_form and not ("names" in body and "tensors" in body)):
+        raise InvalidFields('give calls ([{"name", "tensors"}, …]), or names and tensors (the stacked form)')
+    if "calls" in body:
+        keys, per_call = packed_calls(body["calls"], owner)
+        answers = await server.backend.call_many(keys, operation=operation, tensors=per_call, returns=returns,
+                                                 idempotency_key=idempotency_key)
+        return {"results": [{"name": key.name, **answer} for key, answer in zip(keys, answers)]}
+    names = body["names"]
+    if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
+        raise MalformedBody("names: expected a non-empty list of instance names")
+    if not isinstance(tensors, dict) or not tensors:
+        raise MalformedBody("tensors: expected a map of stacked tensors (instances, batch, …)")
+    stacked = {str(name): _tensor(str(name), value) for name, value in tensors.items()}
+    refs = [name for name, value in stacked.items() if isinstance(value, CompartmentRef)]
+    if refs:
+        raise MalformedBody(f"{refs[0]}: a stacked call takes tensors, not references")
+    keys = [instance_key(owner, name) for name in names]
+    answer = await server.backend.call_stacked(keys, operation=operation, tensors=stacked, returns=returns,
+                                               idempotency_key=idempotency_key)
+    return {"names": list(names), **answer}
 
 
 def packed_calls(calls: Any, owner: str) -> tuple[list[InstanceKey], list[dict[str, Any]]]:
@@ -239,7 +263,7 @@ def _op(required: str, optional: str, run: Callable[..., Awaitable[Any]]) -> Fra
 
 OPS: dict[str, FrameOp] = {
     "call": _op("name operation", "tensors return idempotency_key if_match sequence", _call),
-    "call_many": _op("operation calls", "return idempotency_key", _call_many),
+    "call_many": _op("operation", "calls names tensors return idempotency_key", _call_many),
     "read": _op("name compartment", "", _read),
     "write": _op("name compartment value", "if_match", _write),
     "describe": _op("name", "", _describe),

@@ -30,13 +30,15 @@ from synapse_serve.api.bodies import (
     response_type,
     tensor_field,
 )
-from synapse_serve.api.frames import packed_calls
+from synapse_serve.api.frames import run_packed
 from synapse_serve.api.schemas import (
     OperationRequest,
     OperationResponse,
     PackedRequest,
     PackedResponse,
+    StackedResponse,
     body_doc,
+    one_of_answers,
     responses,
     v1_router,
 )
@@ -98,28 +100,32 @@ async def run_operation(request: Request, server: Server, owner: str, name: str,
              summary="Run one operation on many of your instances in one request (all applied, or none)",
              description="Body `{\"calls\": [{\"name\": \"<instance>\", \"tensors\": {…}}, …], \"return\"?: "
                          "[…]}`; answer `{\"results\": [{\"name\", \"version\", …compartments}, …]}` in the "
-                         "order of the calls, each equal to a separate call's. Instances of one kind, config and "
+                         "order of the calls, each equal to a separate call's. Or the stacked form: `{\"names\": "
+                         "[…], \"tensors\": {\"inputs\": <(instances, batch, …)>}, \"return\"?: […]}`, answered "
+                         "`{\"names\", \"versions\", \"outputs\": <(instances, batch, …)>, …}` (StackedResponse; "
+                         "the instances must return one shape). Instances of one kind, config and "
                          "shapes run as one device call. Every check comes before anything is applied: an error "
-                         "names the call (`calls[3] ('enc-3'): …`) and nothing changed. An `Idempotency-Key` "
-                         "makes a retry return the first answers.",
-             openapi_extra=body_doc(PackedRequest), responses=responses(PackedResponse, 400, 404, 409, 413, 415, 422,
-                                                                       507))
+                         "names the call (`calls[3] ('enc-3'): …`; in the stacked form, names[3]) and nothing "
+                         "changed. An `Idempotency-Key` makes a retry return the first answers.",
+             openapi_extra={**body_doc(PackedRequest), **one_of_answers(PackedResponse, StackedResponse)},
+             responses=responses(None, 400, 404, 409, 413, 415, 422, 507))
 async def packed(operation: str, request: Request, server: ServerDep, owner: OwnerDep) -> Response:
     with Counted(server, operation) as counted:
         body, media = await read_body(request)
         require_fields(body, PackedRequest)
         returns = returns_field(body.get("return"))
-        calls = body["calls"]
-        if media != MSGPACK and isinstance(calls, list):
+        calls, tensors = body.get("calls"), body.get("tensors")
+        if media != MSGPACK:  # JSON tensors become arrays here (msgpack's are arrays already)
             max_elements = server.settings.max_tensor_elements
-            calls = [{**call, "tensors": {k: tensor_field(call.get("tensors") or {}, k, media, max_elements)
-                                          for k in (call.get("tensors") or {})}}
-                     if isinstance(call, dict) and isinstance(call.get("tensors"), dict) else call for call in calls]
-        keys, tensors = packed_calls(calls, owner)
-        answers = await server.backend.call_many(keys, operation=operation, tensors=tensors, returns=returns,
-                                                 idempotency_key=idempotency_key(request))
-        response = encode({"results": [{"name": key.name, **answer} for key, answer in zip(keys, answers)]},
-                          response_type(request, media))
+            if isinstance(calls, list):
+                body["calls"] = [{**call, "tensors": {k: tensor_field(call.get("tensors") or {}, k, media, max_elements)
+                                                      for k in (call.get("tensors") or {})}}
+                                 if isinstance(call, dict) and isinstance(call.get("tensors"), dict) else call
+                                 for call in calls]
+            if isinstance(tensors, dict):
+                tensors = {k: tensor_field(tensors, k, media, max_elements) for k in tensors}
+        answer = await run_packed(server, owner, operation, body, tensors, returns, idempotency_key(request))
+        response = encode(answer, response_type(request, media))
         counted.status = 200
         return response
 

@@ -72,7 +72,13 @@ class PackedCall(BaseModel):
 
 
 class PackedRequest(BaseModel):
-    calls: list[PackedCall] = Field(description="one call per instance (each instance at most once)")
+    """Either ``calls``, or ``names`` and ``tensors`` (the stacked form), not both."""
+
+    calls: list[PackedCall] | None = Field(None, description="one call per instance (each instance at most once)")
+    names: list[str] | None = Field(None, description="the stacked form: the instances (each at most once), in the "
+                                                      "order of the tensors' leading axis")
+    tensors: dict[str, Tensor] | None = Field(None, description="the stacked form: each argument as (instances, "
+                                                                "batch, …), slice i for names[i]")
     returns: list[str] | None = Field(None, alias="return", description="compartments to send back for each")
 
 
@@ -81,7 +87,18 @@ class PackedResult(OperationResponse):
 
 
 class PackedResponse(BaseModel):
+    """The answer to ``calls``: one result per call. The stacked form answers a StackedResponse."""
+
     results: list[PackedResult]
+
+
+class StackedResponse(BaseModel):
+    """The answer to the stacked form: the names, each instance's new version, and each compartment returned
+    stacked along a leading instance axis in the order of the names (e.g. ``outputs``: (instances, batch, …))."""
+
+    names: list[str]
+    versions: list[int]
+    model_config = {"extra": "allow"}
 
 
 class CompartmentWrite(BaseModel):
@@ -192,8 +209,11 @@ class Problem(BaseModel):
 
 def add_request_schemas(document: dict[str, Any]) -> dict[str, Any]:
     """Put the request bodies' models (referenced by ``body_doc``, which FastAPI does not collect, as handlers read
-    bodies with the wire codec) and the models they use into the document's components."""
-    _, top = models_json_schema([(m, "validation") for m in REQUEST_MODELS], ref_template=REF_TEMPLATE)
+    bodies with the wire codec), the answers ``one_of_answers`` names, and the models they use into the document's
+    components."""
+    _, top = models_json_schema([(m, "validation") for m in REQUEST_MODELS]
+                                + [(m, "serialization") for m in (PackedResponse, StackedResponse)],
+                                ref_template=REF_TEMPLATE)
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     for name, schema in top.get("$defs", {}).items():
         schemas.setdefault(name, schema)
@@ -203,6 +223,12 @@ def add_request_schemas(document: dict[str, Any]) -> dict[str, Any]:
 def body_doc(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
     schema = {"$ref": REF_TEMPLATE.format(model=model.__name__)}
     return {"requestBody": {"required": required, "content": {MSGPACK: {"schema": schema}, JSON: {"schema": schema}}}}
+
+
+def one_of_answers(*models: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` for a route whose 200 answer is one of ``models`` (the first is in ``responses``)."""
+    schema = {"oneOf": [{"$ref": REF_TEMPLATE.format(model=model.__name__)} for model in models]}
+    return {"responses": {"200": {"content": {MSGPACK: {"schema": schema}, JSON: {"schema": schema}}}}}
 
 
 def responses(model: type[BaseModel] | None, *errors: int, status: int = 200) -> dict[int | str, dict[str, Any]]:

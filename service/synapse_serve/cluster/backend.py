@@ -141,7 +141,7 @@ class RayBackend:
 
     async def _run(self, shard: int, method: str, *args: Any, **kwargs: Any) -> Any:
         """One Backend method on one shard; after the shard died, retried once it is back if that is safe."""
-        retry = method in RETRYABLE or (method in ("call", "call_many") and kwargs.get("idempotency_key"))
+        retry = method in RETRYABLE or (method in ("call", "call_many", "call_stacked") and kwargs.get("idempotency_key"))
         deadline = time.monotonic() + self.settings.ray_restart_timeout_s
         while True:
             try:
@@ -377,13 +377,23 @@ class RayBackend:
     async def call_many(self, keys: list[InstanceKey], *, operation: str, tensors: list[Mapping[str, Any]],
                         returns: list[str] | None = None, idempotency_key: str | None = None
                         ) -> list[dict[str, Any]]:
+        return await self._run(await self._packed_shard(keys), "call_many", keys, operation=operation, tensors=tensors, returns=returns,
+                               idempotency_key=idempotency_key)
+
+    async def call_stacked(self, keys: list[InstanceKey], *, operation: str, tensors: Mapping[str, Any],
+                           returns: list[str] | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
+        shard = await self._packed_shard(keys)
+        return await self._run(shard, "call_stacked", keys, operation=operation, tensors=tensors, returns=returns,
+                               idempotency_key=idempotency_key)
+
+    async def _packed_shard(self, keys: list[InstanceKey]) -> int:
+        """The one shard a packed call's instances live on (InvalidRequest if they are spread over several)."""
         shards = sorted({await self._shard_of(key) for key in keys}) if keys else [0]
         if len(shards) > 1:
             raise InvalidRequest(f"calls: a packed call is applied all or nothing on one shard, and these instances "
                                  f"live on shards {', '.join(map(str, shards))}; pack the instances of each shard "
                                  "apart", argument="calls")
-        return await self._run(shards[0], "call_many", keys, operation=operation, tensors=tensors, returns=returns,
-                               idempotency_key=idempotency_key)
+        return shards[0]
 
     async def read(self, key: InstanceKey, *, compartment: str) -> Any:
         return await self._on(key, "read", compartment=compartment)

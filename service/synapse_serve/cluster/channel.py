@@ -1,7 +1,7 @@
 """The direct channel: the per-step calls of a front to a shard over one TCP connection, not Ray's RPC.
 
 Ray places the shards, restarts them and carries everything else (creates, lists, files); the
-calls a loop makes on every step — ``call``, ``call_many``, ``read``, ``write`` — go over a plain
+calls a loop makes on every step — ``call``, ``call_many``, ``call_stacked``, ``read``, ``write`` — go over a plain
 socket from the front to the shard's listener, because Ray's actor call alone costs about
 0.8 ms on a small CPU host, longer than a whole local call (docs/scaling.md). The same split as
 the systems that use Ray for placement and their own transport for data.
@@ -40,7 +40,8 @@ from synapse_serve.names import CompartmentRef, InstanceKey
 log = logging.getLogger("synapse_serve")
 
 # the Backend methods a front sends over the channel: those a loop calls on every step
-DIRECT_METHODS = frozenset({"call", "call_many", "read", "write"})
+DIRECT_METHODS = frozenset({"call", "call_many", "call_stacked", "read", "write"})
+PACKED_METHODS = frozenset({"call_many", "call_stacked"})  # their first argument is a list of instance keys
 SECRET_BYTES = 32
 HEADER = struct.Struct("<Q")
 AUTH_TIMEOUT_S = 5.0
@@ -72,9 +73,9 @@ def _tensors_in(tensors: Mapping[str, Any]) -> dict[str, Any]:
 
 def request_parts(method: str, args: tuple, kwargs: Mapping[str, Any]) -> list[bytes | memoryview]:
     """A Backend method call as a frame's parts (its header first)."""
-    keys = args[0] if method == "call_many" else args[:1]
+    keys = args[0] if method in PACKED_METHODS else args[:1]
     kwargs = dict(kwargs)
-    if method == "call":
+    if method in ("call", "call_stacked"):
         kwargs["tensors"] = _tensors_out(kwargs["tensors"])
     elif method == "call_many":
         kwargs["tensors"] = [_tensors_out(t) for t in kwargs["tensors"]]
@@ -91,9 +92,10 @@ def decode_request(payload: bytes | bytearray | memoryview, max_elements: int) -
             isinstance(key, list) and len(key) == 2 and all(isinstance(part, str) for part in key) for key in keys):
         raise WireError(f"not a request the channel carries: {str(method)[:40]!r}")
     instance_keys = [InstanceKey(*key) for key in keys]
-    if method == "call_many":
+    if method in PACKED_METHODS:
         args: tuple = (instance_keys,)
-        kwargs["tensors"] = [_tensors_in(t) for t in kwargs.get("tensors", [])]
+        tensors = kwargs.get("tensors", [] if method == "call_many" else {})
+        kwargs["tensors"] = [_tensors_in(t) for t in tensors] if method == "call_many" else _tensors_in(tensors)
     else:
         if len(instance_keys) != 1:
             raise WireError(f"{method} names one instance")

@@ -21,6 +21,8 @@ from typing import Any
 import jax
 from jax import numpy as jnp
 
+from synapse_serve.kinds.base import leaf_names
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -43,6 +45,11 @@ class Plan:
         for index, value in zip(self.written, written):
             leaves[index] = value
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    @functools.cached_property
+    def leaf_index(self) -> dict[str, int]:
+        """Each compartment's position among the state's leaves."""
+        return {name: index for index, name in enumerate(leaf_names(self.treedef))}
 
     @functools.cached_property
     def meta(self) -> tuple:

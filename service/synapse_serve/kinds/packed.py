@@ -22,19 +22,19 @@ from jax import numpy as jnp
 from synapse_serve.kinds.lean import Plan
 
 
-def run_packed(plan: Plan, config: Any, states: list[Any], *tensors: Any) -> list[Any]:
-    """The new state of each of ``states`` (one plan's shapes); ``tensors``: per argument, the instances' tensors
-    stacked along a new leading axis (or None)."""
-    leaves = [jax.tree_util.tree_leaves(state) for state in states]
+def run_packed(plan: Plan, config: Any, states: list[Any], *tensors: Any) -> list[tuple[Any, list[Any]]]:
+    """The new state of each of ``states`` (one plan's shapes) and its leaves (``plan.treedef``'s order);
+    ``tensors``: per argument, the instances' tensors stacked along a new leading axis (or None)."""
+    leaves = [plan.treedef.flatten_up_to(state) for state in states]
     reads = [[instance[i] for instance in leaves] for i in plan.read]
     meta = (plan.treedef, plan.read, plan.written, plan.in_specs, len(states))
     written = _packed(plan.fn, config, meta, reads, *tensors)
     out = []
+    unflatten = plan.treedef.unflatten
     for instance, new in zip(leaves, written):
-        instance = list(instance)
         for index, value in zip(plan.written, new):
             instance[index] = value
-        out.append(jax.tree_util.tree_unflatten(plan.treedef, instance))
+        out.append((unflatten(instance), instance))
     return out
 
 

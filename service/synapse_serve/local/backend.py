@@ -258,6 +258,11 @@ class LocalBackend:
         return await self._off(self.registry.call_many, keys, operation, tensors, returns,
                                idempotency_key=idempotency_key)
 
+    async def call_stacked(self, keys: list[InstanceKey], *, operation: str, tensors: Mapping[str, Any],
+                           returns: list[str] | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
+        return await self._off(self.registry.call_stacked, keys, operation, tensors, returns,
+                               idempotency_key=idempotency_key)
+
     def _cost_key(self, key: InstanceKey, operation: str, tensors: Mapping[str, Any],
                   sequence: Mapping[str, Any] | None) -> tuple | None:
         """What a call's cost depends on, or None if it never runs inline (inline off, sync writes, other

@@ -464,6 +464,27 @@ class Registry:
         it had been called alone). A repeated ``idempotency_key`` returns the first answers. An error
         names the call it is about (``calls[3] ('enc-3'): …``).
         """
+        return self._packed(keys, operation, tensors, returns, idempotency_key, stacked=False)
+
+    def call_stacked(self, keys: list[InstanceKey], operation: str, tensors: Mapping[str, Any],
+                     returns: list[str] | None = None, *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """``call_many`` with each tensor stacked along a leading instance axis: ``tensors[arg][i]`` is the i-th
+        instance's, and the answer is ``{"versions": [v_0, …], <compartment>: (len(keys), …), …}``, each
+        compartment the instances' answers stacked in the same order (so they must agree in shape: checked before
+        anything runs). The same checks, all or none, and the same idempotency as ``call_many``."""
+        split = []
+        for name, value in tensors.items():
+            if isinstance(value, CompartmentRef):
+                raise InvalidRequest(f"{name}: a stacked call takes tensors, not references", argument=name)
+            if value is not None and (np.ndim(value) < 1 or np.shape(value)[0] != len(keys)):
+                raise ShapeMismatch(f"{name}: expected a leading axis of {len(keys)} (one slice per instance, in the "
+                                    f"order of the names), received shape {tuple(np.shape(value))}", argument=name)
+            split.append((name, None if value is None else np.asarray(value)))
+        per_instance = [{name: None if value is None else value[i] for name, value in split} for i in range(len(keys))]
+        return self._packed(keys, operation, per_instance, returns, idempotency_key, stacked=True)
+
+    def _packed(self, keys: list[InstanceKey], operation: str, tensors: list[Mapping[str, Any]],
+                returns: list[str] | None, idempotency_key: str | None, *, stacked: bool) -> Any:
         if not keys:
             raise InvalidRequest("calls: send at least one call", argument="calls")
         if len(set(keys)) != len(keys):
@@ -473,7 +494,7 @@ class Registry:
         # the pack is part of what each instance was asked: the same key on other instances is another request
         pack = {"packed": ",".join(sorted(str(k) for k in keys))} if idempotency_key is not None else None
         bound = []
-        with _naming(keys) as at:
+        with _naming(keys, "names" if stacked else "calls") as at:
             for at.index, (key, sent) in enumerate(zip(keys, tensors)):
                 instance = self._get(key)
                 op = instance.kind.operations.get(operation)
@@ -489,19 +510,19 @@ class Registry:
                 returned = list(op.returns if returns is None else returns)
                 print_ = fingerprint(operation, args, returned, pack) if idempotency_key is not None else ""
                 bound.append((instance, op, args, returned, print_))
-        with contextlib.ExitStack() as held, _naming(keys) as at:
-            for at.index in sorted(range(len(bound)), key=lambda i: (keys[i].owner, keys[i].name)):
-                held.enter_context(self._hold(bound[at.index][0], doing={"operation": operation, "packed": True}))
-            at.index = None
+        with _naming(keys, "names" if stacked else "calls") as at, \
+                self._hold_all([entry[0] for entry in bound], {"operation": operation, "packed": True}, at):
             if idempotency_key is not None:
                 replayed = self._replay_many(bound, idempotency_key, at)
                 if replayed is not None:
-                    return replayed
+                    return _stacked(replayed, bound[0][3]) if stacked else replayed
             planned, resized = [], []
             try:
                 for at.index, (instance, op, args, returned, _) in enumerate(bound):
                     self._check_returned(instance, returned)
                     signature, nbytes, _, plan = self._predict(instance, operation, op.fn, args)
+                    if stacked:
+                        _check_stackable(returned, signature, plan, bound[0][3], planned)
                     self.capacity.resize(instance.key.owner, instance.device, instance.held_bytes, nbytes)
                     resized.append((instance, nbytes))
                     planned.append((signature, nbytes, plan))
@@ -513,9 +534,10 @@ class Registry:
                                          check=False)
                 raise
             answers = []
-            for (instance, _, _, returned, print_), state, (signature, nbytes, _) in zip(bound, new_states, planned):
-                leaves = compartment_paths(state)
-                result = {c: np.asarray(leaves[c]) for c in returned}
+            for (instance, _, _, returned, print_), (state, leaves), (signature, nbytes, plan) in zip(
+                    bound, new_states, planned):
+                at_leaf = plan.leaf_index
+                result = {c: np.asarray(leaves[at_leaf[c]]) for c in returned}
                 self._commit(instance, state, operation, signature, nbytes, accounted=True)
                 answer = {"version": instance.version, **result}
                 if idempotency_key is not None:
@@ -523,7 +545,7 @@ class Registry:
                 answers.append(answer)
             for at.index, (instance, *_) in enumerate(bound):
                 self.persistence.persist(instance)
-            return answers
+            return _stacked(answers, bound[0][3]) if stacked else answers
 
     def _replay_many(self, bound: list[tuple], idempotency_key: str, at: Any) -> list[dict[str, Any]] | None:
         """The first answers of a packed call with this key, or None if it never ran (under every lock)."""
@@ -541,8 +563,9 @@ class Registry:
         return [instance.answers.answer_of(entry, instance.key.name) for (instance, *_), entry in zip(bound, entries)]
 
     @staticmethod
-    def _run_packed(bound: list[tuple], planned: list[tuple]) -> list[Any]:
-        """The new state of every bound call: one device call per group of one kind, config, device and shapes."""
+    def _run_packed(bound: list[tuple], planned: list[tuple]) -> list[tuple[Any, list[Any]]]:
+        """The new state of every bound call and its leaves: one device call per group of one kind, config, device
+        and shapes."""
         groups: dict[tuple, list[int]] = {}
         for position, ((instance, op, args, _, _), (_, _, plan)) in enumerate(zip(bound, planned)):
             shapes = tuple(None if a is None else (a.shape, a.dtype) for a in args)
@@ -919,6 +942,32 @@ class Registry:
         ``doing``: what the holder runs (``{"operation": …}``), which descriptions show meanwhile.
         """
         instance = target if isinstance(target, Instance) else self._get(target)
+        self._acquire(instance, wait, signature, doing)
+        try:
+            yield instance
+        finally:
+            instance.running = None
+            instance.lock.release()
+
+    @contextmanager
+    def _hold_all(self, instances: list[Instance], doing: dict[str, Any], at: Any) -> Iterator[None]:
+        """Every instance locked (in key order: two packed calls never wait on each other crosswise), as ``_hold``
+        locks one; ``at.index`` names the one an error is about."""
+        held: list[Instance] = []
+        try:
+            for at.index in sorted(range(len(instances)), key=lambda i: instances[i].key):
+                self._acquire(instances[at.index], True, None, doing)
+                held.append(instances[at.index])
+            at.index = None
+            yield
+        finally:
+            for instance in held:
+                instance.running = None
+                instance.lock.release()
+
+    def _acquire(self, instance: Instance, wait: bool, signature: tuple | None, doing: dict[str, Any] | None) -> None:
+        """Take the instance's lock (Busy instead of waiting unless ``wait``), then check it is still there (and of
+        ``signature``) and note what runs; the lock is released again if a check fails."""
         if not instance.lock.acquire(blocking=False):
             if not wait:
                 raise Busy
@@ -934,12 +983,11 @@ class Registry:
                 raise NotFound(f"no instance named {instance.key.name!r}", name=instance.key.name)
             if signature is not None and instance.signature != signature:
                 raise Busy
-            if doing is not None:
-                instance.running = {**doing, "since": time.time()}
-            yield instance
-        finally:
-            instance.running = None
+        except BaseException:
             instance.lock.release()
+            raise
+        if doing is not None:
+            instance.running = {**doing, "since": time.time()}
 
     def _get(self, key: InstanceKey) -> Instance:
         instance = self._instances.get(key)
@@ -969,17 +1017,50 @@ class _At:
 
 
 @contextlib.contextmanager
-def _naming(keys: list[InstanceKey]) -> Iterator[_At]:
-    """A packed call's error says which of its calls it was about (the one ``at.index`` points to)."""
+def _naming(keys: list[InstanceKey], field: str = "calls") -> Iterator[_At]:
+    """A packed call's error says which of its calls it was about (the one ``at.index`` points to): ``calls[3]``,
+    or ``names[3]`` in the stacked form."""
     at = _At()
     try:
         yield at
     except SynapseServeError as exc:
         if at.index is not None:
-            exc.detail = f"calls[{at.index}] ({keys[at.index].name!r}): {exc.detail}"
+            exc.detail = f"{field}[{at.index}] ({keys[at.index].name!r}): {exc.detail}"
             exc.args = (exc.detail,)
             exc.extra.setdefault("call", at.index)
         raise
+
+
+def _check_stackable(returned: list[str], signature: tuple, plan: lean.Plan, first_returned: list[str],
+                     planned: list[tuple]) -> None:
+    """A stacked call's instances must return the same compartments, each in one shape and dtype (the first's)."""
+    if returned != first_returned:
+        raise InvalidRequest(f"this instance returns {', '.join(returned)} and names[0] {', '.join(first_returned)}; "
+                             "a stacked call returns the same compartments from each (name them in return)",
+                             argument="names")
+    if not planned:
+        return
+    first_signature, _, first_plan = planned[0]
+    if signature is first_signature and plan is first_plan:  # one config and shapes: one prediction, shared
+        return
+    for name in returned:
+        mine, theirs = signature[plan.leaf_index[name]], first_signature[first_plan.leaf_index[name]]
+        if tuple(mine[0]) != tuple(theirs[0]) or np.dtype(mine[1]) != np.dtype(theirs[1]):
+            raise InvalidRequest(f"{name} would be {tuple(mine[0])} {mine[1]} here and {tuple(theirs[0])} {theirs[1]} "
+                                 "on names[0]; a stacked call returns each compartment stacked, so its instances must "
+                                 "agree (pack instances of one config, or use calls)", argument="names")
+
+
+def _stacked(answers: list[dict[str, Any]], returned: list[str]) -> dict[str, Any]:
+    """Per-instance answers as one: their versions, and each returned compartment stacked in the same order."""
+    stacked: dict[str, Any] = {"versions": [answer["version"] for answer in answers]}
+    for name in returned:
+        values = [answer[name] for answer in answers]
+        if any(value.shape != values[0].shape or value.dtype != values[0].dtype for value in values):
+            raise InvalidRequest(f"{name}: the answers kept for this Idempotency-Key differ in shape between "
+                                 "instances and cannot be stacked; ask with calls", argument="names")
+        stacked[name] = np.stack(values)
+    return stacked
 
 
 class _Fetched:
