@@ -168,7 +168,8 @@ def main() -> None:
         echo_url = stack.enter_context(echo_server())
         print(machine(f"; {args.rounds} interleaved rounds"))
         if "tiny" in sections:
-            print("\n1. A tiny forward ((1, 4, 4, 1) in, (1, 4, 4, 2) out) on the session stream vs a bare WebSocket echo")
+            print("\n1. A tiny forward ((1, 4, 4, 1) in, (1, 4, 4, 2) out) on the session stream vs a bare "
+                  "WebSocket echo")
             print(table(["candidate", "µs per call", "/ echo"], stream_vs_echo(client, echo_url, args.rounds)))
         if "sequence" in sections:
             print("\n2. T = 20 forward steps (batch 8, 8x8x4 -> 8x8x4)")

@@ -61,8 +61,8 @@ class Metrics:
         self._series: dict[tuple, tuple[Any, Any]] = {}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        count, duration = self._labelled(("request", method, route, status), self.requests, (method, route, str(status)),
-                                         self.request_seconds, (method, route))
+        count, duration = self._labelled(("request", method, route, status), self.requests,
+                                         (method, route, str(status)), self.request_seconds, (method, route))
         count.inc()
         duration.observe(seconds)
 

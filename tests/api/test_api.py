@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import jax
@@ -214,7 +213,8 @@ def test_packed_calls_in_json_both_forms(live_server, unique_name):
         assert result["version"] == 3
         assert np.array_equal(np.asarray(result["outputs"]["values"], np.float32),
                               np.asarray(stacked["outputs"]["values"], np.float32)[i])
-    for body, fragment in (({"names": names}, "give calls"), ({"calls": [], "names": names, "tensors": {}}, "give calls"),
+    for body, fragment in (({"names": names}, "give calls"),
+                           ({"calls": [], "names": names, "tensors": {}}, "give calls"),
                            ({"names": names, "tensors": {"inputs": x[:1].tolist()}}, "leading axis of 2")):
         r = httpx.post(f"{live_server.url}/v1/packed/forward", json=body)
         assert r.status_code in (400, 422) and fragment in r.json()["detail"], r.text

@@ -115,7 +115,7 @@ def test_instances_spread_over_the_shards_and_references_cross_them(alice):
     packed = alice.call_many("forward", {a.name: {"inputs": np.ones((1, 5))}, same.name: {"inputs": np.ones((1, 5))}})
     assert set(packed) == {a.name, same.name}
     stacked = alice.call_stacked("forward", [a.name, same.name], {"inputs": np.ones((2, 1, 5))})
-    np.testing.assert_array_equal(stacked["outputs"], np.stack([packed[a.name]["outputs"], packed[same.name]["outputs"]]))
+    np.testing.assert_array_equal(stacked["outputs"], np.stack([packed[n]["outputs"] for n in (a.name, same.name)]))
     with pytest.raises(UnprocessableEntityError, match="one shard"):
         alice.call_stacked("forward", [a.name, b.name], {"inputs": np.ones((2, 1, 5))})
 

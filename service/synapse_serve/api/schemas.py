@@ -226,7 +226,7 @@ def body_doc(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
 
 
 def one_of_answers(*models: type[BaseModel]) -> dict[str, Any]:
-    """``openapi_extra`` for a route whose 200 answer is one of ``models`` (the first is in ``responses``)."""
+    """``openapi_extra`` for a route whose 200 answer is one of ``models`` (documented by ``add_request_schemas``)."""
     schema = {"oneOf": [{"$ref": REF_TEMPLATE.format(model=model.__name__)} for model in models]}
     return {"responses": {"200": {"content": {MSGPACK: {"schema": schema}, JSON: {"schema": schema}}}}}
 

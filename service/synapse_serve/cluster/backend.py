@@ -141,7 +141,8 @@ class RayBackend:
 
     async def _run(self, shard: int, method: str, *args: Any, **kwargs: Any) -> Any:
         """One Backend method on one shard; after the shard died, retried once it is back if that is safe."""
-        retry = method in RETRYABLE or (method in ("call", "call_many", "call_stacked") and kwargs.get("idempotency_key"))
+        keyed = method in ("call", "call_many", "call_stacked") and kwargs.get("idempotency_key")
+        retry = method in RETRYABLE or keyed
         deadline = time.monotonic() + self.settings.ray_restart_timeout_s
         while True:
             try:
@@ -377,7 +378,8 @@ class RayBackend:
     async def call_many(self, keys: list[InstanceKey], *, operation: str, tensors: list[Mapping[str, Any]],
                         returns: list[str] | None = None, idempotency_key: str | None = None
                         ) -> list[dict[str, Any]]:
-        return await self._run(await self._packed_shard(keys), "call_many", keys, operation=operation, tensors=tensors, returns=returns,
+        shard = await self._packed_shard(keys)
+        return await self._run(shard, "call_many", keys, operation=operation, tensors=tensors, returns=returns,
                                idempotency_key=idempotency_key)
 
     async def call_stacked(self, keys: list[InstanceKey], *, operation: str, tensors: Mapping[str, Any],

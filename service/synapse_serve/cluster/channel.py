@@ -1,10 +1,10 @@
 """The direct channel: the per-step calls of a front to a shard over one TCP connection, not Ray's RPC.
 
 Ray places the shards, restarts them and carries everything else (creates, lists, files); the
-calls a loop makes on every step — ``call``, ``call_many``, ``call_stacked``, ``read``, ``write`` — go over a plain
-socket from the front to the shard's listener, because Ray's actor call alone costs about
-0.8 ms on a small CPU host, longer than a whole local call (docs/scaling.md). The same split as
-the systems that use Ray for placement and their own transport for data.
+calls a loop makes on every step — ``call``, ``call_many``, ``call_stacked``, ``read``, ``write`` —
+go over a plain socket from the front to the shard's listener, because Ray's actor call alone
+costs about 0.8 ms on a small CPU host, longer than a whole local call (docs/scaling.md). The same
+split as the systems that use Ray for placement and their own transport for data.
 
 Wire: each frame is an 8-byte little-endian length and a msgpack body (the service's codec:
 arrays as wire tensors, large ones sent without copies). A request is ``{"method", "keys",

@@ -32,10 +32,9 @@ from synapse_serve.errors import SynapseServeError
 
 # what the front may ask a shard to run: the Backend methods that act on the shard's instances
 ASYNC_METHODS = frozenset({
-    "create", "describe", "help", "stats", "history", "list", "delete", "call", "call_many", "call_stacked", "read",
-    "write",
-    "import_", "snapshot", "snapshots", "rollback", "delete_snapshot", "evicted", "unevict", "evict_idle",
-    "storage", "devices", "gauges", "probe",
+    "create", "describe", "help", "stats", "history", "list", "delete", "call", "call_many", "call_stacked",
+    "read", "write", "import_", "snapshot", "snapshots", "rollback", "delete_snapshot", "evicted", "unevict",
+    "evict_idle", "storage", "devices", "gauges", "probe",
 })
 SYNC_METHODS = frozenset({"kinds", "kind_help", "operation_names", "storage_error", "describe_setup"})
 

@@ -90,7 +90,7 @@ def device_call(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _float32_shapes(tensors: Mapping[str, Any]) -> tuple | None:
-    """``((name, shape), …)`` of tensors that are all float32 numpy arrays, else None (those are checked each time)."""
+    """``((name, shape), …)`` of tensors that are all float32 numpy arrays, else None (checked each time)."""
     shapes = []
     for name, value in tensors.items():
         if type(value) is not np.ndarray or value.dtype != _FLOAT32:
