@@ -89,6 +89,26 @@ def device_call(fn: Callable[..., Any], *args: Any) -> Any:
         raise DeviceError(f"the device failed: {str(exc).splitlines()[0][:300]}") from exc
 
 
+def _reads_caller_memory(args: list[Any]) -> bool:
+    """Whether a device program given ``args`` reads memory its caller may change after the call returns.
+
+    XLA on CPU reads a 64-byte aligned host array in place instead of copying it, when the program runs:
+    after the dispatching call has returned (JAX dispatches asynchronously). In the in-process mode the
+    arrays are the caller's own, and a loop that changes them in place next (``z -= rate * dz``) would
+    change what the operation computes and stores; so such a call returns only once its program has run.
+    A decoded request body (a read-only view of ``bytes``) cannot change: those calls do not wait."""
+    for arg in args:
+        if type(arg) is np.ndarray:
+            if arg.flags.writeable:
+                return True
+            base = arg
+            while isinstance(base, np.ndarray):
+                base = base.base
+            if not isinstance(base.obj if isinstance(base, memoryview) else base, bytes):
+                return True
+    return False
+
+
 def _float32_shapes(tensors: Mapping[str, Any]) -> tuple | None:
     """``((name, shape), …)`` of tensors that are all float32 numpy arrays, else None (checked each time)."""
     shapes = []
@@ -439,6 +459,8 @@ class Registry:
             self.capacity.resize(key.owner, instance.device, instance.held_bytes, new_bytes)  # refused before work
             try:
                 out = device_call(runner, instance.config, instance.state, *args)
+                if _reads_caller_memory(args):
+                    jax.block_until_ready(out)  # the caller may change its arrays once we return
             except BaseException:
                 self.capacity.resize(key.owner, instance.device, new_bytes, instance.held_bytes, check=False)
                 raise
