@@ -40,9 +40,15 @@ def _ws_url(base_url: str) -> str:
     return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}/v1/session"
 
 
-def _lost(base_url: str, frame: dict[str, Any], exc: BaseException, repeated: bool) -> dict[str, Any]:
+def _lost(base_url: str, op: str, exc: BaseException, repeated: bool) -> dict[str, Any]:
     """A synthetic answer for a frame whose connection dropped."""
-    return {"status": 0, "error": _connection_error(base_url, frame["op"], exc, repeated)}
+    return {"status": 0, "error": _connection_error(base_url, op, exc, repeated)}
+
+
+def _renumbered(data: bytes, frame_id: int) -> bytes:
+    """A frame as first encoded, under a new id: what is sent again after a drop is what was sent, even if
+    the caller has changed its arrays since (the tensors are read back from the bytes, not the arrays)."""
+    return _codec.packb({**_codec.unpackb(data), "id": frame_id})
 
 
 def _connection_error(base_url: str, what: str, exc: BaseException, repeated: bool) -> APIConnectionError:
@@ -155,7 +161,7 @@ class Session:
         self.max_retries = client.max_retries
         self._ids = itertools.count(1)
         self._answers: dict[int, dict[str, Any]] = {}  # read, not yet asked for
-        self._outstanding: dict[int, tuple[dict[str, Any], bool]] = {}  # sent, not yet answered
+        self._outstanding: dict[int, tuple[str, bytes, bool]] = {}  # sent, not yet answered: (op, bytes, retry)
         self._moved: dict[int, int] = {}  # a frame sent again after a drop: its old id -> its new one
         self._reconnects = 0
         self._ws = None
@@ -187,24 +193,24 @@ class Session:
 
     def submit(self, method: str, path: str, body: Any = None, *, retry: bool,
                headers: dict[str, str] | None = None) -> Pending:
-        """Send one request now; read its answer later with ``.result()`` (pipelining)."""
+        """Send one request now; read its answer later with ``.result()`` (pipelining). The frame is encoded here:
+        changing the tensors afterwards changes nothing sent, also after a reconnect."""
         frame = frame_of(method, path, body, headers)
         if frame is None:
             answer = self.client.request(method, path, body, retry=retry, headers=headers)
             return Pending(lambda: answer)
-        frame_id = self._send(frame, retry)
-        return Pending(lambda: self._receive(frame_id, frame, retry))
+        frame_id, op = next(self._ids), frame["op"]
+        self._send(op, frame_id, _codec.packb({**frame, "id": frame_id}), retry)  # encoded once, here
+        return Pending(lambda: self._receive(frame_id, op))
 
-    def _send(self, frame: dict[str, Any], retry: bool) -> int:
-        frame_id = next(self._ids)
-        self._outstanding[frame_id] = (frame, retry)
+    def _send(self, op: str, frame_id: int, data: bytes, retry: bool) -> None:
+        self._outstanding[frame_id] = (op, data, retry)
         try:
-            self._ws.send(_codec.packb({**frame, "id": frame_id}))
+            self._ws.send(data)
         except (ConnectionClosed, OSError) as exc:
             self._recover(exc)
-        return frame_id
 
-    def _receive(self, frame_id: int, frame: dict[str, Any], retry: bool) -> Any:
+    def _receive(self, frame_id: int, op: str) -> Any:
         while True:
             frame_id = self._moved.pop(frame_id, frame_id)
             if frame_id in self._answers:
@@ -212,7 +218,7 @@ class Session:
             try:
                 data = self._ws.recv(self.client.timeout.read)
             except TimeoutError as exc:
-                raise _connection_error(self.base_url, frame["op"], exc, False) from None
+                raise _connection_error(self.base_url, op, exc, False) from None
             except (ConnectionClosed, OSError) as exc:
                 self._recover(exc)
                 continue
@@ -226,8 +232,8 @@ class Session:
         the others fail (they may have been applied)."""
         self._reconnects += 1
         if self._reconnects > self.max_retries:
-            for frame_id, (frame, retry) in self._outstanding.items():
-                self._answers[frame_id] = _lost(self.base_url, frame, exc, retry)
+            for frame_id, (op, _, retry) in self._outstanding.items():
+                self._answers[frame_id] = _lost(self.base_url, op, exc, retry)
             self._outstanding.clear()
             raise _connection_error(self.base_url, "the connection dropped", exc, True) from None
         try:
@@ -236,11 +242,12 @@ class Session:
             pass
         self._open()
         pending, self._outstanding = self._outstanding, {}
-        for frame_id, (frame, retry) in pending.items():
+        for frame_id, (op, data, retry) in pending.items():
             if retry:
-                self._moved[frame_id] = self._send(frame, retry)
+                self._moved[frame_id] = new_id = next(self._ids)
+                self._send(op, new_id, _renumbered(data, new_id), retry)
             else:
-                self._answers[frame_id] = _lost(self.base_url, frame, exc, False)
+                self._answers[frame_id] = _lost(self.base_url, op, exc, False)
 
     # --- the session's own calls ---
 
@@ -336,26 +343,40 @@ class AsyncSession:
         frame = frame_of(method, path, body, headers)
         if frame is None:
             return await self.client.request(method, path, body, retry=retry, headers=headers)
+        return await self._exchange(*self._encoded(frame), retry)
+
+    def _encoded(self, frame: dict[str, Any]) -> tuple[str, int, bytes]:
+        frame_id = next(self._ids)
+        return frame["op"], frame_id, _codec.packb({**frame, "id": frame_id})
+
+    async def _exchange(self, op: str, frame_id: int, data: bytes, retry: bool) -> Any:
         for attempt in range(self.max_retries + 1):
-            frame_id = next(self._ids)
+            if attempt:
+                frame_id = next(self._ids)
+                data = _renumbered(data, frame_id)
             future = asyncio.get_running_loop().create_future()
             self._waiting[frame_id] = future
             try:
                 async with self._send_lock:
-                    await self._ws.send(_codec.packb({**frame, "id": frame_id}))
+                    await self._ws.send(data)
                 answer = await asyncio.wait_for(future, self.client.timeout.read)
                 return result_of(answer)
             except (ConnectionClosed, ConnectionResetError, OSError, TimeoutError) as exc:
                 self._waiting.pop(frame_id, None)
                 if not retry or attempt == self.max_retries or isinstance(exc, TimeoutError):
-                    raise _connection_error(self.base_url, frame["op"], exc, retry and attempt > 0) from None
+                    raise _connection_error(self.base_url, op, exc, retry and attempt > 0) from None
                 await self._reopen()
         raise AssertionError("unreachable")
 
     def submit(self, method: str, path: str, body: Any = None, *, retry: bool,
                headers: dict[str, str] | None = None) -> asyncio.Task:
-        """Send one request now; await the returned task for its answer (concurrent calls are pipelined)."""
-        return asyncio.get_running_loop().create_task(self.request(method, path, body, retry=retry, headers=headers))
+        """Send one request; await the returned task for its answer (concurrent calls are pipelined). The frame
+        is encoded here: changing the tensors afterwards changes nothing sent, also after a reconnect."""
+        frame = frame_of(method, path, body, headers)
+        if frame is None:
+            return asyncio.get_running_loop().create_task(self.client.request(method, path, body, retry=retry,
+                                                                              headers=headers))
+        return asyncio.get_running_loop().create_task(self._exchange(*self._encoded(frame), retry))
 
     async def _reopen(self) -> None:
         await self.close()

@@ -7,6 +7,7 @@ leave the server serving and the instances untouched.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 
@@ -18,7 +19,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from conftest import LiveServer
-from synapse_client import APIConnectionError, AuthenticationError, SynapseClient, packb, unpackb
+from synapse_client import APIConnectionError, AsyncSynapseClient, AuthenticationError, SynapseClient, packb, unpackb
 
 ALICE, BOB = "alice-" + "a" * 24, "bob-" + "b" * 24
 KIND = "HebbianDeconvSynapse"
@@ -268,3 +269,45 @@ def test_an_unkeyed_call_is_not_sent_again_after_a_drop(server):
             pending.result()
         assert syn.forward(inputs(3)).shape == (2, 4, 4, 2)  # the session reconnected
     assert version(server, "unkeyed") in (2, 3)  # the lost forward may or may not have run: never twice
+
+
+def _twin_evolved(server, name: str, pre: np.ndarray, post: np.ndarray) -> np.ndarray:
+    """The weights an instance created like the others has after one evolve on these tensors, over REST."""
+    with SynapseClient(server.url, token=ALICE) as client:
+        twin = client.create(name, kind=KIND, config=CONFIG)
+        twin.evolve(pre, post)
+        return twin.weights
+
+
+def test_a_frame_sent_again_after_a_drop_is_the_one_first_sent_not_the_arrays_as_they_are_now(server):
+    x, post = inputs(4), np.ones((2, 4, 4, 2), np.float32)
+    expected = _twin_evolved(server, "resent-twin", x.copy(), post.copy())
+    created(server, "resent")
+    with SynapseClient(server.url, token=ALICE) as client, client.session() as session:
+        syn = session.get("resent")
+        pending = syn.submit("evolve", pre=x, post=post, idempotency_key="resent-once")
+        x[...] = 9.0  # the caller's next step, in place, before the answer
+        post[...] = 9.0
+        _drop(session)
+        assert pending.result()["version"] == 2
+        np.testing.assert_array_equal(syn.get("pre"), inputs(4))
+        np.testing.assert_array_equal(syn.weights, expected)
+
+
+def test_an_async_session_encodes_a_frame_when_it_is_submitted(server):
+    x, post = inputs(5), np.ones((2, 4, 4, 2), np.float32)
+    expected = _twin_evolved(server, "async-resent-twin", x.copy(), post.copy())
+    created(server, "async-resent")
+
+    async def main():
+        async with AsyncSynapseClient(server.url, token=ALICE) as client, client.session() as session:
+            syn = await session.get("async-resent")
+            task = syn.submit("evolve", pre=x, post=post, idempotency_key="async-resent-once")
+            x[...] = 9.0  # before the task has run at all
+            post[...] = 9.0
+            session._ws.transport.abort()  # and its first send meets a broken connection
+            assert (await task)["version"] == 2
+            np.testing.assert_array_equal(await syn.get("pre"), inputs(5))
+            np.testing.assert_array_equal(await syn.weights, expected)
+
+    asyncio.run(main())

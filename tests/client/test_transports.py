@@ -273,3 +273,25 @@ def test_a_script_that_ends_under_queued_device_work_exits_cleanly(ending):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert (result.returncode, result.stdout.strip()) == (0, "ended"), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_async_submit_takes_the_tensors_when_asked_not_when_the_task_runs(transport, live_server, unique_name):
+    """``syn.submit`` returns a task that runs later; a caller that changes its arrays in place before awaiting
+    it (the next step of its loop) must not change what was sent."""
+    expected = engine_answers(KIND, CONFIG, [("evolve", {"pre": X, "post": POST}, ["weights"])])[0]["weights"]
+
+    async def main():
+        url = "local" if transport == "local" else live_server.url
+        async with AsyncSynapseClient(url) as client, contextlib.AsyncExitStack() as stack:
+            await client.create(unique_name, kind=KIND, config=CONFIG)
+            via = await stack.enter_async_context(client.session()) if transport == "session" else client
+            syn = await via.get(unique_name)
+            pre, post = X.copy(), POST.copy()
+            task = syn.submit("evolve", pre=pre, post=post, returns=["weights"])
+            pre[...] = 9.0
+            post[...] = 9.0
+            assert np.array_equal((await task)["weights"], expected)
+            assert np.array_equal(await syn.get("pre"), X)
+
+    asyncio.run(main())
