@@ -7,8 +7,11 @@ and a renormalisation of the filters (read, normalise in numpy, write back): 43 
 
 Candidates, measured in interleaved rounds in one run (bench/harness.py):
 
-- ngclearn 3.2.3 in-process (its own Python 3.12 environment, bench/ngclearn_worker.py);
-- bare jitted JAX ops (conv_transpose and its two gradients, no service at all): the floor;
+- ngclearn 3.2.3 in-process (its own Python 3.12 environment, bench/ngclearn_worker.py), with JAX's
+  defaults (the yardstick), and again with JAX's CPU dispatch synchronous (the engine's default,
+  ``SYNAPSE_CPU_ASYNC_DISPATCH``): what that flag alone gives ngclearn;
+- bare jitted JAX ops (conv_transpose and its two gradients, no service at all): the floor, in this
+  process, whose CPU dispatch is synchronous as the in-process mode's (``--cpu-async-dispatch``: not);
 - the service's engine in-process through the client (``SynapseClient("local")``);
 - the client over the session stream (one WebSocket frame per call);
 - the same, the instance renormalising its filters itself after each evolve (``w_norm``: 41 calls);
@@ -96,10 +99,10 @@ class BareJax:
 class NgclearnLoop:
     """The same loop in ngclearn's process (bench/ngclearn_worker.py), timed there."""
 
-    def __init__(self, batches: int) -> None:
+    def __init__(self, batches: int, *options: str) -> None:
         self.batches = batches
-        self.proc = subprocess.Popen([str(ngclearn_python()), str(ROOT / "bench" / "ngclearn_worker.py")], text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([str(ngclearn_python()), str(ROOT / "bench" / "ngclearn_worker.py"), *options],
+                                     text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env={**os.environ, "JAX_PLATFORMS": "cpu"})
         self.hello = json.loads(self.proc.stdout.readline())
 
@@ -120,13 +123,20 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3, help="batches per timed loop")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--skip", nargs="*", default=[], help="candidates to leave out")
+    parser.add_argument("--cpu-async-dispatch", action="store_true",
+                        help="keep JAX's asynchronous CPU dispatch in this process (the bare floor and the "
+                             "in-process mode); the servers keep their own default")
     args = parser.parse_args()
+    jax.config.update("jax_cpu_enable_async_dispatch", args.cpu_async_dispatch)  # before JAX starts its CPU backend
     candidates = {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         if "ngclearn" not in args.skip:
             worker = NgclearnLoop(args.batches)
             stack.callback(worker.close)
             candidates["ngclearn in-process"] = worker
+            synchronous = NgclearnLoop(args.batches, "--cpu-sync-dispatch")
+            stack.callback(synchronous.close)
+            candidates["ngclearn in-process, CPU dispatch synchronous"] = synchronous
         bare = BareJax()
         candidates["bare jitted JAX"] = lambda: bare.loop(args.batches)
         if "local" not in args.skip:

@@ -11,6 +11,9 @@ HebbianDeconvSynapse.
 
 A call is what a researcher's loop does in-process: set the argument compartments
 from numpy, run the op's ``MethodProcess``, and read the result back as numpy.
+
+JAX's defaults, as ngclearn's users run it; ``--cpu-sync-dispatch`` turns JAX's asynchronous CPU
+dispatch off first (what the service's engine does), to show what that flag alone is worth here.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from ngclearn import Context, MethodProcess
 from ngclearn.components.synapses.convolution.hebbianDeconvSynapse import HebbianDeconvSynapse
 from ngclearn.components.synapses.hebbian.hebbianSynapse import HebbianSynapse
 from ngclearn.utils.distribution_generator import DistributionGenerator
+
+if "--cpu-sync-dispatch" in sys.argv:  # before anything starts JAX's CPU backend
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 _built: dict[str, tuple] = {}
 

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         250.0, ge=0, description="an operation whose last run on that instance and batch took less than this "
                                  "many microseconds runs on the event loop instead of a worker thread "
                                  "(saves the thread hop for tiny synapses); 0 sends every call to a worker")
+    cpu_async_dispatch: bool = Field(
+        False, description="JAX's asynchronous dispatch on CPU (jax_cpu_enable_async_dispatch). Off, each CPU "
+                           "computation runs in the calling thread instead of being handed to XLA's and waited for: "
+                           "faster for loops of small calls (docs/benchmarks.md). Read when JAX starts its CPU "
+                           "backend: in the in-process mode, only if the caller's JAX has not started it yet")
     device_budget_bytes: int | None = Field(
         None, ge=1, description="per device: state bytes instances may hold there; a create that would go over "
                                 "is refused with 409 (default: no budget)")

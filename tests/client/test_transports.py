@@ -260,7 +260,7 @@ def test_a_script_that_ends_under_queued_device_work_exits_cleanly(ending):
         import numpy as np
         from synapse_client import Ref, SynapseClient
         rng = np.random.default_rng(0)
-        client = SynapseClient("local")
+        client = SynapseClient("local", local_settings={{"cpu_async_dispatch": True}})  # work queued, not run
         syn = client.create("big", kind="HebbianSynapse", config={{"shape": [1536, 1536], "eta": 0.001}})
         syn.evolve(rng.random((512, 1536), np.float32), rng.random((512, 1536), np.float32))
         for _ in range(60):
@@ -273,6 +273,36 @@ def test_a_script_that_ends_under_queued_device_work_exits_cleanly(ending):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert (result.returncode, result.stdout.strip()) == (0, "ended"), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("before", "settings", "synchronous"), [
+    ("", "", True),  # the engine's default
+    ("", "local_settings={'cpu_async_dispatch': True}", False),
+    ("jax.numpy.ones(1).block_until_ready()", "", False),  # the caller's JAX started first: its choice stays
+])
+def test_the_in_process_engine_chooses_cpu_dispatch_only_before_jax_starts(before, settings, synchronous):
+    script = textwrap.dedent(
+        f"""
+        import logging, jax
+        logging.basicConfig(level=logging.INFO)
+        {before}
+        from synapse_client import SynapseClient
+        with SynapseClient("local", {settings}) as client:
+            client.create("a", kind="HebbianSynapse", config={{"shape": [2, 2]}})
+            heavy = jax.jit(lambda m: m @ m @ m @ m @ m @ m)
+            heavy(jax.numpy.ones((1200, 1200))).block_until_ready()
+            ready = heavy(jax.numpy.ones((1200, 1200))).is_ready()  # synchronous: computed when the call returns
+            print(jax.config.values["jax_cpu_enable_async_dispatch"], ready)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    flag, ready = result.stdout.split()
+    assert flag == str(not synchronous)
+    if synchronous:
+        assert ready == "True"
+    assert ("its asynchronous dispatch stays on" in result.stderr) == bool(before)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -60,6 +60,20 @@ def apply_memory_settings(settings: Settings) -> None:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(settings.gpu_memory_fraction))
 
 
+def apply_dispatch_setting(settings: Settings) -> None:
+    """JAX's asynchronous CPU dispatch as the settings say, if JAX has not started its CPU backend yet (it reads
+    the flag then, once per process); otherwise the process keeps what it has, and a log line says so."""
+    wanted = settings.cpu_async_dispatch
+    if jax.config.values["jax_cpu_enable_async_dispatch"] == wanted:
+        return
+    bridge = getattr(getattr(jax, "_src", None), "xla_bridge", None)  # JAX has no public "started?"
+    if not hasattr(bridge, "backends_are_initialized") or bridge.backends_are_initialized():
+        log.info("JAX's CPU backend was started before the engine: its asynchronous dispatch stays %s "
+                 "(SYNAPSE_CPU_ASYNC_DISPATCH applies only before)", "on" if not wanted else "off")
+        return
+    jax.config.update("jax_cpu_enable_async_dispatch", wanted)
+
+
 def warm_up() -> None:
     """Compile and run one tiny synapse so the first real call does not pay JAX's start-up."""
     registry = Registry()
@@ -130,6 +144,7 @@ class LocalBackend:
                  ) -> None:
         self.settings = settings
         self.in_caller_thread = in_caller_thread  # every coroutine completes without suspending (no loop needed)
+        apply_dispatch_setting(settings)  # before the registry starts JAX
         self.registry = registry or registry_from(settings)
         # calls on different instances proceed side by side; calls on one instance wait for its lock here
         self.executor = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="synapse-worker")
