@@ -9,6 +9,10 @@ says which compartments it reads and which it writes; the compiled call then tak
 compartments (donated: they are replaced, and XLA may reuse their buffers) and the read-only
 ones (kept), and returns only the written ones. The computation is the operation's own, traced
 from the same function; the tests check it against the whole-state call bit for bit.
+
+Each plan compiles its own program with its config and leaf layout closed over, not passed as
+static arguments: JAX hashes and compares static arguments on every call, and a call with them
+took ~15 µs longer on a 2-core CPU (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -36,15 +40,22 @@ class Plan:
     out_signature: tuple  # (shape, dtype) of every leaf after the call
     read: tuple[int, ...]  # every leaf it reads (kept or written)
     in_specs: tuple[tuple[tuple[int, ...], str], ...]  # (shape, dtype) of every leaf before the call
+    config: Any  # the config it was traced with
 
     def run(self, config: Any, state: Any, *tensors: Any) -> Any:
         """The operation's new state: the written leaves from the compiled call, the others as they were."""
-        leaves = jax.tree_util.tree_leaves(state)
-        written = _run(self.fn, config, self.meta, [leaves[i] for i in self.written],
-                       [leaves[i] for i in self.kept], *tensors)
+        leaves = self.treedef.flatten_up_to(state)
+        same = config is self.config or config == self.config  # instances of one config share a plan
+        program = self.program if same else functools.partial(_run, self.fn, config, self.meta)
+        written = program([leaves[i] for i in self.written], [leaves[i] for i in self.kept], *tensors)
         for index, value in zip(self.written, written):
             leaves[index] = value
-        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+        return self.treedef.unflatten(leaves)
+
+    @functools.cached_property
+    def program(self) -> Callable[..., list]:
+        """The compiled call for the plan's own config: ``program(written, kept, *tensors)`` (written donated)."""
+        return jax.jit(functools.partial(_program, self.fn, self.config, self.meta), donate_argnums=0)
 
     @functools.cached_property
     def leaf_index(self) -> dict[str, int]:
@@ -72,7 +83,7 @@ def plan(fn: Callable[..., Any], config: Any, state: Any, *tensors: Any) -> Plan
     absent = tuple((i, tuple(leaf.shape), str(leaf.dtype)) for i, leaf in enumerate(leaves)
                    if i not in read and i not in written)
     in_specs = tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves)
-    return Plan(fn, treedef, written, kept, absent, out_signature, tuple(sorted(read)), in_specs)
+    return Plan(fn, treedef, written, kept, absent, out_signature, tuple(sorted(read)), in_specs, config)
 
 
 def _body(jaxpr: Any) -> Any:
@@ -84,8 +95,8 @@ def _body(jaxpr: Any) -> Any:
     return jaxpr
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=3)
-def _run(fn: Callable[..., Any], config: Any, meta: tuple, written: list, kept: list, *tensors: Any) -> list:
+def _program(fn: Callable[..., Any], config: Any, meta: tuple, written: list, kept: list, *tensors: Any) -> list:
+    """The operation on the leaves it touches: the written ones out, in ``meta``'s order."""
     treedef, written_at, kept_at, absent = meta
     leaves: list[Any] = [None] * treedef.num_leaves
     for index, value in zip(written_at, written):
@@ -96,3 +107,6 @@ def _run(fn: Callable[..., Any], config: Any, meta: tuple, written: list, kept: 
         leaves[index] = jnp.zeros(shape, dtype)
     new = jax.tree_util.tree_leaves(fn(config, jax.tree_util.tree_unflatten(treedef, leaves), *tensors))
     return [new[i] for i in written_at]
+
+
+_run = jax.jit(_program, static_argnums=(0, 1, 2), donate_argnums=3)  # another config than the plan's (equal to it)

@@ -459,17 +459,19 @@ class Registry:
             self.capacity.resize(key.owner, instance.device, instance.held_bytes, new_bytes)  # refused before work
             try:
                 out = device_call(runner, instance.config, instance.state, *args)
-                if _reads_caller_memory(args):
-                    jax.block_until_ready(out)  # the caller may change its arrays once we return
+                if fn is op.fn:
+                    state = out
+                    result = {c: np.asarray(v) for c, v in compartment_paths(state).items() if c in returned}
+                else:
+                    state, kept = out
+                    result = {c: np.asarray(v) for c, v in kept.items()}
+                # an answer read means the program has run (its outputs are ready together); with none, wait:
+                # the caller may change its arrays once we return
+                if not result and _reads_caller_memory(args):
+                    jax.block_until_ready(out)
             except BaseException:
                 self.capacity.resize(key.owner, instance.device, new_bytes, instance.held_bytes, check=False)
                 raise
-            if fn is op.fn:
-                state = out
-                result = {c: np.asarray(v) for c, v in compartment_paths(state).items() if c in returned}
-            else:
-                state, kept = out
-                result = {c: np.asarray(v) for c, v in kept.items()}
             self._commit(instance, state, operation, new_signature, new_bytes, accounted=True, count=count)
             answer = {"version": instance.version, **result}
             if idempotency_key is not None:  # before the write: a retry after a 507 must not apply it again
