@@ -9,9 +9,13 @@ started here (durability off, loopback):
 3. one packed forward on 256 small instances of one config against 256 separate calls
    (REST, session stream, in-process client), as a list of calls and in the stacked form
    (one (256, batch, …) tensor in, one out);
-4. throughput of 16 session clients (threads), each on its own instance, against one.
+4. throughput of 16 session clients (threads), each on its own instance, against one;
+5. the spread of stacked packed calls' latencies over the stream on two more servers, one with
+   ``SYNAPSE_GC_FREEZE`` (the default) and one without: Python's full garbage collections, and
+   what keeping start-up's objects out of them does to the slowest calls (the mean, the median,
+   the 99th percentile and the worst of all calls, not medians of rounds: pauses are the point).
 
-    .venv/bin/python bench/many_ops.py [--rounds 7] [--sections tiny,sequence,packed,throughput]
+    .venv/bin/python bench/many_ops.py [--rounds 7] [--sections tiny,sequence,packed,throughput,pauses]
 """
 
 from __future__ import annotations
@@ -122,6 +126,35 @@ def packed_vs_separate(client: SynapseClient, rounds: int) -> list[list[str]]:
     return [[name, f"{seconds * 1e3:.2f}", f"{seconds / base:.3f}"] for name, seconds in result.items()]
 
 
+def gc_pauses(tmp: Path, rounds: int) -> list[list[str]]:
+    servers = {label: ServerProcess(tmp / label.replace(" ", "-"), durability="off", warmup=True, gc_freeze=freeze)
+               for label, freeze in (("gc_freeze on", True), ("gc_freeze off", False))}
+    names = [f"pause-{i}" for i in range(PACKED)]
+    xs = rand((PACKED, 2, 4, 4, 1))
+    latencies: dict[str, list[float]] = {label: [] for label in servers}
+    with contextlib.ExitStack() as stack:
+        sessions = {}
+        for label, server in servers.items():
+            client = stack.enter_context(SynapseClient(stack.enter_context(server).url))
+            for i, name in enumerate(names):
+                client.create(name, kind=KIND, config=TINY, seed=i)
+            sessions[label] = stack.enter_context(client.session())
+            for _ in range(5):
+                sessions[label].call_stacked("forward", names, {"inputs": xs})
+        for _ in range(rounds * 4):  # blocks of 25 calls, interleaved
+            for label, session in sessions.items():
+                for _ in range(25):
+                    started = time.perf_counter()
+                    session.call_stacked("forward", names, {"inputs": xs})
+                    latencies[label].append(time.perf_counter() - started)
+    rows = []
+    for label, values in latencies.items():
+        values.sort()
+        rows.append([label, str(len(values)), f"{np.mean(values) * 1e3:.2f}", f"{values[len(values) // 2] * 1e3:.2f}",
+                     f"{values[int(len(values) * 0.99)] * 1e3:.2f}", f"{values[-1] * 1e3:.2f}"])
+    return rows
+
+
 def session_throughput(url: str, rounds: int) -> list[list[str]]:
     clients = [SynapseClient(url) for _ in range(16)]
     for i, c in enumerate(clients):
@@ -158,8 +191,8 @@ def session_throughput(url: str, rounds: int) -> list[list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--sections", default="tiny,sequence,packed,throughput",
-                        help="comma-separated: tiny, sequence, packed, throughput")
+    parser.add_argument("--sections", default="tiny,sequence,packed,throughput,pauses",
+                        help="comma-separated: tiny, sequence, packed, throughput, pauses")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -180,6 +213,9 @@ def main() -> None:
         if "throughput" in sections:
             print("\n4. throughput: session clients (threads), each on its own instance, tiny forward")
             print(table(["clients", "calls per second", "/ one client"], session_throughput(server.url, args.rounds)))
+        if "pauses" in sections:
+            print(f"\n5. stacked packed forward on {PACKED} instances over the stream: every call's latency, two servers")
+            print(table(["server", "calls", "mean ms", "median ms", "p99 ms", "worst ms"], gc_pauses(Path(tmp), args.rounds)))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        # in-process servers share JAX's process-wide config: the persistent cache is tested in its own process
-        self.settings = Settings(**{"compilation_cache": False, **settings})
+        # in-process servers share the process: JAX's persistent cache and gc.freeze are tested in their own
+        self.settings = Settings(**{"compilation_cache": False, "gc_freeze": False, **settings})
         self.app = create_app(self.settings)
         config = uvicorn.Config(self.app, log_level="warning", lifespan="on", **uvicorn_options(self.settings))
         self.server = uvicorn.Server(config)

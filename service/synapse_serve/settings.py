@@ -62,6 +62,11 @@ class Settings(BaseSettings):
                            "computation runs in the calling thread instead of being handed to XLA's and waited for: "
                            "faster for loops of small calls (docs/benchmarks.md). Read when JAX starts its CPU "
                            "backend: in the in-process mode, only if the caller's JAX has not started it yet")
+    gc_freeze: bool = Field(
+        True, description="once ready, keep what start-up left alive (JAX's objects, the modules, restored "
+                          "instances) out of Python's full garbage collections (gc.freeze): a full collection "
+                          "otherwise walks them all, a pause of ~100 ms every few dozen packed calls. Off in the "
+                          "in-process mode unless asked (it is the caller's process)")
     device_budget_bytes: int | None = Field(
         None, ge=1, description="per device: state bytes instances may hold there; a create that would go over "
                                 "is refused with 409 (default: no budget)")
