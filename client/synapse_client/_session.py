@@ -33,6 +33,8 @@ from synapse_client._exceptions import APIConnectionError, APITimeoutError, Auth
 from synapse_client import _progress
 from synapse_client._frames import frame_of, result_of
 
+INBOX_BYTES = 1 << 20  # the most a session reads from its socket at once
+
 
 def _ws_url(base_url: str) -> str:
     parts = urlsplit(base_url)
@@ -78,6 +80,10 @@ class _Wire:
         if uri.secure:
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=uri.host)
         self.sock = sock
+        self._timeout: float | None = sock.gettimeout()
+        # read into one buffer, reused: sock.recv(n) allocates n bytes per call and shrinks them, and at
+        # 1 MiB (an allocation the OS maps fresh) that cost ~20 µs a call, ~75 µs for a 131 KB answer
+        self._inbox = memoryview(bytearray(INBOX_BYTES))
         self.protocol = ClientProtocol(uri, max_size=None)
         self.messages: collections.deque[bytes] = collections.deque()
         self._parts: list[bytes] = []
@@ -103,13 +109,15 @@ class _Wire:
         return self.messages.popleft()
 
     def _fill(self, timeout: float | None) -> None:
-        self.sock.settimeout(timeout)
+        if timeout != self._timeout:  # a system call each time: only when it changes
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
         try:
-            chunk = self.sock.recv(1 << 20)
+            count = self.sock.recv_into(self._inbox)
         except (TimeoutError, socket.timeout):
             raise TimeoutError("no answer in time") from None
-        if chunk:
-            self.protocol.receive_data(chunk)
+        if count:
+            self.protocol.receive_data(self._inbox[:count])  # copied into the protocol's own buffer
         else:
             self.protocol.receive_eof()
         for event in self.protocol.events_received():
@@ -123,7 +131,7 @@ class _Wire:
                     self.messages.append(b"".join(self._parts))
                     self._parts.clear()
         self._flush()  # pongs and close frames the protocol queued
-        if not chunk or self.protocol.close_rcvd is not None:
+        if not count or self.protocol.close_rcvd is not None:
             raise _Dropped(f"the server closed the session ({self.protocol.close_rcvd or 'connection lost'})")
 
     def _flush(self) -> None:

@@ -110,6 +110,28 @@ def test_pipelined_frames_are_answered_in_order_each_tagged_with_its_id(server):
             assert np.array_equal(answer["result"]["outputs"], twin.forward(inputs(i)))
 
 
+def test_answers_larger_than_the_clients_read_buffer_arrive_whole_and_in_order(server):
+    """The client reads into one buffer it reuses (INBOX_BYTES); answers of several reads each, and several
+    answers in one read, must come out intact."""
+    from synapse_client._session import INBOX_BYTES
+
+    wide = {"shape": [16, INBOX_BYTES // 4 // 24 * 3], "eta": 0.1}  # (24, n) float32 answers: ~3x the buffer
+    rng = np.random.default_rng(7)
+    xs = [rng.normal(size=(24, 16)).astype(np.float32) for _ in range(4)]
+    with SynapseClient(server.url, token=ALICE) as client, client.session() as session:
+        client.create("wide", kind="HebbianSynapse", config=wide)
+        syn = session.get("wide")
+        pending = [syn.submit("forward", inputs=x) for x in xs]  # all sent before any answer is read
+        answers = [p.result()["outputs"] for p in pending]
+        small = [syn.submit("forward", inputs=x[:1]) for x in xs]  # small ones: several in one read
+        small_answers = [p.result()["outputs"] for p in small]
+        rest = client.get("wide")
+        for x, answer, small_answer in zip(xs, answers, small_answers):
+            assert answer.nbytes > 2 * INBOX_BYTES
+            np.testing.assert_array_equal(answer, rest.forward(x))
+            np.testing.assert_array_equal(small_answer, rest.forward(x[:1]))
+
+
 def test_a_client_that_floods_the_stream_is_slowed_not_harmed(server):
     """session_max_queue=2: the server stops reading the socket while frames wait; none is lost or reordered."""
     created(server, "flooded")
