@@ -83,18 +83,6 @@ def as_array(value: Any) -> np.ndarray | Ref:
     return array
 
 
-def _taken_now(body: Any) -> Any:
-    """``body`` with its numpy arrays copied: what a deferred request sends is what the caller gave when it
-    asked, even if it changes its arrays before the request runs."""
-    if isinstance(body, np.ndarray):
-        return body.copy()
-    if isinstance(body, dict):
-        return {key: _taken_now(value) for key, value in body.items()}
-    if isinstance(body, list):
-        return [_taken_now(value) for value in body]
-    return body
-
-
 def check_name(name: Any, what: str = "instance name") -> str:
     """``name`` if it follows the server's naming rule, else ValueError (before anything is sent)."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -612,7 +600,7 @@ class AsyncSynapseClient(_BaseClient):
                headers: dict[str, str] | None = None) -> asyncio.Task:
         """Send one call; await the returned task for its answer (concurrent calls run side by side). The tensors
         are taken now: changing them before the task runs changes nothing sent."""
-        return asyncio.get_running_loop().create_task(self.request(method, path, _taken_now(body), retry=retry,
+        return asyncio.get_running_loop().create_task(self.request(method, path, _codec.copied(body), retry=retry,
                                                                    headers=headers))
 
     def session(self) -> AsyncSession | AsyncLocalSession:

@@ -143,6 +143,17 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
+def copied(value: Any) -> Any:
+    """``value`` with every numpy array in it (in maps and lists) copied: writable, and nobody else's."""
+    if isinstance(value, np.ndarray):
+        return np.array(value)
+    if isinstance(value, dict):
+        return {key: copied(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [copied(item) for item in value]
+    return value
+
+
 def packb(obj: Any) -> bytes:
     """Encode a body: arrays anywhere in it become wire tensors."""
     return msgpack.packb(obj, default=_default, use_bin_type=True)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from synapse_client._codec import Ref
+from synapse_client._codec import Ref, copied  # answers: writable arrays nothing in the engine shares
 from synapse_client._frames import frame_of, result_of
 
 SERVER_EXTRA = ("SynapseClient('local') runs the engine in this process and needs the server's dependencies "
@@ -43,17 +41,6 @@ def _frame(method: str, path: str, body: Any, headers: dict[str, str] | None) ->
     return frame
 
 
-def _owned(value: Any) -> Any:
-    """The caller's own copy of an answer: writable arrays that nothing in the engine shares."""
-    if isinstance(value, np.ndarray):
-        return np.array(value)
-    if isinstance(value, dict):
-        return {k: _owned(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_owned(v) for v in value]
-    return value
-
-
 class LocalTransport:
     """What a blocking client sends through in the in-process mode."""
 
@@ -66,7 +53,7 @@ class LocalTransport:
             if method == "GET" and path in ("/healthz", "/readyz"):
                 return {"status": "ok" if self.engine.ready else "starting"}
             raise ValueError(f"{method} {path} has no in-process equivalent")
-        return _owned(result_of(self.engine.run(frame)))
+        return copied(result_of(self.engine.run(frame)))
 
     def close(self) -> None:
         self.engine.close()
@@ -84,7 +71,7 @@ class AsyncLocalTransport:
             if method == "GET" and path in ("/healthz", "/readyz"):
                 return {"status": "ok" if self.engine.ready else "starting"}
             raise ValueError(f"{method} {path} has no in-process equivalent")
-        return _owned(result_of(await self.engine.arun(frame)))
+        return copied(result_of(await self.engine.arun(frame)))
 
     async def close(self) -> None:
         await self.engine.aclose()
