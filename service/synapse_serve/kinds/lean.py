@@ -44,10 +44,10 @@ class Plan:
 
     def run(self, config: Any, state: Any, *tensors: Any) -> Any:
         """The operation's new state: the written leaves from the compiled call, the others as they were."""
+        if config is not self.config and config != self.config:  # equal configs (one per instance) share a plan
+            raise ValueError("a plan runs with the config it was traced with")
         leaves = self.treedef.flatten_up_to(state)
-        same = config is self.config or config == self.config  # instances of one config share a plan
-        program = self.program if same else functools.partial(_run, self.fn, config, self.meta)
-        written = program([leaves[i] for i in self.written], [leaves[i] for i in self.kept], *tensors)
+        written = self.program([leaves[i] for i in self.written], [leaves[i] for i in self.kept], *tensors)
         for index, value in zip(self.written, written):
             leaves[index] = value
         return self.treedef.unflatten(leaves)
@@ -107,6 +107,3 @@ def _program(fn: Callable[..., Any], config: Any, meta: tuple, written: list, ke
         leaves[index] = jnp.zeros(shape, dtype)
     new = jax.tree_util.tree_leaves(fn(config, jax.tree_util.tree_unflatten(treedef, leaves), *tensors))
     return [new[i] for i in written_at]
-
-
-_run = jax.jit(_program, static_argnums=(0, 1, 2), donate_argnums=3)  # another config than the plan's (equal to it)
