@@ -13,7 +13,8 @@ Candidates, measured in interleaved rounds in one run (bench/harness.py):
 - bare jitted JAX ops (conv_transpose and its two gradients, no service at all): the floor, in this
   process, whose CPU dispatch is synchronous as the in-process mode's (``--cpu-async-dispatch``: not);
 - the service's engine in-process through the client (``SynapseClient("local")``);
-- the client over the session stream (one WebSocket frame per call);
+- the client over the session stream (one WebSocket frame per call), and again on a server with
+  busy polling off (``SYNAPSE_BUSY_POLL_US=0``: its loop sleeps as soon as it has answered);
 - the same, the instance renormalising its filters itself after each evolve (``w_norm``: 41 calls);
 - the client over REST (one HTTP request per call).
 
@@ -149,6 +150,11 @@ def main() -> None:
         session = stack.enter_context(client.session())
         stream_syn = session.get("csc")
         candidates["session stream"] = lambda: user_loop(stream_syn, args.batches)
+        unpolled = stack.enter_context(ServerProcess(Path(tmp) / "unpolled", durability="off", busy_poll_us=0))
+        unpolled_client = stack.enter_context(SynapseClient(unpolled.url))
+        unpolled_client.create("csc", kind=KIND, config=CONFIG)
+        unpolled_syn = stack.enter_context(unpolled_client.session()).get("csc")
+        candidates["session stream, busy polling off"] = lambda: user_loop(unpolled_syn, args.batches)
         client.create("csc-normed", kind=KIND, config=NORMED)
         normed_syn = session.get("csc-normed")
         candidates["session stream, w_norm (41 calls)"] = lambda: user_loop(normed_syn, args.batches, False)

@@ -4,7 +4,8 @@ Four comparisons, each measured in interleaved rounds (bench/harness.py) against
 started here (durability off, loopback):
 
 1. a tiny forward on the session stream against a bare WebSocket echo of the same frame
-   (bench/echo_app.py: same uvicorn, same codec, no engine): what the stream adds;
+   (bench/echo_app.py: same uvicorn, same codec, no engine): what the stream adds; and on a
+   second server with busy polling off (``SYNAPSE_BUSY_POLL_US=0``): what polling gives;
 2. T = 20 forward steps as one sequence call against 20 REST calls, and against 20 stream frames;
 3. one packed forward on 256 small instances of one config against 256 separate calls
    (REST, session stream, in-process client), as a list of calls and in the stacked form
@@ -66,17 +67,23 @@ def echo_server():
         proc.wait(timeout=30)
 
 
-def stream_vs_echo(client: SynapseClient, echo_url: str, rounds: int) -> list[list[str]]:
+def stream_vs_echo(client: SynapseClient, echo_url: str, unpolled_url: str, rounds: int) -> list[list[str]]:
     syn = client.create("tiny", kind=KIND, config=TINY)
     x = rand((1, 4, 4, 1))
-    with client.session() as session, SynapseClient(echo_url) as echo_client:
+    with client.session() as session, SynapseClient(echo_url) as echo_client, \
+            SynapseClient(unpolled_url) as unpolled_client:
         handle = session.get("tiny")
+        unpolled_client.create("tiny", kind=KIND, config=TINY)
+        unpolled = unpolled_client.session()
+        unpolled_handle = unpolled.get("tiny")
         echo = Session(echo_client)
         echo_handle = type(handle)(echo, "tiny")
         result = interleaved({"session forward": lambda: handle.forward(x),
+                              "session forward, busy polling off": lambda: unpolled_handle.forward(x),
                               "bare WebSocket echo": lambda: echo_handle.call("forward", inputs=x)},
                              rounds, 500)
         echo.close()
+        unpolled.close()
     syn.delete()
     base = result["bare WebSocket echo"]
     return [[name, f"{seconds * 1e6:.0f}", f"{seconds / base:.2f}"] for name, seconds in result.items()]
@@ -201,9 +208,11 @@ def main() -> None:
         echo_url = stack.enter_context(echo_server())
         print(machine(f"; {args.rounds} interleaved rounds"))
         if "tiny" in sections:
+            unpolled = stack.enter_context(ServerProcess(Path(tmp) / "unpolled", durability="off", busy_poll_us=0))
             print("\n1. A tiny forward ((1, 4, 4, 1) in, (1, 4, 4, 2) out) on the session stream vs a bare "
                   "WebSocket echo")
-            print(table(["candidate", "µs per call", "/ echo"], stream_vs_echo(client, echo_url, args.rounds)))
+            print(table(["candidate", "µs per call", "/ echo"],
+                        stream_vs_echo(client, echo_url, unpolled.url, args.rounds)))
         if "sequence" in sections:
             print("\n2. T = 20 forward steps (batch 8, 8x8x4 -> 8x8x4)")
             print(table(["candidate", "ms per 20 steps", "/ 20 REST calls"], sequence_vs_calls(client, args.rounds)))

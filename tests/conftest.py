@@ -27,8 +27,9 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        # in-process servers share the process: JAX's persistent cache and gc.freeze are tested in their own
-        self.settings = Settings(**{"compilation_cache": False, "gc_freeze": False, **settings})
+        # in-process servers share the process: JAX's persistent cache and gc.freeze are tested in their own, and
+        # a loop busy polling here would take the GIL from the test's client (tests/api/test_polling.py)
+        self.settings = Settings(**{"compilation_cache": False, "gc_freeze": False, "busy_poll_us": 0, **settings})
         self.app = create_app(self.settings)
         config = uvicorn.Config(self.app, log_level="warning", lifespan="on", **uvicorn_options(self.settings))
         self.server = uvicorn.Server(config)

@@ -16,6 +16,7 @@ from synapse_serve import __version__
 from synapse_serve.api import admin, health, insight, kinds, operations, session, snapshots, synapses, ui
 from synapse_serve.api.bodies import problem, problem_from
 from synapse_serve.api.operations import OperationRoute
+from synapse_serve.api.polling import BusyPoll
 from synapse_serve.api.schemas import add_request_schemas
 from synapse_serve.api.server import Server
 from synapse_serve.auth import UnsafeSettings, auth_mode, token_table
@@ -90,7 +91,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     settings = settings or Settings()
     tokens = token_table(settings)  # UnsafeSettings: refused before anything starts
     backend = backend or make_backend(settings)
-    server = Server(settings=settings, backend=backend, tokens=tokens, metrics=Metrics())
+    server = Server(settings=settings, backend=backend, tokens=tokens, metrics=Metrics(),
+                    poll=BusyPoll(settings.busy_poll_us * 1e-6, backend.busy))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -110,6 +112,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             yield
         finally:
             task.cancel()
+            await server.poll.close()
             await backend.close()  # graceful shutdown: write what changed
 
     app = FastAPI(

@@ -125,3 +125,7 @@ class Backend(Protocol):
 
     def describe_setup(self) -> dict[str, Any]:
         """What an operator wants in the start-up log line: devices, state directory, durability."""
+
+    def busy(self) -> bool:
+        """Whether work this backend started runs off the event loop now (a worker thread's call, a shard's):
+        the front's busy polling (``api/polling.py``) stops then, not to take a core from it."""

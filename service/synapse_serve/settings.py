@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         True, description="serve operations through the lean route at the head of the router (the same handler "
                           "and checks as the documented FastAPI route, without its dependency solving); off: "
                           "FastAPI's route alone (for comparisons)")
+    busy_poll_us: float = Field(
+        250.0, ge=0, le=100_000, description="after each session frame's answer the event loop keeps polling its "
+                                             "sockets this many microseconds instead of sleeping, one core "
+                                             "spinning, so that a loop's next frame is read by a CPU still awake "
+                                             "(not while calls run on worker threads or shards); 0: off")
     inline_call_us: float = Field(
         250.0, ge=0, description="an operation whose last run on that instance and batch took less than this "
                                  "many microseconds runs on the event loop instead of a worker thread "

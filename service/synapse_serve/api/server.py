@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
 
+from synapse_serve.api.polling import BusyPoll
 from synapse_serve.auth import LOCAL, Principal, TokenTable
 from synapse_serve.backend import Backend
 from synapse_serve.errors import NotFound, SynapseServeError, Unauthorized
@@ -27,9 +28,15 @@ class Server:
     metrics: Metrics
     phase: str = "starting"
     ready: threading.Event = field(default_factory=threading.Event)
+    poll: BusyPoll | None = None  # the event loop's busy polling after answers (None: no sockets, in-process)
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
+
+    def answered(self) -> None:
+        """A session frame's answer went out: keep the loop polling for the next frame a moment (api/polling.py)."""
+        if self.poll is not None:
+            self.poll.kick()
 
     def count_operation(self, operation: Any, status: int, seconds: float) -> None:
         """An operation call in the metrics, by operation (names the server does not know: ``unknown``)."""

@@ -18,7 +18,8 @@ most ``SYNAPSE_MAX_BODY_BYTES`` (uvicorn's ``ws_max_size``), at most ``SYNAPSE_S
 frames wait unread (uvicorn's ``ws_max_queue``: then the server stops reading the socket), and a
 connection idle for ``SYNAPSE_SESSION_IDLE_S`` is closed. A frame that is not a binary msgpack map
 closes the connection (1003/1007): a misbehaving client is disconnected, the server goes on. One
-log line per connection when it ends.
+log line per connection when it ends. After each answer the loop busy-polls a moment for the next
+frame (``api/polling.py``).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ async def session(websocket: WebSocket) -> None:
             errors += answer["status"] >= 400
             answer["id"] = frame.get("id")
             await websocket.send_bytes(packb(answer))
+            server.answered()
             state["last"] = time.monotonic()
     except WebSocketDisconnect:
         state["reason"] = "client went away"

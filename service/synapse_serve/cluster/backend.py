@@ -98,6 +98,7 @@ class RayBackend:
         self._kinds = self._blocking(0, "kinds")
         self._operations = frozenset(op for kind in self._kinds for op in kind["operations"])
         self._where: dict[InstanceKey, int] = {}
+        self._in_flight = 0  # shard calls not answered yet (counted on the loop's thread)
         self._creating: dict[InstanceKey, asyncio.Lock] = {}
         self._storage_error: str | None = None
         self._setup: dict[str, Any] = {}
@@ -115,6 +116,13 @@ class RayBackend:
 
     async def _send(self, shard: int, method: str, args: tuple, kwargs: dict[str, Any]) -> tuple:
         """A shard's outcome of one method: over its direct channel when the method is a step's, else Ray's call."""
+        self._in_flight += 1
+        try:
+            return await self._send_now(shard, method, args, kwargs)
+        finally:
+            self._in_flight -= 1
+
+    async def _send_now(self, shard: int, method: str, args: tuple, kwargs: dict[str, Any]) -> tuple:
         channel = self.channels[shard]
         if channel is not None and method in DIRECT_METHODS and channel.usable():
             parts = request_parts(method, args, kwargs)
@@ -493,6 +501,9 @@ class RayBackend:
             for field in ("count", "seconds", "cache_hits"):
                 merged["compiles"][field] += gauges["compiles"][field]
         return merged
+
+    def busy(self) -> bool:
+        return self._in_flight > 0
 
     def describe_setup(self) -> dict[str, Any]:
         return self._setup or {"devices": [], "state_dir": str(self.settings.state_dir), "durability":

@@ -163,6 +163,7 @@ class LocalBackend:
         self.registry = registry or registry_from(settings)
         # calls on different instances proceed side by side; calls on one instance wait for its lock here
         self.executor = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="synapse-worker")
+        self._off_loop = 0  # calls now on the worker threads (counted on the loop's thread)
         self.inline_max_s = settings.inline_call_us * 1e-6
         # (instance, operation, argument shapes, compartment shapes) -> seconds its last run took
         self._costs: OrderedDict[tuple, float] = OrderedDict()
@@ -174,8 +175,15 @@ class LocalBackend:
         """Run blocking registry work on the worker threads, never on the event loop (with no loop: here)."""
         if self.in_caller_thread:
             return fn(*args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(
-            _no_stop_iteration, fn, *args, **kwargs))
+        self._off_loop += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(
+                _no_stop_iteration, fn, *args, **kwargs))
+        finally:
+            self._off_loop -= 1
+
+    def busy(self) -> bool:
+        return self._off_loop > 0
 
     # --- lifecycle ---
 
