@@ -32,6 +32,7 @@ import numpy as np
 
 from synapse_client import _codec, _ngclearn, _progress
 from synapse_client._codec import Ref
+from synapse_client._http import LeanHTTP, lean_usable
 from synapse_client._exceptions import (
     APIConnectionError,
     APITimeoutError,
@@ -159,7 +160,7 @@ class _BaseClient:
         if response.status_code == 204 or not content:
             return None
         if media in (OCTET, PNG_MEDIA):
-            return content
+            return bytes(content)  # the lean path reads into a bytearray: the caller gets bytes either way
         if media == MSGPACK:
             return _codec.unpackb(content, writable=True)
         return json.loads(content)
@@ -333,6 +334,9 @@ class SynapseClient(_BaseClient):
         self._local = LocalTransport(self.base_url, local_settings or {}) if is_local(self.base_url) else None
         self._http = None if self._local else httpx.Client(base_url=self.base_url, timeout=self.timeout,
                                                            headers=self.headers, transport=transport)
+        # plain http with no proxy and no custom transport: requests skip httpx's machinery (_http.py)
+        self._lean = LeanHTTP(self.base_url, self.timeout, self.headers) \
+            if self._local is None and transport is None and lean_usable(self.base_url) else None
 
     def request(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *, retry: bool,
                 headers: dict[str, str] | None = None, progress: str | None = None) -> Any:
@@ -348,7 +352,10 @@ class SynapseClient(_BaseClient):
             try:
                 if progress is not None:
                     return self._with_progress(method, path, content, headers, progress)
-                response = self._http.request(method, path, content=content, headers=headers)
+                if self._lean is not None and self._lean.takes(path, headers):
+                    response = self._lean.request(method, path, content, headers)
+                else:
+                    response = self._http.request(method, path, content=content, headers=headers)
             except httpx.TransportError as exc:
                 if not self._retryable(exc, attempt, retry):
                     raise self._connection_error(method, path, exc, attempt + 1, retry) from None
@@ -528,6 +535,8 @@ class SynapseClient(_BaseClient):
             self._local.close()
         else:
             self._http.close()
+            if self._lean is not None:
+                self._lean.close()
 
     def __enter__(self) -> SynapseClient:
         return self

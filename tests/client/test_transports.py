@@ -1,5 +1,8 @@
 """One client API, three ways to reach the engine: REST, the session stream, and the in-process mode.
 
+REST runs twice: through the blocking client's lean HTTP path (``_http.py``, what a plain
+``http://`` URL gets) and through httpx (what a custom transport, https or a proxy gets).
+
 The same scenarios run through each; the numbers are compared with the registry called
 directly (the engine's own answer), the errors by class and message. ``SynapseClient("local")``
 must behave as the HTTP client does, with no HTTP at all.
@@ -14,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 
+import httpx
 import numpy as np
 import pytest
 
@@ -62,14 +66,16 @@ class Via:
         return (self.session or self.client).call_stacked(*args, **options)
 
 
-@pytest.fixture(params=TRANSPORTS)
+@pytest.fixture(params=(*TRANSPORTS, "rest-httpx"))
 def via(request, live_server):
     if request.param == "local":
         with SynapseClient("local") as client:
             yield Via(client)
     else:
-        with SynapseClient(live_server.url) as client:
-            if request.param == "rest":
+        transport = httpx.HTTPTransport() if request.param == "rest-httpx" else None
+        with SynapseClient(live_server.url, transport=transport) as client:
+            assert (client._lean is None) == (transport is not None)  # the path the parameter names
+            if request.param.startswith("rest"):
                 yield Via(client)
             else:
                 with client.session() as session:
