@@ -16,7 +16,8 @@ Candidates, measured in interleaved rounds in one run (bench/harness.py):
 - the client over the session stream (one WebSocket frame per call), and again on a server with
   busy polling off (``SYNAPSE_BUSY_POLL_US=0``: its loop sleeps as soon as it has answered);
 - the same, the instance renormalising its filters itself after each evolve (``w_norm``: 41 calls);
-- the client over REST (one HTTP request per call).
+- the client over REST (one HTTP request per call), and again through httpx (a client given a
+  custom transport, as https or a proxy would be: the path before the client's lean HTTP path).
 
     .venv/bin/python bench/loop.py [--batches 5] [--rounds 7]
 """
@@ -31,6 +32,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import httpx
 import jax
 import numpy as np
 from jax import lax
@@ -159,6 +161,9 @@ def main() -> None:
         normed_syn = session.get("csc-normed")
         candidates["session stream, w_norm (41 calls)"] = lambda: user_loop(normed_syn, args.batches, False)
         candidates["REST"] = lambda: user_loop(rest_syn, args.batches)
+        httpx_client = stack.enter_context(SynapseClient(server.url, transport=httpx.HTTPTransport()))
+        httpx_syn = httpx_client.get("csc")
+        candidates["REST through httpx"] = lambda: user_loop(httpx_syn, args.batches)
         result = interleaved(candidates, args.rounds, 1)
     base = result.get("ngclearn in-process")
     rows = [[name, ms(seconds / args.batches),

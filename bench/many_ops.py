@@ -7,6 +7,7 @@ started here (durability off, loopback):
    (bench/echo_app.py: same uvicorn, same codec, no engine): what the stream adds; and on a
    second server with busy polling off (``SYNAPSE_BUSY_POLL_US=0``): what polling gives;
 2. T = 20 forward steps as one sequence call against 20 REST calls, and against 20 stream frames;
+   REST calls also through httpx (a client with a custom transport: the path before the lean one);
 3. one packed forward on 256 small instances of one config against 256 separate calls
    (REST, session stream, in-process client), as a list of calls and in the stacked form
    (one (256, batch, …) tensor in, one out);
@@ -30,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 from synapse_client import SynapseClient
@@ -92,10 +94,12 @@ def stream_vs_echo(client: SynapseClient, echo_url: str, unpolled_url: str, roun
 def sequence_vs_calls(client: SynapseClient, rounds: int) -> list[list[str]]:
     syn = client.create("seq", kind=KIND, config=SEQ)
     xs = rand((20, 8, 8, 8, 4))
-    with client.session() as session:
+    with client.session() as session, SynapseClient(client.base_url, transport=httpx.HTTPTransport()) as slow:
         handle = session.get("seq")
+        through_httpx = slow.get("seq")
         result = interleaved({
             "20 REST calls": lambda: [syn.forward(x) for x in xs],
+            "20 REST calls through httpx": lambda: [through_httpx.forward(x) for x in xs],
             "20 stream frames": lambda: [handle.forward(x) for x in xs],
             "1 sequence call (REST)": lambda: syn.forward(xs),
             "1 sequence call (stream)": lambda: handle.forward(xs),
@@ -115,10 +119,12 @@ def packed_vs_separate(client: SynapseClient, rounds: int) -> list[list[str]]:
     rest = [client.get(n) for n in names]
     local_handles = [local.get(n) for n in names]
     calls = {n: {"inputs": x} for n, x in zip(names, xs)}
-    with client.session() as session:
+    with client.session() as session, SynapseClient(client.base_url, transport=httpx.HTTPTransport()) as slow:
         stream = [session.get(n) for n in names]
+        through_httpx = [slow.get(n) for n in names]
         result = interleaved({
             f"{PACKED} REST calls": lambda: [h.forward(x) for h, x in zip(rest, xs)],
+            f"{PACKED} REST calls through httpx": lambda: [h.forward(x) for h, x in zip(through_httpx, xs)],
             f"{PACKED} stream frames": lambda: [h.forward(x) for h, x in zip(stream, xs)],
             f"{PACKED} in-process calls": lambda: [h.forward(x) for h, x in zip(local_handles, xs)],
             "1 packed call (REST)": lambda: client.call_many("forward", calls),

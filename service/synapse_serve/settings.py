@@ -54,10 +54,11 @@ class Settings(BaseSettings):
                           "and checks as the documented FastAPI route, without its dependency solving); off: "
                           "FastAPI's route alone (for comparisons)")
     busy_poll_us: float = Field(
-        250.0, ge=0, le=100_000, description="after each session frame's answer the event loop keeps polling its "
-                                             "sockets this many microseconds instead of sleeping, one core "
-                                             "spinning, so that a loop's next frame is read by a CPU still awake "
-                                             "(not while calls run on worker threads or shards); 0: off")
+        250.0, ge=0, le=100_000, description="after each answer to a session frame or an operation request the "
+                                             "event loop keeps polling its sockets this many microseconds instead "
+                                             "of sleeping, one core spinning, so that a loop's next request is read "
+                                             "by a CPU still awake (not while calls run on worker threads or "
+                                             "shards); 0: off")
     inline_call_us: float = Field(
         250.0, ge=0, description="an operation whose last run on that instance and batch took less than this "
                                  "many microseconds runs on the event loop instead of a worker thread "

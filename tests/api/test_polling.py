@@ -16,6 +16,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from synapse_client import SynapseClient
 from synapse_serve.api.polling import BusyPoll
@@ -122,13 +123,14 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def test_a_servers_loop_polls_after_a_session_answer_stops_when_quiet_and_shuts_down_cleanly(tmp_path):
+@pytest.mark.parametrize("transport", ["session", "rest"])
+def test_a_servers_loop_polls_after_an_answer_stops_when_quiet_and_shuts_down_cleanly(tmp_path, transport):
     with ServerProcess(tmp_path / "state", durability="off", busy_poll_us=100_000, log_level="info") as server, \
             SynapseClient(server.url) as client:
         client.create("a", kind="HebbianSynapse", config={"shape": [4, 3]})
         x = np.ones((2, 4), np.float32)
         with client.session() as session:
-            syn = session.get("a")
+            syn = session.get("a") if transport == "session" else client.get("a")
             for _ in range(20):
                 assert syn.forward(x).shape == (2, 3)
             time.sleep(0.3)  # every window so far (100 ms) is over

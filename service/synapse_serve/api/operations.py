@@ -93,6 +93,7 @@ async def run_operation(request: Request, server: Server, owner: str, name: str,
                                            expected_version=if_match(request), sequence=sequence)
         response = encode(result, out_media)
         counted.status = 200
+        server.answered()
         return response
 
 
@@ -127,6 +128,7 @@ async def packed(operation: str, request: Request, server: ServerDep, owner: Own
         answer = await run_packed(server, owner, operation, body, tensors, returns, idempotency_key(request))
         response = encode(answer, response_type(request, media))
         counted.status = 200
+        server.answered()
         return response
 
 

@@ -4,11 +4,10 @@ A loop client sends its next request a few hundred microseconds after reading an
 server's event loop has gone to sleep in ``epoll_wait`` by then, the request is picked up by a
 CPU that was idle: the wake-up, and then caches, TLB and branch predictors that went cold, cost
 the next frame tens of microseconds in every step of its path (measured on the 2-core machine:
-a tiny forward on the session stream 232 → 158 µs, docs/benchmarks.md). So for ``busy_poll_us``
-after each session answer, one task keeps the loop turning (``await asyncio.sleep(0)``: each
-turn polls the sockets with a zero timeout) and the next frame is read by a CPU still awake.
-REST answers do not start it: an HTTP client's next request comes after the window (measured:
-no gain on the REST loop).
+a tiny forward on the session stream 232 → 158 µs, over REST 355 → 290 µs, docs/benchmarks.md).
+So for ``busy_poll_us`` after each answer to a session frame or an operation request, one task
+keeps the loop turning (``await asyncio.sleep(0)``: each turn polls the sockets with a zero
+timeout) and the next request is read by a CPU still awake.
 
 The cost is one core spinning for at most that window after each answer, bounded:
 

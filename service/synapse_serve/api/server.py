@@ -34,7 +34,8 @@ class Server:
         self.phase = phase
 
     def answered(self) -> None:
-        """A session frame's answer went out: keep the loop polling for the next frame a moment (api/polling.py)."""
+        """An answer to a session frame or an operation request is going out: keep the loop polling for the next
+        request a moment (api/polling.py)."""
         if self.poll is not None:
             self.poll.kick()
 
