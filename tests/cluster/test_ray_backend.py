@@ -235,3 +235,20 @@ def test_a_restarted_directory_relearns_the_names_from_the_shards(server, alice)
         alice.create(held.name, kind="HebbianSynapse", config={"shape": [4, 2]})
     fresh = alice.create(_name("fresh"), kind="HebbianSynapse", config={"shape": [4, 2]})
     assert fresh.describe()["version"] == 1 and held.describe()["version"] == 1
+
+
+def test_the_front_counts_a_shard_call_in_flight_as_busy(server, alice):
+    """The front's busy polling (api/polling.py) stops while a shard computes: ``RayBackend.busy`` says when."""
+    backend = server.app.state.server.backend
+    syn = alice.create(_name("busy"), kind="HebbianDeconvSynapse", config=DECONV)
+    xs = np.random.default_rng(0).random((400, 8, 8, 8, 1), np.float32)  # a long sequence: tens of ms on a shard
+    seen = []
+    call = threading.Thread(target=lambda: seen.append(syn.forward(xs).shape))
+    assert not backend.busy()
+    call.start()
+    busy_seen = False
+    while call.is_alive():
+        busy_seen = busy_seen or backend.busy()
+    call.join()
+    assert busy_seen and seen == [(400, 8, 8, 8, 4)]
+    assert not backend.busy()
