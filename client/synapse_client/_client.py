@@ -32,7 +32,7 @@ import numpy as np
 
 from synapse_client import _codec, _ngclearn, _progress
 from synapse_client._codec import Ref
-from synapse_client._http import LeanHTTP, lean_usable
+from synapse_client._http import AsyncLeanHTTP, LeanHTTP, lean_usable
 from synapse_client._exceptions import (
     APIConnectionError,
     APITimeoutError,
@@ -563,6 +563,9 @@ class AsyncSynapseClient(_BaseClient):
         self._local = AsyncLocalTransport(self.base_url, local_settings or {}) if is_local(self.base_url) else None
         self._http = None if self._local else httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout,
                                                                 headers=self.headers, transport=transport)
+        # plain http with no proxy and no custom transport: requests skip httpx's machinery (_http.py)
+        self._lean = AsyncLeanHTTP(self.base_url, self.timeout, self.headers) \
+            if self._local is None and transport is None and lean_usable(self.base_url) else None
 
     async def request(self, method: str, path: str, body: dict[str, Any] | bytes | None = None, *,
                       retry: bool, headers: dict[str, str] | None = None, progress: str | None = None) -> Any:
@@ -578,9 +581,12 @@ class AsyncSynapseClient(_BaseClient):
             try:
                 if progress is not None:
                     return await self._with_progress(method, path, content, headers, progress)
-                response = await self._http.request(
-                    method, path, content=_stream(content) if isinstance(content, list) else content,
-                    headers=headers)
+                if self._lean is not None and self._lean.takes(path, headers):
+                    response = await self._lean.request(method, path, content, headers)
+                else:
+                    response = await self._http.request(
+                        method, path, content=_stream(content) if isinstance(content, list) else content,
+                        headers=headers)
             except httpx.TransportError as exc:
                 if not self._retryable(exc, attempt, retry):
                     raise self._connection_error(method, path, exc, attempt + 1, retry) from None
@@ -734,6 +740,8 @@ class AsyncSynapseClient(_BaseClient):
             await self._local.close()
         else:
             await self._http.aclose()
+            if self._lean is not None:
+                await self._lean.aclose()
 
     async def __aenter__(self) -> AsyncSynapseClient:
         return self

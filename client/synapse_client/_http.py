@@ -1,11 +1,12 @@
-"""A lean HTTP/1.1 path for the blocking client's requests: keep-alive sockets, no httpx on the hot path.
+"""A lean HTTP/1.1 path for the clients' requests: keep-alive sockets, no httpx on the hot path.
 
 A loop of small calls spends most of its client-side time in httpx's request machinery (URL
 merging, cookies, auth and redirect hooks, h11's state machine, the response model): ~350 µs of
 CPU per tiny forward on the 2-core machine, more than the server's whole call. ``LeanHTTP``
-sends the same request on a kept-alive socket and reads the answer itself (status line, headers,
-a ``Content-Length``, chunked or close-delimited body, straight into one buffer): docs/api.md's
-client section and docs/benchmarks.md have the numbers.
+(blocking sockets) and ``AsyncLeanHTTP`` (asyncio streams) send the same request on a kept-alive
+connection and read the answer themselves (status line, headers, a ``Content-Length``, chunked or
+close-delimited body): docs/api.md's client section and docs/benchmarks.md have the numbers.
+Both share the request head, the parsing of the answer's head and its ending (below).
 
 It is used only where it sends exactly what httpx would have sent: plain ``http://`` URLs
 (``https`` goes through httpx and its certificate handling), no proxy in the environment (httpx
@@ -20,12 +21,14 @@ server has closed (uvicorn closes them after 5 s) is noticed before it is used, 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import select
 import socket
 import threading
 import urllib.request
 import zlib
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -59,6 +62,98 @@ def lean_usable(base_url: str) -> bool:
 
 def _header_ok(name: str, value: str) -> bool:
     return bool(_TOKEN.fullmatch(name)) and value.isascii() and not any(c in value for c in "\r\n\0")
+
+
+def _parse_head(head: bytes) -> tuple[int, str, dict[str, str]]:
+    """An answer's status, HTTP version and headers (lower-case names; repeated ones joined), from its head."""
+    lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    code = rest[:3]
+    if not version.startswith("HTTP/1.") or not code.isdigit():
+        raise httpx.RemoteProtocolError(f"not an HTTP/1.x answer: {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise httpx.RemoteProtocolError(f"malformed header line {line[:80]!r}")
+        key = name.strip().lower()
+        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+    return int(code), version, headers
+
+
+def _interim(status: int) -> bool:
+    """An interim answer (100 Continue) is followed by the real one."""
+    return 100 <= status < 200 and status != 101
+
+
+def _framing(method: str, status: int, headers: dict[str, str]) -> int | str:
+    """How the body ends: its length, ``"chunked"``, or ``"close"`` (the server closes the connection)."""
+    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        return 0
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return "chunked"
+    if "content-length" not in headers:
+        return "close"
+    try:
+        length = int(headers["content-length"])
+    except ValueError:
+        raise httpx.RemoteProtocolError(f"bad Content-Length {headers['content-length'][:40]!r}") from None
+    if length < 0:
+        raise httpx.RemoteProtocolError("negative Content-Length")
+    return length
+
+
+def _chunk_size(line: bytes) -> int:
+    size_text = line.split(b";", 1)[0].strip()
+    try:
+        return int(size_text, 16)
+    except ValueError:
+        raise httpx.RemoteProtocolError(f"bad chunk size {size_text[:20]!r}") from None
+
+
+def _finish(status: int, version: str, headers: dict[str, str], body: bytes | bytearray,
+            framing: int | str) -> tuple[LeanResponse, bool]:
+    """The answer (its body decoded), and whether the connection may carry another request."""
+    encoding = headers.get("content-encoding", "identity").lower()
+    if encoding in ("gzip", "deflate"):
+        try:
+            body = zlib.decompress(body, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise httpx.DecodingError(f"the answer's {encoding} body is corrupt: {exc}") from None
+    elif encoding != "identity":
+        raise httpx.DecodingError(f"unsupported Content-Encoding {encoding[:40]!r}")
+    connection = headers.get("connection", "").lower()
+    keep = framing != "close" and "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
+    return LeanResponse(status, headers, body), keep
+
+
+def _request_head(base: dict[str, tuple[str, str]], prefix: str, method: str, path: str, content: Any,
+                  headers: dict[str, str]) -> bytes:
+    """The request line and headers: the client's, then the request's (case-insensitively), and its length."""
+    merged = dict(base)
+    for name, value in headers.items():
+        merged[name.lower()] = (name, value)
+    if content is not None and "content-length" not in merged:
+        merged["content-length"] = ("Content-Length", str(_length(content)))
+    elif content is None and method in _BODY_METHODS:
+        merged["content-length"] = ("Content-Length", "0")
+    return "".join([f"{method} {prefix}{path} HTTP/1.1\r\n",
+                    *(f"{name}: {value}\r\n" for name, value in merged.values()), "\r\n"]).encode("latin-1")
+
+
+def _length(content: Any) -> int:
+    if isinstance(content, (bytes, bytearray, memoryview)):
+        return memoryview(content).nbytes
+    return sum(memoryview(part).nbytes for part in content)
+
+
+def _with_request(exc: BaseException, request: Callable[[], httpx.Request]) -> None:
+    """An httpx error raised without its request gets it (the client's error messages name it)."""
+    if isinstance(exc, httpx.RequestError):
+        try:
+            exc.request  # noqa: B018 - raises while the error names no request
+        except RuntimeError:
+            exc.request = request()
 
 
 class _Connection:
@@ -102,36 +197,17 @@ class _Connection:
     def receive(self, method: str, timeout: float | None) -> tuple[LeanResponse, bool]:
         """The answer, and whether the connection may carry another request."""
         self._set_timeout(timeout)
-        while True:
-            status, version, headers = self._head()
-            if not 100 <= status < 200 or status == 101:
-                break  # an interim answer (100 Continue) is followed by the real one
-        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            body: bytes | bytearray = b""
-            ends_with_close = False
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
-            body, ends_with_close = self._chunked(), False
-        elif "content-length" in headers:
-            try:
-                length = int(headers["content-length"])
-            except ValueError:
-                raise httpx.RemoteProtocolError(f"bad Content-Length {headers['content-length'][:40]!r}") from None
-            if length < 0:
-                raise httpx.RemoteProtocolError("negative Content-Length")
-            body, ends_with_close = self._exactly(length), False
-        else:  # delimited by the server closing the connection
-            body, ends_with_close = self._until_closed(), True
-        encoding = headers.get("content-encoding", "identity").lower()
-        if encoding in ("gzip", "deflate"):
-            try:
-                body = zlib.decompress(body, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-            except zlib.error as exc:
-                raise httpx.DecodingError(f"the answer's {encoding} body is corrupt: {exc}") from None
-        elif encoding != "identity":
-            raise httpx.DecodingError(f"unsupported Content-Encoding {encoding[:40]!r}")
-        connection = headers.get("connection", "").lower()
-        keep = not ends_with_close and "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
-        return LeanResponse(status, headers, body), keep
+        status, version, headers = _parse_head(self._head())
+        while _interim(status):
+            status, version, headers = _parse_head(self._head())
+        framing = _framing(method, status, headers)
+        if framing == "chunked":
+            body: bytes | bytearray = self._chunked()
+        elif framing == "close":
+            body = self._until_closed()
+        else:
+            body = self._exactly(framing)
+        return _finish(status, version, headers, body, framing)
 
     def _fill(self) -> None:
         count = self.sock.recv_into(self.inbox)
@@ -139,25 +215,14 @@ class _Connection:
             raise httpx.RemoteProtocolError("the server closed the connection before its answer was complete")
         self.pending += self.inbox[:count]
 
-    def _head(self) -> tuple[int, str, dict[str, str]]:
+    def _head(self) -> bytes:
         while (end := self.pending.find(b"\r\n\r\n")) < 0:
             if len(self.pending) > MAX_HEAD_BYTES:
                 raise httpx.RemoteProtocolError("the answer's headers are too long")
             self._fill()
-        lines = bytes(self.pending[:end]).decode("latin-1").split("\r\n")
+        head = bytes(self.pending[:end])
         del self.pending[:end + 4]
-        version, _, rest = lines[0].partition(" ")
-        code = rest[:3]
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise httpx.RemoteProtocolError(f"not an HTTP/1.x answer: {lines[0][:80]!r}")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if not colon:
-                raise httpx.RemoteProtocolError(f"malformed header line {line[:80]!r}")
-            key = name.strip().lower()
-            headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
-        return int(code), version, headers
+        return head
 
     def _exactly(self, length: int) -> bytearray:
         body = bytearray(length)
@@ -183,19 +248,13 @@ class _Connection:
 
     def _chunked(self) -> bytearray:
         body = bytearray()
-        while True:
-            size_text = self._line().split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise httpx.RemoteProtocolError(f"bad chunk size {size_text[:20]!r}") from None
-            if size == 0:
-                while self._line():  # trailers, up to the empty line
-                    pass
-                return body
+        while size := _chunk_size(self._line()):
             body += self._exactly(size)
             if self._line():
                 raise httpx.RemoteProtocolError("a chunk did not end with CRLF")
+        while self._line():  # trailers, up to the empty line
+            pass
+        return body
 
     def _until_closed(self) -> bytearray:
         body, self.pending = self.pending, bytearray()
@@ -232,38 +291,24 @@ class LeanHTTP:
                 and self._headers_ok and all(_header_ok(k, v) for k, v in headers.items()))
 
     def request(self, method: str, path: str, content: Any, headers: dict[str, str]) -> LeanResponse:
-        merged = dict(self.headers)
-        for name, value in headers.items():
-            merged[name.lower()] = (name, value)
-        if content is not None and "content-length" not in merged:
-            merged["content-length"] = ("Content-Length", str(memoryview(content).nbytes))
-        elif content is None and method in _BODY_METHODS:
-            merged["content-length"] = ("Content-Length", "0")
-        head = "".join([f"{method} {self.prefix}{path} HTTP/1.1\r\n",
-                        *(f"{name}: {value}\r\n" for name, value in merged.values()), "\r\n"]).encode("latin-1")
+        head = _request_head(self.headers, self.prefix, method, path, content, headers)
         connection = self._checkout(method, path)
         try:
             try:
                 connection.send(head, content, self.timeout.write)
             except TimeoutError:
-                raise httpx.WriteTimeout("timed out sending the request", request=self._request(method, path)) \
-                    from None
+                raise httpx.WriteTimeout("timed out sending the request") from None
             except OSError as exc:
-                raise httpx.WriteError(f"{type(exc).__name__}: {exc}", request=self._request(method, path)) from None
+                raise httpx.WriteError(f"{type(exc).__name__}: {exc}") from None
             try:
                 response, keep = connection.receive(method, self.timeout.read)
             except TimeoutError:
-                raise httpx.ReadTimeout("timed out waiting for the answer", request=self._request(method, path)) \
-                    from None
+                raise httpx.ReadTimeout("timed out waiting for the answer") from None
             except OSError as exc:
-                raise httpx.ReadError(f"{type(exc).__name__}: {exc}", request=self._request(method, path)) from None
+                raise httpx.ReadError(f"{type(exc).__name__}: {exc}") from None
         except BaseException as exc:
             connection.close()  # half a request or half an answer: the connection is done
-            if isinstance(exc, httpx.RequestError):
-                try:
-                    exc.request  # noqa: B018 - raises while the error names no request
-                except RuntimeError:
-                    exc.request = self._request(method, path)
+            _with_request(exc, lambda: self._request(method, path))
             raise
         if keep:
             self._checkin(connection)
@@ -304,5 +349,141 @@ class LeanHTTP:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+
+class _AsyncConnection:
+    """One kept-alive connection of the asyncio client (its stream reader does the buffering)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    def closed_by_peer(self) -> bool:
+        """An idle connection the server closed, or that holds bytes nobody asked for: seen by the loop already
+        (its end, its buffer), or still waiting in the socket (the loop may not have run since: a caller that
+        computes between calls, or drives a loop per call)."""
+        if self.reader.at_eof() or self.writer.is_closing() or self.reader._buffer:  # noqa: SLF001
+            return True
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    async def send(self, head: bytes, content: Any) -> None:
+        if content is None:
+            self.writer.write(head)
+        elif isinstance(content, (bytes, bytearray, memoryview)):
+            self.writer.writelines([head, content])
+        else:  # the parts of a body (views of the tensors' own memory)
+            self.writer.writelines([head, *content])
+        await self.writer.drain()
+
+    async def receive(self, method: str) -> tuple[LeanResponse, bool]:
+        """The answer, and whether the connection may carry another request."""
+        status, version, headers = _parse_head(await self._head())
+        while _interim(status):
+            status, version, headers = _parse_head(await self._head())
+        framing = _framing(method, status, headers)
+        if framing == "chunked":
+            body: bytes | bytearray = bytearray()
+            while size := _chunk_size(await self._line()):
+                body += await self.reader.readexactly(size)
+                if await self._line():
+                    raise httpx.RemoteProtocolError("a chunk did not end with CRLF")
+            while await self._line():  # trailers, up to the empty line
+                pass
+        elif framing == "close":
+            body = await self.reader.read()
+        else:
+            body = await self.reader.readexactly(framing) if framing else b""
+        return _finish(status, version, headers, body, framing)
+
+    async def _head(self) -> bytes:
+        return (await self.reader.readuntil(b"\r\n\r\n"))[:-4]
+
+    async def _line(self) -> bytes:
+        return (await self.reader.readuntil(b"\r\n"))[:-2]
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class AsyncLeanHTTP:
+    """``LeanHTTP`` for the asyncio client: requests to one ``http://`` server over kept-alive streams, from any
+    number of tasks of one event loop."""
+
+    def __init__(self, base_url: str, timeout: httpx.Timeout, headers: dict[str, str]) -> None:
+        self._shape = LeanHTTP(base_url, timeout, headers)  # the URL, the headers and the checks, shared
+        self.timeout = timeout
+        self._idle: list[_AsyncConnection] = []
+        self._closed = False
+
+    def takes(self, path: str, headers: dict[str, str]) -> bool:
+        """Whether this request goes out exactly as httpx would send it (else the caller uses httpx)."""
+        return self._shape.takes(path, headers)
+
+    async def request(self, method: str, path: str, content: Any, headers: dict[str, str]) -> LeanResponse:
+        shape = self._shape
+        head = _request_head(shape.headers, shape.prefix, method, path, content, headers)
+        connection = await self._checkout(method, path)
+        try:
+            try:
+                async with asyncio.timeout(self.timeout.write):
+                    await connection.send(head, content)
+            except TimeoutError:
+                raise httpx.WriteTimeout("timed out sending the request") from None
+            except OSError as exc:
+                raise httpx.WriteError(f"{type(exc).__name__}: {exc}") from None
+            try:
+                async with asyncio.timeout(self.timeout.read):
+                    response, keep = await connection.receive(method)
+            except TimeoutError:
+                raise httpx.ReadTimeout("timed out waiting for the answer") from None
+            except asyncio.IncompleteReadError:
+                raise httpx.RemoteProtocolError("the server closed the connection before its answer was complete") \
+                    from None
+            except asyncio.LimitOverrunError:
+                raise httpx.RemoteProtocolError("the answer's headers are too long") from None
+            except OSError as exc:
+                raise httpx.ReadError(f"{type(exc).__name__}: {exc}") from None
+        except BaseException as exc:  # a cancelled call too: half a request or half an answer ends the connection
+            connection.close()
+            _with_request(exc, lambda: shape._request(method, path))
+            raise
+        if keep and not self._closed and len(self._idle) < MAX_IDLE:
+            self._idle.append(connection)
+        else:
+            connection.close()
+        return response
+
+    async def _checkout(self, method: str, path: str) -> _AsyncConnection:
+        if self._closed:
+            raise RuntimeError("the client is closed")
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed_by_peer():
+                return connection
+            connection.close()  # the server closed it while it was idle: never used for a request
+        shape = self._shape
+        try:
+            async with asyncio.timeout(self.timeout.connect):
+                reader, writer = await asyncio.open_connection(shape.host, shape.port, limit=MAX_HEAD_BYTES)
+        except TimeoutError:
+            raise httpx.ConnectTimeout("timed out connecting", request=shape._request(method, path)) from None
+        except OSError as exc:
+            raise httpx.ConnectError(f"{type(exc).__name__}: {exc}", request=shape._request(method, path)) from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _AsyncConnection(reader, writer)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
