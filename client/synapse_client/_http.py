@@ -184,7 +184,7 @@ class _Connection:
         if content is None:
             self.sock.sendall(head)
         elif isinstance(content, (bytes, bytearray, memoryview)):
-            if len(content) <= READ_BYTES:  # one packet for a small request
+            if _length(content) <= READ_BYTES:  # one packet for a small request
                 self.sock.sendall(head + bytes(content))
             else:
                 self.sock.sendall(head)
