@@ -215,14 +215,21 @@ class _Connection:
             raise httpx.RemoteProtocolError("the server closed the connection before its answer was complete")
         self.pending += self.inbox[:count]
 
-    def _head(self) -> bytes:
-        while (end := self.pending.find(b"\r\n\r\n")) < 0:
+    def _through(self, marker: bytes, what: str) -> bytes:
+        """The bytes before ``marker`` (read as far as it; the marker is consumed too)."""
+        while (end := self.pending.find(marker)) < 0:
             if len(self.pending) > MAX_HEAD_BYTES:
-                raise httpx.RemoteProtocolError("the answer's headers are too long")
+                raise httpx.RemoteProtocolError(f"{what} is too long")
             self._fill()
-        head = bytes(self.pending[:end])
-        del self.pending[:end + 4]
-        return head
+        data = bytes(self.pending[:end])
+        del self.pending[:end + len(marker)]
+        return data
+
+    def _head(self) -> bytes:
+        return self._through(b"\r\n\r\n", "the answer's head")
+
+    def _line(self) -> bytes:
+        return self._through(b"\r\n", "a chunk header")
 
     def _exactly(self, length: int) -> bytearray:
         body = bytearray(length)
@@ -236,15 +243,6 @@ class _Connection:
                 raise httpx.RemoteProtocolError("the server closed the connection before its answer was complete")
             have += count
         return body
-
-    def _line(self) -> bytes:
-        while (end := self.pending.find(b"\r\n")) < 0:
-            if len(self.pending) > MAX_HEAD_BYTES:
-                raise httpx.RemoteProtocolError("a chunk header is too long")
-            self._fill()
-        line = bytes(self.pending[:end])
-        del self.pending[:end + 2]
-        return line
 
     def _chunked(self) -> bytearray:
         body = bytearray()
