@@ -96,3 +96,19 @@ def test_calls_on_instances_of_different_devices_run_at_the_same_time(tmp_path, 
         for t in threads:
             t.join(30)
         assert not errors, errors  # a serialised registry would leave one waiting at the barrier: BrokenBarrier
+
+
+def test_a_written_compartment_stays_on_its_instances_device(tmp_path):
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        body = {"name": "on-3", "kind": KIND, "config": CONFIG, "device": "cpu:3"}
+        client.request("POST", "/v1/synapses", body, retry=False)
+        syn = client.get("on-3")
+        weights = syn.weights * 2.0
+        syn.set("weights", weights)
+        syn.set("inputs", np.ones((2, 5, 5, 1), np.float32))  # a batched compartment too
+        state = server.registry._get(InstanceKey("local", "on-3")).state
+        for leaf in (state.weights, state.inputs):  # committed there: calls never move it back and forth
+            assert {d.id for d in leaf.devices()} == {3} and leaf.committed
+        syn.forward(np.ones((1, 5, 5, 1), np.float32))
+        assert {d.id for d in server.registry._get(InstanceKey("local", "on-3")).state.weights.devices()} == {3}
+        assert np.array_equal(syn.weights, weights)

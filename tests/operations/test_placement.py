@@ -18,4 +18,4 @@ def test_placement_budget_and_concurrency_across_four_devices():
         capture_output=True, text=True, env=env, cwd=HERE.parents[1], timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert re.search(r"\b5 passed\b", proc.stdout), proc.stdout[-2000:]
+    assert re.search(r"\b6 passed\b", proc.stdout), proc.stdout[-2000:]

@@ -90,6 +90,11 @@ def client_calls():
             reference.call("forward", inputs=pre.copy(), returns=[])
             mine.call("forward", inputs=pre, returns=[])
             pre[...] = 9.0
+            weights = aligned(reference.weights.shape, 0.0)  # a write: the new weights are copied, not viewed
+            weights[...] = reference.weights * 0.5
+            reference.set("weights", weights.copy())
+            mine.set("weights", weights)
+            weights[...] = 9.0
             for compartment in ("inputs", "outputs", "pre", "post", "weights"):
                 assert np.array_equal(mine.get(compartment), reference.get(compartment)), f"round {{seed}}: {{compartment}}"
 
@@ -112,7 +117,7 @@ def test_an_evolve_stores_the_tensors_it_was_given_when_the_caller_changes_them_
     run_scenario("registry_evolves")
 
 
-def test_the_in_process_client_forward_and_sequence_read_their_tensors_before_returning():
+def test_the_in_process_client_forward_sequence_and_write_read_their_tensors_before_returning():
     run_scenario("client_calls")
 
 

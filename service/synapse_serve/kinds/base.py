@@ -198,14 +198,20 @@ def check_compartment(kind: Kind, name: str, current: Any, value: Any, max_batch
     return new
 
 
-def replace_compartment(kind: Kind, state: Any, name: str, value: Any, max_batch: int | None = None) -> Any:
-    """Return ``state`` with compartment ``name`` replaced, checked by ``check_compartment``."""
+def replace_compartment(kind: Kind, state: Any, name: str, value: Any, max_batch: int | None = None,
+                        device: jax.Device | None = None) -> Any:
+    """Return ``state`` with compartment ``name`` replaced, checked by ``check_compartment``; the new value a buffer
+    of its own on ``device`` (committed there, as the rest of an instance's state: else the default device's,
+    and every call would move it to the instance's device again)."""
     old_leaves, treedef = jax.tree_util.tree_flatten(state)
     names = leaf_names(treedef)
     if name not in names:
         raise unknown_compartment(kind, name, names)
     new = check_compartment(kind, name, old_leaves[names.index(name)], value, max_batch)
-    leaves = [jax.numpy.asarray(new) if n == name else leaf for n, leaf in zip(names, old_leaves)]
+    # device_put reads a 64-byte aligned host array in place on CPU (may_alias=False too, measured with JAX 0.12):
+    # the caller's array is copied first, so changing it afterwards changes nothing stored
+    new = jax.numpy.asarray(new) if device is None else jax.device_put(np.array(new), device)
+    leaves = [new if n == name else leaf for n, leaf in zip(names, old_leaves)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 

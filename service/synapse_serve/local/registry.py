@@ -798,7 +798,7 @@ class Registry:
         with self._hold(key, doing={"operation": "write"}) as instance:
             instance.check_version(expected_version)
             state = replace_compartment(instance.kind, instance.state, compartment, value,
-                                        self.capacity.limits.max_batch)
+                                        self.capacity.limits.max_batch, instance.device)
             signature = signature_of(state)
             self._account(instance, nbytes_of(signature), check=True)  # quota and budget before it lands
             self._commit(instance, state, None, signature, instance.held_bytes, accounted=True)
