@@ -68,3 +68,42 @@ def test_the_plan_reads_what_the_operation_reads_and_writes_what_it_writes():
     post = arguments(config, kind.operations["evolve"], 2, 1)
     evolve = lean.plan(kind.operations["evolve"].fn, config, state, *post)
     assert {"weights", "pre", "post", "dWeights"} <= {leaf_names(evolve.treedef)[i] for i in evolve.written}
+
+
+def test_a_sent_tensor_stored_as_it_is_is_donated_and_the_callers_own_arrays_survive():
+    kind = get_kind("HebbianDeconvSynapse")
+    config = kind.parse_config(CASES["deconv-sgd"][1])
+    state = kind.init(config, 0)
+    x, = arguments(config, kind.operations["forward"], 2, 0)
+    post, = arguments(config, kind.operations["backtransmit"], 2, 1)
+    forward = lean.plan(kind.operations["forward"].fn, config, state, x)
+    assert forward.stored == (0,)  # inputs = x: the program's own copy of x becomes the compartment
+    assert lean.plan(kind.operations["backtransmit"].fn, config, state, post).stored == (0,)  # post
+    assert lean.plan(kind.operations["backtransmit"].fn, config, state, None).stored == ()  # the stored post
+    assert lean.plan(kind.operations["reset"].fn, config, state).stored == ()
+    evolve = lean.plan(kind.operations["evolve"].fn, config, state, x, post)
+    assert evolve.stored == (0, 1)  # pre and post
+    mine = jax.numpy.asarray(x)  # a device array someone else holds: copied, never donated away
+    new = forward.run(config, copy(state), mine)
+    assert not mine.is_deleted()
+    assert np.array_equal(np.asarray(new.inputs), x) and np.array_equal(np.asarray(mine), x)
+    host = x.copy()
+    new = forward.run(config, copy(state), host)
+    host[...] = 7.0  # the caller's array, changed after the call: the stored compartment is a copy
+    assert np.array_equal(np.asarray(new.inputs), x)
+
+
+def test_an_answer_names_the_compartments_asked_for_in_leaf_order():
+    kind = get_kind("HebbianDeconvSynapse")
+    config = kind.parse_config(CASES["deconv-sgd"][1])
+    state = kind.init(config, 0)
+    x, = arguments(config, kind.operations["forward"], 2, 0)
+    forward = lean.plan(kind.operations["forward"].fn, config, state, x)
+    new = forward.run(config, copy(state), x)
+    answer = forward.answer(new, ["outputs", "weights", "outputs"])
+    assert list(answer) == ["weights", "outputs"]  # leaf order, each once
+    assert np.array_equal(answer["outputs"], np.asarray(new.outputs))
+    assert forward.answer(new, []) == {}
+    for index in range(lean.ANSWER_LISTS_KEPT + 5):  # lists come from requests: the cache stays bounded
+        forward.answer(new, ["outputs"] * (index + 1))
+    assert len(forward._answered) == lean.ANSWER_LISTS_KEPT

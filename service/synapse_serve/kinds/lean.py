@@ -7,8 +7,12 @@ docs/benchmarks.md) for compartments the operation never reads or writes (a forw
 the weights). So the registry runs a *plan*: traced once per shapes, the operation's program
 says which compartments it reads and which it writes; the compiled call then takes the written
 compartments (donated: they are replaced, and XLA may reuse their buffers) and the read-only
-ones (kept), and returns only the written ones. The computation is the operation's own, traced
-from the same function; the tests check it against the whole-state call bit for bit.
+ones (kept), and returns only the written ones. A sent tensor the operation stores as it is (a
+forward's ``inputs``) is donated too: JAX copies a host array into a buffer of the program's own
+to run it anyway, and that buffer becomes the stored compartment, where the program would
+otherwise copy it once more (~10 µs for the 131 KB of docs/benchmarks.md's loop). The computation
+is the operation's own, traced from the same function; the tests check it against the
+whole-state call bit for bit.
 
 Each plan compiles its own program with its config and leaf layout closed over, not passed as
 static arguments: JAX hashes and compares static arguments on every call, and a call with them
@@ -23,9 +27,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from jax import numpy as jnp
 
 from synapse_serve.kinds.base import leaf_names
+
+ANSWER_LISTS_KEPT = 64  # per plan: the compartment lists answers asked for, with their leaf positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,21 +48,43 @@ class Plan:
     read: tuple[int, ...]  # every leaf it reads (kept or written)
     in_specs: tuple[tuple[tuple[int, ...], str], ...]  # (shape, dtype) of every leaf before the call
     config: Any  # the config it was traced with
+    stored: tuple[int, ...] = ()  # positions of the sent tensors it stores as they are (donated)
 
     def run(self, config: Any, state: Any, *tensors: Any) -> Any:
         """The operation's new state: the written leaves from the compiled call, the others as they were."""
         if config is not self.config and config != self.config:  # equal configs (one per instance) share a plan
             raise ValueError("a plan runs with the config it was traced with")
+        if self.stored:
+            tensors = _owned(tensors, self.stored)
         leaves = self.treedef.flatten_up_to(state)
         written = self.program([leaves[i] for i in self.written], [leaves[i] for i in self.kept], *tensors)
         for index, value in zip(self.written, written):
             leaves[index] = value
         return self.treedef.unflatten(leaves)
 
+    def answer(self, state: Any, returned: list[str]) -> dict[str, np.ndarray]:
+        """The compartments named in ``returned`` (known names) of a state this plan's run left, as host arrays in
+        leaf order: positions looked up once per list, not every compartment's path named on every call."""
+        asked = tuple(returned)
+        at = self._answered.get(asked)
+        if at is None:
+            wanted = set(asked)
+            at = tuple((index, name) for index, name in enumerate(leaf_names(self.treedef)) if name in wanted)
+            if len(self._answered) < ANSWER_LISTS_KEPT:  # the lists come from requests: never an unbounded cache
+                self._answered[asked] = at
+        leaves = self.treedef.flatten_up_to(state)
+        return {name: np.asarray(leaves[index]) for index, name in at}
+
+    @functools.cached_property
+    def _answered(self) -> dict[tuple[str, ...], tuple[tuple[int, str], ...]]:
+        return {}
+
     @functools.cached_property
     def program(self) -> Callable[..., list]:
-        """The compiled call for the plan's own config: ``program(written, kept, *tensors)`` (written donated)."""
-        return jax.jit(functools.partial(_program, self.fn, self.config, self.meta), donate_argnums=0)
+        """The compiled call for the plan's own config: ``program(written, kept, *tensors)`` (written donated, and
+        the tensors it stores as they are)."""
+        return jax.jit(functools.partial(_program, self.fn, self.config, self.meta),
+                       donate_argnums=(0, *(2 + position for position in self.stored)))
 
     @functools.cached_property
     def leaf_index(self) -> dict[str, int]:
@@ -83,7 +112,19 @@ def plan(fn: Callable[..., Any], config: Any, state: Any, *tensors: Any) -> Plan
     absent = tuple((i, tuple(leaf.shape), str(leaf.dtype)) for i, leaf in enumerate(leaves)
                    if i not in read and i not in written)
     in_specs = tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves)
-    return Plan(fn, treedef, written, kept, absent, out_signature, tuple(sorted(read)), in_specs, config)
+    sent = iter(jaxpr.invars[count:])  # one per tensor given (None is no argument)
+    sent_at = {id(next(sent)): position for position, tensor in enumerate(tensors) if tensor is not None}
+    stored = tuple(sorted({sent_at[id(outs[j])] for j in written if id(outs[j]) in sent_at}))
+    return Plan(fn, treedef, written, kept, absent, out_signature, tuple(sorted(read)), in_specs, config, stored)
+
+
+def _owned(tensors: tuple, positions: tuple[int, ...]) -> tuple:
+    """The tensors, those at ``positions`` (donated) made the program's own: a host array is copied into a device
+    buffer by JAX whatever happens, a device array is copied here (donating it would delete the caller's)."""
+    if all(type(tensors[p]) is np.ndarray for p in positions):
+        return tensors
+    return tuple(jnp.array(t, copy=True) if p in positions and isinstance(t, jax.Array) else t
+                 for p, t in enumerate(tensors))
 
 
 def _body(jaxpr: Any) -> Any:

@@ -7,6 +7,7 @@ changes one, and ``commit`` is the one place a mutation lands.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -127,7 +128,8 @@ def signature_of(state: Any) -> tuple:
 
 
 def nbytes_of(signature: tuple) -> int:
-    return int(sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in signature))
+    """Bytes of a state of this signature (``math.prod``: numpy's costs ~2 µs a leaf, a write measured ~25 µs)."""
+    return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in signature)
 
 
 def answer_nbytes(answer: dict[str, Any]) -> int:

@@ -455,13 +455,13 @@ class Registry:
                 args = [self._resolve(instance, arg.name, a, leaves) if isinstance(a, (CompartmentRef, _Fetched))
                         else a for arg, a in zip(op.args, args)]
                 self._check_batches(instance, op, args, steps)  # the resolved ones too
-            new_signature, new_bytes, runner, _ = self._predict(instance, op.name, fn, args)
+            new_signature, new_bytes, runner, plan = self._predict(instance, op.name, fn, args)
             self.capacity.resize(key.owner, instance.device, instance.held_bytes, new_bytes)  # refused before work
             try:
                 out = device_call(runner, instance.config, instance.state, *args)
-                if fn is op.fn:
+                if plan is not None:
                     state = out
-                    result = {c: np.asarray(v) for c, v in compartment_paths(state).items() if c in returned}
+                    result = plan.answer(state, returned)
                 else:
                     state, kept = out
                     result = {c: np.asarray(v) for c, v in kept.items()}
