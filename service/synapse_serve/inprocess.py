@@ -28,7 +28,6 @@ from typing import Any
 from synapse_serve.api.frames import run_frame
 from synapse_serve.api.server import Server
 from synapse_serve.auth import LOCAL
-from synapse_serve.metrics import Metrics
 from synapse_serve.settings import Settings
 
 
@@ -51,7 +50,8 @@ class Engine:
         self.settings = Settings(state_dir=Path(state_dir), auth="off", **settings)
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.backend = LocalBackend(self.settings, in_caller_thread=in_caller_thread)
-        self.server = Server(settings=self.settings, backend=self.backend, tokens=None, metrics=Metrics())
+        # no metrics: nothing in the caller's process could scrape them, and counting costs each call a few µs
+        self.server = Server(settings=self.settings, backend=self.backend, tokens=None, metrics=None)
         self._ids = itertools.count(1)
         self._started = False
         self._closed = False

@@ -149,6 +149,22 @@ def test_a_keyed_call_applies_once(via, unique_name):
     assert syn.describe()["counters"] == {"evolve": 1}
 
 
+@pytest.mark.parametrize("transport", ["rest", "local"])
+def test_learning_calls_carry_a_key_over_the_network_and_none_in_process_unless_given(transport, live_server,
+                                                                                       unique_name):
+    with SynapseClient("local" if transport == "local" else live_server.url) as client:
+        syn = client.create(unique_name, kind=KIND, config=CONFIG)
+        registry = client._local.engine.backend.registry if transport == "local" else live_server.registry
+        remembered = registry._get(InstanceKey.of("local", unique_name)).answers._entries
+        syn.evolve(X, POST)
+        syn.step(X, POST)
+        # over the network a retry after a dropped connection must not apply them twice; in-process nothing is
+        # retried, and remembering a key costs a hash of the tensors
+        assert len(remembered) == (2 if transport == "rest" else 0)
+        syn.call("evolve", pre=X, post=POST, idempotency_key="given")
+        assert "given" in remembered
+
+
 def test_snapshots_files_and_listing(via, unique_name, tmp_path):
     syn = via.create(unique_name, kind=KIND, config=CONFIG)
     syn.evolve(X, POST)

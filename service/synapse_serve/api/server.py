@@ -25,7 +25,7 @@ class Server:
     settings: Settings
     backend: Backend
     tokens: TokenTable | None  # None: authentication is off
-    metrics: Metrics
+    metrics: Metrics | None  # None: nothing could read them (the in-process engine serves no /metrics)
     phase: str = "starting"
     ready: threading.Event = field(default_factory=threading.Event)
     poll: BusyPoll | None = None  # the event loop's busy polling after answers (None: no sockets, in-process)
@@ -41,6 +41,8 @@ class Server:
 
     def count_operation(self, operation: Any, status: int, seconds: float) -> None:
         """An operation call in the metrics, by operation (names the server does not know: ``unknown``)."""
+        if self.metrics is None:
+            return
         label = operation if operation in self.backend.operation_names() else "unknown"
         self.metrics.observe_operation(label, status, seconds)
 
