@@ -819,9 +819,9 @@ class Synapse(_Handle):
     def call(self, operation: str, *, returns: Sequence[str] | None = None, if_version: int | None = None,
              idempotency_key: str | None = None, sequence: dict[str, Any] | None = None,
              **tensors: Any) -> dict[str, Any]:
-        """Run any operation by name. Retried after a dropped connection only with an Idempotency-Key (evolve and
-        step always carry one), so a call is never run twice by accident. Tensors with a leading time axis
-        ``(steps, batch, …)`` run ``steps`` steps in one call (``sequence``: ``{"every": k}`` or
+        """Run any operation by name. Retried after a dropped connection only with an Idempotency-Key (over the
+        network evolve and step always carry one), so a call is never run twice by accident. Tensors with a leading
+        time axis ``(steps, batch, …)`` run ``steps`` steps in one call (``sequence``: ``{"every": k}`` or
         ``{"last": True}``; see ``run_sequence``)."""
         body = self.client._op_body(tensors, returns, sequence)
         headers = self.client._op_headers(operation, if_version, idempotency_key)
@@ -989,9 +989,9 @@ class AsyncSynapse(_Handle):
     async def call(self, operation: str, *, returns: Sequence[str] | None = None, if_version: int | None = None,
                    idempotency_key: str | None = None, sequence: dict[str, Any] | None = None,
                    **tensors: Any) -> dict[str, Any]:
-        """Run any operation by name. Retried after a dropped connection only with an Idempotency-Key (evolve and
-        step always carry one), so a call is never run twice by accident. Tensors with a leading time axis run
-        a sequence (see ``run_sequence``)."""
+        """Run any operation by name. Retried after a dropped connection only with an Idempotency-Key (over the
+        network evolve and step always carry one), so a call is never run twice by accident. Tensors with a leading
+        time axis run a sequence (see ``run_sequence``)."""
         body = self.client._op_body(tensors, returns, sequence)
         headers = self.client._op_headers(operation, if_version, idempotency_key)
         return await self.client.request("POST", self._url(f"/{quote(str(operation), safe='')}"), body,
