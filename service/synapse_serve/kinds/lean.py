@@ -10,7 +10,7 @@ compartments (donated: they are replaced, and XLA may reuse their buffers) and t
 ones (kept), and returns only the written ones. A sent tensor the operation stores as it is (a
 forward's ``inputs``) is donated too: JAX copies a host array into a buffer of the program's own
 to run it anyway, and that buffer becomes the stored compartment, where the program would
-otherwise copy it once more (~10 µs for the 131 KB of docs/benchmarks.md's loop). The computation
+otherwise copy it once more (~20 µs a forward of docs/benchmarks.md's loop, 131 KB). The computation
 is the operation's own, traced from the same function; the tests check it against the
 whole-state call bit for bit.
 
