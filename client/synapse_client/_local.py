@@ -36,8 +36,10 @@ def _engine(base_url: str, asynchronous: bool, settings: dict[str, Any]) -> Any:
 def _frame(method: str, path: str, body: Any, headers: dict[str, str] | None) -> dict[str, Any] | None:
     """The request's frame, its references in their wire form (what the engine reads)."""
     frame = frame_of(method, path, body, headers)
-    if frame is not None and isinstance(frame.get("tensors"), dict):
-        frame["tensors"] = {k: v.to_wire() if isinstance(v, Ref) else v for k, v in frame["tensors"].items()}
+    if frame is not None:
+        for holder in [frame, *(c for c in frame.get("calls") or () if isinstance(c, dict))]:  # a packed call's too
+            if isinstance(holder.get("tensors"), dict):
+                holder["tensors"] = {k: v.to_wire() if isinstance(v, Ref) else v for k, v in holder["tensors"].items()}
     return frame
 
 

@@ -21,13 +21,14 @@ import asyncio
 import itertools
 import tempfile
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-from synapse_serve.api.frames import run_frame
+from synapse_serve.api.frames import problem_of, run_frame
 from synapse_serve.api.server import Server
 from synapse_serve.auth import LOCAL
+from synapse_serve.errors import MalformedBody
 from synapse_serve.settings import Settings
 
 
@@ -71,7 +72,9 @@ class Engine:
         """A frame's answer, computed in this thread (blocking engines only)."""
         if self._closed:
             raise RuntimeError("this in-process engine is closed")
-        return _complete(run_frame(self.server, LOCAL, frame, f"local:{next(self._ids)}"))
+        request_id = f"local:{next(self._ids)}"
+        refused = self._oversized(frame, request_id)
+        return refused or _complete(run_frame(self.server, LOCAL, frame, request_id))
 
     async def arun(self, frame: dict[str, Any]) -> dict[str, Any]:
         """A frame's answer, awaited on the running loop (asyncio engines; started on first use)."""
@@ -84,7 +87,18 @@ class Engine:
                     await self.backend.start()
                     self._started = True
                     await self._get_ready()
-        return await run_frame(self.server, LOCAL, frame, f"local:{next(self._ids)}")
+        request_id = f"local:{next(self._ids)}"
+        return self._oversized(frame, request_id) or await run_frame(self.server, LOCAL, frame, request_id)
+
+    def _oversized(self, frame: dict[str, Any], request_id: str) -> dict[str, Any] | None:
+        """The 400 answer REST and the stream give a tensor over max_tensor_elements (their decoders refuse it; here
+        the caller's arrays arrive as they are), or None."""
+        limit = self.server.settings.max_tensor_elements
+        for array in _arrays(frame):
+            if array.size > limit:
+                error = MalformedBody(f"shape {list(array.shape)} declares {array.size} elements; the limit is {limit}")
+                return {"status": error.status, "problem": problem_of(error, request_id)}
+        return None
 
     @property
     def ready(self) -> bool:
@@ -109,6 +123,18 @@ def _close_now(backend: Any, temporary: tempfile.TemporaryDirectory | None) -> N
     _complete(backend.close())
     if temporary is not None:
         temporary.cleanup()
+
+
+def _arrays(value: Any, depth: int = 0) -> Iterator[Any]:
+    """Every array in a frame (its tensors, a packed call's, a write's value); frames nest a few levels at most."""
+    if hasattr(value, "shape") and hasattr(value, "size"):
+        yield value
+    elif depth < 8 and isinstance(value, dict):
+        for item in value.values():
+            yield from _arrays(item, depth + 1)
+    elif depth < 8 and isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _arrays(item, depth + 1)
 
 
 def _complete(coroutine: Coroutine) -> Any:

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     max_state_bytes_per_owner: int = Field(16 << 30, ge=1, description="quota: state bytes per owner")
     max_snapshot_bytes_per_owner: int = Field(16 << 30, ge=1, description="quota: bytes of snapshot files per owner")
     max_batch: int = Field(65536, ge=1, description="largest batch a call may send or a signal compartment may hold")
+    max_answer_bytes: int = Field(
+        256 << 20, ge=1024, description="largest answer a sequence call may keep (its returned compartments, once "
+                                        "per kept step); a larger one is refused (422) before it runs")
     idempotency_answer_bytes: int = Field(
         256 << 20, ge=0, description="bytes of stored answers to Idempotency-Key calls, server-wide; beyond it the "
                                      "oldest answers' tensors are dropped (their calls still never run twice)")

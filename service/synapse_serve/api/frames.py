@@ -56,6 +56,8 @@ def _text(frame: dict[str, Any], field: str) -> str:
 def _tensor(field: str, value: Any) -> Any:
     if isinstance(value, dict) and "ref" in value:
         return compartment_ref(field, value)
+    if isinstance(value, CompartmentRef):  # already parsed (a JSON body's): the call's own checks answer for it
+        return value
     if value is not None and not hasattr(value, "dtype"):
         raise MalformedBody(f"{field}: expected a tensor map {{dtype, shape, data}}, received {type(value).__name__}")
     return value

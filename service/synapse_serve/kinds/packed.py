@@ -7,6 +7,10 @@ batch the arithmetic itself into other kernels, which round differently), and ea
 back the compartments the operation writes (``kinds/lean.py``'s plan says which: a forward reads
 the weights and writes inputs and outputs, so that is all that moves). Nothing is donated: a
 packed call is applied to all its instances or to none (the registry commits them together).
+
+``run_stacked`` is the same call on instances whose states are already stacked (``local/stack.py``):
+the stacked compartments go in as they are and the written ones come back stacked, one buffer per
+compartment instead of one per instance and compartment.
 """
 
 from __future__ import annotations
@@ -38,18 +42,38 @@ def run_packed(plan: Plan, config: Any, states: list[Any], *tensors: Any) -> lis
     return out
 
 
+def run_stacked(plan: Plan, config: Any, leaves: list[Any], *tensors: Any) -> list[Any]:
+    """The stacked leaves (``plan.treedef``'s order, each with a leading instance axis) after the operation, each
+    instance's slice computed as a separate call computes it; ``tensors`` stacked the same way (or None)."""
+    meta = (plan.treedef, plan.read, plan.written, plan.in_specs)
+    written = _on_stack(plan.fn, config, meta, [leaves[i] for i in plan.read], *tensors)
+    out = list(leaves)
+    for index, value in zip(plan.written, written):
+        out[index] = value
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _on_stack(fn: Callable[..., Any], config: Any, meta: tuple, reads: list, *tensors: Any) -> list:
+    treedef, read_at, written_at, specs = meta
+    return lax.map(functools.partial(_one, fn, config, treedef, read_at, written_at, specs), (reads, tensors))
+
+
+def _one(fn: Callable[..., Any], config: Any, treedef: Any, read_at: tuple, written_at: tuple, specs: tuple,
+         slices: tuple) -> list:
+    """One instance's written leaves from its read leaves and its tensors."""
+    read, sent = slices
+    leaves = [jnp.zeros(shape, dtype) for shape, dtype in specs]  # those never read: XLA drops them
+    for index, value in zip(read_at, read):
+        leaves[index] = value
+    new = jax.tree_util.tree_leaves(fn(config, jax.tree_util.tree_unflatten(treedef, leaves), *sent))
+    return [new[i] for i in written_at]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _packed(fn: Callable[..., Any], config: Any, meta: tuple, reads: list, *tensors: Any) -> list:
     treedef, read_at, written_at, specs, count = meta
-
-    def one(slices: tuple) -> list:
-        read, sent = slices
-        leaves = [jnp.zeros(shape, dtype) for shape, dtype in specs]  # those never read: XLA drops them
-        for index, value in zip(read_at, read):
-            leaves[index] = value
-        new = jax.tree_util.tree_leaves(fn(config, jax.tree_util.tree_unflatten(treedef, leaves), *sent))
-        return [new[i] for i in written_at]
-
+    one = functools.partial(_one, fn, config, treedef, read_at, written_at, specs)
     stacked = ([jnp.stack(values) for values in reads], tensors)
     if not jax.tree_util.tree_leaves(stacked):  # nothing read, nothing sent (a reset): the same slice, count times
         return [one(([], tuple(None for _ in tensors))) for _ in range(count)]

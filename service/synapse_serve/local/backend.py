@@ -146,7 +146,8 @@ def registry_from(settings: Settings) -> Registry:
     limits = Limits(max_instances=settings.max_instances, max_instances_per_owner=settings.max_instances_per_owner,
                     max_state_bytes_per_owner=settings.max_state_bytes_per_owner,
                     max_snapshot_bytes_per_owner=settings.max_snapshot_bytes_per_owner,
-                    max_batch=settings.max_batch, device_budget_bytes=settings.device_budget_bytes)
+                    max_batch=settings.max_batch, device_budget_bytes=settings.device_budget_bytes,
+                    max_answer_bytes=settings.max_answer_bytes)
     return Registry(Capacity(limits), Persistence(Store(settings.state_dir), settings.durability),
                     answer_budget_bytes=settings.idempotency_answer_bytes, history_length=settings.history_length,
                     history_when_off=settings.history_when_durability_off)

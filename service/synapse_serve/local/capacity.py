@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from synapse_serve.errors import DeviceFull, InvalidConfig, QuotaExceeded, ShapeMismatch
+from synapse_serve.errors import DeviceFull, InvalidConfig, InvalidRequest, QuotaExceeded, ShapeMismatch
 from synapse_serve.local.instance import device_name
 
 
@@ -30,6 +30,7 @@ class Limits:
     max_snapshot_bytes_per_owner: int | None = None
     max_batch: int | None = None
     device_budget_bytes: int | None = None
+    max_answer_bytes: int | None = None
 
 
 class Capacity:
@@ -155,6 +156,18 @@ class Capacity:
             raise ShapeMismatch(f"{argument}: {steps} steps of batch {batch} is {steps * batch} samples, over the "
                                 f"server's max_batch of {self.limits.max_batch} for a sequence; send fewer steps per "
                                 "call", argument=argument)
+
+    def check_answer(self, owner: str, nbytes: int, how: str) -> None:
+        """InvalidRequest if an answer of ``nbytes`` (``how``: where they come from) would be over max_answer_bytes or
+        over the owner's state quota: an answer is held in the server's memory as state is, and a sequence's
+        answer grows with its steps while its request need not."""
+        limits = self.limits
+        for name, limit in (("max_answer_bytes", limits.max_answer_bytes),
+                            ("max_state_bytes_per_owner", limits.max_state_bytes_per_owner)):
+            if limit is not None and nbytes > limit:
+                raise InvalidRequest(f"the answer would hold {nbytes} bytes ({how}), over the server's {name} of "
+                                     f"{limit}; return fewer compartments, or use sequence every=k or last",
+                                     argument="sequence", limit=name, answer_bytes=nbytes)
 
     # --- snapshots on disk ---
 

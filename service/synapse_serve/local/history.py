@@ -62,6 +62,12 @@ def _sample(weights: jax.Array, update: jax.Array | None) -> jax.Array:
                       update_norm])
 
 
+@jax.jit
+def sample_stacked(weights: jax.Array, update: jax.Array | None) -> jax.Array:
+    """``_sample`` of each instance of a stack (leading instance axis), one row each, computed one at a time."""
+    return jax.lax.map(lambda pair: _sample(*pair), (weights, update))
+
+
 SETTLE_EVERY = 32  # device samples waiting before the finished ones are copied to the host
 
 
@@ -85,6 +91,10 @@ class History:
         self._on_device.append(entry)
         if len(self._on_device) >= SETTLE_EVERY:
             self._settle()
+
+    def record_values(self, version: int, steps: int, values: np.ndarray) -> None:
+        """One sample already on the host (a row of ``sample_stacked``'s, for an instance in a stack)."""
+        self._samples.append([version, steps, time.time(), np.asarray(values, np.float64)])
 
     def _settle(self) -> None:
         waiting = []

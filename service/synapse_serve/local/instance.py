@@ -22,6 +22,7 @@ from synapse_serve.errors import AnswerNotKept, IdempotencyKeyReused, Preconditi
 from synapse_serve.kinds import Kind
 from synapse_serve.kinds.base import compartment_paths
 from synapse_serve.local.history import LEARNING_OPERATIONS, History
+from synapse_serve.local.stack import Stack
 from synapse_serve.names import CompartmentRef, InstanceKey
 from synapse_serve.store import APPLIED_KEPT, Record
 
@@ -37,7 +38,9 @@ class Instance:
     """One named synapse: its kind, immutable config, current state and bookkeeping.
 
     ``state`` is None until the instance is built (its name is reserved meanwhile) and again
-    once it is deleted: a caller that waited for its lock then finds it gone.
+    once it is deleted: a caller that waited for its lock then finds it gone. While the instance
+    is a member of a ``Stack`` (``slot``), its state is a row of the stack's arrays, and reading
+    ``state`` gives it its own again (``local/stack.py``).
     """
 
     key: InstanceKey
@@ -46,7 +49,8 @@ class Instance:
     seed: int
     device: jax.Device  # where its state lives; every call on it runs there
     durability: str | None = None  # its own mode; None follows the server's
-    state: Any = None
+    _state: Any = field(default=None, repr=False)
+    slot: tuple[Stack, int] | None = field(default=None, repr=False)  # (stack, position) while stacked
     version: int = 1
     stored_version: int = 0  # the version last written to the store
     counters: dict[str, int] = field(default_factory=dict)
@@ -60,6 +64,54 @@ class Instance:
     plans: dict[tuple, Any] = field(default_factory=dict, repr=False)  # its calls' plans and checked shapes (a few)
     history: History | None = field(default=None, repr=False)  # samples after learning calls (None: not kept)
     running: dict[str, Any] | None = None  # what the call holding its lock runs, and since when
+
+    @property
+    def state(self) -> Any:
+        """Its state (the caller holds its lock): its own buffers, taken out of its stack first if it is in one."""
+        slot = self.slot
+        if slot is not None:
+            slot[0].detach(slot[1])
+        return self._state
+
+    @state.setter
+    def state(self, state: Any) -> None:
+        slot = self.slot
+        if slot is not None:
+            slot[0].detach(slot[1], keep=False)
+        self._state = state
+
+    @property
+    def live(self) -> bool:
+        """Built and not deleted (without taking it out of a stack)."""
+        return self._state is not None or self.slot is not None
+
+    def attach(self, stack: Stack, position: int) -> None:
+        """Its state is now row ``position`` of ``stack`` (``Stack.form``, under its lock)."""
+        self._state, self.slot = None, (stack, position)
+
+    def detach(self, state: Any) -> None:
+        """Its own state again (``Stack.detach``): set before the slot is cleared."""
+        self._state = state
+        self.slot = None
+
+    def host_state(self) -> Any:
+        """Its state for reading on the host (the store's record): a stack's row as numpy views, without taking
+        it out of the stack; otherwise its own state."""
+        slot = self.slot
+        if slot is not None:
+            host = slot[0].host_state(slot[1])
+            if host is not None:
+                return host
+        return self._state
+
+    def layout(self) -> Any:
+        """Its state's structure, shapes and dtypes (a description's), without taking it out of a stack."""
+        slot = self.slot
+        if slot is not None:
+            layout = slot[0].layout()
+            if layout is not None:
+                return layout
+        return self._state
 
     def learning_steps(self) -> int:
         """How many weight updates it has applied (evolve and step calls, every step of a sequence)."""
@@ -84,7 +136,7 @@ class Instance:
         releasing it: the next call donates them)."""
         return Record(kind=self.kind.name, config=self.config.to_dict(), seed=self.seed, version=self.version,
                       counters=dict(self.counters), created_at=self.created_at, saved_at=time.time(),
-                      durability=self.durability, owner=self.key.owner, arrays=compartment_paths(self.state),
+                      durability=self.durability, owner=self.key.owner, arrays=compartment_paths(self.host_state()),
                       provenance=self.provenance(), applied=self.answers.recent() if self.answers else None)
 
     def provenance(self) -> dict[str, Any]:
@@ -96,7 +148,7 @@ class Instance:
     def describe(self, durability: str) -> dict[str, Any]:
         """Kind, config, compartment shapes and dtypes, device, counters, version, and what runs on it now (under
         the lock; or without it while a call runs, from what that call has not replaced yet)."""
-        leaves = compartment_paths(self.state)
+        leaves = compartment_paths(self.layout())
         return {
             "name": self.key.name,
             "owner": self.key.owner,

@@ -17,6 +17,7 @@ import contextlib
 import difflib
 import functools
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -54,10 +55,10 @@ from synapse_serve.kinds.base import (
     unknown_compartment,
 )
 from synapse_serve.kinds import lean
-from synapse_serve.kinds.packed import run_packed
+from synapse_serve.kinds.packed import run_packed, run_stacked
 from synapse_serve.kinds.sequence import sequence_fn
 from synapse_serve.local.capacity import Capacity, Limits
-from synapse_serve.local.history import LEARNING_OPERATIONS, History, weight_stats
+from synapse_serve.local.history import LEARNING_OPERATIONS, History, sample_stacked, weight_stats
 from synapse_serve.local.instance import (
     AnswerBudget,
     IdempotencyCache,
@@ -67,11 +68,14 @@ from synapse_serve.local.instance import (
     signature_of,
 )
 from synapse_serve.local.persistence import Persistence, record_size
+from synapse_serve.local.stack import Stack
 from synapse_serve.names import CompartmentRef, InstanceKey, validate_name
 from synapse_serve.store import DURABILITY_MODES, CorruptFile, Record, decode, read_header, stream_record
 
 log = logging.getLogger("synapse_serve")
 _FLOAT32 = np.dtype(np.float32)
+PACKS_REMEMBERED = 64  # instance lists packed lately: the second packed call on one stacks its instances ...
+PACK_RUNS_AT_MOST = 64  # ... or, each time its stack was emptied by calls on its members, twice as many, up to this
 PREDICTIONS_KEPT = 4096  # (operation, config, shapes) -> the state a call leaves: one trace each
 
 
@@ -137,6 +141,8 @@ class Registry:
         self.answers = AnswerBudget(answer_budget_bytes)
         self._predictions: OrderedDict[tuple, tuple[tuple, int]] = OrderedDict()
         self._predictions_lock = threading.Lock()
+        # instance lists packed lately: (usual runs since the last stack, runs needed to stack, the last stack)
+        self._packs_seen: OrderedDict[tuple[InstanceKey, ...], tuple[int, int, Stack | None]] = OrderedDict()
 
     # --- lifecycle of the registry ---
 
@@ -208,7 +214,7 @@ class Registry:
             instances = list(self._instances.values())
         for instance in instances:
             with instance.lock:
-                if instance.state is not None:
+                if instance.live:
                     jax.block_until_ready(instance.state)
 
     # --- instances ---
@@ -226,6 +232,7 @@ class Registry:
             raise InvalidConfig(f"init: unknown keys {sorted(map(str, unknown))}; allowed: weights, biases",
                                 field="init")
         seed = require_int("seed", seed, 0, 2**63 - 1)
+        self._check_batch_size(cfg)
         nbytes = kind_.state_nbytes(cfg)
         target = self.capacity.resolve(device, nbytes)
         instance = self._reserve(key, kind_, cfg, seed, target, durability, nbytes)
@@ -256,6 +263,7 @@ class Registry:
         durability = record.durability if stored else self._durability(record.durability)
         if not stored:
             self._check_record(kind_, record)
+            self._check_batch_size(cfg)
         nbytes = max(int(sum(np.asarray(a).nbytes for a in record.arrays.values())),
                      0 if stored else kind_.state_nbytes(cfg))
         target = self.capacity.resolve(None, nbytes)
@@ -264,6 +272,13 @@ class Registry:
         max_batch = None if stored else self.capacity.limits.max_batch
         return self._build(instance, lambda: state_from_compartments(kind_, cfg, record.seed, record.arrays,
                                                                      max_batch))
+
+    def _check_batch_size(self, cfg: Any) -> None:
+        """A config's batch_size (its signals' batch at creation and after every reset) within max_batch."""
+        max_batch, batch_size = self.capacity.limits.max_batch, getattr(cfg, "batch_size", None)
+        if max_batch is not None and batch_size is not None and batch_size > max_batch:
+            raise InvalidConfig(f"batch_size {batch_size} is over the server's max_batch of {max_batch} (the largest "
+                                "batch a signal compartment may hold)", field="batch_size")
 
     @staticmethod
     def _check_record(kind_: Kind, record: Record) -> None:
@@ -366,18 +381,18 @@ class Registry:
                                key=lambda i: i.key)
         out = []
         for instance in instances:
-            if instance.running is not None and instance.state is not None:
+            if instance.running is not None and instance.live:
                 out.append(instance.describe(self.persistence.mode(instance)))
                 continue
             with instance.lock:
-                if instance.state is not None:
+                if instance.live:
                     out.append(instance.describe(self.persistence.mode(instance)))
         return out
 
     def describe(self, key: InstanceKey) -> dict[str, Any]:
         """The instance's description; while a long call holds it, at once (saying what runs and since when)."""
         instance = self._get(key)
-        if instance.running is not None and instance.state is not None:  # do not wait for the call to end
+        if instance.running is not None and instance.live:  # do not wait for the call to end
             return instance.describe(self.persistence.mode(instance))
         with self._hold(instance) as instance:
             return instance.describe(self.persistence.mode(instance))
@@ -385,7 +400,7 @@ class Registry:
     def learning_stats(self, key: InstanceKey) -> dict[str, Any]:
         """Statistics of the weights, the last update and the biases now (numpy's, on host copies)."""
         with self._hold(key) as instance:
-            leaves = compartment_paths(instance.state)
+            leaves = compartment_paths(instance.host_state())  # a stacked instance stays stacked
             copies = {c: np.asarray(leaves[c]) for c in ("weights", "dWeights", "biases") if c in leaves}
             head = {"name": key.name, "owner": key.owner, "kind": instance.kind.name, "version": instance.version,
                     "counters": dict(instance.counters)}
@@ -408,7 +423,7 @@ class Registry:
     def peek(self, key: InstanceKey) -> tuple[tuple, bool] | None:
         """Without waiting: the instance's compartment shapes and whether its mode is sync (None if absent)."""
         instance = self._instances.get(key)
-        if instance is None or instance.state is None:
+        if instance is None or not instance.live:
             return None
         return instance.signature, self.persistence.mode(instance) == "sync"
 
@@ -434,9 +449,9 @@ class Registry:
                                    f"{', '.join(instance.kind.operations)}", operation=str(operation)[:64])
         args, steps = self._bind(instance, op, tensors)
         returned = list(op.returns if returns is None else returns)
-        fn, count = op.fn, 1
+        fn, count, kept = op.fn, 1, 1
         if steps or sequence is not None:
-            fn, count = self._sequence(op, args, steps, returned, sequence), steps
+            (fn, kept), count = self._sequence(op, args, steps, returned, sequence), steps
         print_ = fingerprint(operation, args, returned, sequence) if idempotency_key is not None else ""
         # another instance's compartments are copied before our lock is taken: never two locks at once
         args = [self._read_for(instance, arg.name, a) if isinstance(a, CompartmentRef) and a.instance else a
@@ -456,6 +471,8 @@ class Registry:
                         else a for arg, a in zip(op.args, args)]
                 self._check_batches(instance, op, args, steps)  # the resolved ones too
             new_signature, new_bytes, runner, plan = self._predict(instance, op.name, fn, args)
+            if steps:  # the one answer that grows with what is asked, not with what is held: bounded before it runs
+                self._check_sequence_answer(instance, returned, new_signature, kept, steps)
             self.capacity.resize(key.owner, instance.device, instance.held_bytes, new_bytes)  # refused before work
             try:
                 out = device_call(runner, instance.config, instance.state, *args)
@@ -505,10 +522,11 @@ class Registry:
                                     f"order of the names), received shape {tuple(np.shape(value))}", argument=name)
             split.append((name, None if value is None else np.asarray(value)))
         per_instance = [{name: None if value is None else value[i] for name, value in split} for i in range(len(keys))]
-        return self._packed(keys, operation, per_instance, returns, idempotency_key, stacked=True)
+        return self._packed(keys, operation, per_instance, returns, idempotency_key, stacked=True, whole=dict(split))
 
     def _packed(self, keys: list[InstanceKey], operation: str, tensors: list[Mapping[str, Any]],
-                returns: list[str] | None, idempotency_key: str | None, *, stacked: bool) -> Any:
+                returns: list[str] | None, idempotency_key: str | None, *, stacked: bool,
+                whole: Mapping[str, Any] | None = None) -> Any:
         if not keys:
             raise InvalidRequest("calls: send at least one call", argument="calls")
         if len(set(keys)) != len(keys):
@@ -540,6 +558,16 @@ class Registry:
                 replayed = self._replay_many(bound, idempotency_key, at)
                 if replayed is not None:
                     return _stacked(replayed, bound[0][3]) if stacked else replayed
+            # the stack of the first member still in one (those taken out may go back in)
+            stack = next((entry[0].slot[0] for entry in bound if entry[0].slot is not None), None)
+            if stack is not None and not stack.holds([entry[0] for entry in bound]):
+                stack = None
+            if stack is not None:
+                on_stack = self._on_stack(stack, bound, operation, idempotency_key, whole, at)
+                if on_stack is not None:
+                    return on_stack if stacked else _unstacked_answers(on_stack, bound[0][3])
+            for held in {id(e[0].slot[0]): e[0].slot[0] for e in bound if e[0].slot is not None}.values():
+                held.release()  # the usual way reads each member's own state
             planned, resized = [], []
             try:
                 for at.index, (instance, op, args, returned, _) in enumerate(bound):
@@ -569,7 +597,82 @@ class Registry:
                 answers.append(answer)
             for at.index, (instance, *_) in enumerate(bound):
                 self.persistence.persist(instance)
+            at.index = None
+            self._maybe_stack([entry[0] for entry in bound], planned)
             return _stacked(answers, bound[0][3]) if stacked else answers
+
+    def _on_stack(self, stack: Stack, bound: list[tuple], operation: str, idempotency_key: str | None,
+                  whole: Mapping[str, Any] | None, at: Any) -> dict[str, Any] | None:
+        """A packed call on a stack's members, in its order, run on the stack's arrays (under every lock, bound and
+        checked as any packed call): the stacked answer, or None where it cannot run there (the caller runs it the
+        usual way, which takes the members out of the stack).
+
+        The members share kind, config, shapes and so every check's outcome: those are made once, on the first."""
+        first, op, args, returned, _ = bound[0]
+        shapes = [None if a is None else (a.shape, a.dtype) for a in args]
+        if any([None if a is None else (a.shape, a.dtype) for a in entry[2]] != shapes for entry in bound[1:]):
+            return None  # tensors of other shapes per instance: the usual way says which
+        if not stack.readmit(tuple((tuple(leaf.shape[1:]), leaf.dtype) for leaf in stack.leaves)):
+            return None  # a member's compartments changed shape since: the usual way
+        at.index = 0
+        self._check_returned(first, returned)
+        signature, nbytes, _, plan = self._predict(first, operation, op.fn, args)
+        if plan is None or not (plan.read or any(a is not None for a in args)):
+            return None  # nothing read, nothing sent (a reset): one slice for all, the usual way
+        # the stacked form's own tensors where the checks left their slices as they were (float32), else restacked
+        tensors = tuple(None if a is None else whole[spec.name]
+                        if whole is not None and getattr(whole.get(spec.name), "dtype", None) == a.dtype
+                        else np.stack([entry[2][i] for entry in bound]) for i, (spec, a) in enumerate(zip(op.args, args)))
+        resized = []
+        try:
+            for at.index, (instance, *_) in enumerate(bound):
+                self.capacity.resize(instance.key.owner, instance.device, instance.held_bytes, nbytes)
+                resized.append(instance)
+            at.index = None
+            leaves = device_call(run_stacked, plan, first.config, stack.leaves, *tensors)
+            samples = None
+            if operation in LEARNING_OPERATIONS and any(entry[0].history is not None for entry in bound):
+                at_leaf = plan.leaf_index
+                update = leaves[at_leaf["dWeights"]] if "dWeights" in at_leaf else None
+                samples = np.asarray(device_call(sample_stacked, leaves[at_leaf["weights"]], update))
+        except BaseException:
+            for instance in resized:
+                self.capacity.resize(instance.key.owner, instance.device, nbytes, instance.held_bytes, check=False)
+            raise
+        stack.leaves = leaves
+        answer: dict[str, Any] = {c: np.asarray(leaves[plan.leaf_index[c]]) for c in returned}
+        versions = []
+        for position, (instance, _, _, _, print_) in enumerate(bound):
+            self._advance(instance, operation, signature, nbytes,
+                          None if samples is None else samples[position])
+            versions.append(instance.version)
+            if idempotency_key is not None:  # its own copies: a row must not keep the whole stack's answer alive
+                instance.answers.remember(idempotency_key, print_, {
+                    "version": instance.version, **{c: np.array(answer[c][position]) for c in returned}})
+        for at.index, (instance, *_) in enumerate(bound):
+            self.persistence.persist(instance)
+        at.index = None
+        return {"versions": versions, **answer}
+
+    def _maybe_stack(self, instances: list[Instance], planned: list[tuple]) -> None:
+        """Stack the instances of a packed call that ran as one group (one plan, one device) once the same list is
+        packed a second time: its next packed calls then run on the stack (``local/stack.py``). A list whose stack
+        was emptied by other calls on its members (a loop that mixes packed and separate calls) waits for twice as
+        many packed calls the next time: stacking and taking out cost a device call per instance."""
+        if len(instances) < 2 or planned[0][2] is None or any(p[2] is not planned[0][2] for p in planned) \
+                or any(i.device != instances[0].device for i in instances):
+            return
+        keys = tuple(instance.key for instance in instances)
+        with self._lock:
+            runs, needed, last = self._packs_seen.pop(keys, (0, 2, None))
+            if last is not None and last.attached == 0 and not last.released:  # emptied by other calls: back off
+                runs, needed, last = 0, min(2 * needed, PACK_RUNS_AT_MOST), None
+            runs += 1
+            if runs >= needed:
+                last = Stack.form(instances, [instance.state for instance in instances])
+            self._packs_seen[keys] = (runs, needed, last)
+            while len(self._packs_seen) > PACKS_REMEMBERED:
+                self._packs_seen.popitem(last=False)
 
     def _replay_many(self, bound: list[tuple], idempotency_key: str, at: Any) -> list[dict[str, Any]] | None:
         """The first answers of a packed call with this key, or None if it never ran (under every lock)."""
@@ -630,7 +733,7 @@ class Registry:
         asked = ("returns", *returned)
         if asked in instance.plans:
             return
-        names = leaf_names(jax.tree_util.tree_structure(instance.state))
+        names = leaf_names(jax.tree_util.tree_structure(instance.layout()))
         for compartment in returned:
             if compartment not in names:
                 raise unknown_compartment(instance.kind, compartment, names, "cannot return")
@@ -689,8 +792,9 @@ class Registry:
             self.capacity.check_batch(arg.name, batch, steps)
 
     def _sequence(self, op: Any, args: list[Any], steps: int, returned: list[str],
-                  options: Mapping[str, Any] | None) -> Callable[..., Any]:
-        """The compiled sequence of ``steps`` runs of ``op`` (options checked: every, last)."""
+                  options: Mapping[str, Any] | None) -> tuple[Callable[..., Any], int]:
+        """The compiled sequence of ``steps`` runs of ``op`` (options checked: every, last), and how many times its
+        answer holds the returned compartments."""
         options = {} if options is None else options
         if not isinstance(options, Mapping):
             raise InvalidRequest("sequence: expected a map {every?, last?}", argument="sequence")
@@ -712,7 +816,16 @@ class Registry:
             raise InvalidRequest(f"{exc.detail} (the steps sent)", argument="sequence") from None
         if last and "every" in options:
             raise InvalidRequest("sequence: give every or last, not both", argument="sequence")
-        return sequence_fn(op.fn, tuple(returned), every, last)
+        return sequence_fn(op.fn, tuple(returned), every, last), 1 if last else steps // every
+
+    def _check_sequence_answer(self, instance: Instance, returned: list[str], signature: tuple, kept: int,
+                               steps: int) -> None:
+        """A sequence's answer (each returned compartment ``kept`` times) within max_answer_bytes and the quota."""
+        names = leaf_names(jax.tree_util.tree_structure(instance.layout()))
+        sizes = dict(zip(names, (math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in signature)))
+        one = sum(sizes[c] for c in returned)
+        self.capacity.check_answer(instance.key.owner, kept * one,
+                                   f"{', '.join(returned)}: {one} bytes, kept {kept} times of {steps} steps")
 
     @staticmethod
     def _resolve(instance: Instance, argument: str, ref: CompartmentRef | _Fetched, leaves: Mapping[str, Any]) -> Any:
@@ -749,10 +862,10 @@ class Registry:
                 instance.remember_plan(own, known)
                 return known
         if fn is instance.kind.operations[operation].fn:
-            plan = lean.plan(fn, instance.config, instance.state, *args)
+            plan = lean.plan(fn, instance.config, instance.layout(), *args)
             signature, runner = plan.out_signature, plan.run
         else:  # a sequence: (state, kept)
-            signature = signature_of(jax.eval_shape(functools.partial(fn, instance.config), instance.state, *args)[0])
+            signature = signature_of(jax.eval_shape(functools.partial(fn, instance.config), instance.layout(), *args)[0])
             plan, runner = None, fn
         known = (signature, nbytes_of(signature), runner, plan)
         instance.remember_plan(own, known)
@@ -768,17 +881,27 @@ class Registry:
         runs: a sequence's steps), last use and size. ``accounted``: capacity already counts ``nbytes`` (else it
         is resized here, unchecked)."""
         instance.state = state
+        if not accounted:
+            self._account(instance, nbytes, check=False)
+        self._advance(instance, counter, signature, nbytes, state, count)
+
+    @staticmethod
+    def _advance(instance: Instance, counter: str | None, signature: tuple, nbytes: int, sampled: Any,
+                 count: int = 1) -> None:
+        """A mutation's bookkeeping (``_commit``'s; a stack's packed call, whose states stay stacked, does only
+        this): version, counter, history sample (of ``sampled``: the new state, or its sample's values), last use,
+        signature, size (capacity already counts it)."""
         instance.version += 1
         if counter is not None:
             instance.counters[counter] = instance.counters.get(counter, 0) + count
             if counter in LEARNING_OPERATIONS and instance.history is not None:
-                instance.history.record(instance.version, instance.learning_steps(), state)
+                if isinstance(sampled, np.ndarray):
+                    instance.history.record_values(instance.version, instance.learning_steps(), sampled)
+                else:
+                    instance.history.record(instance.version, instance.learning_steps(), sampled)
         instance.last_used_at = time.time()
         instance.signature = signature
-        if accounted:
-            instance.held_bytes = nbytes
-        else:
-            self._account(instance, nbytes, check=False)
+        instance.held_bytes = nbytes
 
     def _account(self, instance: Instance, nbytes: int, *, check: bool) -> None:
         """Make capacity count ``nbytes`` for the instance (checked growth raises before anything changes)."""
@@ -788,7 +911,7 @@ class Registry:
     def read(self, key: InstanceKey, compartment: str) -> tuple[np.ndarray, int]:
         """A host copy of one compartment and the version it belongs to."""
         with self._hold(key) as instance:
-            leaves = compartment_paths(instance.state)
+            leaves = compartment_paths(instance.host_state())  # a stacked instance stays stacked
             if compartment not in leaves:
                 raise unknown_compartment(instance.kind, compartment, leaves)
             return np.asarray(leaves[compartment]), instance.version
@@ -876,7 +999,7 @@ class Registry:
         self.persistence.require_store()
         now = time.time() if now is None else now
         with self._lock:
-            candidates = [i for i in self._instances.values() if i.state is not None and now - i.last_used_at >= idle_s]
+            candidates = [i for i in self._instances.values() if i.live and now - i.last_used_at >= idle_s]
         evicted = []
         for instance in candidates:
             with instance.lock:
@@ -925,13 +1048,13 @@ class Registry:
             instances = list(self._instances.values())
         for instance in instances:
             with instance.lock:  # a consistent state, and no delete can race the write
-                if instance.state is None or self._instances.get(instance.key) is not instance:
+                if not instance.live or self._instances.get(instance.key) is not instance:
                     continue
                 if self.persistence.pending(instance):
                     written += self.persistence.write(instance, logging.WARNING)
         with self._lock:
             live = list(self._instances.values())
-        self.persistence.flushed(any(i.state is not None and self.persistence.pending(i) for i in live))
+        self.persistence.flushed(any(i.live and self.persistence.pending(i) for i in live))
         return written
 
     # --- views for operators ---
@@ -943,7 +1066,7 @@ class Registry:
     def stats(self) -> dict[str, Any]:
         """Gauges: instances by kind and owner, state bytes by device, calls waiting by owner."""
         with self._lock:
-            instances = [i for i in self._instances.values() if i.state is not None]
+            instances = [i for i in self._instances.values() if i.live]
         by_kind_owner: dict[tuple[str, str], int] = {}
         queues: dict[str, int] = {}
         for instance in instances:
@@ -1003,7 +1126,7 @@ class Registry:
                 with self._lock:
                     instance.waiting -= 1
         try:
-            if instance.state is None or self._instances.get(instance.key) is not instance:
+            if not instance.live or self._instances.get(instance.key) is not instance:
                 raise NotFound(f"no instance named {instance.key.name!r}", name=instance.key.name)
             if signature is not None and instance.signature != signature:
                 raise Busy
@@ -1073,6 +1196,12 @@ def _check_stackable(returned: list[str], signature: tuple, plan: lean.Plan, fir
             raise InvalidRequest(f"{name} would be {tuple(mine[0])} {mine[1]} here and {tuple(theirs[0])} {theirs[1]} "
                                  "on names[0]; a stacked call returns each compartment stacked, so its instances must "
                                  "agree (pack instances of one config, or use calls)", argument="names")
+
+
+def _unstacked_answers(stacked: dict[str, Any], returned: list[str]) -> list[dict[str, Any]]:
+    """A stacked answer as per-instance answers (row views)."""
+    return [{"version": version, **{c: stacked[c][i] for c in returned}}
+            for i, version in enumerate(stacked["versions"])]
 
 
 def _stacked(answers: list[dict[str, Any]], returned: list[str]) -> dict[str, Any]:

@@ -1,0 +1,140 @@
+"""Same-config instances kept stacked, so that packed calls on them need one buffer per compartment.
+
+A packed call on separate instances passes every instance's compartments into its device call
+and gets every instance's new compartments back: one buffer each way per instance and
+compartment, which is most of what a packed call on many small instances costs (256 tiny
+forwards: ~1.1 ms of a ~2.5 ms device call splitting the outputs alone). When the same instances
+are packed again, the registry keeps their states stacked instead (``Stack``): one array per
+compartment with a leading member axis, and the next packed call on them, in the same order,
+runs on those arrays directly (``kinds/packed.py``'s ``run_stacked``) and leaves its results
+stacked.
+
+A member gets its own state back (``detach``: its row, one small device call) as soon as anything
+but such a packed call needs it: a single call, a write, a reference, a delete. Reads that need
+only host copies (the store's record, a compartment read, statistics, a description's shapes)
+take them from the stack and leave the member in it. The next packed call on the whole list puts
+detached members back (``readmit``: one small call each) if their compartments still have the
+stack's shapes; otherwise it runs the usual way. Once fewer than half the members are in, the
+rest are detached too, so a stack never keeps more than half its rows alive for nothing.
+
+Locking: a stack's arrays are replaced only by a packed call that holds every member's lock, and
+a member is detached only by the holder of its own lock; the stack's own lock orders detaching
+against reading its host copies.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+from jax import numpy as jnp
+
+
+class Stack:
+    """The states of ``members`` (one kind, config, device and signature), leaf by leaf, stacked in order."""
+
+    def __init__(self, members: list[Any], treedef: Any, leaves: list[Any]) -> None:
+        self.members = members
+        self.treedef = treedef
+        self.leaves = leaves  # replaced (never changed in place) by each packed call on the stack
+        self.lock = threading.Lock()
+        self.attached = len(members)
+        self.released = False  # emptied by a packed call that ran the usual way (not by calls on its members)
+        self._host: tuple[list[Any], list[np.ndarray]] | None = None
+
+    @classmethod
+    def form(cls, members: list[Any], states: list[Any]) -> Stack:
+        """Stack the members' states (under every member's lock) and attach them; their own buffers go."""
+        treedef = jax.tree_util.tree_structure(states[0])
+        flat = [treedef.flatten_up_to(state) for state in states]
+        leaves = [_column(list(column)) for column in zip(*flat)]  # one compiled concatenation per compartment
+        stack = cls(list(members), treedef, leaves)
+        for position, member in enumerate(members):
+            member.attach(stack, position)
+        return stack
+
+    def detach(self, position: int, *, keep: bool = True) -> None:
+        """Give the member at ``position`` its own state again (under its lock; without ``keep`` its row is dropped,
+        as when its state is replaced anyway). Fewer than half the members left: the rest are detached too."""
+        with self.lock:
+            member = self.members[position]
+            if member.slot is None or member.slot[0] is not self:
+                return
+            member.detach(self.treedef.unflatten(_row(self.leaves, position)) if keep else None)
+            self.attached -= 1
+            if 0 < self.attached * 2 < len(self.members):
+                for at, other in enumerate(self.members):  # their holders wait on this lock to read them
+                    if other.slot is not None and other.slot[0] is self:
+                        other.detach(self.treedef.unflatten(_row(self.leaves, at)))
+                self.attached = 0
+            if self.attached == 0:
+                self.leaves, self._host = [], None
+
+    def release(self) -> None:
+        """Detach every member still in: a packed call on them runs the usual way (members outside that call are
+        detached without their locks, as ``detach`` does once fewer than half are in)."""
+        with self.lock:
+            for at, member in enumerate(self.members):
+                if member.slot is not None and member.slot[0] is self:
+                    member.detach(self.treedef.unflatten(_row(self.leaves, at)))
+            self.attached, self.released = 0, True
+            self.leaves, self._host = [], None
+
+    def readmit(self, signature: tuple) -> bool:
+        """Put every detached member back in (under every member's lock), or say False if one cannot be: gone, or
+        its compartments no longer of the stack's ``signature``."""
+        detached = [(at, m) for at, m in enumerate(self.members) if m.slot is None or m.slot[0] is not self]
+        if not detached:
+            return True
+        if self.attached == 0 or any(not m.live or m.slot is not None or m.signature != signature
+                                     for _, m in detached):
+            return False
+        leaves = self.leaves
+        for at, member in detached:
+            leaves = _put_row(leaves, at, self.treedef.flatten_up_to(member.state))
+        with self.lock:
+            self.leaves = leaves
+            for at, member in detached:
+                member.attach(self, at)
+            self.attached = len(self.members)
+        return True
+
+    def host_state(self, position: int) -> Any | None:
+        """Host copies of one member's compartments (numpy views of one host copy of each stacked leaf); None once
+        it is detached (it has its own state then)."""
+        with self.lock:
+            member = self.members[position]
+            if member.slot is None or member.slot[0] is not self:
+                return None
+            leaves = self.leaves
+            if self._host is None or self._host[0] is not leaves:
+                self._host = (leaves, [np.asarray(leaf) for leaf in leaves])
+            return self.treedef.unflatten([leaf[position] for leaf in self._host[1]])
+
+    def layout(self) -> Any | None:
+        """A member's state as shapes and dtypes only (no values); None once no member is in."""
+        leaves = self.leaves
+        if not leaves:
+            return None
+        return self.treedef.unflatten([jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype) for leaf in leaves])
+
+    def holds(self, instances: list[Any]) -> bool:
+        """Whether ``instances`` are exactly the members, in order (attached or not)."""
+        return len(instances) == len(self.members) and all(a is b for a, b in zip(instances, self.members))
+
+
+@jax.jit
+def _column(values: list[Any]) -> Any:
+    return jnp.stack(values)
+
+
+@jax.jit
+def _row(leaves: list[Any], position: Any) -> list[Any]:
+    return [leaf[position] for leaf in leaves]
+
+
+@jax.jit
+def _put_row(leaves: list[Any], position: Any, row: list[Any]) -> list[Any]:
+    return [leaf.at[position].set(value) for leaf, value in zip(leaves, row)]

@@ -1,0 +1,269 @@
+"""Instances packed again and again are kept stacked (``local/stack.py``): nothing a caller sees may change.
+
+From the second packed call on one list of instances, their states live stacked and the packed
+calls run on the stack. Every answer, compartment, version, counter, history sample and stored
+file must stay what separate calls on twin instances give, bit for bit, whatever touches a member
+in between (a single call, a read, a write, a reference, a delete, a flush), and a refused call
+must change nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from synapse_serve.errors import IdempotencyKeyReused, NotFound, QuotaExceeded
+from synapse_serve.local.capacity import Capacity, Limits
+from synapse_serve.local.persistence import Persistence
+from synapse_serve.local.registry import Registry
+from synapse_serve.local.stack import Stack
+from synapse_serve.names import CompartmentRef, InstanceKey
+from synapse_serve.store import Store, decode
+
+from .test_many_ops import KINDS, key, same_instances, tensors
+
+COUNT = 4
+
+
+def population(registry: Registry, kind: str, prefix: str, count: int = COUNT) -> list[InstanceKey]:
+    for i in range(count):
+        registry.create(key(f"{prefix}{i}"), kind=KINDS[kind][0], config=KINDS[kind][1], seed=i)
+    return [key(f"{prefix}{i}") for i in range(count)]
+
+
+def stack_of(registry: Registry, k: InstanceKey) -> Stack | None:
+    slot = registry._instances[k].slot
+    return None if slot is None else slot[0]
+
+
+def stacked_tensors(registry: Registry, operation: str, seed: int, count: int = COUNT) -> dict[str, np.ndarray]:
+    sent = [tensors(registry, "p0", operation, (), seed=seed + i) for i in range(count)]
+    return {name: np.stack([s[name] for s in sent]) for name in sent[0]}
+
+
+def separately(registry: Registry, keys: list[InstanceKey], operation: str, sent: dict[str, np.ndarray],
+               returned: list[str]) -> dict[str, np.ndarray]:
+    answers = [registry.call(k, operation, {n: v[i] for n, v in sent.items()}, returned) for i, k in enumerate(keys)]
+    return {"versions": [a["version"] for a in answers], **{c: np.stack([a[c] for a in answers]) for c in returned}}
+
+
+def assert_same_answer(stacked: dict, separate: dict) -> None:
+    assert stacked["versions"] == separate["versions"]
+    for compartment in separate:
+        if compartment != "versions":
+            assert stacked[compartment].dtype == separate[compartment].dtype
+            assert np.array_equal(stacked[compartment], separate[compartment]), compartment
+
+
+@pytest.fixture
+def registry() -> Registry:
+    return Registry()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("form", ["stacked", "list"])
+def test_packed_calls_on_a_stack_are_the_separate_calls_bit_for_bit(registry, kind, form):
+    packed, twins = population(registry, kind, "p"), population(registry, kind, "s")
+    returned = ["outputs", "weights"]
+    for round_, operation in enumerate(["forward", "evolve", "forward", "step", "evolve", "backtransmit"]):
+        sent = stacked_tensors(registry, operation, seed=100 * round_)
+        if operation == "backtransmit":
+            returned = ["dInputs", "weights"]
+        if form == "stacked":
+            # float64 on one round: cast to float32 as a separate call casts it
+            answer = registry.call_stacked(packed, operation, {n: v.astype(np.float64) if round_ == 4 else v
+                                                               for n, v in sent.items()}, returned)
+        else:
+            calls = [{n: v[i] for n, v in sent.items()} for i in range(COUNT)]
+            answers = registry.call_many(packed, operation, calls, returned)
+            answer = {"versions": [a["version"] for a in answers],
+                      **{c: np.stack([a[c] for a in answers]) for c in returned}}
+        assert_same_answer(answer, separately(registry, twins, operation, sent, returned))
+        # the second packed call on the list stacks it, and every later one runs on the stack
+        assert (stack_of(registry, packed[0]) is not None) == (round_ >= 1)
+    for i in range(COUNT):
+        same_instances(registry, f"p{i}", f"s{i}")  # read from the stack: it stays
+    assert stack_of(registry, packed[0]) is not None
+    for p, s in zip(packed, twins):
+        assert registry.history(p)["entries"] == [
+            {**e, "time": pytest.approx(e["time"], abs=60)} for e in registry.history(s)["entries"]]
+
+
+@pytest.mark.parametrize("touch", ["call", "forward", "write", "reference", "reset", "learning_stats", "describe"])
+def test_touching_one_member_leaves_every_member_right(registry, touch):
+    packed, twins = population(registry, "deconv", "p"), population(registry, "deconv", "s")
+    for round_ in range(2):
+        sent = stacked_tensors(registry, "evolve", seed=round_)
+        registry.call_stacked(packed, "evolve", sent)
+        separately(registry, twins, "evolve", sent, [])
+    assert stack_of(registry, packed[0]) is not None
+    x = tensors(registry, "p0", "forward", (), seed=7)
+    for keys in (packed, twins):
+        if touch == "call":
+            registry.call(keys[1], "evolve", tensors(registry, "p0", "evolve", (), seed=8))
+        elif touch == "forward":  # its signals now differ in shape from the others'
+            registry.call(keys[1], "forward", x)
+        elif touch == "write":
+            registry.write(keys[1], "weights", np.full(registry.read(keys[1], "weights")[0].shape, 0.5, np.float32))
+        elif touch == "reference":
+            registry.call(keys[2], "evolve", {"pre": CompartmentRef("inputs", keys[0].name),
+                                              "post": CompartmentRef("outputs", keys[0].name)})
+        elif touch == "reset":
+            registry.call(keys[3], "reset", {})
+        elif touch == "learning_stats":
+            assert registry.learning_stats(keys[1])["weights"]["size"] > 0
+        else:
+            assert registry.describe(keys[1])["compartments"]["weights"]["shape"] == list(KINDS["deconv"][1]["shape"])
+    # only what was touched leaves the stack (a reference's source too); reading on the host takes nothing out
+    touched = {"call": {1}, "forward": {1}, "write": {1}, "reference": {0, 2}, "reset": {3}}.get(touch, set())
+    assert [stack_of(registry, k) is None for k in packed] == [i in touched for i in range(COUNT)]
+    for round_ in range(2, 5):
+        sent = stacked_tensors(registry, "evolve", seed=round_)
+        assert_same_answer(registry.call_stacked(packed, "evolve", sent, ["weights"]),
+                           separately(registry, twins, "evolve", sent, ["weights"]))
+    # stacked again, unless one member's compartments now differ in shape from the others' (never stacked then)
+    assert (stack_of(registry, packed[0]) is not None) == (touch != "forward")
+    for i in range(COUNT):
+        same_instances(registry, f"p{i}", f"s{i}")
+
+
+def test_another_order_or_a_part_of_the_stack_runs_the_usual_way_with_the_same_numbers(registry):
+    packed, twins = population(registry, "dense", "p"), population(registry, "dense", "s")
+    for round_ in range(2):
+        sent = stacked_tensors(registry, "evolve", seed=round_)
+        registry.call_stacked(packed, "evolve", sent)
+        separately(registry, twins, "evolve", sent, [])
+    for order in ([3, 1, 2, 0], [0, 2]):
+        sent = stacked_tensors(registry, "evolve", seed=50, count=len(order))
+        answer = registry.call_stacked([packed[i] for i in order], "evolve", sent, ["weights"])
+        assert_same_answer(answer, separately(registry, [twins[i] for i in order], "evolve", sent, ["weights"]))
+    for i in range(COUNT):
+        same_instances(registry, f"p{i}", f"s{i}")
+
+
+def test_a_deleted_member_is_not_found_and_the_others_keep_their_state(registry):
+    packed, twins = population(registry, "deconv", "p"), population(registry, "deconv", "s")
+    for round_ in range(2):
+        sent = stacked_tensors(registry, "forward", seed=round_)
+        registry.call_stacked(packed, "forward", sent)
+        separately(registry, twins, "forward", sent, [])
+    registry.delete(packed[2])
+    registry.delete(twins[2])
+    with pytest.raises(NotFound, match=r"names\[2\] \('p2'\)"):
+        registry.call_stacked(packed, "forward", stacked_tensors(registry, "forward", seed=9))
+    for i in (0, 1, 3):
+        same_instances(registry, f"p{i}", f"s{i}")
+
+
+def test_a_keyed_call_on_a_stack_is_applied_once(registry):
+    packed = population(registry, "dense", "p")
+    for round_ in range(2):
+        registry.call_stacked(packed, "forward", stacked_tensors(registry, "forward", seed=round_))
+    sent = stacked_tensors(registry, "evolve", seed=3)
+    first = registry.call_stacked(packed, "evolve", sent, ["weights"], idempotency_key="k-1")
+    assert stack_of(registry, packed[0]) is not None
+    again = registry.call_stacked(packed, "evolve", sent, ["weights"], idempotency_key="k-1")
+    assert again["versions"] == first["versions"] == [4] * COUNT
+    assert np.array_equal(again["weights"], first["weights"])
+    assert registry.describe(packed[0])["counters"]["evolve"] == 1
+    with pytest.raises(IdempotencyKeyReused):
+        registry.call_stacked(packed, "evolve", stacked_tensors(registry, "evolve", seed=4), ["weights"],
+                              idempotency_key="k-1")
+
+
+def test_a_call_on_a_stack_over_quota_changes_nothing():
+    registry = Registry(Capacity(Limits(max_state_bytes_per_owner=120_000)))
+    packed = population(registry, "deconv", "p")
+    for round_ in range(2):
+        registry.call_stacked(packed, "forward", stacked_tensors(registry, "forward", seed=round_))
+    before = [registry.describe(k) for k in packed]
+    weights = [registry.read(k, "weights")[0] for k in packed]
+    big = stacked_tensors(registry, "forward", seed=5)["inputs"].repeat(100, axis=1)  # grows the signals
+    with pytest.raises(QuotaExceeded, match=r"names\[\d\]"):
+        registry.call_stacked(packed, "forward", {"inputs": big})
+    for k, b, w in zip(packed, before, weights):
+        after = registry.describe(k)
+        assert (after["version"], after["state_bytes"]) == (b["version"], b["state_bytes"])
+        assert np.array_equal(registry.read(k, "weights")[0], w)
+    assert registry.capacity.owner_usage("me")["state_bytes"] == sum(b["state_bytes"] for b in before)
+
+
+@pytest.mark.parametrize("durability", ["sync", "interval"])
+def test_stacked_members_are_stored_as_they_are(tmp_path, durability):
+    registry = Registry(persistence=Persistence(Store(tmp_path), durability))
+    registry.open()
+    packed = population(registry, "deconv", "p")
+    twins = population(registry, "deconv", "s")
+    for round_ in range(3):
+        sent = stacked_tensors(registry, "evolve", seed=round_)
+        registry.call_stacked(packed, "evolve", sent)
+        separately(registry, twins, "evolve", sent, [])
+    assert stack_of(registry, packed[0]) is not None
+    if durability == "interval":
+        registry.flush()
+        assert stack_of(registry, packed[0]) is not None  # written from host copies, still stacked
+    for p, s in zip(packed, twins):
+        stored_p = decode(registry.persistence.store.path(str(p)).read_bytes())
+        stored_s = decode(registry.persistence.store.path(str(s)).read_bytes())
+        assert (stored_p.version, stored_p.counters) == (stored_s.version, stored_s.counters)
+        assert stored_p.arrays.keys() == stored_s.arrays.keys()
+        for name in stored_s.arrays:
+            assert np.array_equal(stored_p.arrays[name], stored_s.arrays[name]), name
+    registry.close()
+    reopened = Registry(persistence=Persistence(Store(tmp_path), durability))
+    reopened.open()
+    reopened.load_stored()
+    for i in range(COUNT):
+        same_instances(reopened, f"p{i}", f"s{i}")
+    reopened.close()
+
+
+def test_packed_and_single_calls_racing_on_a_stack_lose_nothing(registry):
+    packed = population(registry, "dense", "p")
+    for round_ in range(2):
+        registry.call_stacked(packed, "forward", stacked_tensors(registry, "forward", seed=round_))
+    x = tensors(registry, "p0", "forward", (), seed=1)
+    sent = stacked_tensors(registry, "forward", seed=2)
+    errors: list[BaseException] = []
+
+    def single(k: InstanceKey) -> None:
+        try:
+            for _ in range(20):
+                registry.call(k, "forward", x)
+                registry.read(k, "weights")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def packs() -> None:
+        try:
+            for _ in range(20):
+                registry.call_stacked(packed, "forward", sent)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=packs), *(threading.Thread(target=single, args=(k,)) for k in packed[:2])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    counters = [registry.describe(k)["counters"]["forward"] for k in packed]
+    assert counters == [42, 42, 22, 22]  # 2 + 20 packed calls each, and 20 single calls on the first two
+    versions = [registry.describe(k)["version"] for k in packed]
+    assert versions == [43, 43, 23, 23]
+
+
+def test_a_loop_mixing_packed_and_separate_calls_on_every_member_is_stacked_less_and_less_often(registry):
+    packed = population(registry, "dense", "p")
+    x = tensors(registry, "p0", "forward", (), seed=1)
+    sent = stacked_tensors(registry, "forward", seed=2)
+    stacked_at = []
+    for round_ in range(12):
+        registry.call_stacked(packed, "forward", sent)
+        stacked_at.append(stack_of(registry, packed[0]) is not None)
+        for k in packed:  # every member taken out of the stack again
+            registry.call(k, "forward", x)
+    # stacked after 2 packed calls, then after 4 more (its stack emptied by the separate calls), then 8 more
+    assert [i for i, stacked in enumerate(stacked_at) if stacked] == [1, 5]
