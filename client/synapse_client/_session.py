@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
+import math
+import select
 import socket
 import ssl
 from typing import Any
@@ -26,6 +29,7 @@ from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Opcode
 from websockets.http11 import Response
+from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from synapse_client import _codec
@@ -34,6 +38,7 @@ from synapse_client import _progress
 from synapse_client._frames import frame_of, result_of
 
 INBOX_BYTES = 1 << 20  # the most a session reads from its socket at once
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)  # a non-blocking socket's "not now"
 
 
 def _ws_url(base_url: str) -> str:
@@ -68,54 +73,94 @@ class _Dropped(ConnectionError):
 
 
 class _Wire:
-    """A WebSocket on a blocking socket, driven in the caller's thread with websockets' sans-I/O protocol.
+    """A WebSocket on a non-blocking socket, driven in the caller's thread with websockets' sans-I/O protocol.
 
     No reader thread: an answer reaches the caller without a thread hop (websockets' own sync client
-    reads in a background thread, which costs a hop per frame)."""
+    reads in a background thread, which costs a hop per frame). Every wait is a poll for readable (and,
+    while sending, writable): a send that the socket cannot take reads the answers that have arrived
+    meanwhile, so a pipelining caller and a server blocked writing those answers never wait on each other."""
 
     def __init__(self, url: str, headers: dict[str, str], timeout: float | None) -> None:
         uri = parse_uri(url)
         sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if uri.secure:
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=uri.host)
+        try:
+            if uri.secure:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=uri.host)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
         self.sock = sock
-        self._timeout: float | None = sock.gettimeout()
+        self._poll = select.poll() if hasattr(select, "poll") else None  # select() where there is no poll
         # read into one buffer, reused: sock.recv(n) allocates n bytes per call and shrinks them, and at
         # 1 MiB (an allocation the OS maps fresh) that cost ~20 µs a call, ~75 µs for a 131 KB answer
         self._inbox = memoryview(bytearray(INBOX_BYTES))
         self.protocol = ClientProtocol(uri, max_size=None)
         self.messages: collections.deque[bytes] = collections.deque()
         self._parts: list[bytes] = []
+        self._out: collections.deque[memoryview] = collections.deque()  # bytes queued, not yet taken by the socket
         request = self.protocol.connect()
         request.headers.update(headers)
         self.handshake_done = False
         try:
             self.protocol.send_request(request)
-            self._flush()
+            self._flush(timeout)
             while not self.handshake_done:
                 self._fill(timeout)
         except BaseException:  # refused (e.g. a bad token) or broken: the socket is not left open
             sock.close()
             raise
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, timeout: float | None) -> None:
+        """Send one binary message; reads arriving answers into ``messages`` while the socket is full.
+        ``timeout``: the longest the socket may neither take bytes nor deliver any."""
         self.protocol.send_binary(data)
-        self._flush()
+        self._flush(timeout)
 
-    def recv(self, timeout: float | None) -> bytes:
-        while not self.messages:
-            self._fill(timeout)
-        return self.messages.popleft()
+    def poll(self) -> None:
+        """Read what has already arrived, without waiting; raises _Dropped if the server closed the connection
+        (its idle close) or it broke: checked before a frame is sent, so no frame goes out on a dead connection."""
+        while self._read():
+            pass
+        self._flush(wait=False)  # a pong, if a read queued one: nothing to wait for
+
+    def read(self, timeout: float | None) -> None:
+        """Wait (up to ``timeout``) for bytes and read them into ``messages``; sends what the protocol answers
+        (pongs)."""
+        self._fill(timeout)
 
     def _fill(self, timeout: float | None) -> None:
-        if timeout != self._timeout:  # a system call each time: only when it changes
-            self.sock.settimeout(timeout)
-            self._timeout = timeout
+        self._wait(False, timeout)  # first: an answer is rarely there already, a read would be one call more
+        while not self._read():
+            self._wait(False, timeout)
+        self._flush(timeout)
+
+    def _wait(self, write: bool, timeout: float | None) -> tuple[bool, bool]:
+        """Until the socket is readable (or, with ``write``, writable): (readable, writable); TimeoutError after
+        ``timeout`` seconds of neither."""
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True, False  # decrypted bytes wait in the TLS layer, invisible to poll
+        if self._poll is None:
+            readable, writable, _ = select.select([self.sock], [self.sock] if write else [], [], timeout)
+            ready = bool(readable), bool(writable)
+        else:
+            self._poll.register(self.sock, select.POLLIN | (select.POLLOUT if write else 0))  # no system call
+            events = self._poll.poll(None if timeout is None else max(0, math.ceil(timeout * 1000)))
+            mask = events[0][1] if events else 0
+            broken = mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL)  # the next read or send says why
+            ready = bool(mask & select.POLLIN or broken), bool(mask & select.POLLOUT or broken)
+        if not any(ready):
+            raise TimeoutError("no answer in time")
+        return ready
+
+    def _read(self) -> bool:
+        """One read of what the socket holds, into the protocol and ``messages``; False if it held nothing.
+        Raises _Dropped once the server closed the connection (answers read before it are kept)."""
         try:
             count = self.sock.recv_into(self._inbox)
-        except (TimeoutError, socket.timeout):
-            raise TimeoutError("no answer in time") from None
+        except _WOULD_BLOCK:
+            return False
         if count:
             self.protocol.receive_data(self._inbox[:count])  # copied into the protocol's own buffer
         else:
@@ -130,21 +175,40 @@ class _Wire:
                 if event.fin:
                     self.messages.append(b"".join(self._parts))
                     self._parts.clear()
-        self._flush()  # pongs and close frames the protocol queued
         if not count or self.protocol.close_rcvd is not None:
             raise _Dropped(f"the server closed the session ({self.protocol.close_rcvd or 'connection lost'})")
+        return True
 
-    def _flush(self) -> None:
-        for data in self.protocol.data_to_send():
-            if data:
-                self.sock.sendall(data)
+    def _flush(self, timeout: float | None = None, wait: bool = True) -> None:
+        """Send what the protocol queued. While the socket takes nothing, read: the server may be waiting for
+        us to take its answers before it reads more of ours (its queue of unread frames is bounded).
+        ``wait=False``: send what the socket takes now, the rest stays queued (sent before the next frame)."""
+        out = self._out
+        out.extend(memoryview(data) for data in self.protocol.data_to_send() if data)
+        while out:
+            try:
+                sent = self.sock.send(out[0])
+            except _WOULD_BLOCK:
+                if not wait:
+                    return
+                readable, _ = self._wait(True, timeout)
+                if readable:
+                    self._read()
+                    out.extend(memoryview(data) for data in self.protocol.data_to_send() if data)  # after ours
+                continue
+            if sent == len(out[0]):
+                out.popleft()
+            else:
+                out[0] = out[0][sent:]
 
     def close(self) -> None:
         try:
-            self.protocol.send_close()
-            self._flush()
-        except (OSError, websockets.exceptions.WebSocketException):
-            pass  # already closing, or broken: the socket goes either way
+            if not self._out:  # a frame cut short (a send that failed) is not completed now: it just ends
+                with contextlib.suppress(websockets.exceptions.WebSocketException):
+                    self.protocol.send_close()  # unless closing already: then the reply to the server's is queued
+                self._flush(wait=False)
+        except OSError:
+            pass  # broken: the socket goes either way
         finally:
             self.sock.close()
 
@@ -172,7 +236,8 @@ class Session:
         self._outstanding: dict[int, tuple[str, bytes, bool]] = {}  # sent, not yet answered: (op, bytes, retry)
         self._moved: dict[int, int] = {}  # a frame sent again after a drop: its old id -> its new one
         self._reconnects = 0
-        self._ws = None
+        self._closed = False
+        self._ws: _Wire | None = None
         self._open()
 
     def _open(self) -> None:
@@ -212,43 +277,71 @@ class Session:
         return Pending(lambda: self._receive(frame_id, op))
 
     def _send(self, op: str, frame_id: int, data: bytes, retry: bool) -> None:
+        if self._ws is None:
+            if self._closed:
+                raise self._closed_error(op)
+            self._open()  # the last connection was given up (see _recover): this frame gets a fresh one
+        else:
+            try:
+                # a close the server sent while the session was idle (its routine idle close), or a dead socket,
+                # is seen before this frame goes out: nothing of it was sent, it goes on a new connection
+                self._ws.poll()
+            except (ConnectionClosed, OSError) as exc:
+                self._recover(exc, counted=bool(self._outstanding))  # routine when nothing was waiting
+            else:
+                self._take()
         self._outstanding[frame_id] = (op, data, retry)
         try:
-            self._ws.send(data)
+            self._ws.send(data, self.client.timeout.write)  # reads answers meanwhile: pipelining never deadlocks
         except (ConnectionClosed, OSError) as exc:
             self._recover(exc)
+        else:
+            self._take()
+
+    def _take(self) -> None:
+        """Move the answers the connection has read (also while sending) to ``_answers``, by id."""
+        if self._ws is None:
+            return
+        messages = self._ws.messages
+        while messages:
+            answer = _codec.unpackb(messages.popleft(), writable=True)
+            self._outstanding.pop(answer.get("id"), None)
+            self._answers[answer.get("id")] = answer
+            self._reconnects = 0  # the connection works again
 
     def _receive(self, frame_id: int, op: str) -> Any:
         while True:
             frame_id = self._moved.pop(frame_id, frame_id)
             if frame_id in self._answers:
                 return result_of(self._answers.pop(frame_id))
+            if self._ws is None:  # closed by the caller (a given-up connection left no frame unanswered)
+                raise self._closed_error(op)
             try:
-                data = self._ws.recv(self.client.timeout.read)
+                self._ws.read(self.client.timeout.read)
             except TimeoutError as exc:
                 raise _connection_error(self.base_url, op, exc, False) from None
             except (ConnectionClosed, OSError) as exc:
                 self._recover(exc)
                 continue
-            answer = _codec.unpackb(data, writable=True)
-            self._outstanding.pop(answer.get("id"), None)
-            self._answers[answer.get("id")] = answer
-            self._reconnects = 0  # the connection works again
+            self._take()
 
-    def _recover(self, exc: BaseException) -> None:
+    def _recover(self, exc: BaseException, counted: bool = True) -> None:
         """The connection dropped: re-open it and send again every unanswered frame that is safe to repeat;
-        the others fail (they may have been applied)."""
-        self._reconnects += 1
+        the others fail (they may have been applied). ``counted``: toward ``max_retries`` (not a close seen
+        before anything was waiting)."""
+        self._take()  # answers read before the drop are answers
+        self._reconnects += counted
         if self._reconnects > self.max_retries:
-            for frame_id, (op, _, retry) in self._outstanding.items():
-                self._answers[frame_id] = _lost(self.base_url, op, exc, retry)
-            self._outstanding.clear()
+            self._fail_outstanding(exc)
+            self._reconnects = 0  # the next call tries a fresh connection, not this broken one
+            self._discard()
             raise _connection_error(self.base_url, "the connection dropped", exc, True) from None
+        self._discard()
         try:
-            self._ws.close()
-        except Exception:  # noqa: BLE001 - already broken
-            pass
-        self._open()
+            self._open()
+        except APIConnectionError:
+            self._fail_outstanding(exc)  # none was sent again: each waiting call learns it
+            raise
         pending, self._outstanding = self._outstanding, {}
         for frame_id, (op, data, retry) in pending.items():
             if retry:
@@ -256,6 +349,21 @@ class Session:
                 self._send(op, new_id, _renumbered(data, new_id), retry)
             else:
                 self._answers[frame_id] = _lost(self.base_url, op, exc, False)
+
+    def _fail_outstanding(self, exc: BaseException) -> None:
+        for frame_id, (op, _, retry) in self._outstanding.items():
+            self._answers[frame_id] = _lost(self.base_url, op, exc, retry)
+        self._outstanding.clear()
+
+    def _discard(self) -> None:
+        try:
+            self._ws.close()
+        except Exception:  # noqa: BLE001 - already broken
+            pass
+        self._ws = None
+
+    def _closed_error(self, op: str) -> APIConnectionError:
+        return APIConnectionError(f"session at {self.base_url}: {op}: the session is closed")
 
     # --- the session's own calls ---
 
@@ -281,7 +389,8 @@ class Session:
         return handle
 
     def close(self) -> None:
-        """Close the stream (the client it came from stays open)."""
+        """Close the stream (the client it came from stays open); later calls on it raise APIConnectionError."""
+        self._closed = True
         if self._ws is not None:
             self._ws.close()
             self._ws = None
@@ -304,7 +413,10 @@ class AsyncSession:
         self._waiting: dict[int, asyncio.Future] = {}
         self._ws = None
         self._reader: asyncio.Task | None = None
-        self._send_lock: asyncio.Lock | None = None
+        self._reopen_lock = asyncio.Lock()  # one reopen at a time, however many calls found the connection gone
+        self._reopens = 0  # reopens tried: a call that waited for one that failed learns it, not tries again
+        self._open_failed: APIConnectionError | None = None
+        self._closed = False
 
     async def _open(self) -> None:
         auth = {k: v for k, v in self.client.headers.items() if k == "Authorization"}
@@ -314,12 +426,11 @@ class AsyncSession:
                                            close_timeout=5)
         except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
             raise _connection_error(self.base_url, "cannot open", exc, True) from None
-        self._send_lock = asyncio.Lock()
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._reader = asyncio.get_running_loop().create_task(self._read(self._ws))
 
-    async def _read(self) -> None:
+    async def _read(self, ws) -> None:
         try:
-            async for data in self._ws:
+            async for data in ws:
                 answer = _codec.unpackb(data, writable=True)
                 future = self._waiting.pop(answer.get("id"), None)
                 if future is not None and not future.done():
@@ -358,23 +469,38 @@ class AsyncSession:
         return frame["op"], frame_id, _codec.packb({**frame, "id": frame_id})
 
     async def _exchange(self, op: str, frame_id: int, data: bytes, retry: bool) -> Any:
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                frame_id = next(self._ids)
-                data = _renumbered(data, frame_id)
+        attempt = reopened = 0
+        while True:
+            ws = self._ws
+            if ws is None or ws.state is not State.OPEN:
+                # closed before this frame went out (the server's idle close, a drop): nothing of it was sent, so
+                # it waits for the new connection and goes on it, whatever its op (a few tries, not forever)
+                if self._closed:
+                    raise APIConnectionError(f"session at {self.base_url}: {op}: the session is closed")
+                if reopened > self.max_retries:
+                    raise _connection_error(self.base_url, op, ConnectionResetError("each new connection closed"),
+                                            True)
+                reopened += 1
+                await self._reopen(ws)
+                continue
             future = asyncio.get_running_loop().create_future()
             self._waiting[frame_id] = future
             try:
-                async with self._send_lock:
-                    await self._ws.send(data)
+                await ws.send(data)  # no await between the check above and the write: it goes on an open one
                 answer = await asyncio.wait_for(future, self.client.timeout.read)
-                return result_of(answer)
             except (ConnectionClosed, ConnectionResetError, OSError, TimeoutError) as exc:
-                self._waiting.pop(frame_id, None)
                 if not retry or attempt == self.max_retries or isinstance(exc, TimeoutError):
                     raise _connection_error(self.base_url, op, exc, retry and attempt > 0) from None
-                await self._reopen()
-        raise AssertionError("unreachable")
+            else:
+                return result_of(answer)
+            finally:
+                self._waiting.pop(frame_id, None)
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved: a connection's end fails every waiting future, also this one
+            attempt += 1
+            await self._reopen(ws)
+            frame_id = next(self._ids)
+            data = _renumbered(data, frame_id)
 
     def submit(self, method: str, path: str, body: Any = None, *, retry: bool,
                headers: dict[str, str] | None = None) -> asyncio.Task:
@@ -386,9 +512,33 @@ class AsyncSession:
                                                                               headers=headers))
         return asyncio.get_running_loop().create_task(self._exchange(*self._encoded(frame), retry))
 
-    async def _reopen(self) -> None:
-        await self.close()
-        await self._open()
+    async def _reopen(self, broken) -> None:
+        """Replace the connection ``broken``: once, however many calls found it broken; the others wait here and
+        then use the new one (or raise what stopped it from opening)."""
+        tried = self._reopens
+        async with self._reopen_lock:
+            if self._ws is not None and self._ws is not broken:
+                return  # replaced while this call waited
+            if self._closed:
+                raise APIConnectionError(f"session at {self.base_url}: the session is closed")
+            if self._reopens != tried and self._open_failed is not None:
+                raise self._open_failed  # the reopen this call waited for failed just now
+            self._reopens += 1
+            await self._shut()
+            try:
+                await self._open()
+            except APIConnectionError as exc:
+                self._open_failed = exc
+                raise
+            self._open_failed = None
+
+    async def _shut(self) -> None:
+        """Close the connection and wait for its reader (which fails the calls still waiting on it)."""
+        ws, reader, self._ws, self._reader = self._ws, self._reader, None, None
+        if ws is not None:
+            await ws.close()
+        if reader is not None:
+            await reader
 
     async def call_many(self, operation: str, calls: Any, *, returns: Any = None,
                         idempotency_key: str | None = None, owner: str | None = None) -> dict[str, dict[str, Any]]:
@@ -412,13 +562,10 @@ class AsyncSession:
         return handle
 
     async def close(self) -> None:
-        """Close the stream (the client it came from stays open)."""
-        if self._ws is not None:
-            await self._ws.close()
-            self._ws = None
-        if self._reader is not None:
-            await self._reader
-            self._reader = None
+        """Close the stream (the client it came from stays open); later calls on it raise APIConnectionError."""
+        self._closed = True
+        async with self._reopen_lock:  # after a reopen under way, not during it
+            await self._shut()
 
     async def __aenter__(self) -> AsyncSession:
         await self._open()

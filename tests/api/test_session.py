@@ -186,7 +186,8 @@ def test_a_frame_gets_the_problem_the_rest_route_gives(server):
     (lambda ws: ws.send("a text frame"), 1003, None),
     (lambda ws: ws.send(b"\xc1 not msgpack"), 1007, 400),
     (lambda ws: ws.send(msgpack.packb([1, 2, 3])), 1007, 400),
-    (lambda ws: ws.send(msgpack.packb({"id": 1, "op": "call", "name": "x", "operation": "forward",
+    # a tensor that does not decode in a frame with no id: nothing to tag an answer with (with one: a 400, below)
+    (lambda ws: ws.send(msgpack.packb({"op": "call", "name": "x", "operation": "forward",
                                        "tensors": {"inputs": {"dtype": "float32", "shape": [1 << 40],
                                                               "data": b""}}})), 1007, 400),
 ])
@@ -218,6 +219,8 @@ def test_garbage_closes_that_connection_and_nothing_else(server, send, code, ans
     {"op": "call_many", "operation": "forward", "names": "x", "tensors": {"inputs": np.ones((1, 1), np.float32)}},
     {"op": "call_many", "operation": "forward", "names": ["x"], "tensors": {"inputs": {"ref": "inputs"}}},
     {"op": 7},
+    {"op": "call", "name": "x", "operation": "forward",  # a tensor over max_tensor_elements: REST's 400
+     "tensors": {"inputs": {"dtype": "float32", "shape": [1 << 40], "data": b""}}},
 ])
 def test_a_bad_frame_is_a_problem_answer_and_the_stream_goes_on(server, frame):
     with stream(server) as ws:
@@ -285,7 +288,8 @@ def test_an_unkeyed_call_is_not_sent_again_after_a_drop(server):
     created(server, "unkeyed")
     with SynapseClient(server.url, token=ALICE) as client, client.session() as session:
         syn = session.get("unkeyed")
-        pending = syn.submit("forward", inputs=inputs(2))
+        # a sequence of 4,000 steps (compiled first): its answer cannot be back before the drop below
+        pending = syn.submit("forward", inputs=np.repeat(inputs(2)[None], 4000, axis=0), sequence={"last": True})
         _drop(session)
         with pytest.raises(APIConnectionError, match="not sent again"):
             pending.result()

@@ -15,20 +15,36 @@ the same errors as problem documents, the same Idempotency-Key and If-Match beha
 owner isolation. A client may send several
 frames before reading answers (pipelining); they are run one after another. Bounded: a frame is at
 most ``SYNAPSE_MAX_BODY_BYTES`` (uvicorn's ``ws_max_size``), at most ``SYNAPSE_SESSION_MAX_QUEUE``
-frames wait unread (uvicorn's ``ws_max_queue``: then the server stops reading the socket), and a
-connection idle for ``SYNAPSE_SESSION_IDLE_S`` is closed. A frame that is not a binary msgpack map
-closes the connection (1003/1007): a misbehaving client is disconnected, the server goes on. One
-log line per connection when it ends. After each answer the loop busy-polls a moment for the next
-frame (``api/polling.py``).
+frames wait unread (uvicorn's ``ws_max_queue``: then the server stops reading the socket). A frame
+whose tensors do not decode (over ``SYNAPSE_MAX_TENSOR_ELEMENTS``, data of the wrong length: what
+REST answers with a 400) gets that 400 under its own id and the stream goes on; bytes that are not
+a msgpack map with an id close the connection (1003/1007): a misbehaving client is disconnected,
+the server goes on. One log line per connection when it ends. After each answer the loop
+busy-polls a moment for the next frame (``api/polling.py``).
+
+Idleness (``SYNAPSE_SESSION_IDLE_S``): a connection with a frame being run is never idle; otherwise
+bytes of a frame arriving, or of answers draining to the client, are activity, and one with none for
+that long is closed (1001): the timer starts when the last answer has gone out. A client that leaves
+its answers unread that long (they wait in the server's send buffer) is cut off instead: the socket
+is reset, as a close would wait behind the unsent bytes forever. A frame must arrive whole within
+``SYNAPSE_BODY_TIMEOUT_S``, as a REST body must (else 1008). The watchdog looks every quarter of the
+idle limit, so these hold to within that. uvicorn's ASGI interface shows an app whole frames only,
+and no abort: the watchdog reads the buffers of uvicorn's ``websockets-sansio`` protocol under the
+connection (``_Socket``); under another server it falls back to whole frames and a plain close.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 import time
 import uuid
+from typing import Any
 
+import msgpack
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
@@ -36,9 +52,11 @@ from synapse_client._codec import WireError, packb, unpackb
 from synapse_serve.api.frames import problem_of, run_frame
 from synapse_serve.api.server import Server, principal_of
 from synapse_serve.errors import MalformedBody, SynapseServeError
+from synapse_serve.settings import Settings
 
 router = APIRouter()
 log = logging.getLogger("synapse_serve.access")
+_BY_CLIENT = "closed by the client"
 
 
 @router.websocket("/v1/session")
@@ -52,12 +70,14 @@ async def session(websocket: WebSocket) -> None:
     await websocket.accept()
     connection = uuid.uuid4().hex[:12]
     started, frames, errors = time.perf_counter(), 0, 0
-    state = {"last": time.monotonic(), "reason": "closed by the client"}
-    watchdog = asyncio.create_task(_close_when_idle(websocket, server.settings.session_idle_s, state))
+    # phase: waiting for a frame, running one, or answering (what the watchdog counts as activity: see _watch)
+    state = {"last": time.monotonic(), "received": 0.0, "phase": "waiting", "reason": _BY_CLIENT}
+    watchdog = asyncio.create_task(_watch(websocket, server.settings, state))
     try:
         while True:
             message = await websocket.receive()
-            state["last"] = time.monotonic()
+            state["last"] = state["received"] = time.monotonic()
+            state["phase"] = "answering"
             if message["type"] == "websocket.disconnect":
                 break
             raw = message.get("bytes")
@@ -70,20 +90,29 @@ async def session(websocket: WebSocket) -> None:
                 frame = unpackb(raw, max_elements=server.settings.max_tensor_elements)
                 if not isinstance(frame, dict):
                     raise WireError(f"a frame is a msgpack map, received {type(frame).__name__}")
+                ident = frame.get("id")
+                answer = None
             except WireError as exc:
-                state["reason"] = "undecodable frame"
-                problem = problem_of(MalformedBody(str(exc)), f"{connection}:?")
-                await websocket.send_bytes(packb({"id": None, "status": 400, "problem": problem}))
-                await websocket.close(code=1007, reason="undecodable frame")
-                break
-            answer = await run_frame(server, principal, frame, f"{connection}:{frame.get('id')}")
+                ident = _id_of(raw)  # a map with an id whose tensors did not decode: a 400 to it, as REST answers
+                answer = {"status": 400, "problem": problem_of(MalformedBody(str(exc)),
+                                                               f"{connection}:{'?' if ident is _NO_ID else ident}")}
+                if ident is _NO_ID:  # nothing to tag an answer with: this client speaks something else
+                    state["reason"] = "undecodable frame"
+                    await websocket.send_bytes(packb({"id": None, **answer}))
+                    await websocket.close(code=1007, reason="undecodable frame")
+                    break
+            if answer is None:
+                state["phase"] = "running"
+                answer = await run_frame(server, principal, frame, f"{connection}:{ident}")
+                state["phase"] = "answering"
             errors += answer["status"] >= 400
-            answer["id"] = frame.get("id")
+            answer["id"] = ident
             await websocket.send_bytes(packb(answer))
             server.answered()
-            state["last"] = time.monotonic()
+            state["last"], state["phase"] = time.monotonic(), "waiting"
     except WebSocketDisconnect:
-        state["reason"] = "client went away"
+        if state["reason"] == _BY_CLIENT:  # not the watchdog's abort
+            state["reason"] = "client went away"
     finally:
         watchdog.cancel()
         log.info("session %s ended (%s): %d frames, %d errors, %.1f s", connection, state["reason"], frames, errors,
@@ -92,12 +121,89 @@ async def session(websocket: WebSocket) -> None:
                                    "errors": errors, "end": state["reason"]}})
 
 
-async def _close_when_idle(websocket: WebSocket, idle_s: float, state: dict) -> None:
-    """Close the connection once nothing came or went for ``idle_s`` (one timer per connection, not per frame)."""
+_NO_ID = object()
+
+
+def _id_of(raw: bytes) -> Any:
+    """The id of a frame that is a well-formed msgpack map with a str or number ``id`` (its values skipped, not
+    decoded), else ``_NO_ID``."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(raw), 1))
+    ident = _NO_ID
+    try:
+        unpacker.feed(raw)
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() == "id":
+                ident = unpacker.unpack()
+            else:
+                unpacker.skip()
+        if unpacker.tell() != len(raw):
+            return _NO_ID
+    except Exception:  # any defect of the bytes themselves (msgpack's errors are of several classes)
+        return _NO_ID
+    return ident if isinstance(ident, (str, int, float)) else _NO_ID
+
+
+class _Socket:
+    """What the watchdog reads of uvicorn's protocol under a WebSocket (``websockets-sansio``; ``receive`` is its
+    bound method): the bytes of a frame begun but not whole, the answers' bytes not yet sent, and an abort."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        protocol = getattr(getattr(websocket, "_receive", None), "__self__", None)
+        transport = getattr(protocol, "transport", None)
+        usable = all(hasattr(transport, name) for name in ("abort", "get_write_buffer_size"))
+        self.protocol, self.transport = (protocol, transport) if usable else (None, None)
+
+    def arriving(self) -> int:
+        try:  # the parser's buffer, and the parts of a fragmented message
+            return len(self.protocol.conn.reader.buffer) + sum(map(len, self.protocol.frames))
+        except (AttributeError, TypeError):
+            return 0
+
+    def unsent(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def abort(self) -> bool:
+        if self.transport is None:
+            return False
+        sock = self.transport.get_extra_info("socket")
+        try:  # a reset: the kernel drops the unsent bytes too, instead of holding them for a peer that reads nothing
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except (AttributeError, OSError):
+            pass
+        self.transport.abort()
+        return True
+
+
+async def _watch(websocket: WebSocket, settings: Settings, state: dict) -> None:
+    """Close the connection once idle for ``session_idle_s`` (one timer per connection, not per frame). Every quarter
+    of that it looks: a frame being run is activity, and so are bytes that came in or drained out since its last look
+    (the server's own writes are not: pings queue up for a client that reads nothing)."""
+    idle_s, frame_s, wire = settings.session_idle_s, settings.body_timeout_s, _Socket(websocket)
+    arriving = unsent = 0
+    began = None  # when the frame now arriving was first seen (its clock runs only while the loop waits for it)
     while True:
-        await asyncio.sleep(max(0.0, state["last"] + idle_s - time.monotonic()) + 0.01)
-        if time.monotonic() - state["last"] >= idle_s:
-            state["reason"] = "idle"
-            if websocket.application_state == WebSocketState.CONNECTED:
-                await websocket.close(code=1001, reason=f"idle for {idle_s:g} s")
+        await asyncio.sleep(max(0.0, min(idle_s / 4, state["last"] + idle_s - time.monotonic())) + 0.01)
+        now, was_arriving, was_unsent = time.monotonic(), arriving, unsent
+        arriving, unsent = wire.arriving(), wire.unsent()
+        if state["phase"] == "running" or arriving != was_arriving or unsent < was_unsent:
+            state["last"] = now
+        if state["phase"] != "waiting" or (began is not None and state["received"] > began):
+            began = None  # a frame came whole since: the next one's clock starts afresh
+        if arriving and began is None and state["phase"] == "waiting":
+            began = now  # not reset by the parser's buffer emptying between a frame's header and its payload
+        if began is not None and now - began >= frame_s:
+            reason, code, text = "frame too slow", 1008, f"a frame took over {frame_s:g} s to arrive"
+        elif now - state["last"] >= idle_s:
+            reason, code, text = "idle", 1001, f"idle for {idle_s:g} s"
+        else:
+            continue
+        if unsent and wire.abort():  # answers left unread: a close frame would wait behind them forever
+            state["reason"] = "answers left unread"
             return
+        state["reason"] = reason
+        if websocket.application_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(WebSocketDisconnect):  # gone meanwhile
+                await websocket.close(code=code, reason=text)
+        if wire.unsent():  # not even the close frame went out: nobody reads this socket
+            wire.abort()
+        return

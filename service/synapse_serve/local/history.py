@@ -64,7 +64,8 @@ def _sample(weights: jax.Array, update: jax.Array | None) -> jax.Array:
 
 @jax.jit
 def sample_stacked(weights: jax.Array, update: jax.Array | None) -> jax.Array:
-    """``_sample`` of each instance of a stack (leading instance axis), one row each, computed one at a time."""
+    """``_sample`` of each instance of a stack (leading instance axis), one row each, computed one at a time (to
+    float32 rounding of ``_sample``'s own: XLA may order a reduction inside the loop differently)."""
     return jax.lax.map(lambda pair: _sample(*pair), (weights, update))
 
 

@@ -1,0 +1,137 @@
+"""Every limit holds on every route: REST (msgpack and JSON), the session stream and the in-process mode.
+
+Each case was a way around a limit that another route enforced: a sequence whose answer grows
+with its steps while its request does not, a config whose batch_size is over max_batch, an
+in-process tensor over max_tensor_elements, a reference inside a packed call answered
+differently by JSON bodies and in-process. Each is refused with the same 4xx everywhere, and
+nothing changes.
+"""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from synapse_client import BadRequestError, Ref, SynapseClient, UnprocessableEntityError
+
+from conftest import LiveServer
+
+SMALL = {"max_answer_bytes": 64 << 10, "max_batch": 64, "max_tensor_elements": 4096}
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory):
+    with LiveServer(state_dir=tmp_path_factory.mktemp("state"), **SMALL) as server:
+        yield server
+
+
+def clients(server: LiveServer, tmp_path) -> dict[str, SynapseClient]:
+    return {"rest": SynapseClient(server.url), "local": SynapseClient(f"local:{tmp_path / 'local'}", local_settings=SMALL)}
+
+
+@pytest.mark.parametrize("transport", ["rest", "stream", "local"])
+def test_a_sequence_whose_answer_would_be_over_max_answer_bytes_is_refused_before_it_runs(limited, tmp_path,
+                                                                                        transport, unique_name):
+    by_transport = clients(limited, tmp_path)
+    client = by_transport["local" if transport == "local" else "rest"]
+    try:
+        client.create(unique_name, kind="HebbianSynapse", config={"shape": [64, 64]})  # 16 KiB of weights
+        x = np.ones((32, 1, 64), np.float32)  # 32 steps of batch 1: 8 KiB sent, within max_batch
+        with client.session() if transport == "stream" else _same(client) as target:
+            syn = target.get(unique_name)
+            with pytest.raises(UnprocessableEntityError, match="over the server's max_answer_bytes") as caught:
+                syn.call("forward", inputs=x, returns=["weights"])  # the weights after each step: 32 x 16 KiB
+            assert caught.value.problem["answer_bytes"] == 32 * 64 * 64 * 4
+            assert syn.describe()["version"] == 1  # nothing ran
+            kept = syn.call("forward", inputs=x, returns=["weights"], sequence={"last": True})  # once: within it
+            assert kept["weights"].shape == (64, 64)
+            every = syn.call("forward", inputs=x, returns=["outputs"])  # 32 x 256 bytes
+            assert every["outputs"].shape == (32, 1, 64)
+    finally:
+        for c in by_transport.values():
+            c.close()
+
+
+class _same:
+    def __init__(self, client: SynapseClient) -> None:
+        self.client = client
+
+    def __enter__(self) -> SynapseClient:
+        return self.client
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_a_sequence_answer_counts_against_the_owner_quota(tmp_path):
+    with SynapseClient(f"local:{tmp_path}", local_settings={"max_state_bytes_per_owner": 200_000,
+                                                            "max_batch": 4096}) as client:
+        syn = client.create("w", kind="HebbianSynapse", config={"shape": [64, 64]})
+        with pytest.raises(UnprocessableEntityError, match="max_state_bytes_per_owner of 200000"):
+            syn.call("forward", inputs=np.ones((64, 1, 64), np.float32), returns=["weights"])
+        assert syn.describe()["version"] == 1
+
+
+@pytest.mark.parametrize("transport", ["rest", "local"])
+def test_a_batch_size_over_max_batch_is_refused_at_create(limited, tmp_path, transport, unique_name):
+    by_transport = clients(limited, tmp_path)
+    try:
+        with pytest.raises(UnprocessableEntityError, match="batch_size 1000 is over the server's max_batch of 64"):
+            by_transport[transport].create(unique_name, kind="HebbianSynapse",
+                                           config={"shape": [3, 2], "batch_size": 1000})
+        assert unique_name not in [s["name"] for s in by_transport[transport].list()]
+        syn = by_transport[transport].create(unique_name, kind="HebbianSynapse",
+                                             config={"shape": [3, 2], "batch_size": 64})
+        assert syn.describe()["compartments"]["inputs"]["shape"] == [64, 3]
+    finally:
+        for c in by_transport.values():
+            c.close()
+
+
+def test_an_import_with_a_batch_size_over_max_batch_is_refused(limited, tmp_path, unique_name):
+    with SynapseClient(f"local:{tmp_path / 'big'}") as roomy, \
+            SynapseClient(limited.url) as client:
+        roomy.create("wide", kind="HebbianSynapse", config={"shape": [3, 2], "batch_size": 1000})
+        path = roomy.get("wide").export(tmp_path / "wide.synapse")
+        with pytest.raises(UnprocessableEntityError, match="over the server's max_batch of 64"):
+            client.import_(path, name=unique_name)
+        assert unique_name not in [s["name"] for s in client.list()]
+
+
+@pytest.mark.parametrize("transport", ["rest", "stream", "local"])
+def test_a_tensor_over_max_tensor_elements_is_a_400_on_every_route(limited, tmp_path, transport, unique_name):
+    by_transport = clients(limited, tmp_path)
+    client = by_transport["local" if transport == "local" else "rest"]
+    try:
+        client.create(unique_name, kind="HebbianSynapse", config={"shape": [64, 2]})
+        x = np.ones((65, 64), np.float32)  # 4160 elements, over 4096; a batch of 65 is over max_batch too
+        with client.session() if transport == "stream" else _same(client) as target:
+            syn = target.get(unique_name)
+            with pytest.raises(BadRequestError, match="declares 4160 elements; the limit is 4096"):
+                syn.forward(x)
+            with pytest.raises(BadRequestError, match="declares 4160 elements"):
+                target.call_many("forward", {unique_name: {"inputs": x}})
+            assert syn.describe()["version"] == 1
+            assert syn.forward(x[:2]).shape == (2, 2)  # the stream goes on
+    finally:
+        for c in by_transport.values():
+            c.close()
+
+
+@pytest.mark.parametrize("transport", ["json", "msgpack", "local"])
+def test_a_reference_in_a_packed_call_is_the_same_422_on_every_route(limited, tmp_path, transport, unique_name):
+    with SynapseClient(f"local:{tmp_path}") as local, \
+            SynapseClient(limited.url) as client:
+        target = local if transport == "local" else client
+        target.create(unique_name, kind="HebbianSynapse", config={"shape": [3, 2]})
+        expected = f"calls[0] ('{unique_name}'): a packed call takes tensors, not references"
+        if transport == "json":
+            answer = httpx.post(f"{limited.url}/v1/packed/forward",
+                                json={"calls": [{"name": unique_name, "tensors": {"inputs": {"ref": "inputs"}}}]})
+            assert answer.status_code == 422 and expected in answer.json()["detail"]
+        else:
+            with pytest.raises(UnprocessableEntityError, match=expected.replace("(", r"\(").replace(")", r"\)")
+                               .replace("[", r"\[")):
+                target.call_many("forward", {unique_name: {"inputs": Ref("inputs")}})
+        assert target.get(unique_name).describe()["version"] == 1
