@@ -32,7 +32,8 @@ def frame_of(method: str, path: str, body: Any, headers: dict[str, str] | None) 
         return None
     frame["op"] = op
     if_match = headers.get("If-Match")
-    if if_match is not None and op in ("call", "write", "delete", "rollback"):
+    # where REST reads it: a packed call refuses it (422) on both, rather than dropping it silently here
+    if if_match is not None and op in ("call", "write", "delete", "rollback", "call_many"):
         frame["if_match"] = int(if_match.strip('"'))
     return frame
 

@@ -135,3 +135,36 @@ def test_a_reference_in_a_packed_call_is_the_same_422_on_every_route(limited, tm
                                .replace("[", r"\[")):
                 target.call_many("forward", {unique_name: {"inputs": Ref("inputs")}})
         assert target.get(unique_name).describe()["version"] == 1
+
+
+@pytest.mark.parametrize("transport", ["rest", "stream"])
+def test_if_match_on_a_packed_call_is_the_same_422_on_every_route(limited, transport, unique_name):
+    with SynapseClient(limited.url) as client:
+        client.create(unique_name, kind="HebbianSynapse", config={"shape": [3, 2]})
+        body = {"calls": [{"name": unique_name, "tensors": {"inputs": np.ones((1, 3), np.float32)}}]}
+        if transport == "rest":
+            with pytest.raises(UnprocessableEntityError, match="If-Match"):
+                client.request("POST", "/v1/packed/forward", body, retry=False, headers={"If-Match": '"1"'})
+        else:
+            with client.session() as session, pytest.raises(UnprocessableEntityError, match="if_match"):
+                session.request("POST", "/v1/packed/forward", body, retry=False, headers={"If-Match": '"1"'})
+        assert client.get(unique_name).describe()["version"] == 1
+
+
+@pytest.mark.parametrize("transport", ["rest", "stream", "local"])
+def test_the_stacked_form_takes_operations_without_tensors(limited, tmp_path, transport):
+    by_transport = clients(limited, tmp_path)
+    client = by_transport["local" if transport == "local" else "rest"]
+    names = [f"nothing-sent-{transport}-{i}" for i in range(3)]
+    try:
+        for name in names:
+            client.create(name, kind="HebbianSynapse", config={"shape": [3, 2]})
+        with client.session() if transport == "stream" else _same(client) as target:
+            target.call_stacked("forward", names, {"inputs": np.ones((3, 2, 3), np.float32)})
+            back = target.call_stacked("backtransmit", names, {})  # reads each one's post compartment
+            assert back["dInputs"].shape == (3, 1, 3)  # post as created: batch_size 1
+            reset = target.call_stacked("reset", names, {}, returns=["inputs"])
+            assert reset["versions"] == [4, 4, 4] and not reset["inputs"].any()
+    finally:
+        for c in by_transport.values():
+            c.close()

@@ -126,7 +126,7 @@ async def run_packed(server: Server, owner: str, operation: str, body: dict[str,
     names = body["names"]
     if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
         raise MalformedBody("names: expected a non-empty list of instance names")
-    if not isinstance(tensors, dict) or not tensors:
+    if not isinstance(tensors, dict):  # empty: an operation that takes none, or reads its own (a reset)
         raise MalformedBody("tensors: expected a map of stacked tensors (instances, batch, …)")
     stacked = {str(name): _tensor(str(name), value) for name, value in tensors.items()}
     refs = [name for name, value in stacked.items() if isinstance(value, CompartmentRef)]

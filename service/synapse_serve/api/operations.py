@@ -51,7 +51,7 @@ from synapse_serve.api.server import (
     get_principal,
     instance_key,
 )
-from synapse_serve.errors import MalformedBody, SynapseServeError
+from synapse_serve.errors import InvalidFields, MalformedBody, SynapseServeError
 
 router = v1_router()
 PATH = "/v1/synapses/{name}/{operation}"
@@ -112,6 +112,9 @@ async def run_operation(request: Request, server: Server, owner: str, name: str,
              responses=responses(None, 400, 404, 409, 413, 415, 422, 507))
 async def packed(operation: str, request: Request, server: ServerDep, owner: OwnerDep) -> Response:
     with Counted(server, operation) as counted:
+        if request.headers.get("if-match") is not None:  # as a frame's if_match is refused on call_many
+            raise InvalidFields("If-Match: a packed call runs on many instances, each at its own version; send "
+                                "If-Match with a call on one instance")
         body, media = await read_body(request)
         require_fields(body, PackedRequest)
         returns = returns_field(body.get("return"))

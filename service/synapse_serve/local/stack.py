@@ -13,7 +13,7 @@ A member gets its own state back (``detach``: its row, one small device call) as
 but such a packed call needs it: a single call, a write, a reference, a delete. Reads that need
 only host copies (the store's record, a compartment read, statistics, a description's shapes)
 take them from the stack and leave the member in it. The next packed call on the whole list puts
-detached members back (``readmit``: one small call each) if their compartments still have the
+detached members back (``readmit``: one call for all of them) if their compartments still have the
 stack's shapes; otherwise it runs the usual way. Once fewer than half the members are in, the
 rest are detached too, so a stack never keeps more than half its rows alive for nothing.
 
@@ -91,9 +91,13 @@ class Stack:
         if self.attached == 0 or any(not m.live or m.slot is not None or m.signature != signature
                                      for _, m in detached):
             return False
-        leaves = self.leaves
-        for at, member in detached:
-            leaves = _put_row(leaves, at, self.treedef.flatten_up_to(member.state))
+        # one call for all of them, their count padded to a power of two (one compiled program per size class;
+        # the padding repeats the first row at its own place)
+        positions = [at for at, _ in detached]
+        rows = [self.treedef.flatten_up_to(member.state) for _, member in detached]
+        padding = (1 << (len(rows) - 1).bit_length()) - len(rows)
+        leaves = _put_rows(self.leaves, np.asarray(positions + positions[:1] * padding, np.int32),
+                           rows + rows[:1] * padding)
         with self.lock:
             self.leaves = leaves
             for at, member in detached:
@@ -136,5 +140,5 @@ def _row(leaves: list[Any], position: Any) -> list[Any]:
 
 
 @jax.jit
-def _put_row(leaves: list[Any], position: Any, row: list[Any]) -> list[Any]:
-    return [leaf.at[position].set(value) for leaf, value in zip(leaves, row)]
+def _put_rows(leaves: list[Any], positions: Any, rows: list[list[Any]]) -> list[Any]:
+    return [leaf.at[positions].set(jnp.stack(column)) for leaf, column in zip(leaves, zip(*rows))]
