@@ -127,6 +127,8 @@ def _close_now(backend: Any, temporary: tempfile.TemporaryDirectory | None) -> N
 
 def _arrays(value: Any, depth: int = 0) -> Iterator[Any]:
     """Every array in a frame (its tensors, a packed call's, a write's value); frames nest a few levels at most."""
+    if isinstance(value, str):  # names: the most common item of a packed call's lists
+        return
     if hasattr(value, "shape") and hasattr(value, "size"):
         yield value
     elif depth < 8 and isinstance(value, dict):
