@@ -12,8 +12,10 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
+from websockets.sync.client import connect
 
 from synapse_client import BadRequestError, Ref, SynapseClient, UnprocessableEntityError
+from synapse_client._codec import packb, unpackb
 
 from conftest import LiveServer
 
@@ -168,3 +170,16 @@ def test_the_stacked_form_takes_operations_without_tensors(limited, tmp_path, tr
     finally:
         for c in by_transport.values():
             c.close()
+
+
+@pytest.mark.parametrize("owner", ["no spaces allowed", "x" * 200, 5])
+def test_listing_a_malformed_owner_is_a_422_as_a_call_on_one_is(limited, owner):
+    # the client refuses such names itself: raw requests, as the admin (auth off on loopback)
+    if isinstance(owner, str):  # a query is text: 5 is the owner "5" there
+        rest = httpx.get(f"{limited.url}/v1/synapses", params={"owner": owner})
+        assert rest.status_code == 422 and "invalid owner" in rest.json()["detail"]
+    with connect(limited.url.replace("http://", "ws://") + "/v1/session") as ws:
+        for frame in ({"id": 1, "op": "list", "owner": owner}, {"id": 2, "op": "describe", "name": "x", "owner": owner}):
+            ws.send(packb(frame))
+            answer = unpackb(ws.recv(timeout=30))
+            assert answer["status"] == 422 and "invalid owner" in answer["problem"]["detail"], answer

@@ -14,7 +14,7 @@ from synapse_serve.auth import LOCAL, Principal, TokenTable
 from synapse_serve.backend import Backend
 from synapse_serve.errors import NotFound, SynapseServeError, Unauthorized
 from synapse_serve.metrics import Metrics
-from synapse_serve.names import InstanceKey
+from synapse_serve.names import InstanceKey, validate_name
 from synapse_serve.settings import Settings
 
 
@@ -108,7 +108,7 @@ def owner_for(principal: Principal, owner: str | None) -> str:
         return principal.owner
     if not principal.admin:  # as if nothing were there: names of other owners do not leak
         raise NotFound("no such instance")
-    return owner
+    return validate_name(owner, "owner")  # a listing of a malformed owner is a 422, as a call on one is
 
 
 OwnerDep = Annotated[str, Depends(get_owner)]
