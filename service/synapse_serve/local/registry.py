@@ -639,7 +639,7 @@ class Registry:
             for instance in resized:
                 self.capacity.resize(instance.key.owner, instance.device, nbytes, instance.held_bytes, check=False)
             raise
-        stack.leaves = leaves
+        stack.replace(leaves)
         answer: dict[str, Any] = {c: np.asarray(leaves[plan.leaf_index[c]]) for c in returned}
         versions = []
         for position, (instance, _, _, _, print_) in enumerate(bound):
@@ -668,11 +668,14 @@ class Registry:
             if last is not None and last.attached == 0 and not last.released:  # emptied by other calls: back off
                 runs, needed, last = 0, min(2 * needed, PACK_RUNS_AT_MOST), None
             runs += 1
-            if runs >= needed:
-                last = Stack.form(instances, [instance.state for instance in instances])
             self._packs_seen[keys] = (runs, needed, last)
             while len(self._packs_seen) > PACKS_REMEMBERED:
                 self._packs_seen.popitem(last=False)
+        if runs >= needed:  # device work: not under the registry's lock (the instances' own are held)
+            last = Stack.form(instances, [instance.state for instance in instances])
+            with self._lock:
+                if keys in self._packs_seen:
+                    self._packs_seen[keys] = (runs, needed, last)
 
     def _replay_many(self, bound: list[tuple], idempotency_key: str, at: Any) -> list[dict[str, Any]] | None:
         """The first answers of a packed call with this key, or None if it never ran (under every lock)."""

@@ -38,11 +38,21 @@ class Stack:
     def __init__(self, members: list[Any], treedef: Any, leaves: list[Any]) -> None:
         self.members = members
         self.treedef = treedef
-        self.leaves = leaves  # replaced (never changed in place) by each packed call on the stack
+        self._leaves = leaves  # replaced (never changed in place) by each packed call on the stack
         self.lock = threading.Lock()
         self.attached = len(members)
         self.released = False  # emptied by a packed call that ran the usual way (not by calls on its members)
-        self._host: tuple[list[Any], list[np.ndarray]] | None = None
+        self._host: list[np.ndarray] | None = None  # host copies of the leaves, until they are replaced
+
+    @property
+    def leaves(self) -> list[Any]:
+        """The stacked leaves, in the treedef's order (empty once no member is in)."""
+        return self._leaves
+
+    def replace(self, leaves: list[Any]) -> None:
+        """The leaves a packed call on the stack left (under every member's lock)."""
+        with self.lock:
+            self._leaves, self._host = leaves, None
 
     @classmethod
     def form(cls, members: list[Any], states: list[Any]) -> Stack:
@@ -70,7 +80,7 @@ class Stack:
                         other.detach(self.treedef.unflatten(_row(self.leaves, at)))
                 self.attached = 0
             if self.attached == 0:
-                self.leaves, self._host = [], None
+                self._leaves, self._host = [], None
 
     def release(self) -> None:
         """Detach every member still in: a packed call on them runs the usual way (members outside that call are
@@ -80,7 +90,7 @@ class Stack:
                 if member.slot is not None and member.slot[0] is self:
                     member.detach(self.treedef.unflatten(_row(self.leaves, at)))
             self.attached, self.released = 0, True
-            self.leaves, self._host = [], None
+            self._leaves, self._host = [], None
 
     def readmit(self, signature: tuple) -> bool:
         """Put every detached member back in (under every member's lock), or say False if one cannot be: gone, or
@@ -99,7 +109,7 @@ class Stack:
         leaves = _put_rows(self.leaves, np.asarray(positions + positions[:1] * padding, np.int32),
                            rows + rows[:1] * padding)
         with self.lock:
-            self.leaves = leaves
+            self._leaves, self._host = leaves, None
             for at, member in detached:
                 member.attach(self, at)
             self.attached = len(self.members)
@@ -112,14 +122,13 @@ class Stack:
             member = self.members[position]
             if member.slot is None or member.slot[0] is not self:
                 return None
-            leaves = self.leaves
-            if self._host is None or self._host[0] is not leaves:
-                self._host = (leaves, [np.asarray(leaf) for leaf in leaves])
-            return self.treedef.unflatten([leaf[position] for leaf in self._host[1]])
+            if self._host is None:
+                self._host = [np.asarray(leaf) for leaf in self._leaves]
+            return self.treedef.unflatten([leaf[position] for leaf in self._host])
 
     def layout(self) -> Any | None:
         """A member's state as shapes and dtypes only (no values); None once no member is in."""
-        leaves = self.leaves
+        leaves = self._leaves
         if not leaves:
             return None
         return self.treedef.unflatten([jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype) for leaf in leaves])
