@@ -136,8 +136,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                    admin.router, session.router, operations.router, ui.router):
         app.include_router(router)
     if settings.operation_route:
-        documented = next(r for r in operations.router.routes if r.path == operations.PATH)
-        app.router.routes.insert(0, OperationRoute(documented, backend.operation_names()))
+        for path in (operations.PATH, operations.PACKED_PATH):
+            documented = next(r for r in operations.router.routes if r.path == path)
+            app.router.routes.insert(0, OperationRoute(documented, backend.operation_names()))
     app.add_middleware(MetricsMiddleware, metrics=server.metrics, access_log=settings.access_log)
     app.add_middleware(RequestContextMiddleware)
 

@@ -53,9 +53,9 @@ class Settings(BaseSettings):
     session_max_queue: int = Field(16, ge=1, le=1024, description="session frames a connection may have waiting "
                                                                   "unread before the server stops reading it")
     operation_route: bool = Field(
-        True, description="serve operations through the lean route at the head of the router (the same handler "
-                          "and checks as the documented FastAPI route, without its dependency solving); off: "
-                          "FastAPI's route alone (for comparisons)")
+        True, description="serve operations and packed calls through lean routes at the head of the router (the "
+                          "same handlers and checks as the documented FastAPI routes, without their dependency "
+                          "solving); off: FastAPI's routes alone (for comparisons)")
     busy_poll_us: float = Field(
         250.0, ge=0, le=100_000, description="after each answer to a session frame or an operation request the "
                                              "event loop keeps polling its sockets this many microseconds instead "

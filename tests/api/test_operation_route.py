@@ -75,6 +75,59 @@ def test_both_entry_points_answer_alike(tmp_path):
         assert a == b, (i, REQUESTS[i][1], a, b)
 
 
+PACKED = [  # (token, path suffix, body, extra headers): packed calls on syn-0 and syn-1
+    (ALICE, "/forward", msgpack.packb({"names": ["syn-0", "syn-1"], "tensors": {"inputs": tensor((2, 2, 3, 3, 1))}}),
+     {}),
+    (ALICE, "/forward", msgpack.packb({"calls": [{"name": "syn-0", "tensors": {"inputs": X}},
+                                                 {"name": "syn-1", "tensors": {"inputs": X}}]}), {}),
+    (ALICE, "/evolve", msgpack.packb({"names": ["syn-0", "syn-1"], "tensors": {"pre": tensor((2, 2, 3, 3, 1)),
+                                                                                "post": tensor((2, 2, 3, 3, 2))},
+                                      "return": ["dWeights"]}), {"Idempotency-Key": "p1"}),
+    (ALICE, "/evolve", msgpack.packb({"names": ["syn-0", "syn-1"], "tensors": {"pre": tensor((2, 2, 3, 3, 1)),
+                                                                                "post": tensor((2, 2, 3, 3, 2))},
+                                      "return": ["dWeights"]}), {"Idempotency-Key": "p1"}),  # replayed
+    (ALICE, "/reset", msgpack.packb({"names": ["syn-0", "syn-1"], "tensors": {}}), {}),
+    (ALICE, "/forward", msgpack.packb({"names": ["syn-0", "nope"], "tensors": {"inputs": tensor((2, 2, 3, 3, 1))}}),
+     {}),  # 404
+    (ALICE, "/forward", msgpack.packb({"names": ["syn-0"], "tensors": {"inputs": X}}), {"If-Match": '"2"'}),  # 422
+    (ALICE, "/forward", b"\xc1", {}),  # 400
+    (ALICE, "/forward?owner=root", msgpack.packb({"names": ["syn-0"], "tensors": {"inputs": tensor((1, 2, 3, 3, 1))}}),
+     {}),  # 404: not an admin
+    (ROOT, "/forward?owner=alice", msgpack.packb({"names": ["syn-0"], "tensors": {"inputs": tensor((1, 2, 3, 3, 1))}}),
+     {}),
+    (None, "/forward", msgpack.packb({"names": ["syn-0"], "tensors": {"inputs": tensor((1, 2, 3, 3, 1))}}), {}),  # 401
+    (ALICE, "/forwrd", msgpack.packb({"names": ["syn-0"], "tensors": {"inputs": tensor((1, 2, 3, 3, 1))}}), {}),  # 422
+]
+
+
+def run_packed(url: str) -> list[tuple[int, dict, object]]:
+    out = []
+    with httpx.Client(base_url=url) as http:
+        auth = {"Authorization": f"Bearer {ROOT}"}
+        for name in ("syn-0", "syn-1"):
+            http.post("/v1/synapses?owner=alice", json={"name": name, "kind": KIND, "config": CONFIG, "seed": 3},
+                      headers=auth).raise_for_status()
+        for token, suffix, body, extra in PACKED:
+            headers = {**MP, **({"Authorization": f"Bearer {token}"} if token else {}), **extra,
+                       "X-Request-ID": "same-id"}
+            r = http.post(f"/v1/packed{suffix}", content=body, headers=headers)
+            kept = {k: v for k, v in r.headers.items() if k not in ("date",)}
+            media = r.headers.get("content-type", "")
+            out.append((r.status_code, kept, msgpack.unpackb(r.content) if "msgpack" in media else r.json()))
+    return out
+
+
+def test_both_entry_points_answer_packed_calls_alike(tmp_path):
+    tokens = f"alice:{ALICE},root:{ROOT}:admin"
+    with LiveServer(state_dir=tmp_path / "lean", tokens=tokens) as lean:
+        through_lean = run_packed(lean.url)
+    with LiveServer(state_dir=tmp_path / "fastapi", tokens=tokens, operation_route=False) as documented:
+        through_fastapi = run_packed(documented.url)
+    assert [status for status, _, _ in through_lean] == [200, 200, 200, 200, 200, 404, 422, 400, 404, 200, 401, 422]
+    for i, (a, b) in enumerate(zip(through_lean, through_fastapi)):
+        assert a == b, (i, PACKED[i][1], a, b)
+
+
 def test_an_unknown_operation_goes_to_the_documented_route(live_server, client, unique_name):
     client.create(unique_name, kind=KIND, config=CONFIG)
     r = httpx.post(f"{live_server.url}/v1/synapses/{unique_name}/forwrd", json={})
@@ -91,10 +144,15 @@ def test_operations_are_counted_and_labelled_alike(tmp_path, operation_route):
         httpx.post(f"{server.url}/v1/synapses", json={"name": "m", "kind": KIND, "config": CONFIG})
         for _ in range(3):
             httpx.post(f"{server.url}/v1/synapses/m/forward", content=msgpack.packb({"inputs": X}), headers=MP)
+        for _ in range(2):
+            httpx.post(f"{server.url}/v1/packed/forward", headers=MP,
+                       content=msgpack.packb({"names": ["m"], "tensors": {"inputs": tensor((1, 2, 3, 3, 1))}}))
         samples = metrics_of(httpx.get(f"{server.url}/metrics").text)
     route = {"method": "POST", "route": "/v1/synapses/{name}/{operation}", "status": "200"}
     assert metric(samples, "synapse_requests_total", **route) == 3
-    assert metric(samples, "synapse_operations_total", operation="forward", status="200") == 3
+    packed = {"method": "POST", "route": "/v1/packed/{operation}", "status": "200"}
+    assert metric(samples, "synapse_requests_total", **packed) == 2
+    assert metric(samples, "synapse_operations_total", operation="forward", status="200") == 5
 
 
 def test_the_api_layer_never_imports_jax():

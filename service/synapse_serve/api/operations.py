@@ -1,7 +1,8 @@
-"""Operations: ``POST /v1/synapses/{name}/{operation}`` — forward, evolve, backtransmit, step, reset.
+"""Operations: ``POST /v1/synapses/{name}/{operation}`` — forward, evolve, backtransmit, step, reset —
+and packed calls, ``POST /v1/packed/{operation}``.
 
 Researchers call these in tight loops, and a small synapse's forward costs less than FastAPI's
-dependency solving did. So the same handler is served twice: by ``OperationRoute``, a plain
+dependency solving did. So each handler is served twice: by ``OperationRoute``, a plain
 Starlette route at the head of the router that matches only the kinds' operation names (an
 allow-list) and runs the /v1 caller checks itself, and by the FastAPI route below, which
 documents the operation in the OpenAPI document and answers any other name (a 422 naming the
@@ -55,6 +56,7 @@ from synapse_serve.errors import InvalidFields, MalformedBody, SynapseServeError
 
 router = v1_router()
 PATH = "/v1/synapses/{name}/{operation}"
+PACKED_PATH = "/v1/packed/{operation}"
 
 
 @router.post(PATH.removeprefix("/v1"), tags=["operations"],
@@ -97,7 +99,7 @@ async def run_operation(request: Request, server: Server, owner: str, name: str,
         return response
 
 
-@router.post("/packed/{operation}", tags=["operations"],
+@router.post(PACKED_PATH.removeprefix("/v1"), tags=["operations"],
              summary="Run one operation on many of your instances in one request (all applied, or none)",
              description="Body `{\"calls\": [{\"name\": \"<instance>\", \"tensors\": {…}}, …], \"return\"?: "
                          "[…]}`; answer `{\"results\": [{\"name\", \"version\", …compartments}, …]}` in the "
@@ -111,6 +113,11 @@ async def run_operation(request: Request, server: Server, owner: str, name: str,
              openapi_extra={**body_doc(PackedRequest), **one_of_answers(PackedResponse, StackedResponse)},
              responses=responses(None, 400, 404, 409, 413, 415, 422, 507))
 async def packed(operation: str, request: Request, server: ServerDep, owner: OwnerDep) -> Response:
+    return await run_packed_request(request, server, owner, operation)
+
+
+async def run_packed_request(request: Request, server: Server, owner: str, operation: str) -> Response:
+    """Decode, run the packed call on the backend, encode: for both entry points."""
     with Counted(server, operation) as counted:
         if request.headers.get("if-match") is not None:  # as a frame's if_match is refused on call_many
             raise InvalidFields("If-Match: a packed call runs on many instances, each at its own version; send "
@@ -136,12 +143,15 @@ async def packed(operation: str, request: Request, server: ServerDep, owner: Own
 
 
 class OperationRoute(Route):
-    """The operation route without FastAPI's routing and injection, for the known operation names only."""
+    """An operation route without FastAPI's routing and injection, for the known operation names only: a single
+    call (``PATH``) or a packed one (``PACKED_PATH``)."""
 
     def __init__(self, documented: Any, operations: frozenset[str]) -> None:
-        super().__init__(PATH, self.serve, methods=["POST"])
+        super().__init__(documented.path, self.serve, methods=["POST"])
         self.documented = documented  # FastAPI's route: metrics label requests by its template
-        self.pattern = re.compile(r"/v1/synapses/(?P<name>[^/]+)/(?P<operation>[^/]+)")
+        self.packed = documented.path == PACKED_PATH
+        self.pattern = re.compile(r"/v1/packed/(?P<operation>[^/]+)" if self.packed else
+                                  r"/v1/synapses/(?P<name>[^/]+)/(?P<operation>[^/]+)")
         self.operations = operations
 
     def matches(self, scope: Any) -> tuple[Match, dict[str, Any]]:
@@ -157,7 +167,9 @@ class OperationRoute(Route):
             principal = get_principal(request)
             check_acceptable(request)
             owner = get_owner(principal, request.query_params.get("owner"))
-            params = request.path_params
-            return await run_operation(request, request.app.state.server, owner, params["name"], params["operation"])
+            params, server = request.path_params, request.app.state.server
+            if self.packed:
+                return await run_packed_request(request, server, owner, params["operation"])
+            return await run_operation(request, server, owner, params["name"], params["operation"])
         except SynapseServeError as exc:
             return problem_from(exc, request)
