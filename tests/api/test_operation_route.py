@@ -46,16 +46,19 @@ REQUESTS = [  # (token, path suffix, body, extra headers)
 ]
 
 
-def run_all(url: str) -> list[tuple[int, dict, object]]:
+def run_all(url: str, names: tuple[str, ...] = ("syn",), prefix: str = "/v1/synapses",
+            requests: list = REQUESTS) -> list[tuple[int, dict, object]]:
+    """Create alice's ``names`` (as the admin), then send ``requests`` under ``prefix``: (status, headers, body)."""
     out = []
     with httpx.Client(base_url=url) as http:
         auth = {"Authorization": f"Bearer {ROOT}"}
-        http.post("/v1/synapses?owner=alice", json={"name": "syn", "kind": KIND, "config": CONFIG, "seed": 3},
-                  headers=auth).raise_for_status()
-        for token, suffix, body, extra in REQUESTS:
+        for name in names:
+            http.post("/v1/synapses?owner=alice", json={"name": name, "kind": KIND, "config": CONFIG, "seed": 3},
+                      headers=auth).raise_for_status()
+        for token, suffix, body, extra in requests:
             headers = {**MP, **({"Authorization": f"Bearer {token}"} if token else {}), **extra,
                        "X-Request-ID": "same-id"}
-            r = http.post(f"/v1/synapses{suffix}", content=body, headers=headers)
+            r = http.post(f"{prefix}{suffix}", content=body, headers=headers)
             kept = {k: v for k, v in r.headers.items() if k not in ("date",)}
             media = r.headers.get("content-type", "")
             parsed = msgpack.unpackb(r.content) if "msgpack" in media else json.loads(r.content or b"null")
@@ -101,20 +104,7 @@ PACKED = [  # (token, path suffix, body, extra headers): packed calls on syn-0 a
 
 
 def run_packed(url: str) -> list[tuple[int, dict, object]]:
-    out = []
-    with httpx.Client(base_url=url) as http:
-        auth = {"Authorization": f"Bearer {ROOT}"}
-        for name in ("syn-0", "syn-1"):
-            http.post("/v1/synapses?owner=alice", json={"name": name, "kind": KIND, "config": CONFIG, "seed": 3},
-                      headers=auth).raise_for_status()
-        for token, suffix, body, extra in PACKED:
-            headers = {**MP, **({"Authorization": f"Bearer {token}"} if token else {}), **extra,
-                       "X-Request-ID": "same-id"}
-            r = http.post(f"/v1/packed{suffix}", content=body, headers=headers)
-            kept = {k: v for k, v in r.headers.items() if k not in ("date",)}
-            media = r.headers.get("content-type", "")
-            out.append((r.status_code, kept, msgpack.unpackb(r.content) if "msgpack" in media else r.json()))
-    return out
+    return run_all(url, ("syn-0", "syn-1"), "/v1/packed", PACKED)
 
 
 def test_both_entry_points_answer_packed_calls_alike(tmp_path):
