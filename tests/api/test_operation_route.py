@@ -66,18 +66,6 @@ def run_all(url: str, names: tuple[str, ...] = ("syn",), prefix: str = "/v1/syna
     return out
 
 
-def test_both_entry_points_answer_alike(tmp_path):
-    tokens = f"alice:{ALICE},root:{ROOT}:admin"
-    with LiveServer(state_dir=tmp_path / "lean", tokens=tokens) as lean:
-        through_lean = run_all(lean.url)
-    with LiveServer(state_dir=tmp_path / "fastapi", tokens=tokens, operation_route=False) as documented:
-        through_fastapi = run_all(documented.url)
-    statuses = [status for status, _, _ in through_lean]
-    assert statuses == [200, 200, 200, 422, 200, 200, 412, 200, 406, 400, 200, 404, 404, 200, 401, 401, 422, 422]
-    for i, (a, b) in enumerate(zip(through_lean, through_fastapi)):
-        assert a == b, (i, REQUESTS[i][1], a, b)
-
-
 PACKED = [  # (token, path suffix, body, extra headers): packed calls on syn-0 and syn-1
     (ALICE, "/forward", msgpack.packb({"names": ["syn-0", "syn-1"], "tensors": {"inputs": tensor((2, 2, 3, 3, 1))}}),
      {}),
@@ -103,19 +91,20 @@ PACKED = [  # (token, path suffix, body, extra headers): packed calls on syn-0 a
 ]
 
 
-def run_packed(url: str) -> list[tuple[int, dict, object]]:
-    return run_all(url, ("syn-0", "syn-1"), "/v1/packed", PACKED)
-
-
-def test_both_entry_points_answer_packed_calls_alike(tmp_path):
+@pytest.mark.parametrize(("names", "prefix", "requests", "statuses"), [
+    (("syn",), "/v1/synapses", REQUESTS, [200, 200, 200, 422, 200, 200, 412, 200, 406, 400, 200, 404, 404, 200, 401,
+                                          401, 422, 422]),
+    (("syn-0", "syn-1"), "/v1/packed", PACKED, [200, 200, 200, 200, 200, 404, 422, 400, 404, 200, 401, 422]),
+], ids=["operations", "packed"])
+def test_both_entry_points_answer_alike(tmp_path, names, prefix, requests, statuses):
     tokens = f"alice:{ALICE},root:{ROOT}:admin"
     with LiveServer(state_dir=tmp_path / "lean", tokens=tokens) as lean:
-        through_lean = run_packed(lean.url)
+        through_lean = run_all(lean.url, names, prefix, requests)
     with LiveServer(state_dir=tmp_path / "fastapi", tokens=tokens, operation_route=False) as documented:
-        through_fastapi = run_packed(documented.url)
-    assert [status for status, _, _ in through_lean] == [200, 200, 200, 200, 200, 404, 422, 400, 404, 200, 401, 422]
+        through_fastapi = run_all(documented.url, names, prefix, requests)
+    assert [status for status, _, _ in through_lean] == statuses
     for i, (a, b) in enumerate(zip(through_lean, through_fastapi)):
-        assert a == b, (i, PACKED[i][1], a, b)
+        assert a == b, (i, requests[i][1], a, b)
 
 
 def test_an_unknown_operation_goes_to_the_documented_route(live_server, client, unique_name):
