@@ -69,22 +69,23 @@ X, Y = np.ones((2, 3), np.float32), np.ones((2, 2), np.float32)
 
 
 def test_pipelining_large_frames_before_reading_any_answer_does_not_deadlock(server):
-    """24 forwards of 1 MiB each way, all submitted before one answer is read: far more than the server's queue
-    and the sockets' buffers hold. The client reads answers while it sends, so none waits on the other."""
+    """32 forwards of 2 MiB each way, all submitted before one answer is read: far more than the server's queue
+    and the sockets' buffers hold (loopback buffers grow to several MiB each way: 24 of 1 MiB could fit). The
+    client reads answers while it sends, so none waits on the other."""
     created(server, "piped", {"shape": [1024, 1024], "eta": 0.01})
-    xs = [np.full((256, 1024), i + 1, np.float32) for i in range(24)]
+    xs = [np.full((512, 1024), i + 1, np.float32) for i in range(32)]
     with SynapseClient(server.url, timeout=5) as client, client.session() as session:
         syn = session.get("piped")
         started = time.monotonic()
         pending = [syn.submit("forward", inputs=x) for x in xs]
         answers = [p.result() for p in pending]
         assert time.monotonic() - started < 5
-        assert [a["version"] for a in answers] == list(range(2, 26))  # in order, each applied once
+        assert [a["version"] for a in answers] == list(range(2, 34))  # in order, each applied once
         rest = client.get("piped")
-        for i in (0, 11, 23):
+        for i in (0, 11, 31):
             np.testing.assert_array_equal(answers[i]["outputs"], rest.forward(xs[i]))
-        assert syn.forward(xs[0]).shape == (256, 1024)  # the stream goes on
-    assert described(server, "piped")["version"] == 29
+        assert syn.forward(xs[0]).shape == (512, 1024)  # the stream goes on
+    assert described(server, "piped")["version"] == 37
 
 
 def test_a_blocking_session_idle_closed_by_the_server_sends_its_next_call_on_a_new_connection(server):
