@@ -22,7 +22,7 @@ from synapse_serve.local.stack import Stack
 from synapse_serve.names import CompartmentRef, InstanceKey
 from synapse_serve.store import Store, decode
 
-from .test_many_ops import KINDS, key, same_instances, tensors
+from .test_many_ops import KINDS, key, same_instances, shapes, tensors
 
 COUNT = 4
 
@@ -271,3 +271,29 @@ def test_a_loop_mixing_packed_and_separate_calls_on_every_member_is_stacked_less
             registry.call(k, "forward", x)
     # stacked after 2 packed calls, then after 4 more (its stack emptied by the separate calls), then 8 more
     assert [i for i, stacked in enumerate(stacked_at) if stacked] == [1, 5]
+
+
+@pytest.mark.parametrize("count", [3, 7])
+@pytest.mark.parametrize("kind", ["deconv-adam", "dense-adam-bias"])
+def test_population_sizes_other_than_the_tests_above_stay_within_one_ulp(registry, kind, count):
+    """Bit for bit for the deconvolution; the dense kind's forward with a bias, once adam has moved it, measured
+    up to 1 ulp apart inside the packed call's loop with 3, 7 or 33 instances (XLA compiles the matmul plus bias
+    there its own way; with 4 or 5, and with sgd, it did not differ). Pinned here, said in docs/api.md."""
+    config = (("HebbianDeconvSynapse", {"shape": [3, 3, 2, 3], "x_shape": [6, 6], "eta": 0.05, "optim_type": "adam"})
+              if kind == "deconv-adam" else
+              ("HebbianSynapse", {"shape": [6, 4], "eta": 0.05, "optim_type": "adam", "bias": True}))
+    for prefix in ("p", "s"):
+        for i in range(count):
+            registry.create(key(f"{prefix}{i}"), kind=config[0], config=config[1], seed=i)
+    packed, twins = [key(f"p{i}") for i in range(count)], [key(f"s{i}") for i in range(count)]
+    rng = np.random.default_rng(0)
+    inputs, outputs = shapes(registry, "p0")
+    for _ in range(4):
+        x = rng.normal(size=(count, 3, *inputs)).astype(np.float32)
+        y = rng.normal(size=(count, 3, *outputs)).astype(np.float32)
+        for operation, sent in (("forward", {"inputs": x}), ("evolve", {"pre": x, "post": y})):
+            together = registry.call_stacked(packed, operation, sent, ["outputs", "weights"])
+            alone = separately(registry, twins, operation, sent, ["outputs", "weights"])
+            assert np.array_equal(together["weights"], alone["weights"])
+            apart = np.abs(together["outputs"].view(np.int32) - alone["outputs"].view(np.int32)).max()
+            assert apart <= (0 if kind == "deconv-adam" else 1), apart
