@@ -275,10 +275,12 @@ def test_a_loop_mixing_packed_and_separate_calls_on_every_member_is_stacked_less
 
 @pytest.mark.parametrize("count", [3, 7])
 @pytest.mark.parametrize("kind", ["deconv-adam", "dense-adam-bias"])
-def test_population_sizes_other_than_the_tests_above_stay_within_one_ulp(registry, kind, count):
-    """Bit for bit for the deconvolution; the dense kind's forward with a bias, once adam has moved it, measured
-    up to 1 ulp apart inside the packed call's loop with 3, 7 or 33 instances (XLA compiles the matmul plus bias
-    there its own way; with 4 or 5, and with sgd, it did not differ). Pinned here, said in docs/api.md."""
+def test_population_sizes_other_than_the_tests_above_stay_within_a_few_ulps(registry, kind, count):
+    """Bit for bit for the deconvolution. The dense kind's adam update of its biases (a sum over the batch, then
+    adam's arithmetic) came out up to 4 ulps apart inside the packed call's loop with 3, 7 or 33 instances, and
+    the outputs that use them 1 ulp (XLA compiles the loop's body its own way; with 4 or 5 instances, with sgd or
+    nag, without a bias: no difference). The same before populations were kept stacked. Pinned here, said in
+    docs/api.md."""
     config = (("HebbianDeconvSynapse", {"shape": [3, 3, 2, 3], "x_shape": [6, 6], "eta": 0.05, "optim_type": "adam"})
               if kind == "deconv-adam" else
               ("HebbianSynapse", {"shape": [6, 4], "eta": 0.05, "optim_type": "adam", "bias": True}))
@@ -292,8 +294,9 @@ def test_population_sizes_other_than_the_tests_above_stay_within_one_ulp(registr
         x = rng.normal(size=(count, 3, *inputs)).astype(np.float32)
         y = rng.normal(size=(count, 3, *outputs)).astype(np.float32)
         for operation, sent in (("forward", {"inputs": x}), ("evolve", {"pre": x, "post": y})):
-            together = registry.call_stacked(packed, operation, sent, ["outputs", "weights"])
-            alone = separately(registry, twins, operation, sent, ["outputs", "weights"])
+            together = registry.call_stacked(packed, operation, sent, ["outputs", "weights", "biases"])
+            alone = separately(registry, twins, operation, sent, ["outputs", "weights", "biases"])
             assert np.array_equal(together["weights"], alone["weights"])
-            apart = np.abs(together["outputs"].view(np.int32) - alone["outputs"].view(np.int32)).max()
-            assert apart <= (0 if kind == "deconv-adam" else 1), apart
+            for compartment, ulps in (("outputs", 1), ("biases", 4)):
+                apart = np.abs(together[compartment].view(np.int32) - alone[compartment].view(np.int32)).max(initial=0)
+                assert apart <= (0 if kind == "deconv-adam" else ulps), (compartment, apart)
