@@ -418,7 +418,8 @@ class SynapseClient(_BaseClient):
 
         ``tensors[arg][i]`` goes to ``names[i]``; the answer is ``{"names", "versions", <compartment>:
         (len(names), …)}``, row ``i`` of each compartment being what a separate call on ``names[i]``
-        answers (bit for bit). The instances must return one shape (one config). All are applied or none.
+        answers (bit for bit but for two cases of a few ulps, docs/api.md). The instances must return one shape
+        (one config). All are applied or none.
         Example::
 
             out = client.call_stacked("forward", [f"col-{i}" for i in range(256)], {"inputs": xs})  # xs: (256, B, …)
