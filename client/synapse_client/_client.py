@@ -401,8 +401,9 @@ class SynapseClient(_BaseClient):
                   owner: str | None = None) -> dict[str, dict[str, Any]]:
         """One operation on many instances in one request: ``{name: {tensor: value}}`` in, ``{name: answer}`` out.
 
-        All are applied or none (an error names the call); each answer equals a separate call's, and
-        instances of one kind, config and shapes run as one device call on the server. Example::
+        All are applied or none (an error names the call); each answer equals a separate call's (bit for bit
+        but for two measured cases of a few ulps, docs/api.md), and instances of one kind, config and shapes run
+        as one device call on the server. Example::
 
             outs = client.call_many("forward", {f"col-{i}": {"inputs": x[i]} for i in range(256)})
             y3 = outs["col-3"]["outputs"]
