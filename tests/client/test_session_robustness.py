@@ -103,12 +103,24 @@ def test_a_blocking_session_idle_closed_by_the_server_sends_its_next_call_on_a_n
     assert described(server, "idle-sync")["version"] == 4
 
 
-def test_concurrent_async_calls_after_the_idle_close_share_one_reopen(server, opened):
-    created(server, "idle-async")
+def run_watched(main) -> list[dict]:
+    """Run ``main()`` on a fresh loop; what the loop reported on the way (unretrieved future exceptions and the
+    like: none is expected)."""
     problems: list[dict] = []
 
-    async def main():
+    async def watched():
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: problems.append(context))
+        await main()
+        gc.collect()  # a future dropped with its exception unretrieved reports it when collected
+
+    asyncio.run(watched())
+    return problems
+
+
+def test_concurrent_async_calls_after_the_idle_close_share_one_reopen(server, opened):
+    created(server, "idle-async")
+
+    async def main():
         async with AsyncSynapseClient(server.url) as client, client.session() as session:
             syn = await session.get("idle-async")
             await asyncio.sleep(IDLE_S)
@@ -117,10 +129,8 @@ def test_concurrent_async_calls_after_the_idle_close_share_one_reopen(server, op
             results = await asyncio.gather(*[syn.evolve(X, Y) for _ in range(8)], *[syn.forward(X) for _ in range(4)],
                                            return_exceptions=True)
             assert [r for r in results if isinstance(r, BaseException)] == []
-        gc.collect()
 
-    asyncio.run(main())
-    assert problems == []
+    assert run_watched(main) == []
     assert len(opened) == 2  # the first connection, one reopen
     assert described(server, "idle-async")["version"] == 13
 
@@ -129,10 +139,8 @@ def test_concurrent_async_calls_on_a_dropped_connection_follow_the_retry_rules(s
     """Keyed calls sent before the drop are sent again, once, on one new connection; unkeyed ones fail with
     APIConnectionError (they may have been applied); no AttributeError, no unretrieved future."""
     created(server, "drop-async")
-    problems: list[dict] = []
 
     async def main():
-        asyncio.get_running_loop().set_exception_handler(lambda loop, context: problems.append(context))
         async with AsyncSynapseClient(server.url) as client, client.session() as session:
             syn = await session.get("drop-async")
             tasks = [asyncio.create_task(syn.evolve(X, Y)) for _ in range(8)]
@@ -145,10 +153,8 @@ def test_concurrent_async_calls_on_a_dropped_connection_follow_the_retry_rules(s
                 assert not isinstance(r, BaseException) or isinstance(r, APIConnectionError), repr(r)
             assert [r for r in results[:8] if isinstance(r, BaseException)] == []
             assert (await syn.forward(X)).shape == (2, 2)  # the session works on
-        gc.collect()
 
-    asyncio.run(main())
-    assert problems == []
+    assert run_watched(main) == []
     assert len(opened) == 2  # the first connection, one reopen for all the calls
     assert described(server, "drop-async")["counters"]["evolve"] == 8  # each keyed evolve applied once
 

@@ -49,6 +49,19 @@ def separately(registry: Registry, keys: list[InstanceKey], operation: str, sent
     return {"versions": [a["version"] for a in answers], **{c: np.stack([a[c] for a in answers]) for c in returned}}
 
 
+def stacked(registry: Registry, kind: str, operation: str = "forward",
+            with_twins: bool = False) -> tuple[list[InstanceKey], list[InstanceKey]]:
+    """A population packed twice (so it is stacked) and, if asked, twins given the same calls one by one."""
+    packed = population(registry, kind, "p")
+    twins = population(registry, kind, "s") if with_twins else []
+    for round_ in range(2):
+        sent = stacked_tensors(registry, operation, seed=round_)
+        registry.call_stacked(packed, operation, sent)
+        separately(registry, twins, operation, sent, [])
+    assert stack_of(registry, packed[0]) is not None
+    return packed, twins
+
+
 def assert_same_answer(stacked: dict, separate: dict) -> None:
     assert stacked["versions"] == separate["versions"]
     for compartment in separate:
@@ -97,12 +110,7 @@ def test_packed_calls_on_a_stack_are_the_separate_calls_bit_for_bit(kind, form):
 
 @pytest.mark.parametrize("touch", ["call", "forward", "write", "reference", "reset", "learning_stats", "describe"])
 def test_touching_one_member_leaves_every_member_right(registry, touch):
-    packed, twins = population(registry, "deconv", "p"), population(registry, "deconv", "s")
-    for round_ in range(2):
-        sent = stacked_tensors(registry, "evolve", seed=round_)
-        registry.call_stacked(packed, "evolve", sent)
-        separately(registry, twins, "evolve", sent, [])
-    assert stack_of(registry, packed[0]) is not None
+    packed, twins = stacked(registry, "deconv", "evolve", with_twins=True)
     x = tensors(registry, "p0", "forward", (), seed=7)
     for keys in (packed, twins):
         if touch == "call":
@@ -134,11 +142,7 @@ def test_touching_one_member_leaves_every_member_right(registry, touch):
 
 
 def test_another_order_or_a_part_of_the_stack_runs_the_usual_way_with_the_same_numbers(registry):
-    packed, twins = population(registry, "dense", "p"), population(registry, "dense", "s")
-    for round_ in range(2):
-        sent = stacked_tensors(registry, "evolve", seed=round_)
-        registry.call_stacked(packed, "evolve", sent)
-        separately(registry, twins, "evolve", sent, [])
+    packed, twins = stacked(registry, "dense", "evolve", with_twins=True)
     for order in ([3, 1, 2, 0], [0, 2]):
         sent = stacked_tensors(registry, "evolve", seed=50, count=len(order))
         answer = registry.call_stacked([packed[i] for i in order], "evolve", sent, ["weights"])
@@ -148,11 +152,7 @@ def test_another_order_or_a_part_of_the_stack_runs_the_usual_way_with_the_same_n
 
 
 def test_a_deleted_member_is_not_found_and_the_others_keep_their_state(registry):
-    packed, twins = population(registry, "deconv", "p"), population(registry, "deconv", "s")
-    for round_ in range(2):
-        sent = stacked_tensors(registry, "forward", seed=round_)
-        registry.call_stacked(packed, "forward", sent)
-        separately(registry, twins, "forward", sent, [])
+    packed, twins = stacked(registry, "deconv", with_twins=True)
     registry.delete(packed[2])
     registry.delete(twins[2])
     with pytest.raises(NotFound, match=r"names\[2\] \('p2'\)"):
@@ -162,9 +162,7 @@ def test_a_deleted_member_is_not_found_and_the_others_keep_their_state(registry)
 
 
 def test_a_keyed_call_on_a_stack_is_applied_once(registry):
-    packed = population(registry, "dense", "p")
-    for round_ in range(2):
-        registry.call_stacked(packed, "forward", stacked_tensors(registry, "forward", seed=round_))
+    packed, _ = stacked(registry, "dense")
     sent = stacked_tensors(registry, "evolve", seed=3)
     first = registry.call_stacked(packed, "evolve", sent, ["weights"], idempotency_key="k-1")
     assert stack_of(registry, packed[0]) is not None
@@ -179,9 +177,7 @@ def test_a_keyed_call_on_a_stack_is_applied_once(registry):
 
 def test_a_call_on_a_stack_over_quota_changes_nothing():
     registry = Registry(Capacity(Limits(max_state_bytes_per_owner=120_000)))
-    packed = population(registry, "deconv", "p")
-    for round_ in range(2):
-        registry.call_stacked(packed, "forward", stacked_tensors(registry, "forward", seed=round_))
+    packed, _ = stacked(registry, "deconv")
     before = [registry.describe(k) for k in packed]
     weights = [registry.read(k, "weights")[0] for k in packed]
     big = stacked_tensors(registry, "forward", seed=5)["inputs"].repeat(100, axis=1)  # grows the signals
@@ -225,9 +221,7 @@ def test_stacked_members_are_stored_as_they_are(tmp_path, durability):
 
 
 def test_packed_and_single_calls_racing_on_a_stack_lose_nothing(registry):
-    packed = population(registry, "dense", "p")
-    for round_ in range(2):
-        registry.call_stacked(packed, "forward", stacked_tensors(registry, "forward", seed=round_))
+    packed, _ = stacked(registry, "dense")
     x = tensors(registry, "p0", "forward", (), seed=1)
     sent = stacked_tensors(registry, "forward", seed=2)
     errors: list[BaseException] = []
