@@ -3,8 +3,8 @@
 A packed call on separate instances passes every instance's compartments into its device call
 and gets every instance's new compartments back: one buffer each way per instance and
 compartment, which is most of what a packed call on many small instances costs (256 tiny
-forwards: ~1.1 ms of a ~2.5 ms device call splitting the outputs alone). When the same instances
-are packed again, the registry keeps their states stacked instead (``Stack``): one array per
+forwards: ~1.1 ms of a 2.8 ms device call splitting the outputs alone, docs/benchmarks.md). When
+the same instances are packed again, the registry keeps their states stacked (``Stack``): one array per
 compartment with a leading member axis, and the next packed call on them, in the same order,
 runs on those arrays directly (``kinds/packed.py``'s ``run_stacked``) and leaves its results
 stacked.
