@@ -13,7 +13,6 @@ the event loop and which on worker threads.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
 import logging
@@ -30,8 +29,6 @@ import numpy as np
 
 from synapse_serve.errors import (
     AlreadyExists,
-    IdempotencyKeyReused,
-    DeviceError,
     InvalidConfig,
     InvalidInstanceFile,
     InvalidRequest,
@@ -55,10 +52,10 @@ from synapse_serve.kinds.base import (
     unknown_compartment,
 )
 from synapse_serve.kinds import lean
-from synapse_serve.kinds.packed import run_packed, run_stacked
 from synapse_serve.kinds.sequence import sequence_fn
 from synapse_serve.local.capacity import Capacity, Limits
-from synapse_serve.local.history import LEARNING_OPERATIONS, History, sample_stacked, weight_stats
+from synapse_serve.local.device import device_call
+from synapse_serve.local.history import LEARNING_OPERATIONS, History, weight_stats
 from synapse_serve.local.instance import (
     AnswerBudget,
     IdempotencyCache,
@@ -67,30 +64,18 @@ from synapse_serve.local.instance import (
     nbytes_of,
     signature_of,
 )
+from synapse_serve.local.packing import PackedCalls
 from synapse_serve.local.persistence import Persistence, record_size
-from synapse_serve.local.stack import Stack
 from synapse_serve.names import CompartmentRef, InstanceKey, validate_name
 from synapse_serve.store import DURABILITY_MODES, CorruptFile, Record, decode, read_header, stream_record
 
 log = logging.getLogger("synapse_serve")
 _FLOAT32 = np.dtype(np.float32)
-PACKS_REMEMBERED = 64  # instance lists packed lately: the second packed call on one stacks its instances ...
-PACK_RUNS_AT_MOST = 64  # ... or, each time its stack was emptied by calls on its members, twice as many, up to this
 PREDICTIONS_KEPT = 4096  # (operation, config, shapes) -> the state a call leaves: one trace each
 
 
 class Busy(Exception):  # noqa: N818 - a signal, not an error: the facade runs the call on a worker instead
     """A call asked not to wait met a held lock (or an instance whose shapes changed since it looked)."""
-
-
-def device_call(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run a JAX computation; failures of the device are the server's, not the caller's."""
-    try:
-        return fn(*args)
-    except SynapseServeError:
-        raise
-    except (jax.errors.JaxRuntimeError, MemoryError) as exc:  # OOM and other device faults
-        raise DeviceError(f"the device failed: {str(exc).splitlines()[0][:300]}") from exc
 
 
 def _reads_caller_memory(args: list[Any]) -> bool:
@@ -141,8 +126,7 @@ class Registry:
         self.answers = AnswerBudget(answer_budget_bytes)
         self._predictions: OrderedDict[tuple, tuple[tuple, int]] = OrderedDict()
         self._predictions_lock = threading.Lock()
-        # instance lists packed lately: (usual runs since the last stack, runs needed to stack, the last stack)
-        self._packs_seen: OrderedDict[tuple[InstanceKey, ...], tuple[int, int, Stack | None]] = OrderedDict()
+        self.packed = PackedCalls(self)  # call_many and call_stacked (local/packing.py)
 
     # --- lifecycle of the registry ---
 
@@ -498,219 +482,14 @@ class Registry:
 
     def call_many(self, keys: list[InstanceKey], operation: str, tensors: list[Mapping[str, Any]],
                   returns: list[str] | None = None, *, idempotency_key: str | None = None) -> list[dict[str, Any]]:
-        """One operation on many instances in one go: all applied, or none (every check comes first).
-
-        Instances of one kind, config and shapes run as one device call (``kinds/packed.py``); each
-        answer equals a separate call's (the version, counters and idempotency of each instance as if
-        it had been called alone). A repeated ``idempotency_key`` returns the first answers. An error
-        names the call it is about (``calls[3] ('enc-3'): …``).
-        """
-        return self._packed(keys, operation, tensors, returns, idempotency_key, stacked=False)
+        """One operation on many instances in one go, all applied or none: ``PackedCalls.call_many``."""
+        return self.packed.call_many(keys, operation, tensors, returns, idempotency_key=idempotency_key)
 
     def call_stacked(self, keys: list[InstanceKey], operation: str, tensors: Mapping[str, Any],
                      returns: list[str] | None = None, *, idempotency_key: str | None = None) -> dict[str, Any]:
-        """``call_many`` with each tensor stacked along a leading instance axis: ``tensors[arg][i]`` is the i-th
-        instance's, and the answer is ``{"versions": [v_0, …], <compartment>: (len(keys), …), …}``, each
-        compartment the instances' answers stacked in the same order (so they must agree in shape: checked before
-        anything runs). The same checks, all or none, and the same idempotency as ``call_many``."""
-        split = []
-        for name, value in tensors.items():
-            if isinstance(value, CompartmentRef):
-                raise InvalidRequest(f"{name}: a stacked call takes tensors, not references", argument=name)
-            if value is not None and (np.ndim(value) < 1 or np.shape(value)[0] != len(keys)):
-                raise ShapeMismatch(f"{name}: expected a leading axis of {len(keys)} (one slice per instance, in the "
-                                    f"order of the names), received shape {tuple(np.shape(value))}", argument=name)
-            split.append((name, None if value is None else np.asarray(value)))
-        per_instance = [{name: None if value is None else value[i] for name, value in split} for i in range(len(keys))]
-        return self._packed(keys, operation, per_instance, returns, idempotency_key, stacked=True, whole=dict(split))
-
-    def _packed(self, keys: list[InstanceKey], operation: str, tensors: list[Mapping[str, Any]],
-                returns: list[str] | None, idempotency_key: str | None, *, stacked: bool,
-                whole: Mapping[str, Any] | None = None) -> Any:
-        if not keys:
-            raise InvalidRequest("calls: send at least one call", argument="calls")
-        if len(set(keys)) != len(keys):
-            twice = next(k for k in keys if keys.count(k) > 1)
-            raise InvalidRequest(f"calls: instance {twice.name!r} appears more than once; a packed call runs each "
-                                 "instance once", argument="calls")
-        # the pack is part of what each instance was asked: the same key on other instances is another request
-        pack = {"packed": ",".join(sorted(str(k) for k in keys))} if idempotency_key is not None else None
-        bound = []
-        with _naming(keys, "names" if stacked else "calls") as at:
-            for at.index, (key, sent) in enumerate(zip(keys, tensors)):
-                instance = self._get(key)
-                op = instance.kind.operations.get(operation)
-                if op is None:
-                    raise UnknownOperation(f"{instance.kind.name} has no operation {str(operation)[:64]!r}; it has: "
-                                           f"{', '.join(instance.kind.operations)}", operation=str(operation)[:64])
-                if any(isinstance(value, CompartmentRef) for value in sent.values()):
-                    raise InvalidRequest("a packed call takes tensors, not references", argument="calls")
-                args, steps = self._bind(instance, op, sent)
-                if steps:
-                    raise InvalidRequest("a packed call runs one step per instance; send (batch, …) tensors",
-                                         argument="calls")
-                returned = list(op.returns if returns is None else returns)
-                print_ = fingerprint(operation, args, returned, pack) if idempotency_key is not None else ""
-                bound.append((instance, op, args, returned, print_))
-        with _naming(keys, "names" if stacked else "calls") as at, \
-                self._hold_all([entry[0] for entry in bound], {"operation": operation, "packed": True}, at):
-            if idempotency_key is not None:
-                replayed = self._replay_many(bound, idempotency_key, at)
-                if replayed is not None:
-                    return _stacked(replayed, bound[0][3]) if stacked else replayed
-            # the stack of the first member still in one (those taken out may go back in)
-            stack = next((entry[0].slot[0] for entry in bound if entry[0].slot is not None), None)
-            if stack is not None and not stack.holds([entry[0] for entry in bound]):
-                stack = None
-            if stack is not None:
-                on_stack = self._on_stack(stack, bound, operation, idempotency_key, whole, at)
-                if on_stack is not None:
-                    return on_stack if stacked else _unstacked_answers(on_stack, bound[0][3])
-            for held in {id(e[0].slot[0]): e[0].slot[0] for e in bound if e[0].slot is not None}.values():
-                held.release()  # the usual way reads each member's own state
-            planned, resized = [], []
-            try:
-                for at.index, (instance, op, args, returned, _) in enumerate(bound):
-                    self._check_returned(instance, returned)
-                    signature, nbytes, _, plan = self._predict(instance, operation, op.fn, args)
-                    if stacked:
-                        _check_stackable(returned, signature, plan, bound[0][3], planned)
-                    self.capacity.resize(instance.key.owner, instance.device, instance.held_bytes, nbytes)
-                    resized.append((instance, nbytes))
-                    planned.append((signature, nbytes, plan))
-                at.index = None
-                new_states = self._run_packed(bound, planned)
-            except BaseException:
-                for instance, nbytes in resized:
-                    self.capacity.resize(instance.key.owner, instance.device, nbytes, instance.held_bytes,
-                                         check=False)
-                raise
-            answers = []
-            for (instance, _, _, returned, print_), (state, leaves), (signature, nbytes, plan) in zip(
-                    bound, new_states, planned):
-                at_leaf = plan.leaf_index
-                result = {c: np.asarray(leaves[at_leaf[c]]) for c in returned}
-                self._commit(instance, state, operation, signature, nbytes, accounted=True)
-                answer = {"version": instance.version, **result}
-                if idempotency_key is not None:
-                    instance.answers.remember(idempotency_key, print_, answer)
-                answers.append(answer)
-            for at.index, (instance, *_) in enumerate(bound):
-                self.persistence.persist(instance)
-            at.index = None
-            self._maybe_stack([entry[0] for entry in bound], planned)
-            return _stacked(answers, bound[0][3]) if stacked else answers
-
-    def _on_stack(self, stack: Stack, bound: list[tuple], operation: str, idempotency_key: str | None,
-                  whole: Mapping[str, Any] | None, at: Any) -> dict[str, Any] | None:
-        """A packed call on a stack's members, in its order, run on the stack's arrays (under every lock, bound and
-        checked as any packed call): the stacked answer, or None where it cannot run there (the caller runs it the
-        usual way, which takes the members out of the stack).
-
-        The members share kind, config, shapes and so every check's outcome: those are made once, on the first."""
-        first, op, args, returned, _ = bound[0]
-        shapes = [None if a is None else (a.shape, a.dtype) for a in args]
-        if any([None if a is None else (a.shape, a.dtype) for a in entry[2]] != shapes for entry in bound[1:]):
-            return None  # tensors of other shapes per instance: the usual way says which
-        if not stack.readmit(tuple((tuple(leaf.shape[1:]), leaf.dtype) for leaf in stack.leaves)):
-            return None  # a member's compartments changed shape since: the usual way
-        at.index = 0
-        self._check_returned(first, returned)
-        signature, nbytes, _, plan = self._predict(first, operation, op.fn, args)
-        if plan is None or not (plan.read or any(a is not None for a in args)):
-            return None  # nothing read, nothing sent (a reset): one slice for all, the usual way
-        # the stacked form's own tensors where the checks left their slices as they were (float32), else restacked
-        tensors = tuple(None if a is None else whole[spec.name]
-                        if whole is not None and getattr(whole.get(spec.name), "dtype", None) == a.dtype
-                        else np.stack([entry[2][i] for entry in bound]) for i, (spec, a) in enumerate(zip(op.args, args)))
-        resized = []
-        try:
-            for at.index, (instance, *_) in enumerate(bound):
-                self.capacity.resize(instance.key.owner, instance.device, instance.held_bytes, nbytes)
-                resized.append(instance)
-            at.index = None
-            leaves = device_call(run_stacked, plan, first.config, stack.leaves, *tensors)
-            samples = None
-            if operation in LEARNING_OPERATIONS and any(entry[0].history is not None for entry in bound):
-                at_leaf = plan.leaf_index
-                update = leaves[at_leaf["dWeights"]] if "dWeights" in at_leaf else None
-                samples = np.asarray(device_call(sample_stacked, leaves[at_leaf["weights"]], update))
-        except BaseException:
-            for instance in resized:
-                self.capacity.resize(instance.key.owner, instance.device, nbytes, instance.held_bytes, check=False)
-            raise
-        stack.replace(leaves)
-        answer: dict[str, Any] = {c: np.asarray(leaves[plan.leaf_index[c]]) for c in returned}
-        versions = []
-        for position, (instance, _, _, _, print_) in enumerate(bound):
-            self._advance(instance, operation, signature, nbytes,
-                          None if samples is None else samples[position])
-            versions.append(instance.version)
-            if idempotency_key is not None:  # its own copies: a row must not keep the whole stack's answer alive
-                instance.answers.remember(idempotency_key, print_, {
-                    "version": instance.version, **{c: np.array(answer[c][position]) for c in returned}})
-        for at.index, (instance, *_) in enumerate(bound):
-            self.persistence.persist(instance)
-        at.index = None
-        return {"versions": versions, **answer}
-
-    def _maybe_stack(self, instances: list[Instance], planned: list[tuple]) -> None:
-        """Stack the instances of a packed call that ran as one group (one plan, one device) once the same list is
-        packed a second time: its next packed calls then run on the stack (``local/stack.py``). A list whose stack
-        was emptied by other calls on its members (a loop that mixes packed and separate calls) waits for twice as
-        many packed calls the next time: stacking and taking out cost a device call per instance."""
-        if len(instances) < 2 or planned[0][2] is None or any(p[2] is not planned[0][2] for p in planned) \
-                or any(i.device != instances[0].device for i in instances):
-            return
-        keys = tuple(instance.key for instance in instances)
-        with self._lock:
-            runs, needed, last = self._packs_seen.pop(keys, (0, 2, None))
-            if last is not None and last.attached == 0 and not last.released:  # emptied by other calls: back off
-                runs, needed, last = 0, min(2 * needed, PACK_RUNS_AT_MOST), None
-            runs += 1
-            self._packs_seen[keys] = (runs, needed, last)
-            while len(self._packs_seen) > PACKS_REMEMBERED:
-                self._packs_seen.popitem(last=False)
-        if runs >= needed:  # device work: not under the registry's lock (the instances' own are held)
-            last = Stack.form(instances, [instance.state for instance in instances])
-            with self._lock:
-                if keys in self._packs_seen:
-                    self._packs_seen[keys] = (runs, needed, last)
-
-    def _replay_many(self, bound: list[tuple], idempotency_key: str, at: Any) -> list[dict[str, Any]] | None:
-        """The first answers of a packed call with this key, or None if it never ran (under every lock)."""
-        entries = []
-        for at.index, (instance, _op, _args, _returned, print_) in enumerate(bound):
-            entries.append(instance.answers.replay(idempotency_key, print_))
-        at.index = None
-        if all(entry is None for entry in entries):
-            return None
-        if any(entry is None for entry in entries):
-            raise IdempotencyKeyReused(f"Idempotency-Key {idempotency_key[:64]!r} was used for a packed call on "
-                                       "other instances; use a new key for a new request")
-        for at.index, (instance, *_) in enumerate(bound):
-            self.persistence.persist(instance)
-        return [instance.answers.answer_of(entry, instance.key.name) for (instance, *_), entry in zip(bound, entries)]
-
-    @staticmethod
-    def _run_packed(bound: list[tuple], planned: list[tuple]) -> list[tuple[Any, list[Any]]]:
-        """The new state of every bound call and its leaves: one device call per group of one kind, config, device
-        and shapes."""
-        groups: dict[tuple, list[int]] = {}
-        for position, ((instance, op, args, _, _), (_, _, plan)) in enumerate(zip(bound, planned)):
-            shapes = tuple(None if a is None else (a.shape, a.dtype) for a in args)
-            groups.setdefault((id(plan), instance.device, shapes), []).append(position)
-        new_states: list[Any] = [None] * len(bound)
-        for positions in groups.values():
-            first, plan = bound[positions[0]], planned[positions[0]][2]
-            states = [bound[p][0].state for p in positions]
-            # the sent tensors stacked here, on the host: one argument for the device call, not one per instance
-            tensors = tuple(None if first[2][a] is None else np.stack([bound[p][2][a] for p in positions])
-                            for a in range(len(first[2])))
-            out = device_call(run_packed, plan, first[0].config, states, *tensors)
-            for p, state in zip(positions, out):
-                new_states[p] = state
-        return new_states
+        """``call_many`` with tensors and answers stacked along a leading instance axis:
+        ``PackedCalls.call_stacked``."""
+        return self.packed.call_stacked(keys, operation, tensors, returns, idempotency_key=idempotency_key)
 
     def _bind(self, instance: Instance, op: Any, tensors: Mapping[str, Any]) -> tuple[list[Any], int]:
         """The operation's arguments in order, sent tensors checked (shape, dtype, one batch, max_batch), and the
@@ -1159,64 +938,6 @@ class Registry:
     def __len__(self) -> int:
         return len(self._instances)
 
-
-class _At:
-    """Which call of a packed call is being checked (None: the call as a whole)."""
-
-    index: int | None = None
-
-
-@contextlib.contextmanager
-def _naming(keys: list[InstanceKey], field: str = "calls") -> Iterator[_At]:
-    """A packed call's error says which of its calls it was about (the one ``at.index`` points to): ``calls[3]``,
-    or ``names[3]`` in the stacked form."""
-    at = _At()
-    try:
-        yield at
-    except SynapseServeError as exc:
-        if at.index is not None:
-            exc.detail = f"{field}[{at.index}] ({keys[at.index].name!r}): {exc.detail}"
-            exc.args = (exc.detail,)
-            exc.extra.setdefault("call", at.index)
-        raise
-
-
-def _check_stackable(returned: list[str], signature: tuple, plan: lean.Plan, first_returned: list[str],
-                     planned: list[tuple]) -> None:
-    """A stacked call's instances must return the same compartments, each in one shape and dtype (the first's)."""
-    if returned != first_returned:
-        raise InvalidRequest(f"this instance returns {', '.join(returned)} and names[0] {', '.join(first_returned)}; "
-                             "a stacked call returns the same compartments from each (name them in return)",
-                             argument="names")
-    if not planned:
-        return
-    first_signature, _, first_plan = planned[0]
-    if signature is first_signature and plan is first_plan:  # one config and shapes: one prediction, shared
-        return
-    for name in returned:
-        mine, theirs = signature[plan.leaf_index[name]], first_signature[first_plan.leaf_index[name]]
-        if tuple(mine[0]) != tuple(theirs[0]) or np.dtype(mine[1]) != np.dtype(theirs[1]):
-            raise InvalidRequest(f"{name} would be {tuple(mine[0])} {mine[1]} here and {tuple(theirs[0])} {theirs[1]} "
-                                 "on names[0]; a stacked call returns each compartment stacked, so its instances must "
-                                 "agree (pack instances of one config, or use calls)", argument="names")
-
-
-def _unstacked_answers(stacked: dict[str, Any], returned: list[str]) -> list[dict[str, Any]]:
-    """A stacked answer as per-instance answers (row views)."""
-    return [{"version": version, **{c: stacked[c][i] for c in returned}}
-            for i, version in enumerate(stacked["versions"])]
-
-
-def _stacked(answers: list[dict[str, Any]], returned: list[str]) -> dict[str, Any]:
-    """Per-instance answers as one: their versions, and each returned compartment stacked in the same order."""
-    stacked: dict[str, Any] = {"versions": [answer["version"] for answer in answers]}
-    for name in returned:
-        values = [answer[name] for answer in answers]
-        if any(value.shape != values[0].shape or value.dtype != values[0].dtype for value in values):
-            raise InvalidRequest(f"{name}: the answers kept for this Idempotency-Key differ in shape between "
-                                 "instances and cannot be stacked; ask with calls", argument="names")
-        stacked[name] = np.stack(values)
-    return stacked
 
 
 class _Fetched:
