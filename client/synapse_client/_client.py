@@ -401,8 +401,8 @@ class SynapseClient(_BaseClient):
                   owner: str | None = None) -> dict[str, dict[str, Any]]:
         """One operation on many instances in one request: ``{name: {tensor: value}}`` in, ``{name: answer}`` out.
 
-        All are applied or none (an error names the call); each answer equals a separate call's (bit for bit
-        but for two measured cases of a few ulps, docs/api.md), and instances of one kind, config and shapes run
+        All are applied or none (an error names the call); each answer equals a separate call's (bit for bit,
+        docs/api.md), and instances of one kind, config and shapes run
         as one device call on the server. Example::
 
             outs = client.call_many("forward", {f"col-{i}": {"inputs": x[i]} for i in range(256)})
@@ -419,7 +419,7 @@ class SynapseClient(_BaseClient):
 
         ``tensors[arg][i]`` goes to ``names[i]``; the answer is ``{"names", "versions", <compartment>:
         (len(names), …)}``, row ``i`` of each compartment being what a separate call on ``names[i]``
-        answers (bit for bit but for two cases of a few ulps, docs/api.md). The instances must return one shape
+        answers (bit for bit, docs/api.md). The instances must return one shape
         (one config). All are applied or none.
         Example::
 

@@ -91,6 +91,43 @@ def test_a_sequence_is_the_separate_calls_bit_for_bit(registry, kind, operation,
         assert np.array_equal(registry.read(key("seq"), compartment)[0], registry.read(key("calls"), compartment)[0])
 
 
+# sizes where XLA compiles a loop's body its own way unless told otherwise (kinds/canonical.py, kinds/sequence.py)
+LOOP_SIZED = {
+    "deconv-16-latents": (("HebbianDeconvSynapse", {"shape": [3, 3, 16, 1], "x_shape": [8, 8], "eta": 0.01,
+                                                    "sign_value": -1.0}), 8),
+    "deconv-stride-2": (("HebbianDeconvSynapse", {"shape": [3, 3, 4, 8], "x_shape": [8, 8], "stride": 2, "eta": 0.05,
+                                                  "optim_type": "adam", "bias": True}), 16),
+    "dense-adam-bias": (("HebbianSynapse", {"shape": [64, 32], "eta": 0.05, "optim_type": "adam", "bias": True}), 32),
+}
+
+
+@pytest.mark.parametrize("kind", list(LOOP_SIZED))
+@pytest.mark.parametrize("options", [{"every": 1}, {"every": 2}, {"every": 4}, {"last": True}])
+def test_a_sequence_of_loop_sized_calls_leaves_every_compartment_as_the_separate_calls(registry, kind, options):
+    """The deconvolution's filter gradient inside the scan ran as XLA's own loop nest, not Eigen's convolution, and
+    came out thousands of ulps apart after one evolve; a loop in a loop (every=2) did the same to the dense kind."""
+    (kind_name, config), batch = LOOP_SIZED[kind]
+    for name in ("seq", "calls"):
+        registry.create(key(name), kind=kind_name, config=config, seed=3)
+    compartments = [name for name in registry.describe(key("seq"))["compartments"] if name != "key"]
+    inputs, outputs = shapes(registry, "seq")
+    rng = np.random.default_rng(7)
+    steps = 6
+    for operation in ("evolve", "step", "backtransmit", "forward"):
+        x = rng.normal(size=(steps, batch, *inputs)).astype(np.float32)
+        y = rng.normal(size=(steps, batch, *outputs)).astype(np.float32)
+        sent = {"forward": {"inputs": x}, "evolve": {"pre": x, "post": y}, "backtransmit": {"post": y},
+                "step": {"inputs": x, "post": y}}[operation]
+        answer = registry.call(key("seq"), operation, sent, compartments, sequence=options)
+        separate = [registry.call(key("calls"), operation, {k: v[t] for k, v in sent.items()}, compartments)
+                    for t in range(steps)]
+        every = options.get("every", steps)
+        kept = [separate[t] for t in range(steps) if (t + 1) % every == 0]
+        for compartment in compartments:
+            want = kept[-1][compartment] if "last" in options else np.stack([k[compartment] for k in kept])
+            assert answer[compartment].tobytes() == want.tobytes(), (operation, compartment)
+
+
 def test_a_leading_time_axis_alone_makes_a_sequence_and_last_drops_the_axis(registry):
     twins(registry, DECONV, "a", "b")
     xs = tensors(registry, "a", "forward", (4,), seed=2)["inputs"]

@@ -6,7 +6,8 @@ tensor left out reads the compartment, as a single call does), and the state aft
 is the instance's new state. The compartments asked for come back after every ``every``-th step
 (``(T // every, batch, …)``), or after the last step alone (``last``: no time axis), so a long
 sequence need not come back whole. The step is the operation's own function, so each step
-computes what a separate call would (tests/kinds/test_sequence.py checks bit-identity).
+computes what a separate call would (tests/kinds/test_sequence.py checks bit-identity), its
+convolutions written as XLA:CPU runs a separate call's (``kinds/canonical.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from jax import lax
 from jax import numpy as jnp
 
 from synapse_serve.kinds.base import compartment_paths
+from synapse_serve.kinds.canonical import canonical_convolutions
 
 
 @functools.lru_cache(maxsize=512)
@@ -27,37 +29,46 @@ def sequence_fn(step: Callable[..., Any], returned: tuple[str, ...], every: int,
     """``fn(config, state, *sequences) -> (state, {compartment: kept values})``, jitted (state donated).
 
     ``step`` is an operation's ``fn(config, state, *tensors) -> state``; a ``None`` sequence stays
-    ``None`` at every step. The first group of steps runs before the scan: its first step may change
-    the batch of the signal compartments, which a scan's carry cannot.
+    ``None`` at every step. The first step runs before the loop: it may change the batch of the
+    signal compartments, which a loop's carry cannot. One flat loop, never a loop in a loop: XLA
+    compiled a nested loop's body its own way (an evolve with ``every=2`` came out ulps apart from
+    the separate calls, the dense kind's too); each step writes what it keeps at its group's
+    index, so the last step of each group of ``every`` is what stays.
     """
 
     def run(config: Any, state: Any, *sequences: Any) -> tuple[Any, dict[str, Any]]:
         steps = next(s.shape[0] for s in sequences if s is not None)
-        size = steps if last else every
+        one = canonical_convolutions(functools.partial(step, config))  # a loop's body computes as a call does
 
         def advance(state: Any, tensors: tuple) -> tuple[Any, None]:
-            return step(config, state, *tensors), None
+            return one(state, *tensors), None
 
-        def run_steps(state: Any, part: tuple) -> Any:
-            return lax.scan(advance, state, part)[0] if _length(part) else state
+        def keep(carry: tuple, item: tuple) -> tuple[tuple, None]:
+            state, kept = carry
+            index, tensors = item
+            state = one(state, *tensors)
+            picked = _picked(state, returned)
+            return (state, {name: lax.dynamic_update_index_in_dim(kept[name], picked[name], index // every, 0)
+                            for name in returned}), None
 
-        def group(state: Any, part: tuple) -> tuple[Any, dict[str, Any]]:
-            state = run_steps(state, part)
-            return state, _picked(state, returned)
-
-        state = step(config, state, *_at(sequences, 0))
-        state = run_steps(state, _slice(sequences, 1, size))
+        state = one(state, *_at(sequences, 0))
         if last:
+            state = _run_steps(advance, state, _slice(sequences, 1, steps))
             return state, _picked(state, returned)
+        groups = steps // every  # the steps after the last whole group are run, not kept
         first = _picked(state, returned)
-        groups = (steps - size) // size
-        body = _slice(sequences, size, size + groups * size)
-        state, kept = lax.scan(group, state, tuple(None if s is None else s.reshape(groups, size, *s.shape[1:])
-                                                  for s in body))
-        state = run_steps(state, _slice(sequences, size + groups * size, steps))
-        return state, {name: jnp.concatenate([first[name][None], kept[name]]) for name in returned}
+        kept = {name: jnp.zeros((groups, *value.shape), value.dtype).at[0].set(value) for name, value in first.items()}
+        if groups * every > 1:
+            (state, kept), _ = lax.scan(keep, (state, kept), (jnp.arange(1, groups * every),
+                                                              _slice(sequences, 1, groups * every)))
+        state = _run_steps(advance, state, _slice(sequences, groups * every, steps))
+        return state, kept
 
     return jax.jit(run, static_argnums=0, donate_argnums=1)
+
+
+def _run_steps(advance: Callable[..., Any], state: Any, part: tuple) -> Any:
+    return lax.scan(advance, state, part)[0] if _length(part) else state
 
 
 def _picked(state: Any, returned: tuple[str, ...]) -> dict[str, Any]:
