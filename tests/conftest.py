@@ -105,3 +105,14 @@ def metrics_of(text: str) -> dict[tuple[str, frozenset], float]:
 def metric(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
     """One sample's value (0.0 when absent: Prometheus omits zero counters)."""
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compiled_programs_released_after_each_module() -> Iterator[None]:
+    """Each XLA:CPU program JAX keeps maps ~3 regions of memory, and the kernel allows a process 65,530: the whole
+    suite in one process compiled past that (tens of thousands of programs, most used by one test) and XLA
+    crashed in whichever compile came next. A module's programs are released when it ends."""
+    yield
+    import jax
+
+    jax.clear_caches()

@@ -53,6 +53,12 @@ LEARNING_OPERATIONS = ("evolve", "step")  # not repeatable by accident: sent wit
 NAME_RULE = "1 to 128 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TOKEN = re.compile(r"[!-~]+")  # what an HTTP header can carry: visible ASCII, no spaces
+_OPERATION = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # one path segment: never empty, never a '/'
+
+# an instance's resources beside its operations (POST /v1/synapses/{name}/snapshots makes a snapshot): never sent
+# as an operation, where REST would reach the resource and the frames answer "unknown operation"
+_NOT_OPERATIONS = frozenset({"help", "export", "snapshots", "stats", "history", "compartments", "filters"})
+MAX_VERSION = 10**18 - 1  # what an If-Match ETag may carry (18 digits)
 # the request never reached the server: safe to send again, whatever it was
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 START_HINT = "is the server running? Start one with ./scripts/serve.sh (from a checkout) or synapse-serve"
@@ -78,10 +84,58 @@ def as_array(value: Any) -> np.ndarray | Ref:
     """
     if isinstance(value, Ref):
         return value
-    array = np.asarray(value)
+    try:
+        array = _codec.to_numpy(value)
+    except WireError:
+        raise
+    except ValueError as exc:  # a ragged list: numpy's words are not the user's
+        raise WireError(f"cannot send {type(value).__name__} {str(value)[:60]!r} as a tensor ({exc})") from None
     if array.dtype == np.float64:
-        array = array.astype(np.float32)
+        with np.errstate(over="ignore"):  # beyond float32's range is Inf, which the server refuses by name
+            array = array.astype(np.float32)
+    _codec.wire_dtype_name(array.dtype)  # WireError for a dtype the wire cannot carry, in-process too
     return array
+
+
+def as_values(value: Any, what: str) -> np.ndarray:
+    """``as_array`` for what must be values (a write, a create's init): a ``Ref`` is a TypeError."""
+    if isinstance(value, Ref):
+        raise TypeError(f"{what}: expected an array, not a reference (Ref points at a compartment in operations)")
+    return as_array(value)
+
+
+def check_operation(operation: Any) -> str:
+    """``operation`` if it can name one (``forward``; an unknown one is the server's 422), else ValueError (before
+    anything is sent)."""
+    if not isinstance(operation, str) or not _OPERATION.fullmatch(operation) or operation in _NOT_OPERATIONS \
+            or operation in (".", ".."):
+        raise ValueError(f"invalid operation name {str(operation)[:80]!r}: an operation of the instance's kind, "
+                         "like 'forward' (syn.help() lists them)")
+    return operation
+
+
+def check_if_version(version: Any) -> int:
+    """An ``if_version``: a version number (an int from 0 to 10**18 - 1), else TypeError or ValueError."""
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
+        raise TypeError(f"if_version: expected a version number (an int), received {type(version).__name__}")
+    if not 0 <= version <= MAX_VERSION:
+        raise ValueError(f"if_version: expected a version number from 0 to {MAX_VERSION}, received {version}")
+    return int(version)
+
+
+def check_idempotency_key(key: Any) -> str:
+    """An ``idempotency_key``: 1 to 255 printable ASCII characters (the server's rule), else TypeError or
+    ValueError."""
+    if not isinstance(key, str):
+        raise TypeError(f"idempotency_key: expected a string, received {type(key).__name__}")
+    if not 1 <= len(key) <= 255 or not key.isascii() or not key.isprintable():
+        raise ValueError("idempotency_key: use 1 to 255 printable ASCII characters (a UUID is ideal)")
+    return key
+
+
+def _returned(returns: Any) -> list[str]:
+    """The compartments a call returns: a list of names (one name alone is taken as a list of one)."""
+    return [returns] if isinstance(returns, str) else list(returns)
 
 
 def check_name(name: Any, what: str = "instance name") -> str:
@@ -149,13 +203,17 @@ class _BaseClient:
         them), a file's or picture's bytes, or an error raised."""
         media = response.headers.get("content-type", "").split(";")[0].strip()
         content = response.content if content is None else content
-        if response.status_code >= 400:
+        if response.status_code >= 300:  # the client follows no redirects: one is an address the API does not have
             try:
                 problem = json.loads(content) if "json" in media else _codec.unpackb(content)
             except (ValueError, WireError):
                 problem = {"detail": content[:500].decode("utf-8", "replace")}
             if not isinstance(problem, dict):
                 problem = {"detail": str(problem)[:500]}
+            if response.status_code < 400:
+                problem = {"title": "Redirected", "detail": f"the server answered {response.status_code} (to "
+                           f"{response.headers.get('location', '?')[:200]}): not an address of the API (the client "
+                           "follows no redirects; is the base URL the server's?)"}
             raise status_error(response.status_code, problem, response.headers.get("x-request-id"))
         if response.status_code == 204 or not content:
             return None
@@ -194,12 +252,13 @@ class _BaseClient:
         safe. In-process there is no connection to drop and nothing is retried: no key unless one is given (the
         server would hash the tensors to remember it, ~70 µs for 131 KB)."""
         headers = {}
+        check_operation(operation)
         if idempotency_key is None and operation in LEARNING_OPERATIONS and self._local is None:
             idempotency_key = uuid.uuid4().hex
         if idempotency_key is not None:
-            headers["Idempotency-Key"] = idempotency_key
+            headers["Idempotency-Key"] = check_idempotency_key(idempotency_key)
         if if_version is not None:
-            headers["If-Match"] = f'"{if_version}"'
+            headers["If-Match"] = f'"{check_if_version(if_version)}"'
         return headers
 
     @staticmethod
@@ -207,18 +266,27 @@ class _BaseClient:
                  sequence: dict[str, Any] | None = None) -> dict[str, Any]:
         body = {k: as_array(v) for k, v in tensors.items() if v is not None}
         if returns is not None:
-            body["return"] = list(returns)
+            body["return"] = _returned(returns)
         if sequence is not None:
+            if not isinstance(sequence, dict):
+                raise TypeError(f"sequence: expected a dict like {{'every': 10}} or {{'last': True}}, received "
+                                f"{type(sequence).__name__}")
             body["sequence"] = dict(sequence)
         return body
 
     def _packed_request(self, operation: str, calls: Any, returns: Sequence[str] | None,
                         idempotency_key: str | None, owner: str | None) -> tuple[str, dict[str, Any], dict[str, str]]:
         items = list(calls.items()) if isinstance(calls, dict) else list(calls)
+        for item in items:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict)):
+                pair = isinstance(item, tuple) and len(item) == 2
+                what = f"{type(item[1]).__name__} for {str(item[0])[:80]!r}" if pair else repr(item)[:80]
+                raise TypeError(f"calls: expected {{name: {{tensor: value}}}} (or (name, {{tensor: value}}) pairs), "
+                                f"received {what}")
         body: dict[str, Any] = {"calls": [{"name": check_name(name), "tensors": self._op_body(dict(tensors), None)}
                                           for name, tensors in items]}
         if returns is not None:
-            body["return"] = list(returns)
+            body["return"] = _returned(returns)
         headers = self._op_headers(operation, None, idempotency_key)
         return f"/v1/packed/{quote(str(operation), safe='')}{self._query(owner)}", body, headers
 
@@ -227,10 +295,13 @@ class _BaseClient:
                          owner: str | None) -> tuple[str, dict[str, Any], dict[str, str]]:
         if isinstance(names, str):
             raise TypeError("names: a list of instance names, not one string")
+        if not isinstance(tensors, dict):
+            raise TypeError(f"tensors: expected {{tensor: (instances, batch, …) array}}, received "
+                            f"{type(tensors).__name__}")
         body: dict[str, Any] = {"names": [check_name(name) for name in names],
                                 "tensors": self._op_body(dict(tensors), None)}
         if returns is not None:
-            body["return"] = list(returns)
+            body["return"] = _returned(returns)
         headers = self._op_headers(operation, None, idempotency_key)
         return f"/v1/packed/{quote(str(operation), safe='')}{self._query(owner)}", body, headers
 
@@ -278,13 +349,18 @@ class _BaseClient:
     @staticmethod
     def _create_body(name: str, kind: str, config: dict[str, Any], init: dict[str, Any] | None,
                      seed: int, durability: str | None, device: str | int | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"name": check_name(name), "kind": kind, "config": dict(config), "seed": seed}
+        if not isinstance(config, dict):
+            raise TypeError(f"config: expected a dict of hyperparameters (kind_help(kind) lists them), received "
+                            f"{type(config).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed: expected an int from 0 to 2**63 - 1, received {str(seed)[:40]!r}")
+        body: dict[str, Any] = {"name": check_name(name), "kind": kind, "config": dict(config), "seed": int(seed)}
         if durability is not None:
             body["durability"] = durability
         if device is not None:
             body["device"] = device
         if init:
-            body["init"] = {k: as_array(v) for k, v in init.items()}
+            body["init"] = {k: as_values(v, f"init: {k}") for k, v in init.items()}
         return body
 
     @staticmethod
@@ -401,9 +477,9 @@ class SynapseClient(_BaseClient):
                   owner: str | None = None) -> dict[str, dict[str, Any]]:
         """One operation on many instances in one request: ``{name: {tensor: value}}`` in, ``{name: answer}`` out.
 
-        All are applied or none (an error names the call); each answer equals a separate call's (bit for bit,
-        docs/api.md), and instances of one kind, config and shapes run
-        as one device call on the server. Example::
+        All are applied or none (an error names the call); each answer equals a separate call's (bit for bit;
+        the deconvolution's evolve within float32 rounding, docs/api.md), and instances of one kind, config and
+        shapes run as one device call on the server. Example::
 
             outs = client.call_many("forward", {f"col-{i}": {"inputs": x[i]} for i in range(256)})
             y3 = outs["col-3"]["outputs"]
@@ -419,8 +495,8 @@ class SynapseClient(_BaseClient):
 
         ``tensors[arg][i]`` goes to ``names[i]``; the answer is ``{"names", "versions", <compartment>:
         (len(names), …)}``, row ``i`` of each compartment being what a separate call on ``names[i]``
-        answers (bit for bit, docs/api.md). The instances must return one shape
-        (one config). All are applied or none.
+        answers (bit for bit; the deconvolution's evolve within float32 rounding, docs/api.md). The instances must
+        return one shape (one config). All are applied or none.
         Example::
 
             out = client.call_stacked("forward", [f"col-{i}" for i in range(256)], {"inputs": xs})  # xs: (256, B, …)
@@ -906,7 +982,7 @@ class Synapse(_Handle):
     def set(self, compartment: str, value: Any, *, progress: bool = False) -> int:
         """Overwrite one compartment (same shape; batch may differ for signals); returns the new version
         (``progress=True``: a bar while it uploads)."""
-        body = {"value": as_array(value)}
+        body = {"value": as_values(value, f"{compartment}: the value")}
         return self.client.request("PUT", self._url(f"/compartments/{_compartment_path(compartment)}"), body,
                                    retry=True, **_titled(progress, f"{self.name} {compartment}"))["version"]
 
@@ -1057,7 +1133,7 @@ class AsyncSynapse(_Handle):
 
     async def set(self, compartment: str, value: Any, *, progress: bool = False) -> int:
         """Overwrite one compartment; returns the new version (``progress=True``: a bar)."""
-        body = {"value": as_array(value)}
+        body = {"value": as_values(value, f"{compartment}: the value")}
         return (await self.client.request("PUT", self._url(f"/compartments/{_compartment_path(compartment)}"),
                                           body, retry=True, **_titled(progress, f"{self.name} {compartment}"))
                 )["version"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from synapse_client._codec import Ref, copied  # answers: writable arrays nothing in the engine shares
+from synapse_client._exceptions import APIConnectionError
 from synapse_client._frames import frame_of, result_of
 
 SERVER_EXTRA = ("SynapseClient('local') runs the engine in this process and needs the server's dependencies "
@@ -80,25 +81,57 @@ class AsyncLocalTransport:
 
 
 class LocalSession:
-    """``client.session()`` in the in-process mode: calls are direct already, so its handles are the client's."""
+    """``client.session()`` in the in-process mode: calls are direct already; its handles make the client's calls
+    until the session is closed, and raise APIConnectionError after, as a network session's do."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
+        self.base_url = client.base_url
+        self._closed = False
+
+    def _open_client(self, op: str) -> Any:
+        if self._closed:
+            raise APIConnectionError(f"session at {self.base_url}: {op}: the session is closed")
+        return self.client
+
+    # --- what handles call ---
+
+    def _op_body(self, tensors, returns, sequence=None):
+        return self.client._op_body(tensors, returns, sequence)
+
+    def _sequence_options(self, every, last):
+        return self.client._sequence_options(every, last)
+
+    def _op_headers(self, operation, if_version, idempotency_key):
+        return self.client._op_headers(operation, if_version, idempotency_key)
+
+    def request(self, method: str, path: str, body: Any = None, **options: Any) -> Any:
+        return self._open_client(f"{method} {path}").request(method, path, body, **options)
+
+    def submit(self, method: str, path: str, body: Any = None, **options: Any) -> Any:
+        return self._open_client(f"{method} {path}").submit(method, path, body, **options)
+
+    # --- the session's own calls ---
 
     def get(self, name: str, *, owner: str | None = None) -> Any:
-        """The handle of an existing instance (NotFoundError if there is none)."""
-        return self.client.get(name, owner=owner)
+        """The handle of an existing instance, its calls through this session (NotFoundError if there is none)."""
+        from synapse_client._client import Synapse
+
+        handle = Synapse(self, name, owner=owner)
+        handle.describe()
+        return handle
 
     def call_many(self, operation: str, calls: Any, **options: Any) -> dict[str, dict[str, Any]]:
         """One operation on many instances (see ``SynapseClient.call_many``)."""
-        return self.client.call_many(operation, calls, **options)
+        return self._open_client("call_many").call_many(operation, calls, **options)
 
     def call_stacked(self, operation: str, names: Any, tensors: dict[str, Any], **options: Any) -> dict[str, Any]:
         """One operation on a population (see ``SynapseClient.call_stacked``)."""
-        return self.client.call_stacked(operation, names, tensors, **options)
+        return self._open_client("call_stacked").call_stacked(operation, names, tensors, **options)
 
     def close(self) -> None:
-        """Nothing to close: the client stays open."""
+        """Later calls through the session raise APIConnectionError; the client stays open."""
+        self._closed = True
 
     def __enter__(self) -> LocalSession:
         return self
@@ -107,27 +140,32 @@ class LocalSession:
         self.close()
 
 
-class AsyncLocalSession:
+class AsyncLocalSession(LocalSession):
     """The asyncio twin of LocalSession."""
 
-    def __init__(self, client: Any) -> None:
-        self.client = client
+    async def request(self, method: str, path: str, body: Any = None, **options: Any) -> Any:
+        return await self._open_client(f"{method} {path}").request(method, path, body, **options)
 
     async def get(self, name: str, *, owner: str | None = None) -> Any:
-        """The handle of an existing instance (NotFoundError if there is none)."""
-        return await self.client.get(name, owner=owner)
+        """The handle of an existing instance, its calls through this session (NotFoundError if there is none)."""
+        from synapse_client._client import AsyncSynapse
+
+        handle = AsyncSynapse(self, name, owner=owner)
+        await handle.describe()
+        return handle
 
     async def call_many(self, operation: str, calls: Any, **options: Any) -> dict[str, dict[str, Any]]:
         """One operation on many instances (see ``SynapseClient.call_many``)."""
-        return await self.client.call_many(operation, calls, **options)
+        return await self._open_client("call_many").call_many(operation, calls, **options)
 
     async def call_stacked(self, operation: str, names: Any, tensors: dict[str, Any], **options: Any
                            ) -> dict[str, Any]:
         """One operation on a population (see ``SynapseClient.call_stacked``)."""
-        return await self.client.call_stacked(operation, names, tensors, **options)
+        return await self._open_client("call_stacked").call_stacked(operation, names, tensors, **options)
 
-    async def close(self) -> None:
-        """Nothing to close: the client stays open."""
+    async def close(self) -> None:  # type: ignore[override]
+        """Later calls through the session raise APIConnectionError; the client stays open."""
+        self._closed = True
 
     async def __aenter__(self) -> AsyncLocalSession:
         return self

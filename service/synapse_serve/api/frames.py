@@ -23,7 +23,7 @@ from synapse_serve.api.insight import draw
 from synapse_serve.api.schemas import CreateRequest, SnapshotRequest
 from synapse_serve.api.server import Server, instance_key, owner_for
 from synapse_serve.auth import Principal
-from synapse_serve.errors import InvalidFields, MalformedBody, NotReady, SynapseServeError
+from synapse_serve.errors import InvalidFields, InvalidRequest, MalformedBody, NotReady, SynapseServeError
 from synapse_serve.names import CompartmentRef, InstanceKey
 
 log = logging.getLogger("synapse_serve")
@@ -131,7 +131,7 @@ async def run_packed(server: Server, owner: str, operation: str, body: dict[str,
     stacked = {str(name): _tensor(str(name), value) for name, value in tensors.items()}
     refs = [name for name, value in stacked.items() if isinstance(value, CompartmentRef)]
     if refs:
-        raise MalformedBody(f"{refs[0]}: a stacked call takes tensors, not references")
+        raise InvalidRequest(f"{refs[0]}: a stacked call takes tensors, not references", argument=refs[0])
     keys = [instance_key(owner, name) for name in names]
     answer = await server.backend.call_stacked(keys, operation=operation, tensors=stacked, returns=returns,
                                                idempotency_key=idempotency_key)
@@ -160,7 +160,7 @@ async def _read(server: Server, principal: Principal, frame: dict[str, Any]) -> 
 async def _write(server: Server, principal: Principal, frame: dict[str, Any]) -> Any:
     value = frame["value"]
     if not hasattr(value, "dtype"):
-        raise MalformedBody("value: expected a tensor map {dtype, shape, data}, not a reference")
+        raise MalformedBody("value: expected a tensor, not a reference")
     version = await server.backend.write(_key(principal, frame), compartment=_text(frame, "compartment"),
                                          value=value, expected_version=_if_match(frame))
     return {"version": version}

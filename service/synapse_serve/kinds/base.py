@@ -101,17 +101,29 @@ def check_tensor(arg: str, value: Any, trailing: tuple[int, ...], batch: int | N
     lead = 2 if steps else 1
     if (array.dtype == _FLOAT32 and array.ndim == lead + len(trailing) and array.shape[lead:] == tuple(trailing)
             and min(array.shape[:lead]) >= 1 and (batch is None or array.shape[lead - 1] == batch)):
-        return array  # the common case, without the general checks below
+        return check_finite(arg, array)  # the common case, without the general checks below
     expected = f"({'steps, ' if steps else ''}{'batch' if batch is None else batch}, {', '.join(map(str, trailing))})"
     _check_floating(arg, array, expected)
     ok = (array.ndim == lead + len(trailing) and array.shape[lead:] == tuple(trailing)
           and min(array.shape[:lead], default=0) >= 1 and (batch is None or array.shape[lead - 1] == batch))
     if not ok:
+        empty = array.ndim >= lead and 0 in array.shape[:lead]
         raise ShapeMismatch(
-            f"{arg}: expected shape {expected}, received {tuple(array.shape)}",
+            f"{arg}: expected shape {expected}, received {tuple(array.shape)}"
+            + (f" ({'steps and batch' if steps else 'the batch'} must be at least 1)" if empty else ""),
             argument=arg, expected_shape=expected, received_shape=list(array.shape),
         )
-    return array.astype(np.float32, copy=False)
+    return check_finite(arg, array.astype(np.float32, copy=False))
+
+
+def check_finite(arg: str, array: np.ndarray) -> np.ndarray:
+    """``array`` unless it holds NaN or Inf (ShapeMismatch, 422): a synapse given one would spread it through its
+    outputs and, learning, through every weight; refused as a compartment write is (~3 µs for 131 KB)."""
+    if not np.isfinite(array).all():
+        count = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise ShapeMismatch(f"{arg}: values must be finite (no NaN or Inf); {count} of {array.size} are not",
+                            argument=arg)
+    return array
 
 
 def check_parameter(arg: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:

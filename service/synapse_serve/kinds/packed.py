@@ -3,11 +3,12 @@
 The instances' read compartments (and each one's tensors) are stacked along a new leading axis,
 the operation's own function runs on each slice in turn (``lax.map``: one device call, each
 slice computed as a separate call computes it, so the results are bit-identical; ``vmap`` would
-batch the arithmetic itself into other kernels, which round differently). Two precautions make
-XLA compile the loop's body as it compiles a separate call: each slice is fenced off from the
-loop around it (``lax.optimization_barrier``: unfenced, XLA fused the loop's slicing into the
-dense kind's adam update, up to 8 ulps apart), and its convolutions are written canonical
-(``kinds/canonical.py``). Each instance gets
+batch the arithmetic itself into other kernels, which round differently). Each slice is fenced off
+from the loop around it (``lax.optimization_barrier``: unfenced, XLA fused the loop's slicing into
+the dense kind's adam update, up to 8 ulps apart). One difference remains, XLA's own: on the CPU
+it runs a convolution with Eigen's kernel only outside loops, so the deconvolution's filter
+gradient (its evolve) comes out within float32 rounding of a separate call's, not bit for bit
+(docs/conformance.md). Each instance gets
 back the compartments the operation writes (``kinds/lean.py``'s plan says which: a forward reads
 the weights and writes inputs and outputs, so that is all that moves). Nothing is donated: a
 packed call is applied to all its instances or to none (the registry commits them together).
@@ -27,7 +28,6 @@ import jax
 from jax import lax
 from jax import numpy as jnp
 
-from synapse_serve.kinds.canonical import canonical_convolutions
 from synapse_serve.kinds.lean import Plan
 
 
@@ -72,7 +72,7 @@ def _one(fn: Callable[..., Any], config: Any, treedef: Any, read_at: tuple, writ
     for index, value in zip(read_at, read):
         leaves[index] = value
     state = jax.tree_util.tree_unflatten(treedef, leaves)
-    new = jax.tree_util.tree_leaves(canonical_convolutions(functools.partial(fn, config))(state, *sent))
+    new = jax.tree_util.tree_leaves(fn(config, state, *sent))
     return lax.optimization_barrier([new[i] for i in written_at])
 
 

@@ -6,8 +6,10 @@ tensor left out reads the compartment, as a single call does), and the state aft
 is the instance's new state. The compartments asked for come back after every ``every``-th step
 (``(T // every, batch, …)``), or after the last step alone (``last``: no time axis), so a long
 sequence need not come back whole. The step is the operation's own function, so each step
-computes what a separate call would (tests/kinds/test_sequence.py checks bit-identity), its
-convolutions written as XLA:CPU runs a separate call's (``kinds/canonical.py``).
+computes what a separate call would (tests/registry/test_many_ops.py checks bit-identity) — but
+for one thing XLA does its own way inside a loop: on the CPU it runs a convolution with Eigen's
+kernel only outside loops, so the deconvolution's filter gradient (its evolve) comes out within
+float32 rounding of a separate call's, not bit for bit, at most sizes (docs/conformance.md).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from jax import lax
 from jax import numpy as jnp
 
 from synapse_serve.kinds.base import compartment_paths
-from synapse_serve.kinds.canonical import canonical_convolutions
 
 
 @functools.lru_cache(maxsize=512)
@@ -38,7 +39,7 @@ def sequence_fn(step: Callable[..., Any], returned: tuple[str, ...], every: int,
 
     def run(config: Any, state: Any, *sequences: Any) -> tuple[Any, dict[str, Any]]:
         steps = next(s.shape[0] for s in sequences if s is not None)
-        one = canonical_convolutions(functools.partial(step, config))  # a loop's body computes as a call does
+        one = functools.partial(step, config)
 
         def advance(state: Any, tensors: tuple) -> tuple[Any, None]:
             return one(state, *tensors), None

@@ -157,7 +157,7 @@ class Capacity:
                                 f"server's max_batch of {self.limits.max_batch} for a sequence; send fewer steps per "
                                 "call", argument=argument)
 
-    def check_answer(self, owner: str, nbytes: int, how: str) -> None:
+    def check_answer(self, owner: str, nbytes: int, how: str, remedy: str = "use sequence every=k or last") -> None:
         """InvalidRequest if an answer of ``nbytes`` (``how``: where they come from) would be over max_answer_bytes or
         over the owner's state quota: an answer is held in the server's memory as state is, and a sequence's
         answer grows with its steps while its request need not."""
@@ -166,7 +166,7 @@ class Capacity:
                             ("max_state_bytes_per_owner", limits.max_state_bytes_per_owner)):
             if limit is not None and nbytes > limit:
                 raise InvalidRequest(f"the answer would hold {nbytes} bytes ({how}), over the server's {name} of "
-                                     f"{limit}; return fewer compartments, or use sequence every=k or last",
+                                     f"{limit}; return fewer compartments, or {remedy}",
                                      argument="sequence", limit=name, answer_bytes=nbytes)
 
     # --- snapshots on disk ---

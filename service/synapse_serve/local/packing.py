@@ -19,10 +19,10 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
 
 from synapse_serve.errors import (
-    IdempotencyKeyReused,
     InvalidRequest,
     ShapeMismatch,
     SynapseServeError,
@@ -30,7 +30,7 @@ from synapse_serve.errors import (
 )
 from synapse_serve.kinds import lean
 from synapse_serve.kinds.packed import run_packed, run_stacked
-from synapse_serve.local.device import device_call
+from synapse_serve.local.device import device_call, reads_caller_memory
 from synapse_serve.local.history import LEARNING_OPERATIONS, sample_stacked
 from synapse_serve.local.instance import Instance, fingerprint
 from synapse_serve.local.stack import Stack
@@ -87,16 +87,23 @@ class PackedCalls:
         """Both forms: every member bound and checked, then every lock taken (in key order), then run on the members'
         stack if they are one, else each on its own state (one device call per group of one plan): all or none."""
         registry = self._registry
+        field = "names" if stacked else "calls"
         if not keys:
-            raise InvalidRequest("calls: send at least one call", argument="calls")
-        if len(set(keys)) != len(keys):
-            twice = next(k for k in keys if keys.count(k) > 1)
-            raise InvalidRequest(f"calls: instance {twice.name!r} appears more than once; a packed call runs each "
-                                 "instance once", argument="calls")
+            raise InvalidRequest(f"{field}: send at least one {'name' if stacked else 'call'}", argument=field)
+        most = self._registry.capacity.limits.max_instances  # more would name an instance twice, or one not held
+        if len(keys) > most:
+            raise InvalidRequest(f"{field}: {len(keys)} instances, more than the {most} the server can hold",
+                                 argument=field)
+        seen: set[InstanceKey] = set()
+        for key in keys:
+            if key in seen:
+                raise InvalidRequest(f"{field}: instance {key.name!r} appears more than once; a packed call runs "
+                                     "each instance once", argument=field)
+            seen.add(key)
         # the pack is part of what each instance was asked: the same key on other instances is another request
         pack = {"packed": ",".join(sorted(str(k) for k in keys))} if idempotency_key is not None else None
         bound = []
-        with _naming(keys, "names" if stacked else "calls") as at:
+        with _naming(keys, field) as at:
             for at.index, (key, sent) in enumerate(zip(keys, tensors)):
                 instance = registry._get(key)
                 op = instance.kind.operations.get(operation)
@@ -112,11 +119,19 @@ class PackedCalls:
                 returned = list(op.returns if returns is None else returns)
                 print_ = fingerprint(operation, args, returned, pack) if idempotency_key is not None else ""
                 bound.append((instance, op, args, returned, print_))
-        with _naming(keys, "names" if stacked else "calls") as at, \
+        with _naming(keys, field) as at, \
                 registry._hold_all([entry[0] for entry in bound], {"operation": operation, "packed": True}, at):
             if idempotency_key is not None:
-                replayed = self._replay_many(bound, idempotency_key, at)
-                if replayed is not None:
+                entries = self._replay_many(bound, idempotency_key, at)
+                if entries is not None:
+                    missing = [position for position, entry in enumerate(entries) if entry is None]
+                    ran = dict(zip(missing, self._run_usual([bound[p] for p in missing], operation, idempotency_key,
+                                                            stacked, at, positions=missing))) if missing else {}
+                    replayed = []  # (a first answer no longer kept is an error, once the missing members have run)
+                    for at.index, ((instance, *_), entry) in enumerate(zip(bound, entries)):
+                        replayed.append(ran[at.index] if entry is None
+                                        else instance.answers.answer_of(entry, instance.key.name))
+                    at.index = None
                     return _stacked(replayed, bound[0][3]) if stacked else replayed
             # the stack of the first member still in one (those taken out may go back in)
             stack = next((entry[0].slot[0] for entry in bound if entry[0].slot is not None), None)
@@ -126,40 +141,51 @@ class PackedCalls:
                 on_stack = self._on_stack(stack, bound, operation, idempotency_key, whole, at)
                 if on_stack is not None:
                     return on_stack if stacked else _unstacked_answers(on_stack, bound[0][3])
-            for held in {id(e[0].slot[0]): e[0].slot[0] for e in bound if e[0].slot is not None}.values():
-                held.release()  # the usual way reads each member's own state
-            planned, resized = [], []
-            try:
-                for at.index, (instance, op, args, returned, _) in enumerate(bound):
-                    registry._check_returned(instance, returned)
-                    signature, nbytes, _, plan = registry._predict(instance, operation, op.fn, args)
-                    if stacked:
-                        _check_stackable(returned, signature, plan, bound[0][3], planned)
-                    registry.capacity.resize(instance.key.owner, instance.device, instance.held_bytes, nbytes)
-                    resized.append((instance, nbytes))
-                    planned.append((signature, nbytes, plan))
-                at.index = None
-                new_states = self._run_packed(bound, planned)
-            except BaseException:
-                for instance, nbytes in resized:
-                    registry.capacity.resize(instance.key.owner, instance.device, nbytes, instance.held_bytes,
-                                             check=False)
-                raise
-            answers = []
-            for (instance, _, _, returned, print_), (state, leaves), (signature, nbytes, plan) in zip(
-                    bound, new_states, planned):
-                at_leaf = plan.leaf_index
-                result = {c: np.asarray(leaves[at_leaf[c]]) for c in returned}
-                registry._commit(instance, state, operation, signature, nbytes, accounted=True)
-                answer = {"version": instance.version, **result}
-                if idempotency_key is not None:
-                    instance.answers.remember(idempotency_key, print_, answer)
-                answers.append(answer)
-            for at.index, (instance, *_) in enumerate(bound):
-                registry.persistence.persist(instance)
-            at.index = None
-            self._maybe_stack([entry[0] for entry in bound], planned)
+            answers = self._run_usual(bound, operation, idempotency_key, stacked, at)
             return _stacked(answers, bound[0][3]) if stacked else answers
+
+    def _run_usual(self, bound: list[tuple], operation: str, idempotency_key: str | None, stacked: bool, at: Any,
+                   positions: list[int] | None = None) -> list[dict[str, Any]]:
+        """The bound calls run the usual way (under every lock): each member's own state in, one device call per
+        group of one plan, each member committed and stored; their answers. ``positions``: where each bound call
+        is in the request (errors name it), when they are some of its calls."""
+        registry = self._registry
+        whole_request, positions = positions is None, list(range(len(bound))) if positions is None else positions
+        for held in {id(e[0].slot[0]): e[0].slot[0] for e in bound if e[0].slot is not None}.values():
+            held.release()  # the usual way reads each member's own state
+        planned, resized = [], []
+        try:
+            for at.index, (instance, op, args, returned, _) in zip(positions, bound):
+                registry._check_returned(instance, returned)
+                signature, nbytes, _, plan = registry._predict(instance, operation, op.fn, args)
+                if stacked:
+                    _check_stackable(returned, signature, plan, bound[0][3], planned)
+                registry.capacity.resize(instance.key.owner, instance.device, instance.held_bytes, nbytes)
+                resized.append((instance, nbytes))
+                planned.append((signature, nbytes, plan))
+            at.index = None
+            new_states = self._run_packed(bound, planned)
+        except BaseException:
+            for instance, nbytes in resized:
+                registry.capacity.resize(instance.key.owner, instance.device, nbytes, instance.held_bytes,
+                                         check=False)
+            raise
+        answers = []
+        for (instance, _, _, returned, print_), (state, leaves), (signature, nbytes, plan) in zip(
+                bound, new_states, planned):
+            at_leaf = plan.leaf_index
+            result = {c: np.asarray(leaves[at_leaf[c]]) for c in returned}
+            registry._commit(instance, state, operation, signature, nbytes, accounted=True)
+            answer = {"version": instance.version, **result}
+            if idempotency_key is not None:
+                instance.answers.remember(idempotency_key, print_, answer)
+            answers.append(answer)
+        for at.index, (instance, *_) in zip(positions, bound):
+            registry.persistence.persist(instance)
+        at.index = None
+        if whole_request:  # (a request's remaining members are no population of their own)
+            self._maybe_stack([entry[0] for entry in bound], planned)
+        return answers
 
     def _on_stack(self, stack: Stack, bound: list[tuple], operation: str, idempotency_key: str | None,
                   whole: Mapping[str, Any] | None, at: Any) -> dict[str, Any] | None:
@@ -203,6 +229,8 @@ class PackedCalls:
             raise
         stack.replace(leaves)
         answer: dict[str, Any] = {c: np.asarray(leaves[plan.leaf_index[c]]) for c in returned}
+        if not answer and reads_caller_memory(list(tensors)):  # an answer read means the program has run: else wait
+            jax.block_until_ready(leaves)  # (the stacked form's tensors are the caller's arrays in-process)
         versions = []
         for position, (instance, _, _, _, print_) in enumerate(bound):
             registry._advance(instance, operation, signature, nbytes, None if samples is None else samples[position])
@@ -238,20 +266,24 @@ class PackedCalls:
                 if keys in self._packs_seen:
                     self._packs_seen[keys] = (runs, needed, last)
 
-    def _replay_many(self, bound: list[tuple], idempotency_key: str, at: Any) -> list[dict[str, Any]] | None:
-        """The first answers of a packed call with this key, or None if it never ran (under every lock)."""
+    def _replay_many(self, bound: list[tuple], idempotency_key: str, at: Any) -> list[Any] | None:
+        """Each member's entry for this key (under every lock; its first answer, once stored), or None if the call
+        never ran on any of them.
+
+        A member without one, beside members with one, is a member the call was not stored for: the server stopped
+        while it stored the members one by one (sync mode), or this member's answer has left its bounded cache;
+        its entry is None, and it runs now. A key first used for other instances or tensors is refused (422)."""
         entries = []
         for at.index, (instance, _op, _args, _returned, print_) in enumerate(bound):
             entries.append(instance.answers.replay(idempotency_key, print_))
         at.index = None
         if all(entry is None for entry in entries):
             return None
-        if any(entry is None for entry in entries):
-            raise IdempotencyKeyReused(f"Idempotency-Key {idempotency_key[:64]!r} was used for a packed call on "
-                                       "other instances; use a new key for a new request")
-        for at.index, (instance, *_) in enumerate(bound):
-            self._registry.persistence.persist(instance)
-        return [instance.answers.answer_of(entry, instance.key.name) for (instance, *_), entry in zip(bound, entries)]
+        for at.index, ((instance, *_), entry) in enumerate(zip(bound, entries)):
+            if entry is not None:
+                self._registry.persistence.persist(instance)  # sync mode: acknowledged only once stored
+        at.index = None
+        return entries
 
     @staticmethod
     def _run_packed(bound: list[tuple], planned: list[tuple]) -> list[tuple[Any, list[Any]]]:

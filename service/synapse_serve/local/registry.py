@@ -43,6 +43,7 @@ from synapse_serve.errors import (
 )
 from synapse_serve.kinds import Kind, get_kind
 from synapse_serve.kinds.base import (
+    check_finite,
     check_tensor,
     compartment_paths,
     leaf_names,
@@ -54,7 +55,7 @@ from synapse_serve.kinds.base import (
 from synapse_serve.kinds import lean
 from synapse_serve.kinds.sequence import sequence_fn
 from synapse_serve.local.capacity import Capacity, Limits
-from synapse_serve.local.device import device_call
+from synapse_serve.local.device import device_call, reads_caller_memory
 from synapse_serve.local.history import LEARNING_OPERATIONS, History, weight_stats
 from synapse_serve.local.instance import (
     AnswerBudget,
@@ -76,26 +77,6 @@ PREDICTIONS_KEPT = 4096  # (operation, config, shapes) -> the state a call leave
 
 class Busy(Exception):  # noqa: N818 - a signal, not an error: the facade runs the call on a worker instead
     """A call asked not to wait met a held lock (or an instance whose shapes changed since it looked)."""
-
-
-def _reads_caller_memory(args: list[Any]) -> bool:
-    """Whether a device program given ``args`` reads memory its caller may change after the call returns.
-
-    XLA on CPU reads a 64-byte aligned host array in place instead of copying it, when the program runs:
-    after the dispatching call has returned (JAX dispatches asynchronously). In the in-process mode the
-    arrays are the caller's own, and a loop that changes them in place next (``z -= rate * dz``) would
-    change what the operation computes and stores; so such a call returns only once its program has run.
-    A decoded request body (a read-only view of ``bytes``) cannot change: those calls do not wait."""
-    for arg in args:
-        if type(arg) is np.ndarray:
-            if arg.flags.writeable:
-                return True
-            base = arg
-            while isinstance(base, np.ndarray):
-                base = base.base
-            if not isinstance(base.obj if isinstance(base, memoryview) else base, bytes):
-                return True
-    return False
 
 
 def _float32_shapes(tensors: Mapping[str, Any]) -> tuple | None:
@@ -468,7 +449,7 @@ class Registry:
                     result = {c: np.asarray(v) for c, v in kept.items()}
                 # an answer read means the program has run (its outputs are ready together); with none, wait:
                 # the caller may change its arrays once we return
-                if not result and _reads_caller_memory(args):
+                if not result and reads_caller_memory(args):
                     jax.block_until_ready(out)
             except BaseException:
                 self.capacity.resize(key.owner, instance.device, new_bytes, instance.held_bytes, check=False)
@@ -502,6 +483,8 @@ class Registry:
         if shapes is not None:
             steps = instance.plans.get(("bound", op.name, shapes))
             if steps is not None:
+                for name, value in tensors.items():  # the values are new every time: checked every time
+                    check_finite(name, value)
                 return [tensors.get(a.name) for a in op.args], steps
         args, steps = self._check_args(instance, op, tensors)
         if shapes is not None:
@@ -537,6 +520,9 @@ class Registry:
                 raise InvalidRequest(f"{refs[0]}: a sequence call (tensors with a leading time axis) takes tensors, "
                                      "not references", argument=refs[0])
             steps = int(np.shape(sent[timed[0]])[0])
+            if not steps:
+                raise ShapeMismatch(f"{timed[0]}: a sequence of 0 steps (shape {tuple(np.shape(sent[timed[0]]))}); "
+                                    "send at least one step", argument=timed[0])
         args: list[Any] = []
         for arg in op.args:
             value = sent[arg.name]
@@ -592,10 +578,13 @@ class Registry:
         if not isinstance(last, bool):
             raise InvalidRequest(f"sequence.last: expected true or false, received {str(last)[:40]!r}",
                                  argument="sequence")
+        every = options.get("every", 1)
         try:
-            every = require_int("sequence.every", options.get("every", 1), 1, steps)
+            every = require_int("sequence.every", every, 1, steps)
         except InvalidConfig as exc:
-            raise InvalidRequest(f"{exc.detail} (the steps sent)", argument="sequence") from None
+            in_range = isinstance(every, int) and not isinstance(every, bool)  # a number of steps, too many or few
+            raise InvalidRequest(f"{exc.detail}{' (the steps sent)' if in_range else ''}",
+                                 argument="sequence") from None
         if last and "every" in options:
             raise InvalidRequest("sequence: give every or last, not both", argument="sequence")
         return sequence_fn(op.fn, tuple(returned), every, last), 1 if last else steps // every
@@ -606,8 +595,9 @@ class Registry:
         names = leaf_names(jax.tree_util.tree_structure(instance.layout()))
         sizes = dict(zip(names, (math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in signature)))
         one = sum(sizes[c] for c in returned)
-        self.capacity.check_answer(instance.key.owner, kept * one,
-                                   f"{', '.join(returned)}: {one} bytes, kept {kept} times of {steps} steps")
+        how = f"{', '.join(returned)}: {one} bytes, kept {kept} times of {steps} steps"
+        self.capacity.check_answer(instance.key.owner, kept * one, how,
+                                   "split the sequence" if kept == 1 else "use sequence every=k or last")
 
     @staticmethod
     def _resolve(instance: Instance, argument: str, ref: CompartmentRef | _Fetched, leaves: Mapping[str, Any]) -> Any:
