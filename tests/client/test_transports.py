@@ -368,7 +368,7 @@ def test_async_submit_takes_the_tensors_when_asked_not_when_the_task_runs(transp
     ("ragged list", ValueError, "cannot send list"),
     ("a Ref written", TypeError, "weights: the value: expected an array, not a reference"),
     ("a list for sequence", TypeError, "sequence: expected a dict"),
-    ("a tensor for a call", TypeError, f"calls: expected {{name: {{tensor: value}}}}"),
+    ("a tensor for a call", TypeError, "calls: expected {name: {tensor: value}}"),
 ])
 def test_what_no_server_takes_is_refused_alike_on_every_transport_before_anything_is_sent(via, unique_name, mistake,
                                                                                            error, fragment):
