@@ -15,6 +15,7 @@ from typing import Any
 from synapse_client._codec import Ref, copied  # answers: writable arrays nothing in the engine shares
 from synapse_client._exceptions import APIConnectionError
 from synapse_client._frames import frame_of, result_of
+from synapse_client._session import HandleHost
 
 SERVER_EXTRA = ("SynapseClient('local') runs the engine in this process and needs the server's dependencies "
                 "(JAX, FastAPI): pip install 'synapse-serve[server]'; or pass a server's URL")
@@ -80,7 +81,7 @@ class AsyncLocalTransport:
         await self.engine.aclose()
 
 
-class LocalSession:
+class LocalSession(HandleHost):
     """``client.session()`` in the in-process mode: calls are direct already; its handles make the client's calls
     until the session is closed, and raise APIConnectionError after, as a network session's do."""
 
@@ -94,16 +95,7 @@ class LocalSession:
             raise APIConnectionError(f"session at {self.base_url}: {op}: the session is closed")
         return self.client
 
-    # --- what handles call ---
-
-    def _op_body(self, tensors, returns, sequence=None):
-        return self.client._op_body(tensors, returns, sequence)
-
-    def _sequence_options(self, every, last):
-        return self.client._sequence_options(every, last)
-
-    def _op_headers(self, operation, if_version, idempotency_key):
-        return self.client._op_headers(operation, if_version, idempotency_key)
+    # --- what handles call (and HandleHost's) ---
 
     def request(self, method: str, path: str, body: Any = None, **options: Any) -> Any:
         return self._open_client(f"{method} {path}").request(method, path, body, **options)

@@ -236,6 +236,22 @@ class _Wire:
             self.sock.close()
 
 
+class HandleHost:
+    """What a handle (``Synapse``) asks of whatever made it beside ``request`` and ``submit``: the client's own
+    request building. A session (or the in-process mode's) hosts handles as the client does."""
+
+    client: Any
+
+    def _op_body(self, tensors, returns, sequence=None):
+        return self.client._op_body(tensors, returns, sequence)
+
+    def _sequence_options(self, every, last):
+        return self.client._sequence_options(every, last)
+
+    def _op_headers(self, operation, if_version, idempotency_key):
+        return self.client._op_headers(operation, if_version, idempotency_key)
+
+
 class Pending:
     """A request sent on a session whose answer is read when asked for: ``result()``."""
 
@@ -247,7 +263,7 @@ class Pending:
         return self._wait()
 
 
-class Session:
+class Session(HandleHost):
     """Operations over one WebSocket; handles from ``get`` work exactly as the client's (blocking)."""
 
     def __init__(self, client: Any) -> None:
@@ -270,16 +286,7 @@ class Session:
         except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
             raise _connection_error(self.base_url, "cannot open", exc, True) from None
 
-    # --- what handles call ---
-
-    def _op_body(self, tensors, returns, sequence=None):
-        return self.client._op_body(tensors, returns, sequence)
-
-    def _sequence_options(self, every, last):
-        return self.client._sequence_options(every, last)
-
-    def _op_headers(self, operation, if_version, idempotency_key):
-        return self.client._op_headers(operation, if_version, idempotency_key)
+    # --- what handles call (and HandleHost's) ---
 
     def request(self, method: str, path: str, body: Any = None, *, retry: bool,
                 headers: dict[str, str] | None = None, progress: str | None = None) -> Any:
@@ -430,7 +437,7 @@ class Session:
         self.close()
 
 
-class AsyncSession:
+class AsyncSession(HandleHost):
     """The asyncio twin of Session: ``async with client.session() as s``; concurrent calls are pipelined."""
 
     def __init__(self, client: Any) -> None:
@@ -473,15 +480,6 @@ class AsyncSession:
             if not future.done():
                 future.set_exception(ConnectionResetError("the session connection was closed"))
         self._waiting.clear()
-
-    def _op_body(self, tensors, returns, sequence=None):
-        return self.client._op_body(tensors, returns, sequence)
-
-    def _sequence_options(self, every, last):
-        return self.client._sequence_options(every, last)
-
-    def _op_headers(self, operation, if_version, idempotency_key):
-        return self.client._op_headers(operation, if_version, idempotency_key)
 
     async def request(self, method: str, path: str, body: Any = None, *, retry: bool,
                       headers: dict[str, str] | None = None, progress: str | None = None) -> Any:
