@@ -121,7 +121,8 @@ class Backend(Protocol):
 
     async def gauges(self) -> dict[str, Any]:
         """Instances by (kind, owner), state bytes by device, calls waiting by owner, the budget, storage, and
-        compilations (count, seconds, persistent-cache hits)."""
+        compilations (count, seconds, persistent-cache hits, releases of every compiled program, programs since the
+        last release)."""
 
     def describe_setup(self) -> dict[str, Any]:
         """What an operator wants in the start-up log line: devices, state directory, durability."""

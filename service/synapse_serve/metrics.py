@@ -117,6 +117,11 @@ class _Gauges:
                                   value=compiles["seconds"])
         yield CounterMetricFamily("synapse_compilation_cache_hits", "Programs loaded from the persistent "
                                   "compilation cache.", value=compiles["cache_hits"])
+        yield CounterMetricFamily("synapse_compiled_program_releases", "Times the process released every compiled "
+                                  "program (SYNAPSE_MAX_COMPILED_PROGRAMS compiled since the last).",
+                                  value=compiles["releases"])
+        yield GaugeMetricFamily("synapse_compiled_programs_since_release", "Programs compiled or loaded since the "
+                                "last release (what JAX may still hold).", value=compiles["since_release"])
         instances = GaugeMetricFamily("synapse_instances", "Instances held, by kind and owner.",
                                       labels=("kind", "owner"))
         for (kind, owner), n in sorted(self._owner_rows(g["instances"], lambda k: k[1]).items()):

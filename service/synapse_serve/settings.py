@@ -22,6 +22,11 @@ class Settings(BaseSettings):
     max_tensor_elements: int = Field(1 << 28, ge=1, description="largest tensor a body may declare")
     max_instances: int = Field(10_000, ge=1, description="most instances the server holds")
     warmup: bool = Field(True, description="compile a small synapse at start-up before /readyz says ready")
+    max_compiled_programs: int = Field(
+        2048, ge=1, description="programs compiled (or loaded from the compilation cache) since the last release "
+                                "beyond which the process releases every compiled program; the ones in use "
+                                "compile again on their next call. Bounds the memory and memory maps compiled "
+                                "programs hold: a client sending a new batch size each call compiles each time")
     compilation_cache: bool = Field(
         True, description="keep compiled programs in <state_dir>/jax-cache: a restart does not compile again")
     durability: Literal["sync", "interval", "off"] = Field(

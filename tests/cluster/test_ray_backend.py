@@ -150,6 +150,7 @@ def test_a_shards_budget_refuses_a_create_before_any_work(cluster, tmp_path):
         metrics = httpx.get(f"{live.url}/metrics").text
         assert 'synapse_shard_up{shard="shard-0"} 1.0' in metrics and 'synapse_shard_up{shard="shard-1"} 1.0' in metrics
         assert 'synapse_state_bytes{device="shard-1/cpu:0"}' in metrics
+        assert "synapse_compiled_programs_since_release" in metrics  # the shards' counts, summed
         assert {d["device"] for d in client.request("GET", "/v1/devices", retry=True)["devices"]} == {
             "shard-0/cpu:0", "shard-1/cpu:0"}
         assert len(client.request("GET", "/v1/admin/storage", retry=True)["shards"]) == 2

@@ -481,10 +481,10 @@ class RayBackend:
     async def gauges(self) -> dict[str, Any]:
         answers = await asyncio.gather(*(self._run(i, "gauges") for i in range(len(self.shards))),
                                        return_exceptions=True)
+        compiles = {"count": 0, "seconds": 0.0, "cache_hits": 0, "releases": 0, "since_release": 0}  # shards' sums
         merged: dict[str, Any] = {"instances": {}, "state_bytes": {}, "queue_depth": {}, "memory": {},
                                   "device_budget_bytes": self.settings.device_budget_bytes,
-                                  "storage_failing": False, "compiles": {"count": 0, "seconds": 0.0, "cache_hits": 0},
-                                  "shards": {}}
+                                  "storage_failing": False, "compiles": compiles, "shards": {}}
         for shard, gauges in enumerate(answers):
             merged["shards"][f"shard-{shard}"] = not isinstance(gauges, BaseException)
             if isinstance(gauges, BaseException):
@@ -498,8 +498,8 @@ class RayBackend:
             for device, memory in gauges.get("memory", {}).items():
                 merged["memory"][f"shard-{shard}/{device}"] = memory
             merged["storage_failing"] |= bool(gauges["storage_failing"])
-            for field in ("count", "seconds", "cache_hits"):
-                merged["compiles"][field] += gauges["compiles"][field]
+            for field in compiles:
+                compiles[field] += gauges["compiles"][field]
         return merged
 
     def busy(self) -> bool:

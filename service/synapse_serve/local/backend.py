@@ -100,19 +100,50 @@ def warm_up() -> None:
 
 
 class CompileStats:
-    """XLA compiles and persistent-cache hits in this process, from JAX's monitoring events."""
+    """XLA compiles and persistent-cache hits in this process, from JAX's monitoring events, and the bound on the
+    programs it keeps.
+
+    JAX keeps up to 8,192 compiled programs in each of its caches, and every XLA:CPU program holds memory and
+    memory maps (measured here: ~4 maps and ~0.5 MB per small program): a client calling with a new batch size
+    each time (each one a compile) could take a server to GBs and past the kernel's ``vm.max_map_count``, where
+    the next compile crashes the process. So after ``max_compiled_programs`` programs compiled or loaded since the
+    last release, the process releases them all (``jax.clear_caches()``); the ones still used compile again (from
+    the persistent cache when it is on) on their next call.
+    """
 
     def __init__(self) -> None:
-        self.compilations = 0
+        self.compilations = 0  # compiles and persistent-cache loads alike: JAX times both as a backend compile
         self.compile_seconds = 0.0
         self.cache_hits = 0
+        self.since_release = 0  # programs compiled or loaded since the last release: those JAX may still hold
+        self.releases = 0
+        self._release_lock = threading.Lock()
         jax.monitoring.register_event_duration_secs_listener(self._duration)
         jax.monitoring.register_event_listener(self._event)
 
     def _duration(self, event: str, seconds: float, **_: Any) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
             self.compilations += 1
+            self.since_release += 1
             self.compile_seconds += seconds
+
+    def release_if_over(self, budget: int) -> bool:
+        """Release every compiled program once more than ``budget`` were compiled or loaded since the last release
+        (cheap when not: one comparison). Safe beside calls running in other threads: JAX's caches are guarded by
+        the GIL, and a program running keeps its own reference until it returns."""
+        if self.since_release <= budget:
+            return False
+        with self._release_lock:
+            if self.since_release <= budget:  # another thread released them meanwhile
+                return False
+            held = self.since_release
+            jax.clear_caches()
+            self.since_release = 0
+            self.releases += 1
+        log.warning("released the compiled programs: %d compiled or loaded since the last release, over "
+                    "SYNAPSE_MAX_COMPILED_PROGRAMS=%d (release %d); those still used compile again", held, budget,
+                    self.releases)
+        return True
 
     def _event(self, event: str, **_: Any) -> None:
         if event == "/jax/compilation_cache/cache_hits":
@@ -170,18 +201,32 @@ class LocalBackend:
         self._costs: OrderedDict[tuple, float] = OrderedDict()
         self._costs_lock = threading.Lock()
         self.compiles = compile_stats()
+        self._costs_release = self.compiles.releases  # the costs were measured since this release
         self._operations = frozenset(op for kind in KINDS.values() for op in kind.operations)
 
     async def _off(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run blocking registry work on the worker threads, never on the event loop (with no loop: here)."""
         if self.in_caller_thread:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._bound_programs()
         self._off_loop += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(
-                _no_stop_iteration, fn, *args, **kwargs))
+                self._then_bound_programs, fn, *args, **kwargs))
         finally:
             self._off_loop -= 1
+
+    def _then_bound_programs(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return _no_stop_iteration(fn, *args, **kwargs)
+        finally:  # on the worker: a release (a few ms) never holds up the event loop
+            self._bound_programs()
+
+    def _bound_programs(self) -> None:
+        """Every compile happens in work that ends here (a call runs inline only once it ran with those shapes)."""
+        self.compiles.release_if_over(self.settings.max_compiled_programs)
 
     def busy(self) -> bool:
         return self._off_loop > 0
@@ -271,7 +316,14 @@ class LocalBackend:
                                 idempotency_key=idempotency_key, expected_version=expected_version,
                                 sequence=sequence)
         if self.in_caller_thread:
-            return run()
+            try:
+                return run()
+            finally:
+                self._bound_programs()
+        if self._costs_release != self.compiles.releases:  # the programs were released: each call's next run
+            with self._costs_lock:                          # compiles again, on a worker, never on the loop
+                self._costs.clear()
+                self._costs_release = self.compiles.releases
         cost_key = self._cost_key(key, operation, tensors, sequence)
         if cost_key is not None and self._costs.get(cost_key, float("inf")) < self.inline_max_s:
             started = time.perf_counter()
@@ -385,7 +437,8 @@ class LocalBackend:
         stats["memory"] = await self._off(self._memory)
         compiles = self.compiles
         stats["compiles"] = {"count": compiles.compilations, "seconds": compiles.compile_seconds,
-                             "cache_hits": compiles.cache_hits}
+                             "cache_hits": compiles.cache_hits, "releases": compiles.releases,
+                             "since_release": compiles.since_release}
         return stats
 
     def _memory(self) -> dict[str, dict[str, int]]:

@@ -1,0 +1,154 @@
+"""The bound on compiled programs (SYNAPSE_MAX_COMPILED_PROGRAMS): a client that calls with a new batch size each
+time compiles each time; the server keeps memory and memory maps bounded, answers the same numbers across
+releases, and never compiles on its event loop after one."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import numpy as np
+import pytest
+
+from synapse_client import SynapseClient
+from synapse_serve.testing import ServerProcess
+from conftest import LiveServer, metric, metrics_of
+
+CONFIG = {"shape": [8, 4], "eta": 0.01}
+
+
+def memory_maps(pid: int) -> int:
+    with open(f"/proc/{pid}/maps") as maps:
+        return sum(1 for _ in maps)
+
+
+def programs(url: str) -> tuple[float, float]:
+    """(releases so far, programs since the last release) from /metrics."""
+    samples = metrics_of(httpx.get(f"{url}/metrics").text)
+    return (metric(samples, "synapse_compiled_program_releases_total"),
+            metric(samples, "synapse_compiled_programs_since_release"))
+
+
+def test_a_new_batch_size_per_call_cannot_grow_the_server_without_bound(tmp_path):
+    """96 evolves, each of a new batch size, each a new program: unbounded they left ~8 memory maps each (783 in
+    the measurement, ~0.5 MB apiece: 8,192 per JAX cache, past vm.max_map_count on a long run); bounded at 24, the
+    process peaked at ~170 more maps than it had after the first call."""
+    budget = 24
+    with ServerProcess(tmp_path / "state", max_compiled_programs=budget) as server, \
+            SynapseClient(server.url) as client:
+        syn = client.create("grows", kind="HebbianSynapse", config=CONFIG)
+        x1, post1 = np.full((1, 8), 0.5, np.float32), np.full((1, 4), 0.25, np.float32)
+        before = syn.forward(x1)
+        weights = syn.get("weights")
+        start = memory_maps(server.proc.pid)
+        peak = 0
+        for batch in range(2, 98):
+            syn.evolve(pre=np.ones((batch, 8), np.float32), post=np.ones((batch, 4), np.float32))
+            peak = max(peak, memory_maps(server.proc.pid) - start)
+            assert programs(server.url)[1] <= budget
+        releases, _ = programs(server.url)
+        assert releases >= 3, releases
+        assert peak < 400, peak  # unbounded: 783
+        # the learned state is untouched by a release; the programs compile again and give the same numbers
+        after = syn.get("weights")
+        changed = syn.forward(x1)
+        assert not np.array_equal(after, weights)  # the evolves did learn
+        syn.set("weights", weights)
+        assert np.array_equal(syn.forward(x1), before)
+        syn.set("weights", after)
+        assert np.array_equal(syn.forward(x1), changed)
+        syn.evolve(pre=x1, post=post1)
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def small_budget(tmp_path_factory):
+    # every known call inline (to see that a release sends them back to the workers); releases every 8 programs
+    with LiveServer(state_dir=tmp_path_factory.mktemp("state"), max_compiled_programs=8,
+                    inline_call_us=1e6) as server:
+        yield server
+
+
+def test_calls_side_by_side_across_releases_answer_the_same(small_budget):
+    """Four clients on four instances, batch sizes cycling over more programs than the budget: releases happen while
+    other calls run, and every answer equals the one the same call gave before."""
+    server = small_budget
+    with SynapseClient(server.url) as client:
+        for n in range(4):
+            client.create(f"side{n}", kind="HebbianSynapse", config=CONFIG, seed=n)
+    batches = range(1, 13)
+    inputs = {b: np.linspace(-1, 1, b * 8, dtype=np.float32).reshape(b, 8) for b in batches}
+    expected: dict[tuple[int, int], np.ndarray] = {}
+    with SynapseClient(server.url) as client:
+        for n in range(4):
+            for b in batches:
+                expected[n, b] = client.get(f"side{n}").forward(inputs[b])
+    released = server.app.state.server.backend.compiles.releases
+    failures: list[str] = []
+
+    def drive(n: int) -> None:
+        with SynapseClient(server.url) as client:
+            syn = client.get(f"side{n}")
+            for round_ in range(3):
+                for b in batches:
+                    if not np.array_equal(syn.forward(inputs[b]), expected[n, b]):
+                        failures.append(f"instance {n}, batch {b}, round {round_}")
+
+    threads = [threading.Thread(target=drive, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not failures
+    assert server.app.state.server.backend.compiles.releases > released
+
+
+def test_after_a_release_a_call_compiles_on_a_worker_not_on_the_event_loop(small_budget, monkeypatch):
+    """A call measured quick runs on the event loop; its program released, its next run compiles (tens of ms to
+    seconds), which must not stall every other connection: it goes to a worker thread."""
+    server = small_budget
+    registry = server.registry
+    threads: list[str] = []
+    real_call = registry.call
+
+    def recorded(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real_call(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "call", recorded)
+    compiles = server.app.state.server.backend.compiles
+    x = np.ones((3, 8), np.float32)
+    with SynapseClient(server.url) as client:
+        syn = client.create("inline", kind="HebbianSynapse", config=CONFIG)
+        other = client.create("compiles", kind="HebbianSynapse", config=CONFIG)
+        for _ in range(3):  # the first changes the stored batch (a new signature): measured from the second
+            syn.forward(x)
+        assert not threads[-1].startswith("synapse-worker")  # measured quick: inline
+        released = compiles.releases
+        batch = 20
+        while compiles.releases == released:  # another instance's new programs until the process releases them all
+            other.forward(np.ones((batch, 8), np.float32))
+            batch += 1
+            assert batch < 100
+        del threads[:]
+        syn.forward(x)  # the same call on the same shapes: its cost is known, its program is not
+        assert threads[0].startswith("synapse-worker"), threads
+        syn.forward(x)
+        assert not threads[-1].startswith("synapse-worker")  # measured again: inline again
+
+
+def test_the_in_process_mode_bounds_its_compiled_programs_too():
+    """The caller's own process: the same bound, the same numbers after a release."""
+    from synapse_serve.local.backend import compile_stats
+
+    compiles = compile_stats()
+    with SynapseClient("local", local_settings={"max_compiled_programs": 8}) as client:
+        syn = client.create("local", kind="HebbianSynapse", config=CONFIG)
+        x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(2, 8)
+        before = syn.forward(x)
+        released = compiles.releases
+        for batch in range(3, 30):
+            syn.forward(np.ones((batch, 8), np.float32))
+            assert compiles.since_release <= 8
+        assert compiles.releases > released
+        assert np.array_equal(syn.forward(x), before)
