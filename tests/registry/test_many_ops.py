@@ -33,11 +33,19 @@ KINDS = {"deconv": DECONV, "dense": DENSE, "dense-nag": DENSE_NAG}
 BATCH, STEPS = 3, 7
 
 
+def assert_bit_for_bit(got: np.ndarray, separate: np.ndarray, what: object) -> None:
+    """The same shape, dtype and bytes as the separate calls' (a sequence of an operation that convolves is written
+    out, not scanned: kinds/convolutions.py)."""
+    assert got.shape == separate.shape and got.dtype == separate.dtype, what
+    assert got.tobytes() == separate.tobytes(), what
+
+
 def assert_as_separate(kind: str, got: np.ndarray, separate: np.ndarray, what: object) -> None:
-    """Bit for bit; the deconvolution within float32 rounding of a separate call (2e-5 of the compartment's largest
-    value): on the CPU XLA runs its filter gradient as Eigen's convolution only outside loops."""
+    """A packed call's: bit for bit; the deconvolution within float32 rounding of a separate call (2e-5 of the
+    compartment's largest value): inside the packed call's loop XLA runs its filter gradient as its own loop nest,
+    not Eigen's convolution (kinds/convolutions.py says why packed calls are not written out)."""
     if not kind.startswith("deconv"):
-        assert got.tobytes() == separate.tobytes(), what
+        assert_bit_for_bit(got, separate, what)
     else:
         assert got.shape == separate.shape and got.dtype == separate.dtype, what
         scale = np.abs(separate.astype(np.float64)).max(initial=0.0)
@@ -117,8 +125,8 @@ LOOP_SIZED = {
 @pytest.mark.parametrize("kind", list(LOOP_SIZED))
 @pytest.mark.parametrize("options", [{"every": 1}, {"every": 2}, {"every": 4}, {"last": True}])
 def test_a_sequence_of_loop_sized_calls_leaves_every_compartment_as_the_separate_calls(registry, kind, options):
-    """Bit for bit for the dense kind (a loop in a loop, as every=2 once ran, was not); the deconvolution within
-    float32 rounding: inside the scan XLA runs its filter gradient as its own loop nest, not Eigen's convolution."""
+    """Bit for bit, every compartment (a loop in a loop, as every=2 once ran, was not; nor was the deconvolution's
+    filter gradient inside a scan, where XLA runs it as its own loop nest, not Eigen's convolution)."""
     (kind_name, config), batch = LOOP_SIZED[kind]
     for name in ("seq", "calls"):
         registry.create(key(name), kind=kind_name, config=config, seed=3)
@@ -138,7 +146,32 @@ def test_a_sequence_of_loop_sized_calls_leaves_every_compartment_as_the_separate
         kept = [separate[t] for t in range(steps) if (t + 1) % every == 0]
         for compartment in compartments:
             want = kept[-1][compartment] if "last" in options else np.stack([k[compartment] for k in kept])
-            assert_as_separate(kind, answer[compartment], want, (operation, compartment))
+            assert_bit_for_bit(answer[compartment], want, (operation, compartment))
+
+
+@pytest.mark.parametrize("options", [{"every": 1}, {"every": 3}, {"every": 33}, {"last": True}])
+def test_a_sequence_longer_than_one_written_out_program_is_the_separate_calls_bit_for_bit(registry, options):
+    """70 steps of an operation that convolves run as three programs (32, 32, 6 steps written out): the kept steps
+    fall at other places in each (every=3), or in one only (every=33), or nowhere but the last."""
+    (kind_name, config), batch = LOOP_SIZED["deconv-16-latents"]
+    for name in ("seq", "calls"):
+        registry.create(key(name), kind=kind_name, config=config, seed=5)
+    compartments = [name for name in registry.describe(key("seq"))["compartments"] if name != "key"]
+    inputs, outputs = shapes(registry, "seq")
+    rng = np.random.default_rng(3)
+    steps = 70
+    x = rng.normal(size=(steps, batch, *inputs)).astype(np.float32)
+    y = rng.normal(size=(steps, batch, *outputs)).astype(np.float32)
+    for operation, sent in (("evolve", {"pre": x, "post": y}), ("forward", {"inputs": x})):
+        answer = registry.call(key("seq"), operation, sent, compartments, sequence=options)
+        separate = [registry.call(key("calls"), operation, {k: v[t] for k, v in sent.items()}, compartments)
+                    for t in range(steps)]
+        every = options.get("every", steps)
+        kept = [separate[t] for t in range(steps) if (t + 1) % every == 0]
+        for compartment in compartments:
+            want = kept[-1][compartment] if "last" in options else np.stack([k[compartment] for k in kept])
+            assert_bit_for_bit(answer[compartment], want, (operation, compartment))
+    assert registry.describe(key("seq"))["counters"] == registry.describe(key("calls"))["counters"]
 
 
 def test_a_leading_time_axis_alone_makes_a_sequence_and_last_drops_the_axis(registry):

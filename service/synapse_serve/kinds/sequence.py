@@ -1,4 +1,5 @@
-"""T steps of one operation in one compiled call: ``lax.scan`` over a leading time axis.
+"""T steps of one operation in one call: ``lax.scan`` over a leading time axis, or, for a step with a
+convolution, the steps written out one after another.
 
 Any operation of any kind runs as a sequence: its tensors arrive as ``(T, batch, …)``, step ``t``
 runs the operation's own function on ``state`` and the ``t``-th slice of each tensor (an optional
@@ -6,10 +7,11 @@ tensor left out reads the compartment, as a single call does), and the state aft
 is the instance's new state. The compartments asked for come back after every ``every``-th step
 (``(T // every, batch, …)``), or after the last step alone (``last``: no time axis), so a long
 sequence need not come back whole. The step is the operation's own function, so each step
-computes what a separate call would (tests/registry/test_many_ops.py checks bit-identity) — but
-for one thing XLA does its own way inside a loop: on the CPU it runs a convolution with Eigen's
-kernel only outside loops, so the deconvolution's filter gradient (its evolve) comes out within
-float32 rounding of a separate call's, not bit for bit, at most sizes (docs/conformance.md).
+computes what a separate call would, bit for bit (tests/registry/test_many_ops.py).
+
+A step with a convolution is not scanned but written out (``kinds/convolutions.py``: inside a loop
+XLA's CPU backend runs convolutions its own slower way, and the deconvolution's filter gradient
+came out only within float32 rounding of a separate call's).
 """
 
 from __future__ import annotations
@@ -23,10 +25,68 @@ from jax import lax
 from jax import numpy as jnp
 
 from synapse_serve.kinds.base import compartment_paths
+from synapse_serve.kinds.convolutions import chunks, convolves
 
 
 @functools.lru_cache(maxsize=512)
 def sequence_fn(step: Callable[..., Any], returned: tuple[str, ...], every: int, last: bool) -> Callable[..., Any]:
+    """``fn(config, state, *sequences) -> (state, {compartment: kept values})`` (state donated): scanned, or
+    written out for a step with a convolution (the module's docstring says why)."""
+    scanned = _scanned(step, returned, every, last)
+
+    def run(config: Any, state: Any, *sequences: Any) -> tuple[Any, dict[str, Any]]:
+        if not _has_convolution(step, config, state, _at(sequences, 0)):
+            return scanned(config, state, *sequences)
+        steps = _length(sequences)
+        parts = []
+        for start, stop in chunks(steps):
+            keep = () if last else tuple(t - start for t in range(start, stop) if (t + 1) % every == 0)
+            state, kept = _written_out(step, returned, keep)(config, state, *_slice(sequences, start, stop))
+            if keep:
+                parts.append(kept)
+        if last:
+            return state, _picked(state, returned)
+        if len(parts) == 1:
+            return state, parts[0]
+        return state, {name: jnp.concatenate([part[name] for part in parts]) for name in returned}
+
+    return run
+
+
+_CONVOLUTION_OF: dict[tuple, bool] = {}  # (step, config) -> whether its program convolves
+CONVOLUTIONS_KEPT = 4096
+
+
+def _has_convolution(step: Callable[..., Any], config: Any, state: Any, tensors: tuple) -> bool:
+    """Whether the step's program holds a convolution: traced once per operation and config (shapes do not change
+    what a kind's function computes)."""
+    key = (step, config)
+    known = _CONVOLUTION_OF.get(key)
+    if known is None:
+        known = convolves(jax.make_jaxpr(functools.partial(step, config))(state, *tensors).jaxpr)
+        if len(_CONVOLUTION_OF) >= CONVOLUTIONS_KEPT:  # configs come from requests: never an unbounded cache
+            _CONVOLUTION_OF.clear()
+        _CONVOLUTION_OF[key] = known
+    return known
+
+
+@functools.lru_cache(maxsize=512)
+def _written_out(step: Callable[..., Any], returned: tuple[str, ...], keep: tuple[int, ...]) -> Callable[..., Any]:
+    """``fn(config, state, *sequences) -> (state, {compartment: values after the steps in keep, stacked})``, the
+    steps written out one after another, each fenced from the next; jitted (state donated)."""
+
+    def run(config: Any, state: Any, *sequences: Any) -> tuple[Any, dict[str, Any]]:
+        rows = []
+        for t in range(_length(sequences)):
+            state = lax.optimization_barrier(step(config, state, *_at(sequences, t)))
+            if t in keep:
+                rows.append(_picked(state, returned))
+        return state, {name: jnp.stack([row[name] for row in rows]) for name in returned} if rows else {}
+
+    return jax.jit(run, static_argnums=0, donate_argnums=1)
+
+
+def _scanned(step: Callable[..., Any], returned: tuple[str, ...], every: int, last: bool) -> Callable[..., Any]:
     """``fn(config, state, *sequences) -> (state, {compartment: kept values})``, jitted (state donated).
 
     ``step`` is an operation's ``fn(config, state, *tensors) -> state``; a ``None`` sequence stays
