@@ -25,7 +25,7 @@ from jax import lax
 from jax import numpy as jnp
 
 from synapse_serve.kinds.base import compartment_paths
-from synapse_serve.kinds.convolutions import chunks, convolves
+from synapse_serve.kinds.convolutions import convolves, pieces
 
 
 @functools.lru_cache(maxsize=512)
@@ -37,10 +37,8 @@ def sequence_fn(step: Callable[..., Any], returned: tuple[str, ...], every: int,
     def run(config: Any, state: Any, *sequences: Any) -> tuple[Any, dict[str, Any]]:
         if not _has_convolution(step, config, state, _at(sequences, 0)):
             return scanned(config, state, *sequences)
-        steps = _length(sequences)
         parts = []
-        for start, stop in chunks(steps):
-            keep = () if last else tuple(t - start for t in range(start, stop) if (t + 1) % every == 0)
+        for start, stop, keep in pieces(_length(sequences), every, last):
             state, kept = _written_out(step, returned, keep)(config, state, *_slice(sequences, start, stop))
             if keep:
                 parts.append(kept)
