@@ -66,3 +66,41 @@ def test_a_long_sequence_with_an_awkward_every_compiles_a_few_programs_and_is_th
     for compartment in ("weights", "opt_state/0/mu/0", "opt_state/0/nu/0"):
         assert (registry.read(InstanceKey.of("me", "seq"), compartment)[0].tobytes()
                 == registry.read(InstanceKey.of("me", "calls"), compartment)[0].tobytes()), compartment
+
+
+def test_a_sequence_whose_later_program_fails_leaves_the_instance_as_it_was(monkeypatch):
+    """The instance's buffers go to the first of several programs undonated: a later one failing (to compile, to
+    run: here, the second raises) leaves the state whole, and the instance answers the next call."""
+    from synapse_serve.errors import DeviceError
+    from synapse_serve.kinds import sequence
+
+    registry = Registry()
+    key = InstanceKey.of("me", "fails")
+    registry.create(key, kind="HebbianDeconvSynapse", config={"shape": [3, 3, 2, 4], "x_shape": [6, 6], "eta": 0.1})
+    weights = registry.read(key, "weights")[0]
+    real = sequence._written_out
+    calls = []
+
+    def failing_second(*args):
+        program = real(*args)
+
+        def run(*inner):
+            if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(inner[1:])):
+                return program(*inner)  # the registry's shape prediction traces it: not a run
+            calls.append(1)
+            if len(calls) == 2:
+                raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory (injected)")
+            return program(*inner)
+        return run
+
+    monkeypatch.setattr(sequence, "_written_out", failing_second)
+    pre = np.ones((40, 2, 6, 6, 2), np.float32)
+    post = np.ones((40, 2, 6, 6, 4), np.float32)
+    with pytest.raises(DeviceError):
+        registry.call(key, "evolve", {"pre": pre, "post": post}, sequence={"last": True})
+    assert len(calls) == 2
+    assert registry.read(key, "weights")[0].tobytes() == weights.tobytes()
+    assert registry.describe(key)["version"] == 1
+    monkeypatch.setattr(sequence, "_written_out", real)
+    registry.call(key, "evolve", {"pre": pre, "post": post}, sequence={"last": True})  # the instance still works
+    assert registry.read(key, "weights")[0].tobytes() != weights.tobytes()

@@ -7,9 +7,10 @@ runs as XLA's own loop nest, and the deconvolution's filter gradient is summed i
 convolves therefore writes its steps out one after another in one program, at most ``WRITTEN_OUT``
 of them, each fenced off from the next by ``lax.optimization_barrier`` (so that XLA computes each
 as a call alone would, never fused with its neighbour); more run as several such programs, one
-after another on the device, cut so that they repeat: at most four distinct programs per sequence. Measured (bench/written_out.py, docs/benchmarks.md): evolve sequences
-3.5-4x faster than scanned, forward sequences ~15% slower, the first call's compile 2-10x longer
-(linear in the steps written out: ~0.5 s for 20 steps of the bench loop's evolve).
+after another on the device, cut so that they repeat: at most four distinct programs per sequence.
+Measured (bench/written_out.py, docs/benchmarks.md): evolve sequences 3.5-4x faster than scanned,
+forward sequences ~15% slower, the first call's compile 2-10x longer (linear in the steps written
+out: ~0.5 s for 20 steps of the bench loop's evolve).
 
 Packed calls keep ``lax.map`` over the instances: written out, a population of small instances ran
 2-20x slower (each instance's few kernels cost more dispatched one by one than XLA's loop costs

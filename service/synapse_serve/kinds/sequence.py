@@ -37,8 +37,11 @@ def sequence_fn(step: Callable[..., Any], returned: tuple[str, ...], every: int,
     def run(config: Any, state: Any, *sequences: Any) -> tuple[Any, dict[str, Any]]:
         if not _has_convolution(step, config, state, _at(sequences, 0)):
             return scanned(config, state, *sequences)
+        shares = pieces(_length(sequences), every, last)
+        if len(shares) > 1:  # the instance's own buffers are not donated to the first of several programs: if a
+            state = _copy(state)  # later one failed (to compile, to run), they would be gone with nothing in place
         parts = []
-        for start, stop, keep in pieces(_length(sequences), every, last):
+        for start, stop, keep in shares:
             state, kept = _written_out(step, returned, keep)(config, state, *_slice(sequences, start, stop))
             if keep:
                 parts.append(kept)
@@ -49,6 +52,11 @@ def sequence_fn(step: Callable[..., Any], returned: tuple[str, ...], every: int,
         return state, {name: jnp.concatenate([part[name] for part in parts]) for name in returned}
 
     return run
+
+
+@jax.jit
+def _copy(state: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.copy, state)
 
 
 _CONVOLUTION_OF: dict[tuple, bool] = {}  # (step, config) -> whether its program convolves
