@@ -29,7 +29,10 @@ DECONV = ("HebbianDeconvSynapse", {"shape": [3, 3, 2, 3], "x_shape": [6, 6], "et
                                    "bias": True})
 DENSE = ("HebbianSynapse", {"shape": [5, 4], "eta": 0.05, "optim_type": "sgd", "bias": True, "w_decay": 0.01})
 DENSE_NAG = ("HebbianSynapse", {"shape": [5, 4], "eta": 0.05, "optim_type": "nag", "p_conn": 0.7})
-KINDS = {"deconv": DECONV, "dense": DENSE, "dense-nag": DENSE_NAG}
+# w_norm's renormalised weights feed the step's backtransmit: in a scan step not fenced from the loop around it,
+# XLA computed that dInputs another way (a red-team fuzz run found it)
+DENSE_W_NORM = ("HebbianSynapse", {"shape": [4, 2], "eta": 0.3, "w_norm": 1.0})
+KINDS = {"deconv": DECONV, "dense": DENSE, "dense-nag": DENSE_NAG, "dense-w-norm": DENSE_W_NORM}
 BATCH, STEPS = 3, 7
 
 
@@ -172,6 +175,20 @@ def test_a_sequence_longer_than_one_written_out_program_is_the_separate_calls_bi
             want = kept[-1][compartment] if "last" in options else np.stack([k[compartment] for k in kept])
             assert_bit_for_bit(answer[compartment], want, (operation, compartment))
     assert registry.describe(key("seq"))["counters"] == registry.describe(key("calls"))["counters"]
+
+
+def test_a_step_sequence_with_renormalised_weights_is_the_separate_calls_bit_for_bit(registry):
+    """The red-team's case: a dense step with w_norm, 12 steps of batch 1 — unfenced inside the scan, XLA computed
+    dInputs from the renormalised weights another way (1-2 ulps apart from the separate calls)."""
+    twins(registry, ("HebbianSynapse", {"shape": [4, 2], "eta": 0.3, "w_norm": 1.0}), "seq", "calls")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 1, 4)).astype(np.float32)
+    y = rng.normal(size=(12, 1, 2)).astype(np.float32)
+    answer = registry.call(key("seq"), "step", {"inputs": x, "post": y}, ["dInputs", "weights"])
+    separate = [registry.call(key("calls"), "step", {"inputs": x[t], "post": y[t]}, ["dInputs", "weights"])
+                for t in range(12)]
+    for compartment in ("dInputs", "weights"):
+        assert_bit_for_bit(answer[compartment], np.stack([s[compartment] for s in separate]), compartment)
 
 
 def test_a_leading_time_axis_alone_makes_a_sequence_and_last_drops_the_axis(registry):

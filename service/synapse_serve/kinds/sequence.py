@@ -100,12 +100,18 @@ def _scanned(step: Callable[..., Any], returned: tuple[str, ...], every: int, la
     signal compartments, which a loop's carry cannot. One flat loop, never a loop in a loop: XLA
     compiled a nested loop's body its own way (an evolve with ``every=2`` came out ulps apart from
     the separate calls, the dense kind's too); each step writes what it keeps at its group's
-    index, so the last step of each group of ``every`` is what stays.
+    index, so the last step of each group of ``every`` is what stays. Each step's new state is
+    fenced off from the loop around it (``lax.optimization_barrier``), as a separate call's
+    results are: unfenced, the dense kind's ``step`` with ``w_norm`` computed its ``dInputs`` from
+    the renormalised weights another way (ulps apart). (Fencing what goes in too kept XLA from
+    reusing the signal compartments' donated buffers.)
     """
 
     def run(config: Any, state: Any, *sequences: Any) -> tuple[Any, dict[str, Any]]:
         steps = next(s.shape[0] for s in sequences if s is not None)
-        one = functools.partial(step, config)
+
+        def one(state: Any, *tensors: Any) -> Any:
+            return lax.optimization_barrier(step(config, state, *tensors))
 
         def advance(state: Any, tensors: tuple) -> tuple[Any, None]:
             return one(state, *tensors), None
