@@ -122,6 +122,8 @@ class _Gauges:
                                   value=compiles["releases"])
         yield GaugeMetricFamily("synapse_compiled_programs_since_release", "Programs compiled or loaded since the "
                                 "last release (what JAX may still hold).", value=compiles["since_release"])
+        yield GaugeMetricFamily("synapse_memory_maps", "Memory mappings the process holds (Linux; the kernel's "
+                                "vm.max_map_count caps them).", value=compiles["memory_maps"])
         instances = GaugeMetricFamily("synapse_instances", "Instances held, by kind and owner.",
                                       labels=("kind", "owner"))
         for (kind, owner), n in sorted(self._owner_rows(g["instances"], lambda k: k[1]).items()):

@@ -27,6 +27,10 @@ class Settings(BaseSettings):
                                 "beyond which the process releases every compiled program; the ones in use "
                                 "compile again on their next call. Bounds the memory and memory maps compiled "
                                 "programs hold: a client sending a new batch size each call compiles each time")
+    max_memory_maps: int = Field(
+        0, ge=0, description="memory maps the process may hold before it releases every compiled program (counted "
+                             "after a compile, at most once a second; Linux); 0: half the kernel's vm.max_map_count, "
+                             "past which the next compile would crash the process")
     compilation_cache: bool = Field(
         True, description="keep compiled programs in <state_dir>/jax-cache: a restart does not compile again")
     durability: Literal["sync", "interval", "off"] = Field(

@@ -61,6 +61,30 @@ def test_a_new_batch_size_per_call_cannot_grow_the_server_without_bound(tmp_path
         server.stop()
 
 
+def test_memory_maps_over_their_limit_release_the_programs_however_few(tmp_path):
+    """A program can hold far more maps than a small one (a large packed population's), so the count of programs
+    alone would not keep a process under vm.max_map_count: past SYNAPSE_MAX_MEMORY_MAPS (counted after a compile,
+    at most once a second) the programs are released too. Here the limit is 1: every count releases them."""
+    with ServerProcess(tmp_path / "state", max_compiled_programs=1_000_000, max_memory_maps=1) as server, \
+            SynapseClient(server.url) as client:
+        syn = client.create("maps", kind="HebbianSynapse", config=CONFIG)
+        x1 = np.full((1, 8), 0.5, np.float32)
+        before = syn.forward(x1)
+        start = memory_maps(server.proc.pid)
+        peak = 0
+        for batch in range(2, 98):
+            syn.evolve(pre=np.ones((batch, 8), np.float32), post=np.ones((batch, 4), np.float32))
+            peak = max(peak, memory_maps(server.proc.pid) - start)
+        samples = metrics_of(httpx.get(f"{server.url}/metrics").text)
+        assert metric(samples, "synapse_compiled_program_releases_total") >= 1
+        assert metric(samples, "synapse_memory_maps") > 0
+        assert peak < 600, peak  # unbounded: 783 and growing
+        np.testing.assert_allclose(syn.forward(x1), x1 @ syn.get("weights"), rtol=1e-5)  # compiled again, right
+        assert before.shape == (1, 4)
+        server.stop()
+    assert "SYNAPSE_MAX_MEMORY_MAPS" in server.log.read_text()
+
+
 @pytest.fixture(scope="module")
 def small_budget(tmp_path_factory):
     # every known call inline (to see that a release sends them back to the workers); releases every 8 programs

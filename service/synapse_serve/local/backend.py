@@ -99,16 +99,38 @@ def warm_up() -> None:
     registry.call(key, "evolve", {"pre": x, "post": x})
 
 
+MAPS_LOOK_INTERVAL_S = 1.0  # after a compile, the process's memory maps are counted at most this often
+
+
+def memory_maps() -> int | None:
+    """How many memory mappings this process has (Linux; None elsewhere): ~1 ms per 1,000 to count."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return maps.read().count(b"\n")
+    except OSError:
+        return None
+
+
+def kernel_map_limit() -> int | None:
+    """The kernel's ``vm.max_map_count`` (Linux; None elsewhere): past it, the next mapping fails."""
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class CompileStats:
     """XLA compiles and persistent-cache hits in this process, from JAX's monitoring events, and the bound on the
     programs it keeps.
 
     JAX keeps up to 8,192 compiled programs in each of its caches, and every XLA:CPU program holds memory and
-    memory maps (measured here: ~4 maps and ~0.5 MB per small program): a client calling with a new batch size
-    each time (each one a compile) could take a server to GBs and past the kernel's ``vm.max_map_count``, where
-    the next compile crashes the process. So after ``max_compiled_programs`` programs compiled or loaded since the
-    last release, the process releases them all (``jax.clear_caches()``); the ones still used compile again (from
-    the persistent cache when it is on) on their next call.
+    memory maps (measured here: ~4 maps and ~0.5 MB per small program, more for a large one): a client calling
+    with a new batch size each time (each one a compile) could take a server to GBs and past the kernel's
+    ``vm.max_map_count``, where the next compile crashes the process. So the process releases every program it
+    holds (``jax.clear_caches()``) once more than ``max_compiled_programs`` were compiled or loaded since the last
+    release, or once, after a compile, it holds more memory maps than its limit (counted at most once a second:
+    counting costs ~1 ms per 1,000 maps); the ones still used compile again (from the persistent cache when it is
+    on) on their next call.
     """
 
     def __init__(self) -> None:
@@ -117,6 +139,8 @@ class CompileStats:
         self.cache_hits = 0
         self.since_release = 0  # programs compiled or loaded since the last release: those JAX may still hold
         self.releases = 0
+        self.maps_counted: int | None = None  # at the last count
+        self._counted_at = (-1, 0.0)  # (since_release, monotonic time) of the last count
         self._release_lock = threading.Lock()
         jax.monitoring.register_event_duration_secs_listener(self._duration)
         jax.monitoring.register_event_listener(self._event)
@@ -127,22 +151,36 @@ class CompileStats:
             self.since_release += 1
             self.compile_seconds += seconds
 
-    def release_if_over(self, budget: int) -> bool:
-        """Release every compiled program once more than ``budget`` were compiled or loaded since the last release
-        (cheap when not: one comparison). Safe beside calls running in other threads: JAX's caches are guarded by
-        the GIL, and a program running keeps its own reference until it returns."""
-        if self.since_release <= budget:
-            return False
-        with self._release_lock:
-            if self.since_release <= budget:  # another thread released them meanwhile
+    def release_if_over(self, budget: int, map_limit: int | None) -> bool:
+        """Release every compiled program once more than ``budget`` were compiled or loaded since the last release,
+        or the process holds more than ``map_limit`` memory maps (counted only after a compile; cheap otherwise:
+        two comparisons). Safe beside calls running in other threads: JAX's caches are guarded by the GIL, and a
+        program running keeps its own reference until it returns."""
+        since = self.since_release
+        if since <= budget:
+            if map_limit is None or since == self._counted_at[0]:
+                return False  # nothing compiled since the last count
+            now = time.monotonic()
+            if now - self._counted_at[1] < MAPS_LOOK_INTERVAL_S:
                 return False
-            held = self.since_release
+            self._counted_at = (since, now)
+            self.maps_counted = memory_maps()
+            if self.maps_counted is None or self.maps_counted <= map_limit:
+                return False
+            why = f"{self.maps_counted} memory maps, over the limit of {map_limit} (SYNAPSE_MAX_MEMORY_MAPS)"
+        else:
+            why = (f"{since} programs compiled or loaded since the last release, over "
+                   f"SYNAPSE_MAX_COMPILED_PROGRAMS={budget}")
+        releases = self.releases
+        with self._release_lock:
+            if self.releases != releases:  # another thread released them meanwhile
+                return False
             jax.clear_caches()
             self.since_release = 0
+            self._counted_at = (-1, 0.0)
             self.releases += 1
-        log.warning("released the compiled programs: %d compiled or loaded since the last release, over "
-                    "SYNAPSE_MAX_COMPILED_PROGRAMS=%d (release %d); those still used compile again", held, budget,
-                    self.releases)
+        log.warning("released the compiled programs (release %d): %s; those still used compile again",
+                    self.releases, why)
         return True
 
     def _event(self, event: str, **_: Any) -> None:
@@ -202,6 +240,8 @@ class LocalBackend:
         self._costs_lock = threading.Lock()
         self.compiles = compile_stats()
         self._costs_release = self.compiles.releases  # the costs were measured since this release
+        kernel = kernel_map_limit()  # half the kernel's: JAX, Python, threads and arenas map the rest
+        self.map_limit = settings.max_memory_maps or (kernel // 2 if kernel else None)
         self._operations = frozenset(op for kind in KINDS.values() for op in kind.operations)
 
     async def _off(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -226,7 +266,7 @@ class LocalBackend:
 
     def _bound_programs(self) -> None:
         """Every compile happens in work that ends here (a call runs inline only once it ran with those shapes)."""
-        self.compiles.release_if_over(self.settings.max_compiled_programs)
+        self.compiles.release_if_over(self.settings.max_compiled_programs, self.map_limit)
 
     def busy(self) -> bool:
         return self._off_loop > 0
@@ -438,7 +478,7 @@ class LocalBackend:
         compiles = self.compiles
         stats["compiles"] = {"count": compiles.compilations, "seconds": compiles.compile_seconds,
                              "cache_hits": compiles.cache_hits, "releases": compiles.releases,
-                             "since_release": compiles.since_release}
+                             "since_release": compiles.since_release, "memory_maps": await self._off(memory_maps) or 0}
         return stats
 
     def _memory(self) -> dict[str, dict[str, int]]:
