@@ -176,3 +176,31 @@ def test_the_in_process_mode_bounds_its_compiled_programs_too():
             assert compiles.since_release <= 8
         assert compiles.releases > released
         assert np.array_equal(syn.forward(x), before)
+
+
+def test_maps_the_programs_do_not_hold_do_not_release_them_on_every_compile(monkeypatch):
+    """A server holding many large arrays may sit above the map limit with few programs: a release that freed
+    nothing must not repeat at every compile; it repeats once the maps grew again (by an eighth of the limit)."""
+    from synapse_serve.local import backend
+
+    stats = backend.compile_stats()
+    monkeypatch.setattr(backend, "MAPS_LOOK_INTERVAL_S", 0.0)
+    monkeypatch.setattr(backend.jax, "clear_caches", lambda: None)  # the maps are the stub's: nothing to free
+    maps = [5000]
+    monkeypatch.setattr(backend, "memory_maps", lambda: maps[0])
+    released = stats.releases
+
+    def compiled_then_bounded() -> bool:
+        stats.since_release += 1  # as a compile's event counts it
+        return stats.release_if_over(1_000_000, 1000)
+
+    assert compiled_then_bounded()  # over the limit: released
+    assert stats.releases == released + 1
+    for _ in range(3):
+        assert not compiled_then_bounded()  # still 5000: what the release left, not the programs'
+    maps[0] = 5100
+    assert not compiled_then_bounded()  # grown, by less than an eighth of the limit
+    maps[0] = 5200
+    assert compiled_then_bounded()
+    assert not compiled_then_bounded()
+    assert stats.releases == released + 2

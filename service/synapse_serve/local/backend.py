@@ -141,6 +141,7 @@ class CompileStats:
         self.releases = 0
         self.maps_counted: int | None = None  # at the last count
         self._counted_at = (-1, 0.0)  # (since_release, monotonic time) of the last count
+        self._maps_left = 0  # what the last release for memory maps left
         self._release_lock = threading.Lock()
         jax.monitoring.register_event_duration_secs_listener(self._duration)
         jax.monitoring.register_event_listener(self._event)
@@ -165,7 +166,9 @@ class CompileStats:
                 return False
             self._counted_at = (since, now)
             self.maps_counted = memory_maps()
-            if self.maps_counted is None or self.maps_counted <= map_limit:
+            # beyond the limit, and grown since the last release left them: maps the programs do not hold (a
+            # server's many large arrays) must not make every compile release the programs again
+            if self.maps_counted is None or self.maps_counted <= max(map_limit, self._maps_left + map_limit // 8):
                 return False
             why = f"{self.maps_counted} memory maps, over the limit of {map_limit} (SYNAPSE_MAX_MEMORY_MAPS)"
         else:
@@ -178,6 +181,7 @@ class CompileStats:
             jax.clear_caches()
             self.since_release = 0
             self._counted_at = (-1, 0.0)
+            self._maps_left = (memory_maps() or 0) if since <= budget else 0
             self.releases += 1
         log.warning("released the compiled programs (release %d): %s; those still used compile again",
                     self.releases, why)
