@@ -32,7 +32,12 @@ def _engine(base_url: str, asynchronous: bool, settings: dict[str, Any]) -> Any:
     except ImportError as exc:
         raise ImportError(f"{SERVER_EXTRA} ({exc})") from None
     state_dir = base_url.partition(":")[2] or None
-    return Engine(state_dir, in_caller_thread=not asynchronous, **settings)
+    settings = dict(settings)
+    given = settings.pop("state_dir", None)  # a setting like any other: "local" with it is "local:<it>"
+    if given is not None and state_dir is not None and str(given) != state_dir:
+        raise ValueError(f"local_settings state_dir {str(given)!r} and the address {base_url!r} name two state "
+                         "directories; give one")
+    return Engine(state_dir or given, in_caller_thread=not asynchronous, **settings)
 
 
 def _frame(method: str, path: str, body: Any, headers: dict[str, str] | None) -> dict[str, Any] | None:

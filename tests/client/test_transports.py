@@ -440,3 +440,13 @@ def test_a_frame_over_the_size_limit_is_a_413_on_the_session_stream_as_on_rest(t
 
         assert asyncio.run(over_async()) == (2, 2)
         assert client.get("wide").describe()["counters"] == {"forward": 2}
+
+
+def test_local_settings_may_name_the_state_directory_and_a_second_one_is_refused(tmp_path):
+    """``local_settings={"state_dir": …}`` is ``"local:<dir>"`` (it raised a TypeError); two directories are refused."""
+    with SynapseClient("local", local_settings={"state_dir": str(tmp_path / "a"), "durability": "sync"}) as client:
+        client.create("kept", kind="HebbianSynapse", config={"shape": [2, 2]}).forward(np.ones((1, 2), np.float32))
+    with SynapseClient(f"local:{tmp_path / 'a'}") as again:
+        assert again.get("kept").describe()["counters"] == {"forward": 1}
+    with pytest.raises(ValueError, match="two state directories"):
+        SynapseClient(f"local:{tmp_path / 'a'}", local_settings={"state_dir": str(tmp_path / "b")})

@@ -198,6 +198,7 @@ DENSE_WITHIN_ROUNDING = [  # a red-team fuzz run's cases (docs/conformance.md): 
     ({"shape": [8, 8], "eta": 0.3, "w_norm": 1.0}, "step", 5, 1, None),
     ({"shape": [8, 6], "eta": 0.01, "w_norm": 1.0, "sign_value": 0.5}, "evolve", 64, 2, None),
     ({"shape": [8, 6], "eta": 0.3, "optim_type": "nag", "sign_value": 0.5}, "step", 42, 3, None),
+    ({"shape": [16, 9]}, "forward", 54, 1, None),
 ]
 
 

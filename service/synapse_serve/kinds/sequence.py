@@ -7,10 +7,10 @@ tensor left out reads the compartment, as a single call does), and the state aft
 is the instance's new state. The compartments asked for come back after every ``every``-th step
 (``(T // every, batch, …)``), or after the last step alone (``last``: no time axis), so a long
 sequence need not come back whole. The step is the operation's own function, so each step
-computes what a separate call would — bit for bit for the deconvolution kind (written out, below)
-and the dense kind's tested configs; for some dense configs (a single input or output, w_norm,
-sign_value, nag) XLA compiles the scanned step another way, within float32 rounding
-(docs/conformance.md; writing them out too made small dense sequences 3.5-7.7x slower).
+computes what a separate call would — bit for bit for the deconvolution kind (written out, below);
+for the dense kind within float32 rounding, bit for bit in many configs but not all (XLA compiles
+the scanned step another way in some: a single input or output, w_norm, sign_value, nag, batch 1;
+docs/conformance.md; writing them out too made small dense sequences 3.5-7.7x slower).
 
 A step with a convolution is not scanned but written out (``kinds/convolutions.py``: inside a loop
 XLA's CPU backend runs convolutions its own slower way, and the deconvolution's filter gradient
