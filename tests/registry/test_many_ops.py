@@ -125,6 +125,19 @@ LOOP_SIZED = {
 }
 
 
+def assert_sequence_is_the_separate_calls(registry: Registry, operation: str, sent: dict, compartments: list[str],
+                                         options: dict, steps: int) -> None:
+    """Instance "seq" called with the sequence, "calls" with each step: every kept compartment bit for bit."""
+    answer = registry.call(key("seq"), operation, sent, compartments, sequence=options)
+    separate = [registry.call(key("calls"), operation, {k: v[t] for k, v in sent.items()}, compartments)
+                for t in range(steps)]
+    every = options.get("every", steps)
+    kept = [separate[t] for t in range(steps) if (t + 1) % every == 0]
+    for compartment in compartments:
+        want = kept[-1][compartment] if "last" in options else np.stack([k[compartment] for k in kept])
+        assert_bit_for_bit(answer[compartment], want, (operation, compartment))
+
+
 @pytest.mark.parametrize("kind", list(LOOP_SIZED))
 @pytest.mark.parametrize("options", [{"every": 1}, {"every": 2}, {"every": 4}, {"last": True}])
 def test_a_sequence_of_loop_sized_calls_leaves_every_compartment_as_the_separate_calls(registry, kind, options):
@@ -142,14 +155,7 @@ def test_a_sequence_of_loop_sized_calls_leaves_every_compartment_as_the_separate
         y = rng.normal(size=(steps, batch, *outputs)).astype(np.float32)
         sent = {"forward": {"inputs": x}, "evolve": {"pre": x, "post": y}, "backtransmit": {"post": y},
                 "step": {"inputs": x, "post": y}}[operation]
-        answer = registry.call(key("seq"), operation, sent, compartments, sequence=options)
-        separate = [registry.call(key("calls"), operation, {k: v[t] for k, v in sent.items()}, compartments)
-                    for t in range(steps)]
-        every = options.get("every", steps)
-        kept = [separate[t] for t in range(steps) if (t + 1) % every == 0]
-        for compartment in compartments:
-            want = kept[-1][compartment] if "last" in options else np.stack([k[compartment] for k in kept])
-            assert_bit_for_bit(answer[compartment], want, (operation, compartment))
+        assert_sequence_is_the_separate_calls(registry, operation, sent, compartments, options, steps)
 
 
 @pytest.mark.parametrize("options", [{"every": 1}, {"every": 3}, {"every": 33}, {"last": True}])
@@ -166,14 +172,7 @@ def test_a_sequence_longer_than_one_written_out_program_is_the_separate_calls_bi
     x = rng.normal(size=(steps, batch, *inputs)).astype(np.float32)
     y = rng.normal(size=(steps, batch, *outputs)).astype(np.float32)
     for operation, sent in (("evolve", {"pre": x, "post": y}), ("forward", {"inputs": x})):
-        answer = registry.call(key("seq"), operation, sent, compartments, sequence=options)
-        separate = [registry.call(key("calls"), operation, {k: v[t] for k, v in sent.items()}, compartments)
-                    for t in range(steps)]
-        every = options.get("every", steps)
-        kept = [separate[t] for t in range(steps) if (t + 1) % every == 0]
-        for compartment in compartments:
-            want = kept[-1][compartment] if "last" in options else np.stack([k[compartment] for k in kept])
-            assert_bit_for_bit(answer[compartment], want, (operation, compartment))
+        assert_sequence_is_the_separate_calls(registry, operation, sent, compartments, options, steps)
     assert registry.describe(key("seq"))["counters"] == registry.describe(key("calls"))["counters"]
 
 
