@@ -5,7 +5,9 @@ the operation's own function runs on each slice in turn (``lax.map``: one device
 slice computed as a separate call computes it, so the results are bit-identical; ``vmap`` would
 batch the arithmetic itself into other kernels, which round differently). Each slice is fenced off
 from the loop around it (``lax.optimization_barrier``: unfenced, XLA fused the loop's slicing into
-the dense kind's adam update, up to 8 ulps apart). One difference remains, XLA's own: on the CPU
+the dense kind's adam update, up to 8 ulps apart), and compiled without XLA's small-loop kernel
+(``LOOP_COMPILER_OPTIONS``: with it, dense calls on a single input or output came out ulps apart).
+One difference remains, XLA's own: on the CPU
 it runs a convolution with Eigen's kernel only outside loops, so the deconvolution's filter
 gradient (its evolve) comes out within float32 rounding of a separate call's, not bit for bit
 (docs/conformance.md). Each instance gets
@@ -28,6 +30,7 @@ import jax
 from jax import lax
 from jax import numpy as jnp
 
+from synapse_serve.kinds.base import LOOP_COMPILER_OPTIONS
 from synapse_serve.kinds.lean import Plan
 
 
@@ -58,7 +61,7 @@ def run_stacked(plan: Plan, config: Any, leaves: list[Any], *tensors: Any) -> li
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), compiler_options=LOOP_COMPILER_OPTIONS)
 def _on_stack(fn: Callable[..., Any], config: Any, meta: tuple, reads: list, *tensors: Any) -> list:
     treedef, read_at, written_at, specs = meta
     return lax.map(functools.partial(_one, fn, config, treedef, read_at, written_at, specs), (reads, tensors))
@@ -76,7 +79,7 @@ def _one(fn: Callable[..., Any], config: Any, treedef: Any, read_at: tuple, writ
     return lax.optimization_barrier([new[i] for i in written_at])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), compiler_options=LOOP_COMPILER_OPTIONS)
 def _packed(fn: Callable[..., Any], config: Any, meta: tuple, reads: list, *tensors: Any) -> list:
     treedef, read_at, written_at, specs, count = meta
     one = functools.partial(_one, fn, config, treedef, read_at, written_at, specs)

@@ -8,9 +8,9 @@ is the instance's new state. The compartments asked for come back after every ``
 (``(T // every, batch, …)``), or after the last step alone (``last``: no time axis), so a long
 sequence need not come back whole. The step is the operation's own function, so each step
 computes what a separate call would — bit for bit for the deconvolution kind (written out, below);
-for the dense kind within float32 rounding, bit for bit in many configs but not all (XLA compiles
-the scanned step another way in some: a single input or output, w_norm, sign_value, nag, batch 1;
-docs/conformance.md; writing them out too made small dense sequences 3.5-7.7x slower).
+for the dense kind bit for bit in 299 of 300 random configs of a fuzz run, the rest within float32
+rounding: XLA generates some small products of a step another way in another program (the
+filter gradient of an evolve with w_norm, nag's first sequence at a new batch; docs/conformance.md).
 
 A step with a convolution is not scanned but written out (``kinds/convolutions.py``: inside a loop
 XLA's CPU backend runs convolutions its own slower way, and the deconvolution's filter gradient
@@ -27,7 +27,7 @@ import jax
 from jax import lax
 from jax import numpy as jnp
 
-from synapse_serve.kinds.base import compartment_paths
+from synapse_serve.kinds.base import LOOP_COMPILER_OPTIONS, compartment_paths
 from synapse_serve.kinds.convolutions import convolves, pieces
 
 
@@ -107,7 +107,9 @@ def _scanned(step: Callable[..., Any], returned: tuple[str, ...], every: int, la
     fenced off from the loop around it (``lax.optimization_barrier``), as a separate call's
     results are: unfenced, the dense kind's ``step`` with ``w_norm`` computed its ``dInputs`` from
     the renormalised weights another way (ulps apart). (Fencing what goes in too kept XLA from
-    reusing the signal compartments' donated buffers.)
+    reusing the signal compartments' donated buffers.) Compiled with ``LOOP_COMPILER_OPTIONS``
+    (``kinds/base.py``): compiled into one kernel of XLA's own, a small loop's steps came out ulps
+    apart in many dense configs.
     """
 
     def run(config: Any, state: Any, *sequences: Any) -> tuple[Any, dict[str, Any]]:
@@ -140,7 +142,15 @@ def _scanned(step: Callable[..., Any], returned: tuple[str, ...], every: int, la
         state = _run_steps(advance, state, _slice(sequences, groups * every, steps))
         return state, kept
 
-    return jax.jit(run, static_argnums=0, donate_argnums=1)
+    compiled = jax.jit(run, static_argnums=0, donate_argnums=1, compiler_options=LOOP_COMPILER_OPTIONS)
+    traceable = jax.jit(run, static_argnums=0, donate_argnums=1)  # JAX takes compiler options only at the top
+
+    def call(config: Any, state: Any, *sequences: Any) -> tuple[Any, dict[str, Any]]:
+        if isinstance(jax.tree_util.tree_leaves(state)[0], jax.core.Tracer):  # inside eval_shape, say
+            return traceable(config, state, *sequences)
+        return compiled(config, state, *sequences)
+
+    return call
 
 
 def _run_steps(advance: Callable[..., Any], state: Any, part: tuple) -> Any:
