@@ -268,6 +268,19 @@ def test_a_keyed_sequence_is_applied_once(registry):
         registry.call(key("a"), "step", sent, idempotency_key="k1", sequence={"every": 1})
 
 
+@pytest.mark.parametrize("retried", [None, {}, {"every": 1}, {"last": False}, {"every": 1, "last": False}])
+def test_a_keyed_sequence_retried_with_options_that_ask_the_same_is_the_same_request(registry, retried):
+    twins(registry, DENSE, "a")
+    sent = tensors(registry, "a", "evolve", (STEPS,), seed=4)
+    first = registry.call(key("a"), "evolve", sent, ["weights"], idempotency_key="k1", sequence={"every": 1})
+    again = registry.call(key("a"), "evolve", sent, ["weights"], idempotency_key="k1", sequence=retried)
+    assert again["version"] == first["version"] == 2 and np.array_equal(again["weights"], first["weights"])
+    assert registry.describe(key("a"))["counters"] == {"evolve": STEPS}
+    for other in ({"every": STEPS}, {"last": True}):  # one kept step, with or without its time axis: other answers
+        with pytest.raises(IdempotencyKeyReused):
+            registry.call(key("a"), "evolve", sent, ["weights"], idempotency_key="k1", sequence=other)
+
+
 @pytest.mark.parametrize(("options", "sent", "error", "fragment"), [
     ({"every": 8}, "seq", InvalidRequest, "sequence.every: 8 is not allowed; it must be between 1 and 7"),
     ({"every": 0}, "seq", InvalidRequest, "sequence.every: 0"),

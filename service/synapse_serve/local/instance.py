@@ -191,9 +191,12 @@ def answer_nbytes(answer: dict[str, Any]) -> int:
 def fingerprint(operation: str, args: list[Any], returned: list[str], sequence: Any = None) -> str:
     """What a keyed request asked for, so a key reused for another request is caught.
 
-    Tensors are hashed in place (their own buffers, no copy).
+    Tensors are hashed in place (their own buffers, no copy). A sequence's options (checked) count by what they
+    ask, not how: ``{}``, ``{"every": 1}`` and ``{"last": false}`` are the same request as none.
     """
-    options = "" if sequence is None else f"|{sorted(sequence.items())!r}"
+    asked = {name: value for name, value in (sequence or {}).items()
+             if (name, value) not in (("every", 1), ("last", False))}  # the defaults
+    options = f"|{sorted(asked.items())!r}" if asked else ""
     digest = hashlib.sha256(f"{operation}|{returned}{options}".encode())
     for array in args:
         if array is None or isinstance(array, CompartmentRef):
