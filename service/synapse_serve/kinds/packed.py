@@ -7,10 +7,9 @@ batch the arithmetic itself into other kernels, which round differently). Each s
 from the loop around it (``lax.optimization_barrier``: unfenced, XLA fused the loop's slicing into
 the dense kind's adam update, up to 8 ulps apart), and compiled without XLA's small-loop kernel
 (``LOOP_COMPILER_OPTIONS``: with it, dense calls on a single input or output came out ulps apart).
-One difference remains, XLA's own: on the CPU
-it runs a convolution with Eigen's kernel only outside loops, so the deconvolution's filter
-gradient (its evolve) comes out within float32 rounding of a separate call's, not bit for bit
-(docs/conformance.md). Each instance gets
+One difference remains, XLA's own: on the CPU it runs a convolution with Eigen's kernel only
+outside loops, so the deconvolution's filter gradient (its evolve) comes out within float32
+rounding of a separate call's, not bit for bit (docs/conformance.md). Each instance gets
 back the compartments the operation writes (``kinds/lean.py``'s plan says which: a forward reads
 the weights and writes inputs and outputs, so that is all that moves). Nothing is donated: a
 packed call is applied to all its instances or to none (the registry commits them together).
