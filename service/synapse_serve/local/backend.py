@@ -14,6 +14,8 @@ loop to keep free, and no hop to pay.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import functools
 import gc
 import logging
@@ -111,6 +113,25 @@ def memory_maps() -> int | None:
         return None
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None with another C library)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def return_freed_memory() -> None:
+    """Hand the memory freed in this process's C heap back to the kernel. glibc keeps what is freed in its pools:
+    measured, 300 small programs released left the process 213 MB larger than once trimmed (~30 ms); a soak's
+    server held 1,255 MB, 580 MB once trimmed."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def kernel_map_limit() -> int | None:
     """The kernel's ``vm.max_map_count`` (Linux; None elsewhere): past it, the next mapping fails."""
     try:
@@ -179,6 +200,7 @@ class CompileStats:
             if self.releases != releases:  # another thread released them meanwhile
                 return False
             jax.clear_caches()
+            return_freed_memory()  # else the programs' memory stays the process's, in glibc's pools
             self.since_release = 0
             self._counted_at = (-1, 0.0)
             self._maps_left = (memory_maps() or 0) if since <= budget else 0
