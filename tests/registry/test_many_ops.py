@@ -360,7 +360,8 @@ def test_dense_packed_calls_xla_once_compiled_as_a_small_loop_kernel_are_bit_for
     for round_ in range(3):
         x = rng.normal(size=(count, batch, config["shape"][0])).astype(np.float32)
         y = rng.normal(size=(count, batch, config["shape"][1])).astype(np.float32)
-        sent = {"evolve": {"pre": x, "post": y}, "backtransmit": {"post": y}, "step": {"inputs": x, "post": y}}[operation]
+        sent = {"evolve": {"pre": x, "post": y}, "backtransmit": {"post": y},
+                "step": {"inputs": x, "post": y}}[operation]
         if round_ == 0:
             answers = registry.call_many(packed, operation, [{k: v[i] for k, v in sent.items()} for i in range(count)],
                                          compartments)
