@@ -51,7 +51,8 @@ _FLOAT32 = np.dtype(np.float32)
 # For programs that loop over steps or instances (sequences, packed calls): XLA:CPU compiles a small loop into one
 # kernel of its own ("small-while-loop-hoisting"), and there a step's arithmetic was generated another way than a
 # separate call's: 14 of 150 random dense sequences, 6 of 80 packed calls, came out ulps apart. Without it, 1 of
-# 300 and none of 80 (docs/conformance.md), for 0.97-1.22x the time (bench/small_loops.py).
+# 300 and none of 80 (docs/conformance.md), for 0.97-1.22x the time (bench/small_loops.py). A pass name the
+# backend's compiler lacks (GPUs) is ignored by XLA: no effect there.
 LOOP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "small-while-loop-hoisting"}
 
 
