@@ -44,10 +44,12 @@ class Engine:
             self._temporary = tempfile.TemporaryDirectory(prefix="synapse-local-")
             state_dir = self._temporary.name
             settings.setdefault("durability", "off")
-        # the caller's process: no warm-up compile; JAX's compilation cache and Python's GC left as the caller set them
+        # the caller's process: no warm-up compile; JAX's compilation cache, Python's GC and the C heap left as the
+        # caller set them
         settings.setdefault("warmup", False)
         settings.setdefault("compilation_cache", False)
         settings.setdefault("gc_freeze", False)
+        settings.setdefault("trim_when_idle", False)
         self.settings = Settings(state_dir=Path(state_dir), auth="off", **settings)
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.backend = LocalBackend(self.settings, in_caller_thread=in_caller_thread)

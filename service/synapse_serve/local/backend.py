@@ -132,6 +132,56 @@ def return_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+IDLE_LOOK_S = 1.0  # how often the idle trimmer looks at the process's CPU time
+IDLE_CPU_S = 0.02  # CPU time of the whole process in one look below which it counts as idle
+TRIM_AFTER_CPU_S = 1.0  # CPU time spent since the last trim (work that may have freed memory) before another
+
+
+class IdleTrimmer:
+    """Hands the memory freed in the C heap back to the kernel once the process goes idle after work.
+
+    glibc keeps what is freed in its pools (one per thread group): measured, a 150 s soak of fixed shapes left a
+    server at 1,291 MB resident, 625 MB once trimmed, and 30 large calls left 100 MB that a trim returned. A trim
+    takes ~30 ms and holds the heap's locks, so it runs only when the process is idle (under ``IDLE_CPU_S`` of CPU in
+    the last ``IDLE_LOOK_S``, all threads counted) and has worked since the last one: a busy server stays at the
+    level its pools settle at, a server between bursts of work comes back down."""
+
+    def __init__(self, clock: Callable[[], float] = time.process_time,
+                 trim: Callable[[], None] = return_freed_memory) -> None:
+        self.trims = 0
+        self._clock, self._trim = clock, trim
+        self._last, self._worked = clock(), 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if _MALLOC_TRIM is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="synapse-trimmer", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        self._last, self._worked = self._clock(), 0.0
+        while not self._stop.wait(IDLE_LOOK_S):
+            self.look()
+
+    def look(self) -> bool:
+        """One look (every ``IDLE_LOOK_S``): trim if the process was idle since the last look after work."""
+        now = self._clock()
+        spent, self._last = now - self._last, now
+        self._worked += spent
+        if spent >= IDLE_CPU_S or self._worked < TRIM_AFTER_CPU_S:
+            return False
+        self._trim()
+        self.trims += 1
+        self._last, self._worked = self._clock(), 0.0  # the trim's own CPU is not work
+        return True
+
+
 def kernel_map_limit() -> int | None:
     """The kernel's ``vm.max_map_count`` (Linux; None elsewhere): past it, the next mapping fails."""
     try:
@@ -265,6 +315,7 @@ class LocalBackend:
         self._costs: OrderedDict[tuple, float] = OrderedDict()
         self._costs_lock = threading.Lock()
         self.compiles = compile_stats()
+        self.trimmer = IdleTrimmer() if settings.trim_when_idle else None
         self._costs_release = self.compiles.releases  # the costs were measured since this release
         kernel = kernel_map_limit()  # half the kernel's: JAX, Python, threads and arenas map the rest
         self.map_limit = settings.max_memory_maps or (kernel // 2 if kernel else None)
@@ -316,6 +367,8 @@ class LocalBackend:
         if self.settings.gc_freeze:
             freeze_start_up_objects()
         self.registry.start_background(self.settings.flush_interval_s, self.settings.evict_idle_after_s)
+        if self.trimmer is not None:
+            self.trimmer.start()
 
     async def probe(self) -> None:
         if self.in_caller_thread:  # no loop to time it out on: the caller (a shard's front) bounds the wait
@@ -324,6 +377,8 @@ class LocalBackend:
 
     async def close(self) -> None:
         def shut_down() -> None:
+            if self.trimmer is not None:
+                self.trimmer.stop()
             self.registry.persistence.stop()
             self.executor.shutdown(wait=True)  # calls in flight finish before the last write
             self.registry.close()
