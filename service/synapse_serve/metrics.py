@@ -124,6 +124,9 @@ class _Gauges:
                                 "last release (what JAX may still hold).", value=compiles["since_release"])
         yield GaugeMetricFamily("synapse_memory_maps", "Memory mappings the process holds (Linux; the kernel's "
                                 "vm.max_map_count caps them).", value=compiles["memory_maps"])
+        yield CounterMetricFamily("synapse_memory_trims", "Times the process handed the memory its C heap freed "
+                                  "back to the kernel (once idle after work, and after each release).",
+                                  value=compiles["memory_trims"])
         instances = GaugeMetricFamily("synapse_instances", "Instances held, by kind and owner.",
                                       labels=("kind", "owner"))
         for (kind, owner), n in sorted(self._owner_rows(g["instances"], lambda k: k[1]).items()):

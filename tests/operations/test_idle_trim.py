@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import numpy as np
 
 from synapse_client import SynapseClient
 from synapse_serve.testing import ServerProcess
+from conftest import metric, metrics_of
 
 
 def anonymous_memory_mb(pid: int) -> float:
@@ -37,6 +39,7 @@ def test_an_idle_server_hands_the_memory_its_work_freed_back_to_the_kernel(tmp_p
             time.sleep(0.25)
         idle = anonymous_memory_mb(server.proc.pid)
         assert idle - start <= 0.5 * (peak - start), (start, peak, idle)  # untrimmed: it stayed at the peak
+        assert metric(metrics_of(httpx.get(f"{server.url}/metrics").text), "synapse_memory_trims_total") >= 1
         small = client.create("small", kind="HebbianSynapse", config={"shape": [4, 2], "eta": 0.1})  # and works on
         before = small.get("weights")
         small.evolve(pre=np.ones((2, 4), np.float32), post=np.ones((2, 2), np.float32))

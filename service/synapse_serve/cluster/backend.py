@@ -482,7 +482,7 @@ class RayBackend:
         answers = await asyncio.gather(*(self._run(i, "gauges") for i in range(len(self.shards))),
                                        return_exceptions=True)
         compiles = {"count": 0, "seconds": 0.0, "cache_hits": 0, "releases": 0, "since_release": 0,  # shards' sums
-                    "memory_maps": 0}
+                    "memory_maps": 0, "memory_trims": 0}
         merged: dict[str, Any] = {"instances": {}, "state_bytes": {}, "queue_depth": {}, "memory": {},
                                   "device_budget_bytes": self.settings.device_budget_bytes,
                                   "storage_failing": False, "compiles": compiles, "shards": {}}
