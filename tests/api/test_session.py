@@ -219,6 +219,10 @@ def test_garbage_closes_that_connection_and_nothing_else(server, send, code, ans
     {"op": "call_many", "operation": "forward", "names": "x", "tensors": {"inputs": np.ones((1, 1), np.float32)}},
     {"op": "call_many", "operation": "forward", "names": ["x"], "tensors": {"inputs": {"ref": "inputs"}}},
     {"op": 7},
+    {"op": "call", "name": "x", "operation": ["forward"]},  # anything msgpack holds, counted in the metrics too
+    {"op": "call", "name": "x", "operation": {"forward": 1}},
+    {"op": "call_many", "operation": {"a": 1}, "calls": []},
+    {"op": "call_many", "operation": ["forward"], "names": ["x"], "tensors": {}},
     {"op": "call", "name": "x", "operation": "forward",  # a tensor over max_tensor_elements: REST's 400
      "tensors": {"inputs": {"dtype": "float32", "shape": [1 << 40], "data": b""}}},
 ])

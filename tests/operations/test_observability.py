@@ -12,9 +12,10 @@ import time
 import httpx
 import numpy as np
 import pytest
+from websockets.sync.client import connect
 
 from conftest import LiveServer, metric, metrics_of
-from synapse_client import BadRequestError, NotFoundError, SynapseClient, UnprocessableEntityError
+from synapse_client import BadRequestError, NotFoundError, SynapseClient, UnprocessableEntityError, packb, unpackb
 from synapse_serve.logs import JsonFormatter
 from synapse_serve.names import InstanceKey
 
@@ -55,6 +56,20 @@ def test_metrics_count_the_operations_sent(tmp_path):
     assert sum(v for (name, _), v in samples.items() if name == "synapse_state_bytes") == state_bytes
     assert metric(samples, "synapse_compilations_total") >= 1 and metric(samples, "synapse_compile_seconds_total") > 0
     assert metric(samples, "synapse_storage_failing") == 0
+
+
+def test_stream_frames_naming_no_operation_string_are_counted_as_unknown(tmp_path):
+    # a frame's operation is whatever msgpack holds: a list or a map is counted under "unknown", answered with a 400
+    with LiveServer(state_dir=tmp_path, durability="off") as server:
+        with connect(server.url.replace("http", "ws", 1) + "/v1/session") as ws:
+            for ident, frame in enumerate([{"op": "call", "name": "m", "operation": ["forward"]},
+                                           {"op": "call_many", "operation": {"forward": 1}, "calls": []},
+                                           {"op": "call", "name": "m", "operation": 7}]):
+                ws.send(packb({"id": ident, **frame}))
+                answer = unpackb(ws.recv(timeout=30))
+                assert answer["id"] == ident and answer["status"] == 400, answer
+        samples = scrape(server.url)
+    assert metric(samples, "synapse_operations_total", operation="unknown", status="400") == 3
 
 
 def test_queue_depth_shows_calls_waiting_for_an_instance(tmp_path):

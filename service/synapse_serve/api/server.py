@@ -40,10 +40,11 @@ class Server:
             self.poll.kick()
 
     def count_operation(self, operation: Any, status: int, seconds: float) -> None:
-        """An operation call in the metrics, by operation (names the server does not know: ``unknown``)."""
+        """An operation call in the metrics, by operation (names the server does not know: ``unknown``; a frame's
+        ``operation`` may be anything msgpack holds, a list or a map too)."""
         if self.metrics is None:
             return
-        label = operation if operation in self.backend.operation_names() else "unknown"
+        label = operation if isinstance(operation, str) and operation in self.backend.operation_names() else "unknown"
         self.metrics.observe_operation(label, status, seconds)
 
 
