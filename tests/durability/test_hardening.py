@@ -265,6 +265,35 @@ def test_a_keyed_call_retried_after_a_restart_applies_exactly_once(tmp_path):
         np.testing.assert_array_equal(client.get("once").get("weights"), weights)
 
 
+@pytest.mark.parametrize("away", ["evicted", "exported"])
+def test_a_keyed_call_retried_after_its_instance_came_back_applies_exactly_once(tmp_path, away):
+    """An instance that left memory and came back — evicted and restored, or exported, deleted and imported under
+    its name — keeps the keys its file remembers, as a restarted server does: a retry is not applied twice."""
+    x, post = X, POST
+    root = "root-" + "r" * 24
+    with LiveServer(state_dir=tmp_path / "state", durability="sync", auth="on", tokens=f"root:{root}:admin") as server, \
+            SynapseClient(server.url, token=root) as client:
+        syn = client.create("back", kind=KIND, config=CONFIG)
+        first = syn.call("evolve", pre=x, post=post, idempotency_key="before-it-left")
+        stacked = client.call_stacked("evolve", ["back"], {"pre": x[None], "post": post[None]},
+                                      idempotency_key="packed-before-it-left")
+        if away == "evicted":
+            assert client.request("POST", "/v1/admin/evict", {"idle_s": 0}, retry=False)["evicted"]
+            client.restore_evicted("back")
+        else:
+            path = syn.export(tmp_path / "back.safetensors")
+            syn.delete()
+            client.import_(path, name="back")
+        again = client.get("back")
+        assert again.call("evolve", pre=x, post=post, idempotency_key="before-it-left") == first
+        assert client.call_stacked("evolve", ["back"], {"pre": x[None], "post": post[None]},
+                                   idempotency_key="packed-before-it-left")["versions"] == stacked["versions"]
+        described = again.describe()
+        assert described["counters"]["evolve"] == 2 and described["version"] == first["version"] + 1
+        with pytest.raises(UnprocessableEntityError, match="different request"):
+            again.call("evolve", pre=x * 2, post=post, idempotency_key="before-it-left")
+
+
 class _Crash(BaseException):
     """The process dies here (nothing after it runs, nothing catches it)."""
 

@@ -295,7 +295,7 @@ class Registry:
                 instance.version, instance.counters = record.version, dict(record.counters)
                 instance.created_at = record.created_at
                 instance.stored_version = record.version if stored else 0
-                if stored and record.applied:  # a retry of a keyed call it applied before the restart
+                if record.applied:  # a retry of a keyed call it applied before the restart, eviction or export
                     instance.answers.restore(record.applied)
             instance.lock.acquire()
             self._instances[key] = instance
