@@ -1,7 +1,7 @@
 """Argument checks passed once are not repeated for the same names and shapes, and nothing else gets past them.
 
 The registry remembers, per instance, the (name, shape) of float32 numpy arguments that passed its
-checks and the compartments a call may return (``Registry._bind``, ``_check_returned``); these
+checks and the compartments a call may return (``Planner.bind``, ``Planner.check_returned``); these
 tests send, after a remembered call, everything that must still be refused or converted.
 """
 

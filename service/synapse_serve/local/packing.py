@@ -6,8 +6,8 @@ stack's arrays. Each instance ends as a separate call would leave it — the sam
 bit but for the cases docs/conformance.md names), version, counters, history and idempotency.
 
 Part of the registry in a file of its own: ``PackedCalls`` composes the registry's own steps of a
-call (``_get``, ``_bind``, ``_check_returned``, ``_predict``, ``_hold_all``, ``_commit``,
-``_advance``) and its capacity and persistence, so a packed call is checked, locked, committed and
+call (``_get``, ``_hold_all``, ``_commit``, ``_advance``), its planner (``local/planning.py``: arguments
+bound and checked, plans) and its capacity and persistence, so a packed call is checked, locked, committed and
 stored exactly as a call is; it adds only what packing needs.
 """
 
@@ -112,7 +112,7 @@ class PackedCalls:
                                            f"{', '.join(instance.kind.operations)}", operation=str(operation)[:64])
                 if any(isinstance(value, CompartmentRef) for value in sent.values()):
                     raise InvalidRequest("a packed call takes tensors, not references", argument="calls")
-                args, steps = registry._bind(instance, op, sent)
+                args, steps = registry.planner.bind(instance, op, sent)
                 if steps:
                     raise InvalidRequest("a packed call runs one step per instance; send (batch, …) tensors",
                                          argument="calls")
@@ -156,8 +156,8 @@ class PackedCalls:
         planned, resized = [], []
         try:
             for at.index, (instance, op, args, returned, _) in zip(positions, bound):
-                registry._check_returned(instance, returned)
-                signature, nbytes, _, plan = registry._predict(instance, operation, op.fn, args)
+                registry.planner.check_returned(instance, returned)
+                signature, nbytes, _, plan = registry.planner.predict(instance, operation, op.fn, args)
                 if stacked:
                     _check_stackable(returned, signature, plan, bound[0][3], planned)
                 registry.capacity.resize(instance.key.owner, instance.device, instance.held_bytes, nbytes)
@@ -202,8 +202,8 @@ class PackedCalls:
         if not stack.readmit(tuple((tuple(leaf.shape[1:]), leaf.dtype) for leaf in stack.leaves)):
             return None  # a member's compartments changed shape since: the usual way
         at.index = 0
-        registry._check_returned(first, returned)
-        signature, nbytes, _, plan = registry._predict(first, operation, op.fn, args)
+        registry.planner.check_returned(first, returned)
+        signature, nbytes, _, plan = registry.planner.predict(first, operation, op.fn, args)
         if plan is None or not (plan.read or any(a is not None for a in args)):
             return None  # nothing read, nothing sent (a reset): one slice for all, the usual way
         # the stacked form's own tensors where the checks left their slices as they were (float32), else restacked

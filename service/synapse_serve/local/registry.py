@@ -14,12 +14,9 @@ the event loop and which on worker threads.
 from __future__ import annotations
 
 import difflib
-import functools
 import logging
-import math
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -32,10 +29,8 @@ from synapse_serve.errors import (
     InvalidConfig,
     InvalidInstanceFile,
     InvalidRequest,
-    MissingArgument,
     NotFound,
     NotReady,
-    ShapeMismatch,
     StorageError,
     SynapseServeError,
     UnknownCompartment,
@@ -43,17 +38,12 @@ from synapse_serve.errors import (
 )
 from synapse_serve.kinds import Kind, get_kind
 from synapse_serve.kinds.base import (
-    check_finite,
-    check_tensor,
     compartment_paths,
-    leaf_names,
     replace_compartment,
     require_int,
     state_from_compartments,
     unknown_compartment,
 )
-from synapse_serve.kinds import lean
-from synapse_serve.kinds.sequence import sequence_fn
 from synapse_serve.local.capacity import Capacity, Limits
 from synapse_serve.local.device import device_call, reads_caller_memory
 from synapse_serve.local.history import LEARNING_OPERATIONS, History, weight_stats
@@ -66,27 +56,16 @@ from synapse_serve.local.instance import (
     signature_of,
 )
 from synapse_serve.local.packing import PackedCalls
+from synapse_serve.local.planning import Planner
 from synapse_serve.local.persistence import Persistence, record_size
 from synapse_serve.names import CompartmentRef, InstanceKey, validate_name
 from synapse_serve.store import DURABILITY_MODES, CorruptFile, Record, decode, read_header, stream_record
 
 log = logging.getLogger("synapse_serve")
-_FLOAT32 = np.dtype(np.float32)
-PREDICTIONS_KEPT = 4096  # (operation, config, shapes) -> the state a call leaves: one trace each
 
 
 class Busy(Exception):  # noqa: N818 - a signal, not an error: the facade runs the call on a worker instead
     """A call asked not to wait met a held lock (or an instance whose shapes changed since it looked)."""
-
-
-def _float32_shapes(tensors: Mapping[str, Any]) -> tuple | None:
-    """``((name, shape), …)`` of tensors that are all float32 numpy arrays, else None (checked each time)."""
-    shapes = []
-    for name, value in tensors.items():
-        if type(value) is not np.ndarray or value.dtype != _FLOAT32:
-            return None
-        shapes.append((name, value.shape))
-    return tuple(shapes)
 
 
 class Registry:
@@ -105,8 +84,7 @@ class Registry:
         self._restoring: set[InstanceKey] = set()  # stored, not loaded yet: their names are not free
         self._unloadable: dict[InstanceKey, str] = {}  # stored files that could not be loaded now
         self.answers = AnswerBudget(answer_budget_bytes)
-        self._predictions: OrderedDict[tuple, tuple[tuple, int]] = OrderedDict()
-        self._predictions_lock = threading.Lock()
+        self.planner = Planner(self.capacity)  # a call's arguments checked and its plan, before any lock
         self.packed = PackedCalls(self)  # call_many and call_stacked (local/packing.py)
 
     # --- lifecycle of the registry ---
@@ -412,11 +390,11 @@ class Registry:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UnknownOperation(f"{instance.kind.name} has no operation {str(operation)[:64]!r}{hint}; it has: "
                                    f"{', '.join(instance.kind.operations)}", operation=str(operation)[:64])
-        args, steps = self._bind(instance, op, tensors)
+        args, steps = self.planner.bind(instance, op, tensors)
         returned = list(op.returns if returns is None else returns)
         fn, count, kept = op.fn, 1, 1
         if steps or sequence is not None:
-            (fn, kept), count = self._sequence(op, args, steps, returned, sequence), steps
+            (fn, kept), count = self.planner.sequence(op, args, steps, returned, sequence), steps
         print_ = fingerprint(operation, args, returned, sequence) if idempotency_key is not None else ""
         # another instance's compartments are copied before our lock is taken: never two locks at once
         args = [self._read_for(instance, arg.name, a) if isinstance(a, CompartmentRef) and a.instance else a
@@ -429,15 +407,15 @@ class Registry:
                     self.persistence.persist(instance)  # sync mode: acknowledged only once stored
                     return instance.answers.answer_of(entry, key.name)
             instance.check_version(expected_version)
-            self._check_returned(instance, returned)
+            self.planner.check_returned(instance, returned)
             if any(isinstance(a, (CompartmentRef, _Fetched)) for a in args):
                 leaves = compartment_paths(instance.state)
                 args = [self._resolve(instance, arg.name, a, leaves) if isinstance(a, (CompartmentRef, _Fetched))
                         else a for arg, a in zip(op.args, args)]
-                self._check_batches(instance, op, args, steps)  # the resolved ones too
-            new_signature, new_bytes, runner, plan = self._predict(instance, op.name, fn, args)
+                self.planner.check_batches(instance, op, args, steps)  # the resolved ones too
+            new_signature, new_bytes, runner, plan = self.planner.predict(instance, op.name, fn, args)
             if steps:  # the one answer that grows with what is asked, not with what is held: bounded before it runs
-                self._check_sequence_answer(instance, returned, new_signature, kept, steps)
+                self.planner.check_sequence_answer(instance, returned, new_signature, kept, steps)
             self.capacity.resize(key.owner, instance.device, instance.held_bytes, new_bytes)  # refused before work
             try:
                 out = device_call(runner, instance.config, instance.state, *args)
@@ -472,133 +450,6 @@ class Registry:
         ``PackedCalls.call_stacked``."""
         return self.packed.call_stacked(keys, operation, tensors, returns, idempotency_key=idempotency_key)
 
-    def _bind(self, instance: Instance, op: Any, tensors: Mapping[str, Any]) -> tuple[list[Any], int]:
-        """The operation's arguments in order, sent tensors checked (shape, dtype, one batch, max_batch), and the
-        number of steps: 0 for one call, T when the tensors carry a leading time axis ``(T, batch, …)``.
-
-        The checks depend only on the names, shapes and dtypes sent (the instance's config and the limits do not
-        change), and float32 arrays pass them unchanged: arguments of shapes that passed once on this instance
-        are not checked again."""
-        shapes = _float32_shapes(tensors)
-        if shapes is not None:
-            steps = instance.plans.get(("bound", op.name, shapes))
-            if steps is not None:
-                for name, value in tensors.items():  # the values are new every time: checked every time
-                    check_finite(name, value)
-                return [tensors.get(a.name) for a in op.args], steps
-        args, steps = self._check_args(instance, op, tensors)
-        if shapes is not None:
-            instance.remember_plan(("bound", op.name, shapes), steps)
-        return args, steps
-
-    @staticmethod
-    def _check_returned(instance: Instance, returned: list[str]) -> None:
-        """UnknownCompartment unless the instance has every compartment asked for (its structure never changes:
-        names that passed once pass again)."""
-        asked = ("returns", *returned)
-        if asked in instance.plans:
-            return
-        names = leaf_names(jax.tree_util.tree_structure(instance.layout()))
-        for compartment in returned:
-            if compartment not in names:
-                raise unknown_compartment(instance.kind, compartment, names, "cannot return")
-        instance.remember_plan(asked, True)
-
-    def _check_args(self, instance: Instance, op: Any, tensors: Mapping[str, Any]) -> tuple[list[Any], int]:
-        allowed = [a.name for a in op.args]
-        unknown = set(tensors) - set(allowed)
-        if unknown:
-            raise InvalidRequest(f"{op.name} takes {', '.join(allowed) or 'no tensors'}; unknown: "
-                                 f"{', '.join(sorted(map(str, unknown)))}", argument=sorted(map(str, unknown))[0])
-        sent = {a.name: tensors.get(a.name) for a in op.args}
-        timed = [a.name for a in op.args if sent[a.name] is not None and not isinstance(sent[a.name], CompartmentRef)
-                 and np.ndim(sent[a.name]) == 2 + len(instance.config.trailing(a.space))]
-        steps = 0
-        if timed:
-            refs = [name for name, value in sent.items() if isinstance(value, CompartmentRef)]
-            if refs:
-                raise InvalidRequest(f"{refs[0]}: a sequence call (tensors with a leading time axis) takes tensors, "
-                                     "not references", argument=refs[0])
-            steps = int(np.shape(sent[timed[0]])[0])
-            if not steps:
-                raise ShapeMismatch(f"{timed[0]}: a sequence of 0 steps (shape {tuple(np.shape(sent[timed[0]]))}); "
-                                    "send at least one step", argument=timed[0])
-        args: list[Any] = []
-        for arg in op.args:
-            value = sent[arg.name]
-            if value is None and not arg.optional:
-                raise MissingArgument(f"{op.name} needs the tensor {arg.name!r} "
-                                      f"({'inputs' if arg.space == 'in' else 'outputs'}-shaped: "
-                                      f"({'steps, ' if steps else ''}batch, "
-                                      f"{', '.join(map(str, instance.config.trailing(arg.space)))}))",
-                                      argument=arg.name)
-            if value is not None and not isinstance(value, CompartmentRef):
-                value = check_tensor(arg.name, value, instance.config.trailing(arg.space), steps=bool(steps))
-            args.append(value)
-        self._check_batches(instance, op, args, steps)
-        return args, steps
-
-    def _check_batches(self, instance: Instance, op: Any, args: list[Any], steps: int = 0) -> None:
-        """Arguments (sent or resolved): each shaped for its map, all of one batch (and of ``steps`` steps in a
-        sequence), within max_batch."""
-        batch, lead = None, 2 if steps else 1
-        for arg, value in zip(op.args, args):
-            if value is None or isinstance(value, CompartmentRef):
-                continue
-            trailing = tuple(instance.config.trailing(arg.space))
-            shown = f"({'steps, ' if steps else ''}batch, {', '.join(map(str, trailing))})"
-            if tuple(value.shape[lead:]) != trailing or value.ndim != lead + len(trailing):
-                raise ShapeMismatch(f"{arg.name}: expected shape {shown}, received {tuple(value.shape)}",
-                                    argument=arg.name)
-            if steps and value.shape[0] != steps:
-                raise ShapeMismatch(f"{arg.name}: expected {steps} steps (as the arguments before it), received "
-                                    f"{value.shape[0]}", argument=arg.name)
-            if batch is not None and value.shape[lead - 1] != batch:
-                raise ShapeMismatch(f"{arg.name}: expected batch {batch} (as the arguments before it), received "
-                                    f"{value.shape[lead - 1]}", argument=arg.name)
-            batch = value.shape[lead - 1]
-            self.capacity.check_batch(arg.name, batch, steps)
-
-    def _sequence(self, op: Any, args: list[Any], steps: int, returned: list[str],
-                  options: Mapping[str, Any] | None) -> tuple[Callable[..., Any], int]:
-        """The compiled sequence of ``steps`` runs of ``op`` (options checked: every, last), and how many times its
-        answer holds the returned compartments."""
-        options = {} if options is None else options
-        if not isinstance(options, Mapping):
-            raise InvalidRequest("sequence: expected a map {every?, last?}", argument="sequence")
-        unknown = set(options) - {"every", "last"}
-        if unknown:
-            raise InvalidRequest(f"sequence: unknown option {sorted(map(str, unknown))[0][:40]!r}; it takes every "
-                                 "(return after every k-th step) and last (return after the last step only)",
-                                 argument="sequence")
-        if not steps:
-            raise InvalidRequest(f"sequence: {op.name} was sent no tensor with a leading time axis; send "
-                                 "(steps, batch, …) tensors to run steps in one call", argument="sequence")
-        last = options.get("last", False)
-        if not isinstance(last, bool):
-            raise InvalidRequest(f"sequence.last: expected true or false, received {str(last)[:40]!r}",
-                                 argument="sequence")
-        every = options.get("every", 1)
-        try:
-            every = require_int("sequence.every", every, 1, steps)
-        except InvalidConfig as exc:
-            in_range = isinstance(every, int) and not isinstance(every, bool)  # a number of steps, too many or few
-            raise InvalidRequest(f"{exc.detail}{' (the steps sent)' if in_range else ''}",
-                                 argument="sequence") from None
-        if last and "every" in options:
-            raise InvalidRequest("sequence: give every or last, not both", argument="sequence")
-        return sequence_fn(op.fn, tuple(returned), every, last), 1 if last else steps // every
-
-    def _check_sequence_answer(self, instance: Instance, returned: list[str], signature: tuple, kept: int,
-                               steps: int) -> None:
-        """A sequence's answer (each returned compartment ``kept`` times) within max_answer_bytes and the quota."""
-        names = leaf_names(jax.tree_util.tree_structure(instance.layout()))
-        sizes = dict(zip(names, (math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in signature)))
-        one = sum(sizes[c] for c in returned)
-        how = f"{', '.join(returned)}: {one} bytes, kept {kept} times of {steps} steps"
-        self.capacity.check_answer(instance.key.owner, kept * one, how,
-                                   "split the sequence" if kept == 1 else "use sequence every=k or last")
-
     @staticmethod
     def _resolve(instance: Instance, argument: str, ref: CompartmentRef | _Fetched, leaves: Mapping[str, Any]) -> Any:
         """A reference's values as a buffer of the caller's own on its device (the source's buffers are donated
@@ -616,36 +467,6 @@ class Registry:
         with self._hold(other) as source:
             value = _floating_compartment(source, argument, ref.compartment, compartment_paths(source.state))
             return _Fetched(jax.device_put(value, caller.device, may_alias=False))
-
-    def _predict(self, instance: Instance, operation: str, fn: Callable[..., Any], args: list[Any]
-                 ) -> tuple[tuple, int, Callable[..., Any], lean.Plan | None]:
-        """The compartment shapes and bytes the call will leave, what to run (an operation's plan: only the
-        compartments it touches, ``kinds/lean.py``; or a sequence) and the plan. Traced once per shapes."""
-        shapes = tuple(None if a is None else (a.shape, a.dtype) for a in args)
-        own = (operation, fn, instance.signature, shapes)  # the instance's own plans: no config to hash
-        known = instance.plans.get(own)
-        if known is not None:
-            return known
-        key = (operation, fn, instance.config, instance.signature, shapes)
-        with self._predictions_lock:
-            known = self._predictions.get(key)
-            if known is not None:
-                self._predictions.move_to_end(key)
-                instance.remember_plan(own, known)
-                return known
-        if fn is instance.kind.operations[operation].fn:
-            plan = lean.plan(fn, instance.config, instance.layout(), *args)
-            signature, runner = plan.out_signature, plan.run
-        else:  # a sequence: (state, kept)
-            signature = signature_of(jax.eval_shape(functools.partial(fn, instance.config), instance.layout(), *args)[0])
-            plan, runner = None, fn
-        known = (signature, nbytes_of(signature), runner, plan)
-        instance.remember_plan(own, known)
-        with self._predictions_lock:
-            self._predictions[key] = known
-            while len(self._predictions) > PREDICTIONS_KEPT:
-                self._predictions.popitem(last=False)
-        return known
 
     def _commit(self, instance: Instance, state: Any, counter: str | None, signature: tuple, nbytes: int,
                 accounted: bool = False, count: int = 1) -> None:
