@@ -398,11 +398,49 @@ def generate(kind: str, count: int) -> tuple[list, dict, dict, dict]:
     return records, skipped, digests, arrays
 
 
+def cpu_description() -> str:
+    """The CPU's model and the vector extensions XLA may use (what makes its small products differ)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = [f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))]
+    return f"{model} ({' '.join(sorted(wanted))})"
+
+
+def write_variant(out: Path, name: str, meta: dict, arrays: dict) -> None:
+    """This machine's vectors where they differ from the base ones in ``out`` (same sample, same JAX):
+    ``ngclearn_dense_reference.<name>.npz`` with those arrays and ``.json`` saying which and on what CPU."""
+    base_meta = json.loads((out / "ngclearn_dense_reference.json").read_text())
+    if base_meta["configs"] != meta["configs"] or base_meta["deconv_nag"] != meta["deconv_nag"]:
+        raise SystemExit("the base vectors were made from another sample: make them again first (no --variant)")
+    if base_meta["jax"] != meta["jax"]:
+        raise SystemExit(f"the base vectors were made with JAX {base_meta['jax']}, this is {meta['jax']}")
+    with np.load(out / "ngclearn_dense_reference.npz", allow_pickle=False) as base:
+        if set(base.files) != set(arrays):
+            raise SystemExit("the base vectors hold other arrays: make them again first (no --variant)")
+        differing = {k: v for k, v in arrays.items() if not np.array_equal(base[k], v)}
+    digests = {k: v for k, v in meta["digests"].items() if base_meta["digests"].get(k) != v}
+    variant = {"generator": meta["generator"], "ngclearn": meta["ngclearn"], "jax": meta["jax"],
+               "cpu": cpu_description(), "arrays": sorted(differing), "digests": digests}
+    (out / f"ngclearn_dense_reference.{name}.json").write_text(json.dumps(variant, indent=1) + "\n")
+    np.savez_compressed(out / f"ngclearn_dense_reference.{name}.npz", **differing)
+    print(f"variant {name}: {len(differing)} arrays and {len(digests)} digests differ from the base", file=sys.stderr)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", choices=("deconv", "dense", "all"), default="all")
     parser.add_argument("--configs", type=int, default=None, help="how many (default: the full sample)")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--variant", metavar="NAME",
+                        help="dense only: this CPU's numbers where they differ from the vectors already in --out "
+                             "(XLA's CPU code for small products differs between CPUs), written as "
+                             "ngclearn_dense_reference.NAME.{npz,json}; the tests pick the variant the machine "
+                             "reproduces")
     parser.add_argument("--chunk", nargs=4, metavar=("KIND", "FIRST", "COUNT", "PART"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.chunk:
@@ -428,6 +466,9 @@ def main() -> int:
         arrays.update({k: v.astype(np.float16) if k.rsplit("/", 1)[-1] in SIGNALS else v
                        for k, v in nag_arrays.items()})
         meta = {**header, "configs": records, "digests": digests, "deconv_nag": nag, "deconv_nag_skipped": skipped}
+        if args.variant:
+            write_variant(args.out, args.variant, meta, arrays)
+            return 0
         (args.out / "ngclearn_dense_reference.json").write_text(json.dumps(meta, indent=1) + "\n")
         np.savez_compressed(args.out / "ngclearn_dense_reference.npz", **arrays)
         print(f"dense: {len(records)} configurations, {len(digests)} digests; deconv nag: {len(nag)} kept, "
