@@ -3,9 +3,10 @@ compartments it may return, and its plan — the state it leaves (shapes and byt
 
 The registry's calls and packed calls (``local/registry.py``, ``local/packing.py``) ask a ``Planner``
 all of this before they touch an instance's state: the arguments are bound before its lock is taken,
-the plan (which depends on the compartment shapes the instance has now) under it. A planner changes no
-instance; it keeps what it learned once per shapes: each instance its own (``Instance.plans``), and the
-plans of equal configs shared, so that a thousand instances of one config trace once.
+the plan (which depends on the compartment shapes the instance has now) under it. A planner never
+touches an instance's state or version; what it learns once per shapes it remembers in the instance's
+plans (``Instance.plans``) and, shared by equal configs, in its own, so a thousand instances of one
+config trace once.
 """
 
 from __future__ import annotations
