@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from synapse_client import DTYPES, WireError, decode_tensor, encode_tensor, packb, unpackb
+from synapse_client import DTYPES, WireError, decode_tensor, packb, unpackb
 from synapse_client import _codec
 from synapse_client._codec import json_tensor, to_json
 

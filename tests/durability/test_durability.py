@@ -20,7 +20,7 @@ from synapse_client import (
 from synapse_serve.kinds import deconv as dc
 from synapse_serve.kinds import hebbian_deconv as hd
 from synapse_serve.kinds.base import compartment_paths
-from synapse_serve.store import CorruptFile, Store, decode, encode
+from synapse_serve.store import CorruptFile, Store, decode
 
 from synapse_serve.testing import ServerProcess
 

@@ -15,7 +15,7 @@ import pytest
 from websockets.sync.client import connect
 
 from conftest import LiveServer, metric, metrics_of
-from synapse_client import BadRequestError, NotFoundError, SynapseClient, UnprocessableEntityError, packb, unpackb
+from synapse_client import NotFoundError, SynapseClient, UnprocessableEntityError, packb, unpackb
 from synapse_serve.logs import JsonFormatter
 from synapse_serve.names import InstanceKey
 
