@@ -172,7 +172,10 @@ class _Connection:
             self._timeout = timeout
 
     def closed_by_peer(self) -> bool:
-        """An idle connection that is readable has been closed by the server (or sent something unasked)."""
+        """An idle connection that is readable, or holds bytes read past its last answer, has been closed by the
+        server (or sent something unasked)."""
+        if self.pending:
+            return True
         try:
             readable, _, _ = select.select([self.sock], [], [], 0)
         except (OSError, ValueError):

@@ -164,6 +164,20 @@ def test_an_idle_connection_the_server_closed_is_replaced_before_a_call_that_mus
     assert server.connections == 3 and len(server.requests) == 3
 
 
+def test_an_answer_nobody_asked_for_is_never_the_next_requests_answer(scripted, flavor):
+    # a misbehaving server or proxy sends a second answer in the same write as the first: the next request must not
+    # read it as its own (the connection is discarded, the request goes out on a fresh one)
+    def answer(i, method, path, headers, body):
+        return msgpack_answer({"i": i}) + msgpack_answer({"i": 666}) if i == 0 else msgpack_answer({"i": i})
+
+    server = scripted(answer)
+    with Client(flavor, server.url, max_retries=0) as client:
+        assert client.request("POST", "/v1/synapses/a/forward", {}, retry=False) == {"i": 0}
+        time.sleep(0.2)  # the unasked answer has arrived with the first (one write)
+        assert client.request("POST", "/v1/synapses/a/forward", {}, retry=False) == {"i": 1}
+    assert server.connections == 2
+
+
 @pytest.mark.parametrize("framing", ["chunked", "gzip", "close-delimited"])
 def test_answers_framed_every_way_http_allows_are_read_whole(scripted, framing, flavor):
     x = np.random.default_rng(0).normal(size=(300, 100)).astype(np.float32)  # 120 KB: several reads
