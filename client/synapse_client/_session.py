@@ -20,6 +20,7 @@ import math
 import select
 import socket
 import ssl
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,6 +39,11 @@ from synapse_client import _progress
 from synapse_client._frames import frame_of, result_of
 
 INBOX_BYTES = 1 << 20  # the most a session reads from its socket at once
+# keyed frames (evolve, step, any call with an Idempotency-Key) a session has unanswered at most: an instance's file
+# remembers its last 16 keys (docs/api.md), so a frame sent again after a drop (or a server's restart) is always
+# one the server still knows if it applied it; with more in flight, the oldest ones' keys were forgotten and they
+# ran twice
+KEYED_IN_FLIGHT = 16
 MESSAGE_TOO_BIG = 1009  # the close code of a server refusing a frame over its size limit
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)  # a non-blocking socket's "not now"
 
@@ -274,6 +280,8 @@ class Session(HandleHost):
         self._answers: dict[int, dict[str, Any]] = {}  # read, not yet asked for
         self._outstanding: dict[int, tuple[str, bytes, bool]] = {}  # sent, not yet answered: (op, bytes, retry)
         self._moved: dict[int, int] = {}  # a frame sent again after a drop: its old id -> its new one
+        self._keyed: set[int] = set()  # the outstanding frames that carry an Idempotency-Key
+        self._abandoned: set[int] = set()  # frames whose caller stopped waiting (a timeout): their answers are dropped
         self._reconnects = 0
         self._closed = False
         self._ws: _Wire | None = None
@@ -303,14 +311,30 @@ class Session(HandleHost):
             answer = self.client.request(method, path, body, retry=retry, headers=headers)
             return Pending(lambda: answer)
         frame_id, op = next(self._ids), frame["op"]
-        self._send(op, frame_id, _codec.packb({**frame, "id": frame_id}), retry)  # encoded once, here
+        data = _codec.packb({**frame, "id": frame_id})  # encoded once, here
+        if "idempotency_key" in frame:
+            self._make_room(op)
+            self._keyed.add(frame_id)
+        self._send(op, frame_id, data, retry)
         return Pending(lambda: self._receive(frame_id, op))
+
+    def _make_room(self, op: str) -> None:
+        """Read answers until fewer than KEYED_IN_FLIGHT keyed frames are unanswered."""
+        while len(self._keyed) >= KEYED_IN_FLIGHT and self._ws is not None:
+            try:
+                self._ws.read(self.client.timeout.read)
+            except TimeoutError as exc:
+                raise _connection_error(self.base_url, op, exc, False) from None
+            except (ConnectionClosed, OSError) as exc:
+                self._recover(exc)
+                continue
+            self._take()
 
     def _send(self, op: str, frame_id: int, data: bytes, retry: bool) -> None:
         if self._ws is None:
             if self._closed:
                 raise self._closed_error(op)
-            self._open()  # the last connection was given up (see _recover): this frame gets a fresh one
+            self._open_retrying()  # the last connection was given up (see _recover): this frame gets a fresh one
         else:
             try:
                 # a close the server sent while the session was idle (its routine idle close), or a dead socket,
@@ -335,8 +359,13 @@ class Session(HandleHost):
         messages = self._ws.messages
         while messages:
             answer = _codec.unpackb(messages.popleft(), writable=True)
-            self._outstanding.pop(answer.get("id"), None)
-            self._answers[answer.get("id")] = answer
+            frame_id = answer.get("id")
+            self._outstanding.pop(frame_id, None)
+            self._keyed.discard(frame_id)
+            if frame_id in self._abandoned:  # its caller has gone: kept, it would stay for the session's life
+                self._abandoned.discard(frame_id)
+            else:
+                self._answers[frame_id] = answer
             self._reconnects = 0  # the connection works again
 
     def _receive(self, frame_id: int, op: str) -> Any:
@@ -349,6 +378,10 @@ class Session(HandleHost):
             try:
                 self._ws.read(self.client.timeout.read)
             except TimeoutError as exc:
+                # given up: not sent again after a drop, and its answer, if it comes, dropped
+                self._outstanding.pop(frame_id, None)
+                self._keyed.discard(frame_id)
+                self._abandoned.add(frame_id)
                 raise _connection_error(self.base_url, op, exc, False) from None
             except (ConnectionClosed, OSError) as exc:
                 self._recover(exc)
@@ -363,6 +396,7 @@ class Session(HandleHost):
         if self._ws is not None and self._outstanding and self._ws.close_code() == MESSAGE_TOO_BIG:
             refused = _largest({frame_id: len(entry[1]) for frame_id, entry in self._outstanding.items()})
             op, data, _ = self._outstanding.pop(refused)
+            self._keyed.discard(refused)
             self._answers[refused] = _too_big(op, len(data))
             counted = False  # the server's answer to that frame, not a failing connection
         self._reconnects += counted
@@ -373,7 +407,7 @@ class Session(HandleHost):
             raise _connection_error(self.base_url, "the connection dropped", exc, True) from None
         self._discard()
         try:
-            self._open()
+            self._open_retrying()
         except APIConnectionError:
             self._fail_outstanding(exc)  # none was sent again: each waiting call learns it
             raise
@@ -381,14 +415,30 @@ class Session(HandleHost):
         for frame_id, (op, data, retry) in pending.items():
             if retry:
                 self._moved[frame_id] = new_id = next(self._ids)
+                if frame_id in self._keyed:
+                    self._keyed.discard(frame_id)
+                    self._keyed.add(new_id)
                 self._send(op, new_id, _renumbered(data, new_id), retry)
             else:
+                self._keyed.discard(frame_id)
                 self._answers[frame_id] = _lost(self.base_url, op, exc, False)
+
+    def _open_retrying(self) -> None:
+        """Open a new connection, trying up to ``max_retries`` more times with the client's backoff (a server
+        restarting refuses connections for a moment)."""
+        for attempt in itertools.count():
+            try:
+                return self._open()
+            except APIConnectionError:
+                if attempt >= self.max_retries:
+                    raise
+                time.sleep(self.client._backoff(attempt))
 
     def _fail_outstanding(self, exc: BaseException) -> None:
         for frame_id, (op, _, retry) in self._outstanding.items():
             self._answers[frame_id] = _lost(self.base_url, op, exc, retry)
         self._outstanding.clear()
+        self._keyed.clear()
 
     def _discard(self) -> None:
         try:
@@ -396,6 +446,7 @@ class Session(HandleHost):
         except Exception:  # noqa: BLE001 - already broken
             pass
         self._ws = None
+        self._abandoned.clear()  # no answer comes on another connection
 
     def _closed_error(self, op: str) -> APIConnectionError:
         return APIConnectionError(f"session at {self.base_url}: {op}: the session is closed")
@@ -454,6 +505,7 @@ class AsyncSession(HandleHost):
         self._closed = False
         self._sizes: dict[int, int] = {}  # frames in flight: their bytes
         self._refused: int | None = None  # the frame the server refused for its size when it closed
+        self._keyed_slots = asyncio.Semaphore(KEYED_IN_FLIGHT)  # keyed frames in flight, resends included
 
     async def _open(self) -> None:
         auth = {k: v for k, v in self.client.headers.items() if k == "Authorization"}
@@ -492,7 +544,14 @@ class AsyncSession(HandleHost):
         frame = frame_of(method, path, body, headers)
         if frame is None:
             return await self.client.request(method, path, body, retry=retry, headers=headers)
-        return await self._exchange(*self._encoded(frame), retry)
+        return await self._exchange_counted("idempotency_key" in frame, self._encoded(frame), retry)
+
+    async def _exchange_counted(self, keyed: bool, encoded: tuple[str, int, bytes], retry: bool) -> Any:
+        """``_exchange``; a keyed frame only while fewer than KEYED_IN_FLIGHT others are in flight."""
+        if not keyed:
+            return await self._exchange(*encoded, retry)
+        async with self._keyed_slots:
+            return await self._exchange(*encoded, retry)
 
     def _encoded(self, frame: dict[str, Any]) -> tuple[str, int, bytes]:
         frame_id = next(self._ids)
@@ -546,7 +605,9 @@ class AsyncSession(HandleHost):
         if frame is None:
             return asyncio.get_running_loop().create_task(self.client.request(method, path, body, retry=retry,
                                                                               headers=headers))
-        return asyncio.get_running_loop().create_task(self._exchange(*self._encoded(frame), retry))
+        encoded = self._encoded(frame)  # now: the caller may change its arrays once this returns
+        return asyncio.get_running_loop().create_task(self._exchange_counted("idempotency_key" in frame, encoded,
+                                                                             retry))
 
     async def _reopen(self, broken) -> None:
         """Replace the connection ``broken``: once, however many calls found it broken; the others wait here and
@@ -561,11 +622,15 @@ class AsyncSession(HandleHost):
                 raise self._open_failed  # the reopen this call waited for failed just now
             self._reopens += 1
             await self._shut()
-            try:
-                await self._open()
-            except APIConnectionError as exc:
-                self._open_failed = exc
-                raise
+            for attempt in itertools.count():  # a server restarting refuses connections for a moment
+                try:
+                    await self._open()
+                    break
+                except APIConnectionError as exc:
+                    if attempt >= self.max_retries:
+                        self._open_failed = exc
+                        raise
+                    await asyncio.sleep(self.client._backoff(attempt))
             self._open_failed = None
 
     async def _shut(self) -> None:

@@ -1,0 +1,187 @@
+"""The session stream when answers are lost on the way, the server cannot be reached for a moment, or a caller
+stops waiting: keyed calls applied exactly once, connections opened again with backoff, nothing kept for a
+caller that has gone.
+
+Found by a red-team run (2026-11-30): 200 pipelined evolves whose answers were lost and whose connection then
+dropped were each applied twice (the server remembers an instance's last 128 keys, 16 in its file, and the
+oldest frames sent again had been forgotten); a session gave up at once when the server refused its new
+connection while restarting; a blocking session kept every timed-out call's late answer for its whole life.
+A proxy between client and server loses answers and refuses connections on cue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from synapse_client import APIConnectionError, AsyncSynapseClient, SynapseClient
+from synapse_client._session import KEYED_IN_FLIGHT
+from synapse_serve.testing import ServerProcess
+
+SMALL = {"shape": [3, 2], "eta": 0.1}
+
+
+class Proxy:
+    """A loopback TCP proxy to ``port``. ``lose_answers_for(s)``: the server's bytes are dropped for ``s`` seconds,
+    then every connection is reset. ``refuse_for(s)``: connections live now are reset and new ones closed at once
+    for ``s`` seconds."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.listener = port, socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.losing_until = self.refusing_until = 0.0
+        self.generation = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def lose_answers_for(self, seconds: float) -> None:
+        self.losing_until = time.monotonic() + seconds
+        threading.Timer(seconds, self._reset).start()
+
+    def refuse_for(self, seconds: float) -> None:
+        self.refusing_until = time.monotonic() + seconds
+        self._reset()
+        time.sleep(0.1)  # the live connections are closed by now
+
+    def _reset(self) -> None:
+        self.generation += 1
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if time.monotonic() < self.refusing_until:
+                client.close()
+                continue
+            threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
+
+    def _pipe(self, client: socket.socket) -> None:
+        server, generation = socket.create_connection(("127.0.0.1", self.port)), self.generation
+        client.settimeout(0.02)
+        server.settimeout(0.02)
+        try:
+            while self.generation == generation:
+                for source, sink in ((client, server), (server, client)):
+                    try:
+                        data = source.recv(1 << 16)
+                    except TimeoutError:
+                        continue
+                    if not data:
+                        return
+                    if source is server and time.monotonic() < self.losing_until:
+                        continue  # an answer lost on the way
+                    sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            client.close()
+            server.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with ServerProcess(tmp_path_factory.mktemp("keyed") / "state", durability="sync", compilation_cache="false",
+                       busy_poll_us=0) as live:
+        yield live
+
+
+@pytest.fixture
+def proxy(server):
+    proxied = Proxy(server.port)
+    yield proxied
+    proxied.close()
+
+
+def created(server, name: str) -> None:
+    with SynapseClient(server.url) as client:
+        client.create(name, kind="HebbianSynapse", config=SMALL)
+
+
+def evolves(server, name: str) -> int:
+    with SynapseClient(server.url) as client:
+        return client.get(name).describe()["counters"].get("evolve", 0)
+
+
+def pair(i: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(i)
+    return rng.normal(size=(1, 3)).astype(np.float32), rng.normal(size=(1, 2)).astype(np.float32)
+
+
+CALLS = 200  # more than the keys an instance remembers (128): before the bound, the oldest ran twice
+
+
+def test_pipelined_evolves_whose_answers_were_lost_are_applied_once_each(server, proxy):
+    created(server, "lost-answers")
+    with SynapseClient(proxy.url, max_retries=5) as client, client.session() as session:
+        syn = session.get("lost-answers")
+        proxy.lose_answers_for(1.0)
+        pending = [syn.submit("evolve", pre=pre, post=post) for pre, post in map(pair, range(CALLS))]
+        assert len(session._keyed) <= KEYED_IN_FLIGHT
+        versions = [p.result()["version"] for p in pending]
+    assert sorted(versions) == list(range(2, CALLS + 2))
+    assert evolves(server, "lost-answers") == CALLS
+
+
+def test_concurrent_async_evolves_whose_answers_were_lost_are_applied_once_each(server, proxy):
+    created(server, "lost-answers-async")
+
+    async def run() -> list[int]:
+        async with AsyncSynapseClient(proxy.url, max_retries=5) as client, client.session() as session:
+            syn = await session.get("lost-answers-async")
+            proxy.lose_answers_for(1.0)
+            answers = await asyncio.gather(*(syn.evolve(pre, post) for pre, post in map(pair, range(CALLS))))
+            return [answer["version"] for answer in answers]
+
+    assert sorted(asyncio.run(run())) == list(range(2, CALLS + 2))
+    assert evolves(server, "lost-answers-async") == CALLS
+
+
+def test_a_session_opens_again_with_backoff_while_connections_are_refused(server, proxy):
+    created(server, "refused")
+    pre, post = pair(0)
+    with SynapseClient(proxy.url, max_retries=4) as client, client.session() as session:
+        syn = session.get("refused")
+        proxy.refuse_for(0.6)  # backoff 0.25 + 0.5 s: the third try gets through
+        assert syn.evolve(pre, post)["version"] == 2
+    with SynapseClient(proxy.url, max_retries=0) as client, client.session() as session:
+        syn = session.get("refused")
+        proxy.refuse_for(0.6)
+        with pytest.raises(APIConnectionError, match="cannot open"):  # no retries asked: at once
+            syn.evolve(pre, post)
+    time.sleep(0.6)  # the proxy takes connections again
+
+    async def run() -> int:
+        async with AsyncSynapseClient(proxy.url, max_retries=4) as client, client.session() as session:
+            syn = await session.get("refused")
+            proxy.refuse_for(0.6)
+            return (await syn.evolve(pre, post))["version"]
+
+    assert asyncio.run(run()) == 3
+    assert evolves(server, "refused") == 2
+
+
+def test_a_blocking_session_keeps_nothing_for_a_call_that_timed_out(server):
+    created(server, "timed-out")
+    xs = np.ones((3000, 1, 3), np.float32)
+    with SynapseClient(server.url, timeout=httpx.Timeout(30, read=0.05)) as client, client.session() as session:
+        syn = session.get("timed-out")
+        with pytest.raises(APIConnectionError):
+            syn.forward(xs)  # a 3,000-step sequence: longer than the read timeout (and compiled first)
+        with SynapseClient(server.url) as other:
+            deadline = time.monotonic() + 60
+            while other.get("timed-out").describe()["counters"].get("forward", 0) < 1:  # done on the server
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        syn.describe()  # reads the late answer first, and drops it
+        assert session._answers == {} and not session._abandoned
+        assert syn.forward(np.ones((1, 3), np.float32)).shape == (1, 2)
