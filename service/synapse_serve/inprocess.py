@@ -44,6 +44,10 @@ class Engine:
             self._temporary = tempfile.TemporaryDirectory(prefix="synapse-local-")
             state_dir = self._temporary.name
             settings.setdefault("durability", "off")
+            # memory-only because nothing asked for a directory, not because the caller chose durability=off: the
+            # learning-curve history is kept as a server keeps it (a sample costs ~40 µs an evolve; history_length=0
+            # keeps none)
+            settings.setdefault("history_when_durability_off", True)
         # the caller's process: no warm-up compile; JAX's compilation cache, Python's GC and the C heap left as the
         # caller set them
         settings.setdefault("warmup", False)

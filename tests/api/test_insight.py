@@ -47,8 +47,7 @@ class OverSession:
 def client(request, server):
     """The same calls over REST, over the session stream and in process."""
     if request.param == "local":
-        with SynapseClient("local", local_settings={"history_length": HISTORY,
-                                                    "history_when_durability_off": True}) as local:
+        with SynapseClient("local", local_settings={"history_length": HISTORY}) as local:  # kept, as by a server
             yield local
         return
     with SynapseClient(server.url) as rest:
@@ -267,6 +266,10 @@ def test_memory_only_instances_keep_no_history_unless_asked(tmp_path):
         kept = client.create("kept", kind=DENSE, config={"shape": [4, 2]}, durability="interval")
         kept.evolve(np.ones((1, 4), np.float32), np.ones((1, 2), np.float32))
         assert len(kept.history()) == 1
+    with SynapseClient("local") as local:  # memory-only because no directory was named: kept, as a server keeps it
+        syn = local.create("in-process", kind=DENSE, config={"shape": [4, 2]})
+        syn.evolve(np.ones((1, 4), np.float32), np.ones((1, 2), np.float32))
+        assert len(syn.history()) == 1
 
 
 # --- what runs now ---
