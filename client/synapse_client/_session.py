@@ -84,8 +84,10 @@ def _connection_error(base_url: str, what: str, exc: BaseException, repeated: bo
         return AuthenticationError(401, {"detail": "the server refused the session stream: send a valid token "
                                                    "(SynapseClient(url, token=...) or SYNAPSE_TOKEN)"}, None)
     tail = "" if repeated else " (not sent again: repeating it could apply it twice)"
-    if isinstance(exc, TimeoutError):
-        return APITimeoutError(f"session at {base_url}: {what}: no answer in time{tail}")
+    if isinstance(exc, TimeoutError):  # not "could apply it twice": it may have run, or still run, once
+        return APITimeoutError(f"session at {base_url}: {what}: no answer in time (not sent again; it may still "
+                               "run, or have run: read the instance's version before repeating an update, or "
+                               "repeat it with the same idempotency_key)")
     return APIConnectionError(f"session at {base_url}: {what}: {type(exc).__name__}: {exc}{tail}")
 
 
