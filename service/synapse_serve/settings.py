@@ -75,6 +75,11 @@ class Settings(BaseSettings):
         250.0, ge=0, description="an operation whose last run on that instance and batch took less than this "
                                  "many microseconds runs on the event loop instead of a worker thread "
                                  "(saves the thread hop for tiny synapses); 0 sends every call to a worker")
+    inline_hop_factor: float = Field(
+        4.0, ge=0, le=100, description="the inline bound rises to this many times the thread hop measured here "
+                                       "(the median of recent hand-offs to a worker and back), at most 2 ms: where a "
+                                       "hop is dear (a small VM: ~200 µs) a call that short costs less run than "
+                                       "handed off; where it is cheap inline_call_us stays the bound; 0: fixed")
     cpu_async_dispatch: bool = Field(
         False, description="JAX's asynchronous dispatch on CPU (jax_cpu_enable_async_dispatch). Off, each CPU "
                            "computation runs in the calling thread instead of being handed to XLA's and waited for: "

@@ -291,13 +291,18 @@ def test_a_script_that_ends_under_queued_device_work_exits_cleanly(ending):
         for _ in range(60):
             syn.evolve(Ref("pre"), Ref("post"))  # no data to wait for: the calls only queue device work
         if {ending == "with"!r}:
-            client.close()
+            import jax
+            state = next(iter(client._local.engine.backend.registry._instances.values())).state
+            client.close()  # waits for the queued work: the last state is computed when it returns
+            print(all(leaf.is_ready() for leaf in jax.tree_util.tree_leaves(state)))
         print("ended")
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert (result.returncode, result.stdout.strip()) == (0, "ended"), result.stderr[-2000:]
+    # the crash under queued work is a race of XLA's teardown, not certain to show: closing is checked to wait too
+    expected = "True\nended" if ending == "with" else "ended"
+    assert (result.returncode, result.stdout.strip()) == (0, expected), result.stderr[-2000:]
 
 
 @pytest.mark.parametrize(("before", "settings", "synchronous"), [

@@ -89,6 +89,74 @@ def test_with_inline_calls_off_every_call_runs_on_a_worker(tmp_path, monkeypatch
         assert len(threads) >= 20 and server.thread not in threads  # (warm-up calls too)
 
 
+def test_where_a_thread_hop_is_dear_against_a_call_the_call_runs_inline(tmp_path, monkeypatch):
+    """The inline bound rises to a multiple of the hop the server measures: with a bound of 1 µs set, a tiny
+    forward (tens of µs) runs on the loop once hops were measured, and never with the factor at 0 (fixed)."""
+    from conftest import LiveServer
+
+    x = np.ones((1, 2, 2, 1), np.float32)
+    for factor, inline in ((100, True), (0, False)):
+        threads = record_device_threads(monkeypatch)
+        with LiveServer(state_dir=tmp_path / str(factor), inline_call_us=1, inline_hop_factor=factor) as server, \
+                SynapseClient(server.url) as client:
+            tiny = client.create("t", kind="HebbianDeconvSynapse", config={"shape": [1, 1, 1, 1], "x_shape": [2, 2]})
+            for _ in range(20):
+                tiny.forward(x)
+            assert (server.thread in threads[-5:]) is inline, (factor, threads[-5:])
+
+
+def test_the_inline_bound_follows_the_median_hop_within_its_floor_and_ceiling(tmp_path):
+    from synapse_serve.local.backend import INLINE_CEILING_S, LocalBackend
+    from synapse_serve.settings import Settings
+
+    def bound_after(hops, **settings):
+        backend = LocalBackend(Settings(state_dir=tmp_path, **settings))
+        try:
+            for hop in hops:
+                backend._note_hop(hop)
+            return backend.inline_max_s
+        finally:
+            backend.executor.shutdown()
+
+    assert bound_after([]) == pytest.approx(250e-6)  # nothing measured: inline_call_us
+    assert bound_after([200e-6, 190e-6, 5e-3]) == pytest.approx(4 * 200e-6)  # the median: one slow hop is noise
+    assert bound_after([30e-6] * 5) == pytest.approx(250e-6)  # cheap hops: the setting stays the bound
+    assert bound_after([1e-3] * 5) == pytest.approx(INLINE_CEILING_S)  # never past the ceiling
+    assert bound_after([1e-3] * 5, inline_call_us=5000) == pytest.approx(5e-3)  # an operator's own bound stands
+    assert bound_after([200e-6] * 5, inline_call_us=0) == 0  # inline calls off stays off
+    assert bound_after([200e-6] * 5, inline_hop_factor=0) == pytest.approx(250e-6)  # fixed
+
+
+def test_a_hand_off_that_waited_behind_another_call_is_not_counted_as_a_hop(tmp_path):
+    """What sets the bound is the hop alone: a call queued for the only worker measures the queue, not the hop."""
+    import asyncio
+    import time
+
+    from synapse_serve.local.backend import LocalBackend
+    from synapse_serve.settings import Settings
+
+    backend = LocalBackend(Settings(state_dir=tmp_path, worker_threads=1))
+    release = threading.Event()
+
+    async def scenario():
+        first = asyncio.ensure_future(backend._off(release.wait, 10))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(backend._off(time.sleep, 0))  # waits for the worker the first holds
+        await asyncio.sleep(0.2)
+        release.set()
+        await asyncio.gather(first, second)
+        queued = list(backend._hops)
+        await backend._off(time.sleep, 0)  # alone: a hop
+        return queued, list(backend._hops)
+
+    try:
+        queued, after = asyncio.run(scenario())
+    finally:
+        backend.executor.shutdown()
+    assert queued == []
+    assert len(after) == 1 and after[0] < 0.15
+
+
 def test_names_and_lookups(registry):
     with pytest.raises(AlreadyExists):
         registry.create(A, kind="HebbianDeconvSynapse", config=CONFIG)

@@ -3,8 +3,12 @@
 Registry work is blocking (JAX computes, locks wait, files are written), so it runs on a pool
 of worker threads, never on the event loop — except a call measured quick: one whose last run
 on that instance, with the same argument shapes and the same compartment shapes, took less
-than ``inline_call_us``, on an instance no other call holds and whose writes are not
-synchronous. Those run on the loop itself, which saves the thread hop (~90 µs on a small CPU).
+than the inline bound, on an instance no other call holds and whose writes are not
+synchronous. Those run on the loop itself, which saves the thread hop. The bound is
+``inline_call_us``, or ``inline_hop_factor`` times the hop this process measures (at most
+``INLINE_CEILING_S``) when that is more: a hop costs ~30-90 µs on an idle multi-core host but
+~200 µs on a 2-vCPU VM (two cross-CPU wake-ups), where handing a 0.3 ms call to a worker made it
+half as long again; and the loop is never blocked longer than the ceiling by one call.
 
 With ``in_caller_thread`` (the blocking client's in-process mode, which steps these coroutines
 itself, without an event loop) every method runs its work in the caller's thread: there is no
@@ -22,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +46,8 @@ from synapse_serve.store import Store
 
 log = logging.getLogger("synapse_serve")
 COSTS_KEPT = 8192
+HOPS_KEPT = 31  # recent hand-offs to a worker, whose median sets the inline bound
+INLINE_CEILING_S = 0.002  # a measured hop never lets one call hold the event loop longer than this
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -314,7 +320,8 @@ class LocalBackend:
         # calls on different instances proceed side by side; calls on one instance wait for its lock here
         self.executor = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="synapse-worker")
         self._off_loop = 0  # calls now on the worker threads (counted on the loop's thread)
-        self.inline_max_s = settings.inline_call_us * 1e-6
+        self.inline_max_s = settings.inline_call_us * 1e-6  # the inline bound (raised by measured hops)
+        self._hops: deque[float] = deque(maxlen=HOPS_KEPT)  # seconds of recent hand-offs, their runs left out
         # (instance, operation, argument shapes, compartment shapes) -> seconds its last run took
         self._costs: OrderedDict[tuple, float] = OrderedDict()
         self._costs_lock = threading.Lock()
@@ -333,17 +340,34 @@ class LocalBackend:
             finally:
                 self._bound_programs()
         self._off_loop += 1
+        alone = self._off_loop == 1  # no call before it on the workers: what is measured is the hop, not a queue
+        ran = [0.0]
+        handed = time.perf_counter()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(
-                self._then_bound_programs, fn, *args, **kwargs))
+            answer = await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(
+                self._then_bound_programs, ran, fn, *args, **kwargs))
         finally:
             self._off_loop -= 1
+        if alone and self._off_loop == 0:
+            self._note_hop(time.perf_counter() - handed - ran[0])
+        return answer
 
-    def _then_bound_programs(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _then_bound_programs(self, ran: list[float], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
         try:
             return _no_stop_iteration(fn, *args, **kwargs)
         finally:  # on the worker: a release (a few ms) never holds up the event loop
             self._bound_programs()
+            ran[0] = time.perf_counter() - started
+
+    def _note_hop(self, seconds: float) -> None:
+        """One hand-off's cost (to a worker and back to the loop): the inline bound follows their median."""
+        floor, factor = self.settings.inline_call_us * 1e-6, self.settings.inline_hop_factor
+        if floor <= 0 or factor <= 0:  # inline calls off, or a fixed bound
+            return
+        self._hops.append(seconds)
+        hop = sorted(self._hops)[len(self._hops) // 2]
+        self.inline_max_s = max(floor, min(factor * hop, INLINE_CEILING_S))
 
     def _bound_programs(self) -> None:
         """Every compile happens in work that ends here (a call runs inline only once it ran with those shapes)."""
