@@ -72,6 +72,11 @@ def check_shape(shape: Any, max_elements: int = DEFAULT_MAX_ELEMENTS) -> tuple[i
     count = math.prod(shape)
     if count > max_elements:
         raise WireError(f"shape {list(shape)} declares {count} elements; the limit is {max_elements}")
+    # an empty tensor declares 0 elements whatever its other dimensions: each is held to the limit too (numpy
+    # cannot shape an array whose non-zero dimensions multiply past its index range)
+    if count == 0 and math.prod(d for d in shape if d) > max_elements:
+        raise WireError(f"shape {list(shape)[:8]!r:.80}: its non-zero dimensions multiply past the limit of "
+                        f"{max_elements} elements")
     return tuple(shape)
 
 
@@ -383,11 +388,23 @@ def to_json(obj: Any) -> Any:
     if isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):
         array = to_numpy(obj)
         name = wire_dtype_name(array.dtype)
-        values = array.astype(np.float64).tolist() if name in ("bfloat16", "float16") else array.tolist()
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            values = _json_floats(array)
+        else:
+            values = array.astype(np.float64).tolist() if name in ("bfloat16", "float16") else array.tolist()
         return {"dtype": name, "shape": list(array.shape), "values": values}
     if isinstance(obj, np.generic):
-        return obj.item()
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # JSON has no NaN or Infinity (json.dumps would write them, and strict readers refuse them)
     return obj
+
+
+def _json_floats(array: np.ndarray) -> list:
+    """A float array's values as JSON can hold them: NaN and ±Inf as null."""
+    values = array.astype(np.float64).astype(object)
+    values[~np.isfinite(array)] = None
+    return values.tolist()
 
 
 def json_tensor(value: Any, max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.ndarray:

@@ -76,7 +76,7 @@ async def _read_limited(request: Request) -> bytes:
     settings = request.app.state.server.settings
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
     chunks, total = [], 0
     deadline = time.monotonic() + settings.body_timeout_s
@@ -242,13 +242,23 @@ def problem_from(exc: SynapseServeError, request: Request) -> Response:
     return problem(exc.status, exc.title, exc.detail, exc.slug, request, exc.extra, exc.headers)
 
 
+def map_field(value: Any, what: str) -> dict[str, Any]:
+    """A body field that is a map, ``{}`` when absent; anything else (a tensor, a list, a string) is a 400 naming it
+    (a tensor's truth value is no answer to whether it was given)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MalformedBody(f"{what}: expected a map, received {type(value).__name__}")
+    return value
+
+
 def if_match(request: Request) -> int | None:
     """The version an ``If-Match: "7"`` header requires, or None (absent or ``*``)."""
     value = request.headers.get("if-match")
     if value is None or value.strip() == "*":
         return None
     tag = value.strip().removeprefix("W/").strip('"')
-    if not tag.isdigit() or len(tag) > 18:
+    if not (tag.isascii() and tag.isdigit()) or len(tag) > 18:  # str.isdigit() takes '²', int() does not
         raise MalformedBody(f'If-Match: expected the ETag of a version, like "7"; received {value[:40]!r}')
     return int(tag)
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from synapse_serve.api.bodies import PROBLEM_BASE, compartment_ref, require_fields, returns_field
+from synapse_serve.api.bodies import PROBLEM_BASE, compartment_ref, map_field, require_fields, returns_field
 from synapse_serve.api.insight import draw
 from synapse_serve.api.schemas import CreateRequest, SnapshotRequest
 from synapse_serve.api.server import Server, instance_key, owner_for
@@ -64,9 +64,7 @@ def _tensor(field: str, value: Any) -> Any:
 
 
 def _tensors(frame: dict[str, Any]) -> dict[str, Any]:
-    tensors = frame.get("tensors") or {}
-    if not isinstance(tensors, dict):
-        raise MalformedBody("tensors: expected a map of tensors")
+    tensors = map_field(frame.get("tensors"), "tensors (a map of tensors)")
     return {str(name): _tensor(str(name), value) for name, value in tensors.items()}
 
 
@@ -179,9 +177,7 @@ async def _create(server: Server, principal: Principal, frame: dict[str, Any]) -
     if not isinstance(body, dict):
         raise MalformedBody(f"body: expected a map, received {type(body).__name__}")
     require_fields(body, CreateRequest)
-    init = body.get("init") or {}
-    if not isinstance(init, dict):
-        raise MalformedBody("init: expected a map of tensors (weights, biases)")
+    init = map_field(body.get("init"), "init (a map of tensors: weights, biases)")
     init = {str(k): _tensor(str(k), v) for k, v in init.items()}
     key = instance_key(_owner(principal, frame), body["name"])
     return await server.backend.create(key, kind=body["kind"], config=body["config"], init=init,
@@ -247,7 +243,7 @@ async def _history(server: Server, principal: Principal, frame: dict[str, Any]) 
 
 
 async def _filters(server: Server, principal: Principal, frame: dict[str, Any]) -> Any:
-    picture = await draw(server, _key(principal, frame), frame.get("options") or {})
+    picture = await draw(server, _key(principal, frame), map_field(frame.get("options"), "options"))
     return {"png": picture.png, "layout": picture.headers()}
 
 
@@ -310,15 +306,19 @@ async def run_frame(server: Server, principal: Principal, frame: dict[str, Any],
         answer = {"status": exc.status, "problem": problem_of(exc, request_id)}
     except Exception:  # our bug: answered as a 500 with the id, the stream goes on
         log.exception("unexpected error on frame %s (%s)", request_id, str(op)[:40])
-        answer = {"status": 500, "problem": {"type": PROBLEM_BASE + "internal-error", "title": "Internal error",
-                                             "status": 500, "request_id": request_id,
-                                             "detail": f"an unexpected error occurred; request id {request_id}"}}
+        answer = {"status": 500, "problem": internal_problem(request_id)}
     if op in ("call", "call_many"):
         try:  # counting never costs the frame its answer (nor the stream its connection)
             server.count_operation(frame.get("operation"), answer["status"], time.perf_counter() - begun)
         except Exception:
             log.exception("frame %s: not counted in the metrics", request_id)
     return answer
+
+
+def internal_problem(request_id: str) -> dict[str, Any]:
+    """The problem document of our own bug (a 500), naming the request to look up in the log."""
+    return {"type": PROBLEM_BASE + "internal-error", "title": "Internal error", "status": 500,
+            "request_id": request_id, "detail": f"an unexpected error occurred; request id {request_id}"}
 
 
 def problem_of(exc: SynapseServeError, request_id: str) -> dict[str, Any]:

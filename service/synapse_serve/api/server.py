@@ -105,7 +105,11 @@ def get_owner(principal: PrincipalDep,
 
 def owner_for(principal: Principal, owner: str | None) -> str:
     """The owner a call of ``principal`` addresses when it names ``owner`` (404 for a non-admin naming another)."""
-    if owner is None or owner == principal.owner:
+    if owner is None:
+        return principal.owner
+    if not isinstance(owner, str):  # a frame's field may hold anything: a tensor compared with a name is no answer
+        validate_name(owner, "owner")  # (422: no name at all, nobody's)
+    if owner == principal.owner:
         return principal.owner
     if not principal.admin:  # as if nothing were there: names of other owners do not leak
         raise NotFound("no such instance")

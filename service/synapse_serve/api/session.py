@@ -49,7 +49,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from synapse_client._codec import WireError, packb, unpackb
-from synapse_serve.api.frames import problem_of, run_frame
+from synapse_serve.api.frames import internal_problem, problem_of, run_frame
 from synapse_serve.api.server import Server, principal_of
 from synapse_serve.errors import MalformedBody, SynapseServeError
 from synapse_serve.settings import Settings
@@ -92,10 +92,14 @@ async def session(websocket: WebSocket) -> None:
                     raise WireError(f"a frame is a msgpack map, received {type(frame).__name__}")
                 ident = frame.get("id")
                 answer = None
-            except WireError as exc:
+            except Exception as exc:  # noqa: BLE001 - a decoder's bug answers that frame (500), never drops the rest
                 ident = _id_of(raw)  # a map with an id whose tensors did not decode: a 400 to it, as REST answers
-                answer = {"status": 400, "problem": problem_of(MalformedBody(str(exc)),
-                                                               f"{connection}:{'?' if ident is _NO_ID else ident}")}
+                request_id = f"{connection}:{'?' if ident is _NO_ID else ident}"
+                if isinstance(exc, WireError):
+                    answer = {"status": 400, "problem": problem_of(MalformedBody(str(exc)), request_id)}
+                else:
+                    log.exception("frame %s did not decode", request_id)
+                    answer = {"status": 500, "problem": internal_problem(request_id)}
                 if ident is _NO_ID:  # nothing to tag an answer with: this client speaks something else
                     state["reason"] = "undecodable frame"
                     await websocket.send_bytes(packb({"id": None, **answer}))

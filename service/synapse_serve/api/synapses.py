@@ -12,6 +12,7 @@ from synapse_serve.api.bodies import (
     PartsResponse,
     encode,
     if_match,
+    map_field,
     read_body,
     read_raw,
     require_fields,
@@ -40,9 +41,7 @@ _DESCRIPTION = {201: {"model": Description, "content": {MSGPACK: {}, JSON: {}}}}
 async def create(request: Request, server: ServerDep, owner: OwnerDep) -> Response:
     body, media = await read_body(request)
     require_fields(body, CreateRequest)
-    init = body.get("init") or {}
-    if not isinstance(init, dict):
-        raise MalformedBody("init: expected a map of tensors (weights, biases)")
+    init = map_field(body.get("init"), "init (a map of tensors: weights, biases)")
     max_elements = server.settings.max_tensor_elements
     init = {k: tensor_field(init, k, media, max_elements) for k in init}
     key = instance_key(owner, body["name"])

@@ -213,7 +213,22 @@ def check_compartment(kind: Kind, name: str, current: Any, value: Any, max_batch
     new = array.astype(current.dtype, copy=False)
     if np.issubdtype(new.dtype, np.floating) and not np.all(np.isfinite(new)):
         raise ShapeMismatch(f"{name}: values must be finite (no NaN or Inf)", argument=name)
+    _check_optimizer_value(name, new)
     return new
+
+
+def _check_optimizer_value(name: str, value: np.ndarray) -> None:
+    """An optimizer's step count is a whole number of steps taken (>= 0) and Adam's second moments are averages of
+    squares (>= 0): finite values outside that make the next evolve divide by zero or take a square root of a
+    negative number, and every weight NaN."""
+    parts = name.split("/")
+    if "opt_state" not in parts:
+        return
+    if parts[-1] == "count" and not (np.all(value >= 0) and np.all(value == np.floor(value))):
+        raise ShapeMismatch(f"{name}: an optimizer's step count is a whole number >= 0, received "
+                            f"{np.asarray(value).ravel()[:4].tolist()}", argument=name)
+    if "nu" in parts and not np.all(value >= 0):
+        raise ShapeMismatch(f"{name}: Adam's second moments are averages of squares, never negative", argument=name)
 
 
 def replace_compartment(kind: Kind, state: Any, name: str, value: Any, max_batch: int | None = None,
@@ -234,6 +249,18 @@ def replace_compartment(kind: Kind, state: Any, name: str, value: Any, max_batch
 
 
 # --- config field validation helpers (messages name field, value and what is allowed) ---
+
+
+def is_sequence(value: Any) -> bool:
+    """Whether a config value holds several values (a list, a tuple, a 1-d array): not text, not a scalar, not a 0-d
+    array (which has ``__len__`` and raises when asked it)."""
+    if isinstance(value, (str, bytes)):
+        return False
+    try:
+        len(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _scalar(value: Any) -> Any:

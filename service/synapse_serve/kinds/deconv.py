@@ -38,14 +38,15 @@ from synapse_serve.kinds.base import (
     TensorArg,
     check_parameter,
     help_dict,
+    is_sequence,
     make_reset,
     parse_dataclass,
     parse_init,
-    sample,
     require_bool,
     require_choice,
     require_float,
     require_int,
+    sample,
 )
 
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -71,7 +72,7 @@ def _normalize_padding(value: Any) -> str | Pads:
             raise ValueError
         if any(p != q for pair, given in zip(pads, value) for p, q in zip(pair, given)):
             raise ValueError  # non-integral numbers
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise InvalidConfig(
             f"padding: {value!r} is not allowed; use 'SAME', 'VALID' (any case) or [[lo_h, hi_h], [lo_w, hi_w]]",
             field="padding",
@@ -184,7 +185,7 @@ class DeconvConfig:
 
 
 def _int_tuple(field: str, value: Any, length: int, highs: tuple[int, ...]) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != length:
+    if not is_sequence(value) or len(value) != length:
         raise InvalidConfig(f"{field}: expected {length} integers, received {value!r}", field=field)
     return tuple(require_int(f"{field}[{i}]", v, 1, high) for i, (v, high) in enumerate(zip(value, highs)))
 

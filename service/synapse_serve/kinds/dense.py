@@ -40,6 +40,7 @@ from synapse_serve.kinds.base import (
     TensorArg,
     check_parameter,
     help_dict,
+    is_sequence,
     make_reset,
     parse_dataclass,
     parse_init,
@@ -87,7 +88,7 @@ class DenseConfig:
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)
         shape = self.shape
-        if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__") or len(shape) != 2:
+        if not is_sequence(shape) or len(shape) != 2:
             raise InvalidConfig(f"shape: expected [n_in, n_out], received {str(shape)[:80]!r}", field="shape")
         set_("shape", tuple(require_int(f"shape[{i}]", v, 1, MAX_UNITS) for i, v in enumerate(shape)))
         if self.shape[0] * self.shape[1] > MAX_WEIGHTS:

@@ -49,6 +49,7 @@ from synapse_serve.kinds.base import (
     TensorArg,
     check_w_norm,
     help_dict,
+    is_sequence,
     make_reset,
     normalized,
     parse_dataclass,
@@ -67,9 +68,10 @@ PRIORS = {"constant": "constant", "none": "constant", "l2": "l2", "ridge": "l2",
 def parse_prior(value: Any) -> tuple[str, Any]:
     """``[name, lambda]`` -> ``(kind, lambda)`` with kind in constant/l1/l2/l1l2; elastic net's lambda a pair
     ``(scale, l1_ratio)``. Names as ngclearn spells them; any other spelling is refused (ngclearn ignores it)."""
-    if isinstance(value, tuple) and len(value) == 2 and value[0] in ("constant", "l1", "l2", "l1l2"):
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) \
+            and value[0] in ("constant", "l1", "l2", "l1l2"):
         return value  # already parsed
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+    if not is_sequence(value) or len(value) != 2:
         raise InvalidConfig(f"prior: expected [name, lambda], e.g. [\"l2\", 0.01] or [\"elastic_net\", [scale, "
                             f"l1_ratio]], received {str(value)[:80]!r}", field="prior")
     name, lam = value
@@ -82,7 +84,7 @@ def parse_prior(value: Any) -> tuple[str, Any]:
         raise InvalidConfig(f"prior: {name!r} is not a prior name ngclearn knows (its names are case-sensitive, "
                             f"except gaussian and laplacian); did you mean {choice!r}?", field="prior")
     if kind == "l1l2":
-        if isinstance(lam, (str, bytes)) or not hasattr(lam, "__len__") or len(lam) != 2:
+        if not is_sequence(lam) or len(lam) != 2:
             raise InvalidConfig(f"prior: {name} needs lambda = [scale, l1_ratio], received {str(lam)[:80]!r}",
                                 field="prior")
         return kind, (require_float("prior scale", lam[0]), require_float("prior l1_ratio", lam[1], 0.0, 1.0))

@@ -35,9 +35,10 @@ def array_stats(values: np.ndarray) -> dict[str, Any]:
     flat = np.asarray(values, np.float64).ravel()
     if flat.size == 0:
         return {"size": 0}
-    return {"size": int(flat.size), "mean": float(flat.mean()), "std": float(flat.std()),
-            "min": float(flat.min()), "max": float(flat.max()), "norm": float(np.sqrt(np.dot(flat, flat))),
-            "abs_mean": float(np.abs(flat).mean()), "sparsity": float(np.count_nonzero(flat == 0) / flat.size)}
+    with np.errstate(invalid="ignore", over="ignore"):  # weights a diverged run left: their statistics are NaN
+        return {"size": int(flat.size), "mean": float(flat.mean()), "std": float(flat.std()),
+                "min": float(flat.min()), "max": float(flat.max()), "norm": float(np.sqrt(np.dot(flat, flat))),
+                "abs_mean": float(np.abs(flat).mean()), "sparsity": float(np.count_nonzero(flat == 0) / flat.size)}
 
 
 def weight_stats(compartments: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -45,7 +46,8 @@ def weight_stats(compartments: Mapping[str, np.ndarray]) -> dict[str, Any]:
     (``dWeights``, where the kind has one) and of the biases (where there are any)."""
     weights = np.asarray(compartments["weights"], np.float64)
     out: dict[str, Any] = {"weights": array_stats(weights)}
-    out["weights"]["filter_norms"] = np.sqrt(np.square(weights).sum(axis=_filter_axes(weights))).tolist()
+    with np.errstate(invalid="ignore", over="ignore"):
+        out["weights"]["filter_norms"] = np.sqrt(np.square(weights).sum(axis=_filter_axes(weights))).tolist()
     update = compartments.get("dWeights")
     out["update"] = None if update is None else array_stats(update)
     biases = compartments.get("biases")
