@@ -243,6 +243,19 @@ class _BaseClient:
     def _retryable(self, exc: httpx.TransportError, attempt: int, retry: bool) -> bool:
         return attempt < self.max_retries and (retry or isinstance(exc, _NOT_SENT))
 
+    def _wait_and_retry(self, response: Any, attempt: int, retry: bool) -> bool:
+        """Whether a 503 (the server starting, an instance still being restored after a restart) is waited out and
+        the call sent again: only a call safe to repeat (a keyed call is applied once however often it is sent; the
+        first try may have been applied before the restart), within max_retries."""
+        return response.status_code == 503 and retry and attempt < self.max_retries
+
+    def _retry_after(self, response: Any, attempt: int) -> float:
+        """The server's Retry-After (seconds; at most 8), else the backoff."""
+        value = response.headers.get("retry-after", "").strip()
+        if value.isascii() and value.isdigit():
+            return min(8.0, float(value))
+        return self._backoff(attempt)
+
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter: 0.25 s, 0.5 s, 1 s, … capped at 8 s."""
         return min(8.0, 0.25 * 2**attempt) * (0.5 + random.random() / 2)
@@ -437,7 +450,11 @@ class SynapseClient(_BaseClient):
                 if not self._retryable(exc, attempt, retry):
                     raise self._connection_error(method, path, exc, attempt + 1, retry) from None
             else:
-                return self._decode(response)
+                if not self._wait_and_retry(response, attempt, retry):
+                    return self._decode(response)
+                time.sleep(self._retry_after(response, attempt))
+                attempt += 1
+                continue
             time.sleep(self._backoff(attempt))
             attempt += 1
 
@@ -670,7 +687,11 @@ class AsyncSynapseClient(_BaseClient):
                 if not self._retryable(exc, attempt, retry):
                     raise self._connection_error(method, path, exc, attempt + 1, retry) from None
             else:
-                return self._decode(response)
+                if not self._wait_and_retry(response, attempt, retry):
+                    return self._decode(response)
+                await asyncio.sleep(self._retry_after(response, attempt))
+                attempt += 1
+                continue
             await asyncio.sleep(self._backoff(attempt))
             attempt += 1
 

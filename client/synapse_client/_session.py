@@ -44,6 +44,7 @@ INBOX_BYTES = 1 << 20  # the most a session reads from its socket at once
 # one the server still knows if it applied it; with more in flight, the oldest ones' keys were forgotten and they
 # ran twice
 KEYED_IN_FLIGHT = 16
+NOT_READY_WAIT_S = 1.0  # before a frame answered 503 goes again: the Retry-After of a restore (not sent in frames)
 MESSAGE_TOO_BIG = 1009  # the close code of a server refusing a frame over its size limit
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)  # a non-blocking socket's "not now"
 
@@ -284,6 +285,10 @@ class Session(HandleHost):
         self._moved: dict[int, int] = {}  # a frame sent again after a drop: its old id -> its new one
         self._keyed: set[int] = set()  # the outstanding frames that carry an Idempotency-Key
         self._abandoned: set[int] = set()  # frames whose caller stopped waiting (a timeout): their answers are dropped
+        # frames safe to repeat answered 503 (an instance still being restored after a restart): sent again once
+        # their caller asks, after a wait, up to max_retries times: (op, bytes) and how often they were sent again
+        self._unready: dict[int, tuple[str, bytes]] = {}
+        self._tries: dict[int, int] = {}
         self._reconnects = 0
         self._closed = False
         self._ws: _Wire | None = None
@@ -362,8 +367,10 @@ class Session(HandleHost):
         while messages:
             answer = _codec.unpackb(messages.popleft(), writable=True)
             frame_id = answer.get("id")
-            self._outstanding.pop(frame_id, None)
+            sent = self._outstanding.pop(frame_id, None)
             self._keyed.discard(frame_id)
+            if sent is not None and sent[2] and answer.get("status") == 503:
+                self._unready[frame_id] = sent[:2]
             if frame_id in self._abandoned:  # its caller has gone: kept, it would stay for the session's life
                 self._abandoned.discard(frame_id)
             else:
@@ -374,7 +381,15 @@ class Session(HandleHost):
         while True:
             frame_id = self._moved.pop(frame_id, frame_id)
             if frame_id in self._answers:
-                return result_of(self._answers.pop(frame_id))
+                answer, unready = self._answers.pop(frame_id), self._unready.pop(frame_id, None)
+                tries = self._tries.pop(frame_id, 0)
+                if unready is None or tries >= self.max_retries:
+                    return result_of(answer)
+                time.sleep(NOT_READY_WAIT_S)  # not run (503): the same bytes again, under a new id
+                self._moved[frame_id] = new_id = next(self._ids)
+                self._tries[new_id] = tries + 1
+                self._send(unready[0], new_id, _renumbered(unready[1], new_id), True)
+                continue
             if self._ws is None:  # closed by the caller (a given-up connection left no frame unanswered)
                 raise self._closed_error(op)
             try:
@@ -561,6 +576,7 @@ class AsyncSession(HandleHost):
 
     async def _exchange(self, op: str, frame_id: int, data: bytes, retry: bool) -> Any:
         attempt = reopened = 0
+        not_ready = False
         while True:
             ws = self._ws
             if ws is None or ws.state is not State.OPEN:
@@ -588,14 +604,20 @@ class AsyncSession(HandleHost):
                 if not retry or attempt == self.max_retries or isinstance(exc, TimeoutError):
                     raise _connection_error(self.base_url, op, exc, retry and attempt > 0) from None
             else:
-                return result_of(answer)
+                if not (answer.get("status") == 503 and retry and attempt < self.max_retries):
+                    return result_of(answer)
+                not_ready = True  # not run (an instance still being restored): sent again after a wait
             finally:
                 self._waiting.pop(frame_id, None)
                 self._sizes.pop(frame_id, None)
                 if future.done() and not future.cancelled():
                     future.exception()  # retrieved: a connection's end fails every waiting future, also this one
             attempt += 1
-            await self._reopen(ws)
+            if not_ready:
+                not_ready = False
+                await asyncio.sleep(NOT_READY_WAIT_S)
+            else:
+                await self._reopen(ws)
             frame_id = next(self._ids)
             data = _renumbered(data, frame_id)
 

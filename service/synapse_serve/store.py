@@ -36,11 +36,12 @@ from typing import IO, Any
 
 import numpy as np
 
-from synapse_client._codec import numpy_dtype, wire_dtype_name
+from synapse_client._codec import MAX_RANK, numpy_dtype, wire_dtype_name
 
 FORMAT = "synapse-serve"
 FORMAT_VERSION = 1
 MAX_HEADER = 16 << 20
+MAX_FILE_ELEMENTS = 2**40  # per tensor, counting an empty one's other dimensions: numpy's index range, with room
 MAX_COUNT = 2**63 - 1  # versions, counters and seeds fit a signed 64-bit integer (msgpack, JSON readers)
 APPLIED_KEPT = 16  # keyed calls a file remembers
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
@@ -224,6 +225,8 @@ def decode(blob: bytes | bytearray | memoryview) -> Record:
         try:
             dtype = numpy_dtype(_FROM_ST[entry["dtype"]])
             shape = tuple(_count(f"tensor {name!r} shape", d, MAX_COUNT) for d in entry["shape"])
+            if len(shape) > MAX_RANK or math.prod(d for d in shape if d) > MAX_FILE_ELEMENTS:
+                raise ValueError(f"shape {list(shape)[:8]} (rank {len(shape)}) is not one a state array can have")
             begin, end = (_count(f"tensor {name!r} offset", o, MAX_COUNT) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptFile(f"tensor {name!r}: bad index entry ({exc})") from None

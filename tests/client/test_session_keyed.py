@@ -184,4 +184,5 @@ def test_a_blocking_session_keeps_nothing_for_a_call_that_timed_out(server):
                 time.sleep(0.1)
         syn.describe()  # reads the late answer first, and drops it
         assert session._answers == {} and not session._abandoned
+        client.timeout = httpx.Timeout(30)  # a sync-mode call writes its file: longer than 50 ms on a slow disk
         assert syn.forward(np.ones((1, 3), np.float32)).shape == (1, 2)

@@ -5,6 +5,7 @@ Each test here failed on the code before the fix it names (issue 11, items 1-5, 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import subprocess
 import threading
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import LiveServer
-from durability.files import with_record
+from durability.files import with_index, with_record
 from synapse_client import (
     ConflictError,
     InsufficientStorageError,
@@ -356,3 +357,132 @@ def test_a_keyed_packed_call_cut_short_while_stored_completes_once_when_retried(
         assert all(again.describe(InstanceKey("local", n))["counters"] == {"evolve": 1} for n in names)
     finally:
         again.close()
+
+
+def test_an_optimizer_state_written_out_of_its_range_is_refused_before_it_can_poison_the_weights(tmp_path):
+    """A step count of -1 (finite, the right shape and dtype) was accepted, and the next Adam evolve divided by zero:
+    every weight NaN, the instance's export refused on import. A count is a whole number >= 0, a second moment too."""
+    with LiveServer(state_dir=tmp_path, durability="off") as server, SynapseClient(server.url) as client:
+        syn = client.create("adam", kind="HebbianSynapse", config={"shape": [3, 2], "optim_type": "adam", "eta": 0.1})
+        version = syn.describe()["version"]
+        for compartment, value in (("opt_state/count", np.float32(-1)), ("opt_state/count", np.float32(0.5)),
+                                   ("opt_state/nu/0", -np.ones((3, 2), np.float32))):
+            with pytest.raises(UnprocessableEntityError, match=compartment):
+                syn.set(compartment, value)
+        assert syn.describe()["version"] == version
+        syn.set("opt_state/count", np.float32(3))  # a whole number of steps: as a restored run would write
+        syn.evolve(np.ones((1, 3), np.float32), np.ones((1, 2), np.float32))
+        assert np.isfinite(syn.weights).all()
+
+
+def test_an_instance_whose_learning_overflowed_comes_back_from_eviction_as_it_was(tmp_path):
+    """Finite inputs and a finite eta can overflow the weights; the evicted copy of such an instance was refused on
+    the way back (as an import of non-finite parameters is), and the owner could never get it again."""
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        syn = client.create("wild", kind=KIND, config={**CONFIG, "optim_type": "sgd", "eta": 1e38})
+        syn.evolve(X, POST)
+        weights, version = syn.weights, syn.describe()["version"]
+        assert not np.isfinite(weights).all()
+        evicted = httpx.post(f"{server.url}/v1/admin/evict", json={"idle_s": 0}, timeout=60)
+        assert [e["name"] for e in evicted.json()["evicted"]] == ["wild"]
+        back = client.restore_evicted("wild")
+        assert np.array_equal(back.weights, weights, equal_nan=True)
+        assert back.describe()["version"] == version
+        export = back.export(tmp_path / "wild.safetensors")
+        with pytest.raises(UnprocessableEntityError, match="finite"):  # an import is still checked like a create
+            client.import_(export, name="copy")
+
+
+def test_an_imported_file_must_leave_its_instance_room_to_count(tmp_path):
+    """Version 2^63 - 1 imported; the next call stored 2^63, which no file may hold: after a restart the instance
+    was quarantined, its acknowledged call lost. An import leaves room: 2^53 at most (exact in JSON readers too)."""
+    good = _export(tmp_path)
+    with LiveServer(state_dir=tmp_path / "dst") as server, SynapseClient(server.url) as client:
+        for field, value in (("version", 2**63 - 1), ("version", 2**53 + 1), ("counters", {"evolve": 2**62})):
+            (tmp_path / "far.safetensors").write_bytes(with_record(good, **{field: value}))
+            with pytest.raises(UnprocessableEntityError, match="room left to count"):
+                client.import_(tmp_path / "far.safetensors", name="far")
+        (tmp_path / "near.safetensors").write_bytes(with_record(good, version=2**53))
+        near = client.import_(tmp_path / "near.safetensors", name="near")
+        near.forward(X)
+        assert near.describe()["version"] == 2**53 + 1
+
+
+def test_an_index_entry_declaring_an_array_numpy_cannot_shape_is_an_invalid_file(tmp_path):
+    """An empty tensor with a dimension of 2^62, or one of 65 dimensions, passed the offset checks and numpy's
+    reshape raised: a 500 where a damaged file is a 422."""
+    good = _export(tmp_path)
+    crafted = {
+        "empty, 2^62 wide": with_index(good, inputs={"dtype": "F32", "shape": [0, 2**62], "data_offsets": [0, 0]}),
+        "65 dimensions": with_index(good, extra={"dtype": "U8", "shape": [1] * 65, "data_offsets": [0, 1]}),
+    }
+    with LiveServer(state_dir=tmp_path / "dst") as server, SynapseClient(server.url) as client:
+        for what, blob in crafted.items():
+            (tmp_path / "odd.safetensors").write_bytes(blob)
+            with pytest.raises(UnprocessableEntityError) as info:
+                client.import_(tmp_path / "odd.safetensors", name="odd")
+            assert info.value.problem["type"].endswith("invalid-instance-file"), (what, info.value.problem)
+        assert client.list() == []
+
+
+def test_an_evicted_instance_brought_back_in_interval_mode_is_stored_before_its_evicted_copy_goes(tmp_path):
+    """Interval mode stored a restored instance only at the next flush, and the evicted file was deleted at once: a
+    crash in between lost the instance (a red-team probe: kill -9 right after the 201). Its file is written first."""
+    with LiveServer(state_dir=tmp_path, durability="interval", flush_interval_s=3600) as server, \
+            SynapseClient(server.url) as client:
+        syn = client.create("a", kind=KIND, config=CONFIG)
+        syn.evolve(X, POST)
+        weights = syn.weights
+        evicted = httpx.post(f"{server.url}/v1/admin/evict", json={"idle_s": 0}, timeout=60)
+        assert [e["name"] for e in evicted.json()["evicted"]] == ["a"]
+        assert not list((tmp_path / "instances").rglob("*.safetensors"))
+        client.restore_evicted("a")
+        # what a crash now would leave: the instance's own file, at the version it came back with
+        files = list((tmp_path / "instances").rglob("*.safetensors"))
+        assert len(files) == 1 and not list((tmp_path / "evicted").rglob("*.safetensors"))
+        record = decode(files[0].read_bytes())
+        assert record.version == client.get("a").describe()["version"]
+        assert np.array_equal(record.arrays["weights"], weights)
+
+
+@pytest.mark.parametrize("over", ["rest", "session", "asyncio session"])
+def test_a_keyed_call_answered_503_while_its_instance_is_restored_is_sent_again_after_retry_after(tmp_path,
+                                                                                               monkeypatch, over):
+    """A client that resent an evolve after a restart got 503 (the instance still being restored) and raised it;
+    the caller, retrying as the message says, applied the evolve twice. A call safe to repeat waits and is resent."""
+    import asyncio
+
+    from synapse_client import AsyncSynapseClient
+    from synapse_client._client import AsyncSynapse, Synapse
+
+    _learned(tmp_path, ["x"])  # one evolve, stored
+    release = threading.Event()
+    real_load = Registry.load_stored
+    monkeypatch.setattr(Registry, "load_stored", lambda self: (release.wait(30), real_load(self))[1])
+    server = LiveServer(state_dir=tmp_path, durability="sync").start()
+    try:
+        if over == "asyncio session":
+            async def run():
+                async with AsyncSynapseClient(server.url) as client, client.session() as session:
+                    syn = AsyncSynapse(session, "x")  # no describe first: the evolve is what meets the restore
+                    began = asyncio.get_running_loop().time()
+                    with pytest.raises(ServiceUnavailableError):  # not safe to repeat: raised at once
+                        await syn.forward(X)
+                    assert asyncio.get_running_loop().time() - began < 0.9  # (a restore's Retry-After is 1 s)
+                    threading.Timer(0.3, release.set).start()
+                    return (await syn.evolve(X, POST))["version"], (await syn.describe())["counters"]["evolve"]
+            version, evolves = asyncio.run(run())
+        else:
+            with SynapseClient(server.url) as client, contextlib.ExitStack() as stack:
+                host = stack.enter_context(client.session()) if over == "session" else client
+                syn = Synapse(host, "x")
+                began = time.monotonic()
+                with pytest.raises(ServiceUnavailableError):
+                    syn.forward(X)
+                assert time.monotonic() - began < 0.9
+                threading.Timer(0.3, release.set).start()
+                version, evolves = syn.evolve(X, POST)["version"], syn.describe()["counters"]["evolve"]
+        assert (version, evolves) == (3, 2)  # created, one evolve, this one: applied once
+    finally:
+        release.set()
+        server.__exit__()

@@ -157,6 +157,46 @@ def test_a_hand_off_that_waited_behind_another_call_is_not_counted_as_a_hop(tmp_
     assert len(after) == 1 and after[0] < 0.15
 
 
+def test_a_cost_measured_on_an_instance_never_lets_another_of_its_name_run_inline(tmp_path, monkeypatch):
+    """Deleted and created again with another eta (a sweep), the same name and shapes: its first evolve compiles. Run
+    on the loop with the old instance's cost, that compile stalled every connection (~200-340 ms)."""
+    from conftest import LiveServer
+
+    threads = record_device_threads(monkeypatch)
+    x, post = np.ones((1, 2, 2, 1), np.float32), np.ones((1, 2, 2, 1), np.float32)
+    config = {"shape": [1, 1, 1, 1], "x_shape": [2, 2]}
+    with LiveServer(state_dir=tmp_path, inline_call_us=1e6) as server, SynapseClient(server.url) as client:
+        for eta in (0.1, 0.2, 0.3):
+            syn = client.create("sweep", kind="HebbianDeconvSynapse", config={**config, "eta": eta})
+            del threads[:]
+            for _ in range(3):
+                syn.evolve(x, post)
+            assert threads[0] is not server.thread, eta  # its first: a compile, on a worker
+            assert server.thread in threads[1:], eta  # then measured quick: inline
+            syn.delete()
+
+
+def test_a_member_of_a_stack_is_taken_out_on_a_worker(tmp_path, monkeypatch):
+    """A single call on a stacked member first takes it out of the stack (device work, a compile the first time):
+    never on the event loop, whatever the member's last call cost."""
+    from conftest import LiveServer
+
+    threads = record_device_threads(monkeypatch)
+    config = {"shape": [1, 1, 1, 1], "x_shape": [2, 2]}
+    with LiveServer(state_dir=tmp_path, inline_call_us=1e6) as server, SynapseClient(server.url) as client:
+        names = [f"m{i}" for i in range(4)]
+        for name in names:
+            syn = client.create(name, kind="HebbianDeconvSynapse", config=config)
+            for _ in range(3):
+                syn.forward(np.ones((1, 2, 2, 1), np.float32))  # measured quick: inline from now on
+        assert server.thread in threads
+        for _ in range(2):  # packed twice: stacked
+            client.call_stacked("forward", names, {"inputs": np.ones((4, 1, 2, 2, 1), np.float32)})
+        del threads[:]
+        client.get("m0").forward(np.ones((1, 2, 2, 1), np.float32))
+        assert threads and server.thread not in threads
+
+
 def test_names_and_lookups(registry):
     with pytest.raises(AlreadyExists):
         registry.create(A, kind="HebbianDeconvSynapse", config=CONFIG)

@@ -566,3 +566,23 @@ def test_a_packed_call_leaves_every_lock_free_whatever_happens(registry):
     with pytest.raises(UnknownCompartment):  # refused under the locks, after they were all taken
         registry.call_many(keys, "forward", sent, ["nothing"])
     assert all_free()
+
+
+def test_a_stacked_retry_whose_kept_answers_cannot_stack_with_the_fresh_ones_runs_nothing():
+    """A keyed stacked call retried once one member's entry had left its cache ran that member again, committed it,
+    and only then refused the answer (422): the shapes are checked before any member runs."""
+    from synapse_serve.local.instance import IDEMPOTENCY_KEYS_KEPT
+
+    registry = Registry()
+    a, b = key("ra"), key("rb")
+    for k in (a, b):
+        registry.create(k, kind="HebbianSynapse", config={"shape": [4, 3]})
+    post = np.ones((2, 1, 3), np.float32)
+    registry.call_stacked([a, b], "backtransmit", {"post": post}, ["inputs"], idempotency_key="K")
+    for i in range(IDEMPOTENCY_KEYS_KEPT):  # K leaves b's entries, and b's inputs are now of batch 3
+        registry.call(b, "forward", {"inputs": np.ones((3, 4), np.float32)}, idempotency_key=f"other-{i}")
+    before = registry.describe(b)
+    with pytest.raises(InvalidRequest, match="nothing ran"):
+        registry.call_stacked([a, b], "backtransmit", {"post": post}, ["inputs"], idempotency_key="K")
+    after = registry.describe(b)
+    assert (after["version"], after["counters"]) == (before["version"], before["counters"])

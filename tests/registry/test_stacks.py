@@ -307,3 +307,36 @@ def test_every_compartment_of_every_population_size_is_the_separate_calls_bit_fo
             for compartment in compartments:
                 assert_as_separate(kind, together[compartment], alone[compartment], (operation, compartment))
 
+
+
+def test_rows_a_stack_keeps_for_members_taken_out_count_against_their_owner():
+    """A red-team probe deleted half a stack's members and created as many again: the stack's arrays still held
+    the deleted rows, the quota no longer counted them (1.47x the quota held). They count while they are held."""
+    registry = Registry(Capacity(Limits()))
+    packed, _ = stacked(registry, "dense")
+    usage = registry.capacity.owner_usage("me")["state_bytes"]
+    row = registry.describe(packed[0])["state_bytes"]
+    registry.delete(packed[0])  # 3 of 4 still in: the stack keeps the deleted row
+    assert stack_of(registry, packed[1]) is not None
+    assert registry.capacity.owner_usage("me")["state_bytes"] == usage  # the member's own count went, its row stays
+    registry.call(packed[1], "forward", tensors(registry, "p1", "forward", (), seed=1))  # taken out: its own state
+    assert stack_of(registry, packed[1]) is None
+    assert registry.capacity.owner_usage("me")["state_bytes"] == usage + row  # its own state and its row in the stack
+    registry.delete(packed[2])  # fewer than half in: the stack empties, its rows go, nothing is counted for them
+    assert stack_of(registry, packed[3]) is None
+    assert registry.capacity.owner_usage("me")["state_bytes"] == 2 * row  # p1 and p3, each its own state
+    assert registry.capacity.owner_usage("me")["state_bytes"] == sum(
+        registry.describe(k)["state_bytes"] for k in (packed[1], packed[3]))
+
+
+def test_a_quota_full_of_a_stack_refuses_creates_while_deleted_members_rows_are_held():
+    probe = Registry(Capacity(Limits()))
+    stacked(probe, "dense")
+    registry = Registry(Capacity(Limits(max_state_bytes_per_owner=probe.capacity.owner_usage("me")["state_bytes"])))
+    packed, _ = stacked(registry, "dense")
+    registry.delete(packed[0])
+    with pytest.raises(QuotaExceeded):  # the deleted member's row is still held by the stack
+        registry.create(key("new"), kind=KINDS["dense"][0], config=KINDS["dense"][1])
+    registry.delete(packed[1])
+    registry.delete(packed[2])  # fewer than half in: the stack empties, the rows go
+    registry.create(key("new"), kind=KINDS["dense"][0], config=KINDS["dense"][1])

@@ -508,11 +508,12 @@ class LocalBackend:
     def _cost_key(self, key: InstanceKey, operation: str, tensors: Mapping[str, Any],
                   sequence: Mapping[str, Any] | None) -> tuple | None:
         """What a call's cost depends on, or None if it never runs inline (inline off, sync writes, other
-        instances' compartments)."""
+        instances' compartments, a member of a stack). A cost is of one instance: another created, imported or
+        brought back under the name (another config, programs not compiled yet) is measured anew, on a worker."""
         if self.inline_max_s <= 0:
             return None
         peek = self.registry.peek(key)
-        if peek is None or peek[1]:
+        if peek is None or peek[2]:
             return None
         shapes = []
         for name, value in sorted(tensors.items()):
@@ -528,7 +529,7 @@ class LocalBackend:
                     and all(isinstance(k, str) and isinstance(v, int) for k, v in sequence.items())):
                 return None  # not options the registry takes: it refuses them, with the reason, on a worker
             every = tuple(sorted(sequence.items()))
-        return key, operation, tuple(shapes), every, peek[0]
+        return peek[0], key, operation, tuple(shapes), every, peek[1]  # the instance's serial: not its name's
 
     def _remember_cost(self, cost_key: tuple, seconds: float) -> None:
         with self._costs_lock:  # workers remember costs too

@@ -7,6 +7,7 @@ changes one, and ``commit`` is the one place a mutation lands.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import threading
 import time
@@ -64,6 +65,9 @@ class Instance:
     plans: dict[tuple, Any] = field(default_factory=dict, repr=False)  # its calls' plans and checked shapes (a few)
     history: History | None = field(default=None, repr=False)  # samples after learning calls (None: not kept)
     running: dict[str, Any] | None = None  # what the call holding its lock runs, and since when
+    # this instance and no other of its name (one deleted, re-created or imported under it): what a measured cost
+    # is of
+    serial: int = field(default_factory=itertools.count(1).__next__, repr=False)
 
     @property
     def state(self) -> Any:

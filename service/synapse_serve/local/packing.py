@@ -125,6 +125,8 @@ class PackedCalls:
                 entries = self._replay_many(bound, idempotency_key, at)
                 if entries is not None:
                     missing = [position for position, entry in enumerate(entries) if entry is None]
+                    if stacked and missing:  # kept and fresh answers stacked: checked before any member runs
+                        self._check_replay_stacks(bound, entries, operation, at)
                     ran = dict(zip(missing, self._run_usual([bound[p] for p in missing], operation, idempotency_key,
                                                             stacked, at, positions=missing))) if missing else {}
                     replayed = []  # (a first answer no longer kept is an error, once the missing members have run)
@@ -261,10 +263,35 @@ class PackedCalls:
             while len(self._packs_seen) > PACKS_REMEMBERED:
                 self._packs_seen.popitem(last=False)
         if runs >= needed:  # device work: not under the registry's lock (the instances' own are held)
-            last = Stack.form(instances, [instance.state for instance in instances])
+            owner, device, capacity = instances[0].key.owner, instances[0].device, self._registry.capacity
+            last = Stack.form(instances, [instance.state for instance in instances],
+                              lambda old, new: capacity.resize(owner, device, old, new, check=False))
             with self._lock:
                 if keys in self._packs_seen:
                     self._packs_seen[keys] = (runs, needed, last)
+
+    def _check_replay_stacks(self, bound: list[tuple], entries: list[Any], operation: str, at: Any) -> None:
+        """A stacked retry that runs some members again (their entries were lost) answers their fresh answers
+        stacked with the others' kept ones: refused (422) before any member runs when those could not stack, as a
+        refusal changes nothing. Answers no longer kept are left out: they are a 409 once the missing have run."""
+        planner, first = self._registry.planner, None
+        for at.index, ((instance, op, args, returned, _), entry) in enumerate(zip(bound, entries)):
+            if entry is None:
+                planner.check_returned(instance, returned)
+                signature, _, _, plan = planner.predict(instance, operation, op.fn, args)
+                shapes = {c: (tuple(signature[plan.leaf_index[c]][0]), np.dtype(signature[plan.leaf_index[c]][1]))
+                          for c in returned}
+            elif entry.answer is not None:
+                shapes = {c: (tuple(entry.answer[c].shape), entry.answer[c].dtype) for c in returned}
+            else:
+                continue
+            if first is None:
+                first = shapes
+            elif shapes != first:
+                raise InvalidRequest("the answers kept for this Idempotency-Key and those of the instances it runs "
+                                     "again (their entries were lost) differ in shape and cannot be stacked; nothing "
+                                     "ran: ask with calls", argument="names")
+        at.index = None
 
     def _replay_many(self, bound: list[tuple], idempotency_key: str, at: Any) -> list[Any] | None:
         """Each member's entry for this key (under every lock; its first answer, once stored), or None if the call

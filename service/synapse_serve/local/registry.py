@@ -62,6 +62,7 @@ from synapse_serve.names import CompartmentRef, InstanceKey, validate_name
 from synapse_serve.store import DURABILITY_MODES, CorruptFile, Record, decode, read_header, stream_record
 
 log = logging.getLogger("synapse_serve")
+MAX_IMPORTED_COUNT = 2**53  # an imported file's version and counters: room to count, and exact in JSON readers
 
 
 class Busy(Exception):  # noqa: N818 - a signal, not an error: the facade runs the call on a worker instead
@@ -195,17 +196,20 @@ class Registry:
             raise InvalidInstanceFile(f"not a valid instance file: {exc}") from None
         return self._add_record(key, record)
 
-    def _add_record(self, key: InstanceKey, record: Record, stored: bool = False) -> dict[str, Any]:
+    def _add_record(self, key: InstanceKey, record: Record, stored: bool = False, own: bool = False
+                    ) -> dict[str, Any]:
         """Add an instance from a record (import, start-up, an evicted one coming back).
 
         Anything but a stored instance is checked like a create: the record's values, and quotas and the
         budget against the larger of its state and a fresh state of its config (its reset returns there).
+        ``own``: a file this server wrote of its own state (an evicted copy): parameters that learning made
+        non-finite come back as they were, where an import refuses them.
         """
         kind_ = get_kind(record.kind)
         cfg = kind_.parse_config(record.config)
         durability = record.durability if stored else self._durability(record.durability)
         if not stored:
-            self._check_record(kind_, record)
+            self._check_record(kind_, record, finite=not own)
             self._check_batch_size(cfg)
         nbytes = max(int(sum(np.asarray(a).nbytes for a in record.arrays.values())),
                      0 if stored else kind_.state_nbytes(cfg))
@@ -224,22 +228,28 @@ class Registry:
                                 "batch a signal compartment may hold)", field="batch_size")
 
     @staticmethod
-    def _check_record(kind_: Kind, record: Record) -> None:
+    def _check_record(kind_: Kind, record: Record, finite: bool = True) -> None:
         """Values an exported file may carry: known counters, finite parameters (as create requires)."""
         known = set(kind_.operations) | {"restore"}
         unknown = set(record.counters) - known
         if unknown:
             raise InvalidInstanceFile(f"counters {sorted(unknown)} are not operations of {kind_.name}")
+        # a file may say 2^63 - 1 (what a stored one may reach), but an instance must have room to count on: its
+        # next call would store a version no file may hold, and the instance would not load again
+        for what, count in [("version", record.version), *((f"counter {k!r}", v) for k, v in record.counters.items())]:
+            if count > MAX_IMPORTED_COUNT:
+                raise InvalidInstanceFile(f"{what} {count} is over {MAX_IMPORTED_COUNT} (2^53): no room left to count "
+                                          "calls")
         for name, array in record.arrays.items():
             array = np.asarray(array)
-            if (name not in kind_.batched_compartments and np.issubdtype(array.dtype, np.floating)
+            if (finite and name not in kind_.batched_compartments and np.issubdtype(array.dtype, np.floating)
                     and not np.all(np.isfinite(array))):
                 raise InvalidInstanceFile(f"compartment {name}: values must be finite (no NaN or Inf)",
                                           compartment=name)
 
     @staticmethod
     def _durability(durability: str | None) -> str | None:
-        if durability is not None and durability not in DURABILITY_MODES:
+        if durability is not None and (not isinstance(durability, str) or durability not in DURABILITY_MODES):
             raise InvalidConfig(f"durability: {str(durability)[:40]!r} is not allowed; choose one of "
                                 f"{', '.join(DURABILITY_MODES)} (or leave it out for the server's default)",
                                 field="durability")
@@ -363,12 +373,13 @@ class Registry:
 
     # --- operations ---
 
-    def peek(self, key: InstanceKey) -> tuple[tuple, bool] | None:
-        """Without waiting: the instance's compartment shapes and whether its mode is sync (None if absent)."""
+    def peek(self, key: InstanceKey) -> tuple[int, tuple, bool] | None:
+        """Without waiting: which instance holds the name (its serial), its compartment shapes and whether its mode
+        is sync; None if absent, or in a stack (a call takes it out first: device work no cost measured covers)."""
         instance = self._instances.get(key)
-        if instance is None or not instance.live:
+        if instance is None or not instance.live or instance.slot is not None:
             return None
-        return instance.signature, self.persistence.mode(instance) == "sync"
+        return instance.serial, instance.signature, self.persistence.mode(instance) == "sync"
 
     def call(self, key: InstanceKey, operation: str, tensors: Mapping[str, Any], returns: list[str] | None = None,
              *, idempotency_key: str | None = None, expected_version: int | None = None, wait: bool = True,
@@ -623,7 +634,13 @@ class Registry:
             record = decode(path.read_bytes())
         except (CorruptFile, OSError) as exc:
             raise StorageError(f"the evicted file of {key.name!r} is unreadable: {exc}") from None
-        description = self._add_record(key, record)
+        description = self._add_record(key, record, own=True)  # never refused for what learning made of it
+        with self._hold(key) as instance:  # its copy on disk goes only once the instance is stored in its place
+            stored = self.persistence.mode(instance) == "off" or instance.stored_version == instance.version \
+                or self.persistence.write(instance, logging.ERROR)
+        if not stored:  # (interval mode would store it only at the next flush: a crash meanwhile lost it)
+            log.warning("brought back %s; its evicted file %s stays until it is stored", key, path)
+            return description
         try:
             path.unlink()
         except OSError as exc:

@@ -15,7 +15,9 @@ only host copies (the store's record, a compartment read, statistics, a descript
 take them from the stack and leave the member in it. The next packed call on the whole list puts
 detached members back (``readmit``: one call for all of them) if their compartments still have the
 stack's shapes; otherwise it runs the usual way. Once fewer than half the members are in, the
-rest are detached too, so a stack never keeps more than half its rows alive for nothing.
+rest are detached too, so a stack never keeps more than half its rows alive for nothing. Those
+rows (of members taken out or deleted) are held memory the members' own counts miss: while the
+stack holds them, their owner's quota and the device's budget count them too.
 
 Locking: a stack's arrays are replaced only by a packed call that holds every member's lock, and
 a member is detached only by the holder of its own lock; the stack's own lock orders detaching
@@ -25,6 +27,7 @@ against reading its host copies.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,7 +38,8 @@ from jax import numpy as jnp
 class Stack:
     """The states of ``members`` (one kind, config, device and signature), leaf by leaf, stacked in order."""
 
-    def __init__(self, members: list[Any], treedef: Any, leaves: list[Any]) -> None:
+    def __init__(self, members: list[Any], treedef: Any, leaves: list[Any], row_bytes: int = 0,
+                 charge: Callable[[int, int], None] | None = None) -> None:
         self.members = members
         self.treedef = treedef
         self._leaves = leaves  # replaced (never changed in place) by each packed call on the stack
@@ -43,6 +47,9 @@ class Stack:
         self.attached = len(members)
         self.released = False  # emptied by a packed call that ran the usual way (not by calls on its members)
         self._host: list[np.ndarray] | None = None  # host copies of the leaves, until they are replaced
+        # the rows of members no longer in (taken out, deleted) stay in the stacked arrays until the stack empties:
+        # held memory the members' own counts miss, so their owner is charged for them meanwhile
+        self._row_bytes, self._charge, self._charged = row_bytes, charge, 0
 
     @property
     def leaves(self) -> list[Any]:
@@ -54,13 +61,22 @@ class Stack:
         with self.lock:
             self._leaves, self._host = leaves, None
 
+    def _account(self) -> None:
+        """Charge the owner for the rows of members no longer in, while the stacked arrays hold them (under
+        ``lock``)."""
+        wanted = (len(self.members) - self.attached) * self._row_bytes if self._leaves else 0
+        if self._charge is not None and wanted != self._charged:
+            self._charge(self._charged, wanted)
+            self._charged = wanted
+
     @classmethod
-    def form(cls, members: list[Any], states: list[Any]) -> Stack:
+    def form(cls, members: list[Any], states: list[Any], charge: Callable[[int, int], None] | None = None
+             ) -> Stack:
         """Stack the members' states (under every member's lock) and attach them; their own buffers go."""
         treedef = jax.tree_util.tree_structure(states[0])
         flat = [treedef.flatten_up_to(state) for state in states]
         leaves = [_column(list(column)) for column in zip(*flat)]  # one compiled concatenation per compartment
-        stack = cls(list(members), treedef, leaves)
+        stack = cls(list(members), treedef, leaves, members[0].held_bytes, charge)
         for position, member in enumerate(members):
             member.attach(stack, position)
         return stack
@@ -81,6 +97,7 @@ class Stack:
                 self.attached = 0
             if self.attached == 0:
                 self._leaves, self._host = [], None
+            self._account()
 
     def release(self) -> None:
         """Detach every member still in: a packed call on them runs the usual way (members outside that call are
@@ -91,6 +108,7 @@ class Stack:
                     member.detach(self.treedef.unflatten(_row(self.leaves, at)))
             self.attached, self.released = 0, True
             self._leaves, self._host = [], None
+            self._account()
 
     def readmit(self, signature: tuple) -> bool:
         """Put every detached member back in (under every member's lock), or say False if one cannot be: gone, or
@@ -113,6 +131,7 @@ class Stack:
             for at, member in detached:
                 member.attach(self, at)
             self.attached = len(self.members)
+            self._account()
         return True
 
     def host_state(self, position: int) -> Any | None:
