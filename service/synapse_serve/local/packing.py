@@ -281,8 +281,8 @@ class PackedCalls:
                 signature, _, _, plan = planner.predict(instance, operation, op.fn, args)
                 shapes = {c: (tuple(signature[plan.leaf_index[c]][0]), np.dtype(signature[plan.leaf_index[c]][1]))
                           for c in returned}
-            elif entry.answer is not None:
-                shapes = {c: (tuple(entry.answer[c].shape), entry.answer[c].dtype) for c in returned}
+            elif entry.answer is not None and all(c in entry.answer for c in returned):
+                shapes = {c: (tuple(np.shape(entry.answer[c])), np.asarray(entry.answer[c]).dtype) for c in returned}
             else:
                 continue
             if first is None:
