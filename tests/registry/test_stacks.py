@@ -340,3 +340,23 @@ def test_a_quota_full_of_a_stack_refuses_creates_while_deleted_members_rows_are_
     registry.delete(packed[1])
     registry.delete(packed[2])  # fewer than half in: the stack empties, the rows go
     registry.create(key("new"), kind=KINDS["dense"][0], config=KINDS["dense"][1])
+
+
+def test_rows_a_stack_grew_are_charged_at_their_grown_size_once_their_member_is_taken_out():
+    """A red-team probe stacked a population at batch 1, ran a packed call at batch 400 on the stack (every row
+    grew), deleted a member: its row was still charged at its batch-1 size, so the quota let a new instance grow
+    past it. A row is charged at the size the last packed call on the stack left it."""
+    registry = Registry(Capacity(Limits()))
+    packed, _ = stacked(registry, "dense")
+    small = registry.describe(packed[0])["state_bytes"]
+    sent = stacked_tensors(registry, "forward", seed=7)
+    grown = {name: np.repeat(value, 50, axis=1) for name, value in sent.items()}  # batch 50 on every row
+    registry.call_stacked(packed, "forward", grown)
+    assert stack_of(registry, packed[0]) is not None  # it ran on the stack
+    row = registry.describe(packed[0])["state_bytes"]
+    assert row > 2 * small
+    usage = registry.capacity.owner_usage("me")["state_bytes"]
+    assert usage == COUNT * row
+    registry.delete(packed[0])  # its grown row stays in the stack's arrays: still counted, at its grown size
+    assert stack_of(registry, packed[1]) is not None
+    assert registry.capacity.owner_usage("me")["state_bytes"] == usage

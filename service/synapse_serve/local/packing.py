@@ -229,7 +229,7 @@ class PackedCalls:
             for instance in resized:
                 registry.capacity.resize(instance.key.owner, instance.device, nbytes, instance.held_bytes, check=False)
             raise
-        stack.replace(leaves)
+        stack.replace(leaves, nbytes)
         answer: dict[str, Any] = {c: np.asarray(leaves[plan.leaf_index[c]]) for c in returned}
         if not answer and reads_caller_memory(list(tensors)):  # an answer read means the program has run: else wait
             jax.block_until_ready(leaves)  # (the stacked form's tensors are the caller's arrays in-process)

@@ -56,10 +56,12 @@ class Stack:
         """The stacked leaves, in the treedef's order (empty once no member is in)."""
         return self._leaves
 
-    def replace(self, leaves: list[Any]) -> None:
-        """The leaves a packed call on the stack left (under every member's lock)."""
+    def replace(self, leaves: list[Any], row_bytes: int) -> None:
+        """The leaves a packed call on the stack left (under every member's lock), each row now ``row_bytes`` (a call
+        at a larger batch grows every row: what a member taken out later leaves behind is charged at that size)."""
         with self.lock:
-            self._leaves, self._host = leaves, None
+            self._leaves, self._host, self._row_bytes = leaves, None, row_bytes
+            self._account()
 
     def _account(self) -> None:
         """Charge the owner for the rows of members no longer in, while the stacked arrays hold them (under
