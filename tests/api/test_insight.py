@@ -7,6 +7,7 @@ the evolve that made it returned.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 import time
@@ -140,6 +141,19 @@ def test_dense_tiles_and_heat_map(client, tmp_path):
     path = tmp_path / "heat.png"
     heat = image(other.plot_filters(path, scale=1))
     assert heat.shape == (6 + 2, 3 + 2, 3) and path.read_bytes() == other.plot_filters(scale=1)
+
+
+def test_a_picture_is_drawn_where_the_callers_thread_runs_an_event_loop(client):
+    """A notebook cell runs while the kernel's asyncio loop runs: the blocking in-process client drew no picture
+    there (a RuntimeError: the engine took the caller's loop for a server's). Every mode draws the same one."""
+    syn = client.create(_unique("loop"), kind=DENSE, config={"shape": [4, 2]})
+    outside = syn.plot_filters(scale=1)
+
+    async def in_a_cell() -> bytes:
+        return syn.plot_filters(scale=1)
+
+    assert asyncio.run(in_a_cell()) == outside
+    assert outside.startswith(b"\x89PNG")
 
 
 def test_the_update_picture_changes_after_evolve(client):

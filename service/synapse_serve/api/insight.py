@@ -23,11 +23,10 @@ router = v1_router()
 pictures = APIRouter(prefix="/v1", dependencies=[Depends(get_principal)], responses=responses(None, *COMMON_ERRORS))
 
 
-async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
-    """CPU work (drawing) on a thread, never on the event loop; with no loop (the in-process client): here."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+async def off_loop(server: Server, fn: Callable[..., Any], *args: Any) -> Any:
+    """CPU work (drawing) on a thread, never on the event loop; where the backend runs calls in the caller's thread
+    (the blocking in-process client): here, whether or not the caller's thread has a loop running (a notebook)."""
+    if getattr(server.backend, "in_caller_thread", False):
         return fn(*args)
     return await asyncio.to_thread(fn, *args)
 
@@ -36,7 +35,7 @@ async def draw(server: Server, key: InstanceKey, query: Mapping[str, Any]) -> Pi
     """The instance's compartment drawn as the query says (options checked before anything is read)."""
     options = options_from(query)
     values, _ = await server.backend.read(key, compartment=options.compartment)
-    return await off_loop(render, values, options)
+    return await off_loop(server, render, values, options)
 
 
 def _accepts_png(request: Request) -> None:
