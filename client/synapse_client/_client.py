@@ -133,6 +133,15 @@ def check_idempotency_key(key: Any) -> str:
     return key
 
 
+def check_kind_name(kind: Any) -> str:
+    """``kind`` if it can name a kind (``HebbianSynapse``; an unknown one is the server's 404), else ValueError
+    (before anything is sent: an empty name or a ``/`` would be another address of the API)."""
+    if not isinstance(kind, str) or not kind or "/" in kind or kind in (".", ".."):
+        raise ValueError(f"invalid kind name {str(kind)[:80]!r}: a kind like 'HebbianSynapse' (client.kinds() "
+                         "lists them)")
+    return kind
+
+
 def _returned(returns: Any) -> list[str]:
     """The compartments a call returns: a list of names (one name alone is taken as a list of one)."""
     return [returns] if isinstance(returns, str) else list(returns)
@@ -615,7 +624,7 @@ class SynapseClient(_BaseClient):
 
     def kind_help(self, kind: str) -> dict[str, Any]:
         """A kind's help: hyperparameters, compartments, dynamics."""
-        return self.request("GET", f"/v1/kinds/{quote(str(kind), safe='')}", retry=True)
+        return self.request("GET", f"/v1/kinds/{quote(check_kind_name(kind), safe='')}", retry=True)
 
     def health(self) -> bool:
         """True when the server is live and ready."""
@@ -824,7 +833,7 @@ class AsyncSynapseClient(_BaseClient):
 
     async def kind_help(self, kind: str) -> dict[str, Any]:
         """A kind's help: hyperparameters, compartments, dynamics."""
-        return await self.request("GET", f"/v1/kinds/{quote(str(kind), safe='')}", retry=True)
+        return await self.request("GET", f"/v1/kinds/{quote(check_kind_name(kind), safe='')}", retry=True)
 
     async def health(self) -> bool:
         """True when the server is live and ready."""

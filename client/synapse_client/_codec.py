@@ -145,7 +145,55 @@ def _default(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):
         return encode_tensor(obj)
-    raise TypeError(f"cannot encode {type(obj).__name__}")
+    raise _unsendable(obj)
+
+
+def _unsendable(obj: Any) -> Exception:
+    """Why msgpack cannot carry ``obj``: an int out of its range is a WireError (a value, like a dtype the wire
+    cannot carry), another type a TypeError."""
+    if isinstance(obj, int):
+        return WireError(f"the integer {str(obj)[:40]} is outside what the wire carries (-2**63 to 2**64 - 1)")
+    return TypeError(f"cannot encode {type(obj).__name__}")
+
+
+_HELD = 1  # the extension code of an array left where it is (pack_held)
+
+
+def pack_held(obj: Any) -> tuple[bytes, list[Any]]:
+    """What ``packb(obj)`` sends, for a body that travels no wire (the in-process mode): the same bytes except
+    that each array stays where it is, an extension value naming it in the returned list. Everything else is
+    made what the wire makes it (numpy scalars numbers, tuples lists, references maps); what the wire cannot
+    carry is refused as ``packb`` refuses it."""
+    held: list[Any] = []
+
+    def default(value: Any) -> Any:
+        if isinstance(value, Ref):
+            return value.to_wire()
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray) or hasattr(value, "__array__"):
+            held.append(value)
+            return msgpack.ExtType(_HELD, (len(held) - 1).to_bytes(4, "little"))
+        raise _unsendable(value)
+
+    return msgpack.packb(obj, default=default, use_bin_type=True), held
+
+
+def unpack_held(data: bytes, held: list[Any], max_elements: int = DEFAULT_MAX_ELEMENTS) -> Any:
+    """``pack_held``'s body decoded as ``unpackb`` decodes the wire's (the same checks and errors: WireError), its
+    arrays the ones held (not copied)."""
+    def array(code: int, payload: bytes) -> Any:
+        if code != _HELD or len(payload) != 4 or int.from_bytes(payload, "little") >= len(held):
+            raise WireError("msgpack extension types are not accepted")
+        return held[int.from_bytes(payload, "little")]
+
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=array)
+    except WireError:
+        raise
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise WireError(_not_msgpack(exc)) from None
+    return _walk(obj, max_elements, 0, False)
 
 
 def copied(value: Any) -> Any:
@@ -245,8 +293,12 @@ def unpackb(data: bytes | bytearray | memoryview, max_elements: int = DEFAULT_MA
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise WireError(f"body is not valid msgpack: {type(exc).__name__}: {exc}"[:300]) from None
+        raise WireError(_not_msgpack(exc)) from None
     return _walk(obj, max_elements, 0, writable)
+
+
+def _not_msgpack(exc: BaseException) -> str:
+    return f"body is not valid msgpack: {type(exc).__name__}: {exc}"[:300]
 
 
 class _TooManyObjects(Exception):
@@ -352,21 +404,34 @@ def _type_name(value: Any) -> str:
     return "bin" if isinstance(value, (bytes, memoryview)) else type(value).__name__
 
 
+_LEAVES = frozenset({str, int, float, bool, type(None), bytes, np.ndarray})  # left as they are (arrays: pack_held's)
+
+
 def _walk(obj: Any, max_elements: int, depth: int, writable: bool) -> Any:
-    if depth > MAX_DEPTH:
+    """A decoded body with its tensor maps made arrays (and each bin outside one bytes), checked: map keys are
+    strings, at most MAX_DEPTH levels (a value at a deeper level is refused, as the in-place reader refuses it).
+    The decoder's maps and lists are its own: changed in place, and only leaves are skipped (no call per number)."""
+    if depth > MAX_DEPTH or (depth == MAX_DEPTH and isinstance(obj, (dict, list)) and obj):
         raise WireError(f"body nests deeper than {MAX_DEPTH} levels")
     if isinstance(obj, dict):
-        bad = next((k for k in obj if not isinstance(k, str)), None)
-        if bad is not None:
-            raise WireError(f"body is not valid msgpack for this API: a map key is a {_type_name(bad)}, not a string")
+        for key in obj:
+            if not isinstance(key, str):
+                raise WireError(f"body is not valid msgpack for this API: a map key is a {_type_name(key)}, not a "
+                                "string")
         if TENSOR_KEYS <= obj.keys() and isinstance(obj.get("data"), (bytes, memoryview)):
             if obj.keys() != TENSOR_KEYS:
                 raise WireError(f"a tensor map has exactly the keys dtype, shape, data; received {sorted(obj)}")
             array = decode_tensor(obj, max_elements)
             return array.copy() if writable and not array.flags.writeable else array
-        return {k: _walk(v, max_elements, depth + 1, writable) for k, v in obj.items()}
+        for key, value in obj.items():
+            if type(value) not in _LEAVES:
+                obj[key] = _walk(value, max_elements, depth + 1, writable)
+        return obj
     if isinstance(obj, list):
-        return [_walk(v, max_elements, depth + 1, writable) for v in obj]
+        for at, value in enumerate(obj):
+            if type(value) not in _LEAVES:
+                obj[at] = _walk(value, max_elements, depth + 1, writable)
+        return obj
     if isinstance(obj, msgpack.ExtType):
         raise WireError("msgpack extension types are not accepted")
     if isinstance(obj, memoryview):  # a bin outside a tensor: what the C reader gives, bytes

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from synapse_client._codec import Ref, copied  # answers: writable arrays nothing in the engine shares
+from synapse_client._codec import copied  # answers: writable arrays nothing in the engine shares
 from synapse_client._exceptions import APIConnectionError
 from synapse_client._frames import frame_of, result_of
 from synapse_client._session import HandleHost
@@ -40,16 +40,6 @@ def _engine(base_url: str, asynchronous: bool, settings: dict[str, Any]) -> Any:
     return Engine(state_dir or given, in_caller_thread=not asynchronous, **settings)
 
 
-def _frame(method: str, path: str, body: Any, headers: dict[str, str] | None) -> dict[str, Any] | None:
-    """The request's frame, its references in their wire form (what the engine reads)."""
-    frame = frame_of(method, path, body, headers)
-    if frame is not None:
-        for holder in [frame, *(c for c in frame.get("calls") or () if isinstance(c, dict))]:  # a packed call's too
-            if isinstance(holder.get("tensors"), dict):
-                holder["tensors"] = {k: v.to_wire() if isinstance(v, Ref) else v for k, v in holder["tensors"].items()}
-    return frame
-
-
 class LocalTransport:
     """What a blocking client sends through in the in-process mode."""
 
@@ -57,7 +47,7 @@ class LocalTransport:
         self.engine = _engine(base_url, False, settings)
 
     def request(self, method: str, path: str, body: Any, headers: dict[str, str] | None) -> Any:
-        frame = _frame(method, path, body, headers)
+        frame = frame_of(method, path, body, headers)  # its values made what the wire makes them: Engine._as_sent
         if frame is None:
             if method == "GET" and path in ("/healthz", "/readyz"):
                 return {"status": "ok" if self.engine.ready else "starting"}
@@ -75,7 +65,7 @@ class AsyncLocalTransport:
         self.engine = _engine(base_url, True, settings)
 
     async def request(self, method: str, path: str, body: Any, headers: dict[str, str] | None) -> Any:
-        frame = _frame(method, path, body, headers)
+        frame = frame_of(method, path, body, headers)  # its values made what the wire makes them: Engine._as_sent
         if frame is None:
             if method == "GET" and path in ("/healthz", "/readyz"):
                 return {"status": "ok" if self.engine.ready else "starting"}

@@ -59,7 +59,7 @@ def _too_big(op: str, nbytes: int) -> dict[str, Any]:
     """The answer for a frame the server refused for its size (it closes the connection, code 1009, before reading
     the frame: nothing was applied): the 413 REST answers for such a body."""
     return {"status": 413, "problem": {
-        "title": "Payload too large", "status": 413,
+        "type": "https://synapse-serve.dev/problems/body-too-large", "title": "Body too large", "status": 413,
         "detail": f"{op}: the frame ({nbytes} bytes) is over the server's size limit (SYNAPSE_MAX_BODY_BYTES); "
                   "nothing was applied: send less per call (a smaller batch, fewer steps or instances)"}}
 

@@ -21,14 +21,15 @@ import asyncio
 import itertools
 import tempfile
 import weakref
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from synapse_client._codec import WireError, pack_held, unpack_held
 from synapse_serve.api.frames import problem_of, run_frame
 from synapse_serve.api.server import Server
 from synapse_serve.auth import LOCAL
-from synapse_serve.errors import MalformedBody
+from synapse_serve.errors import BodyTooLarge, MalformedBody, SynapseServeError
 from synapse_serve.settings import Settings
 
 
@@ -79,8 +80,8 @@ class Engine:
         if self._closed:
             raise RuntimeError("this in-process engine is closed")
         request_id = f"local:{next(self._ids)}"
-        refused = self._oversized(frame, request_id)
-        return refused or _complete(run_frame(self.server, LOCAL, frame, request_id))
+        sent, refused = self._as_sent(frame, request_id)
+        return refused or _complete(run_frame(self.server, LOCAL, sent, request_id))
 
     async def arun(self, frame: dict[str, Any]) -> dict[str, Any]:
         """A frame's answer, awaited on the running loop (asyncio engines; started on first use)."""
@@ -94,17 +95,31 @@ class Engine:
                     self._started = True
                     await self._get_ready()
         request_id = f"local:{next(self._ids)}"
-        return self._oversized(frame, request_id) or await run_frame(self.server, LOCAL, frame, request_id)
+        sent, refused = self._as_sent(frame, request_id)
+        return refused or await run_frame(self.server, LOCAL, sent, request_id)
 
-    def _oversized(self, frame: dict[str, Any], request_id: str) -> dict[str, Any] | None:
-        """The 400 answer REST and the stream give a tensor over max_tensor_elements (their decoders refuse it; here
-        the caller's arrays arrive as they are), or None."""
-        limit = self.server.settings.max_tensor_elements
-        for array in _arrays(frame):
+    def _as_sent(self, frame: dict[str, Any], request_id: str) -> tuple[Any, dict[str, Any] | None]:
+        """The frame as a server would receive it, or the answer it would give instead.
+
+        The caller's arrays stay where they are, but every other value goes through msgpack as over the wire
+        (``pack_held``): numpy scalars become numbers, map keys must be strings, an int the wire cannot carry
+        is the WireError the wire client raises. Then the limits a server's decoder applies: the body's size
+        (a 413; the bytes sent but for the arrays' msgpack headers) and each tensor's elements (a 400)."""
+        settings = self.server.settings
+        body, held = pack_held(frame)
+        size = len(body) + sum(int(getattr(array, "nbytes", 0)) for array in held)
+        if size > settings.max_body_bytes:
+            return None, _refused(BodyTooLarge(f"body of {size} bytes is over the limit of {settings.max_body_bytes} "
+                                               "bytes"), request_id)
+        limit = settings.max_tensor_elements
+        for array in held:
             if array.size > limit:
-                error = MalformedBody(f"shape {list(array.shape)} declares {array.size} elements; the limit is {limit}")
-                return {"status": error.status, "problem": problem_of(error, request_id)}
-        return None
+                return None, _refused(MalformedBody(f"shape {list(array.shape)} declares {array.size} elements; the "
+                                                    f"limit is {limit}"), request_id)
+        try:
+            return unpack_held(body, held, limit), None
+        except WireError as exc:
+            return None, _refused(MalformedBody(str(exc)), request_id)
 
     @property
     def ready(self) -> bool:
@@ -131,18 +146,8 @@ def _close_now(backend: Any, temporary: tempfile.TemporaryDirectory | None) -> N
         temporary.cleanup()
 
 
-def _arrays(value: Any, depth: int = 0) -> Iterator[Any]:
-    """Every array in a frame (its tensors, a packed call's, a write's value); frames nest a few levels at most."""
-    if isinstance(value, str):  # names: the most common item of a packed call's lists
-        return
-    if hasattr(value, "shape") and hasattr(value, "size"):
-        yield value
-    elif depth < 8 and isinstance(value, dict):
-        for item in value.values():
-            yield from _arrays(item, depth + 1)
-    elif depth < 8 and isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _arrays(item, depth + 1)
+def _refused(error: SynapseServeError, request_id: str) -> dict[str, Any]:
+    return {"status": error.status, "problem": problem_of(error, request_id)}
 
 
 def _complete(coroutine: Coroutine) -> Any:

@@ -25,6 +25,7 @@ import pytest
 from synapse_client import (
     APIConnectionError,
     AsyncSynapseClient,
+    BadRequestError,
     ConflictError,
     NotFoundError,
     PayloadTooLargeError,
@@ -374,6 +375,10 @@ def test_async_submit_takes_the_tensors_when_asked_not_when_the_task_runs(transp
     ("a Ref written", TypeError, "weights: the value: expected an array, not a reference"),
     ("a list for sequence", TypeError, "sequence: expected a dict"),
     ("a tensor for a call", TypeError, "calls: expected {name: {tensor: value}}"),
+    ("an int msgpack cannot carry", ValueError, "the integer 18446744073709551616 is outside what the wire carries"),
+    ("a config int msgpack cannot carry", ValueError, "is outside what the wire carries"),
+    ("no kind name", ValueError, "invalid kind name ''"),
+    ("a kind name with a slash", ValueError, "invalid kind name 'a/b'"),
 ])
 def test_what_no_server_takes_is_refused_alike_on_every_transport_before_anything_is_sent(via, unique_name, mistake,
                                                                                            error, fragment):
@@ -398,11 +403,33 @@ def test_what_no_server_takes_is_refused_alike_on_every_transport_before_anythin
         "a Ref written": lambda: syn.set("weights", Ref("weights")),
         "a list for sequence": lambda: syn.call("forward", inputs=x, sequence=[1]),
         "a tensor for a call": lambda: via.call_many("forward", {unique_name: x}),
+        # REST raised a TypeError from msgpack's encoder; in-process the first was a 422 and the second was created
+        "an int msgpack cannot carry": lambda: syn.call("forward", inputs=x[None], sequence={"every": 2**64}),
+        "a config int msgpack cannot carry": lambda: via.create(unique_name + "-2", kind="HebbianSynapse",
+                                                                config={**DENSE, "eta": 2**70}),
+        # REST answered a redirect and a router's 404; in-process and on the stream, a 404 for a kind named so
+        "no kind name": lambda: via.client.kind_help(""),
+        "a kind name with a slash": lambda: via.client.kind_help("a/b"),
     }
     with pytest.raises(error, match=re.escape(fragment)):
         attempts[mistake]()
     assert syn.describe()["version"] == 1 and syn.describe()["counters"] == {}
     assert syn.forward(x).shape == (2, 4)  # and the transport goes on
+
+
+def test_values_go_as_the_wire_takes_them_on_every_transport(via, unique_name):
+    """In-process, values once reached the engine as the caller made them, not as msgpack carries them: numpy
+    scalars a server reads as numbers were refused (``sequence={"last": np.bool_(True)}``, ``device=np.int64(0)``)
+    and a map key that is no string was a 422, not the 400 REST answers."""
+    syn = via.create(unique_name, kind="HebbianSynapse", config={**DENSE, "eta": np.float32(0.1)}, device=np.int64(0))
+    xs = np.ones((3, 2, 5), np.float32)
+    last = syn.call("forward", inputs=xs, sequence={"last": np.bool_(True)})
+    assert last["outputs"].shape == (2, 4) and last["version"] == 2
+    every = syn.call("forward", inputs=xs, sequence={"every": np.int64(3)}, returns=("outputs",))
+    assert every["outputs"].shape == (1, 2, 4)
+    with pytest.raises(BadRequestError, match="Malformed body: body is not valid msgpack"):
+        via.create(unique_name + "-2", kind="HebbianSynapse", config={**DENSE, 1: 2})
+    assert syn.describe()["counters"] == {"forward": 6}
 
 
 def test_a_session_of_the_in_process_mode_refuses_calls_once_closed_as_a_network_session_does(live_server,
@@ -445,6 +472,20 @@ def test_a_frame_over_the_size_limit_is_a_413_on_the_session_stream_as_on_rest(t
 
         assert asyncio.run(over_async()) == (2, 2)
         assert client.get("wide").describe()["counters"] == {"forward": 2}
+        with pytest.raises(PayloadTooLargeError) as over_rest:
+            client.get("wide").forward(too_big)
+        with client.session() as session, pytest.raises(PayloadTooLargeError) as over_session:
+            session.get("wide").forward(too_big)
+    # the in-process mode has the same limit (it measured no body: a 1.7 MB import went in) and says so alike
+    with SynapseClient("local", local_settings={"max_body_bytes": 1 << 20}) as local:
+        local.create("wide", kind="HebbianSynapse", config={"shape": [40_000, 2]})
+        with pytest.raises(PayloadTooLargeError, match="over the limit of 1048576 bytes") as in_process:
+            local.get("wide").forward(too_big)
+        assert local.get("wide").describe()["counters"] == {}
+        assert local.get("wide").forward(too_big[:2]).shape == (2, 2)
+    for refused in (over_session, in_process):
+        assert {k: refused.value.problem[k] for k in ("type", "title", "status")} == {
+            k: over_rest.value.problem[k] for k in ("type", "title", "status")}
 
 
 def test_local_settings_may_name_the_state_directory_and_a_second_one_is_refused(tmp_path):
