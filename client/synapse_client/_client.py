@@ -343,7 +343,8 @@ class _BaseClient:
                                  "a model folder's roots.json): pass kind= and config=")
         elif kind is None:
             raise ValueError("config= needs kind= (HebbianSynapse or HebbianDeconvSynapse)")
-        arrays, objects = _ngclearn._safe_npz(folder / f"{component}.npz")
+        arrays, objects = _ngclearn._safe_npz(_ngclearn._regular_file(folder, folder / f"{component}.npz",
+                                                                      "component's arrays"))
         pickled = folder / f"{component}_opt_params.pkl"
         opt = _ngclearn.read_opt_params(pickled) if allow_pickle and pickled.is_file() else None
         config, compartments = _ngclearn.to_service(kind, config, arrays, objects, opt)

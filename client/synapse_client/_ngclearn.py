@@ -24,6 +24,7 @@ import math
 import pickle
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -230,44 +231,77 @@ def write_ngclearn(directory: Path, layout: str, name: str, record: dict[str, An
 # --- ngclearn -> service ---
 
 
+# what an import reads of an npz: ngclearn's compartments of the two Hebbian kinds (others are skipped unread)
+NPZ_MEMBERS = frozenset({"key", "inputs", "outputs", "weights", "biases", "mask", "pre", "post", "dWeights",
+                         "dBiases", "dInputs"})
+MAX_TOTAL_BYTES = 1 << 33  # what one save may make this reader hold in all (8 GiB)
+MAX_JSON_BYTES = 1 << 24  # a metadata file (roots.json, synapse-serve.json) larger than this is not one
+
+
+def _regular_file(folder: Path, path: Path, what: str) -> Path:
+    """``path`` if it is a regular file inside ``folder`` (a symlink may point elsewhere in it), else
+    NgclearnFileError: a device, a FIFO or a file outside the save is never opened."""
+    try:
+        inside = path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise NgclearnFileError(f"{path.name}: cannot be resolved ({exc})") from None
+    if not inside:
+        raise NgclearnFileError(f"{path.name} (the {what}) leads outside the save folder {folder}")
+    if not path.is_file():
+        raise NgclearnFileError(f"{path.name} (the {what}) is not a regular file" if path.exists() else
+                                f"{path}: no such file (the save has no {what})")
+    return path
+
+
 def _safe_npz(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Every array of an npz, checked before it is read: a numeric dtype (no objects), a sane shape, as many
-    bytes as the shape says. Arrays that are object arrays (ngclearn writes None as one) are listed apart."""
-    arrays, objects = {}, []
+    """The arrays of an npz an import uses (``NPZ_MEMBERS``; others are not read), each checked before it is read:
+    a numeric dtype (no objects), a sane shape, as many bytes as the shape says, all of them within
+    MAX_TOTAL_BYTES. Arrays that are object arrays (ngclearn writes None as one) are listed apart. A member that
+    does not decompress or fails its checksum is an NgclearnFileError too."""
+    arrays, objects, total = {}, [], 0
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise NgclearnFileError(f"{path.name}: not an npz file ({exc})") from None
     with archive:
         for info in archive.infolist():
             if not info.filename.endswith(".npy"):
                 raise NgclearnFileError(f"{path.name}: unexpected member {info.filename[:80]!r}")
             name = info.filename[:-4]
-            with archive.open(info) as member:
-                try:
-                    version = np.lib.format.read_magic(member)
-                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-                    if read_header is None:
-                        raise ValueError(f"npy format version {version} (this reader takes 1.0 and 2.0)")
-                    shape, fortran, dtype = read_header(member)
-                except ValueError as exc:
-                    raise NgclearnFileError(f"{path.name}: {name}: unreadable array header ({exc})") from None
-                if dtype.hasobject:
-                    objects.append(name)
-                    continue
-                if dtype.kind not in "fiub" or dtype.itemsize > 8:
-                    raise NgclearnFileError(f"{path.name}: {name}: dtype {dtype} is not a number type")
-                count = math.prod(shape)
-                if count > MAX_ELEMENTS or any(d < 0 for d in shape):
-                    raise NgclearnFileError(f"{path.name}: {name}: shape {shape} is over {MAX_ELEMENTS} elements")
-                header_end = member.tell()
-                if info.file_size - header_end != count * dtype.itemsize:
-                    raise NgclearnFileError(f"{path.name}: {name}: {info.file_size - header_end} bytes of data for "
-                                            f"shape {shape} of {dtype} (truncated or altered)")
-                data = member.read()
+            if name not in NPZ_MEMBERS:
+                continue  # not read: what ngclearn keeps besides (gate, delay buffers, …) or anything else
+            try:
+                with archive.open(info) as member:
+                    try:
+                        version = np.lib.format.read_magic(member)
+                        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                        if read_header is None:
+                            raise ValueError(f"npy format version {version} (this reader takes 1.0 and 2.0)")
+                        shape, fortran, dtype = read_header(member)
+                    except ValueError as exc:
+                        raise NgclearnFileError(f"{path.name}: {name}: unreadable array header ({exc})") from None
+                    if dtype.hasobject:
+                        objects.append(name)
+                        continue
+                    if dtype.kind not in "fiub" or dtype.itemsize > 8:
+                        raise NgclearnFileError(f"{path.name}: {name}: dtype {dtype} is not a number type")
+                    count = math.prod(shape)
+                    if count > MAX_ELEMENTS or any(d < 0 for d in shape):
+                        raise NgclearnFileError(f"{path.name}: {name}: shape {shape} is over {MAX_ELEMENTS} elements")
+                    total += count * dtype.itemsize
+                    if total > MAX_TOTAL_BYTES:
+                        raise NgclearnFileError(f"{path.name}: its arrays hold over {MAX_TOTAL_BYTES} bytes in all")
+                    header_end = member.tell()
+                    if info.file_size - header_end != count * dtype.itemsize:
+                        raise NgclearnFileError(f"{path.name}: {name}: {info.file_size - header_end} bytes of data "
+                                                f"for shape {shape} of {dtype} (truncated or altered)")
+                    data = member.read()
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+                raise NgclearnFileError(f"{path.name}: {name}: does not read back ({type(exc).__name__}: "
+                                        f"{str(exc)[:120]})") from None
             array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
-            arrays[name] = np.array(array)  # the caller's own, native byte order
+            arrays[name] = array if dtype.isnative else array.astype(dtype.newbyteorder("="))  # native byte order
     return arrays, objects
 
 
@@ -296,21 +330,65 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 def read_opt_params(path: Path) -> Any:
     """An ``_opt_params.pkl`` (only when the caller opted in): numpy arrays in tuples and lists, nothing else."""
     try:
-        value = _NumpyOnlyUnpickler(io.BytesIO(path.read_bytes())).load()
+        value = _NumpyOnlyUnpickler(io.BytesIO(_regular_file(path.parent, path, "optimizer state").read_bytes())).load()
+    except NgclearnFileError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure of a hostile file is the file's
         raise NgclearnFileError(f"{path.name}: not an optimizer state this reader accepts ({type(exc).__name__}: "
                                 f"{str(exc)[:200]})") from None
-    for leaf in _leaves(value):
+    for leaf in _leaves(value, path.name):
         if not isinstance(leaf, np.ndarray) or leaf.dtype.kind != "f":
             raise NgclearnFileError(f"{path.name}: an optimizer state holds float arrays only, found "
                                     f"{type(leaf).__name__}")
     return value
 
 
-def _leaves(value: Any) -> list[Any]:
-    if isinstance(value, (list, tuple)):
-        return [leaf for item in value for leaf in _leaves(item)]
-    return [np.asarray(value) if isinstance(value, (float, np.floating)) else value]
+MAX_OPT_LEAVES = 64  # ngclearn's optimizer states hold at most five arrays (adam: m and v of W and b, the count)
+
+
+def _leaves(value: Any, file: str) -> list[Any]:
+    """The leaves of nested lists and tuples, at most MAX_OPT_LEAVES of them at most 8 levels deep: a pickle
+    that shares one list many times over (a few hundred bytes naming 10^30 leaves) is refused, not walked."""
+    leaves: list[Any] = []
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (list, tuple)):
+            if depth >= 8 or len(leaves) + len(pending) + len(item) > MAX_OPT_LEAVES:
+                raise NgclearnFileError(f"{file}: not an optimizer state (over {MAX_OPT_LEAVES} values or 8 levels)")
+            pending.extend((child, depth + 1) for child in reversed(item))
+        else:
+            leaves.append(np.asarray(item) if isinstance(item, (float, np.floating)) else item)
+    return leaves
+
+
+def _json(folder: Path, path: Path, what: str) -> Any:
+    """A metadata file of the save, parsed: a regular file inside it, at most MAX_JSON_BYTES, valid JSON."""
+    _regular_file(folder, path, what)
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise NgclearnFileError(f"{path.name}: over {MAX_JSON_BYTES} bytes: not the {what}")
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, OSError) as exc:
+        raise NgclearnFileError(f"{path.name}: not the {what} ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def _component_name(name: Any, where: str) -> str:
+    """A component's name as a file name of the save (``<name>.npz``): never a path to elsewhere."""
+    if not isinstance(name, str) or not 0 < len(name) <= 200 or name in (".", "..") \
+            or any(c in name for c in "/\\\0") or Path(name).is_absolute():
+        raise NgclearnFileError(f"{where}: component name {str(name)[:80]!r} is not a file name of the save")
+    return name
+
+
+def _our_meta(meta: Any, path: Path) -> dict[str, Any]:
+    """synapse-serve.json as an import reads it: kind, config, seed (and the ngclearn entry, if any)."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("kind"), str) or not isinstance(meta.get("config"), dict) \
+            or isinstance(meta.get("seed"), bool) or not isinstance(meta.get("seed"), int) \
+            or not isinstance(meta.get("ngclearn", {}), dict):
+        raise NgclearnFileError(f"{path / META}: not a synapse-serve export's metadata (it names kind, config and "
+                                "seed)")
+    return meta
 
 
 def find_save(path: Path, component: str | None) -> tuple[Path, str, dict[str, Any] | None, dict[str, Any] | None]:
@@ -320,16 +398,21 @@ def find_save(path: Path, component: str | None) -> tuple[Path, str, dict[str, A
         path, component = path.parent, component or path.stem
     if not path.is_dir():
         raise NgclearnFileError(f"{path}: no such folder (give an ngclearn save folder, a model folder or an npz)")
-    meta = json.loads((path / META).read_text()) if (path / META).is_file() else None
-    if (path / "contextData.json").is_file():  # a model folder
-        roots = json.loads((path / "component" / "roots.json").read_text())
+    meta = _our_meta(_json(path, path / META, "export's metadata"), path) if (path / META).exists() else None
+    if component is not None:
+        _component_name(component, "component=")
+    if (path / "contextData.json").exists():  # a model folder
+        roots = _json(path, path / "component" / "roots.json", "model's roots.json")
+        if not isinstance(roots, dict):
+            raise NgclearnFileError(f"{path / 'component' / 'roots.json'}: not a model's roots.json (a map of "
+                                    "components)")
         hebbian = [n for n, e in roots.items() if isinstance(e, dict) and e.get("modulePath") in KINDS.values()]
         if component is None:
             if len(hebbian) != 1:
                 raise NgclearnFileError(f"{path}: name the component (component=...); Hebbian synapses here: "
                                         f"{', '.join(hebbian) or 'none'}")
-            component = hebbian[0]
-        if component not in roots:
+            component = _component_name(hebbian[0], "roots.json")
+        if not isinstance(roots.get(component), dict):
             raise NgclearnFileError(f"{path}: no component {component!r} in roots.json")
         return path / "component" / "custom", component, roots[component], meta
     if component is None:
@@ -347,7 +430,10 @@ def config_from_entry(entry: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if kind is None:
         raise NgclearnFileError(f"modulePath {str(entry.get('modulePath'))[:120]!r} is not a Hebbian synapse this "
                                 f"service holds ({', '.join(KINDS.values())})")
-    args, kwargs = list(entry.get("args") or []), dict(entry.get("kwargs") or {})
+    args, kwargs = entry.get("args") or [], entry.get("kwargs") or {}
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise NgclearnFileError("roots.json: a component's args are a list and its kwargs a map")
+    args, kwargs = list(args), dict(kwargs)
     config: dict[str, Any] = {"shape": kwargs.pop("shape", args[1] if len(args) > 1 else None)}
     if kind == "HebbianDeconvSynapse":
         config["x_shape"] = kwargs.pop("x_shape", args[2] if len(args) > 2 else None)
@@ -374,7 +460,11 @@ def to_service(kind: str, config: dict[str, Any], arrays: dict[str, np.ndarray],
                                     "only")
     w = arrays["weights"].astype(F32)
     config = dict(config)
-    out: dict[str, np.ndarray] = {"weights": w, "key": arrays["key"].astype(np.uint32).reshape(2)}
+    key = arrays["key"]
+    if key.size != 2 or key.dtype.kind not in "ui" or key.min() < 0 or key.max() >= 1 << 32:
+        raise NgclearnFileError(f"key: a PRNG key is two uint32 values, the save has {key.size} of {key.dtype}"
+                                f"{' out of range' if key.size == 2 and key.dtype.kind in 'ui' else ''}")
+    out: dict[str, np.ndarray] = {"weights": w, "key": key.astype(np.uint32).reshape(2)}
     b = None if "biases" in objects else arrays.get("biases")
     if kind == "HebbianSynapse":
         if w.ndim != 2:
@@ -382,8 +472,14 @@ def to_service(kind: str, config: dict[str, Any], arrays: dict[str, np.ndarray],
         n_out = w.shape[1]
         bias = b is not None and b.ndim > 0
         mask = arrays.get("mask")
-        if mask is not None and mask.shape == w.shape and not np.all(mask == 1):
-            out["mask"] = mask.astype(F32)
+        if mask is not None:  # ngclearn multiplies by it as numpy broadcasts: a (1, n_out) mask prunes outputs
+            try:
+                mask = np.broadcast_to(mask.astype(F32), w.shape)
+            except ValueError:
+                raise NgclearnFileError(f"mask of shape {mask.shape} does not broadcast to the weights' "
+                                        f"{w.shape}") from None
+        if mask is not None and not np.all(mask == 1):
+            out["mask"] = np.array(mask)
             if float(config.get("p_conn", 1.0)) >= 1.0:  # a masked synapse (its density, for the record)
                 config["p_conn"] = float(min(max(mask.mean(), 1e-6), 0.999999))
         else:

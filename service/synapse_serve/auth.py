@@ -58,6 +58,9 @@ def parse_spec(spec: str) -> tuple[str, str, bool]:
         return owner, digest, admin
     if len(secret) < 16:
         raise InvalidConfig(f"token for owner {owner!r} is shorter than 16 characters; use a long random one")
+    if not all("!" <= c <= "~" for c in secret):  # what a request's header carries: no such token could log in
+        raise InvalidConfig(f"token for owner {owner!r} has a space or a character that is not visible ASCII; an "
+                            "Authorization header cannot carry it as given (no request would authenticate)")
     return owner, hash_token(secret), admin
 
 

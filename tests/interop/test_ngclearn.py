@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -266,6 +267,13 @@ def npy(shape: tuple, data: bytes, descr: str = "<f4") -> bytes:
     ("truncated", NgclearnFileError, "truncated or altered"),
     ("wrong-shape", UnprocessableEntityError, "inputs"),
     ("not-npz", NgclearnFileError, "not an npz"),
+    # these raised zipfile's BadZipFile and zlib.error (not even a ValueError)
+    ("bad-checksum", NgclearnFileError, "weights: does not read back .BadZipFile: Bad CRC-32"),
+    ("bad-deflate", NgclearnFileError, "weights: does not read back"),
+    # these were truncated or wrapped to [0, 7] in silence, or a raw numpy ValueError
+    ("float-key", NgclearnFileError, "key: a PRNG key is two uint32 values, the save has 2 of float32"),
+    ("wide-key", NgclearnFileError, "key: a PRNG key is two uint32 values, the save has 2 of int64 out of range"),
+    ("three-key", NgclearnFileError, "key: a PRNG key is two uint32 values, the save has 3 of uint32"),
 ])
 def test_a_hostile_npz_is_a_clear_error_and_leaves_nothing(tmp_path, hostile, error, message):
     import zipfile
@@ -279,6 +287,26 @@ def test_a_hostile_npz_is_a_clear_error_and_leaves_nothing(tmp_path, hostile, er
             np.savez(npz, **arrays)
         elif hostile == "not-npz":
             npz.write_bytes(b"definitely not a zip file")
+        elif hostile.endswith("-key"):
+            arrays["key"] = {"float-key": np.array([0.9, 7.9], np.float32),
+                             "wide-key": np.array([2**32, 2**33 + 7], np.int64),
+                             "three-key": np.array([1, 2, 3], np.uint32)}[hostile]
+            np.savez(npz, **arrays)
+        elif hostile == "bad-checksum":
+            np.savez(npz, **{**arrays, "weights": np.full((5, 3), 0.25, np.float32)})
+            blob = bytearray(npz.read_bytes())
+            at = blob.index(np.float32(0.25).tobytes() * 15)
+            blob[at + 7] ^= 0xFF  # one byte of the stored data: its CRC no longer matches
+            npz.write_bytes(bytes(blob))
+        elif hostile == "bad-deflate":
+            with zipfile.ZipFile(npz, "w", zipfile.ZIP_DEFLATED) as archive:
+                for name, value in arrays.items():
+                    archive.writestr(f"{name}.npy", npy(value.shape, value.tobytes(), value.dtype.str))
+            info = zipfile.ZipFile(npz).getinfo("weights.npy")
+            blob = bytearray(npz.read_bytes())
+            start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+            blob[start + 2:start + 12] = b"\xff" * 10  # the compressed stream, damaged
+            npz.write_bytes(bytes(blob))
         else:
             crafted = {"object": npy((2,), b"\x00" * 16, "|O"), "huge": npy((99999999, 99999), b"\x00" * 60),
                        "truncated": npy((5, 3), b"\x00" * 20)}[hostile]
@@ -289,3 +317,133 @@ def test_a_hostile_npz_is_a_clear_error_and_leaves_nothing(tmp_path, hostile, er
         with pytest.raises(error, match=message):
             client.from_ngclearn(folder, name="hostile", allow_pickle=True)
         assert [s["name"] for s in client.list()] == ["source"]
+
+
+def test_members_an_import_does_not_use_are_never_read(tmp_path):
+    """A 2 MB npz of extra members made the reader hold 4.3 GB (each member read in full, with no total); only the
+    compartments an import uses are read now (a member claiming 10^13 elements is skipped, not refused)."""
+    import zipfile
+
+    with SynapseClient("local") as client:
+        source = learned(client, "source", *CASES["dense-sgd-nonneg"])
+        folder = source.to_ngclearn(tmp_path / "x")
+        with zipfile.ZipFile(folder / "source.npz", "a") as archive:
+            archive.writestr("junk.npy", npy((99999999, 99999), b"\x00" * 60))
+        back = client.from_ngclearn(folder, name="back", allow_pickle=True)
+        assert np.array_equal(back.weights, source.weights)
+
+
+def test_a_broadcasting_ngclearn_mask_is_kept_as_ngclearn_applies_it(tmp_path):
+    """ngclearn multiplies the weights by its mask as numpy broadcasts; a (1, n_out) mask (a pruned output) was
+    dropped in silence and the next steps differed by up to 0.2. It is the full mask now; a mask that does not
+    broadcast is refused."""
+    kind, config = CASES["dense-sgd-nonneg"]
+    with SynapseClient("local") as client:
+        folder = learned(client, "source", kind, config).to_ngclearn(tmp_path / "x")
+        npz = folder / "source.npz"
+        arrays = dict(np.load(npz))
+        arrays["mask"] = np.array([[1.0, 0.0, 1.0]], np.float32)
+        np.savez(npz, **arrays)
+        back = client.from_ngclearn(folder, name="back", allow_pickle=True)
+        full = np.broadcast_to(arrays["mask"], (5, 3))
+        assert np.array_equal(back.get("mask"), full)
+        x = np.random.default_rng(3).normal(size=(2, 5)).astype(np.float32)
+        np.testing.assert_allclose(back.forward(x), x @ (arrays["weights"] * full), rtol=1e-6)
+        arrays["mask"] = np.ones((2, 2), np.float32)
+        np.savez(npz, **arrays)
+        with pytest.raises(NgclearnFileError, match=r"mask of shape \(2, 2\) does not broadcast"):
+            client.from_ngclearn(folder, name="refused", allow_pickle=True)
+
+
+def test_a_component_named_by_a_file_never_leads_outside_the_save(tmp_path):
+    """roots.json named a component by an absolute path (or ../): the client read that npz from anywhere on disk
+    and would have sent it as the new instance's weights."""
+    with SynapseClient("local") as client:
+        elsewhere = learned(client, "secret", *CASES["dense-sgd-nonneg"]).to_ngclearn(tmp_path / "elsewhere")
+        model = learned(client, "model", *CASES["dense-sgd-nonneg"]).to_ngclearn(tmp_path / "m", layout="model")
+        roots_path = model / "component" / "roots.json"
+        roots = json.loads(roots_path.read_text())
+        entry = roots.pop("model")
+        for hostile in (str(elsewhere / "secret"), "../../../elsewhere/secret"):
+            roots_path.write_text(json.dumps({hostile: entry}))
+            with pytest.raises(NgclearnFileError, match="is not a file name of the save"):
+                client.from_ngclearn(model, name="stolen", allow_pickle=True)
+        with pytest.raises(NgclearnFileError, match="is not a file name of the save"):
+            client.from_ngclearn(model, name="stolen", component="../x")
+        roots_path.write_text(json.dumps({"model": entry}))
+        npz = model / "component" / "custom" / "model.npz"
+        npz.unlink()
+        npz.symlink_to(elsewhere / "secret.npz")  # a link out of the save
+        with pytest.raises(NgclearnFileError, match="leads outside the save folder"):
+            client.from_ngclearn(model, name="stolen", allow_pickle=True)
+        assert sorted(s["name"] for s in client.list()) == ["model", "secret"]
+
+
+@pytest.mark.parametrize(("file", "content", "message"), [
+    ("synapse-serve.json", "{not json", "not the export's metadata"),
+    ("synapse-serve.json", "[1, 2]", "not a synapse-serve export's metadata"),
+    ("synapse-serve.json", '{"config": {}, "seed": 1}', "not a synapse-serve export's metadata"),
+    ("component/roots.json", "{not json", "not the model's roots.json"),
+    ("component/roots.json", "[1, 2]", "not a model's roots.json"),
+    ("component/roots.json", None, "a component's args are a list and its kwargs a map"),
+    ("component/roots.json", "", "no such file"),
+])
+def test_metadata_that_is_not_what_it_says_is_a_clear_error(tmp_path, file, content, message):
+    """These raised JSONDecodeError, TypeError, KeyError, AttributeError or FileNotFoundError."""
+    with SynapseClient("local") as client:
+        folder = learned(client, "model", *CASES["dense-sgd-nonneg"]).to_ngclearn(tmp_path, layout="model")
+        (folder / "synapse-serve.json").unlink()  # ngclearn's own model folder: roots.json says what it is
+        target = folder / file
+        if content is None:
+            roots = json.loads(target.read_text())
+            roots["model"]["kwargs"] = [["eta", 0.1]]
+            content = json.dumps(roots)
+        if file == "synapse-serve.json" or content:
+            target.write_text(content)
+        else:
+            target.unlink()
+        with pytest.raises(NgclearnFileError, match=re.escape(message)):
+            client.from_ngclearn(folder, name="refused", allow_pickle=True)
+
+
+def _finishes(call, seconds: float = 60.0):
+    """``call()``'s exception (or None), failing the test if it has not returned within ``seconds``."""
+    import threading
+
+    outcome: list = []
+
+    def run():
+        try:
+            call()
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - the test reads it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still running after {seconds} s"
+    return outcome[0]
+
+
+def test_special_files_and_hostile_optimizer_states_are_refused_at_once(tmp_path):
+    """A FIFO in the npz's place hung the import for ever, and an 815-byte pickle sharing one list many times over
+    (10^30 leaves, numpy arrays only) hung it while memory grew."""
+    with SynapseClient("local") as client:
+        folder = learned(client, "victim", *CASES["dense-adam"]).to_ngclearn(tmp_path / "x")
+        pkl = folder / "victim_opt_params.pkl"
+        honest = pkl.read_bytes()
+        shared: list = [np.zeros(1, np.float32)]
+        for _ in range(30):
+            shared = [shared] * 10
+        pkl.write_bytes(pickle.dumps((shared, shared, np.float32(1.0)), protocol=4))
+        assert len(pkl.read_bytes()) < 4096
+        refused = _finishes(lambda: client.from_ngclearn(folder, name="laughs", allow_pickle=True))
+        assert isinstance(refused, NgclearnFileError) and "not an optimizer state" in str(refused)
+        pkl.write_bytes(honest)
+        npz = folder / "victim.npz"
+        npz.unlink()
+        os.mkfifo(npz)
+        refused = _finishes(lambda: client.from_ngclearn(folder, name="fifo", allow_pickle=True))
+        assert isinstance(refused, NgclearnFileError) and "is not a regular file" in str(refused)
+        assert [s["name"] for s in client.list()] == ["victim"]

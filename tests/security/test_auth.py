@@ -113,6 +113,10 @@ def test_client_errors_for_auth(server, monkeypatch):
         ({"host": "10.1.2.3", "tokens": "alice:short"}, "shorter than 16 characters"),
         ({"host": "127.0.0.1", "auth": "on"}, "no tokens are configured"),
         ({"host": "0.0.0.0", "tokens": "alice"}, "malformed"),
+        # specs no request could ever authenticate with were taken and counted (a silent misconfiguration)
+        ({"host": "0.0.0.0", "tokens": "alice: a-long-enough-token-0123"}, "has a space or a character"),
+        ({"host": "0.0.0.0", "tokens": "alice:dävid-a-long-enough-token"}, "not visible ASCII"),
+        ({"host": "0.0.0.0", "tokens": "alice:a long enough token 0123"}, "has a space"),
     ],
 )
 def test_unsafe_settings_refuse_to_start(tmp_path, settings, message):
