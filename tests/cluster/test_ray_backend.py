@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 import uuid
 
 import httpx
@@ -21,7 +22,9 @@ from cluster.raycluster import ray, ray_server, stop_shards
 from synapse_client import (
     ConflictError,
     NotFoundError,
+    PermissionDeniedError,
     Ref,
+    ServiceUnavailableError,
     SynapseClient,
     UnprocessableEntityError,
 )
@@ -253,3 +256,56 @@ def test_the_front_counts_a_shard_call_in_flight_as_busy(server, alice):
     call.join()
     assert busy_seen and seen == [(400, 8, 8, 8, 4)]
     assert not backend.busy()
+
+
+def test_quotas_idle_eviction_keyed_references_and_a_stuck_shard_are_as_on_one_host(cluster, tmp_path):
+    """A red-team found the Ray backend apart from one host: instance quotas counted per shard (an owner got
+    twice each), names its shards' idle evictor freed still taken (no restore, no create), a keyed retry whose
+    reference lived on another shard refused once those values changed, an unknown kind asked of shard-0 with a
+    blocking call, and a shard that does not answer made a create a 500 that left its name taken for good."""
+    live = ray_server(tmp_path, durability="sync", max_instances_per_owner=2, max_instances=4, evict_idle_after_s=8,
+                      tokens=f"alice:{ALICE},bob:{BOB}")
+    with live, SynapseClient(live.url, token=ALICE) as alice, SynapseClient(live.url, token=BOB) as bob:
+        a = [alice.create(f"a{i}", kind="HebbianSynapse", config={"shape": [4, 2]}, device=f"shard-{i}")
+             for i in (0, 1)]
+        with pytest.raises(PermissionDeniedError, match="max_instances_per_owner"):
+            alice.create("a2", kind="HebbianSynapse", config={"shape": [4, 2]})
+        b0 = bob.create("b0", kind="HebbianSynapse", config={"shape": [4, 2], "eta": 0.1}, device="shard-0")
+        b1 = bob.create("b1", kind="HebbianSynapse", config={"shape": [2, 3], "eta": 0.1}, device="shard-1")
+        with pytest.raises(PermissionDeniedError, match="max_instances: the server"):
+            bob.get_or_create("b2", kind="HebbianSynapse", config={"shape": [4, 2]})
+        # a keyed call whose reference is read from the other shard, retried after those values changed
+        b0.forward(np.ones((1, 4), np.float32))
+        post = np.ones((1, 3), np.float32)
+        first = b1.call("evolve", pre=Ref("outputs", instance="b0"), post=post, idempotency_key="once")
+        b0.forward(np.full((1, 4), 2.0, np.float32))
+        again = b1.call("evolve", pre=Ref("outputs", instance="b0"), post=post, idempotency_key="once")
+        assert again["version"] == first["version"] and b1.describe()["counters"] == {"evolve": 1}
+        with pytest.raises(NotFoundError, match="unknown kind 'Nope'"):
+            alice.kind_help("Nope")
+        # the shards' own idle evictor: the names are free again, and restoring one works
+        deadline = time.monotonic() + 60
+        while {e["name"] for e in alice.evicted()} != {"a0", "a1"}:
+            assert time.monotonic() < deadline, alice.evicted()
+            time.sleep(0.5)
+        restored = alice.restore_evicted("a0")
+        assert restored.describe()["shard"] == 0
+        taken_anew = alice.create("a1", kind="HebbianSynapse", config={"shape": [4, 2]})  # the evicted a1's name
+        with pytest.raises(PermissionDeniedError, match="quota max_instances"):  # alice's 2 (or 4 in all) again
+            alice.create("a3", kind="HebbianSynapse", config={"shape": [4, 2]})
+        a[0].describe()
+        taken_anew.delete()
+        # a shard that does not answer: a 503 naming it, never a 500, and the name is not left taken
+        backend = live.app.state.server.backend
+        stuck = backend.shard_info()[1]["pid"]
+        with SynapseClient(live.url, token=BOB, max_retries=0) as hasty:
+            os.kill(stuck, signal.SIGSTOP)
+            try:
+                with pytest.raises(ServiceUnavailableError, match="shard-1 does not answer"):
+                    hasty.get("never-made").describe()
+                with pytest.raises(ServiceUnavailableError, match="shard-1 does not answer"):
+                    hasty.create("late", kind="HebbianSynapse", config={"shape": [4, 2]}, device="shard-0")
+            finally:
+                os.kill(stuck, signal.SIGCONT)
+            assert hasty.create("late", kind="HebbianSynapse", config={"shape": [4, 2]}).describe()["version"] == 1
+    stop_shards(live)

@@ -32,12 +32,21 @@ from synapse_serve import errors
 from synapse_serve.backend import ExportParts
 from synapse_serve.cluster.channel import DIRECT_METHODS, Channel, ChannelLost, decode_answer, request_parts
 from synapse_serve.cluster.shard import Directory, Shard, frame_cap
-from synapse_serve.errors import AlreadyExists, DeviceFull, InvalidRequest, NotFound, NotReady, SynapseServeError
+from synapse_serve.errors import (
+    AlreadyExists,
+    DeviceFull,
+    InvalidRequest,
+    NotFound,
+    NotReady,
+    QuotaExceeded,
+    SynapseServeError,
+)
 from synapse_serve.names import CompartmentRef, InstanceKey
 from synapse_serve.settings import Settings
 
 log = logging.getLogger("synapse_serve")
 PING_TIMEOUT_S = 5.0
+FIND_TIMEOUT_S = 10.0  # a shard that cannot list its names this fast is taken as not answering (a 503)
 CHANNEL_SUSPEND_S = 30.0  # a channel Ray can see past but we cannot reach: how long Ray carries its calls
 # calls that may run again after their shard died mid-call without applying anything twice
 RETRYABLE = frozenset({"describe", "help", "stats", "history", "list", "read", "write", "snapshots", "evicted",
@@ -87,6 +96,7 @@ class RayBackend:
         cores = settings.ray_shard_cpus
         pin = int(cores) if not gpus and settings.ray_pin_cpus and cores >= 1 and float(cores).is_integer() else 0
         self.shards = [actor.options(name=f"shard-{i}", **options).remote(i, shard_settings, pin) for i in range(count)]
+        self._shard_settings = shard_settings
         self.channels = [Channel(self._locator(i), size=settings.worker_threads) if settings.ray_direct else None
                          for i in range(count)]
         self._frame_cap = frame_cap(settings)
@@ -186,14 +196,42 @@ class RayBackend:
     # --- routing ---
 
     async def _find(self, key: InstanceKey) -> int | None:
-        """The shard answering for ``key``, asking every shard (and remembering it), or None."""
-        held = await asyncio.gather(*(shard.keys.remote() for shard in self.shards))
+        """The shard answering for ``key``, asking every shard (and remembering it), or None; NotReady (503) when
+        a shard that does not answer (restarting, or hung) might hold it."""
+        held = await asyncio.gather(*(asyncio.wait_for(shard.keys.remote(), FIND_TIMEOUT_S) for shard in self.shards),
+                                    return_exceptions=True)
+        silent = []
         for index, keys in enumerate(held):
-            if (key.owner, key.name) in {tuple(k) for k in keys}:
+            if isinstance(keys, BaseException):
+                if not isinstance(keys, (TimeoutError, *self._dead)):
+                    raise keys
+                silent.append(index)
+            elif (key.owner, key.name) in {tuple(k) for k in keys}:
                 self._where[key] = index
                 return index
+        if silent:
+            raise NotReady(f"shard-{silent[0]} does not answer (it is being restarted, or is stuck), and it may hold "
+                           f"{key.name!r}; retry shortly", name=key.name, headers={"Retry-After": "1"})
         self._where.pop(key, None)
         return None
+
+    async def _claim(self, key: InstanceKey) -> int | str | None:
+        """Claim ``key``'s name in the directory (None: claimed; else who holds it, or the quota in the way). A name
+        the directory gives a shard that no longer holds it (its own idle evictor took the instance out) is
+        released and claimed again."""
+        limits = (self.settings.max_instances_per_owner, self.settings.max_instances)
+        holder = await self.directory.claim.remote(key.owner, key.name, *limits)
+        if isinstance(holder, int) and holder >= 0 and await self._find(key) is None:
+            await self.directory.release.remote(key.owner, key.name, holder)
+            holder = await self.directory.claim.remote(key.owner, key.name, *limits)
+        if holder == "max_instances":
+            raise QuotaExceeded(f"quota max_instances: the server holds its maximum of {self.settings.max_instances} "
+                                "instances", quota="max_instances")
+        if holder == "max_instances_per_owner":
+            raise QuotaExceeded(f"quota max_instances_per_owner: {key.owner!r} already holds "
+                                f"{self.settings.max_instances_per_owner} of {self.settings.max_instances_per_owner} "
+                                "instances", quota="max_instances_per_owner")
+        return holder
 
     async def _shard_of(self, key: InstanceKey) -> int:
         shard = self._where.get(key)
@@ -232,6 +270,13 @@ class RayBackend:
         phase("starting shards")
         for index in range(len(self.shards)):
             await self._wait_for(index, time.monotonic() + self.settings.ray_restart_timeout_s)
+        for index, started in enumerate(await asyncio.gather(*(s.started_with.remote() for s in self.shards))):
+            differ = sorted(k for k in self._shard_settings.keys() | started.keys()
+                            if self._shard_settings.get(k) != started.get(k))
+            if differ:  # a detached shard found running keeps what it was started with: say so, loudly
+                log.warning("shard-%d runs with the settings it was started with, not this front's (%s differ): "
+                            "limits and durability there are the old ones until the shards are stopped (ray stop, "
+                            "or kill the shard-<i> actors) and started again", index, ", ".join(differ[:12]))
         phase("mapping instances to shards")
         held = await asyncio.gather(*(shard.keys.remote() for shard in self.shards))
         for index, keys in enumerate(held):
@@ -271,7 +316,9 @@ class RayBackend:
         for entry in self._kinds:
             if entry["name"] == kind:
                 return entry["help"]
-        return self._blocking(0, "kind_help", kind)  # NotFound, with the shard's message
+        # the catalogue is here: no shard is asked (a blocking call on the loop, and none answers while restarting)
+        raise NotFound(f"unknown kind {kind!r}; known kinds: {', '.join(e['name'] for e in self._kinds)}",
+                       kind=str(kind))
 
     def operation_names(self) -> frozenset[str]:
         return self._operations
@@ -294,15 +341,17 @@ class RayBackend:
     async def _place(self, key: InstanceKey, order: list[int], method: str, **kwargs: Any) -> dict[str, Any]:
         """Create (or import) ``key`` on the first shard of ``order`` with room; its description. The name is
         claimed in the deployment's directory first, so no other front can take it meanwhile."""
-        holder = await self.directory.claim.remote(key.owner, key.name)
-        found = await self._find(key) if holder is None else None
-        if holder is not None or found is not None:
-            if found is not None:  # a shard holds it but the directory had not heard (it restarted): tell it
-                await self.directory.settle.remote(key.owner, key.name, found)
+        holder = await self._claim(key)
+        if holder is not None:
             raise AlreadyExists(f"an instance named {key.name!r} already exists" if holder != -1 else
                                 f"an instance named {key.name!r} is being created", name=key.name)
         settled = False
-        try:
+        try:  # from here the claim is ours: released whatever fails (a shard that does not answer: 503)
+            found = await self._find(key)
+            if found is not None:  # a shard holds it but the directory had not heard (it restarted): tell it
+                await self.directory.settle.remote(key.owner, key.name, found)
+                settled = True
+                raise AlreadyExists(f"an instance named {key.name!r} already exists", name=key.name)
             refused: DeviceFull | None = None
             for shard in order:
                 try:
@@ -367,21 +416,26 @@ class RayBackend:
                    expected_version: int | None = None, sequence: Mapping[str, Any] | None = None
                    ) -> dict[str, Any]:
         shard = await self._shard_of(key)
-        tensors = await self._fetch_references(key, shard, tensors)
+        tensors, stands_for = await self._fetch_references(key, shard, tensors)
+        extra = {"stands_for": stands_for} if stands_for else {}
         return await self._on(key, "call", operation=operation, tensors=tensors, returns=returns,
-                              idempotency_key=idempotency_key, expected_version=expected_version, sequence=sequence)
+                              idempotency_key=idempotency_key, expected_version=expected_version, sequence=sequence,
+                              **extra)
 
-    async def _fetch_references(self, key: InstanceKey, shard: int, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    async def _fetch_references(self, key: InstanceKey, shard: int, tensors: Mapping[str, Any]
+                                ) -> tuple[dict[str, Any], dict[str, list[str]]]:
         """References to another owner's-own instance on another shard become its values, read before the call
-        (the local engine reads them before taking the caller's lock too)."""
-        out = dict(tensors)
+        (the local engine reads them before taking the caller's lock too), and what each stood for: a keyed
+        call's retry is the same request when the referenced values have changed since, as on one host."""
+        out, stands_for = dict(tensors), {}
         for argument, value in tensors.items():
             if isinstance(value, CompartmentRef) and value.instance is not None:
                 other = InstanceKey(key.owner, value.instance)
                 other_shard = await self._shard_of(other)
                 if other_shard != shard:
                     out[argument], _ = await self._on(other, "read", compartment=value.compartment)
-        return out
+                    stands_for[argument] = [value.compartment, value.instance]
+        return out, stands_for
 
     async def call_many(self, keys: list[InstanceKey], *, operation: str, tensors: list[Mapping[str, Any]],
                         returns: list[str] | None = None, idempotency_key: str | None = None
@@ -443,7 +497,7 @@ class RayBackend:
         listed = await self._each("evicted", owner=key.owner)
         for shard, entries in enumerate(listed):
             if any(entry.get("name") == key.name for entry in entries):
-                if await self.directory.claim.remote(key.owner, key.name) is not None:
+                if await self._claim(key) is not None:
                     raise AlreadyExists(f"an instance named {key.name!r} already exists", name=key.name)
                 try:
                     description = await self._run(shard, "unevict", key)

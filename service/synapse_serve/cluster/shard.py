@@ -107,11 +107,13 @@ class Shard:
         from synapse_serve.settings import Settings
 
         self.index = index
+        self.given = dict(settings)  # what the front that started it asked for (later fronts compare theirs)
         self._complete = _complete
         state_dir = Path(settings["state_dir"]) / "shards" / f"shard-{index}"
         state_dir.mkdir(parents=True, exist_ok=True)
         self.settings = Settings(**{**settings, "state_dir": state_dir})
         self.backend = LocalBackend(self.settings, in_caller_thread=True)
+        self.backend.registry.on_evicted = self._release_names
         self.phase = "starting"
         _complete(self.backend.start())  # the directory's lock: the dead incarnation's went with its process
         _complete(self.backend.get_ready(self._set_phase))  # restored before the first call is answered
@@ -134,6 +136,19 @@ class Shard:
 
     def _set_phase(self, phase: str) -> None:
         self.phase = phase
+
+    def _release_names(self, evicted: list[dict[str, Any]]) -> None:
+        """The idle evictor took these instances out: the deployment's directory frees their names (else a restore
+        or a create of one is refused as taken, and they count against their owners' instance quotas)."""
+        import ray  # noqa: PLC0415 - in the actor's process
+
+        try:
+            directory = ray.get_actor("directory", namespace=self.settings.ray_namespace)
+            for entry in evicted:
+                directory.release.remote(entry["owner"], entry["name"], self.index)
+        except Exception as exc:  # noqa: BLE001 - the front frees a stale name when it meets one
+            logging.getLogger("synapse_serve").warning("shard-%d: the directory did not hear of %d evicted "
+                                                       "instances (%s)", self.index, len(evicted), exc)
 
     def run(self, method: str, args: tuple, kwargs: dict[str, Any]) -> tuple:
         """One Backend method on this shard: ``("ok", value)`` or ``("error", class, detail, extra, headers)``."""
@@ -175,6 +190,10 @@ class Shard:
     def ping(self) -> int:
         return self.index
 
+    def started_with(self) -> dict[str, Any]:
+        """The settings this shard was started with (a detached shard keeps them until it is stopped)."""
+        return self.given
+
     def close(self) -> None:
         """Write what changed and release the directory (before the actor is killed on purpose)."""
         if self.listener is not None:
@@ -203,10 +222,17 @@ class Directory:
             except Exception:  # noqa: BLE001 - a shard not up yet: its names are claimed when it lists them
                 continue
 
-    def claim(self, owner: str, name: str) -> int | None:
-        """Reserve a free name (None), or say who holds it: a shard, or -1 (a create of it is under way)."""
+    def claim(self, owner: str, name: str, per_owner: int | None = None, total: int | None = None
+              ) -> int | str | None:
+        """Reserve a free name (None), or say who holds it: a shard, or -1 (a create of it is under way); or which
+        instance-count quota a new name would break ("max_instances_per_owner", "max_instances"): counted here,
+        across every shard, as one server counts them."""
         holder = self.names.get((owner, name))
         if holder is None:
+            if total is not None and len(self.names) >= total:
+                return "max_instances"
+            if per_owner is not None and sum(o == owner for o, _ in self.names) >= per_owner:
+                return "max_instances_per_owner"
             self.names[(owner, name)] = -1
         return holder
 

@@ -459,11 +459,13 @@ class LocalBackend:
 
     async def call(self, key: InstanceKey, *, operation: str, tensors: Mapping[str, Any],
                    returns: list[str] | None = None, idempotency_key: str | None = None,
-                   expected_version: int | None = None, sequence: Mapping[str, Any] | None = None
-                   ) -> dict[str, Any]:
+                   expected_version: int | None = None, sequence: Mapping[str, Any] | None = None,
+                   stands_for: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``stands_for``: arguments whose values a front read from another shard's instance, each as the reference
+        the caller sent (``[compartment, instance]``): a keyed call's fingerprint names the reference, as here."""
         run = functools.partial(self.registry.call, key, operation, tensors, returns,
                                 idempotency_key=idempotency_key, expected_version=expected_version,
-                                sequence=sequence)
+                                sequence=sequence, stands_for=stands_for)
         if self.in_caller_thread:
             try:
                 return run()

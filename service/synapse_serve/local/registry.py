@@ -87,6 +87,7 @@ class Registry:
         self.answers = AnswerBudget(answer_budget_bytes)
         self.planner = Planner(self.capacity)  # a call's arguments checked and its plan, before any lock
         self.packed = PackedCalls(self)  # call_many and call_stacked (local/packing.py)
+        self.on_evicted: Callable[[list[dict[str, Any]]], None] | None = None  # told what the idle evictor took
 
     # --- lifecycle of the registry ---
 
@@ -141,7 +142,12 @@ class Registry:
         self.persistence.start("synapse-flusher", flush_interval_s, self.flush)
         if evict_idle_after_s > 0:
             self.persistence.start("synapse-evictor", min(60.0, evict_idle_after_s / 4),
-                                   lambda: self.evict_idle(evict_idle_after_s))
+                                   lambda: self._evict_in_background(evict_idle_after_s))
+
+    def _evict_in_background(self, idle_s: float) -> None:
+        evicted = self.evict_idle(idle_s)
+        if evicted and self.on_evicted is not None:  # a shard tells its deployment's directory the names are free
+            self.on_evicted(evicted)
 
     def close(self) -> None:
         """Stop the background threads, write whatever changed, wait for the device work already dispatched,
@@ -383,7 +389,8 @@ class Registry:
 
     def call(self, key: InstanceKey, operation: str, tensors: Mapping[str, Any], returns: list[str] | None = None,
              *, idempotency_key: str | None = None, expected_version: int | None = None, wait: bool = True,
-             signature: tuple | None = None, sequence: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             signature: tuple | None = None, sequence: Mapping[str, Any] | None = None,
+             stands_for: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Run ``operation``; returns ``{"version": v, <compartment>: numpy, ...}`` (see docs/api.md).
 
         A tensor argument is an array or a ``CompartmentRef`` (this instance's compartment when the call
@@ -392,7 +399,8 @@ class Registry:
         after every ``sequence["every"]``-th step or (``sequence["last"]``) after the last. A repeated
         ``idempotency_key`` returns the first answer without running again (in sync mode, once its write
         succeeded). ``wait=False`` raises Busy instead of waiting for the lock, or when the compartment shapes
-        are no longer ``signature``.
+        are no longer ``signature``. ``stands_for``: tensors that are another instance's values a front read for a
+        reference (``{argument: [compartment, instance]}``): the key's fingerprint names the reference instead.
         """
         instance = self._get(key)
         op = instance.kind.operations.get(operation)
@@ -406,7 +414,8 @@ class Registry:
         fn, count, kept = op.fn, 1, 1
         if steps or sequence is not None:
             (fn, kept), count = self.planner.sequence(op, args, steps, returned, sequence), steps
-        print_ = fingerprint(operation, args, returned, sequence) if idempotency_key is not None else ""
+        print_ = "" if idempotency_key is None else fingerprint(operation, args if not stands_for else [
+            _stand_in(arg.name, a, stands_for) for arg, a in zip(op.args, args)], returned, sequence)
         # another instance's compartments are copied before our lock is taken: never two locks at once
         args = [self._read_for(instance, arg.name, a) if isinstance(a, CompartmentRef) and a.instance else a
                 for arg, a in zip(op.args, args)]
@@ -775,6 +784,14 @@ class _Fetched:
 
     def __init__(self, value: Any) -> None:
         self.value = value
+
+
+def _stand_in(argument: str, value: Any, stands_for: Mapping[str, Any]) -> Any:
+    """What a keyed call's fingerprint hashes for an argument: the reference a front's read values stand for."""
+    ref = stands_for.get(argument)
+    if isinstance(ref, (list, tuple)) and len(ref) == 2 and all(isinstance(part, str) for part in ref):
+        return CompartmentRef(ref[0], ref[1])
+    return value
 
 
 def _floating_compartment(instance: Instance, argument: str, name: str, leaves: Mapping[str, Any]) -> Any:
