@@ -263,13 +263,29 @@ def test_quotas_idle_eviction_keyed_references_and_a_stuck_shard_are_as_on_one_h
     twice each), names its shards' idle evictor freed still taken (no restore, no create), a keyed retry whose
     reference lived on another shard refused once those values changed, an unknown kind asked of shard-0 with a
     blocking call, and a shard that does not answer made a create a 500 that left its name taken for good."""
+    with SynapseClient(f"local:{tmp_path / 'probe'}") as local:  # what one instance holds, at batch 1 and 3
+        probe = local.create("probe", kind="HebbianSynapse", config={"shape": [4, 2]})
+        small = probe.describe()["state_bytes"]
+        probe.snapshot("s")  # and what a snapshot of it keeps on disk
+        probe.forward(np.ones((3, 4), np.float32))
+        grown = probe.describe()["state_bytes"]
+    snapshot = next((tmp_path / "probe").glob("snapshots/*/probe/s.*")).stat().st_size
     live = ray_server(tmp_path, durability="sync", max_instances_per_owner=2, max_instances=4, evict_idle_after_s=8,
+                      max_state_bytes_per_owner=small + grown - 1, max_snapshot_bytes_per_owner=snapshot * 3 // 2,
                       tokens=f"alice:{ALICE},bob:{BOB}")
     with live, SynapseClient(live.url, token=ALICE) as alice, SynapseClient(live.url, token=BOB) as bob:
         a = [alice.create(f"a{i}", kind="HebbianSynapse", config={"shape": [4, 2]}, device=f"shard-{i}")
              for i in (0, 1)]
         with pytest.raises(PermissionDeniedError, match="max_instances_per_owner"):
             alice.create("a2", kind="HebbianSynapse", config={"shape": [4, 2]})
+        # the byte quotas count both shards: a1 alone would fit batch 3 on its shard, not with a0 on the other
+        with pytest.raises(PermissionDeniedError, match="max_state_bytes_per_owner: 'alice' holds"):
+            a[1].forward(np.ones((3, 4), np.float32))
+        a[0].snapshot("first")
+        with pytest.raises(PermissionDeniedError, match="max_snapshot_bytes_per_owner"):
+            a[1].snapshot("second")
+        a[0].delete_snapshot("first")
+        a[1].snapshot("second")
         b0 = bob.create("b0", kind="HebbianSynapse", config={"shape": [4, 2], "eta": 0.1}, device="shard-0")
         b1 = bob.create("b1", kind="HebbianSynapse", config={"shape": [2, 3], "eta": 0.1}, device="shard-1")
         with pytest.raises(PermissionDeniedError, match="max_instances: the server"):

@@ -34,7 +34,9 @@ def chromium_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(server):
+    """Chromium, started after the module's server and so closed before it: a server stopping under the browser's
+    kept-alive connections waited 30 s for them at the end of the module."""
     with playwright_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=chromium_path(), headless=True,
                                               args=["--no-sandbox", "--disable-dev-shm-usage"])

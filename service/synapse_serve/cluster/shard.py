@@ -20,6 +20,7 @@ crosses as Ray's own error. JAX is imported only here, in the actor's process.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -114,6 +115,9 @@ class Shard:
         self.settings = Settings(**{**settings, "state_dir": state_dir})
         self.backend = LocalBackend(self.settings, in_caller_thread=True)
         self.backend.registry.on_evicted = self._release_names
+        # the owner byte quotas count what every shard holds (before the restore: it reports what it admits)
+        self.ledger = ShardLedger(index, self.settings.ray_namespace)
+        self.backend.registry.capacity.ledger = self.ledger
         self.phase = "starting"
         _complete(self.backend.start())  # the directory's lock: the dead incarnation's went with its process
         _complete(self.backend.get_ready(self._set_phase))  # restored before the first call is answered
@@ -190,6 +194,10 @@ class Shard:
     def ping(self) -> int:
         return self.index
 
+    def usage(self) -> dict[str, Any]:
+        """Each owner's state and snapshot bytes here, with the ledger's sequence (a directory starting afresh)."""
+        return {"seq": self.ledger.next_seq(), **self.backend.registry.capacity.usage()}
+
     def started_with(self) -> dict[str, Any]:
         """The settings this shard was started with (a detached shard keeps them until it is stopped)."""
         return self.given
@@ -199,6 +207,49 @@ class Shard:
         if self.listener is not None:
             self.listener.close()
         self._complete(self.backend.close())
+
+
+class ShardLedger:
+    """A shard's side of the owner byte quotas across a deployment: what each owner holds here goes to the
+    directory as it changes (fire and forget, in order: each report carries a sequence that a restarted shard
+    continues past), and growth is reserved there first, so the quota holds for the owner's bytes on every
+    shard, as on one host. Without a directory to ask, a shard checks what it holds itself (and logs why)."""
+
+    def __init__(self, index: int, namespace: str) -> None:
+        self.index, self.namespace = index, namespace
+        self._epoch = time.time_ns()  # a restarted shard's sequence is past its dead incarnation's
+        self._counter = itertools.count()
+        self._directory: Any = None
+
+    def next_seq(self) -> tuple[int, int]:
+        return (self._epoch, next(self._counter))
+
+    def _reach(self) -> Any:
+        if self._directory is None:
+            import ray  # noqa: PLC0415 - in the actor's process
+
+            self._directory = ray.get_actor("directory", namespace=self.namespace)
+        return self._directory
+
+    def report(self, owner: str, kind: str, held: int) -> None:
+        try:
+            self._reach().report.remote(self.index, owner, kind, held, self.next_seq())
+        except Exception:  # noqa: BLE001 - no directory yet: it asks every shard when it starts
+            self._directory = None
+
+    def claim(self, owner: str, kind: str, held: int, more: int, quota: int) -> tuple[int, bool]:
+        import ray  # noqa: PLC0415 - in the actor's process
+
+        try:
+            total, fits = ray.get(self._reach().claim_bytes.remote(self.index, owner, kind, held, more, quota,
+                                                                   self.next_seq()), timeout=30)
+            return int(total), bool(fits)
+        except Exception as exc:  # noqa: BLE001 - unreachable: this shard's own count, said loudly
+            self._directory = None
+            logging.getLogger("synapse_serve").warning(
+                "shard-%d: the directory did not answer (%s); the %s quota is checked on this shard's bytes alone",
+                self.index, exc, kind)
+            return held, held + more <= quota
 
 
 class Directory:
@@ -214,11 +265,17 @@ class Directory:
         import ray  # noqa: PLC0415 - in the actor's process
 
         self.names: dict[tuple[str, str], int] = {}
+        # (shard, owner, "state" | "snapshot") -> (sequence, bytes): what each owner holds on each shard
+        self.usage: dict[tuple[int, str, str], tuple[tuple[int, int], int]] = {}
         for index in range(shards):
             try:
                 shard = ray.get_actor(f"shard-{index}", namespace=namespace)
                 for owner, name in ray.get(shard.keys.remote(), timeout=60):
                     self.names[(owner, name)] = index
+                held = ray.get(shard.usage.remote(), timeout=60)
+                for kind in ("state", "snapshot"):
+                    for owner, nbytes in held[kind].items():
+                        self.report(index, owner, kind, nbytes, tuple(held["seq"]))
             except Exception:  # noqa: BLE001 - a shard not up yet: its names are claimed when it lists them
                 continue
 
@@ -244,6 +301,23 @@ class Directory:
         holder = self.names.get((owner, name))
         if holder is not None and (shard is None or holder in (shard, -1)):
             del self.names[(owner, name)]
+
+    def report(self, shard: int, owner: str, kind: str, held: int, seq: tuple[int, int]) -> None:
+        """What ``owner`` holds on ``shard`` now (a report older than one already heard changes nothing)."""
+        known = self.usage.get((shard, owner, kind))
+        if known is None or tuple(seq) > known[0]:
+            self.usage[(shard, owner, kind)] = (tuple(seq), held)
+
+    def claim_bytes(self, shard: int, owner: str, kind: str, held: int, more: int, quota: int,
+                    seq: tuple[int, int]) -> tuple[int, bool]:
+        """What ``owner`` holds across the shards (``held`` on ``shard``), and whether ``more`` fits ``quota``; a
+        fit is reserved at once (the shard reports again whatever happens next)."""
+        self.report(shard, owner, kind, held, seq)
+        total = sum(nbytes for (_, o, k), (_, nbytes) in self.usage.items() if o == owner and k == kind)
+        if total + more > quota:
+            return total, False
+        self.usage[(shard, owner, kind)] = (tuple(seq), held + more)
+        return total, True
 
     def learn(self, entries: list[tuple[str, str, int]]) -> None:
         """Names a front found on shards (at its start): known holders are kept."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -33,6 +33,17 @@ class Limits:
     max_answer_bytes: int | None = None
 
 
+class Ledger(Protocol):
+    """Where a shard's owner bytes are counted with every other shard's (``cluster/shard.py``)."""
+
+    def report(self, owner: str, kind: str, held: int) -> None:
+        """What ``owner`` holds on this shard now (``kind``: "state" or "snapshot")."""
+
+    def claim(self, owner: str, kind: str, held: int, more: int, quota: int) -> tuple[int, bool]:
+        """What ``owner`` holds across the shards (``held`` here), and whether ``more`` fits ``quota``; if it does,
+        this shard's count is ``held + more`` from now on."""
+
+
 class Capacity:
     """Devices, placement and the accounting behind every quota and budget. Thread-safe."""
 
@@ -45,6 +56,8 @@ class Capacity:
         self._owner_count: Counter[str] = Counter()
         self._snapshot_bytes: Counter[str] = Counter()
         self._count = 0
+        # a shard of a Ray deployment: the owner byte quotas are counted across every shard (cluster/shard.py)
+        self.ledger: Ledger | None = None
 
     # --- devices ---
 
@@ -109,6 +122,7 @@ class Capacity:
             self._owner_count[owner] += 1
             self._owner_bytes[owner] += nbytes
             self._device_bytes[device] += nbytes
+            self._report(owner, "state")
 
     def release(self, owner: str, device: jax.Device, nbytes: int) -> None:
         """Forget an instance that held ``nbytes`` (deleted, evicted, or a create that failed)."""
@@ -117,6 +131,7 @@ class Capacity:
             self._owner_count[owner] -= 1
             self._owner_bytes[owner] -= nbytes
             self._device_bytes[device] -= nbytes
+            self._report(owner, "state")
 
     def resize(self, owner: str, device: jax.Device, old: int, new: int, *, check: bool = True) -> None:
         """An instance's state goes from ``old`` to ``new`` bytes; with ``check``, growth that would go over a
@@ -128,17 +143,35 @@ class Capacity:
                 self._check_bytes(owner, device, new - old)
             self._owner_bytes[owner] += new - old
             self._device_bytes[device] += new - old
+            self._report(owner, "state")
+
+    def _report(self, owner: str, kind: str) -> None:
+        """Tell the ledger (a shard's) what the owner holds here now (under the lock: in the order of the changes)."""
+        if self.ledger is not None:
+            self.ledger.report(owner, kind, (self._owner_bytes if kind == "state" else self._snapshot_bytes)[owner])
+
+    def _used(self, owner: str, kind: str, more: int, quota: int) -> tuple[int, bool]:
+        """What the owner holds (here, or across a deployment's shards) and whether ``more`` fits the quota; where a
+        ledger counts across shards, a fit is reserved there at once (two shards cannot both take the last room)."""
+        used = (self._owner_bytes if kind == "state" else self._snapshot_bytes)[owner]
+        if self.ledger is not None:
+            return self.ledger.claim(owner, kind, used, more, quota)
+        return used, used + more <= quota
 
     def _check_bytes(self, owner: str, device: jax.Device, more: int) -> None:
         limits = self.limits
-        used = self._owner_bytes[owner]
-        if limits.max_state_bytes_per_owner is not None and used + more > limits.max_state_bytes_per_owner:
-            raise QuotaExceeded(
-                f"quota max_state_bytes_per_owner: {owner!r} holds {used} bytes of state; this needs {more} more, "
-                f"over the quota of {limits.max_state_bytes_per_owner}", quota="max_state_bytes_per_owner",
-                used_bytes=used, needed_bytes=more)
         budget, held = limits.device_budget_bytes, self._device_bytes[device]
-        if budget is not None and held + more > budget:
+        fits_device = budget is None or held + more <= budget
+        if limits.max_state_bytes_per_owner is not None:
+            used, fits = self._used(owner, "state", more, limits.max_state_bytes_per_owner)
+            if fits and not fits_device:
+                self._report(owner, "state")  # the ledger's reservation falls with the refusal
+            if not fits:
+                raise QuotaExceeded(
+                    f"quota max_state_bytes_per_owner: {owner!r} holds {used} bytes of state; this needs {more} more, "
+                    f"over the quota of {limits.max_state_bytes_per_owner}", quota="max_state_bytes_per_owner",
+                    used_bytes=used, needed_bytes=more)
+        if not fits_device:
             raise DeviceFull(
                 f"device {device_name(device)} holds {held} bytes of state; this needs {more} more, over the "
                 f"device budget of {budget} bytes"
@@ -175,21 +208,32 @@ class Capacity:
         """What each owner's snapshot files hold (from a walk of the state directory at start-up)."""
         with self._lock:
             self._snapshot_bytes = Counter(used)
+            for owner in used:
+                self._report(owner, "snapshot")
 
     def admit_snapshot(self, owner: str, nbytes: int) -> None:
         """Count a new snapshot file; refused first if the owner's snapshot quota would be exceeded."""
         with self._lock:
-            quota, used = self.limits.max_snapshot_bytes_per_owner, self._snapshot_bytes[owner]
-            if quota is not None and used + nbytes > quota:
-                raise QuotaExceeded(
-                    f"quota max_snapshot_bytes_per_owner: {owner!r} keeps {used} bytes of snapshots; this one needs "
-                    f"{nbytes} more, over the quota of {quota}: delete snapshots you no longer need",
-                    quota="max_snapshot_bytes_per_owner", used_bytes=used, needed_bytes=nbytes)
+            quota = self.limits.max_snapshot_bytes_per_owner
+            if quota is not None:
+                used, fits = self._used(owner, "snapshot", nbytes, quota)
+                if not fits:
+                    raise QuotaExceeded(
+                        f"quota max_snapshot_bytes_per_owner: {owner!r} keeps {used} bytes of snapshots; this one "
+                        f"needs {nbytes} more, over the quota of {quota}: delete snapshots you no longer need",
+                        quota="max_snapshot_bytes_per_owner", used_bytes=used, needed_bytes=nbytes)
             self._snapshot_bytes[owner] += nbytes
+            self._report(owner, "snapshot")
 
     def release_snapshot(self, owner: str, nbytes: int) -> None:
         with self._lock:
             self._snapshot_bytes[owner] -= nbytes
+            self._report(owner, "snapshot")
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Every owner's state and snapshot bytes here (what a shard tells a ledger that starts afresh). Not under the
+        lock: a growth holds it while it waits on that ledger (each copy is one step under the GIL)."""
+        return {"state": dict(self._owner_bytes), "snapshot": dict(self._snapshot_bytes)}
 
     # --- gauges ---
 
