@@ -299,6 +299,9 @@ def test_quotas_idle_eviction_keyed_references_and_a_stuck_shard_are_as_on_one_h
         assert again["version"] == first["version"] and b1.describe()["counters"] == {"evolve": 1}
         with pytest.raises(NotFoundError, match="unknown kind 'Nope'"):
             alice.kind_help("Nope")
+        with pytest.raises(NotFoundError, match=r"names\[1\] \('zz'\): no instance named 'zz'") as missing:
+            bob.call_stacked("forward", ["b0", "zz"], {"inputs": np.ones((2, 1, 4), np.float32)})
+        assert missing.value.problem["call"] == 1  # named as one host names it
         # the shards' own idle evictor: the names are free again, and restoring one works
         deadline = time.monotonic() + 60
         while {e["name"] for e in alice.evicted()} != {"a0", "a1"}:

@@ -446,13 +446,23 @@ class RayBackend:
 
     async def call_stacked(self, keys: list[InstanceKey], *, operation: str, tensors: Mapping[str, Any],
                            returns: list[str] | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
-        shard = await self._packed_shard(keys)
+        shard = await self._packed_shard(keys, "names")
         return await self._run(shard, "call_stacked", keys, operation=operation, tensors=tensors, returns=returns,
                                idempotency_key=idempotency_key)
 
-    async def _packed_shard(self, keys: list[InstanceKey]) -> int:
-        """The one shard a packed call's instances live on (InvalidRequest if they are spread over several)."""
-        shards = sorted({await self._shard_of(key) for key in keys}) if keys else [0]
+    async def _packed_shard(self, keys: list[InstanceKey], field: str = "calls") -> int:
+        """The one shard a packed call's instances live on (InvalidRequest if they are spread over several); a
+        missing one is named as the local engine names it (``calls[1] ('zz'): …``, ``call: 1``)."""
+        found = set()
+        for index, key in enumerate(keys):
+            try:
+                found.add(await self._shard_of(key))
+            except NotFound as exc:
+                exc.detail = f"{field}[{index}] ({key.name!r}): {exc.detail}"
+                exc.args = (exc.detail,)
+                exc.extra.setdefault("call", index)
+                raise
+        shards = sorted(found) if keys else [0]
         if len(shards) > 1:
             raise InvalidRequest(f"calls: a packed call is applied all or nothing on one shard, and these instances "
                                  f"live on shards {', '.join(map(str, shards))}; pack the instances of each shard "
