@@ -898,28 +898,31 @@ class Synapse(_Handle):
         """outputs = forward transform of ``inputs`` (see ``help()``); returns the outputs."""
         return self.call("forward", inputs=inputs)["outputs"]
 
-    def evolve(self, pre: Any, post: Any, *, returns: Sequence[str] = (),
-               if_version: int | None = None) -> dict[str, Any]:
+    def evolve(self, pre: Any, post: Any, *, returns: Sequence[str] = (), if_version: int | None = None,
+               idempotency_key: str | None = None) -> dict[str, Any]:
         """One Hebbian update, applied exactly once even when a dropped connection is retried (over the network it
-        carries an Idempotency-Key). ``if_version`` makes it fail with 412 if the version has moved.
+        carries an Idempotency-Key: ``idempotency_key``, or a fresh one). ``if_version`` makes it fail with 412 if
+        the version has moved.
 
         Returns ``{"version": …}`` plus any compartments named in ``returns`` (e.g. ``("dWeights",)``).
         """
-        return self.call("evolve", pre=pre, post=post, returns=returns, if_version=if_version)
+        return self.call("evolve", pre=pre, post=post, returns=returns, if_version=if_version,
+                         idempotency_key=idempotency_key)
 
     def backtransmit(self, post: Any = None) -> np.ndarray:
         """dInputs = sign_value · the transform's adjoint at ``post`` (default: the stored post)."""
         return self.call("backtransmit", post=post)["dInputs"]
 
-    def step(self, inputs: Any, post: Any, *, returns: Sequence[str] | None = None,
-             if_version: int | None = None) -> dict[str, Any]:
+    def step(self, inputs: Any, post: Any, *, returns: Sequence[str] | None = None, if_version: int | None = None,
+             idempotency_key: str | None = None) -> dict[str, Any]:
         """forward(inputs), evolve(pre=inputs, post), backtransmit(post) in one round trip and one compiled call.
 
-        Equal to the three calls in a row; applied exactly once, like evolve. Returns
+        Equal to the three calls in a row; applied exactly once, like evolve (``idempotency_key`` as there). Returns
         ``{"version", "outputs", "dInputs"}`` by default, or the compartments named in ``returns``.
         Either tensor may be a ``Ref`` to a compartment already on the server.
         """
-        return self.call("step", inputs=inputs, post=post, returns=returns, if_version=if_version)
+        return self.call("step", inputs=inputs, post=post, returns=returns, if_version=if_version,
+                         idempotency_key=idempotency_key)
 
     def reset(self) -> None:
         """Zero the signal compartments at the configured batch_size; weights, biases and optimizer state stay."""
@@ -1074,22 +1077,25 @@ class AsyncSynapse(_Handle):
         """outputs = forward transform of ``inputs`` (see ``help()``); returns the outputs."""
         return (await self.call("forward", inputs=inputs))["outputs"]
 
-    async def evolve(self, pre: Any, post: Any, *, returns: Sequence[str] = (),
-                     if_version: int | None = None) -> dict[str, Any]:
+    async def evolve(self, pre: Any, post: Any, *, returns: Sequence[str] = (), if_version: int | None = None,
+                     idempotency_key: str | None = None) -> dict[str, Any]:
         """One Hebbian update, applied exactly once even when a dropped connection is retried (over the network it
-        carries an Idempotency-Key). ``if_version`` makes it fail with 412 if the version has moved."""
-        return await self.call("evolve", pre=pre, post=post, returns=returns, if_version=if_version)
+        carries an Idempotency-Key: ``idempotency_key``, or a fresh one). ``if_version`` makes it fail with 412 if
+        the version has moved."""
+        return await self.call("evolve", pre=pre, post=post, returns=returns, if_version=if_version,
+                               idempotency_key=idempotency_key)
 
     async def backtransmit(self, post: Any = None) -> np.ndarray:
         """dInputs = sign_value · the transform's adjoint at ``post`` (default: the stored post)."""
         return (await self.call("backtransmit", post=post))["dInputs"]
 
     async def step(self, inputs: Any, post: Any, *, returns: Sequence[str] | None = None,
-                   if_version: int | None = None) -> dict[str, Any]:
+                   if_version: int | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
         """forward(inputs), evolve(pre=inputs, post), backtransmit(post) in one round trip and one compiled call.
 
-        Equal to the three calls in a row; applied exactly once, like evolve."""
-        return await self.call("step", inputs=inputs, post=post, returns=returns, if_version=if_version)
+        Equal to the three calls in a row; applied exactly once, like evolve (``idempotency_key`` as there)."""
+        return await self.call("step", inputs=inputs, post=post, returns=returns, if_version=if_version,
+                               idempotency_key=idempotency_key)
 
     async def reset(self) -> None:
         """Zero the signal compartments at the configured batch_size; weights, biases and optimizer state stay."""

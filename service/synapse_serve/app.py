@@ -148,9 +148,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
-        return problem(exc.status_code, str(exc.detail), f"{request.method} {request.url.path}: {exc.detail}",
-                       slug, request)
+        title, slug = {404: ("Not found", "not-found"), 405: ("Method not allowed", "method-not-allowed")}.get(
+            exc.status_code, (str(exc.detail), "http-error"))  # the API's titles, not the framework's spelling
+        return problem(exc.status_code, title, f"{request.method} {request.url.path}: {exc.detail}", slug, request,
+                       headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -107,3 +107,18 @@ def test_the_documented_error_trees_are_the_real_classes():
         assert documented == real, (module.__name__, documented ^ real)
     for line in re.findall(r"[├└]── (\w+)\s+\((\d{3})\)", server_errors.__doc__):
         assert getattr(server_errors, line[0]).status == int(line[1]), line
+
+
+def test_routing_errors_and_unknown_tensors_carry_the_documented_titles(live_server, unique_name):
+    """A docs audit found framework spellings ("Not Found", "Method Not Allowed") and a title the error table did
+    not list ("Invalid request" for an unknown tensor of an operation)."""
+    missing = httpx.get(f"{live_server.url}/v1/nowhere")
+    assert missing.status_code == 404 and missing.json()["title"] == "Not found"
+    wrong_method = httpx.put(f"{live_server.url}/v1/synapses")
+    assert wrong_method.status_code == 405 and wrong_method.json()["title"] == "Method not allowed"
+    assert "POST" in wrong_method.headers["allow"]  # the framework's Allow header is kept
+    with SynapseClient(live_server.url) as client:
+        syn = client.create(unique_name, kind="HebbianSynapse", config={"shape": [2, 2]})
+        with pytest.raises(UnprocessableEntityError, match="forward takes inputs; unknown: bogus") as info:
+            syn.call("forward", inputs=np.ones((1, 2), np.float32), bogus=np.ones((1, 2), np.float32))
+        assert info.value.problem["title"] == "Invalid body fields"

@@ -151,6 +151,12 @@ def test_a_keyed_call_applies_once(via, unique_name):
     again = syn.call("evolve", pre=X, post=POST, idempotency_key="same-key", returns=["weights"])
     assert first["version"] == again["version"] == 2 and np.array_equal(first["weights"], again["weights"])
     assert syn.describe()["counters"] == {"evolve": 1}
+    # evolve and step take the key too (api.md said so; they raised TypeError)
+    assert syn.evolve(X, POST, idempotency_key="evolve-key")["version"] == 3
+    assert syn.evolve(X, POST, idempotency_key="evolve-key")["version"] == 3
+    assert syn.step(X, POST, idempotency_key="step-key")["version"] == 4
+    assert syn.step(X, POST, idempotency_key="step-key")["version"] == 4
+    assert syn.describe()["counters"] == {"evolve": 2, "step": 1}
 
 
 @pytest.mark.parametrize("transport", ["rest", "local"])

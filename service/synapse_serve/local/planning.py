@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from synapse_serve.errors import InvalidConfig, InvalidRequest, MissingArgument, ShapeMismatch
+from synapse_serve.errors import InvalidConfig, InvalidFields, InvalidRequest, MissingArgument, ShapeMismatch
 from synapse_serve.kinds import lean
 from synapse_serve.kinds.base import check_finite, check_tensor, leaf_names, require_int, unknown_compartment
 from synapse_serve.kinds.sequence import sequence_fn
@@ -87,7 +87,7 @@ class Planner:
         allowed = [a.name for a in op.args]
         unknown = set(tensors) - set(allowed)
         if unknown:
-            raise InvalidRequest(f"{op.name} takes {', '.join(allowed) or 'no tensors'}; unknown: "
+            raise InvalidFields(f"{op.name} takes {', '.join(allowed) or 'no tensors'}; unknown: "
                                  f"{', '.join(sorted(map(str, unknown)))}", argument=sorted(map(str, unknown))[0])
         sent = {a.name: tensors.get(a.name) for a in op.args}
         timed = [a.name for a in op.args if sent[a.name] is not None and not isinstance(sent[a.name], CompartmentRef)
