@@ -220,6 +220,7 @@ class ShardLedger:
         self._epoch = time.time_ns()  # a restarted shard's sequence is past its dead incarnation's
         self._counter = itertools.count()
         self._directory: Any = None
+        self._missed_at = -1.0  # when the directory was last not found (reports skip it for a second after)
 
     def next_seq(self) -> tuple[int, int]:
         return (self._epoch, next(self._counter))
@@ -232,10 +233,12 @@ class ShardLedger:
         return self._directory
 
     def report(self, owner: str, kind: str, held: int) -> None:
+        if self._directory is None and time.monotonic() - self._missed_at < 1.0:
+            return  # none yet (a restore before any front made one): it asks every shard when it starts
         try:
             self._reach().report.remote(self.index, owner, kind, held, self.next_seq())
-        except Exception:  # noqa: BLE001 - no directory yet: it asks every shard when it starts
-            self._directory = None
+        except Exception:  # noqa: BLE001 - no directory yet: as above
+            self._directory, self._missed_at = None, time.monotonic()
 
     def claim(self, owner: str, kind: str, held: int, more: int, quota: int) -> tuple[int, bool]:
         import ray  # noqa: PLC0415 - in the actor's process
