@@ -283,6 +283,10 @@ class RayBackend:
             for owner, name in keys:
                 self._where[InstanceKey(owner, name)] = index
         await self.directory.learn.remote([(owner, name, i) for i, keys in enumerate(held) for owner, name in keys])
+        for index, usage in enumerate(await asyncio.gather(*(shard.usage.remote() for shard in self.shards))):
+            for kind in ("state", "snapshot"):  # the byte ledger too (a directory that missed a slow shard)
+                for owner, nbytes in usage[kind].items():
+                    await self.directory.report.remote(index, owner, kind, nbytes, tuple(usage["seq"]))
         setups = await self._each("describe_setup")
         self._setup = {"devices": [f"shard-{i}/{d}" for i, s in enumerate(setups) for d in s["devices"]],
                        "state_dir": str(self.settings.state_dir.resolve()),
