@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from synapse_serve.errors import InvalidConfig
-
-_OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+from synapse_serve.names import OWNER as _OWNER
 LOCAL_OWNER = "local"
 
 

@@ -37,6 +37,7 @@ from typing import IO, Any
 import numpy as np
 
 from synapse_client._codec import MAX_RANK, numpy_dtype, wire_dtype_name
+from synapse_serve.names import OWNER as _OWNER
 
 FORMAT = "synapse-serve"
 FORMAT_VERSION = 1
@@ -49,8 +50,8 @@ DURABILITY_MODES = ("sync", "interval", "off")
 _TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int32": "I32",
           "int64": "I64", "uint32": "U32", "uint8": "U8", "bool": "BOOL"}
 _FROM_ST = {v: k for k, v in _TO_ST.items()}
-_OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SUFFIX = ".safetensors"
+DELETING = ".deleting"  # the marker of a decided deletion (``Store.mark_deleted``)
 _CHECKSUM_PLACEHOLDER = "0" * 64  # a SHA-256 in hex has this length whatever its value
 
 
@@ -423,6 +424,13 @@ class Store:
             self.instances.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             failures.append(f"cannot create {self.instances}: {exc}")
+        for marker in self.instances.glob(f"*/*{DELETING}") if self.instances.is_dir() else ():
+            key = f"{marker.parent.name}/{marker.name[: -len(DELETING)]}"
+            try:  # a deletion decided before a crash: finished before anything is listed
+                self.finish_deletion(key)
+                removed.append(f"{key} (deleted before the last stop)")
+            except OSError as exc:
+                failures.append(f"cannot finish deleting {key}: {exc}")
         for directory in (self.instances, self.snapshots, self.evicted):
             for tmp in directory.rglob(".*.tmp") if directory.is_dir() else ():
                 try:
@@ -461,6 +469,26 @@ class Store:
         path.unlink(missing_ok=True)
         if path.parent.is_dir():
             fsync_dir(path.parent)
+
+    def mark_deleted(self, key: str) -> None:
+        """The point a deletion of the instance and its snapshots is decided: ``instances/<owner>/<name>.deleting``,
+        written and synced. Until it is, nothing is deleted (OSError: nothing was); once it is, the deletion
+        happens whatever comes next — ``finish_deletion``, or a start-up that finds the marker (``prepare``). A
+        crash between deleting the snapshots one by one and the instance file had left the instance without some
+        of its snapshots."""
+        marker = self.instances / f"{key}{DELETING}"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with open(marker, "wb") as f:
+            os.fsync(f.fileno())
+        fsync_dir(marker.parent)
+
+    def finish_deletion(self, key: str) -> None:
+        """Delete what ``mark_deleted`` decided: the snapshots, the instance file, then the marker."""
+        self.remove_snapshots(key)
+        self.remove(key)
+        marker = self.instances / f"{key}{DELETING}"
+        marker.unlink(missing_ok=True)
+        fsync_dir(marker.parent)
 
     def quarantine_file(self, key: str, reason: str) -> Path:
         """Move an instance file that cannot be used to ``quarantine/<owner>/``, with its reason beside it."""
@@ -512,13 +540,17 @@ class Store:
         return sorted(p for p in directory.glob(f"*{SUFFIX}") if not p.name.startswith("."))
 
     def snapshot_bytes(self) -> dict[str, int]:
-        """Bytes of snapshot files per owner (what the snapshot quota counts), from a directory walk."""
+        """Bytes of snapshot and evicted files per owner (what the snapshot quota counts: the owner's copies on
+        disk), from a directory walk."""
         used: dict[str, int] = {}
-        if self.snapshots.is_dir():
-            for path in self.snapshots.glob(f"*/*/*{SUFFIX}"):
-                owner = path.parent.parent.name
-                with contextlib.suppress(OSError):
-                    used[owner] = used.get(owner, 0) + path.stat().st_size
+        for directory, pattern in ((self.snapshots, f"*/*/*{SUFFIX}"), (self.evicted, f"*/*{SUFFIX}")):
+            if not directory.is_dir():
+                continue
+            for path in directory.glob(pattern):
+                owner = path.relative_to(directory).parts[0]
+                if not path.name.startswith("."):
+                    with contextlib.suppress(OSError):
+                        used[owner] = used.get(owner, 0) + path.stat().st_size
         return used
 
     def remove_snapshots(self, key: str) -> None:

@@ -172,7 +172,7 @@ def test_the_stacked_form_takes_operations_without_tensors(limited, tmp_path, tr
             c.close()
 
 
-@pytest.mark.parametrize("owner", ["no spaces allowed", "x" * 200, 5])
+@pytest.mark.parametrize("owner", ["no spaces allowed", "x" * 200, "x" * 65, 5])
 def test_listing_a_malformed_owner_is_a_422_as_a_call_on_one_is(limited, owner):
     # the client refuses such names itself: raw requests, as the admin (auth off on loopback)
     if isinstance(owner, str):  # a query is text: 5 is the owner "5" there
@@ -183,3 +183,16 @@ def test_listing_a_malformed_owner_is_a_422_as_a_call_on_one_is(limited, owner):
             ws.send(packb(frame))
             answer = unpackb(ws.recv(timeout=30))
             assert answer["status"] == 422 and "invalid owner" in answer["problem"]["detail"], answer
+
+
+def test_an_owner_is_held_to_the_rule_its_files_and_tokens_follow(limited):
+    """An admin naming an owner of 65-128 characters (an instance name's rule, not an owner's) got a 201, then lost
+    the instance at restart: its file's owner could not be read back. Now it is refused before anything is made."""
+    for owner, status in (("o" * 65, 422), ("o" * 64, 201)):
+        body = {"name": "long-owner", "kind": "HebbianSynapse", "config": {"shape": [2, 2]}}
+        made = httpx.post(f"{limited.url}/v1/synapses", params={"owner": owner}, json=body)
+        assert made.status_code == status, made.text
+        if status == 422:
+            assert "invalid owner" in made.json()["detail"] and "64 characters" in made.json()["detail"]
+            assert httpx.get(f"{limited.url}/v1/synapses", params={"owner": "o" * 64}).json()["synapses"] == []
+    assert httpx.delete(f"{limited.url}/v1/synapses/long-owner", params={"owner": "o" * 64}).status_code == 204

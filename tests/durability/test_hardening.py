@@ -178,15 +178,24 @@ def test_imported_files_are_validated_like_a_create(tmp_path):
     """Item 8: a valid checksum let in version 2^64+5 (describe then answered 500), NaN weights, and more."""
     good = _export(tmp_path)
     record = decode(good)
-    nan_weights = decode(good)
-    nan_weights.arrays = {**record.arrays, "weights": np.full_like(record.arrays["weights"], np.nan)}
+
+    def with_array(name: str, value: float) -> bytes:
+        changed = decode(good)
+        changed.arrays = {**record.arrays, name: np.full_like(record.arrays[name], value)}
+        return encode(changed)
+
     crafted = {
         "huge version": with_record(good, version=2**64 + 5),
         "bogus durability": with_record(good, durability="bogus"),
         "NaN created_at": with_record(good, created_at=float("nan")),
         "negative counter": with_record(good, counters={"evolve": -1}),
         "unknown counter": with_record(good, counters={"rm -rf": 1}),
-        "NaN weights": encode(nan_weights),
+        "NaN weights": with_array("weights", np.nan),
+        # what a write of the same compartment refuses (an evolve on references to them: every weight NaN)
+        "NaN signal": with_array("pre", np.nan),
+        "infinite signal": with_array("outputs", -np.inf),
+        "negative step count": with_array("opt_state/0/count", -1.0),
+        "negative second moments": with_array("opt_state/0/nu/0", -0.25),
     }
     with LiveServer(state_dir=tmp_path / "dst") as server, SynapseClient(server.url) as client:
         for what, blob in crafted.items():
@@ -195,6 +204,7 @@ def test_imported_files_are_validated_like_a_create(tmp_path):
             with pytest.raises(UnprocessableEntityError) as info:
                 client.import_(path, name="crafted")
             assert info.value.problem["type"].endswith("invalid-instance-file"), (what, info.value.problem)
+            assert info.value.problem["status"] == 422
         assert client.list() == []  # nothing half-made
         (tmp_path / "ok.safetensors").write_bytes(good)
         assert client.import_(tmp_path / "ok.safetensors", name="ok").describe()["version"] == 2
@@ -422,6 +432,7 @@ def test_an_index_entry_declaring_an_array_numpy_cannot_shape_is_an_invalid_file
             with pytest.raises(UnprocessableEntityError) as info:
                 client.import_(tmp_path / "odd.safetensors", name="odd")
             assert info.value.problem["type"].endswith("invalid-instance-file"), (what, info.value.problem)
+            assert info.value.problem["status"] == 422
         assert client.list() == []
 
 
@@ -486,3 +497,126 @@ def test_a_keyed_call_answered_503_while_its_instance_is_restored_is_sent_again_
     finally:
         release.set()
         server.__exit__()
+
+
+def test_pipelined_keyed_frames_meeting_a_restore_are_applied_in_the_order_they_were_sent(tmp_path, monkeypatch):
+    """A red-team probe pipelined keyed evolves across a restart: those that met the restore were answered 503 and
+    sent again only when their answers were awaited, after the frames behind them had run (applied once each, in
+    another order: other weights). A frame safe to repeat now waits in place on the stream until the server is
+    ready; one that is not safe to repeat is still answered 503 at once."""
+    from synapse_client._codec import packb, unpackb
+    from websockets.sync.client import connect
+
+    _learned(tmp_path, ["x"])  # one evolve, stored
+    release = threading.Event()
+    real_load = Registry.load_stored
+    monkeypatch.setattr(Registry, "load_stored", lambda self: (release.wait(30), real_load(self))[1])
+    server = LiveServer(state_dir=tmp_path, durability="sync").start()
+    rng = np.random.default_rng(3)
+    posts = [rng.normal(size=POST.shape).astype(np.float32) for _ in range(5)]
+    try:
+        with connect(server.url.replace("http://", "ws://") + "/v1/session", max_size=None) as ws:
+            ws.send(packb({"id": 0, "op": "call", "name": "x", "operation": "forward", "tensors": {"inputs": X}}))
+            assert unpackb(ws.recv(timeout=30))["status"] == 503  # not safe to repeat: answered at once
+            for i, post in enumerate(posts, start=1):
+                ws.send(packb({"id": i, "op": "call", "name": "x", "operation": "evolve", "idempotency_key": f"k{i}",
+                               "tensors": {"pre": X, "post": post}, "return": ["weights"]}))
+            threading.Timer(0.3, release.set).start()
+            answers = [unpackb(ws.recv(timeout=60)) for _ in posts]
+        assert [(a["id"], a["status"]) for a in answers] == [(i, 200) for i in range(1, 6)]
+        assert [a["result"]["version"] for a in answers] == [3, 4, 5, 6, 7]  # applied in the order sent, once each
+        with SynapseClient(server.url) as client:
+            np.testing.assert_array_equal(client.get("x").weights, answers[-1]["result"]["weights"])
+    finally:
+        release.set()
+        server.__exit__()
+
+
+@pytest.mark.parametrize("crash_at", ["before the decision", "after the decision"])
+def test_a_delete_cut_short_by_a_crash_is_whole_or_never_happened(tmp_path, monkeypatch, crash_at):
+    """A red-team probe killed the server mid-delete: the instance came back without 6 of its 40 snapshots (they were
+    deleted one by one before its file). A deletion is decided by one synced marker: before it, nothing is deleted;
+    after it, a start-up finishes what the crash cut short."""
+    key = InstanceKey("local", "doomed")
+    first = Registry(persistence=Persistence(Store(tmp_path), "sync"))
+    first.create(key, kind=KIND, config=CONFIG)
+    for i in range(4):
+        first.snapshot(key, f"s{i}")
+    mark, remove = Store.mark_deleted, Store.remove
+
+    def crash(*args):
+        raise _Crash
+
+    if crash_at == "before the decision":
+        monkeypatch.setattr(Store, "mark_deleted", crash)
+    else:
+        monkeypatch.setattr(Store, "remove", crash)  # the snapshots went, the instance file had not yet
+    with pytest.raises(_Crash):
+        first.delete(key)
+    monkeypatch.setattr(Store, "mark_deleted", mark)
+    monkeypatch.setattr(Store, "remove", remove)
+    again = Registry(persistence=Persistence(Store(tmp_path), "sync"))
+    again.open()
+    again.load_stored()
+    snapshots = tmp_path / "snapshots" / "local" / "doomed"
+    if crash_at == "before the decision":
+        assert again.describe(key)["version"] == 1 and [s["snapshot"] for s in again.snapshots(key)] == [
+            "s0", "s1", "s2", "s3"]
+    else:
+        assert again.list() == [] and not snapshots.exists() and not list(tmp_path.rglob("*.deleting"))
+        again.create(key, kind=KIND, config=CONFIG)  # the name is free, and starts with no snapshots of the old
+        assert again.snapshots(key) == []
+    again.close()
+
+
+def test_an_import_is_at_least_as_durable_as_the_server_it_lands_on(tmp_path):
+    """A red-team probe imported, on a sync server, a file exported from an instance that was ``off`` (or
+    ``interval``) elsewhere: the next evolve was acknowledged from memory only, and a kill -9 lost the instance. A file
+    keeps its mode only where it is stronger than the server's."""
+    blobs = {}
+    with LiveServer(state_dir=tmp_path / "src", durability="interval") as server, \
+            SynapseClient(server.url) as client:
+        for mode in ("off", "interval", "sync"):
+            syn = client.create(f"from-{mode}", kind=KIND, config=CONFIG, durability=mode)
+            blobs[mode] = syn.export(tmp_path / f"{mode}.safetensors")
+    for server_mode, expected in (("sync", {"off": "sync", "interval": "sync", "sync": "sync"}),
+                                  ("interval", {"off": "interval", "interval": "interval", "sync": "sync"})):
+        state = tmp_path / server_mode
+        with LiveServer(state_dir=state, durability=server_mode) as server, SynapseClient(server.url) as client:
+            for mode, path in blobs.items():
+                syn = client.import_(path, name=f"in-{mode}")
+                assert syn.describe()["durability"] == expected[mode], (server_mode, mode)
+                if expected[mode] == "sync":  # acknowledged: on disk at once
+                    syn.evolve(X, POST)
+                    assert decode((state / "instances" / "local" / f"in-{mode}.safetensors").read_bytes()).version == 2
+
+
+def test_a_description_read_while_a_call_is_stored_shows_the_version_before_it(tmp_path, monkeypatch):
+    """A red-team probe read GET /v1/synapses/{name} while a sync evolve was storing its file: it answered the new
+    version (as its ETag too), and a kill at that moment brought the instance back one version lower — a client
+    using If-Match, or the page, saw versions go backwards. Until a call ends, descriptions say what was before it."""
+    key = InstanceKey("local", "slow")
+    registry = Registry(persistence=Persistence(Store(tmp_path), "sync"))
+    registry.create(key, kind=KIND, config=CONFIG)
+    storing, release, save = threading.Event(), threading.Event(), Store.save
+
+    def slow_save(store, name, record):
+        if record.version == 2:
+            storing.set()
+            assert release.wait(30)
+        return save(store, name, record)
+
+    monkeypatch.setattr(Store, "save", slow_save)
+    evolve = threading.Thread(target=registry.call, args=(key, "evolve", {"pre": X, "post": POST}))
+    evolve.start()
+    try:
+        assert storing.wait(30)  # the new state is in memory, its file not written yet
+        described, listed = registry.describe(key), registry.list()[0]
+        assert described["running"]["operation"] == "evolve"
+        assert (described["version"], described["counters"]) == (1, {})
+        assert (listed["version"], listed["counters"]) == (1, {})
+    finally:
+        release.set()
+        evolve.join(timeout=30)
+    assert registry.describe(key)["version"] == 2 and registry.describe(key)["counters"] == {"evolve": 1}
+    registry.close()

@@ -161,6 +161,40 @@ def test_after_a_release_a_call_compiles_on_a_worker_not_on_the_event_loop(small
         assert not threads[-1].startswith("synapse-worker")  # measured again: inline again
 
 
+def test_a_call_that_asks_for_other_compartments_compiles_on_a_worker(tmp_path, monkeypatch):
+    """A sequence's program returns what it was asked for: the same call asking for another list of compartments
+    compiles anew (~100 ms), and had run on the event loop (its cost was known under the same shapes), stalling
+    every other connection. A list that differs only in order or repetition compiles nothing new."""
+    with LiveServer(state_dir=tmp_path / "state", inline_call_us=100_000, inline_hop_factor=0) as server, \
+            SynapseClient(server.url) as client:
+        registry, threads = server.registry, []
+        real_call = registry.call
+
+        def recorded(*args, **kwargs):
+            threads.append(threading.current_thread().name)
+            return real_call(*args, **kwargs)
+
+        monkeypatch.setattr(registry, "call", recorded)
+        syn = client.create("asks", kind="HebbianSynapse", config={**CONFIG, "optim_type": "adam", "batch_size": 2})
+        xs = np.linspace(-1, 1, 3 * 2 * 8, dtype=np.float32).reshape(3, 2, 8)
+        for _ in range(3):  # the first changes the stored batch (a new signature): measured from the second
+            outputs = syn.call("forward", inputs=xs, returns=["outputs"])["outputs"]
+        assert not threads[-1].startswith("synapse-worker"), threads  # measured quick: inline
+        for returns in (["outputs", "inputs"], ["outputs", "inputs", "weights"]):
+            answer = syn.call("forward", inputs=xs, returns=returns)
+            assert threads[-1].startswith("synapse-worker"), (returns, threads)  # a new program: on a worker
+            assert list(answer) == ["version", *returns] and np.array_equal(answer["outputs"], outputs)
+            for _ in range(2):  # the compile was its first cost: measured again on a worker, then inline
+                syn.call("forward", inputs=xs, returns=returns)
+            assert not threads[-1].startswith("synapse-worker"), (returns, threads)
+        compiled = programs(server.url)
+        answer = syn.call("forward", inputs=xs, returns=["weights", "outputs", "weights", "inputs"])
+        assert programs(server.url) == compiled  # the program of the same three in another order
+        assert list(answer) == ["version", "weights", "outputs", "inputs"]  # as asked, each once
+        assert np.array_equal(answer["outputs"], outputs) and answer["inputs"].shape == (3, 2, 8)
+        assert np.array_equal(answer["inputs"][-1], xs[-1])
+
+
 def test_the_in_process_mode_bounds_its_compiled_programs_too():
     """The caller's own process: the same bound, the same numbers after a release."""
     from synapse_serve.local.backend import compile_stats

@@ -224,6 +224,44 @@ def test_idle_instances_are_evicted_automatically(tmp_path):
         assert [e["name"] for e in client.evicted()] == ["soon-gone"]
 
 
+def test_an_owner_keeps_one_evicted_copy_a_name_and_its_copies_count_against_the_snapshot_quota(tmp_path):
+    """A red-team probe created an instance, let it be evicted, and again: six evicted copies, 11.3 MB, against a
+    2 MB state quota and a 0.5 MB snapshot quota. An owner keeps the latest copy of a name (the one a restore brings
+    back), and the copies count against the snapshot quota as the files they are: an instance whose copy would not
+    fit stays where it is."""
+    with LiveServer(state_dir=tmp_path / "probe") as probe, SynapseClient(probe.url) as client:
+        size = client.create("p", kind=KIND, config=CONFIG).export(tmp_path / "p.safetensors").stat().st_size
+    quota = int(2.5 * size)
+
+    def evict(client: SynapseClient) -> list[str]:
+        return [e["name"] for e in client.request("POST", "/v1/admin/evict", {"idle_s": 0}, retry=False)["evicted"]]
+
+    with LiveServer(state_dir=tmp_path / "s", max_snapshot_bytes_per_owner=quota) as server, \
+            SynapseClient(server.url) as client:
+        for seed in (1, 2):
+            weights = client.create("x", kind=KIND, config=CONFIG, seed=seed).weights
+            assert evict(client) == ["x"]
+        assert [e["name"] for e in client.evicted()] == ["x"]  # the latest copy only
+        assert len(list((tmp_path / "s" / "evicted" / "local").glob("x.*.safetensors"))) == 1
+        client.create("y", kind=KIND, config=CONFIG)
+        client.create("z", kind=KIND, config=CONFIG)
+        evicted = evict(client)
+        assert len(evicted) == 1  # one copy fits beside x's, not two
+        (stays,) = {"y", "z"} - set(evicted)
+        assert client.get(stays).describe()["version"] == 1  # still here, as it was
+        assert sorted(e["name"] for e in client.evicted()) == sorted(["x", *evicted])
+        back = client.restore_evicted("x")  # its copy goes, and with it what it counted
+        np.testing.assert_array_equal(back.weights, weights)
+        back.delete()
+        assert evict(client) == [stays]
+    with LiveServer(state_dir=tmp_path / "s", max_snapshot_bytes_per_owner=quota) as server, \
+            SynapseClient(server.url) as client:  # after a restart the copies on disk are counted again
+        assert sorted(e["name"] for e in client.evicted()) == ["y", "z"]
+        client.create("w", kind=KIND, config=CONFIG)
+        assert evict(client) == []
+        assert [d["name"] for d in client.list()] == ["w"]
+
+
 def test_devices_route_shows_load_and_budget(tmp_path):
     with LiveServer(state_dir=tmp_path, device_budget_bytes=10**7) as server, SynapseClient(server.url) as client:
         syn = client.create("d", kind=KIND, config=CONFIG)

@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 
-from synapse_serve.errors import IdempotencyKeyReused, NotFound, QuotaExceeded
+from synapse_serve.errors import IdempotencyKeyReused, NotFound, QuotaExceeded, ShapeMismatch
 from synapse_serve.local.capacity import Capacity, Limits
 from synapse_serve.local.persistence import Persistence
 from synapse_serve.local.registry import Registry
@@ -360,3 +360,56 @@ def test_rows_a_stack_grew_are_charged_at_their_grown_size_once_their_member_is_
     registry.delete(packed[0])  # its grown row stays in the stack's arrays: still counted, at its grown size
     assert stack_of(registry, packed[1]) is not None
     assert registry.capacity.owner_usage("me")["state_bytes"] == usage
+
+
+@pytest.mark.parametrize("limit", ["max_state_bytes_per_owner", "device_budget_bytes"])
+def test_taking_a_member_out_never_takes_its_owner_past_a_quota_or_the_budget(limit):
+    """A red-team probe filled the quota with a stacked population and called its members one by one: each call took
+    its member out (its own state, its row still held by the stack), charged unchecked: 35% over the quota. The row
+    left behind is checked as any growth is; where it does not fit, the stack empties instead (every member its own
+    state, the stacked arrays gone). A refused write leaves its member in the stack and the count as it was."""
+    probe = Registry(Capacity(Limits()))
+    stacked(probe, "dense")
+    full = probe.capacity.owner_usage("me")["state_bytes"]
+    registry = Registry(Capacity(Limits(**{limit: full})))
+    packed, _ = stacked(registry, "dense")
+    row = registry.describe(packed[0])["state_bytes"]
+
+    def used() -> int:
+        return registry.capacity.owner_usage("me")["state_bytes"]
+
+    with pytest.raises(ShapeMismatch):
+        registry.write(packed[1], "weights", np.ones((1, 1), np.float32))
+    assert stack_of(registry, packed[1]) is not None and used() == full  # refused: nothing taken out, nothing counted
+    before = registry.read(packed[1], "weights")[0]
+    answer = registry.call(packed[1], "forward", tensors(registry, "p1", "forward", (), seed=1))  # answered, and
+    assert all(stack_of(registry, k) is None for k in packed)  # its row did not fit: the stack emptied instead
+    assert used() == full == sum(registry.describe(k)["state_bytes"] for k in packed)
+    assert np.array_equal(registry.read(packed[1], "weights")[0], before) and answer["version"] == 4
+
+    roomy = Registry(Capacity(Limits(**{limit: full + row})))  # room for one row: the stack keeps it
+    packed, _ = stacked(roomy, "dense")
+    roomy.call(packed[1], "forward", tensors(roomy, "p1", "forward", (), seed=1))
+    assert stack_of(roomy, packed[1]) is None and stack_of(roomy, packed[2]) is not None
+    assert roomy.capacity.owner_usage("me")["state_bytes"] == full + row
+    roomy.call(packed[2], "forward", tensors(roomy, "p2", "forward", (), seed=2))  # a second row would not fit
+    assert all(stack_of(roomy, k) is None for k in packed)
+    assert roomy.capacity.owner_usage("me")["state_bytes"] == full
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_list_form_call_on_a_stack_answers_every_compartment_as_an_array(kind):
+    """A red-team probe: a 0-d compartment (an optimizer's step count) came back from a stack as a numpy scalar, which
+    the wire writes as a plain number, where a separate call (and the stacked form) answers a 0-d tensor."""
+    registry = Registry()
+    packed, _ = stacked(registry, kind)
+    layout = registry.describe(packed[0])["compartments"]
+    returned = [c for c, d in layout.items() if d["shape"] == []] + ["weights"]
+    sent = stacked_tensors(registry, "evolve", seed=5)
+    answers = registry.call_many(packed, "evolve", [{n: v[i] for n, v in sent.items()} for i in range(COUNT)],
+                                 returned)
+    assert stack_of(registry, packed[0]) is not None  # it ran on the stack
+    for answer in answers:
+        for compartment in returned:
+            assert isinstance(answer[compartment], np.ndarray), (compartment, type(answer[compartment]))
+            assert answer[compartment].shape == tuple(layout[compartment]["shape"])

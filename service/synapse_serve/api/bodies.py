@@ -9,11 +9,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from synapse_client._codec import WireError, json_tensor, packb_parts, to_json, unpackb
+from synapse_client._codec import WireError, json_parts, json_tensor, packb_parts, unpackb
 from synapse_serve.errors import (
     BodyTooLarge,
     InvalidFields,
@@ -59,7 +60,10 @@ async def read_body(request: Request) -> tuple[dict[str, Any], str]:
         kind = MSGPACK
     elif media == JSON or media.endswith("+json"):
         try:
-            body = json.loads(raw)
+            if len(raw) > JSON_ON_LOOP_BYTES:  # ~30 ms a megabyte to read, tensors made arrays: on a worker
+                body = await asyncio.to_thread(_json_body, raw, settings.max_tensor_elements)
+            else:
+                body = _json_body(raw, settings.max_tensor_elements)
         except (ValueError, RecursionError) as exc:
             raise MalformedBody(f"body is not valid JSON: {str(exc)[:200]}") from None
         kind = JSON
@@ -70,6 +74,33 @@ async def read_body(request: Request) -> tuple[dict[str, Any], str]:
     if not isinstance(body, dict):
         raise MalformedBody(f"the body must be a map/object, received {type(body).__name__}")
     return body, kind
+
+
+JSON_ON_LOOP_BYTES = 1 << 18
+
+
+class JsonTensor(dict):
+    """A ``{"dtype", "shape", "values"}`` object of a JSON body, as read (a map to whatever reads it as one), with
+    its values already made an array where they make one (``array``; None where they do not: ``tensor_field`` then
+    says what is wrong, naming the field)."""
+
+    array: np.ndarray | None = None
+
+
+def _json_body(raw: bytes, max_elements: int) -> Any:
+    """A JSON body, its tensor objects read as arrays too (``JsonTensor``)."""
+
+    def tensor(obj: dict[str, Any]) -> dict[str, Any]:
+        if obj.keys() != {"dtype", "shape", "values"}:
+            return obj
+        found = JsonTensor(obj)
+        try:
+            found.array = json_tensor(obj, max_elements)
+        except WireError:
+            pass
+        return found
+
+    return json.loads(raw, object_hook=tensor)
 
 
 async def _read_limited(request: Request) -> bytes:
@@ -142,6 +173,8 @@ def tensor_field(body: dict[str, Any], name: str, media: str, max_elements: int)
         if value is not None and not hasattr(value, "dtype"):
             raise MalformedBody(f"{name}: expected a tensor map {{dtype, shape, data}}, received {type(value).__name__}")
         return value
+    if isinstance(value, JsonTensor) and value.array is not None:
+        return value.array
     try:
         return json_tensor(value, max_elements)
     except WireError as exc:
@@ -164,10 +197,12 @@ def _wanted(request: Request) -> list[str]:
 
 
 def returns_field(value: Any) -> list[str] | None:
-    """A request's ``return``: None, or a list of compartment names (MalformedBody otherwise)."""
-    if value is not None and (not isinstance(value, list) or not all(isinstance(r, str) for r in value)):
+    """A request's ``return``: None, or a list of compartment names, each once (MalformedBody otherwise)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
         raise MalformedBody("return: expected a list of compartment names")
-    return value
+    return list(dict.fromkeys(value))  # an answer is a map: a name asked twice is answered once
 
 
 def check_acceptable(request: Request) -> None:
@@ -213,7 +248,41 @@ def encode(content: Any, media: str, status: int = 200, headers: dict[str, str] 
         if len(parts) == 1:
             return Response(parts[0], status_code=status, media_type=MSGPACK, headers=headers)
         return PartsResponse(parts, sum(len(p) for p in parts), status, MSGPACK, headers)
-    return Response(json.dumps(to_json(content)), status_code=status, media_type=JSON, headers=headers)
+    return JsonResponse(content, status, headers)
+
+
+JSON_ON_LOOP_ELEMENTS = 1 << 14  # answers holding more values than this are written on a worker thread
+
+
+class JsonResponse(Response):
+    """An answer in JSON, written when it is sent: on a worker thread when it holds many values (writing them takes
+    ~0.3 µs a value, seconds for a large answer: never on the event loop, which every connection shares), in parts
+    (``json_parts``) that go out one by one."""
+
+    def __init__(self, content: Any, status_code: int, headers: dict[str, str] | None) -> None:
+        super().__init__(None, status_code=status_code, headers=headers, media_type=JSON)
+        self.content = content
+
+    async def __call__(self, scope, receive, send) -> None:
+        if _values_in(self.content) > JSON_ON_LOOP_ELEMENTS:
+            parts = await asyncio.to_thread(json_parts, self.content)
+        else:
+            parts = json_parts(self.content)
+        self.content = None
+        self.headers["content-length"] = str(sum(len(p) for p in parts))
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        for part in parts[:-1]:
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": parts[-1], "more_body": False})
+
+
+def _values_in(content: Any) -> int:
+    """How many array values ``content`` holds (arrays in maps and lists, as answers hold them)."""
+    if isinstance(content, dict):
+        return sum(_values_in(v) for v in content.values())
+    if isinstance(content, (list, tuple)):
+        return sum(_values_in(v) for v in content)
+    return int(getattr(content, "size", 0) or 0) if hasattr(content, "__array__") else 0
 
 
 def request_id_of(scope: Any) -> str | None:

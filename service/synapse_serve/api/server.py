@@ -14,7 +14,7 @@ from synapse_serve.auth import LOCAL, Principal, TokenTable
 from synapse_serve.backend import Backend
 from synapse_serve.errors import NotFound, SynapseServeError, Unauthorized
 from synapse_serve.metrics import Metrics
-from synapse_serve.names import InstanceKey, validate_name
+from synapse_serve.names import InstanceKey, validate_owner
 from synapse_serve.settings import Settings
 
 
@@ -108,12 +108,12 @@ def owner_for(principal: Principal, owner: str | None) -> str:
     if owner is None:
         return principal.owner
     if not isinstance(owner, str):  # a frame's field may hold anything: a tensor compared with a name is no answer
-        validate_name(owner, "owner")  # (422: no name at all, nobody's)
+        validate_owner(owner)  # (422: no name at all, nobody's)
     if owner == principal.owner:
         return principal.owner
     if not principal.admin:  # as if nothing were there: names of other owners do not leak
         raise NotFound("no such instance")
-    return validate_name(owner, "owner")  # a listing of a malformed owner is a 422, as a call on one is
+    return validate_owner(owner)  # a listing of a malformed owner is a 422, as a call on one is
 
 
 OwnerDep = Annotated[str, Depends(get_owner)]

@@ -57,6 +57,27 @@ from synapse_serve.settings import Settings
 router = APIRouter()
 log = logging.getLogger("synapse_serve.access")
 _BY_CLIENT = "closed by the client"
+NOT_READY_HOLD_S = 30.0  # how long a frame safe to repeat waits in place for the server to be ready
+_READ_ONLY_OPS = frozenset({"read", "describe", "help", "list", "export", "snapshots", "evicted", "stats",
+                            "history", "filters", "kinds", "kind_help"})
+
+
+def safe_to_repeat(frame: dict[str, Any]) -> bool:
+    """A frame that changes nothing, or carries an Idempotency-Key: run twice, it acts once."""
+    return frame.get("op") in _READ_ONLY_OPS or frame.get("idempotency_key") is not None
+
+
+async def _when_ready(server: Server, principal: Any, frame: dict[str, Any], request_id: str,
+                      answer: dict[str, Any]) -> dict[str, Any]:
+    """A frame safe to repeat answered 503 (an instance still being restored after a restart, a shard coming back),
+    run again in place until it is answered otherwise, for up to NOT_READY_HOLD_S: the frames behind it wait, so a
+    pipelined stream is applied in the order it was sent. Answered 503 at once, the client sent such a frame again
+    only when its answer was awaited, after the frames behind it had run."""
+    deadline = time.monotonic() + NOT_READY_HOLD_S
+    while answer["status"] == 503 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        answer = await run_frame(server, principal, frame, request_id)
+    return answer
 
 
 @router.websocket("/v1/session")
@@ -108,6 +129,8 @@ async def session(websocket: WebSocket) -> None:
             if answer is None:
                 state["phase"] = "running"
                 answer = await run_frame(server, principal, frame, f"{connection}:{ident}")
+                if answer["status"] == 503 and safe_to_repeat(frame):
+                    answer = await _when_ready(server, principal, frame, f"{connection}:{ident}", answer)
                 state["phase"] = "answering"
             errors += answer["status"] >= 400
             answer["id"] = ident

@@ -213,11 +213,11 @@ def check_compartment(kind: Kind, name: str, current: Any, value: Any, max_batch
     new = array.astype(current.dtype, copy=False)
     if np.issubdtype(new.dtype, np.floating) and not np.all(np.isfinite(new)):
         raise ShapeMismatch(f"{name}: values must be finite (no NaN or Inf)", argument=name)
-    _check_optimizer_value(name, new)
+    check_optimizer_value(name, new)
     return new
 
 
-def _check_optimizer_value(name: str, value: np.ndarray) -> None:
+def check_optimizer_value(name: str, value: np.ndarray) -> None:
     """An optimizer's step count is a whole number of steps taken (>= 0) and Adam's second moments are averages of
     squares (>= 0): finite values outside that make the next evolve divide by zero or take a square root of a
     negative number, and every weight NaN."""
@@ -231,16 +231,22 @@ def _check_optimizer_value(name: str, value: np.ndarray) -> None:
         raise ShapeMismatch(f"{name}: Adam's second moments are averages of squares, never negative", argument=name)
 
 
-def replace_compartment(kind: Kind, state: Any, name: str, value: Any, max_batch: int | None = None,
-                        device: jax.Device | None = None) -> Any:
-    """Return ``state`` with compartment ``name`` replaced, checked by ``check_compartment``; the new value a buffer
-    of its own on ``device`` (committed there, as the rest of an instance's state: else the default device's,
-    and every call would move it to the instance's device again)."""
-    old_leaves, treedef = jax.tree_util.tree_flatten(state)
+def checked_compartment(kind: Kind, layout: Any, name: str, value: Any, max_batch: int | None = None) -> np.ndarray:
+    """``value`` checked (``check_compartment``) to replace compartment ``name`` of a state of ``layout`` (a state,
+    or its shapes and dtypes only: nothing is read)."""
+    old_leaves, treedef = jax.tree_util.tree_flatten(layout)
     names = leaf_names(treedef)
     if name not in names:
         raise unknown_compartment(kind, name, names)
-    new = check_compartment(kind, name, old_leaves[names.index(name)], value, max_batch)
+    return check_compartment(kind, name, old_leaves[names.index(name)], value, max_batch)
+
+
+def with_compartment(state: Any, name: str, new: np.ndarray, device: jax.Device | None = None) -> Any:
+    """``state`` with compartment ``name`` replaced by ``new`` (checked already: ``checked_compartment``), a buffer
+    of its own on ``device`` (committed there, as the rest of an instance's state: else the default device's, and
+    every call would move it to the instance's device again)."""
+    old_leaves, treedef = jax.tree_util.tree_flatten(state)
+    names = leaf_names(treedef)
     # device_put reads a 64-byte aligned host array in place on CPU (may_alias=False too, measured with JAX 0.12):
     # the caller's array is copied first, so changing it afterwards changes nothing stored
     new = jax.numpy.asarray(new) if device is None else jax.device_put(np.array(new), device)

@@ -478,7 +478,7 @@ class LocalBackend:
             with self._costs_lock:                          # compiles again, on a worker, never on the loop
                 self._costs.clear()
                 self._costs_release = self.compiles.releases
-        cost_key = self._cost_key(key, operation, tensors, sequence)
+        cost_key = self._cost_key(key, operation, tensors, returns, sequence)
         if cost_key is not None and self._costs.get(cost_key, float("inf")) < self.inline_max_s:
             started = time.perf_counter()
             try:
@@ -510,11 +510,13 @@ class LocalBackend:
         return await self._off(self.registry.call_stacked, keys, operation, tensors, returns,
                                idempotency_key=idempotency_key)
 
-    def _cost_key(self, key: InstanceKey, operation: str, tensors: Mapping[str, Any],
+    def _cost_key(self, key: InstanceKey, operation: str, tensors: Mapping[str, Any], returns: list[str] | None,
                   sequence: Mapping[str, Any] | None) -> tuple | None:
-        """What a call's cost depends on, or None if it never runs inline (inline off, sync writes, other
-        instances' compartments, a member of a stack). A cost is of one instance: another created, imported or
-        brought back under the name (another config, programs not compiled yet) is measured anew, on a worker."""
+        """What a call's cost depends on — everything its program is compiled for: a call that differs in any of it
+        may compile, and compiles run on a worker, never on the event loop — or None if it never runs inline
+        (inline off, sync writes, other instances' compartments, a member of a stack). A cost is of one instance:
+        another created, imported or brought back under the name (another config, programs not compiled yet) is
+        measured anew, on a worker."""
         if self.inline_max_s <= 0:
             return None
         peek = self.registry.peek(key)
@@ -526,15 +528,21 @@ class LocalBackend:
                 if value.instance is not None:
                     return None
                 shapes.append((name, value.compartment))
-            elif value is not None:
-                shapes.append((name, getattr(value, "shape", None), getattr(value, "dtype", None)))
+            elif isinstance(value, np.ndarray):
+                shapes.append((name, value.shape, value.dtype))
+            elif value is not None:  # nothing decoded sends other values: whatever they are, not measured here
+                return None
         every = None
         if sequence is not None:
             if not (isinstance(sequence, Mapping) and len(sequence) <= 2
                     and all(isinstance(k, str) and isinstance(v, int) for k, v in sequence.items())):
                 return None  # not options the registry takes: it refuses them, with the reason, on a worker
             every = tuple(sorted(sequence.items()))
-        return peek[0], key, operation, tuple(shapes), every, peek[1]  # the instance's serial: not its name's
+        if returns is not None and not (isinstance(returns, list) and all(isinstance(r, str) for r in returns)):
+            return None
+        returned = None if returns is None else tuple(returns)  # a sequence's program returns what is asked
+        # the instance's serial, not its name's
+        return peek[0], key, operation, tuple(shapes), returned, every, peek[1]
 
     def _remember_cost(self, cost_key: tuple, seconds: float) -> None:
         with self._costs_lock:  # workers remember costs too

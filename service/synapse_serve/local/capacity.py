@@ -219,13 +219,15 @@ class Capacity:
                 used, fits = self._used(owner, "snapshot", nbytes, quota)
                 if not fits:
                     raise QuotaExceeded(
-                        f"quota max_snapshot_bytes_per_owner: {owner!r} keeps {used} bytes of snapshots; this one "
-                        f"needs {nbytes} more, over the quota of {quota}: delete snapshots you no longer need",
+                        f"quota max_snapshot_bytes_per_owner: {owner!r} keeps {used} bytes of snapshots and evicted "
+                        f"copies; this one needs {nbytes} more, over the quota of {quota}: delete snapshots you no "
+                        "longer need",
                         quota="max_snapshot_bytes_per_owner", used_bytes=used, needed_bytes=nbytes)
             self._snapshot_bytes[owner] += nbytes
             self._report(owner, "snapshot")
 
     def release_snapshot(self, owner: str, nbytes: int) -> None:
+        """Forget ``nbytes`` of the owner's files on disk (a deleted snapshot or evicted copy)."""
         with self._lock:
             self._snapshot_bytes[owner] -= nbytes
             self._report(owner, "snapshot")

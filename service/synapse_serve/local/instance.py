@@ -65,6 +65,9 @@ class Instance:
     plans: dict[tuple, Any] = field(default_factory=dict, repr=False)  # its calls' plans and checked shapes (a few)
     history: History | None = field(default=None, repr=False)  # samples after learning calls (None: not kept)
     running: dict[str, Any] | None = None  # what the call holding its lock runs, and since when
+    # version and counters when that call began: what a description read meanwhile says (a call's new version is
+    # not acknowledged, nor in sync mode stored, until it ends: a reader must never see it before)
+    settled: tuple[int, dict[str, int]] = (0, {})
     # this instance and no other of its name (one deleted, re-created or imported under it): what a measured cost
     # is of
     serial: int = field(default_factory=itertools.count(1).__next__, repr=False)
@@ -149,10 +152,11 @@ class Instance:
                 "follows": f"ngclearn {NGCLEARN_VERSION}", "jax": jax.__version__, "device": device_name(self.device),
                 "seed": self.seed, "key_schedule": KEY_SCHEDULE}
 
-    def describe(self, durability: str) -> dict[str, Any]:
+    def describe(self, durability: str, *, meanwhile: bool = False) -> dict[str, Any]:
         """Kind, config, compartment shapes and dtypes, device, counters, version, and what runs on it now (under
-        the lock; or without it while a call runs, from what that call has not replaced yet)."""
+        the lock; or, ``meanwhile``, without it while a call runs: the version and counters from before that call)."""
         leaves = compartment_paths(self.layout())
+        version, counters = self.settled if meanwhile else (self.version, self.counters)
         return {
             "name": self.key.name,
             "owner": self.key.owner,
@@ -161,8 +165,8 @@ class Instance:
             "config": self.config.to_dict(),
             "seed": self.seed,
             "device": device_name(self.device),
-            "version": self.version,
-            "counters": dict(self.counters),
+            "version": version,
+            "counters": dict(counters),
             "compartments": {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in leaves.items()},
             "state_bytes": self.held_bytes,
             "created_at": self.created_at,

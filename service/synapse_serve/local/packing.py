@@ -265,7 +265,7 @@ class PackedCalls:
         if runs >= needed:  # device work: not under the registry's lock (the instances' own are held)
             owner, device, capacity = instances[0].key.owner, instances[0].device, self._registry.capacity
             last = Stack.form(instances, [instance.state for instance in instances],
-                              lambda old, new: capacity.resize(owner, device, old, new, check=False))
+                              lambda old, new, check: capacity.resize(owner, device, old, new, check=check))
             with self._lock:
                 if keys in self._packs_seen:
                     self._packs_seen[keys] = (runs, needed, last)
@@ -375,8 +375,9 @@ def _check_stackable(returned: list[str], signature: tuple, plan: lean.Plan, fir
 
 
 def _unstacked_answers(stacked: dict[str, Any], returned: list[str]) -> list[dict[str, Any]]:
-    """A stacked answer as per-instance answers (row views)."""
-    return [{"version": version, **{c: stacked[c][i] for c in returned}}
+    """A stacked answer as per-instance answers (row views; a 0-d compartment's an array too, as a separate call
+    answers it, never a numpy scalar: the wire writes those as numbers)."""
+    return [{"version": version, **{c: stacked[c][i, ...] for c in returned}}
             for i, version in enumerate(stacked["versions"])]
 
 

@@ -80,17 +80,21 @@ class Persistence:
         return self.store is not None and self.store.path(str(key)).exists()
 
     def remove(self, key: InstanceKey) -> int:
-        """Delete the instance's snapshots, then its file; StorageError if the disk refuses. Returns the bytes of
-        snapshots removed."""
+        """Delete the instance's file and its snapshots, all or none across a crash (``Store.mark_deleted``);
+        StorageError, nothing deleted, if the disk refuses to record the decision. Returns the bytes of snapshots
+        removed."""
         if self.store is None:
             return 0
         try:
             freed = sum(p.stat().st_size for p in self.store.list_snapshots(str(key)))
-            self.store.remove_snapshots(str(key))
-            self.store.remove(str(key))
+            self.store.mark_deleted(str(key))
         except OSError as exc:
             raise StorageError(f"could not delete the files of {key.name!r}: {type(exc).__name__}: {exc}; "
                                "the instance is kept", name=key.name) from None
+        try:
+            self.store.finish_deletion(str(key))
+        except OSError as exc:  # decided: the next start finishes it
+            log.error("deleted %s; its files that remain go at the next start: %s", key, exc)
         return freed
 
     # --- start-up ---

@@ -13,12 +13,14 @@ the event loop and which on worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -31,6 +33,8 @@ from synapse_serve.errors import (
     InvalidRequest,
     NotFound,
     NotReady,
+    QuotaExceeded,
+    ShapeMismatch,
     StorageError,
     SynapseServeError,
     UnknownCompartment,
@@ -38,11 +42,15 @@ from synapse_serve.errors import (
 )
 from synapse_serve.kinds import Kind, get_kind
 from synapse_serve.kinds.base import (
+    check_finite,
+    check_optimizer_value,
+    checked_compartment,
     compartment_paths,
-    replace_compartment,
+    leaf_names,
     require_int,
     state_from_compartments,
     unknown_compartment,
+    with_compartment,
 )
 from synapse_serve.local.capacity import Capacity, Limits
 from synapse_serve.local.device import device_call, reads_caller_memory
@@ -213,7 +221,7 @@ class Registry:
         """
         kind_ = get_kind(record.kind)
         cfg = kind_.parse_config(record.config)
-        durability = record.durability if stored else self._durability(record.durability)
+        durability = record.durability if stored or own else self._imported_durability(record.durability)
         if not stored:
             self._check_record(kind_, record, finite=not own)
             self._check_batch_size(cfg)
@@ -235,7 +243,9 @@ class Registry:
 
     @staticmethod
     def _check_record(kind_: Kind, record: Record, finite: bool = True) -> None:
-        """Values an exported file may carry: known counters, finite parameters (as create requires)."""
+        """Values an exported file may carry: known counters; with ``finite``, every compartment as a write of it
+        is checked — finite values (signals too: a call would refuse them, and an evolve on references to them
+        would make every weight NaN), optimizer step counts whole and >= 0, Adam's second moments >= 0."""
         known = set(kind_.operations) | {"restore"}
         unknown = set(record.counters) - known
         if unknown:
@@ -246,12 +256,14 @@ class Registry:
             if count > MAX_IMPORTED_COUNT:
                 raise InvalidInstanceFile(f"{what} {count} is over {MAX_IMPORTED_COUNT} (2^53): no room left to count "
                                           "calls")
-        for name, array in record.arrays.items():
+        for name, array in record.arrays.items() if finite else ():
             array = np.asarray(array)
-            if (finite and name not in kind_.batched_compartments and np.issubdtype(array.dtype, np.floating)
-                    and not np.all(np.isfinite(array))):
-                raise InvalidInstanceFile(f"compartment {name}: values must be finite (no NaN or Inf)",
-                                          compartment=name)
+            try:
+                if np.issubdtype(array.dtype, np.floating):
+                    check_finite(name, array)
+                check_optimizer_value(name, array)
+            except ShapeMismatch as exc:
+                raise InvalidInstanceFile(f"compartment {exc.detail}", compartment=name) from None
 
     @staticmethod
     def _durability(durability: str | None) -> str | None:
@@ -259,6 +271,14 @@ class Registry:
             raise InvalidConfig(f"durability: {str(durability)[:40]!r} is not allowed; choose one of "
                                 f"{', '.join(DURABILITY_MODES)} (or leave it out for the server's default)",
                                 field="durability")
+        return durability
+
+    def _imported_durability(self, durability: str | None) -> str | None:
+        """An imported file's mode (the exporting server's choice), or this server's when that one is stronger: on a
+        sync server an import of an instance that was ``off`` elsewhere answered its calls from memory only."""
+        durability = self._durability(durability)
+        if durability is None or _STRENGTH[durability] <= _STRENGTH[self.persistence.durability]:
+            return None
         return durability
 
     def _history_for(self, durability: str | None) -> History | None:
@@ -341,7 +361,7 @@ class Registry:
         out = []
         for instance in instances:
             if instance.running is not None and instance.live:
-                out.append(instance.describe(self.persistence.mode(instance)))
+                out.append(instance.describe(self.persistence.mode(instance), meanwhile=True))
                 continue
             with instance.lock:
                 if instance.live:
@@ -352,7 +372,7 @@ class Registry:
         """The instance's description; while a long call holds it, at once (saying what runs and since when)."""
         instance = self._get(key)
         if instance.running is not None and instance.live:  # do not wait for the call to end
-            return instance.describe(self.persistence.mode(instance))
+            return instance.describe(self.persistence.mode(instance), meanwhile=True)
         with self._hold(instance) as instance:
             return instance.describe(self.persistence.mode(instance))
 
@@ -413,7 +433,8 @@ class Registry:
         returned = list(op.returns if returns is None else returns)
         fn, count, kept = op.fn, 1, 1
         if steps or sequence is not None:
-            (fn, kept), count = self.planner.sequence(op, args, steps, returned, sequence), steps
+            # one program per set of compartments, whatever their order: a list in every order compiles no more
+            (fn, kept), count = self.planner.sequence(op, args, steps, sorted(returned), sequence), steps
         print_ = "" if idempotency_key is None else fingerprint(operation, args if not stands_for else [
             _stand_in(arg.name, a, stands_for) for arg, a in zip(op.args, args)], returned, sequence)
         # another instance's compartments are copied before our lock is taken: never two locks at once
@@ -444,7 +465,7 @@ class Registry:
                     result = plan.answer(state, returned)
                 else:
                     state, kept = out
-                    result = {c: np.asarray(v) for c, v in kept.items()}
+                    result = {c: np.asarray(kept[c]) for c in returned}
                 # an answer read means the program has run (its outputs are ready together); with none, wait:
                 # the caller may change its arrays once we return
                 if not result and reads_caller_memory(args):
@@ -533,11 +554,15 @@ class Registry:
         """Replace one compartment (shape, dtype, finiteness and max_batch checked); returns the new version."""
         with self._hold(key, doing={"operation": "write"}) as instance:
             instance.check_version(expected_version)
-            state = replace_compartment(instance.kind, instance.state, compartment, value,
-                                        self.capacity.limits.max_batch, instance.device)
-            signature = signature_of(state)
+            # checked against its shapes, not its state: a refused write leaves a member of a stack in it
+            layout = instance.layout()
+            new = checked_compartment(instance.kind, layout, compartment, value, self.capacity.limits.max_batch)
+            names = leaf_names(jax.tree_util.tree_structure(layout))
+            signature = tuple((tuple(new.shape), new.dtype) if name == compartment else leaf
+                              for name, leaf in zip(names, signature_of(layout)))
             self._account(instance, nbytes_of(signature), check=True)  # quota and budget before it lands
-            self._commit(instance, state, None, signature, instance.held_bytes, accounted=True)
+            state = with_compartment(instance.state, compartment, new, instance.device)
+            self._commit(instance, state, None, signature_of(state), instance.held_bytes, accounted=True)
             self.persistence.persist(instance)
             return instance.version
 
@@ -606,8 +631,10 @@ class Registry:
         """Export, then delete, every instance unused for ``idle_s`` seconds; returns what was evicted.
 
         Each is written to ``<state_dir>/evicted/<owner>/`` before it is deleted (its snapshots stay); its
-        owner sees it with ``evicted`` and brings it back with ``unevict``. An instance used meanwhile, or
-        whose file cannot be written, stays.
+        owner sees it with ``evicted`` and brings it back with ``unevict``. Its owner keeps one evicted copy of a
+        name (the latest: the one ``unevict`` brings back; older ones go once it is written), and the copies count
+        against the owner's snapshot quota, as the files they are: an instance whose copy would not fit stays, as
+        one used meanwhile or whose file cannot be written does.
         """
         self.persistence.require_store()
         now = time.time() if now is None else now
@@ -618,8 +645,15 @@ class Registry:
             with instance.lock:
                 if self._instances.get(instance.key) is not instance or now - instance.last_used_at < idle_s:
                     continue
+                older = self.persistence.store.evicted_files(instance.key.owner, instance.key.name)
                 try:
                     path = self.persistence.evict(instance)
+                except OSError as exc:
+                    log.error("could not evict %s: %s", instance.key, exc)
+                    continue
+                if not self._admit_evicted(instance.key, path, older):
+                    continue
+                try:
                     self.persistence.store.remove(str(instance.key))
                 except OSError as exc:
                     log.error("could not evict %s: %s", instance.key, exc)
@@ -630,6 +664,36 @@ class Registry:
                             "last_used_at": instance.last_used_at, "file": path.name})
             log.info("evicted %s (idle %.0f s) to %s", instance.key, now - instance.last_used_at, path)
         return evicted
+
+    def _admit_evicted(self, key: InstanceKey, path: Path, older: list[Path]) -> bool:
+        """Count a new evicted copy against its owner's snapshot quota, the older copies of its name (unreachable: a
+        restore brings back the latest) deleted; False (the new copy deleted, nothing counted) where it does not
+        fit."""
+        def size(file: Path) -> int:
+            try:
+                return file.stat().st_size
+            except OSError:
+                return 0
+
+        written, before = size(path), {file: size(file) for file in older}
+        grows = max(0, written - sum(before.values()))  # checked as if every older copy goes, as each should
+        try:
+            self.capacity.admit_snapshot(key.owner, grows)
+        except QuotaExceeded as exc:
+            log.info("%s stays: its evicted copy would not fit its owner's quota (%s)", key, exc.detail)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return False
+        kept = 0
+        for file, nbytes in before.items():
+            try:
+                file.unlink()
+            except OSError as exc:
+                kept += nbytes
+                log.warning("could not delete %s, an older evicted copy of %s: %s", file, key, exc)
+        # what the owner's copies now hold, against what was counted (a negative release counts a copy kept)
+        self.capacity.release_snapshot(key.owner, grows - (written - sum(before.values()) + kept))
+        return True
 
     def evicted(self, owner: str) -> list[dict[str, Any]]:
         """An owner's evicted instances (name, when, file size), oldest first."""
@@ -651,9 +715,12 @@ class Registry:
             log.warning("brought back %s; its evicted file %s stays until it is stored", key, path)
             return description
         try:
+            nbytes = path.stat().st_size
             path.unlink()
         except OSError as exc:
             log.warning("brought back %s; could not delete its evicted file %s: %s", key, path, exc)
+        else:
+            self.capacity.release_snapshot(key.owner, nbytes)
         return description
 
     # --- durability ---
@@ -753,6 +820,7 @@ class Registry:
             instance.lock.release()
             raise
         if doing is not None:
+            instance.settled = (instance.version, dict(instance.counters))
             instance.running = {**doing, "since": time.time()}
 
     def _get(self, key: InstanceKey) -> Instance:
@@ -784,6 +852,9 @@ class _Fetched:
 
     def __init__(self, value: Any) -> None:
         self.value = value
+
+
+_STRENGTH = {"off": 0, "interval": 1, "sync": 2}  # how much of what was acknowledged a mode keeps across a crash
 
 
 def _stand_in(argument: str, value: Any, stands_for: Mapping[str, Any]) -> Any:

@@ -17,7 +17,9 @@ detached members back (``readmit``: one call for all of them) if their compartme
 stack's shapes; otherwise it runs the usual way. Once fewer than half the members are in, the
 rest are detached too, so a stack never keeps more than half its rows alive for nothing. Those
 rows (of members taken out or deleted) are held memory the members' own counts miss: while the
-stack holds them, their owner's quota and the device's budget count them too.
+stack holds them, their owner's quota and the device's budget count them too — checked like any
+growth: a member taken out when its row would not fit them empties the stack instead (every
+member its own state, the stacked arrays gone), so a quota is never exceeded by taking out.
 
 Locking: a stack's arrays are replaced only by a packed call that holds every member's lock, and
 a member is detached only by the holder of its own lock; the stack's own lock orders detaching
@@ -34,12 +36,14 @@ import jax
 import numpy as np
 from jax import numpy as jnp
 
+from synapse_serve.errors import DeviceFull, QuotaExceeded
+
 
 class Stack:
     """The states of ``members`` (one kind, config, device and signature), leaf by leaf, stacked in order."""
 
     def __init__(self, members: list[Any], treedef: Any, leaves: list[Any], row_bytes: int = 0,
-                 charge: Callable[[int, int], None] | None = None) -> None:
+                 charge: Callable[[int, int, bool], None] | None = None) -> None:
         self.members = members
         self.treedef = treedef
         self._leaves = leaves  # replaced (never changed in place) by each packed call on the stack
@@ -63,13 +67,17 @@ class Stack:
             self._leaves, self._host, self._row_bytes = leaves, None, row_bytes
             self._account()
 
-    def _account(self) -> None:
+    def _account(self, *, check: bool = False) -> bool:
         """Charge the owner for the rows of members no longer in, while the stacked arrays hold them (under
-        ``lock``)."""
+        ``lock``); with ``check``, False (nothing charged) where the growth would go over a quota or the budget."""
         wanted = (len(self.members) - self.attached) * self._row_bytes if self._leaves else 0
         if self._charge is not None and wanted != self._charged:
-            self._charge(self._charged, wanted)
+            try:
+                self._charge(self._charged, wanted, check)
+            except (QuotaExceeded, DeviceFull):
+                return False
             self._charged = wanted
+        return True
 
     @classmethod
     def form(cls, members: list[Any], states: list[Any], charge: Callable[[int, int], None] | None = None
@@ -85,14 +93,15 @@ class Stack:
 
     def detach(self, position: int, *, keep: bool = True) -> None:
         """Give the member at ``position`` its own state again (under its lock; without ``keep`` its row is dropped,
-        as when its state is replaced anyway). Fewer than half the members left: the rest are detached too."""
+        as when its state is replaced anyway). Fewer than half the members left, or the row it leaves behind over
+        its owner's quota or the device's budget: the rest are detached too (the stacked arrays go)."""
         with self.lock:
             member = self.members[position]
             if member.slot is None or member.slot[0] is not self:
                 return
             member.detach(self.treedef.unflatten(_row(self.leaves, position)) if keep else None)
             self.attached -= 1
-            if 0 < self.attached * 2 < len(self.members):
+            if 0 < self.attached * 2 < len(self.members) or (self.attached and not self._account(check=True)):
                 for at, other in enumerate(self.members):  # their holders wait on this lock to read them
                     if other.slot is not None and other.slot[0] is self:
                         other.detach(self.treedef.unflatten(_row(self.leaves, at)))

@@ -1,0 +1,67 @@
+"""Large JSON bodies and answers are read and written on worker threads, never on the event loop that every
+connection shares: a red-team probe's 32 MB JSON answer stalled /healthz for 7.7 s (and peaked 500 MB above the
+server's size), a 36 MB JSON body ~1 s."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+
+from synapse_client import SynapseClient
+from synapse_client._codec import to_json
+from synapse_serve.testing import ServerProcess
+
+STEPS, BATCH, WIDTH = 40, 50, 256  # 512,000 values each way: ~10 MB of JSON, a second or more to read or write
+
+
+def _gaps_while(url: str, request) -> tuple[float, float, float]:
+    """Run ``request`` while another connection polls /healthz: (the request's seconds, the longest wait for a
+    /healthz answer during it, the request's answer bytes)."""
+    answered: list[float] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(timeout=60) as poller:
+            while not done.is_set():
+                poller.get(f"{url}/healthz")
+                answered.append(time.monotonic())
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    time.sleep(0.2)
+    began = time.monotonic()
+    size = len(request())
+    ended = time.monotonic()
+    done.set()
+    poller.join(timeout=60)
+    marks = [began, *(t for t in answered if began < t < ended), ended]
+    return ended - began, max(b - a for a, b in zip(marks, marks[1:])), size
+
+
+def test_a_large_json_body_and_answer_leave_other_connections_served(tmp_path):
+    with ServerProcess(tmp_path / "state", durability="off") as server, SynapseClient(server.url) as client:
+        client.create("wide", kind="HebbianSynapse", config={"shape": [WIDTH, WIDTH], "batch_size": BATCH})
+        inputs = np.random.default_rng(0).normal(size=(STEPS, BATCH, WIDTH)).astype(np.float32)
+        body = json.dumps({"inputs": to_json(inputs)}).encode()
+        expected = client.get("wide").call("forward", inputs=inputs)["outputs"]
+
+        def forward() -> bytes:  # the answer's bytes only: reading JSON here would hold this process's GIL
+            answer = httpx.post(f"{server.url}/v1/synapses/wide/forward", content=body, timeout=120,
+                                headers={"Content-Type": "application/json", "Accept": "application/json"})
+            assert answer.status_code == 200, answer.text[:400]
+            return answer.content
+
+        def check(content: bytes) -> None:
+            outputs = json.loads(content)["outputs"]
+            assert outputs["shape"] == [STEPS, BATCH, WIDTH] and outputs["dtype"] == "float32"
+            assert np.array_equal(np.asarray(outputs["values"], np.float32), expected)  # the same numbers
+
+        check(forward())  # compiled, the path warm
+        took, longest, size = _gaps_while(server.url, forward)
+        assert size > 8 << 20
+        # reading and writing ~20 MB of JSON takes the server a second or more here, not an event loop's worth
+        assert longest < max(0.25, 0.3 * took), (took, longest)
