@@ -31,7 +31,10 @@ class LiveServer:
         # a loop busy polling here would take the GIL from the test's client (tests/api/test_polling.py)
         self.settings = Settings(**{"compilation_cache": False, "gc_freeze": False, "busy_poll_us": 0, **settings})
         self.app = create_app(self.settings)
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", **uvicorn_options(self.settings))
+        # a connection some test left open (a kept-alive socket, a session) must not hold the stop: the suite's
+        # shared server waited the join's full 30 s for one at the end of every run
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5,
+                                **uvicorn_options(self.settings))
         self.server = uvicorn.Server(config)
         self.exit_code: int | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
