@@ -231,6 +231,13 @@ def check_optimizer_value(name: str, value: np.ndarray) -> None:
         raise ShapeMismatch(f"{name}: Adam's second moments are averages of squares, never negative", argument=name)
 
 
+def replace_compartment(kind: Kind, state: Any, name: str, value: Any, max_batch: int | None = None,
+                        device: jax.Device | None = None) -> Any:
+    """Return ``state`` with compartment ``name`` replaced by ``value``, checked (``checked_compartment``) and
+    placed (``with_compartment``)."""
+    return with_compartment(state, name, checked_compartment(kind, state, name, value, max_batch), device)
+
+
 def checked_compartment(kind: Kind, layout: Any, name: str, value: Any, max_batch: int | None = None) -> np.ndarray:
     """``value`` checked (``check_compartment``) to replace compartment ``name`` of a state of ``layout`` (a state,
     or its shapes and dtypes only: nothing is read)."""
