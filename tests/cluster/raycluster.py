@@ -68,6 +68,17 @@ def ray_server(state_dir, **settings) -> LiveServer:
     return LiveServer(state_dir=state_dir, backend="ray", ray_restart_timeout_s=90, warmup=False, **settings)
 
 
+@contextlib.contextmanager
+def serving(server: LiveServer) -> Iterator[LiveServer]:
+    """The server serving; its shards and directory killed once it stops, however its test ends (a failed test
+    that left them running held the cluster's cores, and the next module's shards waited for them)."""
+    try:
+        with server:
+            yield server
+    finally:
+        stop_shards(server)
+
+
 def stop_shards(server: LiveServer) -> None:
     """Kill a front's shards and directory for good (they are detached: they would outlive it)."""
     backend = server.app.state.server.backend
