@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -443,16 +444,19 @@ def _walk(obj: Any, max_elements: int, depth: int, writable: bool) -> Any:
 # --- JSON form (for curl) ---
 
 
-def to_json(obj: Any) -> Any:
-    """Replace arrays with ``{"dtype", "shape", "values"}`` so ``json.dumps`` can write the body."""
+def to_json(obj: Any, array_as: Callable[[np.ndarray], Any] | None = None) -> Any:
+    """Replace arrays with ``{"dtype", "shape", "values"}`` (or what ``array_as`` makes of them) so ``json.dumps``
+    can write the body."""
     if isinstance(obj, Ref):
         return obj.to_wire()
     if isinstance(obj, dict):
-        return {k: to_json(v) for k, v in obj.items()}
+        return {k: to_json(v, array_as) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_json(v) for v in obj]
+        return [to_json(v, array_as) for v in obj]
     if isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):
         array = to_numpy(obj)
+        if array_as is not None:
+            return array_as(array)
         return {"dtype": wire_dtype_name(array.dtype), "shape": list(array.shape), "values": _json_list(array)}
     if isinstance(obj, np.generic):
         obj = obj.item()
@@ -479,19 +483,11 @@ def json_parts(obj: Any) -> list[bytes]:
     arrays: list[np.ndarray] = []
     marker = f"\x00array-{id(arrays):x}-"
 
-    def skeleton(value: Any) -> Any:  # to_json, each array a marker naming its place in ``arrays``
-        if isinstance(value, Ref):
-            return value.to_wire()
-        if isinstance(value, dict):
-            return {k: skeleton(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [skeleton(v) for v in value]
-        if isinstance(value, np.ndarray) or hasattr(value, "__array__"):
-            arrays.append(to_numpy(value))
-            return f"{marker}{len(arrays) - 1}"
-        return to_json(value)
+    def placed(array: np.ndarray) -> str:  # each array a marker naming its place in ``arrays``
+        arrays.append(array)
+        return f"{marker}{len(arrays) - 1}"
 
-    text = json.dumps(skeleton(obj))
+    text = json.dumps(to_json(obj, placed))
     if not arrays:
         return [text.encode()]
     parts: list[bytes] = []
