@@ -462,6 +462,8 @@ class Store:
     def save(self, key: str, record: Record) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if (self.instances / f"{key}{DELETING}").exists():  # a deletion the disk cut short, of a name taken anew:
+            self.finish_deletion(key)  # finished first, or the next start would delete this instance with it
         write_atomic(path, record)
 
     def remove(self, key: str) -> None:

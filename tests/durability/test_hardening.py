@@ -620,3 +620,22 @@ def test_a_description_read_while_a_call_is_stored_shows_the_version_before_it(t
         evolve.join(timeout=30)
     assert registry.describe(key)["version"] == 2 and registry.describe(key)["counters"] == {"evolve": 1}
     registry.close()
+
+
+def test_a_name_taken_anew_after_a_deletion_the_disk_cut_short_survives_a_restart(tmp_path):
+    """A deletion decided (its marker written) whose files the disk then refused stays decided; a new instance of the
+    name must not be deleted with it at the next start."""
+    key = InstanceKey("local", "again")
+    store = Store(tmp_path)
+    first = Registry(persistence=Persistence(store, "sync"))
+    first.create(key, kind=KIND, config=CONFIG)
+    first.delete(key)
+    store.mark_deleted(str(key))  # as if its files had been left behind by a failing disk
+    first.create(key, kind=KIND, config=CONFIG, seed=5)
+    first.call(key, "evolve", {"pre": X, "post": POST})
+    first.close()
+    again = Registry(persistence=Persistence(Store(tmp_path), "sync"))
+    again.open()
+    again.load_stored()
+    assert again.describe(key)["version"] == 2 and again.describe(key)["seed"] == 5
+    again.close()
