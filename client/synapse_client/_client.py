@@ -619,6 +619,11 @@ class SynapseClient(_BaseClient):
         self.request("POST", f"/v1/evicted/{quote(check_name(name), safe='')}/restore", retry=False)
         return Synapse(self, name)
 
+    def discard_evicted(self, name: str) -> None:
+        """Delete an evicted instance's copy for good: it can no longer be restored, and its file leaves your
+        snapshot quota. A live instance of that name is not touched."""
+        self.request("DELETE", f"/v1/evicted/{quote(check_name(name), safe='')}", retry=False)
+
     def kinds(self) -> list[dict[str, Any]]:
         """The synapse kinds the server offers."""
         return self.request("GET", "/v1/kinds", retry=True)["kinds"]
@@ -827,6 +832,11 @@ class AsyncSynapseClient(_BaseClient):
         """Bring back an evicted instance as it was when evicted; returns its handle."""
         await self.request("POST", f"/v1/evicted/{quote(check_name(name), safe='')}/restore", retry=False)
         return AsyncSynapse(self, name)
+
+    async def discard_evicted(self, name: str) -> None:
+        """Delete an evicted instance's copy for good: it can no longer be restored, and its file leaves your
+        snapshot quota. A live instance of that name is not touched."""
+        await self.request("DELETE", f"/v1/evicted/{quote(check_name(name), safe='')}", retry=False)
 
     async def kinds(self) -> list[dict[str, Any]]:
         """The synapse kinds the server offers."""

@@ -73,6 +73,9 @@ def _op_of(method: str, resource: str, rest: list[str], frame: dict[str, Any], b
         if len(rest) == 2 and rest[1] == "restore" and method == "POST":
             frame["name"] = rest[0]
             return "unevict"
+        if len(rest) == 1 and method == "DELETE":
+            frame["name"] = rest[0]
+            return "discard_evicted"
         return None
     if resource != "synapses":
         return None

@@ -309,6 +309,12 @@ def test_quotas_idle_eviction_keyed_references_and_a_stuck_shard_are_as_on_one_h
         restored = alice.restore_evicted("a0")
         assert restored.describe()["shard"] == 0
         taken_anew = alice.create("a1", kind="HebbianSynapse", config={"shape": [4, 2]})  # the evicted a1's name
+        with pytest.raises(NotFoundError, match="no evicted instance named 'a1'"):
+            bob.discard_evicted("a1")  # not bob's
+        alice.discard_evicted("a1")  # its copy goes from whichever shard holds it; the live a1 stays
+        assert alice.evicted() == [] and taken_anew.describe()["version"] == 1
+        with pytest.raises(NotFoundError, match="no evicted instance named 'a1'"):
+            alice.restore_evicted("a1")
         with pytest.raises(PermissionDeniedError, match="quota max_instances"):  # alice's 2 (or 4 in all) again
             alice.create("a3", kind="HebbianSynapse", config={"shape": [4, 2]})
         a[0].describe()

@@ -199,6 +199,8 @@ def test_evict_exports_then_deletes_only_idle_instances(admin_server, tmp_path):
             assert bob.evicted() == []  # and no one else does
             with pytest.raises(NotFoundError):
                 bob.restore_evicted("idle")
+            with pytest.raises(NotFoundError):
+                bob.discard_evicted("idle")  # nor discards it
         file = next((tmp_path / "evicted" / "alice").glob("idle.*.safetensors"))
         back = alice.restore_evicted("idle")  # brought back exactly, and the file is gone
         np.testing.assert_array_equal(back.weights, weights)
@@ -300,3 +302,47 @@ def test_the_access_log_can_be_turned_off_alone(tmp_path):
         access.removeHandler(captured)
         access.setLevel(old_level)
     assert captured.lines == []
+
+
+def test_an_evicted_copy_discarded_is_gone_for_good_and_leaves_the_snapshot_quota(tmp_path):
+    """``DELETE /v1/evicted/{name}``: the copy can no longer be restored, its file is deleted and its bytes no
+    longer count against the owner's snapshot quota (a copy that did not fit beside it now does); a live instance
+    of the name is not touched; the session stream and the in-process mode carry the same operation."""
+    with LiveServer(state_dir=tmp_path / "probe") as probe, SynapseClient(probe.url) as client:
+        size = client.create("p", kind=KIND, config=CONFIG).export(tmp_path / "p.safetensors").stat().st_size
+    quota = int(1.5 * size)  # one evicted copy fits, not two
+
+    def evict(client: SynapseClient) -> list[str]:
+        return [e["name"] for e in client.request("POST", "/v1/admin/evict", {"idle_s": 0}, retry=False)["evicted"]]
+
+    with LiveServer(state_dir=tmp_path / "s", max_snapshot_bytes_per_owner=quota) as server, \
+            SynapseClient(server.url) as client:
+        client.create("x", kind=KIND, config=CONFIG)
+        assert evict(client) == ["x"]
+        client.create("y", kind=KIND, config=CONFIG)
+        assert evict(client) == []  # y's copy does not fit beside x's
+        weights = client.create("x", kind=KIND, config=CONFIG, seed=7).weights  # the name again, beside its copy
+        with pytest.raises(NotFoundError, match="no evicted instance"):
+            client.discard_evicted("y")
+        client.discard_evicted("x")
+        assert client.evicted() == [] and not list((tmp_path / "s" / "evicted").rglob("*.safetensors"))
+        np.testing.assert_array_equal(client.get("x").weights, weights)  # the live one is untouched
+        with pytest.raises(NotFoundError, match="no evicted instance"):
+            client.restore_evicted("x")
+        with pytest.raises(NotFoundError, match="no evicted instance"):
+            client.discard_evicted("x")
+        client.get("x").delete()
+        assert evict(client) == ["y"]  # its bytes were released: y's copy fits now
+        with client.session() as session:  # the same operation as a frame
+            session.request("DELETE", "/v1/evicted/y", retry=False)
+            with pytest.raises(NotFoundError, match="no evicted instance"):
+                session.request("DELETE", "/v1/evicted/y", retry=False)
+        assert client.evicted() == []
+        with pytest.raises(UnprocessableEntityError):
+            client.request("DELETE", "/v1/evicted/" + "n" * 300, retry=False)  # a name no instance can have
+        client.create("z", kind=KIND, config=CONFIG)
+        assert evict(client) == ["z"]
+    with SynapseClient(f"local:{tmp_path / 's'}") as local:  # the in-process mode, on the server's directory
+        assert [e["name"] for e in local.evicted()] == ["z"]
+        local.discard_evicted("z")
+        assert local.evicted() == [] and not list((tmp_path / "s" / "evicted").rglob("*.safetensors"))

@@ -234,6 +234,10 @@ async def _unevict(server: Server, principal: Principal, frame: dict[str, Any]) 
     return await server.backend.unevict(_key(principal, frame))
 
 
+async def _discard_evicted(server: Server, principal: Principal, frame: dict[str, Any]) -> Any:
+    await server.backend.discard_evicted(_key(principal, frame))
+
+
 async def _stats(server: Server, principal: Principal, frame: dict[str, Any]) -> Any:
     return await server.backend.stats(_key(principal, frame))
 
@@ -277,6 +281,7 @@ OPS: dict[str, FrameOp] = {
     "delete_snapshot": _op("name snapshot", "", _delete_snapshot),
     "evicted": _op("", "", _evicted),
     "unevict": _op("name", "", _unevict),
+    "discard_evicted": _op("name", "", _discard_evicted),
     "stats": _op("name", "", _stats),
     "history": _op("name", "", _history),
     "filters": _op("name", "options", _filters),

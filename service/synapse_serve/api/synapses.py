@@ -136,3 +136,11 @@ async def unevict(name: str, request: Request, server: ServerDep, owner: OwnerDe
     key = instance_key(owner, name)
     description = await server.backend.unevict(key)
     return encode(description, response_type(request), status=201, headers={"Location": f"/v1/synapses/{key.name}"})
+
+
+@router.delete("/evicted/{name}", status_code=204, tags=["durability"],
+               summary="Delete an evicted instance's copy for good (its bytes leave your snapshot quota)",
+               responses=responses(None, 404, 507))
+async def discard_evicted(name: str, request: Request, server: ServerDep, owner: OwnerDep) -> Response:
+    await server.backend.discard_evicted(instance_key(owner, name))
+    return Response(status_code=204)

@@ -23,6 +23,7 @@ reached while Ray still reaches its shard is set aside for a while and Ray carri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -522,6 +523,15 @@ class RayBackend:
                 await self.directory.settle.remote(key.owner, key.name, shard)
                 return self._named(shard, description)
         raise NotFound(f"no evicted instance named {key.name!r}", name=key.name)
+
+    async def discard_evicted(self, key: InstanceKey) -> None:
+        listed = await self._each("evicted", owner=key.owner)
+        holding = [shard for shard, entries in enumerate(listed) if any(e.get("name") == key.name for e in entries)]
+        if not holding:
+            raise NotFound(f"no evicted instance named {key.name!r}", name=key.name)
+        for shard in holding:  # a name evicted on two shards (moved between them) has a copy on each
+            with contextlib.suppress(NotFound):  # (discarded there meanwhile)
+                await self._run(shard, "discard_evicted", key)
 
     # --- operators ---
 

@@ -35,7 +35,7 @@ from synapse_serve.errors import SynapseServeError
 ASYNC_METHODS = frozenset({
     "create", "describe", "help", "stats", "history", "list", "delete", "call", "call_many", "call_stacked",
     "read", "write", "import_", "snapshot", "snapshots", "rollback", "delete_snapshot", "evicted", "unevict",
-    "evict_idle", "storage", "devices", "gauges", "probe",
+    "discard_evicted", "evict_idle", "storage", "devices", "gauges", "probe",
 })
 SYNC_METHODS = frozenset({"kinds", "kind_help", "operation_names", "storage_error", "describe_setup"})
 

@@ -584,6 +584,9 @@ class LocalBackend:
     async def unevict(self, key: InstanceKey) -> dict[str, Any]:
         return await self._off(self.registry.unevict, key)
 
+    async def discard_evicted(self, key: InstanceKey) -> None:
+        await self._off(self.registry.discard_evicted, key)
+
     # --- operators ---
 
     async def evict_idle(self, *, idle_s: float) -> list[dict[str, Any]]:

@@ -194,8 +194,12 @@ class Persistence:
                         "file": path.name})
         return out
 
+    def evicted_files(self, key: InstanceKey) -> list[Path]:
+        """The files of ``key``'s evicted copies, oldest first."""
+        return self.store.evicted_files(key.owner, key.name) if self.store is not None else []
+
     def latest_evicted(self, key: InstanceKey) -> Path:
-        paths = self.store.evicted_files(key.owner, key.name) if self.store is not None else []
+        paths = self.evicted_files(key)
         if not paths:
             raise NotFound(f"no evicted instance named {key.name!r}", name=key.name)
         return paths[-1]

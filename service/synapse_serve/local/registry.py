@@ -90,6 +90,9 @@ class Registry:
         self.persistence = persistence or Persistence(None)
         self._instances: dict[InstanceKey, Instance] = {}
         self._lock = threading.Lock()  # guards the dicts and sets, not the instances
+        # evicted copies' files: one change at a time (evicting, restoring, discarding), never waiting on an
+        # instance's lock while held
+        self._evicted_lock = threading.Lock()
         self._restoring: set[InstanceKey] = set()  # stored, not loaded yet: their names are not free
         self._unloadable: dict[InstanceKey, str] = {}  # stored files that could not be loaded now
         self.answers = AnswerBudget(answer_budget_bytes)
@@ -645,14 +648,15 @@ class Registry:
             with instance.lock:
                 if self._instances.get(instance.key) is not instance or now - instance.last_used_at < idle_s:
                     continue
-                older = self.persistence.store.evicted_files(instance.key.owner, instance.key.name)
-                try:
-                    path = self.persistence.evict(instance)
-                except OSError as exc:
-                    log.error("could not evict %s: %s", instance.key, exc)
-                    continue
-                if not self._admit_evicted(instance.key, path, older):
-                    continue
+                with self._evicted_lock:
+                    older = self.persistence.store.evicted_files(instance.key.owner, instance.key.name)
+                    try:
+                        path = self.persistence.evict(instance)
+                    except OSError as exc:
+                        log.error("could not evict %s: %s", instance.key, exc)
+                        continue
+                    if not self._admit_evicted(instance.key, path, older):
+                        continue
                 try:
                     self.persistence.store.remove(str(instance.key))
                 except OSError as exc:
@@ -702,11 +706,12 @@ class Registry:
     def unevict(self, key: InstanceKey) -> dict[str, Any]:
         """Bring back the latest evicted copy of ``key`` as a live instance (checked like an import), then
         delete that file."""
-        path = self.persistence.latest_evicted(key)
-        try:
-            record = decode(path.read_bytes())
-        except (CorruptFile, OSError) as exc:
-            raise StorageError(f"the evicted file of {key.name!r} is unreadable: {exc}") from None
+        with self._evicted_lock:  # not discarded while it is read
+            path = self.persistence.latest_evicted(key)
+            try:
+                record = decode(path.read_bytes())
+            except (CorruptFile, OSError) as exc:
+                raise StorageError(f"the evicted file of {key.name!r} is unreadable: {exc}") from None
         description = self._add_record(key, record, own=True)  # never refused for what learning made of it
         with self._hold(key) as instance:  # its copy on disk goes only once the instance is stored in its place
             stored = self.persistence.mode(instance) == "off" or instance.stored_version == instance.version \
@@ -714,14 +719,38 @@ class Registry:
         if not stored:  # (interval mode would store it only at the next flush: a crash meanwhile lost it)
             log.warning("brought back %s; its evicted file %s stays until it is stored", key, path)
             return description
-        try:
-            nbytes = path.stat().st_size
-            path.unlink()
-        except OSError as exc:
-            log.warning("brought back %s; could not delete its evicted file %s: %s", key, path, exc)
-        else:
-            self.capacity.release_snapshot(key.owner, nbytes)
+        with self._evicted_lock:
+            if path.exists():  # (discarded meanwhile: its bytes were released then)
+                try:
+                    nbytes = path.stat().st_size
+                    path.unlink()
+                except OSError as exc:
+                    log.warning("brought back %s; could not delete its evicted file %s: %s", key, path, exc)
+                else:
+                    self.capacity.release_snapshot(key.owner, nbytes)
         return description
+
+    def discard_evicted(self, key: InstanceKey) -> None:
+        """Delete every evicted copy of ``key`` (NotFound if there is none), its bytes released from its owner's
+        snapshot quota. A live instance of the name, if any, is not touched."""
+        with self._evicted_lock:
+            paths = self.persistence.evicted_files(key)
+            if not paths:
+                raise NotFound(f"no evicted instance named {key.name!r}", name=key.name)
+            freed, failed = 0, None
+            for path in paths:
+                try:
+                    nbytes = path.stat().st_size
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    failed = exc
+                    continue
+                freed += nbytes
+            self.capacity.release_snapshot(key.owner, freed)
+            if failed is not None:  # what could be deleted is gone and released; the rest stays listed
+                raise StorageError(f"could not delete an evicted copy of {key.name!r}: {failed}")
 
     # --- durability ---
 
