@@ -13,6 +13,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from synapse_client._exceptions import status_error
 
+# ops that change nothing: repeated, or run after others, they act the same (the server's list too)
+READ_ONLY_OPS = frozenset({"read", "describe", "help", "list", "export", "snapshots", "evicted", "stats", "history",
+                           "filters", "kinds", "kind_help"})
 _INSTANCE_GETS = {(): "describe", ("help",): "help", ("export",): "export", ("snapshots",): "snapshots",
                   ("stats",): "stats", ("history",): "history"}
 

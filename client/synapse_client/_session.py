@@ -7,7 +7,9 @@ instead of an HTTP request, with the same answers and the same errors (``_frames
 waiting for its answer (pipelining); ``.result()`` waits for it.
 
 A dropped connection is re-opened; the call is sent again only if repeating it cannot apply it
-twice (reads, compartment writes, keyed calls: ``evolve`` and ``step`` always carry a key).
+twice (reads, compartment writes, keyed calls: ``evolve`` and ``step`` always carry a key) nor
+undo a call sent after it (a compartment write, say, with a later ``evolve`` that may have run:
+``_overtaken``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from websockets.uri import parse_uri
 from synapse_client import _codec
 from synapse_client._exceptions import APIConnectionError, APITimeoutError, AuthenticationError
 from synapse_client import _progress
-from synapse_client._frames import frame_of, result_of
+from synapse_client._frames import READ_ONLY_OPS, frame_of, result_of
 
 INBOX_BYTES = 1 << 20  # the most a session reads from its socket at once
 # keyed frames (evolve, step, any call with an Idempotency-Key) a session has unanswered at most: an instance's file
@@ -74,17 +76,32 @@ def _lost(base_url: str, op: str, exc: BaseException, repeated: bool) -> dict[st
     return {"status": 0, "error": _connection_error(base_url, op, exc, repeated)}
 
 
+def _overtaken(frame_id: int, op: str, keyed: bool, last_change: int, dropped: bool) -> bool:
+    """Whether a frame that changes state must not be sent again because a frame that changes state was sent after
+    it (``last_change``: the id of the last one sent; ids only grow): repeated, it would run after that one, which
+    may have run — a compartment write repeated after an evolve undoes the evolve. After a drop a keyed frame may
+    go again (run already, it is answered from the server's record of its key; not run, neither was anything sent
+    after it, a connection's frames running in order); answered 503, nothing has been run, so none may."""
+    if op in READ_ONLY_OPS or (keyed and dropped):
+        return False
+    return last_change > frame_id
+
+
 def _renumbered(data: bytes, frame_id: int) -> bytes:
     """A frame as first encoded, under a new id: what is sent again after a drop is what was sent, even if
     the caller has changed its arrays since (the tensors are read back from the bytes, not the arrays)."""
     return _codec.packb({**_codec.unpackb(data), "id": frame_id})
 
 
-def _connection_error(base_url: str, what: str, exc: BaseException, repeated: bool) -> APIConnectionError:
+def _connection_error(base_url: str, what: str, exc: BaseException, repeated: bool,
+                      overtaken: bool = False) -> APIConnectionError:
     if isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403):
         return AuthenticationError(401, {"detail": "the server refused the session stream: send a valid token "
                                                    "(SynapseClient(url, token=...) or SYNAPSE_TOKEN)"}, None)
     tail = "" if repeated else " (not sent again: repeating it could apply it twice)"
+    if overtaken:
+        tail = (" (not sent again: a call that changes state was sent after it and may have run; repeated now, "
+                "it could undo that call. It may have run: read it back before sending it again)")
     if isinstance(exc, TimeoutError):  # not "could apply it twice": it may have run, or still run, once
         return APITimeoutError(f"session at {base_url}: {what}: no answer in time (not sent again; it may still "
                                "run, or have run: read the instance's version before repeating an update, or "
@@ -289,6 +306,7 @@ class Session(HandleHost):
         # their caller asks, after a wait, up to max_retries times: (op, bytes) and how often they were sent again
         self._unready: dict[int, tuple[str, bytes]] = {}
         self._tries: dict[int, int] = {}
+        self._last_change = 0  # the id of the last frame sent that changes state (_overtaken)
         self._reconnects = 0
         self._closed = False
         self._ws: _Wire | None = None
@@ -352,6 +370,8 @@ class Session(HandleHost):
             else:
                 self._take()
         self._outstanding[frame_id] = (op, data, retry)
+        if op not in READ_ONLY_OPS:
+            self._last_change = max(self._last_change, frame_id)
         try:
             self._ws.send(data, self.client.timeout.write)  # reads answers meanwhile: pipelining never deadlocks
         except (ConnectionClosed, OSError) as exc:
@@ -383,7 +403,8 @@ class Session(HandleHost):
             if frame_id in self._answers:
                 answer, unready = self._answers.pop(frame_id), self._unready.pop(frame_id, None)
                 tries = self._tries.pop(frame_id, 0)
-                if unready is None or tries >= self.max_retries:
+                if unready is None or tries >= self.max_retries or \
+                        _overtaken(frame_id, unready[0], True, self._last_change, dropped=False):
                     return result_of(answer)
                 time.sleep(NOT_READY_WAIT_S)  # not run (503): the same bytes again, under a new id
                 self._moved[frame_id] = new_id = next(self._ids)
@@ -429,8 +450,13 @@ class Session(HandleHost):
             self._fail_outstanding(exc)  # none was sent again: each waiting call learns it
             raise
         pending, self._outstanding = self._outstanding, {}
+        last_change = self._last_change  # as sent before the drop: the frames sent again below do not count
         for frame_id, (op, data, retry) in pending.items():
-            if retry:
+            if retry and _overtaken(frame_id, op, frame_id in self._keyed, last_change, dropped=True):
+                self._keyed.discard(frame_id)
+                self._answers[frame_id] = {"status": 0, "error": _connection_error(self.base_url, op, exc, False,
+                                                                                   overtaken=True)}
+            elif retry:
                 self._moved[frame_id] = new_id = next(self._ids)
                 if frame_id in self._keyed:
                     self._keyed.discard(frame_id)
@@ -523,6 +549,7 @@ class AsyncSession(HandleHost):
         self._sizes: dict[int, int] = {}  # frames in flight: their bytes
         self._refused: int | None = None  # the frame the server refused for its size when it closed
         self._keyed_slots = asyncio.Semaphore(KEYED_IN_FLIGHT)  # keyed frames in flight, resends included
+        self._last_change = 0  # the id of the last frame sent that changes state (_overtaken)
 
     async def _open(self) -> None:
         auth = {k: v for k, v in self.client.headers.items() if k == "Authorization"}
@@ -566,15 +593,15 @@ class AsyncSession(HandleHost):
     async def _exchange_counted(self, keyed: bool, encoded: tuple[str, int, bytes], retry: bool) -> Any:
         """``_exchange``; a keyed frame only while fewer than KEYED_IN_FLIGHT others are in flight."""
         if not keyed:
-            return await self._exchange(*encoded, retry)
+            return await self._exchange(*encoded, retry, keyed)
         async with self._keyed_slots:
-            return await self._exchange(*encoded, retry)
+            return await self._exchange(*encoded, retry, keyed)
 
     def _encoded(self, frame: dict[str, Any]) -> tuple[str, int, bytes]:
         frame_id = next(self._ids)
         return frame["op"], frame_id, _codec.packb({**frame, "id": frame_id})
 
-    async def _exchange(self, op: str, frame_id: int, data: bytes, retry: bool) -> Any:
+    async def _exchange(self, op: str, frame_id: int, data: bytes, retry: bool, keyed: bool) -> Any:
         attempt = reopened = 0
         not_ready = False
         while True:
@@ -593,6 +620,8 @@ class AsyncSession(HandleHost):
             future = asyncio.get_running_loop().create_future()
             self._waiting[frame_id] = future
             self._sizes[frame_id] = len(data)
+            if op not in READ_ONLY_OPS:
+                self._last_change = max(self._last_change, frame_id)
             try:
                 await ws.send(data)  # no await between the check above and the write: it goes on an open one
                 answer = await asyncio.wait_for(future, self.client.timeout.read)
@@ -603,8 +632,11 @@ class AsyncSession(HandleHost):
                     return result_of(_too_big(op, len(data)))
                 if not retry or attempt == self.max_retries or isinstance(exc, TimeoutError):
                     raise _connection_error(self.base_url, op, exc, retry and attempt > 0) from None
+                if _overtaken(frame_id, op, keyed, self._last_change, dropped=True):
+                    raise _connection_error(self.base_url, op, exc, False, overtaken=True) from None
             else:
-                if not (answer.get("status") == 503 and retry and attempt < self.max_retries):
+                if not (answer.get("status") == 503 and retry and attempt < self.max_retries) or \
+                        _overtaken(frame_id, op, keyed, self._last_change, dropped=False):
                     return result_of(answer)
                 not_ready = True  # not run (an instance still being restored): sent again after a wait
             finally:

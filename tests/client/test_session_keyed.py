@@ -186,3 +186,53 @@ def test_a_blocking_session_keeps_nothing_for_a_call_that_timed_out(server):
         assert session._answers == {} and not session._abandoned
         client.timeout = httpx.Timeout(30)  # a sync-mode call writes its file: longer than 50 ms on a slow disk
         assert syn.forward(np.ones((1, 3), np.float32)).shape == (1, 2)
+
+
+def _written_then_evolved(server, name: str, weights: np.ndarray, pre: np.ndarray, post: np.ndarray) -> np.ndarray:
+    """The weights of an instance made like the others after ``weights`` are written and one evolve, over REST."""
+    with SynapseClient(server.url) as client:
+        twin = client.create(name, kind="HebbianSynapse", config=SMALL)
+        twin.set("weights", weights)
+        twin.evolve(pre, post)
+        return twin.weights
+
+
+def test_a_write_is_not_sent_again_after_a_drop_when_a_later_call_may_have_run(server, proxy):
+    """Found by a red-team run (2026-11-30): a compartment write and a keyed evolve pipelined after it both ran,
+    their answers were lost, the connection dropped, and the session sent both again: the write ran a second time,
+    after the evolve (whose retry was answered from its key), and undid an acknowledged evolve. Now a frame that
+    changes state is not sent again once a later one that changes state has been sent: the write fails (it may
+    have run), the evolve is answered once, and the server holds the write, then the evolve."""
+    weights, (pre, post) = np.full((3, 2), 0.25, np.float32), pair(7)
+    expected = _written_then_evolved(server, "write-then-evolve-twin", weights, pre, post)
+    created(server, "write-then-evolve")
+    with SynapseClient(proxy.url, max_retries=5) as client, client.session() as session:
+        syn = session.get("write-then-evolve")
+        proxy.lose_answers_for(1.0)
+        written = session.submit("PUT", "/v1/synapses/write-then-evolve/compartments/weights", {"value": weights},
+                                 retry=True)
+        evolved = syn.submit("evolve", pre=pre, post=post)
+        with pytest.raises(APIConnectionError, match="a call that changes state was sent after it"):
+            written.result()
+        assert evolved.result()["version"] == 3
+        np.testing.assert_array_equal(syn.weights, expected)  # the evolve stays
+        # a write with nothing sent after it is still sent again
+        proxy.lose_answers_for(1.0)
+        assert session.submit("PUT", "/v1/synapses/write-then-evolve/compartments/weights", {"value": weights},
+                              retry=True).result()["version"] >= 4
+        np.testing.assert_array_equal(syn.weights, weights)
+
+    async def run() -> list:
+        async with AsyncSynapseClient(proxy.url, max_retries=5) as client, client.session() as session:
+            syn = await session.get("write-then-evolve-async")
+            proxy.lose_answers_for(1.0)
+            written = asyncio.create_task(syn.set("weights", weights))
+            await asyncio.sleep(0)  # the write goes out first
+            results = await asyncio.gather(written, syn.evolve(pre, post), return_exceptions=True)
+            return [*results, await syn.get("weights")]
+
+    created(server, "write-then-evolve-async")
+    write_result, evolve_result, after = asyncio.run(run())
+    assert isinstance(write_result, APIConnectionError) and "sent after it" in str(write_result)
+    assert evolve_result["version"] == 3
+    np.testing.assert_array_equal(after, expected)
