@@ -52,6 +52,7 @@ _TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F6
 _FROM_ST = {v: k for k, v in _TO_ST.items()}
 SUFFIX = ".safetensors"
 DELETING = ".deleting"  # the marker of a decided deletion (``Store.mark_deleted``)
+STASHED = ".snapshots"  # beside an evicted copy: the evicted instance's snapshots (``Store.stash_snapshots``)
 _CHECKSUM_PLACEHOLDER = "0" * 64  # a SHA-256 in hex has this length whatever its value
 
 
@@ -431,6 +432,7 @@ class Store:
                 removed.append(f"{key} (deleted before the last stop)")
             except OSError as exc:
                 failures.append(f"cannot finish deleting {key}: {exc}")
+        self._settle_evictions(removed, failures)
         for directory in (self.instances, self.snapshots, self.evicted):
             for tmp in directory.rglob(".*.tmp") if directory.is_dir() else ():
                 try:
@@ -441,6 +443,29 @@ class Store:
                 except OSError as exc:
                     failures.append(f"cannot remove {tmp}: {exc}")
         return removed, failures
+
+    def _settle_evictions(self, removed: list[str], failures: list[str]) -> None:
+        """An evicted copy of an instance that is stored as well, the same instance (created together) and not newer:
+        an eviction (copy written, instance file not yet deleted) or a restore (instance stored, copy not yet
+        deleted) a crash cut short. The instance stays; the copy goes, its snapshots back to the instance. A name
+        taken anew after an eviction keeps both."""
+        for copy in self.evicted.glob(f"*/*{SUFFIX}") if self.evicted.is_dir() else ():
+            key = f"{copy.parent.name}/{evicted_name(copy)}"
+            if copy.name.startswith(".") or not self.path(key).is_file():
+                continue
+            try:
+                live, evicted = self.load(key), decode(copy.read_bytes())
+            except (OSError, CorruptFile):
+                continue  # as they are: loading reports a damaged instance file, a restore a damaged copy
+            if live.created_at != evicted.created_at or live.version < evicted.version:
+                continue
+            try:
+                self.unstash_snapshots(key, copy)
+                self.remove_evicted(copy)
+                removed.append(f"{copy.relative_to(self.root)} (an eviction or restore of {key} the last stop cut "
+                               "short: the instance stays)")
+            except OSError as exc:
+                failures.append(f"cannot settle {copy}: {exc}")
 
     # --- instance files ---
 
@@ -514,6 +539,59 @@ class Store:
         write_atomic(path, record)
         return path
 
+    @staticmethod
+    def stashed(copy: Path) -> Path:
+        """The directory beside an evicted copy that holds the evicted instance's snapshots."""
+        return copy.with_name(copy.name[: -len(SUFFIX)] + STASHED)
+
+    def stash_snapshots(self, key: str, copy: Path) -> None:
+        """Move the instance's snapshots beside its evicted copy: they go and come back with it, and a new instance
+        taken under the name neither sees, restores nor deletes them."""
+        source = self.snapshots / key
+        if source.is_dir():
+            os.rename(source, self.stashed(copy))
+            fsync_dir(copy.parent)
+            fsync_dir(source.parent)
+
+    def unstash_snapshots(self, key: str, copy: Path) -> None:
+        """Move an evicted copy's snapshots back to its instance's (whose own, if any, are kept)."""
+        stash, target = self.stashed(copy), self.snapshots / key
+        if not stash.is_dir():
+            return
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(stash, target)
+            fsync_dir(target.parent)
+            fsync_dir(copy.parent)
+            return
+        for path in stash.iterdir():
+            with contextlib.suppress(FileExistsError):
+                _move_without_overwriting(path, target / path.name)
+        self.remove_stash(copy)
+
+    def remove_stash(self, copy: Path) -> None:
+        stash = self.stashed(copy)
+        if stash.is_dir():
+            for path in stash.iterdir():
+                path.unlink(missing_ok=True)
+            stash.rmdir()
+            fsync_dir(copy.parent)
+
+    def evicted_bytes(self, copy: Path) -> int:
+        """Bytes of an evicted copy and the snapshots beside it (0 for what is gone)."""
+        total = 0
+        stash = self.stashed(copy)
+        for path in (copy, *(stash.iterdir() if stash.is_dir() else ())):
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size
+        return total
+
+    def remove_evicted(self, copy: Path) -> None:
+        """Delete an evicted copy and the snapshots beside it (FileNotFoundError if the copy is gone)."""
+        self.remove_stash(copy)
+        copy.unlink()
+        fsync_dir(copy.parent)
+
     def evicted_files(self, owner: str, name: str | None = None) -> list[Path]:
         """An owner's evicted files (of one name, if given), oldest first."""
         directory = self.evicted / owner
@@ -545,7 +623,8 @@ class Store:
         """Bytes of snapshot and evicted files per owner (what the snapshot quota counts: the owner's copies on
         disk), from a directory walk."""
         used: dict[str, int] = {}
-        for directory, pattern in ((self.snapshots, f"*/*/*{SUFFIX}"), (self.evicted, f"*/*{SUFFIX}")):
+        for directory, pattern in ((self.snapshots, f"*/*/*{SUFFIX}"), (self.evicted, f"*/*{SUFFIX}"),
+                                   (self.evicted, f"*/*{STASHED}/*{SUFFIX}")):
             if not directory.is_dir():
                 continue
             for path in directory.glob(pattern):

@@ -20,6 +20,7 @@ from durability.files import with_index, with_record
 from synapse_client import (
     ConflictError,
     InsufficientStorageError,
+    NotFoundError,
     PermissionDeniedError,
     ServiceUnavailableError,
     SynapseClient,
@@ -130,6 +131,12 @@ def test_a_keyed_call_after_a_507_applies_exactly_once(tmp_path, monkeypatch):
         answer = syn.call("evolve", pre=X, post=POST, idempotency_key="key-1")
         assert answer["version"] == 2 and syn.describe()["counters"] == {"evolve": 1}
         assert decode(Store(tmp_path).path("local/k").read_bytes()).counters == {"evolve": 1}  # now durable
+
+        _refuse_writes(monkeypatch, errno.ENOSPC)  # a create refused so is undone, and its 507 says so
+        with pytest.raises(InsufficientStorageError, match="'late' was not created") as info:
+            client.create("late", kind=KIND, config=CONFIG)
+        assert "applied in memory" not in info.value.problem["detail"]
+        assert [d["name"] for d in client.list()] == ["k"]
 
 
 def test_a_second_server_on_the_same_state_directory_refuses_to_start(tmp_path):
@@ -639,3 +646,69 @@ def test_a_name_taken_anew_after_a_deletion_the_disk_cut_short_survives_a_restar
     again.load_stored()
     assert again.describe(key)["version"] == 2 and again.describe(key)["seed"] == 5
     again.close()
+
+
+def _evict_all(server) -> list[str]:
+    answer = httpx.post(f"{server.url}/v1/admin/evict", json={"idle_s": 0}, timeout=60)
+    return [e["name"] for e in answer.json()["evicted"]]
+
+
+def test_an_evicted_instances_snapshots_go_and_come_back_with_it(tmp_path):
+    """A red-team run (2026-11-30): an instance's snapshots stayed under its bare name when it was evicted; a new
+    instance taken under the name listed them, rolled back into another instance's state, and deleting it deleted
+    them, so the evicted one came back without them. They now travel with the evicted copy (and go with it when it
+    is discarded, their bytes released)."""
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        first = client.create("enc", kind=KIND, config=CONFIG, seed=1)
+        first.evolve(X, POST)
+        first.snapshot("before-run")
+        weights = first.weights
+        assert _evict_all(server) == ["enc"]
+        second = client.create("enc", kind=KIND, config=CONFIG, seed=2)  # the name taken anew
+        assert second.snapshots() == []
+        with pytest.raises(NotFoundError):
+            second.restore("before-run")
+        second.delete()
+        back = client.restore_evicted("enc")
+        assert [s["snapshot"] for s in back.snapshots()] == ["before-run"]
+        back.evolve(X, POST)
+        back.restore("before-run")
+        np.testing.assert_array_equal(back.weights, weights)
+        assert _evict_all(server) == ["enc"]
+        client.discard_evicted("enc")  # the copy and its snapshots
+        assert not [p for p in (tmp_path / "evicted").rglob("*") if p.is_file()]
+        assert not list((tmp_path / "snapshots").rglob("*.safetensors"))
+        client.create("enc", kind=KIND, config=CONFIG).snapshot("fresh")  # nothing left over counts: room again
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        assert [s["snapshot"] for s in client.get("enc").snapshots()] == ["fresh"]
+
+
+def test_an_eviction_or_restore_cut_short_by_a_crash_leaves_the_instance_not_a_second_copy(tmp_path):
+    """A red-team run (2026-11-30) killed the server between a restore's storing the instance and its deleting the
+    evicted copy: after the restart the instance was live and its copy still listed (counted against the quota;
+    once the instance was deleted, restoring the stale copy brought back an old version). At start-up a copy of an
+    instance that is stored too, the same instance and not newer, goes (its snapshots back to the instance); a copy
+    of an earlier instance of a name taken anew stays."""
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        syn = client.create("a", kind=KIND, config=CONFIG)
+        syn.snapshot("kept")
+        client.create("b", kind=KIND, config=CONFIG)
+        assert sorted(_evict_all(server)) == ["a", "b"]
+        copies = {p.name.split(".")[0]: (p, p.read_bytes()) for p in (tmp_path / "evicted" / "local").glob("*.safetensors")}
+        stash = copies["a"][0].with_name(copies["a"][0].name[: -len(".safetensors")] + ".snapshots")
+        stashed = {p.name: p.read_bytes() for p in stash.iterdir()}
+        client.restore_evicted("a").evolve(X, POST)
+        client.create("b", kind=KIND, config=CONFIG, seed=3)  # b taken anew: its evicted copy is another instance
+        version = client.get("a").describe()["version"]
+    path, blob = copies["a"]  # as a crash before the restore deleted the copy (and moved the snapshots back) left it
+    path.write_bytes(blob)
+    stash.mkdir()
+    for name, data in stashed.items():
+        (stash / name).write_bytes(data)
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        assert [e["name"] for e in client.evicted()] == ["b"]
+        a = client.get("a")
+        assert a.describe()["version"] == version and [s["snapshot"] for s in a.snapshots()] == ["kept"]
+        assert not path.exists() and not stash.exists()
+        client.get("b").delete()
+        assert client.restore_evicted("b").describe()["version"] == 1

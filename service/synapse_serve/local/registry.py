@@ -326,7 +326,12 @@ class Registry:
             jax.block_until_ready(state)
             instance.state, instance.signature = state, signature_of(state)
             self._account(instance, nbytes_of(instance.signature), check=False)
-            self.persistence.persist(instance)
+            try:
+                self.persistence.persist(instance)
+            except StorageError:  # undone below: not "applied in memory" as a call's 507 is
+                raise StorageError(f"{instance.key.name!r} was not created: it could not be stored durably "
+                                   f"({self.persistence.storage_error}); nothing was kept, send it again once the "
+                                   "disk has room", name=instance.key.name) from None
             return instance.describe(self.persistence.mode(instance))
         except BaseException:
             with self._lock:
@@ -633,7 +638,7 @@ class Registry:
     def evict_idle(self, idle_s: float, now: float | None = None) -> list[dict[str, Any]]:
         """Export, then delete, every instance unused for ``idle_s`` seconds; returns what was evicted.
 
-        Each is written to ``<state_dir>/evicted/<owner>/`` before it is deleted (its snapshots stay); its
+        Each is written to ``<state_dir>/evicted/<owner>/`` before it is deleted (its snapshots go beside the copy and come back with it); its
         owner sees it with ``evicted`` and brings it back with ``unevict``. Its owner keeps one evicted copy of a
         name (the latest: the one ``unevict`` brings back; older ones go once it is written), and the copies count
         against the owner's snapshot quota, as the files they are: an instance whose copy would not fit stays, as
@@ -657,11 +662,15 @@ class Registry:
                         continue
                     if not self._admit_evicted(instance.key, path, older):
                         continue
-                try:
-                    self.persistence.store.remove(str(instance.key))
-                except OSError as exc:
-                    log.error("could not evict %s: %s", instance.key, exc)
-                    continue
+                    store = self.persistence.store
+                    try:  # its snapshots go with its copy: a new instance of the name must not take them over
+                        store.stash_snapshots(str(instance.key), path)
+                        store.remove(str(instance.key))
+                    except OSError as exc:
+                        log.error("could not evict %s: %s", instance.key, exc)
+                        with contextlib.suppress(OSError):  # it stays, with its snapshots (the copy: settled
+                            store.unstash_snapshots(str(instance.key), path)  # at the next start)
+                        continue
                 state_bytes = instance.held_bytes
                 self._forget(instance)
             evicted.append({"owner": instance.key.owner, "name": instance.key.name, "state_bytes": state_bytes,
@@ -673,13 +682,8 @@ class Registry:
         """Count a new evicted copy against its owner's snapshot quota, the older copies of its name (unreachable: a
         restore brings back the latest) deleted; False (the new copy deleted, nothing counted) where it does not
         fit."""
-        def size(file: Path) -> int:
-            try:
-                return file.stat().st_size
-            except OSError:
-                return 0
-
-        written, before = size(path), {file: size(file) for file in older}
+        store = self.persistence.store
+        written, before = store.evicted_bytes(path), {file: store.evicted_bytes(file) for file in older}
         grows = max(0, written - sum(before.values()))  # checked as if every older copy goes, as each should
         try:
             self.capacity.admit_snapshot(key.owner, grows)
@@ -691,7 +695,9 @@ class Registry:
         kept = 0
         for file, nbytes in before.items():
             try:
-                file.unlink()
+                store.remove_evicted(file)  # with the snapshots it took with it
+            except FileNotFoundError:
+                pass
             except OSError as exc:
                 kept += nbytes
                 log.warning("could not delete %s, an older evicted copy of %s: %s", file, key, exc)
@@ -716,6 +722,11 @@ class Registry:
         with self._hold(key) as instance:  # its copy on disk goes only once the instance is stored in its place
             stored = self.persistence.mode(instance) == "off" or instance.stored_version == instance.version \
                 or self.persistence.write(instance, logging.ERROR)
+        with self._evicted_lock:
+            try:  # its snapshots are its own again (they count against the quota as they did)
+                self.persistence.store.unstash_snapshots(str(key), path)
+            except OSError as exc:
+                log.warning("brought back %s; could not move its snapshots back from %s: %s", key, path, exc)
         if not stored:  # (interval mode would store it only at the next flush: a crash meanwhile lost it)
             log.warning("brought back %s; its evicted file %s stays until it is stored", key, path)
             return description
@@ -723,7 +734,7 @@ class Registry:
             if path.exists():  # (discarded meanwhile: its bytes were released then)
                 try:
                     nbytes = path.stat().st_size
-                    path.unlink()
+                    self.persistence.store.remove_evicted(path)
                 except OSError as exc:
                     log.warning("brought back %s; could not delete its evicted file %s: %s", key, path, exc)
                 else:
@@ -740,8 +751,8 @@ class Registry:
             freed, failed = 0, None
             for path in paths:
                 try:
-                    nbytes = path.stat().st_size
-                    path.unlink()
+                    nbytes = self.persistence.store.evicted_bytes(path)  # the copy and the snapshots it took
+                    self.persistence.store.remove_evicted(path)
                 except FileNotFoundError:
                     continue
                 except OSError as exc:
