@@ -72,7 +72,10 @@ class RequestContextMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+                headers = message.get("headers", [])
+                # no answer is sniffed into HTML, whatever it echoes (a problem naming what was sent)
+                sniff = [] if any(name.lower() == b"x-content-type-options" for name, _ in headers) else _NOSNIFF
+                message["headers"] = [*headers, (b"x-request-id", request_id.encode("latin-1")), *sniff]
             await send(message)
 
         try:
@@ -84,6 +87,9 @@ class RequestContextMiddleware:
             response = problem(500, "Internal error", f"an unexpected error occurred; request id {request_id}",
                                "internal-error", Request(scope))
             await response(scope, receive, send_with_id)
+
+
+_NOSNIFF = [(b"x-content-type-options", b"nosniff")]
 
 
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:

@@ -418,6 +418,15 @@ def test_problem_bodies_carry_request_id(live_server):
     assert json.loads(r.text)["status"] == 404
 
 
+def test_no_answer_may_be_sniffed_as_html(live_server):
+    """Problem details echo what was sent (``unknown kind '<img src=x onerror=…>'``): every answer says nosniff,
+    once (the page's own answers set it themselves)."""
+    for method, path in (("GET", "/v1/kinds/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E"), ("GET", "/v1/kinds"),
+                         ("GET", "/docs"), ("GET", "/ui"), ("POST", "/v1/synapses/nope/forward")):
+        r = httpx.request(method, f"{live_server.url}{path}")
+        assert r.headers.get_list("x-content-type-options") == ["nosniff"], (method, path, r.status_code)
+
+
 BAD_CREATES = [
     ("negative stride", {"config": {**CONFIG, "stride": -1}}, 422, "stride: -1"),
     ("kernel larger than allowed", {"config": {**CONFIG, "shape": [65, 3, 2, 4]}}, 422, "between 1 and 64"),
