@@ -314,6 +314,21 @@ def _applied(entries: Any) -> list[dict[str, Any]] | None:
     return out
 
 
+def make_dirs(directory: Path) -> None:
+    """``mkdir -p`` whose every new directory is durable (its parent fsynced): a file synced in a directory whose
+    own entry was not could vanish with it at a power loss (a new owner's first instance, a first snapshot)."""
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:
+            continue
+        fsync_dir(new.parent)
+
+
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -486,7 +501,7 @@ class Store:
 
     def save(self, key: str, record: Record) -> None:
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         if (self.instances / f"{key}{DELETING}").exists():  # a deletion the disk cut short, of a name taken anew:
             self.finish_deletion(key)  # finished first, or the next start would delete this instance with it
         write_atomic(path, record)
@@ -504,7 +519,7 @@ class Store:
         crash between deleting the snapshots one by one and the instance file had left the instance without some
         of its snapshots."""
         marker = self.instances / f"{key}{DELETING}"
-        marker.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(marker.parent)
         with open(marker, "wb") as f:
             os.fsync(f.fileno())
         fsync_dir(marker.parent)
@@ -521,7 +536,7 @@ class Store:
         """Move an instance file that cannot be used to ``quarantine/<owner>/``, with its reason beside it."""
         owner, name = key.split("/", 1)
         directory = self.quarantine / owner
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(directory)
         target = _unique(directory, name)
         _move_without_overwriting(self.path(key), target)
         with contextlib.suppress(OSError):
@@ -534,7 +549,7 @@ class Store:
         """``evicted/<owner>/<name>.<time>.<random>.safetensors``: an export, written before the instance goes."""
         owner, name = key.split("/", 1)
         directory = self.evicted / owner
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(directory)
         path = _unique(directory, name)
         write_atomic(path, record)
         return path
@@ -559,7 +574,7 @@ class Store:
         if not stash.is_dir():
             return
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(target.parent)
             os.rename(stash, target)
             fsync_dir(target.parent)
             fsync_dir(copy.parent)
@@ -610,7 +625,7 @@ class Store:
 
     def save_snapshot(self, key: str, snapshot: str, record: Record) -> None:
         path = self.snapshot_path(key, snapshot)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         write_atomic(path, record)
 
     def list_snapshots(self, key: str) -> list[Path]:

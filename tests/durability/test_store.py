@@ -208,6 +208,31 @@ def test_the_directory_is_fsynced_after_the_rename(tmp_path, monkeypatch):
     assert any(p.endswith(".tmp") for p in synced[:-1])  # the file's own, before it
 
 
+
+def test_a_directory_made_for_a_file_is_durable_too(tmp_path, monkeypatch):
+    """A red-team note (2026-11-30): a new owner's ``instances/<owner>/`` (a first snapshot's, a first eviction's
+    directory) was made without syncing its parent, so a power loss could take the directory with the synced file
+    in it. Each directory made is synced into its parent before the file is written."""
+    synced = []
+    real_fsync = os.fsync
+
+    def recording(fd):
+        synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    store = Store(tmp_path)
+    store.prepare()
+    monkeypatch.setattr("synapse_serve.store.os.fsync", recording)
+    store.save("alice/a", record())
+    store.save_snapshot("alice/a", "s1", record())
+    store.save_evicted("bob/b", record())
+    for parent in ("instances", "snapshots", "snapshots/alice", "evicted"):
+        assert os.path.realpath(tmp_path / parent) in synced, parent
+    synced.clear()
+    store.save("alice/b", record())  # nothing new made: only the file and its directory
+    assert not any(p == os.path.realpath(tmp_path / "instances") for p in synced)
+
+
 def test_one_server_per_state_directory(tmp_path):
     first = Store(tmp_path)
     first.lock()
