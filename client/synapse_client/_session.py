@@ -7,9 +7,9 @@ instead of an HTTP request, with the same answers and the same errors (``_frames
 waiting for its answer (pipelining); ``.result()`` waits for it.
 
 A dropped connection is re-opened; the call is sent again only if repeating it cannot apply it
-twice (reads, compartment writes, keyed calls: ``evolve`` and ``step`` always carry a key) nor
-undo a call sent after it (a compartment write, say, with a later ``evolve`` that may have run:
-``_overtaken``).
+twice (reads, compartment writes, keyed calls: ``evolve`` and ``step`` always carry a key) nor run
+after a call sent after it that changes state (a compartment write would undo a later ``evolve`` that
+may have run, a read would show it: ``_overtaken``).
 """
 
 from __future__ import annotations
@@ -76,15 +76,14 @@ def _lost(base_url: str, op: str, exc: BaseException, repeated: bool) -> dict[st
     return {"status": 0, "error": _connection_error(base_url, op, exc, repeated)}
 
 
-def _overtaken(frame_id: int, op: str, keyed: bool, last_change: int, dropped: bool) -> bool:
-    """Whether a frame that changes state must not be sent again because a frame that changes state was sent after
-    it (``last_change``: the id of the last one sent; ids only grow): repeated, it would run after that one, which
-    may have run — a compartment write repeated after an evolve undoes the evolve. After a drop a keyed frame may
-    go again (run already, it is answered from the server's record of its key; not run, neither was anything sent
-    after it, a connection's frames running in order); answered 503, nothing has been run, so none may."""
-    if op in READ_ONLY_OPS or (keyed and dropped):
-        return False
-    return last_change > frame_id
+def _overtaken(frame_id: int, keyed: bool, last_change: int, dropped: bool) -> bool:
+    """Whether a frame must not be sent again because a frame that changes state was sent after it
+    (``last_change``: the id of the last one sent; ids only grow): repeated, it would run after that one, which may
+    have run — a compartment write repeated after an evolve undoes the evolve, a read shows the evolve's weights.
+    After a drop a keyed frame may go again (run already, it is answered from the server's record of its key; not
+    run, neither was anything sent after it, a connection's frames running in order); answered 503, nothing has been
+    run, so none may."""
+    return not (keyed and dropped) and last_change > frame_id
 
 
 def _renumbered(data: bytes, frame_id: int) -> bytes:
@@ -100,8 +99,9 @@ def _connection_error(base_url: str, what: str, exc: BaseException, repeated: bo
                                                    "(SynapseClient(url, token=...) or SYNAPSE_TOKEN)"}, None)
     tail = "" if repeated else " (not sent again: repeating it could apply it twice)"
     if overtaken:
-        tail = (" (not sent again: a call that changes state was sent after it and may have run; repeated now, "
-                "it could undo that call. It may have run: read it back before sending it again)")
+        tail = (" (not sent again: a call that changes state was sent after it and may have run; repeated now, it "
+                "would run after that call, undoing it or showing its effect: read the instance again before "
+                "sending it again)")
     if isinstance(exc, TimeoutError):  # not "could apply it twice": it may have run, or still run, once
         return APITimeoutError(f"session at {base_url}: {what}: no answer in time (not sent again; it may still "
                                "run, or have run: read the instance's version before repeating an update, or "
@@ -404,7 +404,7 @@ class Session(HandleHost):
                 answer, unready = self._answers.pop(frame_id), self._unready.pop(frame_id, None)
                 tries = self._tries.pop(frame_id, 0)
                 if unready is None or tries >= self.max_retries or \
-                        _overtaken(frame_id, unready[0], True, self._last_change, dropped=False):
+                        _overtaken(frame_id, True, self._last_change, dropped=False):
                     return result_of(answer)
                 time.sleep(NOT_READY_WAIT_S)  # not run (503): the same bytes again, under a new id
                 self._moved[frame_id] = new_id = next(self._ids)
@@ -452,7 +452,7 @@ class Session(HandleHost):
         pending, self._outstanding = self._outstanding, {}
         last_change = self._last_change  # as sent before the drop: the frames sent again below do not count
         for frame_id, (op, data, retry) in pending.items():
-            if retry and _overtaken(frame_id, op, frame_id in self._keyed, last_change, dropped=True):
+            if retry and _overtaken(frame_id, frame_id in self._keyed, last_change, dropped=True):
                 self._keyed.discard(frame_id)
                 self._answers[frame_id] = {"status": 0, "error": _connection_error(self.base_url, op, exc, False,
                                                                                    overtaken=True)}
@@ -632,11 +632,11 @@ class AsyncSession(HandleHost):
                     return result_of(_too_big(op, len(data)))
                 if not retry or attempt == self.max_retries or isinstance(exc, TimeoutError):
                     raise _connection_error(self.base_url, op, exc, retry and attempt > 0) from None
-                if _overtaken(frame_id, op, keyed, self._last_change, dropped=True):
+                if _overtaken(frame_id, keyed, self._last_change, dropped=True):
                     raise _connection_error(self.base_url, op, exc, False, overtaken=True) from None
             else:
                 if not (answer.get("status") == 503 and retry and attempt < self.max_retries) or \
-                        _overtaken(frame_id, op, keyed, self._last_change, dropped=False):
+                        _overtaken(frame_id, keyed, self._last_change, dropped=False):
                     return result_of(answer)
                 not_ready = True  # not run (an instance still being restored): sent again after a wait
             finally:

@@ -53,6 +53,7 @@ _FROM_ST = {v: k for k, v in _TO_ST.items()}
 SUFFIX = ".safetensors"
 DELETING = ".deleting"  # the marker of a decided deletion (``Store.mark_deleted``)
 STASHED = ".snapshots"  # beside an evicted copy: the evicted instance's snapshots (``Store.stash_snapshots``)
+RESTORING = ".restoring"  # beside an evicted copy: the marker of a restore under way (``Store.mark_restoring``)
 _CHECKSUM_PLACEHOLDER = "0" * 64  # a SHA-256 in hex has this length whatever its value
 
 
@@ -460,11 +461,28 @@ class Store:
         return removed, failures
 
     def _settle_evictions(self, removed: list[str], failures: list[str]) -> None:
-        """An evicted copy of an instance that is stored as well, the same instance (created together) and not newer:
-        an eviction (copy written, instance file not yet deleted) or a restore (instance stored, copy not yet
-        deleted) a crash cut short. The instance stays; the copy goes, its snapshots back to the instance. A name
-        taken anew after an eviction keeps both."""
-        for copy in self.evicted.glob(f"*/*{SUFFIX}") if self.evicted.is_dir() else ():
+        """What a crash in the middle of an eviction or a restore left, settled before anything is listed.
+
+        - A restore's marker: if the instance was stored, its copy goes (its snapshots moved back first); the
+          marker goes either way.
+        - An evicted copy of a stored instance that is the same state (created together, same version, same
+          arrays and counters): an eviction cut short between writing the copy and deleting the instance's file.
+          The instance stays, the copy goes. Anything else — a name taken anew, an import of an export (which keeps
+          its creation time) — keeps both.
+        - Snapshots beside no copy (a deletion cut short): deleted.
+        """
+        if not self.evicted.is_dir():
+            return
+        for marker in self.evicted.glob(f"*/*{RESTORING}"):
+            copy = marker.with_name(marker.name[: -len(RESTORING)] + SUFFIX)
+            key = f"{marker.parent.name}/{evicted_name(copy)}"
+            try:
+                if copy.exists() and self.path(key).is_file():
+                    self._drop_copy(key, copy, removed, "a restore")
+                marker.unlink()
+            except OSError as exc:
+                failures.append(f"cannot settle {marker}: {exc}")
+        for copy in self.evicted.glob(f"*/*{SUFFIX}"):
             key = f"{copy.parent.name}/{evicted_name(copy)}"
             if copy.name.startswith(".") or not self.path(key).is_file():
                 continue
@@ -472,15 +490,29 @@ class Store:
                 live, evicted = self.load(key), decode(copy.read_bytes())
             except (OSError, CorruptFile):
                 continue  # as they are: loading reports a damaged instance file, a restore a damaged copy
-            if live.created_at != evicted.created_at or live.version < evicted.version:
+            if (live.created_at, live.version, live.counters) != (evicted.created_at, evicted.version,
+                                                                  evicted.counters) \
+                    or live.arrays.keys() != evicted.arrays.keys() \
+                    or not all(np.array_equal(live.arrays[name], evicted.arrays[name], equal_nan=True)
+                               for name in live.arrays):
                 continue
             try:
-                self.unstash_snapshots(key, copy)
-                self.remove_evicted(copy)
-                removed.append(f"{copy.relative_to(self.root)} (an eviction or restore of {key} the last stop cut "
-                               "short: the instance stays)")
+                self._drop_copy(key, copy, removed, "an eviction")
             except OSError as exc:
                 failures.append(f"cannot settle {copy}: {exc}")
+        for stash in self.evicted.glob(f"*/*{STASHED}"):
+            if stash.is_dir() and not stash.with_name(stash.name[: -len(STASHED)] + SUFFIX).exists():
+                try:
+                    self.remove_stash(stash.with_name(stash.name[: -len(STASHED)] + SUFFIX))
+                    removed.append(f"{stash.relative_to(self.root)} (the snapshots of an evicted copy deleted)")
+                except OSError as exc:
+                    failures.append(f"cannot remove {stash}: {exc}")
+
+    def _drop_copy(self, key: str, copy: Path, removed: list[str], what: str) -> None:
+        self.unstash_snapshots(key, copy)
+        self.remove_evicted(copy)
+        removed.append(f"{copy.relative_to(self.root)} ({what} of {key} the last stop cut short: the instance "
+                       "stays)")
 
     # --- instance files ---
 
@@ -602,10 +634,20 @@ class Store:
         return total
 
     def remove_evicted(self, copy: Path) -> None:
-        """Delete an evicted copy and the snapshots beside it (FileNotFoundError if the copy is gone)."""
-        self.remove_stash(copy)
+        """Delete an evicted copy, then the snapshots beside it (FileNotFoundError if the copy is gone): a crash
+        in between leaves snapshots of no copy, which the next start deletes, never a copy missing some."""
         copy.unlink()
         fsync_dir(copy.parent)
+        self.remove_stash(copy)
+
+    def mark_restoring(self, copy: Path) -> None:
+        """Say, durably, that the instance of this copy is being brought back (``_settle_evictions``)."""
+        marker = copy.with_name(copy.name[: -len(SUFFIX)] + RESTORING)
+        marker.touch()
+        fsync_dir(copy.parent)
+
+    def clear_restoring(self, copy: Path) -> None:
+        copy.with_name(copy.name[: -len(SUFFIX)] + RESTORING).unlink(missing_ok=True)
 
     def evicted_files(self, owner: str, name: str | None = None) -> list[Path]:
         """An owner's evicted files (of one name, if given), oldest first."""

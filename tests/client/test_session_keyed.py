@@ -236,3 +236,23 @@ def test_a_write_is_not_sent_again_after_a_drop_when_a_later_call_may_have_run(s
     assert isinstance(write_result, APIConnectionError) and "sent after it" in str(write_result)
     assert evolve_result["version"] == 3
     np.testing.assert_array_equal(after, expected)
+
+
+def test_a_read_is_not_sent_again_after_a_drop_when_a_later_call_may_have_run(server, proxy):
+    """A red-team run (2026-11-30): a read pipelined before an evolve, both answers lost, the read sent again
+    after the drop answered with the evolve's weights: the answer of a frame showed a frame sent after it. It
+    fails instead, as an overtaken write does; a read with nothing after it that changes state goes again."""
+    created(server, "read-then-evolve")
+    pre, post = pair(8)
+    with SynapseClient(proxy.url, max_retries=5) as client, client.session() as session:
+        syn = session.get("read-then-evolve")
+        before = syn.weights
+        proxy.lose_answers_for(1.0)
+        read = session.submit("GET", "/v1/synapses/read-then-evolve/compartments/weights", retry=True)
+        evolved = syn.submit("evolve", pre=pre, post=post)
+        with pytest.raises(APIConnectionError, match="a call that changes state was sent after it"):
+            read.result()
+        assert evolved.result()["version"] == 2
+        proxy.lose_answers_for(1.0)
+        after = session.submit("GET", "/v1/synapses/read-then-evolve/compartments/weights", retry=True).result()
+        assert after["version"] == 2 and not np.array_equal(after["value"], before)

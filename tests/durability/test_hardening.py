@@ -686,29 +686,91 @@ def test_an_evicted_instances_snapshots_go_and_come_back_with_it(tmp_path):
 def test_an_eviction_or_restore_cut_short_by_a_crash_leaves_the_instance_not_a_second_copy(tmp_path):
     """A red-team run (2026-11-30) killed the server between a restore's storing the instance and its deleting the
     evicted copy: after the restart the instance was live and its copy still listed (counted against the quota;
-    once the instance was deleted, restoring the stale copy brought back an old version). At start-up a copy of an
-    instance that is stored too, the same instance and not newer, goes (its snapshots back to the instance); a copy
-    of an earlier instance of a name taken anew stays."""
+    once the instance was deleted, restoring the stale copy brought back an old version). A restore now leaves a
+    marker beside the copy until the copy is gone, and the next start finishes it; a copy of the very state a
+    stored instance holds (an eviction cut short before the instance's file went) goes too. A copy of another
+    state stays: a name taken anew, or an import of an export (which keeps its creation time) that has learned
+    since (a later red-team run: the settling took it for a leftover, and gave it the copy's snapshots)."""
     with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
-        syn = client.create("a", kind=KIND, config=CONFIG)
-        syn.snapshot("kept")
+        a = client.create("a", kind=KIND, config=CONFIG)
+        a.snapshot("kept")
+        exported = a.export(tmp_path / "a0.safetensors")
         client.create("b", kind=KIND, config=CONFIG)
-        assert sorted(_evict_all(server)) == ["a", "b"]
-        copies = {p.name.split(".")[0]: (p, p.read_bytes()) for p in (tmp_path / "evicted" / "local").glob("*.safetensors")}
+        c = client.create("c", kind=KIND, config=CONFIG)
+        c.evolve(X, POST)
+        c.snapshot("trained")
+        assert sorted(_evict_all(server)) == ["a", "b", "c"]
+        evicted = tmp_path / "evicted" / "local"
+        copies = {p.name.split(".")[0]: (p, p.read_bytes()) for p in evicted.glob("*.safetensors")}
         stash = copies["a"][0].with_name(copies["a"][0].name[: -len(".safetensors")] + ".snapshots")
         stashed = {p.name: p.read_bytes() for p in stash.iterdir()}
-        client.restore_evicted("a").evolve(X, POST)
+        back = client.restore_evicted("a")
+        back.evolve(X, POST)  # it learns after the restore, before the crash
+        version = back.describe()["version"]
         client.create("b", kind=KIND, config=CONFIG, seed=3)  # b taken anew: its evicted copy is another instance
-        version = client.get("a").describe()["version"]
-    path, blob = copies["a"]  # as a crash before the restore deleted the copy (and moved the snapshots back) left it
+        imported = client.import_(exported, name="c")  # c's export from before it learned, under its name
+        imported.evolve(X, 2 * POST)
+        imported.evolve(X, 2 * POST)
+        assert imported.describe()["version"] >= 2
+    path, blob = copies["a"]  # what a crash before the restore deleted the copy would have left
     path.write_bytes(blob)
     stash.mkdir()
     for name, data in stashed.items():
         (stash / name).write_bytes(data)
+    path.with_name(path.name[: -len(".safetensors")] + ".restoring").touch()
     with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
-        assert [e["name"] for e in client.evicted()] == ["b"]
+        assert sorted(e["name"] for e in client.evicted()) == ["b", "c"]
         a = client.get("a")
         assert a.describe()["version"] == version and [s["snapshot"] for s in a.snapshots()] == ["kept"]
-        assert not path.exists() and not stash.exists()
+        assert not path.exists() and not stash.exists() and not list(evicted.glob("*.restoring"))
+        assert client.get("c").snapshots() == []  # the import is not given the evicted c's snapshots
         client.get("b").delete()
         assert client.restore_evicted("b").describe()["version"] == 1
+        client.get("c").delete()
+        assert [s["snapshot"] for s in client.restore_evicted("c").snapshots()] == ["trained"]
+        assert sorted(_evict_all(server)) == ["a", "b", "c"]
+    # an eviction cut short: the copy written, the instance's file not yet deleted
+    copy = next(evicted.glob("a.*.safetensors"))
+    (tmp_path / "instances" / "local" / "a.safetensors").write_bytes(copy.read_bytes())
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        assert "a" not in [e["name"] for e in client.evicted()] and not copy.exists()
+        assert [s["snapshot"] for s in client.get("a").snapshots()] == ["kept"]
+
+
+def test_a_restore_is_never_evicted_over_nor_discarded_under(tmp_path, monkeypatch):
+    """A red-team run (2026-11-30): a restore stored the instance, then moved its snapshots back from beside the
+    copy; an eviction in between deleted the old copy with them (its newer copy had none), and a discard in between
+    deleted copy and snapshots while the restore answered 201. While a name is being restored its copies are left
+    alone: the evictor passes it by, a discard waits for the restore (and finds nothing), another restore too."""
+    real = Store.unstash_snapshots
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.6)  # the window between storing the instance and moving its snapshots back, held open
+        return real(self, *args, **kwargs)
+
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        syn = client.create("x", kind=KIND, config=CONFIG)
+        syn.snapshot("s1")
+        assert _evict_all(server) == ["x"]
+        monkeypatch.setattr(Store, "unstash_snapshots", slow)
+        outcomes: dict[str, object] = {}
+
+        def run(what, call):
+            try:
+                outcomes[what] = call()
+            except Exception as exc:  # noqa: BLE001 - recorded, asserted below
+                outcomes[what] = exc
+
+        restoring = threading.Thread(target=run, args=("restore", lambda: client.restore_evicted("x").name))
+        restoring.start()
+        time.sleep(0.2)
+        run("evict", lambda: _evict_all(server))
+        discarding = threading.Thread(target=run, args=("discard", lambda: client.discard_evicted("x")))
+        discarding.start()
+        restoring.join()
+        discarding.join()
+        monkeypatch.undo()
+        assert outcomes["restore"] == "x" and outcomes["evict"] == []
+        assert isinstance(outcomes["discard"], NotFoundError)  # after the restore, which took the copy
+        assert [s["snapshot"] for s in client.get("x").snapshots()] == ["s1"]
+        assert client.evicted() == []

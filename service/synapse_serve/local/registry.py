@@ -93,6 +93,8 @@ class Registry:
         # evicted copies' files: one change at a time (evicting, restoring, discarding), never waiting on an
         # instance's lock while held
         self._evicted_lock = threading.Lock()
+        self._evicted_change = threading.Condition(self._evicted_lock)
+        self._restoring_evicted: set[InstanceKey] = set()  # names being restored (unevict): one at a time
         self._restoring: set[InstanceKey] = set()  # stored, not loaded yet: their names are not free
         self._unloadable: dict[InstanceKey, str] = {}  # stored files that could not be loaded now
         self.answers = AnswerBudget(answer_budget_bytes)
@@ -654,6 +656,8 @@ class Registry:
                 if self._instances.get(instance.key) is not instance or now - instance.last_used_at < idle_s:
                     continue
                 with self._evicted_lock:
+                    if instance.key in self._restoring_evicted:  # just brought back: its old copy not yet gone
+                        continue
                     older = self.persistence.store.evicted_files(instance.key.owner, instance.key.name)
                     try:
                         path = self.persistence.evict(instance)
@@ -710,41 +714,59 @@ class Registry:
         return self.persistence.evicted(owner)
 
     def unevict(self, key: InstanceKey) -> dict[str, Any]:
-        """Bring back the latest evicted copy of ``key`` as a live instance (checked like an import), then
-        delete that file."""
-        with self._evicted_lock:  # not discarded while it is read
+        """Bring back the latest evicted copy of ``key`` as a live instance (checked like an import), its snapshots
+        with it, then delete that file.
+
+        One restore of a name at a time, and while it runs the name's copies are neither evicted over nor
+        discarded (a discard waits for it): its snapshots wait beside the copy until the instance is stored, and
+        deleting the copy then would take them. A marker beside the copy says a restore is under way: a crash
+        before the copy is deleted leaves the instance and the copy both, and the next start deletes the copy.
+        """
+        store = self.persistence.store
+        with self._evicted_change:
+            while key in self._restoring_evicted:
+                self._evicted_change.wait()
             path = self.persistence.latest_evicted(key)
             try:
                 record = decode(path.read_bytes())
             except (CorruptFile, OSError) as exc:
                 raise StorageError(f"the evicted file of {key.name!r} is unreadable: {exc}") from None
-        description = self._add_record(key, record, own=True)  # never refused for what learning made of it
-        with self._hold(key) as instance:  # its copy on disk goes only once the instance is stored in its place
-            stored = self.persistence.mode(instance) == "off" or instance.stored_version == instance.version \
-                or self.persistence.write(instance, logging.ERROR)
-        with self._evicted_lock:
+            store.mark_restoring(path)
+            self._restoring_evicted.add(key)
+        try:
+            description = self._add_record(key, record, own=True)  # never refused for what learning made of it
+            with self._hold(key) as instance:  # its copy on disk goes only once the instance is stored in its place
+                stored = self.persistence.mode(instance) == "off" or instance.stored_version == instance.version \
+                    or self.persistence.write(instance, logging.ERROR)
             try:  # its snapshots are its own again (they count against the quota as they did)
-                self.persistence.store.unstash_snapshots(str(key), path)
+                store.unstash_snapshots(str(key), path)
             except OSError as exc:
                 log.warning("brought back %s; could not move its snapshots back from %s: %s", key, path, exc)
-        if not stored:  # (interval mode would store it only at the next flush: a crash meanwhile lost it)
-            log.warning("brought back %s; its evicted file %s stays until it is stored", key, path)
+            if not stored:  # (interval mode would store it only at the next flush: a crash meanwhile lost it)
+                log.warning("brought back %s; its evicted file %s stays until it is stored", key, path)
+                return description
+            try:
+                nbytes = path.stat().st_size
+                store.remove_evicted(path)
+            except OSError as exc:
+                log.warning("brought back %s; could not delete its evicted file %s: %s", key, path, exc)
+            else:
+                self.capacity.release_snapshot(key.owner, nbytes)
             return description
-        with self._evicted_lock:
-            if path.exists():  # (discarded meanwhile: its bytes were released then)
-                try:
-                    nbytes = path.stat().st_size
-                    self.persistence.store.remove_evicted(path)
-                except OSError as exc:
-                    log.warning("brought back %s; could not delete its evicted file %s: %s", key, path, exc)
-                else:
-                    self.capacity.release_snapshot(key.owner, nbytes)
-        return description
+        finally:
+            with self._evicted_change:
+                with contextlib.suppress(OSError):
+                    store.clear_restoring(path)
+                self._restoring_evicted.discard(key)
+                self._evicted_change.notify_all()
 
     def discard_evicted(self, key: InstanceKey) -> None:
         """Delete every evicted copy of ``key`` (NotFound if there is none), its bytes released from its owner's
-        snapshot quota. A live instance of the name, if any, is not touched."""
-        with self._evicted_lock:
+        snapshot quota; after a restore of the name under way (which may leave none). A live instance of the name,
+        if any, is not touched."""
+        with self._evicted_change:
+            while key in self._restoring_evicted:
+                self._evicted_change.wait()
             paths = self.persistence.evicted_files(key)
             if not paths:
                 raise NotFound(f"no evicted instance named {key.name!r}", name=key.name)
