@@ -463,8 +463,9 @@ class Store:
     def _settle_evictions(self, removed: list[str], failures: list[str]) -> None:
         """What a crash in the middle of an eviction or a restore left, settled before anything is listed.
 
-        - A restore's marker: if the instance was stored, its copy goes (its snapshots moved back first); the
-          marker goes either way.
+        - A restore's marker (written once the restore held the name): if the instance it brought back is stored
+          (created together, not older), its copy goes, its snapshots moved back first; if not, the snapshots it
+          had moved back go beside the copy again. The marker goes.
         - An evicted copy of a stored instance that is the same state (created together, same version, same
           arrays and counters): an eviction cut short between writing the copy and deleting the instance's file.
           The instance stays, the copy goes. Anything else — a name taken anew, an import of an export (which keeps
@@ -477,9 +478,13 @@ class Store:
             copy = marker.with_name(marker.name[: -len(RESTORING)] + SUFFIX)
             key = f"{marker.parent.name}/{evicted_name(copy)}"
             try:
-                if copy.exists() and self.path(key).is_file():
-                    self._drop_copy(key, copy, removed, "a restore")
+                if copy.exists():
+                    if self._restored_from(key, copy):
+                        self._drop_copy(key, copy, removed, "a restore")
+                    elif not self.path(key).exists() and not self.stashed(copy).exists():
+                        self.stash_snapshots(key, copy)  # (a restore whose instance was never stored)
                 marker.unlink()
+                fsync_dir(marker.parent)
             except OSError as exc:
                 failures.append(f"cannot settle {marker}: {exc}")
         for copy in self.evicted.glob(f"*/*{SUFFIX}"):
@@ -507,6 +512,16 @@ class Store:
                     removed.append(f"{stash.relative_to(self.root)} (the snapshots of an evicted copy deleted)")
                 except OSError as exc:
                     failures.append(f"cannot remove {stash}: {exc}")
+
+    def _restored_from(self, key: str, copy: Path) -> bool:
+        """Whether the stored instance of ``key`` is the one ``copy`` brought back (created together, not older)."""
+        if not self.path(key).is_file():
+            return False
+        try:
+            live, evicted = self.load(key), decode(copy.read_bytes())
+        except (OSError, CorruptFile):
+            return False
+        return live.created_at == evicted.created_at and live.version >= evicted.version
 
     def _drop_copy(self, key: str, copy: Path, removed: list[str], what: str) -> None:
         self.unstash_snapshots(key, copy)
@@ -600,21 +615,24 @@ class Store:
             fsync_dir(copy.parent)
             fsync_dir(source.parent)
 
-    def unstash_snapshots(self, key: str, copy: Path) -> None:
-        """Move an evicted copy's snapshots back to its instance's (whose own, if any, are kept)."""
+    def unstash_snapshots(self, key: str, copy: Path) -> int:
+        """Move an evicted copy's snapshots back to its instance's; returns the bytes of those deleted instead (one
+        of the same name there already, which is kept)."""
         stash, target = self.stashed(copy), self.snapshots / key
         if not stash.is_dir():
-            return
+            return 0
         if not target.exists():
             make_dirs(target.parent)
             os.rename(stash, target)
             fsync_dir(target.parent)
             fsync_dir(copy.parent)
-            return
+            return 0
         for path in stash.iterdir():
             with contextlib.suppress(FileExistsError):
                 _move_without_overwriting(path, target / path.name)
+        dropped = self.evicted_bytes(copy) - (copy.stat().st_size if copy.exists() else 0)
         self.remove_stash(copy)
+        return dropped
 
     def remove_stash(self, copy: Path) -> None:
         stash = self.stashed(copy)
@@ -648,6 +666,7 @@ class Store:
 
     def clear_restoring(self, copy: Path) -> None:
         copy.with_name(copy.name[: -len(SUFFIX)] + RESTORING).unlink(missing_ok=True)
+        fsync_dir(copy.parent)  # a marker come back after a power loss would settle a restore that is over
 
     def evicted_files(self, owner: str, name: str | None = None) -> list[Path]:
         """An owner's evicted files (of one name, if given), oldest first."""

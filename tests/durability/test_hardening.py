@@ -774,3 +774,48 @@ def test_a_restore_is_never_evicted_over_nor_discarded_under(tmp_path, monkeypat
         assert isinstance(outcomes["discard"], NotFoundError)  # after the restore, which took the copy
         assert [s["snapshot"] for s in client.get("x").snapshots()] == ["s1"]
         assert client.evicted() == []
+
+
+def test_a_restored_instance_is_reached_only_with_its_snapshots_back_and_its_copy_gone(tmp_path, monkeypatch):
+    """A red-team run (2026-11-30): the restored instance could be used before its snapshots were back. A delete in
+    that window left them behind for the next instance of the name, and a snapshot of the same name replaced the
+    evicted one (its bytes never released). Calls on the instance now wait until the restore is whole."""
+    real = Store.unstash_snapshots
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.6)  # moving the snapshots back, held open
+        return real(self, *args, **kwargs)
+
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        client.create("x", kind=KIND, config=CONFIG).snapshot("s1")
+        outcomes: dict[str, object] = {}
+
+        def run(what, call):
+            try:
+                outcomes[what] = call()
+            except Exception as exc:  # noqa: BLE001 - recorded, asserted below
+                outcomes[what] = exc
+
+        for racing in ("snapshot", "delete"):
+            assert _evict_all(server) == ["x"]
+            monkeypatch.setattr(Store, "unstash_snapshots", slow)
+            restoring = threading.Thread(target=run, args=("restore", lambda: client.restore_evicted("x").name))
+            restoring.start()
+            time.sleep(0.3)
+            if racing == "snapshot":
+                run(racing, lambda: client.get("x").snapshot("s1"))
+            else:
+                run(racing, lambda: client.get("x").delete())
+            restoring.join()
+            monkeypatch.undo()
+            assert outcomes["restore"] == "x", outcomes
+            if racing == "snapshot":
+                assert isinstance(outcomes["snapshot"], ConflictError), outcomes  # the evicted s1 is back: 409
+                assert [s["snapshot"] for s in client.get("x").snapshots()] == ["s1"]
+        assert outcomes["delete"] is None and client.evicted() == []
+        assert not (tmp_path / "snapshots" / "local" / "x").exists()
+        assert client.create("x", kind=KIND, config=CONFIG).snapshots() == []  # nothing left for a new x
+        client.get("x").snapshot("s1")  # and the quota counts what is on disk: one snapshot, no more
+        used = server.registry.capacity._snapshot_bytes["local"]
+        assert used == sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors")
+                           if "snapshots" in p.parts or "evicted" in p.parts)

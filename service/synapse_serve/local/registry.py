@@ -215,14 +215,15 @@ class Registry:
             raise InvalidInstanceFile(f"not a valid instance file: {exc}") from None
         return self._add_record(key, record)
 
-    def _add_record(self, key: InstanceKey, record: Record, stored: bool = False, own: bool = False
-                    ) -> dict[str, Any]:
+    def _add_record(self, key: InstanceKey, record: Record, stored: bool = False, own: bool = False,
+                    arrive: Callable[[Instance], None] | None = None,
+                    settle: Callable[[Instance], None] | None = None) -> dict[str, Any]:
         """Add an instance from a record (import, start-up, an evicted one coming back).
 
         Anything but a stored instance is checked like a create: the record's values, and quotas and the
         budget against the larger of its state and a fresh state of its config (its reset returns there).
         ``own``: a file this server wrote of its own state (an evicted copy): parameters that learning made
-        non-finite come back as they were, where an import refuses them.
+        non-finite come back as they were, where an import refuses them. ``arrive`` and ``settle``: ``_build``'s.
         """
         kind_ = get_kind(record.kind)
         cfg = kind_.parse_config(record.config)
@@ -237,7 +238,7 @@ class Registry:
                                  record=record)
         max_batch = None if stored else self.capacity.limits.max_batch
         return self._build(instance, lambda: state_from_compartments(kind_, cfg, record.seed, record.arrays,
-                                                                     max_batch))
+                                                                     max_batch), arrive, settle)
 
     def _check_batch_size(self, cfg: Any) -> None:
         """A config's batch_size (its signals' batch at creation and after every reset) within max_batch."""
@@ -320,9 +321,15 @@ class Registry:
             self._instances[key] = instance
         return instance
 
-    def _build(self, instance: Instance, build: Callable[[], Any]) -> dict[str, Any]:
-        """Build a reserved instance's state on its device, store it (sync mode), describe it; undo on failure."""
+    def _build(self, instance: Instance, build: Callable[[], Any], arrive: Callable[[Instance], None] | None = None,
+               settle: Callable[[Instance], None] | None = None) -> dict[str, Any]:
+        """Build a reserved instance's state on its device, store it (sync mode), describe it; undo on failure.
+
+        ``arrive(instance)`` runs first and ``settle(instance)`` last (it must not raise), both while no other call
+        can reach the instance: what must be in place before anyone sees it, and what may go once it is stored."""
         try:
+            if arrive is not None:
+                arrive(instance)
             with jax.default_device(instance.device):
                 state = jax.device_put(device_call(build), instance.device)  # committed: calls run there
             jax.block_until_ready(state)
@@ -334,13 +341,17 @@ class Registry:
                 raise StorageError(f"{instance.key.name!r} was not created: it could not be stored durably "
                                    f"({self.persistence.storage_error}); nothing was kept, send it again once the "
                                    "disk has room", name=instance.key.name) from None
-            return instance.describe(self.persistence.mode(instance))
+            description = instance.describe(self.persistence.mode(instance))
         except BaseException:
             with self._lock:
                 self._instances.pop(instance.key, None)
             self.capacity.release(instance.key.owner, instance.device, instance.held_bytes)
             instance.state = None
             raise
+        else:
+            if settle is not None:
+                settle(instance)
+            return description
         finally:
             instance.lock.release()
 
@@ -656,8 +667,6 @@ class Registry:
                 if self._instances.get(instance.key) is not instance or now - instance.last_used_at < idle_s:
                     continue
                 with self._evicted_lock:
-                    if instance.key in self._restoring_evicted:  # just brought back: its old copy not yet gone
-                        continue
                     older = self.persistence.store.evicted_files(instance.key.owner, instance.key.name)
                     try:
                         path = self.persistence.evict(instance)
@@ -717,10 +726,10 @@ class Registry:
         """Bring back the latest evicted copy of ``key`` as a live instance (checked like an import), its snapshots
         with it, then delete that file.
 
-        One restore of a name at a time, and while it runs the name's copies are neither evicted over nor
-        discarded (a discard waits for it): its snapshots wait beside the copy until the instance is stored, and
-        deleting the copy then would take them. A marker beside the copy says a restore is under way: a crash
-        before the copy is deleted leaves the instance and the copy both, and the next start deletes the copy.
+        Its snapshots come back, and its copy goes once it is stored, before any other call can reach the instance
+        (a delete or a snapshot in between had orphaned them or overwritten one). One restore of a name at a time,
+        and while it runs the name's copies are neither evicted over nor discarded (a discard waits for it). A marker
+        beside the copy, written once the name is held, tells the next start about a restore a crash cut short.
         """
         store = self.persistence.store
         with self._evicted_change:
@@ -731,20 +740,24 @@ class Registry:
                 record = decode(path.read_bytes())
             except (CorruptFile, OSError) as exc:
                 raise StorageError(f"the evicted file of {key.name!r} is unreadable: {exc}") from None
-            store.mark_restoring(path)
             self._restoring_evicted.add(key)
-        try:
-            description = self._add_record(key, record, own=True)  # never refused for what learning made of it
-            with self._hold(key) as instance:  # its copy on disk goes only once the instance is stored in its place
-                stored = self.persistence.mode(instance) == "off" or instance.stored_version == instance.version \
-                    or self.persistence.write(instance, logging.ERROR)
-            try:  # its snapshots are its own again (they count against the quota as they did)
-                store.unstash_snapshots(str(key), path)
-            except OSError as exc:
-                log.warning("brought back %s; could not move its snapshots back from %s: %s", key, path, exc)
+        moved = done = False
+
+        def arrive(instance: Instance) -> None:  # the name is held: its snapshots are its own again
+            nonlocal moved
+            store.mark_restoring(path)
+            dropped = store.unstash_snapshots(str(key), path)
+            moved = True
+            if dropped:
+                self.capacity.release_snapshot(key.owner, dropped)
+
+        def settle(instance: Instance) -> None:  # its copy on disk goes only once the instance is stored in its place
+            nonlocal done
+            stored = self.persistence.mode(instance) == "off" or instance.stored_version == instance.version \
+                or self.persistence.write(instance, logging.ERROR)
             if not stored:  # (interval mode would store it only at the next flush: a crash meanwhile lost it)
                 log.warning("brought back %s; its evicted file %s stays until it is stored", key, path)
-                return description
+                return
             try:
                 nbytes = path.stat().st_size
                 store.remove_evicted(path)
@@ -752,11 +765,21 @@ class Registry:
                 log.warning("brought back %s; could not delete its evicted file %s: %s", key, path, exc)
             else:
                 self.capacity.release_snapshot(key.owner, nbytes)
-            return description
+                done = True
+
+        try:
+            return self._add_record(key, record, own=True, arrive=arrive, settle=settle)  # never refused for what
+        except BaseException:  # learning made of it; undone: its snapshots go back beside its copy
+            if moved:
+                with contextlib.suppress(OSError):
+                    store.stash_snapshots(str(key), path)
+            done = True
+            raise
         finally:
             with self._evicted_change:
-                with contextlib.suppress(OSError):
-                    store.clear_restoring(path)
+                if done:  # (else the marker stays for the next start: the instance is not stored yet)
+                    with contextlib.suppress(OSError):
+                        store.clear_restoring(path)
                 self._restoring_evicted.discard(key)
                 self._evicted_change.notify_all()
 
