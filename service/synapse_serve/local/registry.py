@@ -350,7 +350,10 @@ class Registry:
             raise
         else:
             if settle is not None:
-                settle(instance)
+                try:
+                    settle(instance)
+                except Exception:  # noqa: BLE001 - the instance is built and stored: it stays
+                    log.exception("%s: finishing its arrival failed", instance.key)
             return description
         finally:
             instance.lock.release()
@@ -651,11 +654,11 @@ class Registry:
     def evict_idle(self, idle_s: float, now: float | None = None) -> list[dict[str, Any]]:
         """Export, then delete, every instance unused for ``idle_s`` seconds; returns what was evicted.
 
-        Each is written to ``<state_dir>/evicted/<owner>/`` before it is deleted (its snapshots go beside the copy and come back with it); its
-        owner sees it with ``evicted`` and brings it back with ``unevict``. Its owner keeps one evicted copy of a
-        name (the latest: the one ``unevict`` brings back; older ones go once it is written), and the copies count
-        against the owner's snapshot quota, as the files they are: an instance whose copy would not fit stays, as
-        one used meanwhile or whose file cannot be written does.
+        Each is written to ``<state_dir>/evicted/<owner>/`` before it is deleted (its snapshots go beside the copy
+        and come back with it); its owner sees it with ``evicted`` and brings it back with ``unevict``. Its owner
+        keeps one evicted copy of a name (the latest: the one ``unevict`` brings back; older ones go once it is
+        written), and the copies count against the owner's snapshot quota, as the files they are: an instance
+        whose copy would not fit stays, as one used meanwhile or whose file cannot be written does.
         """
         self.persistence.require_store()
         now = time.time() if now is None else now
