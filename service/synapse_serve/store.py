@@ -54,6 +54,7 @@ SUFFIX = ".safetensors"
 DELETING = ".deleting"  # the marker of a decided deletion (``Store.mark_deleted``)
 STASHED = ".snapshots"  # beside an evicted copy: the evicted instance's snapshots (``Store.stash_snapshots``)
 RESTORING = ".restoring"  # beside an evicted copy: the marker of a restore under way (``Store.mark_restoring``)
+EVICTING = ".evicting"  # beside an evicted copy: the marker of its eviction under way (``Store.save_evicted``)
 _CHECKSUM_PLACEHOLDER = "0" * 64  # a SHA-256 in hex has this length whatever its value
 
 
@@ -359,10 +360,10 @@ def write_atomic(path: Path, content: bytes | Record) -> None:
     fsync_dir(path.parent)
 
 
-def _unique(directory: Path, stem: str) -> Path:
-    """A path in ``directory`` no file has: ``<stem>.<UTC time>.<random>`` plus SUFFIX."""
+def _unique(directory: Path, stem: str, suffix: str = SUFFIX) -> Path:
+    """A path in ``directory`` no file has: ``<stem>.<UTC time>.<random>`` plus ``suffix``."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    return directory / f"{stem}.{stamp}.{uuid.uuid4().hex[:8]}{SUFFIX}"
+    return directory / f"{stem}.{stamp}.{uuid.uuid4().hex[:8]}{suffix}"
 
 
 def _move_without_overwriting(source: Path, target: Path) -> None:
@@ -463,18 +464,29 @@ class Store:
     def _settle_evictions(self, removed: list[str], failures: list[str]) -> None:
         """What a crash in the middle of an eviction or a restore left, settled before anything is listed.
 
+        - An eviction's marker (written before its copy): if the copy was written and the instance's file is of
+          the same instance and not newer, the eviction is finished (the snapshots beside the copy, the
+          instance's file deleted: in interval mode the copy may be the newer state); a newer file keeps the
+          instance (the copy goes, its snapshots back). The marker goes.
         - A restore's marker (written once the restore held the name): if the instance it brought back is stored
           (created together, not older), its copy goes, its snapshots moved back first; if not, the snapshots it
           had moved back go beside the copy again. The marker goes.
-        - An evicted copy of a stored instance that is the same state (created together, same version, same
-          arrays and counters): an eviction cut short between writing the copy and deleting the instance's file.
-          The instance stays, the copy goes. Anything else — a name taken anew, an import of an export (which keeps
-          its creation time) — keeps both.
         - Snapshots beside no copy (a deletion cut short): deleted.
+        - Snapshots of no instance (one lost with its state: durability off, or interval mode before its first
+          write): moved to ``quarantine/<owner>/`` (a snapshot file imports as an instance), never left for a new
+          instance of the name to list, restore or delete.
         """
-        if not self.evicted.is_dir():
-            return
-        for marker in self.evicted.glob(f"*/*{RESTORING}"):
+        for marker in self.evicted.glob(f"*/*{EVICTING}") if self.evicted.is_dir() else ():
+            copy = marker.with_name(marker.name[: -len(EVICTING)] + SUFFIX)
+            key = f"{marker.parent.name}/{evicted_name(copy)}"
+            try:
+                if copy.exists() and self.path(key).is_file():
+                    self._finish_eviction(key, copy, removed)
+                marker.unlink()
+                fsync_dir(marker.parent)
+            except OSError as exc:
+                failures.append(f"cannot settle {marker}: {exc}")
+        for marker in self.evicted.glob(f"*/*{RESTORING}") if self.evicted.is_dir() else ():
             copy = marker.with_name(marker.name[: -len(RESTORING)] + SUFFIX)
             key = f"{marker.parent.name}/{evicted_name(copy)}"
             try:
@@ -487,31 +499,43 @@ class Store:
                 fsync_dir(marker.parent)
             except OSError as exc:
                 failures.append(f"cannot settle {marker}: {exc}")
-        for copy in self.evicted.glob(f"*/*{SUFFIX}"):
-            key = f"{copy.parent.name}/{evicted_name(copy)}"
-            if copy.name.startswith(".") or not self.path(key).is_file():
-                continue
-            try:
-                live, evicted = self.load(key), decode(copy.read_bytes())
-            except (OSError, CorruptFile):
-                continue  # as they are: loading reports a damaged instance file, a restore a damaged copy
-            if (live.created_at, live.version, live.counters) != (evicted.created_at, evicted.version,
-                                                                  evicted.counters) \
-                    or live.arrays.keys() != evicted.arrays.keys() \
-                    or not all(np.array_equal(live.arrays[name], evicted.arrays[name], equal_nan=True)
-                               for name in live.arrays):
-                continue
-            try:
-                self._drop_copy(key, copy, removed, "an eviction")
-            except OSError as exc:
-                failures.append(f"cannot settle {copy}: {exc}")
-        for stash in self.evicted.glob(f"*/*{STASHED}"):
+        for stash in self.evicted.glob(f"*/*{STASHED}") if self.evicted.is_dir() else ():
             if stash.is_dir() and not stash.with_name(stash.name[: -len(STASHED)] + SUFFIX).exists():
                 try:
                     self.remove_stash(stash.with_name(stash.name[: -len(STASHED)] + SUFFIX))
                     removed.append(f"{stash.relative_to(self.root)} (the snapshots of an evicted copy deleted)")
                 except OSError as exc:
                     failures.append(f"cannot remove {stash}: {exc}")
+        for directory in self.snapshots.glob("*/*") if self.snapshots.is_dir() else ():
+            key = f"{directory.parent.name}/{directory.name}"
+            if not directory.is_dir() or self.path(key).exists():
+                continue
+            try:
+                target = _unique(self.quarantine / directory.parent.name, f"{directory.name}.snapshots", suffix="")
+                make_dirs(target.parent)
+                os.rename(directory, target)
+                fsync_dir(target.parent)
+                fsync_dir(directory.parent)
+                removed.append(f"{directory.relative_to(self.root)} (snapshots of an instance that is gone: moved to "
+                               f"{target.relative_to(self.root)})")
+            except OSError as exc:
+                failures.append(f"cannot move {directory} aside: {exc}")
+
+    def _finish_eviction(self, key: str, copy: Path, removed: list[str]) -> None:
+        """An eviction a crash cut short, its copy written: finished if the instance's file is of the same instance
+        and not newer (its snapshots beside the copy, its file deleted), else undone (the copy deleted)."""
+        try:
+            live, evicted = self.load(key), decode(copy.read_bytes())
+        except (OSError, CorruptFile):
+            return  # as they are: loading reports a damaged instance file, a restore a damaged copy
+        if live.created_at == evicted.created_at and live.version <= evicted.version:
+            if not self.stashed(copy).exists():
+                self.stash_snapshots(key, copy)
+            self.remove(key)
+            removed.append(f"{self.path(key).relative_to(self.root)} (its eviction the last stop cut short: "
+                           "finished)")
+        else:
+            self._drop_copy(key, copy, removed, "an eviction")
 
     def _restored_from(self, key: str, copy: Path) -> bool:
         """Whether the stored instance of ``key`` is the one ``copy`` brought back (created together, not older)."""
@@ -593,13 +617,25 @@ class Store:
     # --- evicted instances: exports written before an idle instance is deleted ---
 
     def save_evicted(self, key: str, record: Record) -> Path:
-        """``evicted/<owner>/<name>.<time>.<random>.safetensors``: an export, written before the instance goes."""
+        """``evicted/<owner>/<name>.<time>.<random>.safetensors``: an export, written before the instance goes, after
+        a marker saying its eviction is under way (``clear_evicting`` once the instance's file is gone)."""
         owner, name = key.split("/", 1)
         directory = self.evicted / owner
         make_dirs(directory)
         path = _unique(directory, name)
-        write_atomic(path, record)
+        path.with_name(path.name[: -len(SUFFIX)] + EVICTING).touch()
+        fsync_dir(directory)
+        try:
+            write_atomic(path, record)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.clear_evicting(path)
+            raise
         return path
+
+    def clear_evicting(self, copy: Path) -> None:
+        copy.with_name(copy.name[: -len(SUFFIX)] + EVICTING).unlink(missing_ok=True)
+        fsync_dir(copy.parent)
 
     @staticmethod
     def stashed(copy: Path) -> Path:

@@ -687,10 +687,10 @@ def test_an_eviction_or_restore_cut_short_by_a_crash_leaves_the_instance_not_a_s
     """A red-team run (2026-11-30) killed the server between a restore's storing the instance and its deleting the
     evicted copy: after the restart the instance was live and its copy still listed (counted against the quota;
     once the instance was deleted, restoring the stale copy brought back an old version). A restore now leaves a
-    marker beside the copy until the copy is gone, and the next start finishes it; a copy of the very state a
-    stored instance holds (an eviction cut short before the instance's file went) goes too. A copy of another
-    state stays: a name taken anew, or an import of an export (which keeps its creation time) that has learned
-    since (a later red-team run: the settling took it for a leftover, and gave it the copy's snapshots)."""
+    marker beside the copy until the copy is gone, and the next start finishes it; an eviction leaves one until the
+    instance's file is gone, and the next start finishes the eviction. A copy of another instance stays: a name
+    taken anew, or an import of an export (which keeps its creation time: later red-team runs found the settling
+    took it for a leftover, and gave it the copy's snapshots)."""
     with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
         a = client.create("a", kind=KIND, config=CONFIG)
         a.snapshot("kept")
@@ -729,12 +729,18 @@ def test_an_eviction_or_restore_cut_short_by_a_crash_leaves_the_instance_not_a_s
         client.get("c").delete()
         assert [s["snapshot"] for s in client.restore_evicted("c").snapshots()] == ["trained"]
         assert sorted(_evict_all(server)) == ["a", "b", "c"]
-    # an eviction cut short: the copy written, the instance's file not yet deleted
+    # an eviction cut short: its marker and copy written, the instance's file not yet deleted, and older than the
+    # copy (interval mode: a red-team run lost the snapshots that had gone beside the copy)
     copy = next(evicted.glob("a.*.safetensors"))
-    (tmp_path / "instances" / "local" / "a.safetensors").write_bytes(copy.read_bytes())
+    copied_version = decode(copy.read_bytes()).version
+    (tmp_path / "instances" / "local" / "a.safetensors").write_bytes(exported.read_bytes())
+    copy.with_name(copy.name[: -len(".safetensors")] + ".evicting").touch()
     with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
-        assert "a" not in [e["name"] for e in client.evicted()] and not copy.exists()
-        assert [s["snapshot"] for s in client.get("a").snapshots()] == ["kept"]
+        assert sorted(e["name"] for e in client.evicted()) == ["a", "b", "c"] and client.list() == []
+        back = client.restore_evicted("a")  # the eviction was finished: the copy, the newer state, comes back
+        assert back.describe()["version"] == copied_version
+        assert [s["snapshot"] for s in back.snapshots()] == ["kept"]
+        assert not list(evicted.glob("*.evicting"))
 
 
 def test_a_restore_is_never_evicted_over_nor_discarded_under(tmp_path, monkeypatch):
@@ -819,3 +825,31 @@ def test_a_restored_instance_is_reached_only_with_its_snapshots_back_and_its_cop
         used = server.registry.capacity._snapshot_bytes["local"]
         assert used == sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors")
                            if "snapshots" in p.parts or "evicted" in p.parts)
+
+
+def test_snapshots_outlive_an_instance_lost_with_its_state_only_in_quarantine(tmp_path):
+    """A red-team run (2026-11-30): an instance with durability off (or interval mode before its first write) is gone
+    after a restart, its snapshots are not; a new instance of the name listed them and could roll back into them.
+    They are moved to quarantine/<owner>/ (each file imports as an instance), out of any new instance's reach. And
+    an evicted copy beside an import of the same export at the same version is a copy of another instance: it stays
+    (the settling had deleted it, and given its snapshots to the import)."""
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        gone = client.create("gone", kind=KIND, config=CONFIG, durability="off")
+        gone.evolve(X, POST)
+        gone.snapshot("s1")
+        twin = client.create("twin", kind=KIND, config=CONFIG)
+        twin.snapshot("t1")
+        exported = twin.export(tmp_path / "twin.safetensors")
+        assert sorted(_evict_all(server)) == ["gone", "twin"]
+        client.discard_evicted("gone")  # (evicted and discarded: nothing of it but its snapshot is left)
+        client.import_(exported, name="twin")  # beside twin's evicted copy: the same state, another instance
+        client.create("gone", kind=KIND, config=CONFIG, durability="off").snapshot("s2")
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        assert [d["name"] for d in client.list()] == ["twin"]
+        assert [e["name"] for e in client.evicted()] == ["twin"] and client.get("twin").snapshots() == []
+        assert client.create("gone", kind=KIND, config=CONFIG).snapshots() == []
+        (moved,) = (tmp_path / "quarantine" / "local").glob("gone.snapshots.*")
+        back = client.import_(moved / "s2.safetensors", name="back")  # the lost instance's snapshot, as a file
+        assert back.describe()["kind"] == KIND
+        client.get("twin").delete()
+        assert [s["snapshot"] for s in client.restore_evicted("twin").snapshots()] == ["t1"]

@@ -670,29 +670,46 @@ class Registry:
                 if self._instances.get(instance.key) is not instance or now - instance.last_used_at < idle_s:
                     continue
                 with self._evicted_lock:
-                    older = self.persistence.store.evicted_files(instance.key.owner, instance.key.name)
-                    try:
-                        path = self.persistence.evict(instance)
-                    except OSError as exc:
-                        log.error("could not evict %s: %s", instance.key, exc)
-                        continue
-                    if not self._admit_evicted(instance.key, path, older):
-                        continue
-                    store = self.persistence.store
-                    try:  # its snapshots go with its copy: a new instance of the name must not take them over
-                        store.stash_snapshots(str(instance.key), path)
-                        store.remove(str(instance.key))
-                    except OSError as exc:
-                        log.error("could not evict %s: %s", instance.key, exc)
-                        with contextlib.suppress(OSError):  # it stays, with its snapshots (the copy: settled
-                            store.unstash_snapshots(str(instance.key), path)  # at the next start)
-                        continue
+                    path = self._evict_one(instance)
+                if path is None:
+                    continue
                 state_bytes = instance.held_bytes
                 self._forget(instance)
             evicted.append({"owner": instance.key.owner, "name": instance.key.name, "state_bytes": state_bytes,
                             "last_used_at": instance.last_used_at, "file": path.name})
             log.info("evicted %s (idle %.0f s) to %s", instance.key, now - instance.last_used_at, path)
         return evicted
+
+    def _evict_one(self, instance: Instance) -> Path | None:
+        """Write the instance's copy, count it, move its snapshots beside it, delete its file (under its lock and
+        the evicted copies' lock); the copy's path, or None where it stays (nothing of the eviction left but a
+        log line). A marker beside the copy says the eviction is under way until the instance's file is gone:
+        the next start finishes one a crash cut short (``Store._settle_evictions``)."""
+        store, key = self.persistence.store, instance.key
+        older = store.evicted_files(key.owner, key.name)
+        try:
+            path = self.persistence.evict(instance)
+        except OSError as exc:
+            log.error("could not evict %s: %s", key, exc)
+            return None
+        try:
+            if not self._admit_evicted(key, path, older):
+                return None
+            written = path.stat().st_size
+            try:  # its snapshots go with its copy: a new instance of the name must not take them over
+                store.stash_snapshots(str(key), path)
+                store.remove(str(key))
+            except OSError as exc:
+                log.error("could not evict %s: %s", key, exc)
+                with contextlib.suppress(OSError):  # it stays, with its snapshots; its copy goes
+                    store.unstash_snapshots(str(key), path)
+                    store.remove_evicted(path)
+                    self.capacity.release_snapshot(key.owner, written)
+                return None
+            return path
+        finally:
+            with contextlib.suppress(OSError):
+                store.clear_evicting(path)
 
     def _admit_evicted(self, key: InstanceKey, path: Path, older: list[Path]) -> bool:
         """Count a new evicted copy against its owner's snapshot quota, the older copies of its name (unreachable: a
