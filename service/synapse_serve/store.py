@@ -467,7 +467,8 @@ class Store:
         - An eviction's marker (written before its copy): if the copy was written and the instance's file is of
           the same instance and not newer, the eviction is finished (the snapshots beside the copy, the
           instance's file deleted: in interval mode the copy may be the newer state); a newer file keeps the
-          instance (the copy goes, its snapshots back). The marker goes.
+          instance (the copy goes, its snapshots back); no file (an instance never stored), the snapshots go
+          beside the copy. The marker goes.
         - A restore's marker (written once the restore held the name): if the instance it brought back is stored
           (created together, not older), its copy goes, its snapshots moved back first; if not, the snapshots it
           had moved back go beside the copy again. The marker goes.
@@ -482,6 +483,8 @@ class Store:
             try:
                 if copy.exists() and self.path(key).is_file():
                     self._finish_eviction(key, copy, removed)
+                elif copy.exists() and (self.snapshots / key).is_dir() and not self.stashed(copy).exists():
+                    self.stash_snapshots(key, copy)  # (an instance never stored: the copy is all of it there is)
                 marker.unlink()
                 fsync_dir(marker.parent)
             except OSError as exc:
@@ -511,15 +514,22 @@ class Store:
             if not directory.is_dir() or self.path(key).exists():
                 continue
             try:
-                target = _unique(self.quarantine / directory.parent.name, f"{directory.name}.snapshots", suffix="")
-                make_dirs(target.parent)
-                os.rename(directory, target)
-                fsync_dir(target.parent)
-                fsync_dir(directory.parent)
+                target = self.quarantine_snapshots(key)
                 removed.append(f"{directory.relative_to(self.root)} (snapshots of an instance that is gone: moved to "
                                f"{target.relative_to(self.root)})")
             except OSError as exc:
                 failures.append(f"cannot move {directory} aside: {exc}")
+
+    def quarantine_snapshots(self, key: str) -> Path:
+        """Move an instance's snapshots to ``quarantine/<owner>/<name>.snapshots.<time>.<random>/`` (its file is gone
+        or unusable: a new instance of the name must not take them over)."""
+        directory = self.snapshots / key
+        target = _unique(self.quarantine / directory.parent.name, f"{directory.name}.snapshots", suffix="")
+        make_dirs(target.parent)
+        os.rename(directory, target)
+        fsync_dir(target.parent)
+        fsync_dir(directory.parent)
+        return target
 
     def _finish_eviction(self, key: str, copy: Path, removed: list[str]) -> None:
         """An eviction a crash cut short, its copy written: finished if the instance's file is of the same instance

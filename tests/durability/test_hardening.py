@@ -853,3 +853,31 @@ def test_snapshots_outlive_an_instance_lost_with_its_state_only_in_quarantine(tm
         assert back.describe()["kind"] == KIND
         client.get("twin").delete()
         assert [s["snapshot"] for s in client.restore_evicted("twin").snapshots()] == ["t1"]
+
+
+def test_a_crash_mid_eviction_of_an_instance_never_stored_and_a_damaged_file_keep_their_snapshots_reachable(tmp_path):
+    """A red-team run (2026-11-30): an instance with no file (durability off, interval before its first write) killed
+    after its evicted copy was written came back from the copy without its snapshots (quarantined as an instance's
+    that was gone); and an instance file found damaged at start-up was quarantined while its snapshots stayed for
+    a new instance of the name, which rolled back into one. The snapshots now go beside the copy, or to quarantine
+    with the damaged file."""
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        unstored = client.create("unstored", kind=KIND, config=CONFIG, durability="off")
+        unstored.snapshot("u1")
+        record = unstored.export(tmp_path / "unstored.safetensors").read_bytes()
+        client.create("damaged", kind=KIND, config=CONFIG).snapshot("d1")
+    evicted = tmp_path / "evicted" / "local"  # what a crash after the copy was written left of unstored's eviction
+    evicted.mkdir(parents=True)
+    copy = evicted / "unstored.20261130T000000Z.0000abcd.safetensors"
+    copy.write_bytes(record)
+    copy.with_name(copy.name[: -len(".safetensors")] + ".evicting").touch()
+    damaged = tmp_path / "instances" / "local" / "damaged.safetensors"
+    blob = bytearray(damaged.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(blob))
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        assert [s["snapshot"] for s in client.restore_evicted("unstored").snapshots()] == ["u1"]
+        assert client.create("damaged", kind=KIND, config=CONFIG).snapshots() == []
+        assert [p.name for p in (tmp_path / "quarantine" / "local").glob("damaged.snapshots.*/*")] == ["d1.safetensors"]
+        used = server.registry.capacity._snapshot_bytes["local"]
+        assert used == sum(p.stat().st_size for p in (tmp_path / "snapshots").rglob("*.safetensors"))

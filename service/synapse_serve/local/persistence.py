@@ -20,7 +20,7 @@ from typing import Any
 
 from synapse_serve.errors import NotFound, StorageError
 from synapse_serve.local.instance import Instance, InstanceKey
-from synapse_serve.store import DURABILITY_MODES, CorruptFile, Record, Store, decode, evicted_name, file_size
+from synapse_serve.store import DURABILITY_MODES, SUFFIX, CorruptFile, Record, Store, decode, evicted_name, file_size
 
 log = logging.getLogger("synapse_serve")
 
@@ -115,16 +115,28 @@ class Persistence:
         """A stored instance's record: OSError if it cannot be read now, CorruptFile if it is damaged."""
         return self.store.load(str(key))
 
-    def quarantine(self, key: InstanceKey, reason: str) -> None:
-        """Move a stored file that cannot be used out of the way (never over another), and remember why."""
+    def quarantine(self, key: InstanceKey, reason: str) -> int:
+        """Move a stored file that cannot be used out of the way (never over another), its snapshots with it (a new
+        instance of the name must not take them over), and remember why; the snapshots' bytes moved."""
         self.restore_errors[str(key)] = reason
         try:
             target = self.store.quarantine_file(str(key), reason)
         except OSError as exc:  # left in place: the name stays taken, nothing is lost
             log.error("could not restore %s (%s); could not quarantine it either (%s): left in place",
                       key, reason, exc)
-            return
+            return 0
         log.error("could not restore %s: %s; moved to %s", key, reason, target)
+        snapshots = self.store.snapshots / str(key)
+        if not snapshots.is_dir():
+            return 0
+        moved = sum(p.stat().st_size for p in snapshots.glob(f"*{SUFFIX}"))
+        try:
+            log.error("%s: its snapshots moved to %s", key, self.store.quarantine_snapshots(str(key)))
+        except OSError as exc:
+            log.error("%s: could not move its snapshots aside (%s): a new instance of the name would list them", key,
+                      exc)
+            return 0
+        return moved
 
     def not_loaded(self, key: InstanceKey, reason: str) -> None:
         """A good file that could not be loaded now (device or disk trouble): left in place, reported."""

@@ -125,7 +125,7 @@ class Registry:
                 try:
                     record = self.persistence.load(key)
                 except CorruptFile as exc:
-                    self.persistence.quarantine(key, str(exc))
+                    self.capacity.release_snapshot(key.owner, self.persistence.quarantine(key, str(exc)))
                     continue
                 except OSError as exc:
                     self._not_loaded(key, f"{type(exc).__name__}: {exc}")
@@ -133,7 +133,7 @@ class Registry:
                 try:
                     self._add_record(key, record, stored=True)
                 except (InvalidRequest, NotFound) as exc:  # an unknown kind, a config or shapes that do not fit
-                    self.persistence.quarantine(key, exc.detail)
+                    self.capacity.release_snapshot(key.owner, self.persistence.quarantine(key, exc.detail))
                 except (SynapseServeError, OSError) as exc:
                     self._not_loaded(key, getattr(exc, "detail", str(exc)))
             finally:
