@@ -743,29 +743,39 @@ def test_an_eviction_or_restore_cut_short_by_a_crash_leaves_the_instance_not_a_s
         assert not list(evicted.glob("*.evicting"))
 
 
+def _hold_unstash_open(monkeypatch) -> None:
+    """Moving a restored instance's snapshots back takes 0.6 s: the window a racing call would meet, held open."""
+    real = Store.unstash_snapshots
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.6)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "unstash_snapshots", slow)
+
+
+def _recorder(outcomes: dict[str, object]):
+    """``run(what, call)``: the call's result, or the exception it raised, kept as ``outcomes[what]``."""
+    def run(what, call):
+        try:
+            outcomes[what] = call()
+        except Exception as exc:  # noqa: BLE001 - recorded, asserted by the test
+            outcomes[what] = exc
+    return run
+
+
 def test_a_restore_is_never_evicted_over_nor_discarded_under(tmp_path, monkeypatch):
     """A red-team run (2026-11-30): a restore stored the instance, then moved its snapshots back from beside the
     copy; an eviction in between deleted the old copy with them (its newer copy had none), and a discard in between
     deleted copy and snapshots while the restore answered 201. While a name is being restored its copies are left
     alone: the evictor passes it by, a discard waits for the restore (and finds nothing), another restore too."""
-    real = Store.unstash_snapshots
-
-    def slow(self, *args, **kwargs):
-        time.sleep(0.6)  # the window between storing the instance and moving its snapshots back, held open
-        return real(self, *args, **kwargs)
-
     with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
         syn = client.create("x", kind=KIND, config=CONFIG)
         syn.snapshot("s1")
         assert _evict_all(server) == ["x"]
-        monkeypatch.setattr(Store, "unstash_snapshots", slow)
+        _hold_unstash_open(monkeypatch)
         outcomes: dict[str, object] = {}
-
-        def run(what, call):
-            try:
-                outcomes[what] = call()
-            except Exception as exc:  # noqa: BLE001 - recorded, asserted below
-                outcomes[what] = exc
+        run = _recorder(outcomes)
 
         restoring = threading.Thread(target=run, args=("restore", lambda: client.restore_evicted("x").name))
         restoring.start()
@@ -786,25 +796,14 @@ def test_a_restored_instance_is_reached_only_with_its_snapshots_back_and_its_cop
     """A red-team run (2026-11-30): the restored instance could be used before its snapshots were back. A delete in
     that window left them behind for the next instance of the name, and a snapshot of the same name replaced the
     evicted one (its bytes never released). Calls on the instance now wait until the restore is whole."""
-    real = Store.unstash_snapshots
-
-    def slow(self, *args, **kwargs):
-        time.sleep(0.6)  # moving the snapshots back, held open
-        return real(self, *args, **kwargs)
-
     with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
         client.create("x", kind=KIND, config=CONFIG).snapshot("s1")
         outcomes: dict[str, object] = {}
-
-        def run(what, call):
-            try:
-                outcomes[what] = call()
-            except Exception as exc:  # noqa: BLE001 - recorded, asserted below
-                outcomes[what] = exc
+        run = _recorder(outcomes)
 
         for racing in ("snapshot", "delete"):
             assert _evict_all(server) == ["x"]
-            monkeypatch.setattr(Store, "unstash_snapshots", slow)
+            _hold_unstash_open(monkeypatch)
             restoring = threading.Thread(target=run, args=("restore", lambda: client.restore_evicted("x").name))
             restoring.start()
             time.sleep(0.3)
