@@ -468,7 +468,9 @@ class Store:
           the same instance and not newer, the eviction is finished (the snapshots beside the copy, the
           instance's file deleted: in interval mode the copy may be the newer state); a newer file keeps the
           instance (the copy goes, its snapshots back); no file (an instance never stored), the snapshots go
-          beside the copy. The marker goes.
+          beside the copy. An eviction finished deletes the name's older copies, as a live one does (a restore
+          brings back the latest; the quota is not checked here: the copy is the instance's only state). The
+          marker goes.
         - A restore's marker (written once the restore held the name): if the instance it brought back is stored
           (created together, not older), its copy goes, its snapshots moved back first; if not, the snapshots it
           had moved back go beside the copy again. The marker goes.
@@ -482,9 +484,16 @@ class Store:
             key = f"{marker.parent.name}/{evicted_name(copy)}"
             try:
                 if copy.exists() and self.path(key).is_file():
-                    self._finish_eviction(key, copy, removed)
-                elif copy.exists() and (self.snapshots / key).is_dir() and not self.stashed(copy).exists():
-                    self.stash_snapshots(key, copy)  # (an instance never stored: the copy is all of it there is)
+                    finished = self._finish_eviction(key, copy, removed)
+                else:
+                    finished = copy.exists()  # (an instance never stored, or stored no more: the copy is all of it)
+                    if finished and (self.snapshots / key).is_dir() and not self.stashed(copy).exists():
+                        self.stash_snapshots(key, copy)
+                if finished:  # as a live eviction does: a restore brings back the latest copy, the older ones go
+                    for older in self.evicted_files(marker.parent.name, evicted_name(copy)):
+                        if older != copy:
+                            self.remove_evicted(older)
+                            removed.append(f"{older.relative_to(self.root)} (an older evicted copy of {key})")
                 marker.unlink()
                 fsync_dir(marker.parent)
             except OSError as exc:
@@ -531,21 +540,23 @@ class Store:
         fsync_dir(directory.parent)
         return target
 
-    def _finish_eviction(self, key: str, copy: Path, removed: list[str]) -> None:
+    def _finish_eviction(self, key: str, copy: Path, removed: list[str]) -> bool:
         """An eviction a crash cut short, its copy written: finished if the instance's file is of the same instance
-        and not newer (its snapshots beside the copy, its file deleted), else undone (the copy deleted)."""
+        and not newer (its snapshots beside the copy, its file deleted), else undone (the copy deleted); whether
+        it was finished."""
         try:
             live, evicted = self.load(key), decode(copy.read_bytes())
         except (OSError, CorruptFile):
-            return  # as they are: loading reports a damaged instance file, a restore a damaged copy
+            return False  # as they are: loading reports a damaged instance file, a restore a damaged copy
         if live.created_at == evicted.created_at and live.version <= evicted.version:
             if not self.stashed(copy).exists():
                 self.stash_snapshots(key, copy)
             self.remove(key)
             removed.append(f"{self.path(key).relative_to(self.root)} (its eviction the last stop cut short: "
                            "finished)")
-        else:
-            self._drop_copy(key, copy, removed, "an eviction")
+            return True
+        self._drop_copy(key, copy, removed, "an eviction")
+        return False
 
     def _restored_from(self, key: str, copy: Path) -> bool:
         """Whether the stored instance of ``key`` is the one ``copy`` brought back (created together, not older)."""

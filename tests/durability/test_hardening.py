@@ -743,6 +743,34 @@ def test_an_eviction_or_restore_cut_short_by_a_crash_leaves_the_instance_not_a_s
         assert not list(evicted.glob("*.evicting"))
 
 
+@pytest.mark.parametrize("stored", [True, False], ids=["file-left", "never-stored"])
+def test_an_eviction_finished_at_start_up_deletes_the_older_copies_of_its_name(tmp_path, stored):
+    """A red-team run (2026-11-30): an eviction a crash cut short after its copy was written was finished at the next
+    start without what a live eviction does next — the name's older copy stayed, the name was listed twice, and
+    its bytes counted against the quota though no restore could reach it. The older copies now go there too."""
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        client.create("a", kind=KIND, config=CONFIG)
+        assert _evict_all(server) == ["a"]
+        evicted = tmp_path / "evicted" / "local"
+        (older,) = evicted.glob("a.*.safetensors")
+        older_blob = older.read_bytes()
+        back = client.restore_evicted("a")
+        back.evolve(X, POST)
+        version = back.describe()["version"]
+        assert _evict_all(server) == ["a"]
+        (latest,) = evicted.glob("a.*.safetensors")
+    time.sleep(0.01)  # the older copy's file is written after the latest one's: its time must not decide
+    older.write_bytes(older_blob)  # the state a crash after the copy, before the older copy's deletion, leaves
+    if stored:
+        (tmp_path / "instances" / "local" / "a.safetensors").write_bytes(latest.read_bytes())
+    latest.with_name(latest.name[: -len(".safetensors")] + ".evicting").touch()
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        assert [e["name"] for e in client.evicted()] == ["a"] and client.list() == []
+        assert not older.exists() and latest.exists()
+        assert server.registry.capacity._snapshot_bytes["local"] == latest.stat().st_size
+        assert client.restore_evicted("a").describe()["version"] == version
+
+
 def _hold_unstash_open(monkeypatch) -> None:
     """Moving a restored instance's snapshots back takes 0.6 s: the window a racing call would meet, held open."""
     real = Store.unstash_snapshots
