@@ -28,8 +28,10 @@ class LiveServer:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         # in-process servers share the process: JAX's persistent cache and gc.freeze are tested in their own, and
-        # a loop busy polling here would take the GIL from the test's client (tests/api/test_polling.py)
-        self.settings = Settings(**{"compilation_cache": False, "gc_freeze": False, "busy_poll_us": 0, **settings})
+        # a loop busy polling here would take the GIL from the test's client (tests/api/test_polling.py); no warm-up
+        # compile at each start (JAX has started in this process already; ~0.2 s a server): tested where asked for
+        self.settings = Settings(**{"compilation_cache": False, "gc_freeze": False, "busy_poll_us": 0, "warmup": False,
+                                    **settings})
         self.app = create_app(self.settings)
         # a connection some test left open (a kept-alive socket, a session) must not hold the stop: the suite's
         # shared server waited the join's full 30 s for one at the end of every run

@@ -49,7 +49,7 @@ def test_not_ready_until_warm(monkeypatch, tmp_path):
     release = _threading.Event()
     real_warm_up = backend_module.warm_up
     monkeypatch.setattr(backend_module, "warm_up", lambda: (release.wait(30), real_warm_up()))
-    server = LiveServer(state_dir=tmp_path).start()
+    server = LiveServer(state_dir=tmp_path, warmup=True).start()
     try:
         assert httpx.get(f"{server.url}/healthz").status_code == 200
         r = httpx.get(f"{server.url}/readyz")

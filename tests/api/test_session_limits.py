@@ -30,7 +30,7 @@ LIMIT = 1000  # SYNAPSE_MAX_TENSOR_ELEMENTS
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with LiveServer(state_dir=tmp_path_factory.mktemp("limits"), warmup=False, session_idle_s=IDLE,
+    with LiveServer(state_dir=tmp_path_factory.mktemp("limits"), session_idle_s=IDLE,
                     body_timeout_s=FRAME_S, max_tensor_elements=LIMIT) as live:
         yield live
 

@@ -65,7 +65,7 @@ def ray_server(state_dir, **settings) -> LiveServer:
     settings.setdefault("ray_shards", 2)
     settings.setdefault("ray_pin_cpus", False)  # many servers share the test cluster's two cores (test_ray_pinning.py)
     settings.setdefault("ray_shard_cpus", 1)
-    return LiveServer(state_dir=state_dir, backend="ray", ray_restart_timeout_s=90, warmup=False, **settings)
+    return LiveServer(state_dir=state_dir, backend="ray", ray_restart_timeout_s=90, **settings)
 
 
 @contextlib.contextmanager
