@@ -137,3 +137,7 @@ class Settings(BaseSettings):
         120.0, gt=0, description="ray backend: how long a call waits for its dead shard to be restarted and restored")
     worker_threads: int = Field(32, ge=1, le=1024, description="threads running registry work (JAX calls); "
                                                                 "calls on different instances run side by side")
+    worker_threads_per_owner: int | None = Field(
+        None, ge=1, le=1024, description="at most this many of one owner's calls on the worker threads at once (the "
+                                         "rest wait without a thread), so one owner's queue never holds every worker "
+                                         "from the others; default a quarter of worker_threads, at least 1")

@@ -187,3 +187,48 @@ def test_the_request_id_is_the_same_in_the_header_and_the_body(server):
         assert len(r.json()["request_id"]) <= 128
     r = httpx.get(f"{server.url}/v1/synapses/nope", headers={"X-Request-ID": "trace-42"})
     assert r.headers["x-request-id"] == r.json()["request_id"] == "trace-42"
+
+
+def test_one_owners_queue_of_calls_never_holds_every_worker_from_another_owner(tmp_path, monkeypatch):
+    """A red-team run (2026-11-30): calls waiting for one instance's lock each held a worker thread, so an owner who
+    queued calls behind a long one on its instance held every worker, and another owner's describe of its own
+    instance waited for them all (5.3 s instead of 0.02). An owner now has at most its share of the workers; its
+    other calls wait without a thread."""
+    import threading
+    import time
+
+    from synapse_serve.local import registry as registry_module
+
+    slow = threading.Event()
+    real_device_call = registry_module.device_call
+
+    def device_call(*args, **kwargs):  # each of alice's forwards holds her instance's lock for 0.6 s
+        if slow.is_set():
+            time.sleep(0.6)
+        return real_device_call(*args, **kwargs)
+
+    monkeypatch.setattr(registry_module, "device_call", device_call)
+    x = np.ones((1, 3, 3, 1), np.float32)
+    with LiveServer(state_dir=tmp_path, auth="on", tokens=f"alice:{ALICE},bob:{BOB}", worker_threads=4,
+                    inline_call_us=0) as live, \
+            SynapseClient(live.url, token=ALICE, timeout=60) as alice, \
+            SynapseClient(live.url, token=BOB, timeout=60) as bob:
+        alice.create("busy", kind="HebbianDeconvSynapse", config=CONFIG).forward(x)
+        bob.create("mine", kind="HebbianDeconvSynapse", config=CONFIG)
+        slow.set()
+
+        def queue_one() -> None:  # a client each: all eight in flight at once
+            with SynapseClient(live.url, token=ALICE, timeout=60) as client:
+                client.get("busy").forward(x)
+
+        queued = [threading.Thread(target=queue_one) for _ in range(8)]  # 4.8 s of work; alice's share: 1 of 4
+        for thread in queued:
+            thread.start()
+        time.sleep(0.3)  # all eight sent, one running, the others waiting
+        started = time.perf_counter()
+        assert bob.get("mine").describe()["name"] == "mine"
+        waited = time.perf_counter() - started
+        for thread in queued:
+            thread.join()
+        slow.clear()
+    assert waited < 0.4, f"bob's describe waited {waited:.2f} s behind alice's queue"
