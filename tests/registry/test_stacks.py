@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 
-from synapse_serve.errors import IdempotencyKeyReused, NotFound, QuotaExceeded, ShapeMismatch
+from synapse_serve.errors import IdempotencyKeyReused, NotFound, QuotaExceeded, ShapeMismatch, UnknownCompartment
 from synapse_serve.local.capacity import Capacity, Limits
 from synapse_serve.local.persistence import Persistence
 from synapse_serve.local.registry import Registry
@@ -128,8 +128,9 @@ def test_touching_one_member_leaves_every_member_right(registry, touch):
             assert registry.learning_stats(keys[1])["weights"]["size"] > 0
         else:
             assert registry.describe(keys[1])["compartments"]["weights"]["shape"] == list(KINDS["deconv"][1]["shape"])
-    # only what was touched leaves the stack (a reference's source too); reading on the host takes nothing out
-    touched = {"call": {1}, "forward": {1}, "write": {1}, "reference": {0, 2}, "reset": {3}}.get(touch, set())
+    # only what was called or written leaves the stack; a reference's source is read in place, as any read on the
+    # host, and stays
+    touched = {"call": {1}, "forward": {1}, "write": {1}, "reference": {2}, "reset": {3}}.get(touch, set())
     assert [stack_of(registry, k) is None for k in packed] == [i in touched for i in range(COUNT)]
     for round_ in range(2, 5):
         sent = stacked_tensors(registry, "evolve", seed=round_)
@@ -413,3 +414,35 @@ def test_a_list_form_call_on_a_stack_answers_every_compartment_as_an_array(kind)
         for compartment in returned:
             assert isinstance(answer[compartment], np.ndarray), (compartment, type(answer[compartment]))
             assert answer[compartment].shape == tuple(layout[compartment]["shape"])
+
+
+@pytest.mark.parametrize("kind", ["dense", "deconv"])
+def test_a_refused_call_with_references_or_an_unknown_return_leaves_every_member_in_its_stack(registry, kind):
+    """A red-team run (2026-11-30): an evolve of a stacked member refused for its batch, whose pre was a reference to
+    another member, took both out of the stack first (the references were read through the members' own states):
+    nothing answered, yet the owner's counted bytes grew by the two rows left behind. And a packed call refused for
+    an unknown compartment to return had put members back into their stack first. References are read in place
+    now, and the return list is checked before anything is readmitted."""
+    packed, _ = stacked(registry, kind, "evolve")
+
+    def used() -> int:
+        return registry.capacity.owner_usage("me")["state_bytes"]
+
+    full, versions = used(), [registry.describe(k)["version"] for k in packed]
+    sent = tensors(registry, "p0", "evolve", (), seed=3)
+    post = sent["post"][:1] if sent["post"].shape[0] > 1 else np.concatenate([sent["post"]] * 2)  # another batch
+    for pre in (CompartmentRef("pre", packed[2].name), CompartmentRef("pre")):  # another member's, its own
+        with pytest.raises(ShapeMismatch):
+            registry.call(packed[1], "evolve", {"pre": pre, "post": post})
+        assert all(stack_of(registry, k) is not None for k in packed) and used() == full
+    registry.call(packed[3], "forward", tensors(registry, "p3", "forward", (), seed=4))  # taken out, answered
+    assert stack_of(registry, packed[3]) is None
+    out_of_stack = used()
+    with pytest.raises(UnknownCompartment):
+        registry.call_stacked(packed, "evolve", stacked_tensors(registry, "evolve", seed=5), ["no-such"])
+    assert stack_of(registry, packed[3]) is None and used() == out_of_stack  # not readmitted by a refused call
+    assert [registry.describe(k)["version"] for k in packed] == [*versions[:3], versions[3] + 1]
+    # references to members answer as before, and leave the referenced member where it was
+    answer = registry.call(packed[1], "evolve", {"pre": CompartmentRef("pre", packed[2].name),
+                                                  "post": sent["post"]}, ["weights"])
+    assert answer["version"] == versions[1] + 1 and stack_of(registry, packed[2]) is not None

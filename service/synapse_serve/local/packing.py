@@ -201,10 +201,10 @@ class PackedCalls:
         shapes = [None if a is None else (a.shape, a.dtype) for a in args]
         if any([None if a is None else (a.shape, a.dtype) for a in entry[2]] != shapes for entry in bound[1:]):
             return None  # tensors of other shapes per instance: the usual way says which
+        at.index = 0
+        registry.planner.check_returned(first, returned)  # before readmit: a refused call changes no membership
         if not stack.readmit(tuple((tuple(leaf.shape[1:]), leaf.dtype) for leaf in stack.leaves)):
             return None  # a member's compartments changed shape since: the usual way
-        at.index = 0
-        registry.planner.check_returned(first, returned)
         signature, nbytes, _, plan = registry.planner.predict(first, operation, op.fn, args)
         if plan is None or not (plan.read or any(a is not None for a in args)):
             return None  # nothing read, nothing sent (a reset): one slice for all, the usual way

@@ -474,7 +474,8 @@ class Registry:
             instance.check_version(expected_version)
             self.planner.check_returned(instance, returned)
             if any(isinstance(a, (CompartmentRef, _Fetched)) for a in args):
-                leaves = compartment_paths(instance.state)
+                # read where they are: a member of a stack stays in it until the call is admitted and runs
+                leaves = compartment_paths(instance.host_state())
                 args = [self._resolve(instance, arg.name, a, leaves) if isinstance(a, (CompartmentRef, _Fetched))
                         else a for arg, a in zip(op.args, args)]
                 self.planner.check_batches(instance, op, args, steps)  # the resolved ones too
@@ -529,8 +530,8 @@ class Registry:
         other = InstanceKey(caller.key.owner, validate_name(ref.instance))
         if other == caller.key:
             return ref._replace(instance=None)  # this instance: resolved under its own lock
-        with self._hold(other) as source:
-            value = _floating_compartment(source, argument, ref.compartment, compartment_paths(source.state))
+        with self._hold(other) as source:  # read in place: a member of a stack stays in it
+            value = _floating_compartment(source, argument, ref.compartment, compartment_paths(source.host_state()))
             return _Fetched(jax.device_put(value, caller.device, may_alias=False))
 
     def _commit(self, instance: Instance, state: Any, counter: str | None, signature: tuple, nbytes: int,
