@@ -264,6 +264,26 @@ def test_an_owner_keeps_one_evicted_copy_a_name_and_its_copies_count_against_the
         assert [d["name"] for d in client.list()] == ["w"]
 
 
+def test_an_instance_whose_evicted_copy_would_not_fit_is_never_written_out(tmp_path, monkeypatch):
+    """A red-team run (2026-11-30): for an owner whose snapshot quota was full, every pass of the evictor wrote and
+    fsynced a whole copy of each idle instance, found it did not fit, and deleted it again. The copy's size is known
+    before it is written (its record's), and checked then."""
+    from synapse_serve.store import Store
+
+    written = []
+    real_save = Store.save_evicted
+    monkeypatch.setattr(Store, "save_evicted", lambda self, key, record: (written.append(key),
+                                                                          real_save(self, key, record))[1])
+    with LiveServer(state_dir=tmp_path, max_snapshot_bytes_per_owner=1000) as server, \
+            SynapseClient(server.url) as client:
+        client.create("big", kind="HebbianSynapse", config={"shape": [40, 40], "optim_type": "adam"})
+        for _ in range(3):
+            assert client.request("POST", "/v1/admin/evict", {"idle_s": 0}, retry=False)["evicted"] == []
+        assert written == [] and [d["name"] for d in client.list()] == ["big"]
+        assert server.registry.capacity.owner_usage("local")["snapshot_bytes"] == 0
+        assert not list((tmp_path / "evicted").rglob("*.safetensors"))
+
+
 def test_devices_route_shows_load_and_budget(tmp_path):
     with LiveServer(state_dir=tmp_path, device_budget_bytes=10**7) as server, SynapseClient(server.url) as client:
         syn = client.create("d", kind=KIND, config=CONFIG)

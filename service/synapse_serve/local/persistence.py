@@ -188,9 +188,10 @@ class Persistence:
 
     # --- evicted instances ---
 
-    def evict(self, instance: Instance) -> Path:
-        """Write the instance's export to ``evicted/<owner>/`` (under its lock); OSError if it cannot."""
-        return self.require_store().save_evicted(str(instance.key), instance.record())
+    def evict(self, instance: Instance, record: Record | None = None) -> Path:
+        """Write the instance's export (``record``, if taken already) to ``evicted/<owner>/`` (under its lock);
+        OSError if it cannot."""
+        return self.require_store().save_evicted(str(instance.key), record or instance.record())
 
     def evicted(self, owner: str) -> list[dict[str, Any]]:
         """An owner's evicted instances, oldest first: name, when, and the file's size."""

@@ -688,14 +688,18 @@ class Registry:
         the next start finishes one a crash cut short (``Store._settle_evictions``)."""
         store, key = self.persistence.store, instance.key
         older = store.evicted_files(key.owner, key.name)
+        record = instance.record()
+        counted = self._reserve_evicted(key, record, older)  # before a byte is written: the file's size is known
+        if counted is None:
+            return None
         try:
-            path = self.persistence.evict(instance)
+            path = self.persistence.evict(instance, record)
         except OSError as exc:
+            self.capacity.release_snapshot(key.owner, counted[0])
             log.error("could not evict %s: %s", key, exc)
             return None
         try:
-            if not self._admit_evicted(key, path, older):
-                return None
+            self._admit_evicted(key, path, *counted)
             written = path.stat().st_size
             try:  # its snapshots go with its copy: a new instance of the name must not take them over
                 store.stash_snapshots(str(key), path)
@@ -712,20 +716,27 @@ class Registry:
             with contextlib.suppress(OSError):
                 store.clear_evicting(path)
 
-    def _admit_evicted(self, key: InstanceKey, path: Path, older: list[Path]) -> bool:
-        """Count a new evicted copy against its owner's snapshot quota, the older copies of its name (unreachable: a
-        restore brings back the latest) deleted; False (the new copy deleted, nothing counted) where it does not
-        fit."""
+    def _reserve_evicted(self, key: InstanceKey, record: Record, older: list[Path]
+                         ) -> tuple[int, dict[Path, int]] | None:
+        """Count an evicted copy about to be written against its owner's snapshot quota, as if the older copies of
+        its name went (as each will): the bytes counted and the older copies' sizes, or None (nothing counted,
+        nothing to write) where it does not fit. Checked before the write: an owner whose quota is full had each
+        idle instance written out and deleted again on every pass of the evictor (a red-team run)."""
         store = self.persistence.store
-        written, before = store.evicted_bytes(path), {file: store.evicted_bytes(file) for file in older}
-        grows = max(0, written - sum(before.values()))  # checked as if every older copy goes, as each should
+        before = {file: store.evicted_bytes(file) for file in older}
+        grows = max(0, record_size(record) - sum(before.values()))
         try:
             self.capacity.admit_snapshot(key.owner, grows)
         except QuotaExceeded as exc:
             log.info("%s stays: its evicted copy would not fit its owner's quota (%s)", key, exc.detail)
-            with contextlib.suppress(OSError):
-                path.unlink()
-            return False
+            return None
+        return grows, before
+
+    def _admit_evicted(self, key: InstanceKey, path: Path, grows: int, before: dict[Path, int]) -> None:
+        """The evicted copy written: the older copies of its name deleted (unreachable: a restore brings back the
+        latest), and what was counted (``grows``, by ``_reserve_evicted``) made what the owner's copies now hold."""
+        store = self.persistence.store
+        written = store.evicted_bytes(path)
         kept = 0
         for file, nbytes in before.items():
             try:
@@ -737,7 +748,6 @@ class Registry:
                 log.warning("could not delete %s, an older evicted copy of %s: %s", file, key, exc)
         # what the owner's copies now hold, against what was counted (a negative release counts a copy kept)
         self.capacity.release_snapshot(key.owner, grows - (written - sum(before.values()) + kept))
-        return True
 
     def evicted(self, owner: str) -> list[dict[str, Any]]:
         """An owner's evicted instances (name, when, file size), oldest first."""
