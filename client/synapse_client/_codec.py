@@ -15,7 +15,7 @@ import dataclasses
 import json
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
@@ -477,9 +477,16 @@ JSON_PART_BYTES = 1 << 20
 
 
 def json_parts(obj: Any) -> list[bytes]:
-    """``json.dumps(to_json(obj))``, encoded, in parts of about a megabyte, each array's values written a slice at a
-    time: the whole text as Python lists of floats first cost ~50 bytes of memory per value (a 32 MB float32
-    answer peaked 500 MB above the server's size) and one string of the whole answer on top."""
+    """``json.dumps(to_json(obj))``, encoded, in parts of about a megabyte (``iter_json_parts``, all of them)."""
+    return list(iter_json_parts(obj))
+
+
+def iter_json_parts(obj: Any) -> Iterator[bytes]:
+    """``json.dumps(to_json(obj))``, encoded, in parts of about a megabyte, each made when asked for, each array's
+    values written a slice at a time: the whole text as Python lists of floats first cost ~50 bytes of memory per
+    value (a 32 MB float32 answer peaked 500 MB above the server's size), and the whole text, even in parts, ~6
+    bytes per byte of float32 values (a red-team run: 1.5 GB for an answer at the 256 MiB answer limit). Sent as
+    they are made, an answer costs its arrays and about a part."""
     arrays: list[np.ndarray] = []
     marker = f"\x00array-{id(arrays):x}-"
 
@@ -489,48 +496,56 @@ def json_parts(obj: Any) -> list[bytes]:
 
     text = json.dumps(to_json(obj, placed))
     if not arrays:
-        return [text.encode()]
-    parts: list[bytes] = []
+        yield text.encode()
+        return
     pending: list[str] = []
     size = 0
 
-    def emit(piece: str) -> None:
+    def emit(piece: str) -> bytes | None:
+        """Add a piece; the part it completes, if it does."""
         nonlocal size
         pending.append(piece)
         size += len(piece)
-        if size >= JSON_PART_BYTES:
-            parts.append("".join(pending).encode())
-            pending.clear()
-            size = 0
+        if size < JSON_PART_BYTES:
+            return None
+        part = "".join(pending).encode()
+        pending.clear()
+        size = 0
+        return part
 
-    def values(array: np.ndarray) -> None:
+    def values(array: np.ndarray) -> Iterator[bytes | None]:
         if array.size <= JSON_SLICE_ELEMENTS or array.ndim == 0:
-            emit(json.dumps(_json_list(array)))
+            yield emit(json.dumps(_json_list(array)))
         elif array.ndim == 1:
-            emit("[")
+            yield emit("[")
             for start in range(0, array.size, JSON_SLICE_ELEMENTS):
-                emit((", " if start else "") + json.dumps(_json_list(array[start:start + JSON_SLICE_ELEMENTS]))[1:-1])
-            emit("]")
+                written = json.dumps(_json_list(array[start:start + JSON_SLICE_ELEMENTS]))[1:-1]
+                yield emit((", " if start else "") + written)
+            yield emit("]")
         else:
-            emit("[")
+            yield emit("[")
             for index in range(array.shape[0]):
                 if index:
-                    emit(", ")
-                values(array[index])
-            emit("]")
+                    yield emit(", ")
+                yield from values(array[index])
+            yield emit("]")
 
-    quoted = json.dumps(marker)[:-1]  # the marker as json.dumps writes it, without its closing quote
-    pieces = text.split(quoted)
-    emit(pieces[0])
-    for piece in pieces[1:]:
-        index, rest = piece.split('"', 1)
-        array = arrays[int(index)]
-        emit(f'{{"dtype": {json.dumps(wire_dtype_name(array.dtype))}, "shape": {json.dumps(list(array.shape))}, '
-             '"values": ')
-        values(array)
-        emit("}" + rest)
-    parts.append("".join(pending).encode())
-    return parts
+    def pieces_of() -> Iterator[bytes | None]:
+        quoted = json.dumps(marker)[:-1]  # the marker as json.dumps writes it, without its closing quote
+        pieces = text.split(quoted)
+        yield emit(pieces[0])
+        for piece in pieces[1:]:
+            index, rest = piece.split('"', 1)
+            array = arrays[int(index)]
+            yield emit(f'{{"dtype": {json.dumps(wire_dtype_name(array.dtype))}, '
+                       f'"shape": {json.dumps(list(array.shape))}, "values": ')
+            yield from values(array)
+            yield emit("}" + rest)
+
+    for part in pieces_of():
+        if part is not None:
+            yield part
+    yield "".join(pending).encode()
 
 
 def _json_floats(array: np.ndarray) -> list:

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 
 from synapse_client import SynapseClient
-from synapse_client._codec import to_json
+from synapse_client._codec import iter_json_parts, json_parts, to_json
 from synapse_serve.testing import ServerProcess
 
 STEPS, BATCH, WIDTH = 40, 50, 256  # 512,000 values each way: ~10 MB of JSON, a second or more to read or write
@@ -53,6 +53,7 @@ def test_a_large_json_body_and_answer_leave_other_connections_served(tmp_path):
             answer = httpx.post(f"{server.url}/v1/synapses/wide/forward", content=body, timeout=120,
                                 headers={"Content-Type": "application/json", "Accept": "application/json"})
             assert answer.status_code == 200, answer.text[:400]
+            assert "content-length" not in answer.headers  # sent as its parts are made (chunked)
             return answer.content
 
         def check(content: bytes) -> None:
@@ -65,3 +66,23 @@ def test_a_large_json_body_and_answer_leave_other_connections_served(tmp_path):
         assert size > 8 << 20
         # reading and writing ~20 MB of JSON takes the server a second or more here, not an event loop's worth
         assert longest < max(0.25, 0.3 * took), (took, longest)
+
+
+def test_a_json_answer_is_made_a_part_at_a_time_not_held_whole():
+    """A red-team run (2026-11-30): an answer's JSON text was made whole before it was sent, ~6 bytes per byte of
+    float32 values: at the 256 MiB answer limit, ~1.5 GB of server memory. Made a part at a time and each sent as it
+    is made, the text costs about a part (and a slice's Python floats) whatever the answer's size."""
+    import tracemalloc
+
+    values = np.random.default_rng(1).normal(size=(64, 16384)).astype(np.float32)  # 4 MB; its text ~24 MB
+    answer = {"version": 3, "outputs": values}
+    tracemalloc.start()
+    try:
+        sizes = [len(part) for part in iter_json_parts(answer)]  # each part let go of once counted
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sum(sizes) > 5 * values.nbytes and len(sizes) > 10
+    assert peak < 2 * values.nbytes, f"{peak / 1e6:.1f} MB held to write {sum(sizes) / 1e6:.1f} MB of JSON"
+    assert b"".join(iter_json_parts(answer)) == b"".join(json_parts(answer))
+    assert json.loads(b"".join(iter_json_parts(answer))) == {"version": 3, "outputs": to_json(values)}

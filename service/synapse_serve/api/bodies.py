@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from synapse_client._codec import WireError, json_parts, json_tensor, packb_parts, unpackb
+from synapse_client._codec import WireError, iter_json_parts, json_parts, json_tensor, packb_parts, unpackb
 from synapse_serve.errors import (
     BodyTooLarge,
     InvalidFields,
@@ -255,25 +255,35 @@ JSON_ON_LOOP_ELEMENTS = 1 << 14  # answers holding more values than this are wri
 
 
 class JsonResponse(Response):
-    """An answer in JSON, written when it is sent: on a worker thread when it holds many values (writing them takes
-    ~0.3 µs a value, seconds for a large answer: never on the event loop, which every connection shares), in parts
-    (``json_parts``) that go out one by one."""
+    """An answer in JSON, written when it is sent. A small one at once, with its length. One holding many values is
+    written on a worker thread (~0.3 µs a value, seconds for a large answer: never on the event loop, which every
+    connection shares), a part of about a megabyte at a time, each sent as it is made (chunked): the whole text
+    would hold ~6 bytes per byte of float32 values (``iter_json_parts``), past what ``max_answer_bytes`` bounds."""
 
     def __init__(self, content: Any, status_code: int, headers: dict[str, str] | None) -> None:
         super().__init__(None, status_code=status_code, headers=headers, media_type=JSON)
         self.content = content
 
     async def __call__(self, scope, receive, send) -> None:
-        if _values_in(self.content) > JSON_ON_LOOP_ELEMENTS:
-            parts = await asyncio.to_thread(json_parts, self.content)
-        else:
-            parts = json_parts(self.content)
-        self.content = None
-        self.headers["content-length"] = str(sum(len(p) for p in parts))
+        content, self.content = self.content, None
+        if _values_in(content) <= JSON_ON_LOOP_ELEMENTS:
+            parts = json_parts(content)
+            self.headers["content-length"] = str(sum(len(p) for p in parts))
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            for part in parts[:-1]:
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body", "body": parts[-1], "more_body": False})
+            return
+        written = iter_json_parts(content)
+        del content  # the generator holds what it writes, and lets go of it when done
+        part = await asyncio.to_thread(next, written)  # a first part (a JSON text has one): errors before the start
+        if "content-length" in self.headers:
+            del self.headers["content-length"]  # its length is known once it is sent: chunked
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        for part in parts[:-1]:
-            await send({"type": "http.response.body", "body": part, "more_body": True})
-        await send({"type": "http.response.body", "body": parts[-1], "more_body": False})
+        while part is not None:
+            following = await asyncio.to_thread(next, written, None)
+            await send({"type": "http.response.body", "body": part, "more_body": following is not None})
+            part = following
 
 
 def _values_in(content: Any) -> int:
