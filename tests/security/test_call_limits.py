@@ -74,6 +74,24 @@ def test_stored_signals_obey_max_batch(tmp_path):
         assert syn.describe()["counters"] == {} and syn.describe()["version"] == 2
 
 
+def test_a_rollback_obeys_max_batch_as_an_import_does(tmp_path):
+    """A red-team run (2026-11-30, by reading): a rollback brought back a snapshot's signals whatever their batch,
+    where an import or a restore of the same file checks it against max_batch: a snapshot taken before the limit
+    was lowered came back over it. It is refused, and nothing changes."""
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        syn = client.create("b", kind=KIND, config=CONFIG)
+        syn.forward(np.ones((8, 8, 8, 1), np.float32))
+        syn.snapshot("wide")
+        syn.reset()
+    with LiveServer(state_dir=tmp_path, max_batch=4) as server, SynapseClient(server.url) as client:
+        syn = client.get("b")
+        before = syn.describe()
+        with pytest.raises(UnprocessableEntityError, match="max_batch of 4"):
+            syn.restore("wide")
+        after = syn.describe()
+        assert (after["version"], after["state_bytes"]) == (before["version"], before["state_bytes"])
+
+
 def test_reset_returns_the_signals_to_the_configured_batch(client, unique_name):
     """Item 10: one batch-1024 forward used to leave its signals resident through reset, flushes and exports."""
     syn = client.create(unique_name, kind=KIND, config={**CONFIG, "batch_size": 2})

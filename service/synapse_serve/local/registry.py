@@ -638,7 +638,7 @@ class Registry:
             record = self.persistence.read_snapshot(self.persistence.snapshot_path(key, snapshot))
             with jax.default_device(instance.device):
                 state = device_call(state_from_compartments, instance.kind, instance.config, instance.seed,
-                                    record.arrays)
+                                    record.arrays, self.capacity.limits.max_batch)  # as an import: taken lower since
             state = jax.device_put(state, instance.device)
             signature = signature_of(state)
             self._account(instance, nbytes_of(signature), check=True)
