@@ -189,11 +189,12 @@ def test_the_request_id_is_the_same_in_the_header_and_the_body(server):
     assert r.headers["x-request-id"] == r.json()["request_id"] == "trace-42"
 
 
-def test_one_owners_queue_of_calls_never_holds_every_worker_from_another_owner(tmp_path, monkeypatch):
-    """A red-team run (2026-11-30): calls waiting for one instance's lock each held a worker thread, so an owner who
+def test_a_queue_of_calls_on_one_instance_holds_neither_the_workers_nor_its_owners_share(tmp_path, monkeypatch):
+    """Red-team runs (2026-11-30): calls waiting for one instance's lock each held a worker thread, so an owner who
     queued calls behind a long one on its instance held every worker, and another owner's describe of its own
-    instance waited for them all (5.3 s instead of 0.02). An owner now has at most its share of the workers; its
-    other calls wait without a thread."""
+    instance waited for them all (5.3 s instead of 0.02); with an owner's share of the workers alone, the queue held
+    the share, and the owner's calls on its other instances waited 4 s (with auth off, every client is one owner).
+    Calls on one instance now wait on the event loop, one at a time past it, and an owner has at most its share."""
     import threading
     import time
 
@@ -202,18 +203,20 @@ def test_one_owners_queue_of_calls_never_holds_every_worker_from_another_owner(t
     slow = threading.Event()
     real_device_call = registry_module.device_call
 
-    def device_call(*args, **kwargs):  # each of alice's forwards holds her instance's lock for 0.6 s
-        if slow.is_set():
+    def device_call(*args, **kwargs):  # while set, each forward holds its instance's lock for 0.6 s
+        if slow.is_set() and threading.current_thread().name.startswith("synapse-worker"):
             time.sleep(0.6)
         return real_device_call(*args, **kwargs)
 
     monkeypatch.setattr(registry_module, "device_call", device_call)
     x = np.ones((1, 3, 3, 1), np.float32)
-    with LiveServer(state_dir=tmp_path, auth="on", tokens=f"alice:{ALICE},bob:{BOB}", worker_threads=4,
+    with LiveServer(state_dir=tmp_path, auth="on", tokens=f"alice:{ALICE},bob:{BOB}", worker_threads=8,
                     inline_call_us=0) as live, \
             SynapseClient(live.url, token=ALICE, timeout=60) as alice, \
             SynapseClient(live.url, token=BOB, timeout=60) as bob:
         alice.create("busy", kind="HebbianDeconvSynapse", config=CONFIG).forward(x)
+        other = alice.create("other", kind="HebbianDeconvSynapse", config=CONFIG)
+        other.forward(x)
         bob.create("mine", kind="HebbianDeconvSynapse", config=CONFIG)
         slow.set()
 
@@ -221,14 +224,37 @@ def test_one_owners_queue_of_calls_never_holds_every_worker_from_another_owner(t
             with SynapseClient(live.url, token=ALICE, timeout=60) as client:
                 client.get("busy").forward(x)
 
-        queued = [threading.Thread(target=queue_one) for _ in range(8)]  # 4.8 s of work; alice's share: 1 of 4
+        queued = [threading.Thread(target=queue_one) for _ in range(8)]  # 4.8 s of work; alice's share: 2 of 8
         for thread in queued:
             thread.start()
         time.sleep(0.3)  # all eight sent, one running, the others waiting
-        started = time.perf_counter()
-        assert bob.get("mine").describe()["name"] == "mine"
-        waited = time.perf_counter() - started
+        waited = {}
+        for what, call in [("bob's describe", lambda: bob.get("mine").describe()),
+                           ("alice's describe of another instance", other.describe),
+                           ("alice's read of another instance", lambda: other.weights)]:
+            started = time.perf_counter()
+            call()
+            waited[what] = time.perf_counter() - started
+        slow.clear()
         for thread in queued:
             thread.join()
+        # long calls on many instances of one owner: its share of the workers, the others' free
+        for i in range(8):
+            alice.create(f"many-{i}", kind="HebbianDeconvSynapse", config=CONFIG).forward(x)
+        slow.set()
+
+        def long_call(i: int) -> None:
+            with SynapseClient(live.url, token=ALICE, timeout=60) as client:
+                client.get(f"many-{i}").forward(x)
+
+        spread = [threading.Thread(target=long_call, args=(i,)) for i in range(8)]
+        for thread in spread:
+            thread.start()
+        time.sleep(0.3)
+        started = time.perf_counter()
+        bob.get("mine").describe()
+        waited["bob's describe beside alice's calls on many instances"] = time.perf_counter() - started
         slow.clear()
-    assert waited < 0.4, f"bob's describe waited {waited:.2f} s behind alice's queue"
+        for thread in spread:
+            thread.join()
+    assert all(seconds < 0.4 for seconds in waited.values()), waited

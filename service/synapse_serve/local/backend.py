@@ -52,29 +52,27 @@ INLINE_CEILING_S = 0.002  # a measured hop never lets one call hold the event lo
 PROBE_TIMEOUT_S = 5.0
 
 
-class OwnerSlots:
-    """At most ``per_owner`` calls of one owner's on the worker threads at once; the others wait on the event loop
-    (a coroutine each, no thread). Calls on one instance wait for its lock on a worker: without a share, one owner
-    queueing calls behind a long one on its instance held every worker, and every other owner's calls waited for it
-    (a red-team run, 2026-11-30: another owner's describe took 5.3 s instead of 0.02). Used on the loop's thread."""
+class Slots:
+    """At most ``size`` holders per key at once; the others wait on the event loop (a coroutine each, no thread).
+    Used on the loop's thread; a key's entry is kept only while it is used (owners and instances come and go)."""
 
-    def __init__(self, per_owner: int) -> None:
-        self.per_owner = per_owner
-        self._slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}  # owner -> (its share, [calls using it])
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._slots: dict[Any, tuple[asyncio.Semaphore, list[int]]] = {}  # key -> (its slots, [calls using them])
 
     @contextlib.asynccontextmanager
-    async def held(self, owner: str) -> AsyncIterator[None]:
-        entry = self._slots.get(owner)
+    async def held(self, key: Any) -> AsyncIterator[None]:
+        entry = self._slots.get(key)
         if entry is None:
-            entry = self._slots[owner] = (asyncio.Semaphore(self.per_owner), [0])
+            entry = self._slots[key] = (asyncio.Semaphore(self.size), [0])
         entry[1][0] += 1
         try:
             async with entry[0]:
                 yield
         finally:
             entry[1][0] -= 1
-            if not entry[1][0]:  # kept only while used: owners come and go
-                del self._slots[owner]
+            if not entry[1][0]:
+                del self._slots[key]
 
 
 def enable_compilation_cache(directory: Path) -> None:
@@ -348,7 +346,13 @@ class LocalBackend:
         self.registry = registry or registry_from(settings)
         # calls on different instances proceed side by side; calls on one instance wait for its lock here
         self.executor = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="synapse-worker")
-        self.owner_slots = OwnerSlots(settings.worker_threads_per_owner or max(1, settings.worker_threads // 4))
+        # what waits for a worker waits here, on the loop, not on a worker: calls on one instance one at a time (they
+        # would wait for its lock on a worker), and at most an owner's share of the workers at once. Without them, a
+        # queue of calls behind a long one on one instance held every worker (a red-team run, 2026-11-30: another
+        # owner's describe of its own instance took 5.3 s instead of 0.02), and with the share alone, every worker
+        # of the owner's share (its other instances' calls waited 4 s).
+        self.instance_queues = Slots(1)
+        self.owner_slots = Slots(settings.worker_threads_per_owner or max(1, settings.worker_threads // 4))
         self._off_loop = 0  # calls now on the worker threads (counted on the loop's thread)
         self.inline_max_s = settings.inline_call_us * 1e-6  # the inline bound (raised by measured hops)
         self._hops: deque[float] = deque(maxlen=HOPS_KEPT)  # seconds of recent hand-offs, their runs left out
@@ -362,14 +366,20 @@ class LocalBackend:
         self.map_limit = settings.max_memory_maps or (kernel // 2 if kernel else None)
         self._operations = frozenset(op for kind in KINDS.values() for op in kind.operations)
 
-    async def _off(self, fn: Callable[..., Any], *args: Any, for_owner: str | None = None, **kwargs: Any) -> Any:
-        """Run blocking registry work on the worker threads, never on the event loop (with no loop: here);
-        ``for_owner``: work of that owner's, on at most its share of the workers (``OwnerSlots``)."""
+    async def _off(self, fn: Callable[..., Any], *args: Any, for_owner: str | None = None,
+                   for_instance: InstanceKey | None = None, **kwargs: Any) -> Any:
+        """Run blocking registry work on the worker threads, never on the event loop (with no loop: here).
+        ``for_instance``: work that holds that live instance's lock, one at a time (``instance_queues``; never work
+        that brings an instance in or waits for one to come: a restore, a create, an import); ``for_owner``: work of
+        that owner's, on at most its share of the workers (``owner_slots``)."""
         if self.in_caller_thread:
             try:
                 return fn(*args, **kwargs)
             finally:
                 self._bound_programs()
+        if for_instance is not None:
+            async with self.instance_queues.held(for_instance):
+                return await self._off(fn, *args, for_owner=for_instance.owner, **kwargs)
         if for_owner is not None:
             async with self.owner_slots.held(for_owner):
                 return await self._off(fn, *args, **kwargs)
@@ -470,8 +480,8 @@ class LocalBackend:
     async def create(self, key: InstanceKey, *, kind: str, config: Mapping[str, Any],
                      init: Mapping[str, Any] | None = None, seed: int = 0, durability: str | None = None,
                      device: str | int | None = None) -> dict[str, Any]:
-        return await self._off(self.registry.create, key, for_owner=key.owner, kind=kind, config=config, init=init, seed=seed,
-                               durability=durability, device=device)
+        return await self._off(self.registry.create, key, for_owner=key.owner, kind=kind, config=config, init=init,
+                               seed=seed, durability=durability, device=device)
 
     async def describe(self, key: InstanceKey) -> dict[str, Any]:
         return await self._off(self.registry.describe, key, for_owner=key.owner)
@@ -480,10 +490,10 @@ class LocalBackend:
         return await self._off(self.registry.help, key, for_owner=key.owner)
 
     async def stats(self, key: InstanceKey) -> dict[str, Any]:
-        return await self._off(self.registry.learning_stats, key, for_owner=key.owner)
+        return await self._off(self.registry.learning_stats, key, for_instance=key)
 
     async def history(self, key: InstanceKey) -> dict[str, Any]:
-        return await self._off(self.registry.history, key, for_owner=key.owner)
+        return await self._off(self.registry.history, key, for_instance=key)
 
     async def list(self, *, owner: str | None) -> list[dict[str, Any]]:
         return await self._off(self.registry.list, owner, for_owner=owner)
@@ -520,7 +530,7 @@ class LocalBackend:
                 self._remember_cost(cost_key, time.perf_counter() - started)
                 return answer
         if cost_key is None:
-            return await self._off(run, for_owner=key.owner)
+            return await self._off(run, for_instance=key)
 
         def timed() -> dict[str, Any]:  # the run's own time, without the hop or the wait for the thread
             started = time.perf_counter()
@@ -528,18 +538,18 @@ class LocalBackend:
             self._remember_cost(cost_key, time.perf_counter() - started)
             return answer
 
-        return await self._off(timed, for_owner=key.owner)
+        return await self._off(timed, for_instance=key)
 
     async def call_many(self, keys: list[InstanceKey], *, operation: str, tensors: list[Mapping[str, Any]],
                         returns: list[str] | None = None, idempotency_key: str | None = None
                         ) -> list[dict[str, Any]]:
-        return await self._off(self.registry.call_many, keys, operation, tensors, returns, for_owner=keys[0].owner if keys else None,
-                               idempotency_key=idempotency_key)
+        return await self._off(self.registry.call_many, keys, operation, tensors, returns,
+                               for_owner=keys[0].owner if keys else None, idempotency_key=idempotency_key)
 
     async def call_stacked(self, keys: list[InstanceKey], *, operation: str, tensors: Mapping[str, Any],
                            returns: list[str] | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
-        return await self._off(self.registry.call_stacked, keys, operation, tensors, returns, for_owner=keys[0].owner if keys else None,
-                               idempotency_key=idempotency_key)
+        return await self._off(self.registry.call_stacked, keys, operation, tensors, returns,
+                               for_owner=keys[0].owner if keys else None, idempotency_key=idempotency_key)
 
     def _cost_key(self, key: InstanceKey, operation: str, tensors: Mapping[str, Any], returns: list[str] | None,
                   sequence: Mapping[str, Any] | None) -> tuple | None:
@@ -583,31 +593,31 @@ class LocalBackend:
                 self._costs.popitem(last=False)
 
     async def read(self, key: InstanceKey, *, compartment: str) -> tuple[np.ndarray, int]:
-        return await self._off(self.registry.read, key, compartment, for_owner=key.owner)
+        return await self._off(self.registry.read, key, compartment, for_instance=key)
 
     async def write(self, key: InstanceKey, *, compartment: str, value: Any,
                     expected_version: int | None = None) -> int:
-        return await self._off(self.registry.write, key, compartment, value, expected_version, for_owner=key.owner)
+        return await self._off(self.registry.write, key, compartment, value, expected_version, for_instance=key)
 
     # --- files ---
 
     async def export(self, key: InstanceKey) -> ExportParts:
-        return await self._off(self.registry.export, key, for_owner=key.owner)
+        return await self._off(self.registry.export, key, for_instance=key)
 
     async def import_(self, key: InstanceKey, *, blob: bytes) -> dict[str, Any]:
         return await self._off(self.registry.import_, key, blob, for_owner=key.owner)
 
     async def snapshot(self, key: InstanceKey, *, snapshot: str) -> dict[str, Any]:
-        return await self._off(self.registry.snapshot, key, snapshot, for_owner=key.owner)
+        return await self._off(self.registry.snapshot, key, snapshot, for_instance=key)
 
     async def snapshots(self, key: InstanceKey) -> list[dict[str, Any]]:
-        return await self._off(self.registry.snapshots, key, for_owner=key.owner)
+        return await self._off(self.registry.snapshots, key, for_instance=key)
 
     async def rollback(self, key: InstanceKey, *, snapshot: str, expected_version: int | None = None) -> int:
-        return await self._off(self.registry.rollback, key, snapshot, expected_version, for_owner=key.owner)
+        return await self._off(self.registry.rollback, key, snapshot, expected_version, for_instance=key)
 
     async def delete_snapshot(self, key: InstanceKey, *, snapshot: str) -> None:
-        await self._off(self.registry.delete_snapshot, key, snapshot, for_owner=key.owner)
+        await self._off(self.registry.delete_snapshot, key, snapshot, for_instance=key)
 
     async def evicted(self, *, owner: str) -> list[dict[str, Any]]:
         return await self._off(self.registry.evicted, owner, for_owner=owner)
