@@ -86,3 +86,26 @@ def test_a_json_answer_is_made_a_part_at_a_time_not_held_whole():
     assert peak < 2 * values.nbytes, f"{peak / 1e6:.1f} MB held to write {sum(sizes) / 1e6:.1f} MB of JSON"
     assert b"".join(iter_json_parts(answer)) == b"".join(json_parts(answer))
     assert json.loads(b"".join(iter_json_parts(answer))) == {"version": 3, "outputs": to_json(values)}
+
+
+def test_a_client_that_leaves_mid_answer_stops_the_writing(tmp_path):
+    """A red-team run (2026-11-30): a client read 64 KiB of an 87 MB JSON answer and closed its connection; the server
+    went on writing the rest, 2.2 s of CPU for nobody. No part is written once the client has gone."""
+    import socket
+
+    from conftest import LiveServer
+
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        client.create("wide", kind="HebbianSynapse", config={"shape": [512, 512]})
+        body = json.dumps({"inputs": to_json(np.ones((4000, 512), np.float32))}).encode()
+        head = (f"POST /v1/synapses/wide/forward HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Accept: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(head + body)
+            assert sock.recv(1 << 16).startswith(b"HTTP/1.1 200")  # the answer has begun (its text: ~40 MB)
+        began = time.process_time()  # this process is the server's: the client here only sleeps
+        time.sleep(2.0)
+        spent = time.process_time() - began
+        # writing the whole answer takes ~1.3 s of CPU here; stopping, a part or two
+        assert spent < 0.5, f"{spent:.2f} s of CPU after the client left"
+        assert client.get("wide").describe()["name"] == "wide"  # and the server serves on

@@ -279,11 +279,23 @@ class JsonResponse(Response):
         part = await asyncio.to_thread(next, written)  # a first part (a JSON text has one): errors before the start
         if "content-length" in self.headers:
             del self.headers["content-length"]  # its length is known once it is sent: chunked
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        while part is not None:
-            following = await asyncio.to_thread(next, written, None)
-            await send({"type": "http.response.body", "body": part, "more_body": following is not None})
-            part = following
+        # once the client leaves, no further part is written (a red-team run's client read 64 KiB of an 87 MB answer
+        # and left; the server wrote the rest for 2 s of CPU)
+        gone = asyncio.ensure_future(_until_disconnected(receive))
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            while part is not None and not gone.done():
+                following = await asyncio.to_thread(next, written, None)
+                await send({"type": "http.response.body", "body": part, "more_body": following is not None})
+                part = following
+        finally:
+            gone.cancel()
+
+
+async def _until_disconnected(receive) -> None:
+    """Return once the client has gone (a body the route left unread, a GET's empty one, is read past first)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _values_in(content: Any) -> int:
