@@ -344,13 +344,13 @@ class LocalBackend:
         self.in_caller_thread = in_caller_thread  # every coroutine completes without suspending (no loop needed)
         apply_dispatch_setting(settings)  # before the registry starts JAX
         self.registry = registry or registry_from(settings)
-        # calls on different instances proceed side by side; calls on one instance wait for its lock here
+        # calls on different instances proceed side by side
         self.executor = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="synapse-worker")
         # what waits for a worker waits here, on the loop, not on a worker: calls on one instance one at a time (they
         # would wait for its lock on a worker), and at most an owner's share of the workers at once. Without them, a
         # queue of calls behind a long one on one instance held every worker (a red-team run, 2026-11-30: another
-        # owner's describe of its own instance took 5.3 s instead of 0.02), and with the share alone, every worker
-        # of the owner's share (its other instances' calls waited 4 s).
+        # owner's describe of its own instance took 5.3 s instead of 0.02), and with the share alone, the owner's
+        # whole share (its calls on its other instances waited 4 s).
         self.instance_queues = Slots(1)
         self.owner_slots = Slots(settings.worker_threads_per_owner or max(1, settings.worker_threads // 4))
         self._off_loop = 0  # calls now on the worker threads (counted on the loop's thread)
