@@ -88,13 +88,22 @@ def test_a_json_answer_is_made_a_part_at_a_time_not_held_whole():
     assert json.loads(b"".join(iter_json_parts(answer))) == {"version": 3, "outputs": to_json(values)}
 
 
-def test_a_client_that_leaves_mid_answer_stops_the_writing(tmp_path):
+def test_a_client_that_leaves_mid_answer_stops_the_writing(tmp_path, monkeypatch):
     """A red-team run (2026-11-30): a client read 64 KiB of an 87 MB JSON answer and closed its connection; the server
     went on writing the rest, 2.2 s of CPU for nobody. No part is written once the client has gone."""
     import socket
 
     from conftest import LiveServer
+    from synapse_serve.api import bodies
 
+    made = []
+
+    def counted(content):
+        for part in iter_json_parts(content):
+            made.append(len(part))
+            yield part
+
+    monkeypatch.setattr(bodies, "iter_json_parts", counted)
     with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
         client.create("wide", kind="HebbianSynapse", config={"shape": [512, 512]})
         body = json.dumps({"inputs": to_json(np.ones((4000, 512), np.float32))}).encode()
@@ -102,10 +111,7 @@ def test_a_client_that_leaves_mid_answer_stops_the_writing(tmp_path):
                 f"Accept: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(head + body)
-            assert sock.recv(1 << 16).startswith(b"HTTP/1.1 200")  # the answer has begun (its text: ~40 MB)
-        began = time.process_time()  # this process is the server's: the client here only sleeps
-        time.sleep(2.0)
-        spent = time.process_time() - began
-        # writing the whole answer takes ~1.3 s of CPU here; stopping, a part or two
-        assert spent < 0.5, f"{spent:.2f} s of CPU after the client left"
+            assert sock.recv(1 << 16).startswith(b"HTTP/1.1 200")  # the answer has begun (its text: ~40 parts)
+        time.sleep(3.0)  # written whole, it would be by now (~1.3 s of CPU here)
+        assert len(made) <= 6, f"{len(made)} parts ({sum(made) >> 20} MB) written after the client left"
         assert client.get("wide").describe()["name"] == "wide"  # and the server serves on
