@@ -58,21 +58,34 @@ class Slots:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._slots: dict[Any, tuple[asyncio.Semaphore, list[int]]] = {}  # key -> (its slots, [calls using them])
+        # key -> (its slots, [calls holding or waiting for one, calls waiting])
+        self._slots: dict[Any, tuple[asyncio.Semaphore, list[int]]] = {}
 
     @contextlib.asynccontextmanager
     async def held(self, key: Any) -> AsyncIterator[None]:
         entry = self._slots.get(key)
         if entry is None:
-            entry = self._slots[key] = (asyncio.Semaphore(self.size), [0])
-        entry[1][0] += 1
+            entry = self._slots[key] = (asyncio.Semaphore(self.size), [0, 0])
+        counts = entry[1]
+        counts[0] += 1
         try:
-            async with entry[0]:
+            counts[1] += 1
+            try:
+                await entry[0].acquire()
+            finally:
+                counts[1] -= 1
+            try:
                 yield
+            finally:
+                entry[0].release()
         finally:
-            entry[1][0] -= 1
-            if not entry[1][0]:
+            counts[0] -= 1
+            if not counts[0]:
                 del self._slots[key]
+
+    def waiting(self) -> dict[Any, int]:
+        """The calls waiting for a slot now, by key (keys with none left out)."""
+        return {key: counts[1] for key, (_, counts) in self._slots.items() if counts[1]}
 
 
 def enable_compilation_cache(directory: Path) -> None:
@@ -640,7 +653,11 @@ class LocalBackend:
         return await self._off(self.registry.capacity.devices_info)
 
     async def gauges(self) -> dict[str, Any]:
+        waiting = [(key.owner, n) for key, n in self.instance_queues.waiting().items()]  # read on the loop's thread
+        waiting += list(self.owner_slots.waiting().items())
         stats = await self._off(self.registry.stats)  # walks every instance
+        for owner, n in waiting:  # calls waiting for an instance, or for their owner's share, on the loop
+            stats["queue_depth"][owner] = stats["queue_depth"].get(owner, 0) + n
         stats["memory"] = await self._off(self._memory)
         compiles = self.compiles
         stats["compiles"] = {"count": compiles.compilations, "seconds": compiles.compile_seconds,
