@@ -30,8 +30,13 @@ def local_cluster() -> Iterator[None]:
     """A Ray cluster on loopback, started by Ray's own command in a process of its own (the test process has
     JAX's threads: it must not fork), joined by this process, and stopped at the end."""
     port = free_port()
+    # a test process killed before its teardown (a CI job timed out, a run stopped by hand) must not leave the cluster
+    # running: the head gets SIGTERM when this process dies, and `ray start --block` stops what it started
+    # (util-linux's setpriv; without it, only a teardown stops the cluster)
+    dies_with_us = [setpriv, "--pdeathsig", "TERM"] if (setpriv := shutil.which("setpriv")) else []
+    ray_command = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
     head = subprocess.Popen(
-        [shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray", "start", "--head", "--block",
+        [*dies_with_us, ray_command, "start", "--head", "--block",
          f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4", "--num-gpus=0",
          "--include-dashboard=false", f"--object-store-memory={96 << 20}", "--disable-usage-stats"],
         env={**os.environ, "JAX_PLATFORMS": "cpu", "RAY_USAGE_STATS_ENABLED": "0"},
