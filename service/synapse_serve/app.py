@@ -120,6 +120,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             task.cancel()
             await server.poll.close()
             await backend.close()  # graceful shutdown: write what changed
+            server.threads.close()
 
     app = FastAPI(
         title="synapse-serve",

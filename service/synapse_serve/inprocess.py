@@ -136,6 +136,7 @@ class Engine:
             self._closed = True
             if self._started:
                 await self.backend.close()
+            self.server.threads.close()
             if self._temporary is not None:
                 self._temporary.cleanup()
 

@@ -115,3 +115,51 @@ def test_a_client_that_leaves_mid_answer_stops_the_writing(tmp_path, monkeypatch
         time.sleep(3.0)  # written whole, it would be by now (~1.3 s of CPU here)
         assert len(made) <= 6, f"{len(made)} parts ({sum(made) >> 20} MB) written after the client left"
         assert client.get("wide").describe()["name"] == "wide"  # and the server serves on
+
+
+def test_one_callers_queue_of_json_answers_leaves_another_caller_a_thread(tmp_path, monkeypatch):
+    """A red-team reading (2026-11-30): JSON texts were written on asyncio's default threads, which every caller
+    shares, so one caller's many large answers could hold them all while another's waited behind. Now each caller
+    holds at most its share of the API's threads: here two threads, one each, alice's three answers stuck in theirs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import LiveServer
+    from synapse_serve.api import bodies
+    from synapse_serve.shares import SharedThreads
+
+    alice, bob = "alice-" + "a" * 24, "bob-" + "b" * 24
+    release, entered = threading.Event(), []
+
+    def held_for_alice(content):  # alice's answers (300 wide) wait in their thread until released; bob's do not
+        if content["outputs"].shape[-1] == 300:
+            entered.append(threading.current_thread().name)
+            release.wait(60)
+        yield from iter_json_parts(content)
+
+    monkeypatch.setattr(bodies, "iter_json_parts", held_for_alice)
+    with LiveServer(state_dir=tmp_path, tokens=f"alice:{alice},bob:{bob}") as server:
+        server.app.state.server.threads = SharedThreads(threads=2, per_caller=1)
+        for token, width in ((alice, 300), (bob, 200)):
+            with SynapseClient(server.url, token=token) as client:
+                client.create("wide", kind="HebbianSynapse", config={"shape": [8, width]})
+
+        def forward(token: str) -> dict:
+            answer = httpx.post(f"{server.url}/v1/synapses/wide/forward", timeout=120,
+                                json={"inputs": to_json(np.ones((100, 8), np.float32))},
+                                headers={"Accept": "application/json", "Authorization": f"Bearer {token}"})
+            assert answer.status_code == 200, answer.text[:400]
+            return json.loads(answer.content)["outputs"]
+
+        with ThreadPoolExecutor(4) as pool:
+            alices = [pool.submit(forward, alice) for _ in range(3)]
+            deadline = time.monotonic() + 30
+            while not entered and time.monotonic() < deadline:
+                time.sleep(0.01)
+            try:
+                outputs = pool.submit(forward, bob).result(timeout=30)  # not behind alice's queue
+                assert outputs["shape"] == [100, 200] and np.asarray(outputs["values"]).shape == (100, 200)
+                assert len(entered) == 1 and entered[0].startswith("synapse-api"), entered  # alice: one thread
+            finally:
+                release.set()
+            assert [a.result(timeout=60)["shape"] for a in alices] == [[100, 300]] * 3
+        assert len(entered) == 3

@@ -61,7 +61,8 @@ async def read_body(request: Request) -> tuple[dict[str, Any], str]:
     elif media == JSON or media.endswith("+json"):
         try:
             if len(raw) > JSON_ON_LOOP_BYTES:  # ~30 ms a megabyte to read, tensors made arrays: on a worker
-                body = await asyncio.to_thread(_json_body, raw, settings.max_tensor_elements)
+                body = await request.app.state.server.threads.run(
+                    caller_of(request.scope), _json_body, raw, settings.max_tensor_elements)
             else:
                 body = _json_body(raw, settings.max_tensor_elements)
         except (ValueError, RecursionError) as exc:
@@ -276,7 +277,8 @@ class JsonResponse(Response):
             return
         written = iter_json_parts(content)
         del content  # the generator holds what it writes, and lets go of it when done
-        part = await asyncio.to_thread(next, written)  # a first part (a JSON text has one): errors before the start
+        threads, caller = scope["app"].state.server.threads, caller_of(scope)  # each part within the caller's share
+        part = await threads.run(caller, next, written)  # a first part (a JSON text has one): errors before the start
         if "content-length" in self.headers:
             del self.headers["content-length"]  # its length is known once it is sent: chunked
         # once the client leaves, no further part is written (a red-team run's client read 64 KiB of an 87 MB answer
@@ -285,11 +287,16 @@ class JsonResponse(Response):
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             while part is not None and not gone.done():
-                following = await asyncio.to_thread(next, written, None)
+                following = await threads.run(caller, next, written, None)
                 await send({"type": "http.response.body", "body": part, "more_body": following is not None})
                 part = following
         finally:
             gone.cancel()
+
+
+def caller_of(scope: Any) -> str | None:
+    """Whose request this is, once authenticated (``get_principal`` notes it; None before)."""
+    return scope.get("state", {}).get("owner")
 
 
 async def _until_disconnected(receive) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
@@ -23,19 +22,20 @@ router = v1_router()
 pictures = APIRouter(prefix="/v1", dependencies=[Depends(get_principal)], responses=responses(None, *COMMON_ERRORS))
 
 
-async def off_loop(server: Server, fn: Callable[..., Any], *args: Any) -> Any:
-    """CPU work (drawing) on a thread, never on the event loop; where the backend runs calls in the caller's thread
-    (the blocking in-process client): here, whether or not the caller's thread has a loop running (a notebook)."""
+async def off_loop(server: Server, owner: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """CPU work (drawing) on one of the API's threads within the owner's share of them, never on the event loop;
+    where the backend runs calls in the caller's thread (the blocking in-process client): here, whether or not the
+    caller's thread has a loop running (a notebook)."""
     if getattr(server.backend, "in_caller_thread", False):
         return fn(*args)
-    return await asyncio.to_thread(fn, *args)
+    return await server.threads.run(owner, fn, *args)
 
 
 async def draw(server: Server, key: InstanceKey, query: Mapping[str, Any]) -> Picture:
     """The instance's compartment drawn as the query says (options checked before anything is read)."""
     options = options_from(query)
     values, _ = await server.backend.read(key, compartment=options.compartment)
-    return await off_loop(server, render, values, options)
+    return await off_loop(server, key.owner, render, values, options)
 
 
 def _accepts_png(request: Request) -> None:

@@ -16,6 +16,7 @@ from synapse_serve.errors import NotFound, SynapseServeError, Unauthorized
 from synapse_serve.metrics import Metrics
 from synapse_serve.names import InstanceKey, validate_owner
 from synapse_serve.settings import Settings
+from synapse_serve.shares import SharedThreads
 
 
 @dataclass
@@ -29,6 +30,8 @@ class Server:
     phase: str = "starting"
     ready: threading.Event = field(default_factory=threading.Event)
     poll: BusyPoll | None = None  # the event loop's busy polling after answers (None: no sockets, in-process)
+    # JSON texts of tensors and pictures: CPU work beside the calls, each caller with a share of these threads
+    threads: SharedThreads = field(default_factory=SharedThreads)
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase

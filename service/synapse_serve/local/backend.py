@@ -18,7 +18,6 @@ loop to keep free, and no hop to pay.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -28,7 +27,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from synapse_serve.local.persistence import Persistence
 from synapse_serve.local.registry import Busy, Registry
 from synapse_serve.names import CompartmentRef, InstanceKey
 from synapse_serve.settings import Settings
+from synapse_serve.shares import Slots
 from synapse_serve.store import Store
 
 log = logging.getLogger("synapse_serve")
@@ -50,42 +50,6 @@ COSTS_KEPT = 8192
 HOPS_KEPT = 31  # recent hand-offs to a worker, whose median sets the inline bound
 INLINE_CEILING_S = 0.002  # a measured hop never lets one call hold the event loop longer than this
 PROBE_TIMEOUT_S = 5.0
-
-
-class Slots:
-    """At most ``size`` holders per key at once; the others wait on the event loop (a coroutine each, no thread).
-    Used on the loop's thread; a key's entry is kept only while it is used (owners and instances come and go)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        # key -> (its slots, [calls holding or waiting for one, calls waiting])
-        self._slots: dict[Any, tuple[asyncio.Semaphore, list[int]]] = {}
-
-    @contextlib.asynccontextmanager
-    async def held(self, key: Any) -> AsyncIterator[None]:
-        entry = self._slots.get(key)
-        if entry is None:
-            entry = self._slots[key] = (asyncio.Semaphore(self.size), [0, 0])
-        counts = entry[1]
-        counts[0] += 1
-        try:
-            counts[1] += 1
-            try:
-                await entry[0].acquire()
-            finally:
-                counts[1] -= 1
-            try:
-                yield
-            finally:
-                entry[0].release()
-        finally:
-            counts[0] -= 1
-            if not counts[0]:
-                del self._slots[key]
-
-    def waiting(self) -> dict[Any, int]:
-        """The calls waiting for a slot now, by key (keys with none left out)."""
-        return {key: counts[1] for key, (_, counts) in self._slots.items() if counts[1]}
 
 
 def enable_compilation_cache(directory: Path) -> None:
