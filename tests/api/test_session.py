@@ -219,6 +219,8 @@ def test_garbage_closes_that_connection_and_nothing_else(server, send, code, ans
     {"op": "call_many", "operation": "forward", "names": "x", "tensors": {"inputs": np.ones((1, 1), np.float32)}},
     {"op": "call_many", "operation": "forward", "names": ["x"], "tensors": {"inputs": {"ref": "inputs"}}},
     {"op": 7},
+    {"op": np.ones((1, 2), np.float32)},  # a tensor as the op: compared with names, it had dropped the connection
+    {"op": ["call", "call_many"], "idempotency_key": "k"},
     {"op": "call", "name": "x", "operation": ["forward"]},  # anything msgpack holds, counted in the metrics too
     {"op": "call", "name": "x", "operation": {"forward": 1}},
     {"op": "call_many", "operation": {"a": 1}, "calls": []},

@@ -312,7 +312,7 @@ async def run_frame(server: Server, principal: Principal, frame: dict[str, Any],
     except Exception:  # our bug: answered as a 500 with the id, the stream goes on
         log.exception("unexpected error on frame %s (%s)", request_id, str(op)[:40])
         answer = {"status": 500, "problem": internal_problem(request_id)}
-    if op in ("call", "call_many"):
+    if isinstance(op, str) and op in ("call", "call_many"):  # an op may be anything msgpack holds (a tensor too)
         try:  # counting never costs the frame its answer (nor the stream its connection)
             server.count_operation(frame.get("operation"), answer["status"], time.perf_counter() - begun)
         except Exception:

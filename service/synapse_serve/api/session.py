@@ -64,7 +64,8 @@ _READ_ONLY_OPS = frozenset({"read", "describe", "help", "list", "export", "snaps
 
 def safe_to_repeat(frame: dict[str, Any]) -> bool:
     """A frame that changes nothing, or carries an Idempotency-Key: run twice, it acts once."""
-    return frame.get("op") in _READ_ONLY_OPS or frame.get("idempotency_key") is not None
+    op = frame.get("op")
+    return (isinstance(op, str) and op in _READ_ONLY_OPS) or frame.get("idempotency_key") is not None
 
 
 async def _when_ready(server: Server, principal: Any, frame: dict[str, Any], request_id: str,
