@@ -181,9 +181,11 @@ def pack_held(obj: Any) -> tuple[bytes, list[Any]]:
     return msgpack.packb(obj, default=default, use_bin_type=True), held
 
 
-def unpack_held(data: bytes, held: list[Any], max_elements: int = DEFAULT_MAX_ELEMENTS) -> Any:
+def unpack_held(data: bytes, held: list[Any], max_elements: int = DEFAULT_MAX_ELEMENTS,
+                max_values: int | None = None) -> Any:
     """``pack_held``'s body decoded as ``unpackb`` decodes the wire's (the same checks and errors: WireError), its
     arrays the ones held (not copied)."""
+    check_values(data, max_values)
     def array(code: int, payload: bytes) -> Any:
         if code != _HELD or len(payload) != 4 or int.from_bytes(payload, "little") >= len(held):
             raise WireError("msgpack extension types are not accepted")
@@ -277,15 +279,87 @@ def _has_large_array(value: Any, depth: int) -> bool:
     return _is_array(value) and to_numpy(value).nbytes >= ZERO_COPY_BYTES
 
 
+class TooManyValues(WireError):
+    """A body holds more values (msgpack) or containers (JSON) than the receiver's limit: each would become a Python
+    object of 30-70 bytes, from as little as one byte on the wire."""
+
+
+def check_values(data: bytes | bytearray | memoryview, max_values: int | None) -> None:
+    """TooManyValues when the msgpack body ``data`` holds more than ``max_values`` values (every map, array, key
+    and scalar counts; a tensor's bin is one), counted without building any. A body of at most ``max_values``
+    bytes holds at most that many, and is not read; a longer one is read up to the limit (~0.3 µs a value)."""
+    if max_values is None or len(data) <= max_values:
+        return
+    view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
+    end, pos, pending, count = len(view), 0, 1, 0
+    table = _VALUE_TABLE
+    while pending and pos < end:
+        entry = table[view[pos]]
+        if entry is None:  # 0xC1 starts no value: the decoder says so
+            return
+        count += 1
+        if count > max_values:
+            raise TooManyValues(f"the body holds more than {max_values} msgpack values (maps, arrays, keys, "
+                                "numbers, strings); send tensors as {dtype, shape, data} maps")
+        skip, width, per_length, children = entry
+        pos += 1
+        pending += children - 1
+        if width:
+            length = int.from_bytes(view[pos:pos + width], "big")
+            pos += width
+            if per_length:
+                pending += length * per_length
+            else:
+                pos += length
+        pos += skip
+
+
+def _value_table() -> list[tuple[int, int, int, int] | None]:
+    """Per msgpack type byte: (payload bytes after it, width of a length field, values per length unit (0: the
+    length counts payload bytes), values it holds) — what ``check_values`` needs to step over a value."""
+    table: list[tuple[int, int, int, int] | None] = [None] * 256
+    for b in range(256):
+        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+            table[b] = (0, 0, 0, 0)
+        elif 0x80 <= b <= 0x8F:
+            table[b] = (0, 0, 0, 2 * (b & 0x0F))
+        elif 0x90 <= b <= 0x9F:
+            table[b] = (0, 0, 0, b & 0x0F)
+        elif 0xA0 <= b <= 0xBF:
+            table[b] = (b & 0x1F, 0, 0, 0)
+    for b, width in ((0xC4, 1), (0xC5, 2), (0xC6, 4), (0xD9, 1), (0xDA, 2), (0xDB, 4)):
+        table[b] = (0, width, 0, 0)  # bin and str: a length, then that many bytes
+    for b, size in ((0xCA, 4), (0xCB, 8), (0xCC, 1), (0xCD, 2), (0xCE, 4), (0xCF, 8),
+                    (0xD0, 1), (0xD1, 2), (0xD2, 4), (0xD3, 8)):
+        table[b] = (size, 0, 0, 0)
+    for b, width, per in ((0xDC, 2, 1), (0xDD, 4, 1), (0xDE, 2, 2), (0xDF, 4, 2)):
+        table[b] = (0, width, per, 0)  # arrays and maps with a length field
+    for b, size in ((0xD4, 2), (0xD5, 3), (0xD6, 5), (0xD7, 9), (0xD8, 17)):
+        table[b] = (size, 0, 0, 0)  # fixed-size extensions (the wire refuses them; pack_held's arrays are one)
+    for b, width in ((0xC7, 1), (0xC8, 2), (0xC9, 4)):
+        table[b] = (1, width, 0, 0)  # extensions with a length: the type byte, then that many bytes
+    return table
+
+
+_VALUE_TABLE = _value_table()
+
+
+def json_containers(raw: bytes) -> int:
+    """At most how many arrays and objects a JSON text holds (brackets inside strings counted too: a bound)."""
+    return raw.count(b"[") + raw.count(b"{")
+
+
 def unpackb(data: bytes | bytearray | memoryview, max_elements: int = DEFAULT_MAX_ELEMENTS, *,
-            writable: bool = False) -> Any:
+            writable: bool = False, max_values: int | None = None) -> Any:
     """Decode a body: wire tensors become numpy arrays; any defect is a WireError. Map keys are strings.
 
     Bodies of at least ZERO_COPY_BYTES are read in place: a tensor views the body's own
     bytes (msgpack's C reader would copy every bin); others go through msgpack's C reader.
     The arrays are read-only views unless ``writable`` (what a client hands its caller): then
     they are the caller's own, writable (one copy of the body, or of each small tensor).
+    With ``max_values``, a body holding more values is TooManyValues before any is built.
     """
+    check_values(data, max_values)
     if len(data) >= ZERO_COPY_BYTES:
         buffer = bytearray(data) if writable and not isinstance(data, bytearray) else data
         try:

@@ -32,9 +32,12 @@ __all__ = ["UnsafeSettings", "create_app", "make_backend", "uvicorn_options"]
 
 
 def uvicorn_options(settings: Settings) -> dict:
-    """How uvicorn must run the app: one worker, and the session stream's frame and queue limits."""
-    return {"ws": "websockets-sansio", "ws_max_size": settings.max_body_bytes, "ws_max_queue": settings.session_max_queue,
-            "ws_ping_interval": 20.0, "ws_ping_timeout": 20.0}
+    """How uvicorn must run the app: one worker, and the session stream's frame limit."""
+    return {"ws": "websockets-sansio", "ws_max_size": settings.max_body_bytes,
+            "ws_ping_interval": 20.0, "ws_ping_timeout": 20.0,
+            # no compression: a frame at the size limit (256 MiB) would arrive as ~256 KB of deflated bytes (a red-team
+            # run); tensors hardly compress, and the Python client never asks for it
+            "ws_per_message_deflate": False}
 
 
 def make_backend(settings: Settings) -> Backend:

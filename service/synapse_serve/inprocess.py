@@ -25,7 +25,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from synapse_client._codec import WireError, pack_held, unpack_held
+from synapse_client._codec import TooManyValues, WireError, pack_held, unpack_held
+from synapse_serve.api.bodies import too_many_values
 from synapse_serve.api.frames import problem_of, run_frame
 from synapse_serve.api.server import Server
 from synapse_serve.auth import LOCAL
@@ -117,7 +118,9 @@ class Engine:
                 return None, _refused(MalformedBody(f"shape {list(array.shape)} declares {array.size} elements; the "
                                                     f"limit is {limit}"), request_id)
         try:
-            return unpack_held(body, held, limit), None
+            return unpack_held(body, held, limit, settings.max_body_values), None
+        except TooManyValues as exc:
+            return None, _refused(too_many_values(exc, settings.max_body_values), request_id)
         except WireError as exc:
             return None, _refused(MalformedBody(str(exc)), request_id)
 

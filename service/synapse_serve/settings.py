@@ -20,6 +20,11 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="uvicorn/python log level")
     max_body_bytes: int = Field(256 << 20, ge=1024, description="largest request body; larger is a 413")
     max_tensor_elements: int = Field(1 << 28, ge=1, description="largest tensor a body may declare")
+    max_body_values: int = Field(
+        1 << 19, ge=1024, description="most values a msgpack body or session frame may hold (maps, arrays, keys, "
+                                      "scalars; a tensor's data is one), and most arrays and objects a JSON body may: "
+                                      "each becomes a Python object of 30-70 bytes from as little as one byte sent; "
+                                      "more is a 413")
     max_instances: int = Field(10_000, ge=1, description="most instances the server holds")
     warmup: bool = Field(True, description="compile a small synapse at start-up before /readyz says ready")
     max_compiled_programs: int = Field(
@@ -59,8 +64,6 @@ class Settings(BaseSettings):
     body_idle_timeout_s: float = Field(30.0, gt=0, description="a request body may pause this long between chunks")
     access_log: bool = Field(True, description="one JSON line per request on the synapse_serve.access logger")
     session_idle_s: float = Field(300.0, gt=0, description="a session stream idle this long is closed")
-    session_max_queue: int = Field(16, ge=1, le=1024, description="session frames a connection may have waiting "
-                                                                  "unread before the server stops reading it")
     operation_route: bool = Field(
         True, description="serve operations and packed calls through lean routes at the head of the router (the "
                           "same handlers and checks as the documented FastAPI routes, without their dependency "

@@ -36,12 +36,13 @@ from typing import IO, Any
 
 import numpy as np
 
-from synapse_client._codec import MAX_RANK, numpy_dtype, wire_dtype_name
+from synapse_client._codec import MAX_RANK, json_containers, numpy_dtype, wire_dtype_name
 from synapse_serve.names import OWNER as _OWNER
 
 FORMAT = "synapse-serve"
 FORMAT_VERSION = 1
 MAX_HEADER = 16 << 20
+MAX_HEADER_CONTAINERS = 1 << 16  # a header holds a few hundred: its index, config, counters and kept retry entries
 MAX_FILE_ELEMENTS = 2**40  # per tensor, counting an empty one's other dimensions: numpy's index range, with room
 MAX_COUNT = 2**63 - 1  # versions, counters and seeds fit a signed 64-bit integer (msgpack, JSON readers)
 APPLIED_KEPT = 16  # keyed calls a file remembers
@@ -209,7 +210,7 @@ def decode(blob: bytes | bytearray | memoryview) -> Record:
     if length > MAX_HEADER or 8 + length > len(view):
         raise CorruptFile(f"header length {length} does not fit a file of {len(view)} bytes (truncated?)")
     try:
-        header = json.loads(bytes(view[8:8 + length]), parse_constant=_reject_constant)
+        header = json.loads(_bounded_header(bytes(view[8:8 + length])), parse_constant=_reject_constant)
         meta_strings = header.pop("__metadata__")
         record = json.loads(meta_strings["record"], parse_constant=_reject_constant)
         checksum = meta_strings["sha256"]
@@ -240,6 +241,14 @@ def decode(blob: bytes | bytearray | memoryview) -> Record:
     return _validated(record, arrays)
 
 
+def _bounded_header(raw: bytes) -> bytes:
+    """``raw`` if it holds at most MAX_HEADER_CONTAINERS arrays and objects (its record's, in a string, counted too),
+    else CorruptFile: 16 MiB of ``[]`` would be 8 million lists (~500 MB) before any check."""
+    if json_containers(raw) > MAX_HEADER_CONTAINERS:
+        raise CorruptFile(f"the header holds more than {MAX_HEADER_CONTAINERS} arrays and objects")
+    return raw
+
+
 def read_header(path: Path) -> Record:
     """A file's record without its arrays, from the header alone (listings; not checksummed: use ``decode``
     before trusting the data)."""
@@ -252,7 +261,8 @@ def read_header(path: Path) -> Record:
             raise CorruptFile(f"header length {length} is over {MAX_HEADER}")
         raw = f.read(length)
     try:
-        record = json.loads(json.loads(raw, parse_constant=_reject_constant)["__metadata__"]["record"],
+        header = json.loads(_bounded_header(raw), parse_constant=_reject_constant)
+        record = json.loads(header["__metadata__"]["record"],
                             parse_constant=_reject_constant)
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CorruptFile(f"unreadable header: {type(exc).__name__}: {exc}"[:300]) from None

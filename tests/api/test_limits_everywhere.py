@@ -196,3 +196,91 @@ def test_an_owner_is_held_to_the_rule_its_files_and_tokens_follow(limited):
             assert "invalid owner" in made.json()["detail"] and "64 characters" in made.json()["detail"]
             assert httpx.get(f"{limited.url}/v1/synapses", params={"owner": "o" * 64}).json()["synapses"] == []
     assert httpx.delete(f"{limited.url}/v1/synapses/long-owner", params={"owner": "o" * 64}).status_code == 204
+
+
+def test_a_body_of_many_small_values_is_a_413_on_every_route_before_any_is_built(tmp_path):
+    """A red-team run (2026-11-30): a 4 MiB msgpack body of empty lists cost the server 297 MB and held its event
+    loop 2 s (each value a Python object of 30-70 bytes from one byte sent); a JSON body of them 135 MB; a session
+    frame the same, arriving deflated as 4 KB. Every route counts the values first and refuses past
+    ``max_body_values``, naming it; a body within it is served."""
+    from synapse_client import PayloadTooLargeError
+
+    limit = 2048
+    many = [[] for _ in range(100_000)]  # 100,001 values in ~100 KB of msgpack
+    config = {"shape": [3, 2], "eta": 0.1}
+    with LiveServer(state_dir=tmp_path / "state", max_body_values=limit) as server, SynapseClient(server.url) as client:
+        syn = client.create("target", kind="HebbianSynapse", config=config)
+        msgpack_headers = {"Content-Type": "application/msgpack", "Accept": "application/json"}
+        for path, body in (("/v1/synapses/target/forward", {"inputs": many}),
+                           ("/v1/packed/forward", {"calls": [{"name": "target", "tensors": {}}] * 5000}),
+                           ("/v1/synapses", {"name": "other", "kind": "HebbianSynapse", "config": {**config, "x": many}})):
+            answer = httpx.post(server.url + path, content=packb(body), headers=msgpack_headers)
+            assert answer.status_code == 413 and answer.json()["limit"] == "max_body_values", (path, answer.text)
+            answer = httpx.post(server.url + path, json=body)  # JSON: its arrays and objects
+            assert answer.status_code == 413 and "max_body_values" in answer.json()["detail"], (path, answer.text)
+        with connect(server.url.replace("http://", "ws://") + "/v1/session", compression="deflate") as ws:
+            assert "Sec-WebSocket-Extensions" not in ws.response.headers  # no deflated frames: sizes are as sent
+            ws.send(packb({"id": 7, "op": "call", "name": "target", "operation": "forward", "tensors": {"inputs": many}}))
+            answer = unpackb(ws.recv(timeout=30))
+            assert answer["id"] == 7 and answer["status"] == 413, answer
+            assert answer["problem"]["limit"] == "max_body_values"
+            ws.send(packb({"id": 8, "op": "describe", "name": "target"}))
+            assert unpackb(ws.recv(timeout=30))["status"] == 200  # the stream goes on
+        with pytest.raises(PayloadTooLargeError, match="max_body_values"):
+            client.create("other", kind="HebbianSynapse", config={**config, "x": many})
+        flat = httpx.post(server.url + "/v1/synapses/target/forward",  # within the limit: a tensor sent flat
+                          json={"inputs": {"dtype": "float32", "shape": [4000, 3], "values": [0.5] * 12000}})
+        assert flat.status_code == 200, flat.text
+        assert syn.describe()["version"] == 2 and [s["name"] for s in client.list()] == ["target"]
+    with SynapseClient(f"local:{tmp_path / 'local'}", local_settings={"max_body_values": limit}) as local:
+        with pytest.raises(PayloadTooLargeError, match="max_body_values"):
+            local.create("other", kind="HebbianSynapse", config={**config, "x": many})
+        assert local.list() == []
+
+
+def test_counting_values_builds_none_and_counts_exactly():
+    """The count is exact (each map, array, key and scalar one value; bins, strings and extensions stepped over),
+    and refusing a body of four million empty lists costs no memory to speak of."""
+    import random
+    import tracemalloc
+
+    import msgpack
+
+    from synapse_client._codec import TooManyValues, check_values
+
+    def values_in(obj) -> int:
+        if isinstance(obj, dict):
+            return 1 + sum(1 + values_in(v) for v in obj.values())
+        if isinstance(obj, list):
+            return 1 + sum(values_in(v) for v in obj)
+        return 1
+
+    rng = random.Random(0)
+
+    def body(depth: int = 0):
+        pick = rng.random()
+        if depth < 3 and pick < 0.2:
+            return {f"k{i}" * rng.randint(0, 40): body(depth + 1) for i in range(rng.randint(0, 20))}
+        if depth < 3 and pick < 0.4:
+            return [body(depth + 1) for _ in range(rng.randint(0, 30))]
+        if pick < 0.45:
+            return msgpack.ExtType(1, b"abcd" * rng.choice([0, 1, 2, 4, 8, 40]))
+        return rng.choice([1, -3, 300, 70000, 2**40, -2**40, 1.5, None, True, "x" * rng.randint(0, 300),
+                           b"y" * rng.randint(0, 70000), 2.5])
+
+    for _ in range(200):
+        obj = body()
+        data, count = msgpack.packb(obj, use_bin_type=True), values_in(obj)
+        check_values(data, count)
+        if len(data) > count - 1 >= 0:
+            with pytest.raises(TooManyValues):
+                check_values(data, count - 1)
+    flood = msgpack.packb({"inputs": [[]] * 4_000_000})
+    tracemalloc.start()
+    try:
+        with pytest.raises(TooManyValues):
+            unpackb(flood, max_values=1 << 19)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak / 1e6:.1f} MB to refuse a 4 MB body"

@@ -30,7 +30,7 @@ MAX_BODY = 1 << 20
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with LiveServer(state_dir=tmp_path_factory.mktemp("session"), tokens=f"alice:{ALICE},bob:{BOB}",
-                    max_body_bytes=MAX_BODY, session_max_queue=2) as live:
+                    max_body_bytes=MAX_BODY) as live:
         yield live
 
 
@@ -133,7 +133,7 @@ def test_answers_larger_than_the_clients_read_buffer_arrive_whole_and_in_order(s
 
 
 def test_a_client_that_floods_the_stream_is_slowed_not_harmed(server):
-    """session_max_queue=2: the server stops reading the socket while frames wait; none is lost or reordered."""
+    """The server stops reading the socket while a frame waits to be run; none is lost or reordered."""
     created(server, "flooded")
     with stream(server) as ws:
         for i in range(200):

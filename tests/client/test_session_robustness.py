@@ -21,14 +21,13 @@ from synapse_serve.testing import ServerProcess
 from websockets.protocol import State
 
 IDLE_S = 1.0  # SYNAPSE_SESSION_IDLE_S: the server closes a stream idle this long
-QUEUE = 2  # SYNAPSE_SESSION_MAX_QUEUE: frames the server lets wait unread before it stops reading
 SMALL = {"shape": [3, 2], "eta": 0.1}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with ServerProcess(tmp_path_factory.mktemp("robust") / "state", session_idle_s=IDLE_S,
-                       session_max_queue=QUEUE, max_body_bytes=8 << 20, compilation_cache="false",
+                       max_body_bytes=8 << 20, compilation_cache="false",
                        busy_poll_us=0) as live:
         yield live
 

@@ -80,6 +80,34 @@ def test_other_format_versions_are_refused():
         decode(struct.pack("<Q", len(new)) + new + blob[8 + length:])
 
 
+def test_a_header_of_millions_of_lists_is_refused_before_it_is_read(tmp_path):
+    """A red-team reading (2026-11-30): an import's header (up to 16 MiB) was read by json.loads whole, ~8 million
+    lists from ``[]`` — about 500 MB — before any check. Headers hold a few hundred arrays and objects."""
+    import tracemalloc
+
+    from synapse_serve.store import read_header
+
+    blob = encode(record())
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + length])
+    header["__metadata__"]["padding"] = "x"  # valid JSON, millions of lists, beside an intact record
+    flood = json.dumps(header).encode().replace(b'"x"', b"[" + b"[]," * 2_000_000 + b"[]]")
+    flood += b" " * (-len(flood) % 8)
+    damaged = struct.pack("<Q", len(flood)) + flood + blob[8 + length:]
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptFile, match="arrays and objects"):
+            decode(damaged)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * len(damaged), f"{peak / 1e6:.0f} MB to refuse a {len(damaged) / 1e6:.0f} MB file"
+    (tmp_path / "flood.safetensors").write_bytes(damaged)
+    with pytest.raises(CorruptFile, match="arrays and objects"):
+        read_header(tmp_path / "flood.safetensors")
+    assert decode(blob).version == 9  # an ordinary header is read
+
+
 def test_atomic_write_leaves_no_temporary_files(tmp_path):
     target = tmp_path / "x.safetensors"
     write_atomic(target, b"one")

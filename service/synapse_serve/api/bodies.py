@@ -14,7 +14,16 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from synapse_client._codec import WireError, iter_json_parts, json_parts, json_tensor, packb_parts, unpackb
+from synapse_client._codec import (
+    TooManyValues,
+    WireError,
+    iter_json_parts,
+    json_containers,
+    json_parts,
+    json_tensor,
+    packb_parts,
+    unpackb,
+)
 from synapse_serve.errors import (
     BodyTooLarge,
     InvalidFields,
@@ -54,11 +63,17 @@ async def read_body(request: Request) -> tuple[dict[str, Any], str]:
         return {}, media or JSON
     if media in _MSGPACK_ALIASES:
         try:
-            body = unpackb(raw, max_elements=settings.max_tensor_elements)
+            body = unpackb(raw, max_elements=settings.max_tensor_elements, max_values=settings.max_body_values)
+        except TooManyValues as exc:
+            raise too_many_values(exc, settings.max_body_values) from None
         except WireError as exc:
             raise MalformedBody(str(exc)) from None
         kind = MSGPACK
     elif media == JSON or media.endswith("+json"):
+        if json_containers(raw) > settings.max_body_values:  # counted at C speed before any is built
+            raise too_many_values(TooManyValues(f"the body holds more than {settings.max_body_values} JSON arrays "
+                                                "and objects; send a tensor's values flat with its shape "
+                                                "({dtype, shape, values}), or msgpack"), settings.max_body_values)
         try:
             if len(raw) > JSON_ON_LOOP_BYTES:  # ~30 ms a megabyte to read, tensors made arrays: on a worker
                 body = await request.app.state.server.threads.run(
@@ -78,6 +93,11 @@ async def read_body(request: Request) -> tuple[dict[str, Any], str]:
 
 
 JSON_ON_LOOP_BYTES = 1 << 18
+
+
+def too_many_values(exc: TooManyValues, limit: int) -> BodyTooLarge:
+    """The 413 of a body or frame holding more values than ``SYNAPSE_MAX_BODY_VALUES``."""
+    return BodyTooLarge(f"{exc} (max_body_values: {limit})", limit="max_body_values")
 
 
 class JsonTensor(dict):

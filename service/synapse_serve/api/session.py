@@ -14,8 +14,9 @@ Frames and their ops are ``api/frames.py``'s (every REST request has one): the s
 the same errors as problem documents, the same Idempotency-Key and If-Match behaviour, limits and
 owner isolation. A client may send several
 frames before reading answers (pipelining); they are run one after another. Bounded: a frame is at
-most ``SYNAPSE_MAX_BODY_BYTES`` (uvicorn's ``ws_max_size``), at most ``SYNAPSE_SESSION_MAX_QUEUE``
-frames wait unread (uvicorn's ``ws_max_queue``: then the server stops reading the socket). A frame
+most ``SYNAPSE_MAX_BODY_BYTES`` (uvicorn's ``ws_max_size``; no compression) of at most
+``SYNAPSE_MAX_BODY_VALUES`` values; while a frame waits to be run uvicorn reads no further from the
+socket, and an answer waits for the socket to take it (back-pressure: nothing dropped). A frame
 whose tensors do not decode (over ``SYNAPSE_MAX_TENSOR_ELEMENTS``, data of the wrong length: what
 REST answers with a 400) gets that 400 under its own id and the stream goes on; bytes that are not
 a msgpack map with an id close the connection (1003/1007): a misbehaving client is disconnected,
@@ -48,7 +49,8 @@ import msgpack
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from synapse_client._codec import WireError, packb, unpackb
+from synapse_client._codec import TooManyValues, WireError, packb, unpackb
+from synapse_serve.api.bodies import too_many_values
 from synapse_serve.api.frames import internal_problem, problem_of, run_frame
 from synapse_serve.api.server import Server, principal_of
 from synapse_serve.errors import MalformedBody, SynapseServeError
@@ -109,7 +111,8 @@ async def session(websocket: WebSocket) -> None:
                 break
             frames += 1
             try:
-                frame = unpackb(raw, max_elements=server.settings.max_tensor_elements)
+                frame = unpackb(raw, max_elements=server.settings.max_tensor_elements,
+                                max_values=server.settings.max_body_values)
                 if not isinstance(frame, dict):
                     raise WireError(f"a frame is a msgpack map, received {type(frame).__name__}")
                 ident = frame.get("id")
@@ -117,7 +120,10 @@ async def session(websocket: WebSocket) -> None:
             except Exception as exc:  # noqa: BLE001 - a decoder's bug answers that frame (500), never drops the rest
                 ident = _id_of(raw)  # a map with an id whose tensors did not decode: a 400 to it, as REST answers
                 request_id = f"{connection}:{'?' if ident is _NO_ID else ident}"
-                if isinstance(exc, WireError):
+                if isinstance(exc, TooManyValues):
+                    answer = {"status": 413, "problem": problem_of(
+                        too_many_values(exc, server.settings.max_body_values), request_id)}
+                elif isinstance(exc, WireError):
                     answer = {"status": 400, "problem": problem_of(MalformedBody(str(exc)), request_id)}
                 else:
                     log.exception("frame %s did not decode", request_id)
@@ -160,7 +166,9 @@ def _id_of(raw: bytes) -> Any:
     try:
         unpacker.feed(raw)
         for _ in range(unpacker.read_map_header()):
-            if unpacker.unpack() == "id":
+            # only a string key or a scalar id is built: a frame refused for its values may hold millions in a key
+            if _starts_scalar(raw, unpacker.tell()) and unpacker.unpack() == "id" and _starts_scalar(
+                    raw, unpacker.tell()):
                 ident = unpacker.unpack()
             else:
                 unpacker.skip()
@@ -169,6 +177,14 @@ def _id_of(raw: bytes) -> Any:
     except Exception:  # any defect of the bytes themselves (msgpack's errors are of several classes)
         return _NO_ID
     return ident if isinstance(ident, (str, int, float)) else _NO_ID
+
+
+def _starts_scalar(raw: bytes, at: int) -> bool:
+    """Whether the msgpack value at ``at`` is a number, a short string, nil or a bool (no map, array or bin)."""
+    if at >= len(raw):
+        return False
+    b = raw[at]
+    return b <= 0x7F or b >= 0xE0 or 0xA0 <= b <= 0xBF or b in (0xC0, 0xC2, 0xC3, 0xD9) or 0xCA <= b <= 0xD3
 
 
 class _Socket:
