@@ -220,9 +220,12 @@ def test_bad_import_files_are_rejected(client, unique_name, tmp_path):
         decode(cases["tampered"])
 
 
-@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), OSError(30, "Read-only file system")])
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device", "/srv/state/instances/bob/.secret-net.tmp"),
+                                   OSError(30, "Read-only file system")])
 def test_storage_failures(tmp_path, monkeypatch, error):
-    """Disk full or read-only: sync mode answers 507 and keeps serving; interval mode warns and flags /healthz."""
+    """Disk full or read-only: sync mode answers 507 and keeps serving; interval mode warns and flags /healthz —
+    without the file's path, which names an owner and an instance (/healthz needs no token: a red-team run read
+    another owner's instance name there)."""
     import sys
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
@@ -244,6 +247,7 @@ def test_storage_failures(tmp_path, monkeypatch, error):
                 r = httpx.post(f"{server.url}/v1/synapses/keep/evolve",
                                json={"pre": pre.tolist(), "post": post.tolist()})
                 assert r.status_code == 507 and error.strerror in r.json()["detail"]
+                assert "secret" not in r.json()["detail"] and str(state_dir) not in r.json()["detail"]
             else:
                 syn.evolve(pre, post)
                 deadline = time.monotonic() + 10
@@ -251,7 +255,7 @@ def test_storage_failures(tmp_path, monkeypatch, error):
                     assert time.monotonic() < deadline
                     time.sleep(0.05)
             health = httpx.get(f"{server.url}/healthz").json()
-            assert health["storage"].startswith("failing: OSError") and health["status"] == "ok"
+            assert health["storage"] == f"failing: OSError: {error.strerror}" and health["status"] == "ok"
             assert Store(state_dir).path("local/keep").read_bytes() == stored  # nothing stored was damaged
             monkeypatch.undo()
             server.registry.flush()  # space again: the pending write goes through

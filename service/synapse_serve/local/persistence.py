@@ -25,6 +25,15 @@ from synapse_serve.store import DURABILITY_MODES, SUFFIX, CorruptFile, Record, S
 log = logging.getLogger("synapse_serve")
 
 
+def shown_failure(exc: BaseException) -> str:
+    """What callers may see of a failed file operation: an OSError without its file's path, which names the state
+    directory, an owner and an instance (/healthz answers without a token: a red-team run read another owner's
+    instance name there); anything else (a damaged file's CorruptFile) as it says itself."""
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc.strerror}" if exc.strerror else type(exc).__name__
+    return str(exc)
+
+
 class Persistence:
     """Writes instances according to their durability mode; reads them back at start-up."""
 
@@ -50,22 +59,30 @@ class Persistence:
         """Sync mode: write the instance now (under its lock), or StorageError. Other modes write later or never."""
         if self.mode(instance) != "sync" or instance.stored_version == instance.version:
             return
-        if not self.write(instance, logging.ERROR):
-            raise StorageError(
-                f"the call was applied in memory but could not be stored durably ({self.storage_error}); "
+        failure = self._store(instance, logging.ERROR)
+        if failure is not None:
+            error = StorageError(
+                f"the call was applied in memory but could not be stored durably ({failure}); "
                 "the server retries the write at its next flush; a retry with the same Idempotency-Key "
                 "answers once the write succeeds, without applying the call again", name=instance.key.name)
+            error.reason = failure  # this write's own failure (the shared field may hold a later one's)
+            raise error
 
     def write(self, instance: Instance, failure_level: int) -> bool:
         """Store the instance (under its lock); on failure remember and log why, and say False."""
+        return self._store(instance, failure_level) is None
+
+    def _store(self, instance: Instance, failure_level: int) -> str | None:
+        """Store the instance; None, or what a caller may see of the failure (also kept for /healthz until writes
+        succeed again; the log has the whole error, its path included)."""
         try:
             self.store.save(str(instance.key), instance.record())
         except OSError as exc:
-            self.storage_error = f"{type(exc).__name__}: {exc}"
-            log.log(failure_level, "could not store %s: %s", instance.key, self.storage_error)
-            return False
+            log.log(failure_level, "could not store %s: %s: %s", instance.key, type(exc).__name__, exc)
+            self.storage_error = failure = shown_failure(exc)
+            return failure
         instance.stored_version = instance.version
-        return True
+        return None
 
     def pending(self, instance: Instance) -> bool:
         """Changed since its last write, in a mode that writes it."""
@@ -89,7 +106,7 @@ class Persistence:
             freed = sum(p.stat().st_size for p in self.store.list_snapshots(str(key)))
             self.store.mark_deleted(str(key))
         except OSError as exc:
-            raise StorageError(f"could not delete the files of {key.name!r}: {type(exc).__name__}: {exc}; "
+            raise StorageError(f"could not delete the files of {key.name!r}: {shown_failure(exc)}; "
                                "the instance is kept", name=key.name) from None
         try:
             self.store.finish_deletion(str(key))
@@ -160,7 +177,7 @@ class Persistence:
         try:
             self.require_store().save_snapshot(str(key), snapshot, record)
         except OSError as exc:
-            raise StorageError(f"could not store snapshot {snapshot!r}: {exc}") from None
+            raise StorageError(f"could not store snapshot {snapshot!r}: {shown_failure(exc)}") from None
 
     def snapshot_path(self, key: InstanceKey, snapshot: str) -> Path:
         path = self.require_store().snapshot_path(str(key), snapshot)
@@ -172,7 +189,7 @@ class Persistence:
         try:
             return decode(path.read_bytes())
         except (CorruptFile, OSError) as exc:
-            raise StorageError(f"snapshot {path.name} is unreadable: {exc}") from exc
+            raise StorageError(f"snapshot {path.name} is unreadable: {shown_failure(exc)}") from exc
 
     def list_snapshots(self, key: InstanceKey) -> list[Path]:
         return self.require_store().list_snapshots(str(key))
@@ -183,7 +200,7 @@ class Persistence:
             size = path.stat().st_size
             path.unlink()
         except OSError as exc:
-            raise StorageError(f"could not delete snapshot {snapshot!r}: {exc}") from None
+            raise StorageError(f"could not delete snapshot {snapshot!r}: {shown_failure(exc)}") from None
         return size
 
     # --- evicted instances ---

@@ -65,7 +65,7 @@ from synapse_serve.local.instance import (
 )
 from synapse_serve.local.packing import PackedCalls
 from synapse_serve.local.planning import Planner
-from synapse_serve.local.persistence import Persistence, record_size
+from synapse_serve.local.persistence import Persistence, record_size, shown_failure
 from synapse_serve.names import CompartmentRef, InstanceKey, validate_name
 from synapse_serve.store import DURABILITY_MODES, CorruptFile, Record, decode, read_header, stream_record
 
@@ -128,14 +128,14 @@ class Registry:
                     self.capacity.release_snapshot(key.owner, self.persistence.quarantine(key, str(exc)))
                     continue
                 except OSError as exc:
-                    self._not_loaded(key, f"{type(exc).__name__}: {exc}")
+                    self._not_loaded(key, shown_failure(exc))
                     continue
                 try:
                     self._add_record(key, record, stored=True)
                 except (InvalidRequest, NotFound) as exc:  # an unknown kind, a config or shapes that do not fit
                     self.capacity.release_snapshot(key.owner, self.persistence.quarantine(key, exc.detail))
                 except (SynapseServeError, OSError) as exc:
-                    self._not_loaded(key, getattr(exc, "detail", str(exc)))
+                    self._not_loaded(key, getattr(exc, "detail", None) or shown_failure(exc))
             finally:
                 with self._lock:
                     self._restoring.discard(key)
@@ -337,9 +337,9 @@ class Registry:
             self._account(instance, nbytes_of(instance.signature), check=False)
             try:
                 self.persistence.persist(instance)
-            except StorageError:  # undone below: not "applied in memory" as a call's 507 is
+            except StorageError as failed:  # undone below: not "applied in memory" as a call's 507 is
                 raise StorageError(f"{instance.key.name!r} was not created: it could not be stored durably "
-                                   f"({self.persistence.storage_error}); nothing was kept, send it again once the "
+                                   f"({failed.reason}); nothing was kept, send it again once the "
                                    "disk has room", name=instance.key.name) from None
             description = instance.describe(self.persistence.mode(instance))
         except BaseException:
@@ -770,7 +770,7 @@ class Registry:
             try:
                 record = decode(path.read_bytes())
             except (CorruptFile, OSError) as exc:
-                raise StorageError(f"the evicted file of {key.name!r} is unreadable: {exc}") from None
+                raise StorageError(f"the evicted file of {key.name!r} is unreadable: {shown_failure(exc)}") from None
             self._restoring_evicted.add(key)
         moved = done = False
 
