@@ -165,6 +165,31 @@ def test_stored_idempotency_answers_are_bounded_by_bytes(tmp_path):
         assert syn.describe()["counters"] == {"forward": 12}  # never run twice
 
 
+def test_one_owners_keyed_answers_never_push_out_a_smaller_owners(tmp_path):
+    """A red-team run (2026-11-30): the stored answers were one budget dropped oldest first across owners, so
+    alice's three keyed forwards cost bob the answer his retry needed (409). Over the budget, the owner who keeps
+    the most bytes loses its oldest answers first: bob's stays while he keeps less than alice."""
+    alice, bob = "alice-" + "a" * 24, "bob-" + "b" * 24
+    with LiveServer(state_dir=tmp_path, auth="on", tokens=f"alice:{alice},bob:{bob}",
+                    idempotency_answer_bytes=64 << 10) as server, \
+            SynapseClient(server.url, token=alice) as a, SynapseClient(server.url, token=bob) as b:
+        mine = b.create("net", kind="HebbianSynapse", config={"shape": [8, 64]})
+        theirs = a.create("net", kind="HebbianSynapse", config={"shape": [8, 512]})
+        x = np.ones((2, 8), np.float32)
+        first = mine.call("forward", inputs=x, idempotency_key="bob-1")  # 512 bytes of outputs
+        wide = np.ones((16, 8), np.float32)  # 32 KiB of outputs an answer: three are over the 64 KiB budget
+        for i in range(3):
+            theirs.call("forward", inputs=wide, idempotency_key=f"alice-{i}")
+        again = mine.call("forward", inputs=x, idempotency_key="bob-1")
+        np.testing.assert_array_equal(again["outputs"], first["outputs"])
+        assert again["version"] == first["version"] and mine.describe()["counters"] == {"forward": 1}
+        with pytest.raises(ConflictError, match="no longer kept"):  # alice's own oldest went
+            theirs.call("forward", inputs=wide, idempotency_key="alice-0")
+        assert theirs.call("forward", inputs=wide, idempotency_key="alice-2")["outputs"].shape == (16, 512)
+        assert server.registry.answers.used <= 64 << 10
+        assert theirs.describe()["counters"] == {"forward": 3}
+
+
 def record_device_threads(monkeypatch) -> list[threading.Thread]:
     import synapse_serve.local.registry as registry_module
 

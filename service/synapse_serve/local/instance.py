@@ -224,7 +224,9 @@ class _Entry:
 
 
 class AnswerBudget:
-    """Bytes of stored answers across all instances; over the budget, the oldest answers' tensors go.
+    """Bytes of stored answers across all instances; over the budget, the oldest answers' tensors of the owner who
+    keeps the most bytes go — so one owner's keyed calls never push out another's answers while that other keeps
+    less than they do (a red-team run: alice's three keyed forwards cost bob the answer his retry needed).
 
     An entry whose answer went keeps its key and fingerprint: a retry is still applied only once
     (AnswerNotKept instead of running again). Thread-safe.
@@ -233,34 +235,52 @@ class AnswerBudget:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.used = 0
-        self._order: OrderedDict[int, _Entry] = OrderedDict()
+        self._owners: dict[str, _OwnerAnswers] = {}  # the owners with answers kept, each's oldest first
         self._lock = threading.Lock()
 
-    def add(self, entry: _Entry) -> None:
+    def add(self, owner: str, entry: _Entry) -> None:
         with self._lock:
-            self._order[id(entry)] = entry
+            kept = self._owners.get(owner)
+            if kept is None:
+                kept = self._owners[owner] = _OwnerAnswers(owner)
+            kept.order[id(entry)] = entry
+            kept.used += entry.nbytes
             self.used += entry.nbytes
-            while self.used > self.max_bytes and self._order:
-                _, oldest = self._order.popitem(last=False)
-                self._drop(oldest)
+            while self.used > self.max_bytes:
+                largest = max(self._owners.values(), key=lambda answers: answers.used)
+                _, oldest = largest.order.popitem(last=False)
+                self._drop(largest, oldest)
 
-    def forget(self, entry: _Entry) -> None:
+    def forget(self, owner: str, entry: _Entry) -> None:
         with self._lock:
-            if self._order.pop(id(entry), None) is not None:
-                self._drop(entry)
+            kept = self._owners.get(owner)
+            if kept is not None and kept.order.pop(id(entry), None) is not None:
+                self._drop(kept, entry)
 
-    def _drop(self, entry: _Entry) -> None:
+    def _drop(self, kept: _OwnerAnswers, entry: _Entry) -> None:
         self.used -= entry.nbytes
+        kept.used -= entry.nbytes
         entry.nbytes = 0
         if entry.answer is not None and len(entry.answer) > 1:  # {"version"} alone costs nothing to keep
             entry.answer = None
+        if not kept.order:
+            self._owners.pop(kept.owner, None)
+
+
+class _OwnerAnswers:
+    __slots__ = ("owner", "order", "used")
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.order: OrderedDict[int, _Entry] = OrderedDict()
+        self.used = 0
 
 
 class IdempotencyCache:
     """An instance's answers to its most recent keyed calls (at most IDEMPOTENCY_KEYS_KEPT keys)."""
 
-    def __init__(self, budget: AnswerBudget) -> None:
-        self.budget = budget
+    def __init__(self, budget: AnswerBudget, owner: str) -> None:
+        self.budget, self.owner = budget, owner
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
 
     def replay(self, key: str, fingerprint_: str) -> _Entry | None:
@@ -285,12 +305,12 @@ class IdempotencyCache:
         entry = _Entry(fingerprint_, answer["version"], answer, answer_nbytes(answer))
         old = self._entries.pop(key, None)
         if old is not None:
-            self.budget.forget(old)
+            self.budget.forget(self.owner, old)
         self._entries[key] = entry
-        self.budget.add(entry)
+        self.budget.add(self.owner, entry)
         while len(self._entries) > IDEMPOTENCY_KEYS_KEPT:
             _, dropped = self._entries.popitem(last=False)
-            self.budget.forget(dropped)
+            self.budget.forget(self.owner, dropped)
 
     def recent(self) -> list[dict[str, Any]]:
         """The most recent keyed calls (at most APPLIED_KEPT), for the instance's file: after a restart their
@@ -307,5 +327,5 @@ class IdempotencyCache:
 
     def clear(self) -> None:
         for entry in self._entries.values():
-            self.budget.forget(entry)
+            self.budget.forget(self.owner, entry)
         self._entries.clear()

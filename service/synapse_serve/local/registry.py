@@ -309,7 +309,7 @@ class Registry:
                     name=key.name)
             self.capacity.admit(key.owner, device, nbytes, check=not stored)
             instance = Instance(key, kind_, cfg, seed, device, durability, held_bytes=nbytes,
-                                answers=IdempotencyCache(self.answers),
+                                answers=IdempotencyCache(self.answers, key.owner),
                                 history=self._history_for(durability))
             if record is not None:
                 instance.version, instance.counters = record.version, dict(record.counters)
