@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import LiveServer
-from synapse_client import AuthenticationError, NotFoundError, SynapseClient
+from synapse_client import AuthenticationError, NotFoundError, Ref, SynapseClient
 from synapse_serve.app import UnsafeSettings, create_app
 from synapse_serve.settings import Settings
 from synapse_serve.store import decode
@@ -194,7 +194,10 @@ def test_a_queue_of_calls_on_one_instance_holds_neither_the_workers_nor_its_owne
     queued calls behind a long one on its instance held every worker, and another owner's describe of its own
     instance waited for them all (5.3 s instead of 0.02); with an owner's share of the workers alone, the queue held
     the share, and the owner's calls on its other instances waited 4 s (with auth off, every client is one owner).
-    Calls on one instance now wait on the event loop, one at a time past it, and an owner has at most its share."""
+    Calls on one instance now wait on the event loop, one at a time past it, and an owner has at most its share.
+    So do the other requests that lock an instance (a red-team run, later: help, delete and packed calls waiting on
+    a busy instance held the share, the owner's describe of another instance waited 3.3 s), and a call reading
+    another instance's compartment waits for that one on the loop too."""
     import threading
     import time
 
@@ -203,31 +206,44 @@ def test_a_queue_of_calls_on_one_instance_holds_neither_the_workers_nor_its_owne
     slow = threading.Event()
     real_device_call = registry_module.device_call
 
-    def device_call(*args, **kwargs):  # while set, each forward holds its instance's lock for 0.6 s
+    def device_call(*args, **kwargs):  # while set, each forward holds its instance's lock for 1 s
         if slow.is_set() and threading.current_thread().name.startswith("synapse-worker"):
-            time.sleep(0.6)
+            time.sleep(1.0)
         return real_device_call(*args, **kwargs)
 
     monkeypatch.setattr(registry_module, "device_call", device_call)
     x = np.ones((1, 3, 3, 1), np.float32)
-    with LiveServer(state_dir=tmp_path, auth="on", tokens=f"alice:{ALICE},bob:{BOB}", worker_threads=8,
+    with LiveServer(state_dir=tmp_path, auth="on", tokens=f"alice:{ALICE},bob:{BOB}", worker_threads=12,
                     inline_call_us=0) as live, \
             SynapseClient(live.url, token=ALICE, timeout=60) as alice, \
             SynapseClient(live.url, token=BOB, timeout=60) as bob:
-        alice.create("busy", kind="HebbianDeconvSynapse", config=CONFIG).forward(x)
+        for name in ("busy", "busy-2", "packed-with", "reader"):
+            alice.create(name, kind="HebbianDeconvSynapse", config=CONFIG).forward(x)
         other = alice.create("other", kind="HebbianDeconvSynapse", config=CONFIG)
         other.forward(x)
         bob.create("mine", kind="HebbianDeconvSynapse", config=CONFIG)
         slow.set()
+        deleted = []
 
-        def queue_one() -> None:  # a client each: all eight in flight at once
+        def delete(client: SynapseClient) -> None:
+            client.get("busy-2").delete()
+            deleted.append(True)
+
+        waiting = [lambda c: c.get("busy").forward(x), lambda c: c.get("busy-2").forward(x),  # the long ones first
+                   lambda c: c.get("busy").forward(x), lambda c: c.get("busy").help(), delete,
+                   lambda c: c.call_many("forward", [("busy", {"inputs": x}), ("packed-with", {"inputs": x})]),
+                   lambda c: c.get("reader").forward(Ref("inputs", instance="busy")),
+                   lambda c: c.get("busy").forward(x)]
+
+        def queue_one(request) -> None:  # a client each: all in flight at once
             with SynapseClient(live.url, token=ALICE, timeout=60) as client:
-                client.get("busy").forward(x)
+                request(client)
 
-        queued = [threading.Thread(target=queue_one) for _ in range(8)]  # 4.8 s of work; alice's share: 2 of 8
+        queued = [threading.Thread(target=queue_one, args=(request,)) for request in waiting]  # alice's share: 3 of 12
         for thread in queued:
             thread.start()
-        time.sleep(0.3)  # all eight sent, one running, the others waiting
+            time.sleep(0.02)  # in this order
+        time.sleep(0.3)  # all sent, the long ones running, the others waiting
         waited = {}
         for what, call in [("bob's describe", lambda: bob.get("mine").describe()),
                            ("alice's describe of another instance", other.describe),
@@ -238,6 +254,7 @@ def test_a_queue_of_calls_on_one_instance_holds_neither_the_workers_nor_its_owne
         slow.clear()
         for thread in queued:
             thread.join()
+        assert deleted and "busy-2" not in [s["name"] for s in alice.list()]
         # long calls on many instances of one owner: its share of the workers, the others' free
         for i in range(8):
             alice.create(f"many-{i}", kind="HebbianDeconvSynapse", config=CONFIG).forward(x)

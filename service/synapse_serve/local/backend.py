@@ -18,6 +18,7 @@ loop to keep free, and no hop to pay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -27,7 +28,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,14 @@ COSTS_KEPT = 8192
 HOPS_KEPT = 31  # recent hand-offs to a worker, whose median sets the inline bound
 INLINE_CEILING_S = 0.002  # a measured hop never lets one call hold the event loop longer than this
 PROBE_TIMEOUT_S = 5.0
+
+
+def _referred(owner: str, tensors: Any) -> list[InstanceKey]:
+    """The other instances a call's references read (``{"ref", "instance"}``): the call waits for them too."""
+    if not isinstance(tensors, Mapping):
+        return []
+    return [InstanceKey(owner, value.instance) for value in tensors.values()
+            if isinstance(value, CompartmentRef) and isinstance(value.instance, str)]
 
 
 def enable_compilation_cache(directory: Path) -> None:
@@ -344,19 +353,25 @@ class LocalBackend:
         self._operations = frozenset(op for kind in KINDS.values() for op in kind.operations)
 
     async def _off(self, fn: Callable[..., Any], *args: Any, for_owner: str | None = None,
-                   for_instance: InstanceKey | None = None, **kwargs: Any) -> Any:
+                   for_instance: InstanceKey | None = None, for_instances: Iterable[InstanceKey] = (),
+                   **kwargs: Any) -> Any:
         """Run blocking registry work on the worker threads, never on the event loop (with no loop: here).
         ``for_instance``: work that holds that live instance's lock, one at a time (``instance_queues``; never work
-        that brings an instance in or waits for one to come: a restore, a create, an import); ``for_owner``: work of
-        that owner's, on at most its share of the workers (``owner_slots``)."""
+        that brings an instance in or waits for one to come: a restore, a create, an import); ``for_instances``:
+        work that holds the locks of these too (a packed call's, references' instances), taken in key order as the
+        registry takes their locks; ``for_owner``: work of that owner's, on at most its share of the workers
+        (``owner_slots``)."""
         if self.in_caller_thread:
             try:
                 return fn(*args, **kwargs)
             finally:
                 self._bound_programs()
-        if for_instance is not None:
-            async with self.instance_queues.held(for_instance):
-                return await self._off(fn, *args, for_owner=for_instance.owner, **kwargs)
+        if for_instance is not None or for_instances:
+            waits = sorted({*for_instances, *(() if for_instance is None else (for_instance,))})
+            async with contextlib.AsyncExitStack() as queued:  # each in turn, on the loop: no worker held meanwhile
+                for key in waits:
+                    await queued.enter_async_context(self.instance_queues.held(key))
+                return await self._off(fn, *args, for_owner=waits[0].owner, **kwargs)
         if for_owner is not None:
             async with self.owner_slots.held(for_owner):
                 return await self._off(fn, *args, **kwargs)
@@ -464,7 +479,7 @@ class LocalBackend:
         return await self._off(self.registry.describe, key, for_owner=key.owner)
 
     async def help(self, key: InstanceKey) -> dict[str, Any]:
-        return await self._off(self.registry.help, key, for_owner=key.owner)
+        return await self._off(self.registry.help, key, for_instance=key)
 
     async def stats(self, key: InstanceKey) -> dict[str, Any]:
         return await self._off(self.registry.learning_stats, key, for_instance=key)
@@ -476,7 +491,7 @@ class LocalBackend:
         return await self._off(self.registry.list, owner, for_owner=owner)
 
     async def delete(self, key: InstanceKey, *, expected_version: int | None = None) -> None:
-        await self._off(self.registry.delete, key, expected_version, for_owner=key.owner)
+        await self._off(self.registry.delete, key, expected_version, for_instance=key)
 
     async def call(self, key: InstanceKey, *, operation: str, tensors: Mapping[str, Any],
                    returns: list[str] | None = None, idempotency_key: str | None = None,
@@ -506,8 +521,9 @@ class LocalBackend:
             else:
                 self._remember_cost(cost_key, time.perf_counter() - started)
                 return answer
+        referred = _referred(key.owner, tensors)  # read under their locks: waited for here, not on a worker
         if cost_key is None:
-            return await self._off(run, for_instance=key)
+            return await self._off(run, for_instance=key, for_instances=referred)
 
         def timed() -> dict[str, Any]:  # the run's own time, without the hop or the wait for the thread
             started = time.perf_counter()
@@ -515,18 +531,21 @@ class LocalBackend:
             self._remember_cost(cost_key, time.perf_counter() - started)
             return answer
 
-        return await self._off(timed, for_instance=key)
+        return await self._off(timed, for_instance=key, for_instances=referred)
 
     async def call_many(self, keys: list[InstanceKey], *, operation: str, tensors: list[Mapping[str, Any]],
                         returns: list[str] | None = None, idempotency_key: str | None = None
                         ) -> list[dict[str, Any]]:
+        referred = [k for one in tensors if isinstance(one, Mapping) for k in _referred(keys[0].owner, one)] \
+            if keys else []
         return await self._off(self.registry.call_many, keys, operation, tensors, returns,
-                               for_owner=keys[0].owner if keys else None, idempotency_key=idempotency_key)
+                               for_instances=[*keys, *referred], idempotency_key=idempotency_key)
 
     async def call_stacked(self, keys: list[InstanceKey], *, operation: str, tensors: Mapping[str, Any],
                            returns: list[str] | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
+        referred = _referred(keys[0].owner, tensors) if keys else []
         return await self._off(self.registry.call_stacked, keys, operation, tensors, returns,
-                               for_owner=keys[0].owner if keys else None, idempotency_key=idempotency_key)
+                               for_instances=[*keys, *referred], idempotency_key=idempotency_key)
 
     def _cost_key(self, key: InstanceKey, operation: str, tensors: Mapping[str, Any], returns: list[str] | None,
                   sequence: Mapping[str, Any] | None) -> tuple | None:
