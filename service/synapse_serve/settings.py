@@ -38,6 +38,9 @@ class Settings(BaseSettings):
                              "past which the next compile would crash the process")
     compilation_cache: bool = Field(
         True, description="keep compiled programs in <state_dir>/jax-cache: a restart does not compile again")
+    compilation_cache_max_bytes: int = Field(
+        1 << 30, ge=1 << 16, description="most bytes the compiled programs in <state_dir>/jax-cache may take; the "
+                                         "least recently used go first")
     durability: Literal["sync", "interval", "off"] = Field(
         "interval", description="sync: stored before acknowledged; interval: written every flush_interval_s "
                                 "and at shutdown; off: memory only")
