@@ -151,3 +151,31 @@ def test_json_answers_carry_non_finite_values_as_null(live_server, client, uniqu
     weights = httpx.get(f"{live_server.url}/v1/synapses/{unique_name}/compartments/weights",
                         headers={"accept": "application/json"}, timeout=60).json()
     assert None in np.array(weights["value"]["values"], dtype=object).ravel().tolist()
+
+
+@pytest.mark.parametrize("kind, config, field", [
+    ("HebbianSynapse", {"shape": [3, 2], "bias": True, "bias_init": {"dist": "constant", "value": 1e39}}, "bias_init"),
+    ("HebbianSynapse", {"shape": [3, 2], "weight_init": {"dist": "uniform", "low": -3e38, "high": 3e38}},
+     "weight_init"),
+    # within the range, drawn beyond it: a quarter of the values of a gaussian of std 3e38 (of 144 and 4096 here)
+    (KIND, {"shape": [3, 3, 1, 16], "x_shape": [8, 8], "filter_init": {"dist": "gaussian", "mean": 0.0, "std": 3e38}},
+     "config"),
+    ("HebbianSynapse", {"shape": [64, 64], "weight_init": {"dist": "gaussian", "mean": 0.0, "std": 3e38}}, "config"),
+])
+def test_an_init_whose_values_overflow_float32_is_a_422_and_nothing_is_created(client, kind, config, field,
+                                                                                unique_name):
+    """A red-team run (2026-11-30): initial values beyond float32's range were accepted; the instance held Inf or
+    NaN from the start (its forward answered inf) and its own export would not import again. A distribution's
+    parameters are checked against float32's range; what they draw (a gaussian's tail) is checked once drawn."""
+    from synapse_client import NotFoundError, UnprocessableEntityError
+
+    with pytest.raises(UnprocessableEntityError, match="float32") as info:
+        client.create(unique_name, kind=kind, config=config)
+    assert info.value.problem["field"] == field, info.value.problem
+    with pytest.raises(NotFoundError):
+        client.get(unique_name).describe()
+    fine = client.create(unique_name, kind=kind, config={**config, **{
+        f: {"dist": "gaussian", "mean": 0.0, "std": 1e3} for f in ("bias_init", "weight_init", "filter_init")
+        if f in config}})
+    assert np.isfinite(fine.weights).all()
+    fine.delete()

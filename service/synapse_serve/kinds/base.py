@@ -426,6 +426,9 @@ def help_dict(name: str, description: str, config: Any, hyperparameters: Mapping
 # --- initialisers and reset, shared by the kinds ---
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def parse_init(field: str, spec: Any) -> tuple:
     """Normalise a distribution spec ``{"dist": "uniform", "low": 0, "high": 1}`` to a hashable tuple."""
     if not isinstance(spec, Mapping) or "dist" not in spec:
@@ -442,8 +445,15 @@ def parse_init(field: str, spec: Any) -> tuple:
             field=field,
         )
     values = {k: require_float(f"{field}.{k}", v) for k, v in params.items()}
+    for name, value in values.items():  # sampled in float32: a value beyond its range is an infinite weight
+        if abs(value) > FLOAT32_MAX:
+            raise InvalidConfig(f"{field}.{name}: {value} is beyond float32's range (±{FLOAT32_MAX:.7g}), which the "
+                                "values are drawn in", field=field)
     if dist == "uniform" and values["low"] >= values["high"]:
         raise InvalidConfig(f"{field}: low ({values['low']}) must be below high ({values['high']})", field=field)
+    if dist == "uniform" and values["high"] - values["low"] > FLOAT32_MAX:
+        raise InvalidConfig(f"{field}: high - low is beyond float32's range (±{FLOAT32_MAX:.7g}), which the values "
+                            "are drawn in", field=field)
     if dist == "gaussian" and values["std"] < 0:
         raise InvalidConfig(f"{field}: std ({values['std']}) must be >= 0", field=field)
     return dist, tuple(sorted(values.items()))

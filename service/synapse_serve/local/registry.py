@@ -203,7 +203,14 @@ class Registry:
         def build() -> Any:
             if kind_.prepare is not None:
                 instance.config = kind_.prepare(instance.config, target)
-            return kind_.init(instance.config, seed, init.get("weights"), init.get("biases"))
+            state = kind_.init(instance.config, seed, init.get("weights"), init.get("biases"))
+            # non-finite initial values: an instance unusable from its first call, whose export would not import again
+            # (a red-team run: init values beyond float32's range made them Inf)
+            for name, leaf in compartment_paths(state).items():
+                if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating) and not bool(jax.numpy.isfinite(leaf).all()):
+                    raise InvalidConfig(f"the initial {name} are not finite (NaN or Inf): an init distribution "
+                                        "whose values overflow float32", field="config", compartment=name)
+            return state
 
         return self._build(instance, build)
 
@@ -258,7 +265,10 @@ class Registry:
             raise InvalidInstanceFile(f"counters {sorted(unknown)} are not operations of {kind_.name}")
         # a file may say 2^63 - 1 (what a stored one may reach), but an instance must have room to count on: its
         # next call would store a version no file may hold, and the instance would not load again
-        for what, count in [("version", record.version), *((f"counter {k!r}", v) for k, v in record.counters.items())]:
+        applied = [(f"applied[{i}].version", item.get("version")) for i, item in enumerate(record.applied or ())
+                   if isinstance(item, dict) and isinstance(item.get("version"), int)]  # a retry is answered these
+        for what, count in [("version", record.version), *((f"counter {k!r}", v) for k, v in record.counters.items()),
+                            *applied]:
             if count > MAX_IMPORTED_COUNT:
                 raise InvalidInstanceFile(f"{what} {count} is over {MAX_IMPORTED_COUNT} (2^53): no room left to count "
                                           "calls")
