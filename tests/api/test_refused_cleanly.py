@@ -179,3 +179,21 @@ def test_an_init_whose_values_overflow_float32_is_a_422_and_nothing_is_created(c
         if f in config}})
     assert np.isfinite(fine.weights).all()
     fine.delete()
+
+
+def test_a_sequences_options_mean_the_same_however_they_are_spelled(live_server, client, instance):
+    """A red-team run (2026-11-30): ``every`` sent as a 0-d tensor ran, and the keyed retry spelling it as a number
+    was refused as a different request (422); ``last`` as a 0-d bool tensor was refused where ``every`` was taken."""
+    path = f"/v1/synapses/{instance.name}/forward"
+    x = np.ones((6, 1, 4, 4, 1), np.float32)
+    key = {"Idempotency-Key": f"{instance.name}-every"}
+    first = post(live_server, path, {"inputs": x, "sequence": {"every": np.array(3, np.int32)}}, key)
+    assert first.status_code == 200, problem_of(first)
+    again = post(live_server, path, {"inputs": x, "sequence": {"every": 3}}, key)
+    assert again.status_code == 200, problem_of(again)
+    assert unpackb(again.content)["version"] == unpackb(first.content)["version"]
+    assert unpackb(first.content)["outputs"].shape == (2, 1, 4, 4, 2)
+    last = post(live_server, path, {"inputs": x, "sequence": {"last": np.array(True)}})
+    assert last.status_code == 200, problem_of(last)
+    assert unpackb(last.content)["outputs"].shape == (1, 4, 4, 2)
+    assert instance.describe()["counters"]["forward"] == 1 + 6 + 6  # the retry did not run again

@@ -196,13 +196,23 @@ def answer_nbytes(answer: dict[str, Any]) -> int:
     return int(sum(getattr(v, "nbytes", 0) for v in answer.values()))
 
 
+def plain_option(value: Any) -> Any:
+    """A 0-d array (a frame's tensor, a numpy scalar) as the Python number or bool it holds; anything else as is.
+    A sequence's options mean the same however they were spelled."""
+    if isinstance(value, (np.ndarray, np.generic)) and np.ndim(value) == 0 and value.dtype.kind in "biu":
+        return value.item()
+    return value
+
+
 def fingerprint(operation: str, args: list[Any], returned: list[str], sequence: Any = None) -> str:
     """What a keyed request asked for, so a key reused for another request is caught.
 
     Tensors are hashed in place (their own buffers, no copy). A sequence's options (checked) count by what they
-    ask, not how: ``{}``, ``{"every": 1}`` and ``{"last": false}`` are the same request as none.
+    ask, not how: ``{}``, ``{"every": 1}`` and ``{"last": false}`` are the same request as none, and ``every`` sent
+    as a 0-d tensor the same as the number.
     """
-    asked = {name: value for name, value in (sequence or {}).items()
+    sequence = {name: plain_option(value) for name, value in (sequence or {}).items()}
+    asked = {name: value for name, value in sequence.items()
              if (name, value) not in (("every", 1), ("last", False))}  # the defaults
     options = f"|{sorted(asked.items())!r}" if asked else ""
     digest = hashlib.sha256(f"{operation}|{returned}{options}".encode())

@@ -26,7 +26,7 @@ from synapse_serve.kinds import lean
 from synapse_serve.kinds.base import check_finite, check_tensor, leaf_names, require_int, unknown_compartment
 from synapse_serve.kinds.sequence import sequence_fn
 from synapse_serve.local.capacity import Capacity
-from synapse_serve.local.instance import Instance, nbytes_of, signature_of
+from synapse_serve.local.instance import Instance, nbytes_of, plain_option, signature_of
 from synapse_serve.names import CompartmentRef
 
 _FLOAT32 = np.dtype(np.float32)
@@ -145,6 +145,7 @@ class Planner:
         options = {} if options is None else options
         if not isinstance(options, Mapping):
             raise InvalidRequest("sequence: expected a map {every?, last?}", argument="sequence")
+        options = {name: plain_option(value) for name, value in options.items()}  # a 0-d tensor as its number
         unknown = set(options) - {"every", "last"}
         if unknown:
             raise InvalidRequest(f"sequence: unknown option {sorted(map(str, unknown))[0][:40]!r}; it takes every "
