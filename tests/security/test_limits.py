@@ -113,3 +113,43 @@ def test_import_obeys_every_quota_and_the_device_budget(tmp_path):
             with pytest.raises(error, match=needle):
                 client.import_(path, name="second")
             assert [d["name"] for d in client.list()] == ["first"], setting
+
+
+def test_a_rollback_over_the_quota_is_refused_before_the_device_holds_it_and_a_failed_write_counts_nothing(
+        tmp_path, monkeypatch):
+    """Red-team readings (2026-11-30): a rollback built the snapshot's state on the device before its size was checked
+    against the owner's quota (a snapshot may be larger than the quota lets the instance be now); and a write
+    counted the new size before the device took it, so a device error left capacity counting a state it never held."""
+    import dataclasses
+
+    from synapse_serve.errors import DeviceError
+    from synapse_serve.local import registry as registry_module
+
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        syn = client.create("net", kind="HebbianSynapse", config={"shape": [4, 3], "batch_size": 64})
+        syn.forward(np.ones((64, 4), np.float32))  # signals of batch 64
+        syn.snapshot("wide")
+        syn.forward(np.ones((1, 4), np.float32))  # signals of batch 1: smaller
+        small = server.registry.capacity.owner_usage("local")["state_bytes"]
+        capacity = server.registry.capacity
+        capacity.limits = dataclasses.replace(capacity.limits, max_state_bytes_per_owner=small)  # what it holds now
+        built = []
+        real_build = registry_module.state_from_compartments
+        monkeypatch.setattr(registry_module, "state_from_compartments",
+                            lambda *args: built.append(1) or real_build(*args))
+        with pytest.raises(PermissionDeniedError, match="max_state_bytes_per_owner"):
+            syn.restore("wide")
+        assert built == [] and server.registry.capacity.owner_usage("local")["state_bytes"] == small
+        capacity.limits = dataclasses.replace(capacity.limits, max_state_bytes_per_owner=None)
+        assert syn.restore("wide") > 0 and built == [1]  # within the quota: restored
+        wide = server.registry.capacity.owner_usage("local")["state_bytes"]
+
+        def failing(*args):
+            raise DeviceError("the device failed: out of memory")
+
+        monkeypatch.setattr(registry_module, "with_compartment", failing)
+        version = syn.describe()["version"]
+        with pytest.raises(Exception, match="device failed"):
+            syn.set("inputs", np.ones((128, 4), np.float32))  # would grow the state
+        assert server.registry.capacity.owner_usage("local")["state_bytes"] == wide
+        assert syn.describe()["version"] == version and syn.describe()["state_bytes"] == wide

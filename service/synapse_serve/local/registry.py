@@ -577,6 +577,18 @@ class Registry:
         self.capacity.resize(instance.key.owner, instance.device, instance.held_bytes, nbytes, check=check)
         instance.held_bytes = nbytes
 
+    @contextmanager
+    def _resized(self, instance: Instance, nbytes: int) -> Iterator[None]:
+        """Capacity counts ``nbytes`` for the instance (checked first: refused before the block runs), and what it
+        counted before again if the block fails (a device error mid-write left the new size counted)."""
+        before = instance.held_bytes
+        self._account(instance, nbytes, check=True)
+        try:
+            yield
+        except BaseException:
+            self._account(instance, before, check=False)
+            raise
+
     def read(self, key: InstanceKey, compartment: str) -> tuple[np.ndarray, int]:
         """A host copy of one compartment and the version it belongs to."""
         with self._hold(key) as instance:
@@ -595,8 +607,8 @@ class Registry:
             names = leaf_names(jax.tree_util.tree_structure(layout))
             signature = tuple((tuple(new.shape), new.dtype) if name == compartment else leaf
                               for name, leaf in zip(names, signature_of(layout)))
-            self._account(instance, nbytes_of(signature), check=True)  # quota and budget before it lands
-            state = with_compartment(instance.state, compartment, new, instance.device)
+            with self._resized(instance, nbytes_of(signature)):  # quota and budget before it lands
+                state = with_compartment(instance.state, compartment, new, instance.device)
             self._commit(instance, state, None, signature_of(state), instance.held_bytes, accounted=True)
             self.persistence.persist(instance)
             return instance.version
@@ -646,12 +658,14 @@ class Registry:
         with self._hold(key, doing={"operation": "restore"}) as instance:
             instance.check_version(expected_version)
             record = self.persistence.read_snapshot(self.persistence.snapshot_path(key, snapshot))
-            with jax.default_device(instance.device):
-                state = device_call(state_from_compartments, instance.kind, instance.config, instance.seed,
-                                    record.arrays, self.capacity.limits.max_batch)  # as an import: taken lower since
-            state = jax.device_put(state, instance.device)
-            signature = signature_of(state)
-            self._account(instance, nbytes_of(signature), check=True)
+            # the quota and the device budget before the device holds the snapshot's state, then its exact size
+            with self._resized(instance, sum(np.asarray(a).nbytes for a in record.arrays.values())):
+                with jax.default_device(instance.device):
+                    state = device_call(state_from_compartments, instance.kind, instance.config, instance.seed,
+                                        record.arrays, self.capacity.limits.max_batch)  # as an import: taken lower
+                state = jax.device_put(state, instance.device)
+                signature = signature_of(state)
+                self._account(instance, nbytes_of(signature), check=True)
             self._commit(instance, state, "restore", signature, instance.held_bytes, accounted=True)
             self.persistence.persist(instance)
             return instance.version
