@@ -54,7 +54,8 @@ def local_cluster() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started (the head only: with every process
+        # of its group signalled at once it waited ~30 s for them, one after another)
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
