@@ -343,3 +343,32 @@ def test_an_async_session_encodes_a_frame_when_it_is_submitted(server):
             np.testing.assert_array_equal(await syn.weights, expected)
 
     asyncio.run(main())
+
+
+def test_large_answers_are_encoded_off_the_event_loop(server, monkeypatch):
+    """A red-team reading (2026-11-30): a frame's answer was encoded on the event loop every connection shares, and
+    an export frame joined the whole file there (REST streams both): a copy of up to the instance's size each time.
+    Answers holding over a megabyte are made on the API's threads, within the owner's share."""
+    import threading
+
+    from synapse_serve.api import session
+
+    made = []
+    real_packb = session.packb
+
+    def recording(answer):
+        made.append((threading.current_thread().name, len(real_packb(answer))))
+        return real_packb(answer)
+
+    monkeypatch.setattr(session, "packb", recording)
+    with SynapseClient(server.url, token=ALICE) as client:
+        client.create("wide-answers", kind="HebbianSynapse", config={"shape": [512, 1024]})  # 2 MiB of weights
+    with stream(server) as ws:
+        small = ask(ws, {"id": 1, "op": "describe", "name": "wide-answers"})
+        read = ask(ws, {"id": 2, "op": "read", "name": "wide-answers", "compartment": "weights"})
+        exported = ask(ws, {"id": 3, "op": "export", "name": "wide-answers"})
+    assert small["status"] == read["status"] == exported["status"] == 200
+    assert read["result"]["value"].shape == (512, 1024) and len(exported["result"]) > 2 << 20
+    (small_thread, _), (read_thread, read_size), (export_thread, _) = made
+    assert not small_thread.startswith("synapse-api") and read_size > 2 << 20
+    assert read_thread.startswith("synapse-api") and export_thread.startswith("synapse-api"), made

@@ -195,8 +195,11 @@ async def _delete(server: Server, principal: Principal, frame: dict[str, Any]) -
 
 
 async def _export(server: Server, principal: Principal, frame: dict[str, Any]) -> Any:
+    """The file as one bytes value (a frame's answer is one message), joined off the event loop."""
     _, parts = await server.backend.export(_key(principal, frame))
-    return b"".join(parts())
+    if getattr(server.backend, "in_caller_thread", False):
+        return b"".join(parts())
+    return await server.threads.run(principal.owner, lambda: b"".join(parts()))
 
 
 async def _import(server: Server, principal: Principal, frame: dict[str, Any]) -> Any:

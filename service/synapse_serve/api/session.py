@@ -141,7 +141,7 @@ async def session(websocket: WebSocket) -> None:
                 state["phase"] = "answering"
             errors += answer["status"] >= 400
             answer["id"] = ident
-            await websocket.send_bytes(packb(answer))
+            await websocket.send_bytes(await _encoded(server, principal.owner, answer))
             server.answered()
             state["last"], state["phase"] = time.monotonic(), "waiting"
     except WebSocketDisconnect:
@@ -177,6 +177,20 @@ def _id_of(raw: bytes) -> Any:
     except Exception:  # any defect of the bytes themselves (msgpack's errors are of several classes)
         return _NO_ID
     return ident if isinstance(ident, (str, int, float)) else _NO_ID
+
+
+ENCODE_ON_LOOP_BYTES = 1 << 20  # answers holding more bytes of tensors or files are encoded on the API's threads
+
+
+async def _encoded(server: Server, owner: str, answer: dict[str, Any]) -> bytes:
+    """An answer frame's bytes: a large one (a compartment read, an exported file: a copy of its bytes each) made on
+    the API's threads within the owner's share, never on the event loop every connection shares."""
+    result = answer.get("result")
+    values = result.values() if isinstance(result, dict) else (result,)
+    size = sum(len(v) if isinstance(v, (bytes, bytearray)) else int(getattr(v, "nbytes", 0) or 0) for v in values)
+    if size <= ENCODE_ON_LOOP_BYTES:
+        return packb(answer)
+    return await server.threads.run(owner, packb, answer)
 
 
 def _starts_scalar(raw: bytes, at: int) -> bool:
