@@ -186,6 +186,7 @@ def unpack_held(data: bytes, held: list[Any], max_elements: int = DEFAULT_MAX_EL
     """``pack_held``'s body decoded as ``unpackb`` decodes the wire's (the same checks and errors: WireError), its
     arrays the ones held (not copied)."""
     check_values(data, max_values)
+
     def array(code: int, payload: bytes) -> Any:
         if code != _HELD or len(payload) != 4 or int.from_bytes(payload, "little") >= len(held):
             raise WireError("msgpack extension types are not accepted")

@@ -185,12 +185,20 @@ ENCODE_ON_LOOP_BYTES = 1 << 20  # answers holding more bytes of tensors or files
 async def _encoded(server: Server, owner: str, answer: dict[str, Any]) -> bytes:
     """An answer frame's bytes: a large one (a compartment read, an exported file: a copy of its bytes each) made on
     the API's threads within the owner's share, never on the event loop every connection shares."""
-    result = answer.get("result")
-    values = result.values() if isinstance(result, dict) else (result,)
-    size = sum(len(v) if isinstance(v, (bytes, bytearray)) else int(getattr(v, "nbytes", 0) or 0) for v in values)
-    if size <= ENCODE_ON_LOOP_BYTES:
+    if _payload_bytes(answer.get("result"), 0) <= ENCODE_ON_LOOP_BYTES:
         return packb(answer)
     return await server.threads.run(owner, packb, answer)
+
+
+def _payload_bytes(value: Any, depth: int) -> int:
+    """The bytes of the arrays and bytes in an answer's result (a packed call's: in its list of results)."""
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if depth < 3 and isinstance(value, dict):
+        return sum(_payload_bytes(v, depth + 1) for v in value.values())
+    if depth < 3 and isinstance(value, list):
+        return sum(_payload_bytes(v, depth + 1) for v in value)
+    return int(getattr(value, "nbytes", 0) or 0)
 
 
 def _starts_scalar(raw: bytes, at: int) -> bool:
