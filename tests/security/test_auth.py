@@ -206,15 +206,15 @@ def test_a_queue_of_calls_on_one_instance_holds_neither_the_workers_nor_its_owne
     slow = threading.Event()
     real_device_call = registry_module.device_call
 
-    def device_call(*args, **kwargs):  # while set, each forward holds its instance's lock for 1 s
+    def device_call(*args, **kwargs):  # while set, each forward holds its instance's lock for 1.5 s
         if slow.is_set() and threading.current_thread().name.startswith("synapse-worker"):
-            time.sleep(1.0)
+            time.sleep(1.5)
         return real_device_call(*args, **kwargs)
 
     monkeypatch.setattr(registry_module, "device_call", device_call)
     x = np.ones((1, 3, 3, 1), np.float32)
-    with LiveServer(state_dir=tmp_path, auth="on", tokens=f"alice:{ALICE},bob:{BOB}", worker_threads=12,
-                    inline_call_us=0) as live, \
+    with LiveServer(state_dir=tmp_path, auth="on", tokens=f"alice:{ALICE},bob:{BOB}", worker_threads=8,
+                    worker_threads_per_owner=3, inline_call_us=0) as live, \
             SynapseClient(live.url, token=ALICE, timeout=60) as alice, \
             SynapseClient(live.url, token=BOB, timeout=60) as bob:
         for name in ("busy", "busy-2", "packed-with", "reader"):
@@ -233,13 +233,13 @@ def test_a_queue_of_calls_on_one_instance_holds_neither_the_workers_nor_its_owne
                    lambda c: c.get("busy").forward(x), lambda c: c.get("busy").help(), delete,
                    lambda c: c.call_many("forward", [("busy", {"inputs": x}), ("packed-with", {"inputs": x})]),
                    lambda c: c.get("reader").forward(Ref("inputs", instance="busy")),
-                   lambda c: c.get("busy").forward(x)]
+                   *[lambda c: c.get("busy").forward(x)] * 4]  # nine waiting: more than the eight workers
 
         def queue_one(request) -> None:  # a client each: all in flight at once
             with SynapseClient(live.url, token=ALICE, timeout=60) as client:
                 request(client)
 
-        queued = [threading.Thread(target=queue_one, args=(request,)) for request in waiting]  # alice's share: 3 of 12
+        queued = [threading.Thread(target=queue_one, args=(request,)) for request in waiting]  # alice's share: 3 of 8
         for thread in queued:
             thread.start()
             time.sleep(0.02)  # in this order
