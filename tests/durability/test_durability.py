@@ -263,6 +263,27 @@ def test_storage_failures(tmp_path, monkeypatch, error):
             assert decode(Store(state_dir).path("local/keep").read_bytes()).counters == {"evolve": 1}
 
 
+def test_a_failed_discard_of_an_evicted_copy_does_not_show_its_path(tmp_path, monkeypatch):
+    """A red-team run (2026-11-30): the 507 of ``DELETE /v1/evicted/{name}`` still carried the OSError's path (the
+    state directory, the owner, the instance) after the others had stopped showing it."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+    from conftest import LiveServer
+
+    def refused(self, path):
+        raise IsADirectoryError(21, "Is a directory", str(path))
+
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        client.create("secret-net", kind=KIND, config=CONFIGS["sgd-nobias"])
+        evicted = httpx.post(f"{server.url}/v1/admin/evict", json={"idle_s": 0}, timeout=60).json()["evicted"]
+        assert [e["name"] for e in evicted] == ["secret-net"]
+        monkeypatch.setattr(Store, "remove_evicted", refused)
+        answer = httpx.delete(f"{server.url}/v1/evicted/secret-net")
+        assert answer.status_code == 507 and "Is a directory" in answer.json()["detail"], answer.text
+        assert str(tmp_path) not in answer.text and ".safetensors" not in answer.text
+
+
 def test_snapshots_roll_back_a_bad_learning_run(client, unique_name):
     config = CONFIGS["adam-bias"]
     syn = client.create(unique_name, kind=KIND, config=config, seed=1)

@@ -910,3 +910,25 @@ def test_a_crash_mid_eviction_of_an_instance_never_stored_and_a_damaged_file_kee
         assert [p.name for p in (tmp_path / "quarantine" / "local").glob("damaged.snapshots.*/*")] == ["d1.safetensors"]
         used = server.registry.capacity._snapshot_bytes["local"]
         assert used == sum(p.stat().st_size for p in (tmp_path / "snapshots").rglob("*.safetensors"))
+
+
+def test_an_instance_stored_with_an_init_a_create_now_refuses_still_loads_and_imports(tmp_path):
+    """A red-team run (2026-11-30): the float32 range checks on init distributions ran on every config read, so an
+    instance the release before had accepted (its infinite draw repaired with written weights, then evolved) was
+    quarantined at the first start after the upgrade, and its file would not import. Its init is history: only a
+    create checks it."""
+    record = decode(_export(tmp_path))
+    wide = {**record.config, "filter_init": {"dist": "uniform", "low": -2e38, "high": 2e38}}
+    blob = with_record(_export(tmp_path), config=wide)
+    state = tmp_path / "dst"
+    with LiveServer(state_dir=state, durability="sync") as server, SynapseClient(server.url) as client:
+        with pytest.raises(UnprocessableEntityError, match="float32"):
+            client.create("new", kind=KIND, config=wide)  # a new one is refused
+        (tmp_path / "old.safetensors").write_bytes(blob)
+        imported = client.import_(tmp_path / "old.safetensors", name="old")
+        imported.evolve(X, POST)
+        version, weights = imported.describe()["version"], imported.weights
+    with LiveServer(state_dir=state, durability="sync") as server, SynapseClient(server.url) as client:
+        back = client.get("old")  # loaded at start-up, not quarantined
+        assert back.describe()["version"] == version and np.array_equal(back.weights, weights)
+        assert httpx.get(f"{server.url}/v1/admin/storage").json()["restore_errors"] == {}

@@ -106,6 +106,18 @@ def test_a_header_of_millions_of_lists_is_refused_before_it_is_read(tmp_path):
     with pytest.raises(CorruptFile, match="arrays and objects"):
         read_header(tmp_path / "flood.safetensors")
     assert decode(blob).version == 9  # an ordinary header is read
+    # the record is a JSON text in a string of the header: there its brackets may be escapes, counted once read out
+    meta = json.loads(header["__metadata__"]["record"])
+    meta["padding"] = "x"
+    lists = "[" + "[]," * 200_000 + "[]]"
+    header["__metadata__"] = {**header["__metadata__"], "record": json.dumps(meta).replace('"x"', lists)}
+    del header["__metadata__"]["padding"]
+    text = json.dumps(header)
+    escaped = text.replace(json.dumps(lists)[1:-1], lists.replace("[", "\\u005b").replace("]", "\\u005d"))
+    assert escaped.count("[") < 100 and len(escaped) > len(text)
+    hidden = escaped.encode() + b" " * (-len(escaped) % 8)
+    with pytest.raises(CorruptFile, match="arrays and objects"):
+        decode(struct.pack("<Q", len(hidden)) + hidden + blob[8 + length:])
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):

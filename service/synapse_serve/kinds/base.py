@@ -445,18 +445,31 @@ def parse_init(field: str, spec: Any) -> tuple:
             field=field,
         )
     values = {k: require_float(f"{field}.{k}", v) for k, v in params.items()}
-    for name, value in values.items():  # sampled in float32: a value beyond its range is an infinite weight
-        if abs(value) > FLOAT32_MAX:
-            raise InvalidConfig(f"{field}.{name}: {value} is beyond float32's range (±{FLOAT32_MAX:.7g}), which the "
-                                "values are drawn in", field=field)
     if dist == "uniform" and values["low"] >= values["high"]:
         raise InvalidConfig(f"{field}: low ({values['low']}) must be below high ({values['high']})", field=field)
-    if dist == "uniform" and values["high"] - values["low"] > FLOAT32_MAX:
-        raise InvalidConfig(f"{field}: high - low is beyond float32's range (±{FLOAT32_MAX:.7g}), which the values "
-                            "are drawn in", field=field)
     if dist == "gaussian" and values["std"] < 0:
         raise InvalidConfig(f"{field}: std ({values['std']}) must be >= 0", field=field)
     return dist, tuple(sorted(values.items()))
+
+
+def check_init_ranges(config: Any) -> None:
+    """A new instance's init distributions, drawn in float32: a parameter (or a uniform's ``high - low``) beyond its
+    range is an infinite weight. Checked at create only: a stored, evicted or exported instance's config is read as
+    it was accepted (its init is history; refusing it at load quarantined an instance a red-team run had stored and
+    repaired under the release before)."""
+    for field in dataclasses.fields(config):
+        spec = getattr(config, field.name)
+        if not (field.name.endswith("_init") and isinstance(spec, tuple) and len(spec) == 2):
+            continue
+        dist, params = spec
+        values = dict(params)
+        for name, value in values.items():
+            if abs(value) > FLOAT32_MAX:
+                raise InvalidConfig(f"{field.name}.{name}: {value} is beyond float32's range (±{FLOAT32_MAX:.7g}), "
+                                    "which the values are drawn in", field=field.name)
+        if dist == "uniform" and values["high"] - values["low"] > FLOAT32_MAX:
+            raise InvalidConfig(f"{field.name}: high - low is beyond float32's range (±{FLOAT32_MAX:.7g}), which the "
+                                "values are drawn in", field=field.name)
 
 
 def sample(spec: tuple, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:

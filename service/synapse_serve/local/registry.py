@@ -43,6 +43,7 @@ from synapse_serve.errors import (
 from synapse_serve.kinds import Kind, get_kind
 from synapse_serve.kinds.base import (
     check_finite,
+    check_init_ranges,
     check_optimizer_value,
     checked_compartment,
     compartment_paths,
@@ -189,6 +190,7 @@ class Registry:
         durability = self._durability(durability)
         kind_ = get_kind(kind)
         cfg = kind_.parse_config(config)
+        check_init_ranges(cfg)  # a new instance's only: stored ones load as they were accepted
         init = dict(init or {})
         unknown = set(init) - {"weights", "biases"}
         if unknown:
@@ -861,7 +863,8 @@ class Registry:
                 freed += nbytes
             self.capacity.release_snapshot(key.owner, freed)
             if failed is not None:  # what could be deleted is gone and released; the rest stays listed
-                raise StorageError(f"could not delete an evicted copy of {key.name!r}: {failed}")
+                log.error("could not delete an evicted copy of %s: %s", key, failed)
+                raise StorageError(f"could not delete an evicted copy of {key.name!r}: {shown_failure(failed)}")
 
     # --- durability ---
 
