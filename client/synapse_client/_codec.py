@@ -186,6 +186,8 @@ def unpack_held(data: bytes, held: list[Any], max_elements: int = DEFAULT_MAX_EL
     """``pack_held``'s body decoded as ``unpackb`` decodes the wire's (the same checks and errors: WireError), its
     arrays the ones held (not copied)."""
     check_values(data, max_values)
+    if max_values is not None:
+        check_keys(data)
 
     def array(code: int, payload: bytes) -> Any:
         if code != _HELD or len(payload) != 4 or int.from_bytes(payload, "little") >= len(held):
@@ -345,6 +347,34 @@ def _value_table() -> list[tuple[int, int, int, int] | None]:
 _VALUE_TABLE = _value_table()
 
 
+MAX_DISTINCT_KEYS = 512  # map keys a body may spell differently: field, argument and compartment names, config fields
+
+
+def check_keys(data: bytes | bytearray | memoryview) -> None:
+    """TooManyValues when the msgpack body ``data`` holds more than MAX_DISTINCT_KEYS different map keys. msgpack's C
+    reader interns every map key, and on CPython 3.12 an interned string is never freed: a body of distinct keys
+    kept ~90 bytes a key for good (a red-team run: 23 MB a body). Read first with its keys as bytes (not interned;
+    ~2 µs for a frame), and not at all when too short to hold that many."""
+    if len(data) <= 2 * MAX_DISTINCT_KEYS:
+        return
+    try:
+        loose = msgpack.unpackb(data, raw=True, strict_map_key=False)
+    except Exception:  # noqa: BLE001 - any defect: the decoder that follows names it
+        return
+    keys: set[Any] = set()
+    values = [loose]
+    while values:
+        value = values.pop()
+        if type(value) is dict:
+            keys.update(value)
+            if len(keys) > MAX_DISTINCT_KEYS:
+                raise TooManyValues(f"the body's maps hold more than {MAX_DISTINCT_KEYS} different keys; a body "
+                                    "names its fields and tensors, and sends other names as values")
+            values.extend(value.values())
+        elif type(value) is list:
+            values.extend(value)
+
+
 def json_containers(raw: bytes) -> int:
     """At most how many arrays and objects a JSON text holds (brackets inside strings counted too: a bound)."""
     return raw.count(b"[") + raw.count(b"{")
@@ -367,6 +397,8 @@ def unpackb(data: bytes | bytearray | memoryview, max_elements: int = DEFAULT_MA
             return _walk(_InPlaceReader(buffer).read_all(), max_elements, 0, False)
         except _TooManyObjects:
             pass  # a body of many small values: the C reader is faster at those
+    if max_values is not None:  # a body from a client: the C reader would intern its keys for good
+        check_keys(data)
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:

@@ -33,6 +33,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 
+MAX_DETAIL = 4096  # characters of a problem's detail
+MAX_EXTRA = 256  # characters of each of its other string fields
+
+
 class SynapseServeError(Exception):
     """Base of every error the service raises on purpose."""
 
@@ -42,9 +46,14 @@ class SynapseServeError(Exception):
     default_headers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, detail: str, *, headers: dict[str, str] | None = None, **extra: object) -> None:
+        # a problem echoes what the caller sent: never more than a few KB of it (a red-team run's 8 MiB kind name came
+        # back as a 92 MB answer); a site that forgot to shorten what it quotes is shortened here
+        if len(detail) > MAX_DETAIL:
+            detail = detail[:MAX_DETAIL] + "…"
         super().__init__(detail)
         self.detail = detail
-        self.extra = extra
+        self.extra = {k: v[:MAX_EXTRA] + "…" if isinstance(v, str) and len(v) > MAX_EXTRA else v
+                      for k, v in extra.items()}
         self.headers = {**self.default_headers, **(headers or {})}
 
 

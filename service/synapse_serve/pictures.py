@@ -182,4 +182,12 @@ def options_from(query: Mapping[str, Any]) -> PictureOptions:
     """PictureOptions from a frame's or a request's query (values as strings or numbers)."""
     if not isinstance(query, Mapping):
         raise InvalidRequest("options: expected a map of picture options", argument="options")
-    return PictureOptions.parse({str(k): str(v) for k, v in query.items() if v is not None})
+    options = {str(k)[:OPTION_MAX + 1]: str(v) for k, v in query.items() if v is not None}
+    for name, value in options.items():  # every option is a word or a few numbers: none is parsed past this
+        if len(name) > OPTION_MAX or len(value) > OPTION_MAX:
+            raise InvalidRequest(f"{name[:OPTION_MAX]}: a picture option is at most {OPTION_MAX} characters",
+                                 argument="options")
+    return PictureOptions.parse(options)
+
+
+OPTION_MAX = 64

@@ -20,8 +20,12 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="uvicorn/python log level")
     max_body_bytes: int = Field(256 << 20, ge=1024, description="largest request body; larger is a 413")
     max_tensor_elements: int = Field(1 << 28, ge=1, description="largest tensor a body may declare")
+    max_json_body_bytes: int = Field(
+        16 << 20, ge=1024, description="largest JSON request body (msgpack ones: max_body_bytes); larger is a 413. "
+                                       "Reading JSON holds the interpreter: ~0.1 s a megabyte that no other request "
+                                       "runs in")
     max_body_values: int = Field(
-        1 << 19, ge=1024, description="most values a msgpack body or session frame may hold (maps, arrays, keys, "
+        1 << 16, ge=1024, description="most values a msgpack body or session frame may hold (maps, arrays, keys, "
                                       "scalars; a tensor's data is one), and most arrays and objects a JSON body may: "
                                       "each becomes a Python object of 30-70 bytes from as little as one byte sent; "
                                       "more is a 413")

@@ -208,7 +208,8 @@ def test_a_body_of_many_small_values_is_a_413_on_every_route_before_any_is_built
     limit = 2048
     many = [[] for _ in range(100_000)]  # 100,001 values in ~100 KB of msgpack
     config = {"shape": [3, 2], "eta": 0.1}
-    with LiveServer(state_dir=tmp_path / "state", max_body_values=limit) as server, SynapseClient(server.url) as client:
+    with LiveServer(state_dir=tmp_path / "state", max_body_values=limit, max_json_body_bytes=1 << 20) as server, \
+            SynapseClient(server.url) as client:
         syn = client.create("target", kind="HebbianSynapse", config=config)
         msgpack_headers = {"Content-Type": "application/msgpack", "Accept": "application/json"}
         for path, body in (("/v1/synapses/target/forward", {"inputs": many}),
@@ -231,7 +232,12 @@ def test_a_body_of_many_small_values_is_a_413_on_every_route_before_any_is_built
         flat = httpx.post(server.url + "/v1/synapses/target/forward",  # within the limit: a tensor sent flat
                           json={"inputs": {"dtype": "float32", "shape": [4000, 3], "values": [0.5] * 12000}})
         assert flat.status_code == 200, flat.text
-        assert syn.describe()["version"] == 2 and [s["name"] for s in client.list()] == ["target"]
+        # JSON's reading holds the interpreter throughout: its bodies have a byte limit of their own
+        wide = httpx.post(server.url + "/v1/synapses/target/forward",
+                          json={"inputs": {"dtype": "float32", "shape": [60_000, 3], "values": [0.123456] * 180_000}})
+        assert wide.status_code == 413 and wide.json()["limit"] == "max_json_body_bytes", wide.text[:300]
+        assert syn.forward(np.full((60_000, 3), 0.5, np.float32)).shape == (60_000, 2)  # in msgpack: served
+        assert syn.describe()["version"] == 3 and [s["name"] for s in client.list()] == ["target"]
     with SynapseClient(f"local:{tmp_path / 'local'}", local_settings={"max_body_values": limit}) as local:
         with pytest.raises(PayloadTooLargeError, match="max_body_values"):
             local.create("other", kind="HebbianSynapse", config={**config, "x": many})
@@ -284,3 +290,29 @@ def test_counting_values_builds_none_and_counts_exactly():
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20, f"{peak / 1e6:.1f} MB to refuse a 4 MB body"
+
+
+def test_a_body_of_many_different_keys_is_refused_before_the_decoder_interns_them(tmp_path):
+    """A red-team run (2026-11-30): msgpack's C reader interns every map key, and on CPython 3.12 an interned string
+    is never freed: each body of distinct keys kept ~90 bytes a key for good, refused or not (20 bodies of 100,000
+    keys: +177 MB). A body names its fields and tensors: more than 512 different keys is a 413 before decoding."""
+    import msgpack
+
+    from synapse_client._codec import MAX_DISTINCT_KEYS, TooManyValues, pack_held, unpack_held
+
+    def body(keys: int, salt: str) -> bytes:
+        return msgpack.packb({"inputs": {f"{salt}-{i:06d}": 0 for i in range(keys)}})
+
+    with pytest.raises(TooManyValues, match="different keys"):
+        unpackb(body(MAX_DISTINCT_KEYS + 1, "a"), max_values=1 << 16)
+    packed, held = pack_held({"config": {f"b-{i:06d}": 0 for i in range(MAX_DISTINCT_KEYS + 1)}})
+    with pytest.raises(TooManyValues, match="different keys"):
+        unpack_held(packed, held, max_values=1 << 16)  # the in-process mode's frames
+    assert len(unpackb(body(MAX_DISTINCT_KEYS - 2, "c"), max_values=1 << 16)["inputs"]) == MAX_DISTINCT_KEYS - 2
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        syn = client.create("target", kind="HebbianSynapse", config={"shape": [3, 2]})
+        for salt in ("d", "e", "f"):
+            answer = httpx.post(server.url + "/v1/synapses/target/forward", content=body(5000, salt),
+                                headers={"Content-Type": "application/msgpack", "Accept": "application/json"})
+            assert answer.status_code == 413 and "different keys" in answer.json()["detail"], answer.text
+        assert syn.describe()["version"] == 1

@@ -197,3 +197,44 @@ def test_a_sequences_options_mean_the_same_however_they_are_spelled(live_server,
     assert last.status_code == 200, problem_of(last)
     assert unpackb(last.content)["outputs"].shape == (1, 4, 4, 2)
     assert instance.describe()["counters"]["forward"] == 1 + 6 + 6  # the retry did not run again
+
+
+def test_one_long_string_costs_the_server_no_more_than_its_bytes(live_server, client, instance):
+    """A red-team run (2026-11-30): one string is one value of ``max_body_values``, but "did you mean" hints ran
+    difflib over the whole of it (an 8 MiB operation name: 370 MB and 1.4 s), problems echoed it whole (an 8 MiB kind
+    of NULs came back as a 92 MB answer), and a picture's tile option was split on the event loop. Each is refused
+    with a short problem."""
+    import tracemalloc
+
+    from synapse_serve.kinds.base import close_match
+
+    long = "q" * 1_000_000
+    path = f"/v1/synapses/{instance.name}"
+    cases = [
+        (f"{path}/forward", {"inputs": np.ones((1, 4, 4, 1), np.float32), "return": [long]}, 422),
+        (f"{path}/{long[:4000]}", {}, 422),
+        ("/v1/synapses", {"name": "long-kind", "kind": "\0" * 1_000_000, "config": CONFIG}, 404),
+        ("/v1/synapses", {"name": "long-key", "kind": KIND, "config": {**CONFIG, long: 1}}, 422),
+        ("/v1/synapses", {"name": "long-choice", "kind": KIND, "config": {**CONFIG, "optim_type": long}}, 422),
+    ]
+    for url, body, status in cases:
+        answer = post(live_server, url, body)
+        assert answer.status_code == status and len(answer.content) < 16_000, (url[:80], answer.status_code,
+                                                                               len(answer.content))
+    picture = httpx.get(f"{live_server.url}{path}/filters.png", params={"tile": "1," * 10_000 + "1"}, timeout=60)
+    assert picture.status_code == 422 and "at most 64 characters" in picture.json()["detail"]
+    url = live_server.url.replace("http://", "ws://") + "/v1/session"
+    with connect(url, max_size=None) as ws:
+        for frame in ({"op": "call", "name": instance.name, "operation": long},
+                      {"op": "filters", "name": instance.name, "options": {"tile": "1," * 400_000 + "1"}}):
+            ws.send(packb({"id": 1, **frame}))
+            raw = ws.recv(timeout=60)
+            assert unpackb(raw)["status"] == 422 and len(raw) < 16_000
+    tracemalloc.start()
+    try:
+        assert close_match(long, ["forward", "evolve"]) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20 and close_match("forwrd", ["forward", "evolve"]) == "forward"
+    assert instance.describe()["version"] == 2 and [s["name"] for s in client.list()].count("long-key") == 0

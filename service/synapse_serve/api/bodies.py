@@ -70,6 +70,9 @@ async def read_body(request: Request) -> tuple[dict[str, Any], str]:
             raise MalformedBody(str(exc)) from None
         kind = MSGPACK
     elif media == JSON or media.endswith("+json"):
+        if len(raw) > settings.max_json_body_bytes:  # its reading holds the GIL (and so the event loop) throughout
+            raise BodyTooLarge(f"a JSON body of {len(raw)} bytes is over the limit of {settings.max_json_body_bytes} "
+                               f"bytes (max_json_body_bytes); send large tensors in msgpack", limit="max_json_body_bytes")
         if json_containers(raw) > settings.max_body_values:  # counted at C speed before any is built
             raise too_many_values(TooManyValues(f"the body holds more than {settings.max_body_values} JSON arrays "
                                                 "and objects; send a tensor's values flat with its shape "

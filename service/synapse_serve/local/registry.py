@@ -14,7 +14,6 @@ the event loop and which on worker threads.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import logging
 import threading
 import time
@@ -44,6 +43,7 @@ from synapse_serve.kinds import Kind, get_kind
 from synapse_serve.kinds.base import (
     check_finite,
     check_init_ranges,
+    close_match,
     check_optimizer_value,
     checked_compartment,
     compartment_paths,
@@ -461,8 +461,8 @@ class Registry:
         instance = self._get(key)
         op = instance.kind.operations.get(operation)
         if op is None:
-            close = difflib.get_close_matches(str(operation), list(instance.kind.operations), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = close_match(operation, instance.kind.operations)
+            hint = f" (did you mean {close!r}?)" if close else ""
             raise UnknownOperation(f"{instance.kind.name} has no operation {str(operation)[:64]!r}{hint}; it has: "
                                    f"{', '.join(instance.kind.operations)}", operation=str(operation)[:64])
         args, steps = self.planner.bind(instance, op, tensors)
