@@ -43,8 +43,10 @@ class Settings(BaseSettings):
     compilation_cache: bool = Field(
         True, description="keep compiled programs in <state_dir>/jax-cache: a restart does not compile again")
     compilation_cache_max_bytes: int = Field(
-        1 << 30, ge=1 << 16, description="most bytes the compiled programs in <state_dir>/jax-cache may take; the "
-                                         "least recently used go first")
+        1 << 30, ge=1 << 16, description="most bytes the compiled programs in <state_dir>/jax-cache may take; past "
+                                         "it, the oldest written go (looked at every compilation_cache_prune_s)")
+    compilation_cache_prune_s: float = Field(
+        60.0, gt=0, le=3600, description="seconds between looks at the compilation cache's size")
     durability: Literal["sync", "interval", "off"] = Field(
         "interval", description="sync: stored before acknowledged; interval: written every flush_interval_s "
                                 "and at shutdown; off: memory only")

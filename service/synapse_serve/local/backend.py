@@ -61,16 +61,14 @@ def _referred(owner: str, tensors: Any) -> list[InstanceKey]:
             if isinstance(value, CompartmentRef) and isinstance(value.instance, str)]
 
 
-def enable_compilation_cache(directory: Path, max_bytes: int) -> None:
-    """JAX's persistent compilation cache in ``directory``, for every program however fast it compiled, at most
-    ``max_bytes`` on disk (the least recently used programs' files go first).
+def enable_compilation_cache(directory: Path) -> None:
+    """JAX's persistent compilation cache in ``directory``, for every program however fast it compiled.
 
-    Process-wide (a JAX setting): a restarted server loads its executables instead of compiling. Bounded, because
-    every new batch size, config or sequence length is a new file, and the disk is the one sync writes need (a
-    red-team run: 80 batch sizes, 80 files in 3 s, counted against nobody).
+    Process-wide (a JAX setting): a restarted server loads its executables instead of compiling. Its size on disk is
+    bounded by a ``CachePruner``, not by JAX's own bound, whose every write reads every entry of the directory
+    (~20-40 µs an entry: seconds a compile for a cache of a gigabyte of small programs).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_max_size", max_bytes)  # set first: the cache is made with it
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -161,6 +159,60 @@ IDLE_LOOK_S = 1.0  # how often the idle trimmer looks at the process's CPU time
 # there never saw it idle (measured 2026-11-30); a server at work takes far more than 80 ms a second
 IDLE_CPU_S = 0.08
 TRIM_AFTER_CPU_S = 1.0  # CPU time spent since the last trim (work that may have freed memory) before another
+
+
+class CachePruner:
+    """Keeps the compilation cache's directory under ``max_bytes``: every ``every_s``, if its programs take more, the
+    oldest written go until they take 90% of it. Every new batch size, config or sequence length is a new file, and
+    the disk is the one sync writes need (a red-team run: 80 batch sizes, 80 files in 3 s, counted against nobody).
+    A program pruned is compiled again when next needed (JAX finds no file: a miss, not an error)."""
+
+    def __init__(self, directory: Path, max_bytes: int, every_s: float) -> None:
+        self.directory, self.max_bytes, self.every_s = directory, max_bytes, every_s
+        self.pruned = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="synapse-cache-pruner", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.prune()
+            except OSError as exc:  # a directory that cannot be read now: the next look tries again
+                log.warning("could not prune the compilation cache: %s", exc)
+
+    def prune(self) -> int:
+        """One look: the bytes removed."""
+        entries, total = [], 0
+        with os.scandir(self.directory) as found:
+            for entry in found:
+                if entry.name.endswith("-cache") and entry.is_file(follow_symlinks=False):
+                    stat = entry.stat(follow_symlinks=False)
+                    entries.append((stat.st_mtime_ns, entry.path, stat.st_size))
+                    total += stat.st_size
+        if total <= self.max_bytes:
+            return 0
+        entries.sort()
+        removed, keep = 0, self.max_bytes * 9 // 10
+        for _, path, size in entries:
+            if total - removed <= keep:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed += size
+                self.pruned += 1
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path.removesuffix("-cache") + "-atime")
+        return removed
 
 
 class IdleTrimmer:
@@ -351,6 +403,8 @@ class LocalBackend:
         self._costs_lock = threading.Lock()
         self.compiles = compile_stats()
         self.trimmer = IdleTrimmer() if settings.trim_when_idle else None
+        self.pruner = CachePruner(settings.state_dir / "jax-cache", settings.compilation_cache_max_bytes,
+                                  settings.compilation_cache_prune_s) if settings.compilation_cache else None
         self._costs_release = self.compiles.releases  # the costs were measured since this release
         kernel = kernel_map_limit()  # half the kernel's: JAX, Python, threads and arenas map the rest
         self.map_limit = settings.max_memory_maps or (kernel // 2 if kernel else None)
@@ -420,7 +474,7 @@ class LocalBackend:
 
     async def start(self) -> None:
         if self.settings.compilation_cache:
-            enable_compilation_cache(self.settings.state_dir / "jax-cache", self.settings.compilation_cache_max_bytes)
+            enable_compilation_cache(self.settings.state_dir / "jax-cache")
         self.registry.open()  # StateDirLocked if another server holds the directory
 
     async def get_ready(self, phase: Callable[[str], None]) -> None:
@@ -437,6 +491,8 @@ class LocalBackend:
         self.registry.start_background(self.settings.flush_interval_s, self.settings.evict_idle_after_s)
         if self.trimmer is not None:
             self.trimmer.start()
+        if self.pruner is not None:
+            self.pruner.start()
 
     async def probe(self) -> None:
         if self.in_caller_thread:  # no loop to time it out on: the caller (a shard's front) bounds the wait
@@ -447,6 +503,8 @@ class LocalBackend:
         def shut_down() -> None:
             if self.trimmer is not None:
                 self.trimmer.stop()
+            if self.pruner is not None:
+                self.pruner.stop()
             self.registry.persistence.stop()
             self.executor.shutdown(wait=True)  # calls in flight finish before the last write
             self.registry.close()
