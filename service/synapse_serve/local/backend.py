@@ -161,21 +161,19 @@ IDLE_CPU_S = 0.08
 TRIM_AFTER_CPU_S = 1.0  # CPU time spent since the last trim (work that may have freed memory) before another
 
 
-class CachePruner:
-    """Keeps the compilation cache's directory under ``max_bytes``: every ``every_s``, if its programs take more, the
-    oldest written go until they take 90% of it. Every new batch size, config or sequence length is a new file, and
-    the disk is the one sync writes need (a red-team run: 80 batch sizes, 80 files in 3 s, counted against nobody).
-    A program pruned is compiled again when next needed (JAX finds no file: a miss, not an error)."""
+class Periodic:
+    """A daemon thread that calls ``look()`` every ``every_s`` seconds until stopped."""
 
-    def __init__(self, directory: Path, max_bytes: int, every_s: float) -> None:
-        self.directory, self.max_bytes, self.every_s = directory, max_bytes, every_s
-        self.pruned = 0
+    thread_name = "synapse-periodic"
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="synapse-cache-pruner", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
@@ -184,11 +182,35 @@ class CachePruner:
             self._thread.join()
 
     def _run(self) -> None:
+        self.started()
         while not self._stop.wait(self.every_s):
-            try:
-                self.prune()
-            except OSError as exc:  # a directory that cannot be read now: the next look tries again
-                log.warning("could not prune the compilation cache: %s", exc)
+            self.look()
+
+    def started(self) -> None:
+        """On the thread, before the first look."""
+
+    def look(self) -> Any:
+        raise NotImplementedError
+
+
+class CachePruner(Periodic):
+    """Keeps the compilation cache's directory under ``max_bytes``: every ``every_s``, if its programs take more, the
+    oldest written go until they take 90% of it. Every new batch size, config or sequence length is a new file, and
+    the disk is the one sync writes need (a red-team run: 80 batch sizes, 80 files in 3 s, counted against nobody).
+    A program pruned is compiled again when next needed (JAX finds no file: a miss, not an error)."""
+
+    thread_name = "synapse-cache-pruner"
+
+    def __init__(self, directory: Path, max_bytes: int, every_s: float) -> None:
+        super().__init__(every_s)
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pruned = 0
+
+    def look(self) -> None:
+        try:
+            self.prune()
+        except OSError as exc:  # a directory that cannot be read now: the next look tries again
+            log.warning("could not prune the compilation cache: %s", exc)
 
     def prune(self) -> int:
         """One look: the bytes removed."""
@@ -215,7 +237,7 @@ class CachePruner:
         return removed
 
 
-class IdleTrimmer:
+class IdleTrimmer(Periodic):
     """Hands the memory freed in the C heap back to the kernel once the process goes idle after work.
 
     glibc keeps what is freed in its pools (its arenas): measured, a 150 s soak of fixed shapes left a server at
@@ -225,28 +247,21 @@ class IdleTrimmer:
     last one: a busy server stays at the level its pools settle at, a server between bursts of work comes back
     down."""
 
+    thread_name = "synapse-trimmer"
+
     def __init__(self, clock: Callable[[], float] = time.process_time,
                  trim: Callable[[], None] = return_freed_memory) -> None:
+        super().__init__(IDLE_LOOK_S)
         self.trims = 0
         self._clock, self._trim = clock, trim
         self._last, self._worked = clock(), 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if _MALLOC_TRIM is not None and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="synapse-trimmer", daemon=True)
-            self._thread.start()
+        if _MALLOC_TRIM is not None:  # no glibc: nothing to hand back
+            super().start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
+    def started(self) -> None:
         self._last, self._worked = self._clock(), 0.0
-        while not self._stop.wait(IDLE_LOOK_S):
-            self.look()
 
     def look(self) -> bool:
         """One look (every ``IDLE_LOOK_S``): trim if the process was idle since the last look after work."""
