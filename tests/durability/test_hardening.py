@@ -27,6 +27,7 @@ from synapse_client import (
     UnprocessableEntityError,
 )
 from synapse_serve.errors import AlreadyExists, AnswerNotKept
+from synapse_serve.local.instance import Instance
 from synapse_serve.local.persistence import Persistence
 from synapse_serve.local.registry import Registry
 from synapse_serve.names import InstanceKey
@@ -628,6 +629,46 @@ def test_a_description_read_while_a_call_is_stored_shows_the_version_before_it(t
         release.set()
         evolve.join(timeout=30)
     assert registry.describe(key)["version"] == 2 and registry.describe(key)["counters"] == {"evolve": 1}
+    registry.close()
+
+
+@pytest.mark.parametrize(("holder", "operation"), [("flush", "store"), ("read", "read"), ("stats", "stats")])
+def test_a_description_answers_at_once_while_background_work_or_a_read_holds_the_instance(tmp_path, monkeypatch,
+                                                                                           holder, operation):
+    """A red-team reading: describe and list waited on the instance's lock (a worker of the owner's share each)
+    whenever its holder was no call — the background flush writing a large instance, a read, its statistics —
+    because only calls said what they run. Every holder says it now, and descriptions answer meanwhile."""
+    key = InstanceKey("local", "held")
+    registry = Registry(persistence=Persistence(Store(tmp_path), "interval"))
+    registry.create(key, kind=KIND, config=CONFIG)
+    registry.call(key, "evolve", {"pre": X, "post": POST})  # version 2, not stored yet: the flush has work
+    holding, release = threading.Event(), threading.Event()
+
+    def block() -> None:
+        holding.set()
+        assert release.wait(10)
+
+    if holder == "flush":
+        save = Store.save
+        monkeypatch.setattr(Store, "save", lambda store, name, record: (block(), save(store, name, record))[1])
+        work = registry.flush
+    else:
+        host_state = Instance.host_state
+        monkeypatch.setattr(Instance, "host_state", lambda instance: (block(), host_state(instance))[1])
+        work = (lambda: registry.read(key, "weights")) if holder == "read" else (lambda: registry.learning_stats(key))
+    thread = threading.Thread(target=work)
+    thread.start()
+    try:
+        assert holding.wait(30)
+        started = time.monotonic()
+        described, listed = registry.describe(key), registry.list()[0]
+        assert time.monotonic() - started < 5, "a description waited for the holder to finish"
+        assert described["running"]["operation"] == operation and listed["running"]["operation"] == operation
+        assert (described["version"], described["counters"]) == (2, {"evolve": 1})
+    finally:
+        release.set()
+        thread.join(timeout=30)
+    assert registry.describe(key)["running"] is None
     registry.close()
 
 

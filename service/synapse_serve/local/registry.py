@@ -372,7 +372,7 @@ class Registry:
 
     def delete(self, key: InstanceKey, expected_version: int | None = None) -> None:
         """Forget an instance and its files (snapshots too); calls already running on it finish first."""
-        with self._hold(key) as instance:
+        with self._hold(key, doing={"operation": "delete"}) as instance:
             instance.check_version(expected_version)
             freed = self.persistence.remove(key)  # StorageError: nothing deleted from memory
             self._forget(instance)
@@ -414,7 +414,7 @@ class Registry:
 
     def learning_stats(self, key: InstanceKey) -> dict[str, Any]:
         """Statistics of the weights, the last update and the biases now (numpy's, on host copies)."""
-        with self._hold(key) as instance:
+        with self._hold(key, doing={"operation": "stats"}) as instance:
             leaves = compartment_paths(instance.host_state())  # a stacked instance stays stacked
             copies = {c: np.asarray(leaves[c]) for c in ("weights", "dWeights", "biases") if c in leaves}
             head = {"name": key.name, "owner": key.owner, "kind": instance.kind.name, "version": instance.version,
@@ -423,14 +423,14 @@ class Registry:
 
     def history(self, key: InstanceKey) -> dict[str, Any]:
         """The samples kept after each learning call (oldest first) and how many are kept at most."""
-        with self._hold(key) as instance:
+        with self._hold(key, doing={"operation": "history"}) as instance:
             history, version = instance.history, instance.version
         return {"name": key.name, "owner": key.owner, "version": version,
                 "length": 0 if history is None else history.length,
                 "entries": [] if history is None else history.read()}
 
     def help(self, key: InstanceKey) -> dict[str, Any]:
-        with self._hold(key) as instance:
+        with self._hold(key, doing={"operation": "help"}) as instance:
             return instance.kind.help(instance.config)
 
     # --- operations ---
@@ -542,7 +542,7 @@ class Registry:
         other = InstanceKey(caller.key.owner, validate_name(ref.instance))
         if other == caller.key:
             return ref._replace(instance=None)  # this instance: resolved under its own lock
-        with self._hold(other) as source:  # read in place: a member of a stack stays in it
+        with self._hold(other, doing={"operation": "read"}) as source:  # read in place: a member of a stack stays in it
             value = _floating_compartment(source, argument, ref.compartment, compartment_paths(source.host_state()))
             return _Fetched(jax.device_put(value, caller.device, may_alias=False))
 
@@ -593,7 +593,7 @@ class Registry:
 
     def read(self, key: InstanceKey, compartment: str) -> tuple[np.ndarray, int]:
         """A host copy of one compartment and the version it belongs to."""
-        with self._hold(key) as instance:
+        with self._hold(key, doing={"operation": "read"}) as instance:
             leaves = compartment_paths(instance.host_state())  # a stacked instance stays stacked
             if compartment not in leaves:
                 raise unknown_compartment(instance.kind, compartment, leaves)
@@ -644,7 +644,7 @@ class Registry:
 
     def snapshots(self, key: InstanceKey) -> list[dict[str, Any]]:
         """The instance's snapshots, oldest first (read from their headers)."""
-        with self._hold(key):
+        with self._hold(key, doing={"operation": "snapshots"}):
             paths = self.persistence.list_snapshots(key)
         infos = []
         for path in paths:
@@ -674,7 +674,7 @@ class Registry:
 
     def delete_snapshot(self, key: InstanceKey, snapshot: str) -> None:
         validate_name(snapshot, "snapshot name")
-        with self._hold(key):
+        with self._hold(key, doing={"operation": "delete snapshot"}):
             freed = self.persistence.delete_snapshot(key, snapshot)
         self.capacity.release_snapshot(key.owner, freed)
 
@@ -693,8 +693,8 @@ class Registry:
             candidates = [i for i in self._instances.values() if i.live and now - i.last_used_at >= idle_s]
         evicted = []
         for instance in candidates:
-            with instance.lock:
-                if self._instances.get(instance.key) is not instance or now - instance.last_used_at < idle_s:
+            with self._hold_if_there(instance, {"operation": "evict"}) as held:
+                if not held or now - instance.last_used_at < idle_s:
                     continue
                 with self._evicted_lock:
                     path = self._evict_one(instance)
@@ -876,10 +876,9 @@ class Registry:
         with self._lock:
             instances = list(self._instances.values())
         for instance in instances:
-            with instance.lock:  # a consistent state, and no delete can race the write
-                if not instance.live or self._instances.get(instance.key) is not instance:
-                    continue
-                if self.persistence.pending(instance):
+            # held: a consistent state, no delete racing the write, and descriptions answer meanwhile
+            with self._hold_if_there(instance, {"operation": "store"}) as held:
+                if held and self.persistence.pending(instance):
                     written += self.persistence.write(instance, logging.WARNING)
         with self._lock:
             live = list(self._instances.values())
@@ -921,6 +920,20 @@ class Registry:
         self._acquire(instance, wait, signature, doing)
         try:
             yield instance
+        finally:
+            instance.running = None
+            instance.lock.release()
+
+    @contextmanager
+    def _hold_if_there(self, instance: Instance, doing: dict[str, Any]) -> Iterator[bool]:
+        """As ``_hold``, for background work over a list taken earlier: False (not held) if the instance is gone."""
+        try:
+            self._acquire(instance, True, None, doing)
+        except NotFound:
+            yield False
+            return
+        try:
+            yield True
         finally:
             instance.running = None
             instance.lock.release()
