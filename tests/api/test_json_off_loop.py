@@ -163,3 +163,46 @@ def test_one_callers_queue_of_json_answers_leaves_another_caller_a_thread(tmp_pa
                 release.set()
             assert [a.result(timeout=60)["shape"] for a in alices] == [[100, 300]] * 3
         assert len(entered) == 3
+
+
+def test_answers_of_many_python_values_are_written_off_the_event_loop(tmp_path, monkeypatch):
+    """A red-team run: a dense synapse's statistics (a list of a filter norm per output unit, a million of them at the
+    widest) were written on the event loop — 1.15 s a request in JSON, every connection waiting — because only
+    arrays were counted; an owner's listing of 1,000 instances held it ~0.1 s. Lists and maps count now, in JSON, in
+    msgpack and on the session stream."""
+    from conftest import LiveServer
+    from synapse_serve.api import bodies, session
+
+    where: dict[str, list[str]] = {"json": [], "msgpack": [], "session": []}
+
+    def recorded(name, fn):
+        def run(*args, **kwargs):
+            where[name].append(threading.current_thread().name)
+            return fn(*args, **kwargs)
+        return run
+
+    def recorded_parts(fn):  # a generator: where it runs is where its first part is made
+        def run(*args, **kwargs):
+            where["json"].append(threading.current_thread().name)
+            yield from fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(bodies, "iter_json_parts", recorded_parts(bodies.iter_json_parts))
+    monkeypatch.setattr(bodies, "json_parts", recorded("json", bodies.json_parts))
+    monkeypatch.setattr(bodies, "packb_parts", recorded("msgpack", bodies.packb_parts))
+    monkeypatch.setattr(session, "packb", recorded("session", session.packb))
+    units = 20_000  # more filter norms than an answer written on the loop may hold
+    with LiveServer(state_dir=tmp_path / "state") as server, SynapseClient(server.url) as client:
+        syn = client.create("wide", kind="HebbianSynapse", config={"shape": [1, units]})
+        for media in ("json", "msgpack"):
+            where[media].clear()
+            answer = httpx.get(f"{server.url}/v1/synapses/wide/stats", headers={"Accept": f"application/{media}"})
+            assert answer.status_code == 200
+            assert where[media] and all(name.startswith("synapse-api") for name in where[media]), (media, where)
+        with client.session() as stream:
+            stats = stream.get("wide").stats()
+        assert len(stats["weights"]["filter_norms"]) == units
+        assert where["session"][-1].startswith("synapse-api"), where
+        small = httpx.get(f"{server.url}/v1/synapses/wide", headers={"Accept": "application/msgpack"})
+        assert small.status_code == 200 and not where["msgpack"][-1].startswith("synapse-api")  # a few values: at once
+        assert syn.stats()["weights"]["filter_norms"] == stats["weights"]["filter_norms"]

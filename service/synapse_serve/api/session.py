@@ -50,7 +50,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from synapse_client._codec import TooManyValues, WireError, packb, unpackb
-from synapse_serve.api.bodies import too_many_values
+from synapse_serve.api.bodies import ON_LOOP_VALUES, too_many_values, values_in
 from synapse_serve.api.frames import internal_problem, problem_of, run_frame
 from synapse_serve.api.server import Server, principal_of
 from synapse_serve.errors import MalformedBody, SynapseServeError
@@ -185,7 +185,9 @@ ENCODE_ON_LOOP_BYTES = 1 << 20  # answers holding more bytes of tensors or files
 async def _encoded(server: Server, owner: str, answer: dict[str, Any]) -> bytes:
     """An answer frame's bytes: a large one (a compartment read, an exported file: a copy of its bytes each) made on
     the API's threads within the owner's share, never on the event loop every connection shares."""
-    if _payload_bytes(answer.get("result"), 0) <= ENCODE_ON_LOOP_BYTES:
+    result = answer.get("result")
+    if values_in(result, ON_LOOP_VALUES, arrays=False) <= ON_LOOP_VALUES and \
+            _payload_bytes(result, 0) <= ENCODE_ON_LOOP_BYTES:
         return packb(answer)
     return await server.threads.run(owner, packb, answer)
 
