@@ -143,6 +143,13 @@ class RequestTimeout(SynapseServeError):
     default_headers = {"Connection": "close"}
 
 
+class ClientGone(SynapseServeError):
+    """The client closed its connection before its body had arrived: no answer reaches it; none is our bug."""
+
+    status, title, slug = 400, "Client went away", "client-gone"
+    default_headers = {"Connection": "close"}
+
+
 class BodyTooLarge(SynapseServeError):
     status, title, slug = 413, "Body too large", "body-too-large"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -280,6 +281,32 @@ def test_a_slow_body_is_cut_off(tmp_path):
                     pass
             assert answer.startswith("HTTP/1.1 408") and 1.5 < time.monotonic() - started < 6
         assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_a_client_that_leaves_mid_body_is_no_server_error(tmp_path, caplog):
+    """A red-team run: a client that closed its connection halfway through its body was logged as an unexpected error
+    with its traceback and counted as a 500 (any token holder could fill the error log and raise the 5xx rate the
+    alerts watch), on every route with a body."""
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        client.create("gone", kind=KIND, config=CONFIG)
+        port = int(server.url.rsplit(":", 1)[1])
+        for method, path in (("POST", "/v1/synapses/gone/forward"), ("POST", "/v1/synapses"),
+                             ("PUT", "/v1/synapses/gone/compartments/weights"), ("POST", "/v1/packed/forward"),
+                             ("POST", "/v1/synapses/import?name=other")):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          "Content-Length: 1000\r\n\r\n{\"inputs\"".encode())
+                time.sleep(0.2)  # the route is reading the body when the client leaves
+        deadline = time.monotonic() + 10
+        metrics = ""
+        while time.monotonic() < deadline and metrics.count('status="400"') < 1:
+            metrics = httpx.get(f"{server.url}/metrics").text
+            time.sleep(0.1)
+        time.sleep(0.3)
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'status="500"' not in metrics
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+        assert client.get("gone").describe()["version"] == 1
 
 
 def test_every_check_happens_in_the_registry_too(tmp_path):

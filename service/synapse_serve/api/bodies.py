@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 from pydantic import BaseModel
 
 from synapse_client._codec import (
@@ -26,6 +27,7 @@ from synapse_client._codec import (
 )
 from synapse_serve.errors import (
     BodyTooLarge,
+    ClientGone,
     InvalidFields,
     MalformedBody,
     NotAcceptable,
@@ -144,6 +146,8 @@ async def _read_limited(request: Request) -> bytes:
             chunk = await asyncio.wait_for(stream.__anext__(), wait)
         except StopAsyncIteration:
             break
+        except ClientDisconnect:  # a 4xx (one no one reads), not an unexpected error logged with its traceback
+            raise ClientGone(f"the client went away after {total} bytes of its body") from None
         except TimeoutError:
             raise RequestTimeout(
                 f"the body did not arrive in time ({total} bytes after the limit of {settings.body_timeout_s:g} s "
