@@ -21,6 +21,7 @@
     ├── MalformedBody           (400) the body cannot be decoded
     ├── NotAcceptable           (406) no response type the caller accepts
     ├── RequestTimeout          (408) the body did not arrive in time
+    ├── ClientGone              (400) the client left before its body had arrived
     ├── BodyTooLarge            (413) the body is over the configured limit
     ├── UnsupportedMediaType    (415) a content type we do not speak
     ├── NotReady                (503) warming up, or the instance is still being restored

@@ -350,3 +350,38 @@ def test_a_packed_call_naming_more_than_an_owner_holds_is_refused_before_any_nam
             with pytest.raises(UnprocessableEntityError, match=expected):
                 client.request("POST", "/v1/packed/forward", body, retry=False)
         assert [client.get(name).describe()["version"] for name in names[:3]] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("route", ["json", "msgpack", "stream", "local", "packed", "stacked"])
+def test_a_map_of_more_tensors_than_an_operation_takes_is_refused_before_any_is_read(limited, tmp_path, route,
+                                                                                 unique_name):
+    """A red-team JSON body of 349,525 ``null`` tensors went through several loops over them on the event loop
+    (~1 s; the planner then echoed every unknown name). An operation takes a few tensors: a map of more than 16 is
+    refused at once, the same 422 on every route, and an unknown name is echoed at most eight at a time."""
+    nulls = {f"t{i:03d}": None for i in range(40)}  # what the red team sent, in JSON
+    extra = {f"t{i:03d}": np.zeros(1, np.float32) for i in range(40)}  # a client sends no None tensor
+    expected = "tensors; an operation takes at most 16"
+    with SynapseClient(f"local:{tmp_path}", local_settings=SMALL) as local, SynapseClient(limited.url) as client:
+        target = local if route == "local" else client
+        target.create(unique_name, kind="HebbianSynapse", config={"shape": [3, 2]})
+        x = np.ones((1, 3), np.float32)
+        if route == "json":
+            answer = httpx.post(f"{limited.url}/v1/synapses/{unique_name}/forward",
+                                json={"inputs": x.tolist(), **nulls})
+            assert answer.status_code == 422 and f"body: 41 {expected}" in answer.json()["detail"], answer.text
+        elif route in ("msgpack", "local"):
+            with pytest.raises(UnprocessableEntityError, match=f"(body|tensors): 41 {expected}"):  # local: a frame
+                target.request("POST", f"/v1/synapses/{unique_name}/forward", {"inputs": x, **extra}, retry=False)
+        elif route == "stream":
+            with client.session() as session, pytest.raises(UnprocessableEntityError, match=f"tensors: 41 {expected}"):
+                session.get(unique_name).call("forward", inputs=x, **extra)
+        else:
+            body = {"names": [unique_name], "tensors": {"inputs": x[None], **extra}} if route == "stacked" else \
+                {"calls": [{"name": unique_name, "tensors": {"inputs": x, **extra}}]}
+            with pytest.raises(UnprocessableEntityError, match=f"tensors: 41 {expected}"):
+                client.request("POST", "/v1/packed/forward", body, retry=False)
+        few = {f"u{i}": x for i in range(12)}  # within the bound: the planner names at most eight of them
+        with pytest.raises(UnprocessableEntityError, match=r"unknown: u0, u1, .*, …") as caught:
+            target.get(unique_name).call("forward", inputs=x, **few)
+        assert caught.value.problem["detail"].count(", u") <= 8
+        assert target.get(unique_name).describe()["version"] == 1

@@ -18,7 +18,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from synapse_serve.api.bodies import PROBLEM_BASE, compartment_ref, map_field, require_fields, returns_field
+from synapse_serve.api.bodies import (
+    PROBLEM_BASE,
+    check_tensor_count,
+    compartment_ref,
+    map_field,
+    require_fields,
+    returns_field,
+)
 from synapse_serve.api.insight import draw
 from synapse_serve.api.schemas import CreateRequest, SnapshotRequest
 from synapse_serve.api.server import Server, instance_key, owner_for
@@ -65,6 +72,7 @@ def _tensor(field: str, value: Any) -> Any:
 
 def _tensors(frame: dict[str, Any]) -> dict[str, Any]:
     tensors = map_field(frame.get("tensors"), "tensors (a map of tensors)")
+    check_tensor_count(tensors, "tensors")
     return {str(name): _tensor(str(name), value) for name, value in tensors.items()}
 
 
@@ -127,6 +135,7 @@ async def run_packed(server: Server, owner: str, operation: str, body: dict[str,
     _check_pack_size("names", names, _most_packed(server))
     if not isinstance(tensors, dict):  # empty: an operation that takes none, or reads its own (a reset)
         raise MalformedBody("tensors: expected a map of stacked tensors (instances, batch, …)")
+    check_tensor_count(tensors, "tensors")
     stacked = {str(name): _tensor(str(name), value) for name, value in tensors.items()}
     refs = [name for name, value in stacked.items() if isinstance(value, CompartmentRef)]
     if refs:

@@ -19,9 +19,9 @@ from fastapi.responses import Response
 from starlette.routing import Match, Route
 
 from synapse_serve.api.bodies import (
-    returns_field,
     MSGPACK,
     check_acceptable,
+    check_tensor_count,
     encode,
     idempotency_key,
     if_match,
@@ -29,6 +29,7 @@ from synapse_serve.api.bodies import (
     read_body,
     require_fields,
     response_type,
+    returns_field,
     tensor_field,
 )
 from synapse_serve.api.frames import run_packed
@@ -89,6 +90,7 @@ async def run_operation(request: Request, server: Server, owner: str, name: str,
         if sequence is not None and not isinstance(sequence, dict):
             raise MalformedBody("sequence: expected a map {every?, last?}")
         max_elements = server.settings.max_tensor_elements
+        check_tensor_count(body, "body")
         tensors = {k: tensor_field(body, k, media, max_elements) for k in body}
         result = await server.backend.call(key, operation=operation, tensors=tensors, returns=returns,
                                            idempotency_key=idempotency_key(request),

@@ -12,6 +12,7 @@ config trace once.
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 import threading
 from collections import OrderedDict
@@ -87,8 +88,9 @@ class Planner:
         allowed = [a.name for a in op.args]
         unknown = set(tensors) - set(allowed)
         if unknown:
+            named = heapq.nsmallest(8, (str(name)[:64] for name in unknown))  # an echo, bounded
             raise InvalidFields(f"{op.name} takes {', '.join(allowed) or 'no tensors'}; unknown: "
-                                 f"{', '.join(sorted(map(str, unknown)))}", argument=sorted(map(str, unknown))[0])
+                                f"{', '.join(named)}{', …' if len(unknown) > 8 else ''}", argument=named[0])
         sent = {a.name: tensors.get(a.name) for a in op.args}
         timed = [a.name for a in op.args if sent[a.name] is not None and not isinstance(sent[a.name], CompartmentRef)
                  and np.ndim(sent[a.name]) == 2 + len(instance.config.trailing(a.space))]

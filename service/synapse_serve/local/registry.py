@@ -876,6 +876,8 @@ class Registry:
         with self._lock:
             instances = list(self._instances.values())
         for instance in instances:
+            if not self.persistence.pending(instance):  # a glance first: only an instance to write is held
+                continue
             # held: a consistent state, no delete racing the write, and descriptions answer meanwhile
             with self._hold_if_there(instance, {"operation": "store"}) as held:
                 if held and self.persistence.pending(instance):
