@@ -125,14 +125,23 @@ def tiles_of(values: np.ndarray, options: PictureOptions) -> tuple[np.ndarray, i
 
 def _normalized(tiles: np.ndarray, normalize: str) -> np.ndarray:
     """Tiles mapped to 0..1 (tile, global) or -1..1 (symmetric)."""
-    values = tiles.astype(np.float64)
+    values = tiles.astype(np.float64)  # in place from here: a picture at its size bound is 128 MB of these
     if normalize == "symmetric":
         top = float(np.abs(values).max()) if values.size else 0.0
-        return values / top if top > 0 else np.zeros_like(values)
+        if top > 0:
+            values /= top
+        else:
+            values[...] = 0.0
+        return values
     axes = tuple(range(1, values.ndim)) if normalize == "tile" else None
     low, high = values.min(axis=axes, keepdims=True), values.max(axis=axes, keepdims=True)
     span = high - low
-    return np.where(span > 0, (values - low) / np.where(span > 0, span, 1.0), 0.5)
+    values -= low
+    values /= np.where(span > 0, span, 1.0)
+    flat = span <= 0
+    if flat.any():
+        values[np.broadcast_to(flat, values.shape)] = 0.5
+    return values
 
 
 def _colours(values: np.ndarray, normalize: str, colour: bool) -> np.ndarray:
@@ -141,12 +150,21 @@ def _colours(values: np.ndarray, normalize: str, colour: bool) -> np.ndarray:
         if colour:
             values = values.mean(axis=-1)
         positive, negative = np.clip(values, 0, 1), np.clip(-values, 0, 1)
-        rgb = np.stack([1 - negative, 1 - positive - negative, 1 - positive], axis=-1)
-    elif colour:
-        rgb = values
-    else:
-        rgb = np.repeat(values[..., None], 3, axis=-1)
-    return np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+        rgb = np.empty((*values.shape, 3), np.uint8)  # each channel made apart: one float copy at a time
+        for channel, level in enumerate((lambda: 1 - negative, lambda: 1 - positive - negative,
+                                         lambda: 1 - positive)):
+            rgb[..., channel] = _bytes(level())
+        return rgb
+    if colour:
+        return _bytes(values)
+    return np.repeat(_bytes(values)[..., None], 3, axis=-1)  # grey made bytes first, then three of them
+
+
+def _bytes(values: np.ndarray) -> np.ndarray:
+    """0..1 as 0..255 (clipped, rounded), reusing ``values``' memory for the steps between."""
+    values = np.clip(values, 0, 1)
+    values *= 255
+    return np.round(values, out=values).astype(np.uint8)
 
 
 def render(values: np.ndarray, options: PictureOptions) -> Picture:
@@ -168,11 +186,14 @@ def render(values: np.ndarray, options: PictureOptions) -> Picture:
                              "or padding, or set columns", argument="scale")
     pixels = _colours(_normalized(tiles, options.normalize), options.normalize, colour)
     pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
-    canvas = np.full((image_h, image_w, 3), 48, np.uint8)  # dark grey between tiles
-    for index in range(count):
-        row, column = divmod(index, columns)
-        top, left = pad + row * (height * scale + pad), pad + column * (width * scale + pad)
-        canvas[top:top + height * scale, left:left + width * scale] = pixels[index]
+    # every tile placed at once (a loop over a million one-pixel tiles took seconds): each cell a tile and its
+    # padding below and right of it, the grid's rows and columns then interleaved with the cells' own
+    tile_h, tile_w = height * scale, width * scale
+    cells = np.full((rows * columns, tile_h + pad, tile_w + pad, 3), 48, np.uint8)  # dark grey between tiles
+    cells[:count, :tile_h, :tile_w] = pixels
+    canvas = np.full((image_h, image_w, 3), 48, np.uint8)
+    canvas[pad:, pad:] = cells.reshape(rows, columns, tile_h + pad, tile_w + pad, 3).transpose(0, 2, 1, 3, 4) \
+        .reshape(rows * (tile_h + pad), columns * (tile_w + pad), 3)
     buffer = io.BytesIO()
     Image.fromarray(canvas, "RGB").save(buffer, format="PNG", optimize=False, compress_level=6)
     return Picture(buffer.getvalue(), count, (height, width), rows, columns, scale)

@@ -125,6 +125,27 @@ def test_symmetric_normalisation_is_blue_white_red_around_zero(client):
     assert pixels[0, 1].tolist() == [255, 255, 255]
 
 
+def test_a_picture_of_a_million_one_pixel_tiles_is_drawn_at_once(tmp_path):
+    """A red-team run: a filter bank of 1x1 filters (a 1x1xCxC deconvolution) drawn one pixel a tile spent a Python
+    step per tile — 1 s of CPU for a million, ~15 s extrapolated at the 16 M-pixel bound, and float64 copies of
+    every weight (~1.3 GB). All tiles are placed at once now, and each copy is made once."""
+    from synapse_serve.pictures import PictureOptions, render
+
+    side = 1024
+    weights = np.random.default_rng(3).normal(size=(1, 1, side, side)).astype(np.float32)
+    started = time.thread_time()  # this thread's CPU: the machine's other work does not count
+    picture = render(weights, PictureOptions.parse({"normalize": "global", "scale": "1", "padding": "0"}))
+    spent = time.thread_time() - started
+    pixels = image(picture.png)
+    assert picture.tiles == side * side and pixels.shape == (side, side, 3)
+    # a row per output channel, its input channels across: pixel (r, c) is weight (c, r)
+    np.testing.assert_array_equal(pixels[..., 0], expected_grey(weights[0, 0].T, weights.min(), weights.max()))
+    started = time.thread_time()  # what the PNG itself costs, apart
+    Image.fromarray(pixels, "RGB").save(io.BytesIO(), format="PNG", optimize=False, compress_level=6)
+    drawing = spent - (time.thread_time() - started)
+    assert drawing < 0.5, f"{drawing:.2f} s of CPU for {side * side} tiles besides the PNG (one at a time: ~0.9 s)"
+
+
 def test_dense_tiles_and_heat_map(client, tmp_path):
     rng = np.random.default_rng(7)
     weights = rng.normal(size=(16, 5)).astype(np.float32)
@@ -312,7 +333,11 @@ def test_the_description_says_what_runs_and_since_when(server):
         assert running["operation"] == "evolve" and running["steps"] == steps
         assert started - 1 <= running["since"] <= time.time()
         assert listed and "running" in listed[0]
-        assert syn.describe()["running"] is None
+        deadline = time.monotonic() + 30  # idle once the background flush has stored the sequence's state
+        while (running := syn.describe()["running"]) is not None and time.monotonic() < deadline:
+            assert running["operation"] == "store", running
+            time.sleep(0.01)
+        assert running is None
 
 
 # --- progress ---
