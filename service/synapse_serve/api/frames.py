@@ -130,9 +130,10 @@ async def run_packed(server: Server, owner: str, operation: str, body: dict[str,
                                                  idempotency_key=idempotency_key)
         return {"results": [{"name": key.name, **answer} for key, answer in zip(keys, answers)]}
     names = body["names"]
+    if isinstance(names, list):
+        _check_pack_size("names", names, _most_packed(server))
     if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
         raise MalformedBody("names: expected a non-empty list of instance names")
-    _check_pack_size("names", names, _most_packed(server))
     if not isinstance(tensors, dict):  # empty: an operation that takes none, or reads its own (a reset)
         raise MalformedBody("tensors: expected a map of stacked tensors (instances, batch, …)")
     check_tensor_count(tensors, "tensors")
