@@ -385,3 +385,28 @@ def test_a_map_of_more_tensors_than_an_operation_takes_is_refused_before_any_is_
             target.get(unique_name).call("forward", inputs=x, **few)
         assert caught.value.problem["detail"].count(", u") <= 8
         assert target.get(unique_name).describe()["version"] == 1
+
+
+@pytest.mark.parametrize("route", ["json", "stream", "packed-json"])
+def test_a_return_list_longer_than_any_instance_has_compartments_is_refused_before_it_is_read(limited, route,
+                                                                                            unique_name):
+    """A JSON list of strings is one container at any length, so the values bound does not bound it: a body's
+    ``return`` (and a JSON packed call's list of calls) is refused on its length before any item is looked at."""
+    with SynapseClient(limited.url) as client:
+        client.create(unique_name, kind="HebbianSynapse", config={"shape": [3, 2]})
+        x = np.ones((1, 3), np.float32)
+        asked = ["outputs"] * 65
+        if route == "json":
+            answer = httpx.post(f"{limited.url}/v1/synapses/{unique_name}/forward",
+                                json={"inputs": x.tolist(), "return": asked})
+            assert answer.status_code == 422 and "return: 65 names" in answer.json()["detail"], answer.text
+        elif route == "stream":
+            with client.session() as session, pytest.raises(UnprocessableEntityError, match="return: 65 names"):
+                session.get(unique_name).call("forward", inputs=x, returns=asked)
+        else:
+            calls = [{"name": f"{unique_name}-{i}", "tensors": {"inputs": x.tolist()}} for i in range(1000)]
+            calls.append({"name": "last", "tensors": {"inputs": "no tensor"}})  # a 400 if the calls were read first
+            answer = httpx.post(f"{limited.url}/v1/packed/forward", json={"calls": calls})
+            assert answer.status_code == 422 and "calls: 1001 instances" in answer.json()["detail"], answer.text
+        assert client.get(unique_name).describe()["version"] == 1
+        assert client.get(unique_name).call("forward", inputs=x, returns=["outputs"] * 3)["outputs"].shape == (1, 2)

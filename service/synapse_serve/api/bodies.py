@@ -228,7 +228,12 @@ def returns_field(value: Any) -> list[str] | None:
     """A request's ``return``: None, or a list of compartment names, each once (MalformedBody otherwise)."""
     if value is None:
         return None
-    if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
+    if not isinstance(value, list):
+        raise MalformedBody("return: expected a list of compartment names")
+    if len(value) > MAX_RETURNED:  # before any is looked at (a JSON list of strings is one container at any length)
+        raise InvalidFields(f"return: {len(value)} names; an instance has at most a few compartments",
+                            argument="return")
+    if not all(isinstance(r, str) for r in value):
         raise MalformedBody("return: expected a list of compartment names")
     return list(dict.fromkeys(value))  # an answer is a map: a name asked twice is answered once
 
@@ -404,6 +409,7 @@ def problem_from(exc: SynapseServeError, request: Request) -> Response:
 
 
 MAX_TENSOR_ARGUMENTS = 16  # more than any operation takes (two at most today)
+MAX_RETURNED = 64  # more names than any instance has compartments (ten at most today)
 
 
 def check_tensor_count(tensors: dict[str, Any], what: str) -> None:
@@ -412,6 +418,12 @@ def check_tensor_count(tensors: dict[str, Any], what: str) -> None:
     if len(tensors) > MAX_TENSOR_ARGUMENTS:
         raise InvalidFields(f"{what}: {len(tensors)} tensors; an operation takes at most {MAX_TENSOR_ARGUMENTS} "
                             "(its arguments, named in GET /v1/kinds)", argument=what)
+
+
+def tensor_fields(tensors: dict[str, Any], what: str, media: str, max_elements: int) -> dict[str, Any]:
+    """Every field of a map of tensors as ``tensor_field`` reads one, once their count is known to be an operation's."""
+    check_tensor_count(tensors, what)
+    return {k: tensor_field(tensors, k, media, max_elements) for k in tensors}
 
 
 def map_field(value: Any, what: str) -> dict[str, Any]:

@@ -125,13 +125,13 @@ async def run_packed(server: Server, owner: str, operation: str, body: dict[str,
     if ("calls" in body) == stacked_form or (stacked_form and not ("names" in body and "tensors" in body)):
         raise InvalidFields('give calls ([{"name", "tensors"}, …]), or names and tensors (the stacked form)')
     if "calls" in body:
-        keys, per_call = packed_calls(body["calls"], owner, _most_packed(server))
+        keys, per_call = packed_calls(body["calls"], owner, most_packed(server))
         answers = await server.backend.call_many(keys, operation=operation, tensors=per_call, returns=returns,
                                                  idempotency_key=idempotency_key)
         return {"results": [{"name": key.name, **answer} for key, answer in zip(keys, answers)]}
     names = body["names"]
     if isinstance(names, list):
-        _check_pack_size("names", names, _most_packed(server))
+        check_pack_size("names", names, most_packed(server))
     if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
         raise MalformedBody("names: expected a non-empty list of instance names")
     if not isinstance(tensors, dict):  # empty: an operation that takes none, or reads its own (a reset)
@@ -147,12 +147,12 @@ async def run_packed(server: Server, owner: str, operation: str, body: dict[str,
     return {"names": list(names), **answer}
 
 
-def _most_packed(server: Server) -> int:
+def most_packed(server: Server) -> int:
     """The most instances one packed call may name: all of one owner's (a call names only the caller's)."""
     return min(server.settings.max_instances, server.settings.max_instances_per_owner)
 
 
-def _check_pack_size(field: str, items: list, most: int) -> None:
+def check_pack_size(field: str, items: list, most: int) -> None:
     """Refused before any name is read: the names are checked, and each waits its turn on the event loop, one by
     one (a red-team frame of 65,000 names held the loop 0.8 s before the registry refused it)."""
     if len(items) > most:
@@ -165,7 +165,7 @@ def packed_calls(calls: Any, owner: str, most: int) -> tuple[list[InstanceKey], 
     ``most`` of them."""
     if not isinstance(calls, list) or not calls:
         raise MalformedBody('calls: expected a non-empty list of {"name": …, "tensors": {…}}')
-    _check_pack_size("calls", calls, most)
+    check_pack_size("calls", calls, most)
     keys, tensors = [], []
     for index, call in enumerate(calls):
         if not isinstance(call, dict) or not isinstance(call.get("name"), str) or call.keys() - {"name", "tensors"}:

@@ -21,7 +21,6 @@ from starlette.routing import Match, Route
 from synapse_serve.api.bodies import (
     MSGPACK,
     check_acceptable,
-    check_tensor_count,
     encode,
     idempotency_key,
     if_match,
@@ -30,9 +29,9 @@ from synapse_serve.api.bodies import (
     require_fields,
     response_type,
     returns_field,
-    tensor_field,
+    tensor_fields,
 )
-from synapse_serve.api.frames import run_packed
+from synapse_serve.api.frames import check_pack_size, most_packed, run_packed
 from synapse_serve.api.schemas import (
     OperationRequest,
     OperationResponse,
@@ -90,8 +89,7 @@ async def run_operation(request: Request, server: Server, owner: str, name: str,
         if sequence is not None and not isinstance(sequence, dict):
             raise MalformedBody("sequence: expected a map {every?, last?}")
         max_elements = server.settings.max_tensor_elements
-        check_tensor_count(body, "body")
-        tensors = {k: tensor_field(body, k, media, max_elements) for k in body}
+        tensors = tensor_fields(body, "body", media, max_elements)
         result = await server.backend.call(key, operation=operation, tensors=tensors, returns=returns,
                                            idempotency_key=idempotency_key(request),
                                            expected_version=if_match(request), sequence=sequence)
@@ -130,13 +128,13 @@ async def run_packed_request(request: Request, server: Server, owner: str, opera
         calls, tensors = body.get("calls"), body.get("tensors")
         if media != MSGPACK:  # JSON tensors become arrays here (msgpack's are arrays already)
             max_elements = server.settings.max_tensor_elements
-            if isinstance(calls, list):
-                body["calls"] = [{**call, "tensors": {k: tensor_field(call.get("tensors") or {}, k, media, max_elements)
-                                                      for k in (call.get("tensors") or {})}}
+            if isinstance(calls, list):  # bounded before any call is read, as run_packed bounds them
+                check_pack_size("calls", calls, most_packed(server))
+                body["calls"] = [{**call, "tensors": tensor_fields(call["tensors"], "tensors", media, max_elements)}
                                  if isinstance(call, dict) and isinstance(call.get("tensors"), dict) else call
                                  for call in calls]
             if isinstance(tensors, dict):
-                tensors = {k: tensor_field(tensors, k, media, max_elements) for k in tensors}
+                tensors = tensor_fields(tensors, "tensors", media, max_elements)
         answer = await run_packed(server, owner, operation, body, tensors, returns, idempotency_key(request))
         response = encode(answer, response_type(request, media))
         counted.status = 200
