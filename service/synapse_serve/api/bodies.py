@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 import time
@@ -176,8 +177,9 @@ def require_fields(body: dict[str, Any], model: type[BaseModel]) -> None:
     required, allowed = _fields(model)
     missing, unknown = required - body.keys(), body.keys() - allowed
     if missing or unknown:
+        named = heapq.nsmallest(8, (str(u)[:64] for u in unknown))  # a JSON body's keys are bounded by no count
         parts = ([f"missing {', '.join(sorted(missing))}"] if missing else []) + (
-            [f"unknown {', '.join(sorted(str(u)[:64] for u in unknown))}"] if unknown else [])
+            [f"unknown {', '.join(named)}{', …' if len(unknown) > 8 else ''}"] if unknown else [])
         raise InvalidFields(f"body: {'; '.join(parts)}; fields are {', '.join(sorted(allowed))}")
 
 
