@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     idempotency_answer_bytes: int = Field(
         256 << 20, ge=0, description="bytes of stored answers to Idempotency-Key calls, server-wide; beyond it the "
                                      "oldest answers' tensors are dropped (their calls still never run twice)")
+    head_timeout_s: float = Field(10.0, gt=0, description="a request's line and headers must arrive within this many "
+                                                          "seconds (408; also a connection that sends nothing)")
     body_timeout_s: float = Field(300.0, gt=0, description="a request body must arrive within this many seconds")
     body_idle_timeout_s: float = Field(30.0, gt=0, description="a request body may pause this long between chunks")
     access_log: bool = Field(True, description="one JSON line per request on the synapse_serve.access logger")

@@ -283,6 +283,68 @@ def test_a_slow_body_is_cut_off(tmp_path):
         assert httpx.get(f"{server.url}/healthz").status_code == 200
 
 
+def _answer_to(port: int, sent: bytes, timeout: float = 10) -> tuple[bytes, float]:
+    """What the server writes back to ``sent`` (nothing sent: a connection that stays silent), and how long it took."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        if sent:
+            s.sendall(sent)
+        started, answer = time.monotonic(), b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except ConnectionResetError:  # closed with the rest of a refused head unread
+            pass
+        return answer, time.monotonic() - started
+
+
+@pytest.mark.parametrize("where", ["header", "url"])
+def test_a_head_of_more_than_64_kib_is_refused_as_it_arrives(tmp_path, where):
+    """A red-team run: one request of a 64 MiB header, no token needed, held the event loop ~4 s (uvicorn and
+    httptools join a head a read at a time: the cost grows with the square of its size); nothing bounded a head."""
+    huge = b"a" * (8 << 20)
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + huge + b"\r\n\r\n" if where == "header" else \
+        b"GET /healthz?x=" + huge + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    with LiveServer(state_dir=tmp_path) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            try:
+                s.sendall(head)
+            except (BrokenPipeError, ConnectionResetError):  # refused before it was all sent
+                pass
+            answer = b""
+            try:
+                while chunk := s.recv(65536):
+                    answer += chunk
+            except ConnectionResetError:
+                pass
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert b"x-content-type-options: nosniff" in answer and b"at most 65536 bytes" in answer
+        fine = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 60_000 + b"\r\nConnection: close\r\n\r\n"
+        assert _answer_to(port, fine)[0].startswith(b"HTTP/1.1 200 ")  # within the bound: served
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_a_head_that_does_not_arrive_in_time_is_closed_and_uvicorns_refusals_are_not_sniffed(tmp_path):
+    """A red-team run: a connection that sent part of its head, or nothing, was never closed (520 of them took a
+    server's file descriptors, no token needed); and uvicorn's own 400 carried no nosniff."""
+    with LiveServer(state_dir=tmp_path, head_timeout_s=0.5) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        for sent in (b"", b"GET /healthz HTTP/1.1\r\nHost"):
+            answer, seconds = _answer_to(port, sent)
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"within 0.5 s" in answer, answer[:200]
+            assert 0.4 < seconds < 5
+        answer, _ = _answer_to(port, b"NO HTTP AT ALL\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"x-content-type-options: nosniff" in answer, answer
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # kept alive: idle between requests
+            for _ in range(2):
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+                time.sleep(1.0)  # longer than a head may take: the time between requests is not a head's
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHo")  # the next head, left unfinished: timed from its first byte
+            started = time.monotonic()
+            assert s.recv(65536).startswith(b"HTTP/1.1 408 ") and time.monotonic() - started < 5
+
+
 def test_a_client_that_leaves_mid_body_is_no_server_error(tmp_path, caplog):
     """A red-team run: a client that closed its connection halfway through its body was logged as an unexpected error
     with its traceback and counted as a 500 (any token holder could fill the error log and raise the 5xx rate the

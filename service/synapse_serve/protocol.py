@@ -1,0 +1,87 @@
+"""uvicorn's HTTP protocol (httptools) with bounds on a request's head: its size, and the time it may take.
+
+uvicorn bounds neither with httptools (its maintainers: the parser's limit cannot be set). A red-team run sent one
+64 MiB header without a token: the head was joined a read at a time on the event loop, ~4 s with every connection
+waiting (the cost grows with the square of the size); and a connection that sent part of a head, or nothing, was
+never closed (520 of them took a server's descriptors). A head is refused once it passes ``MAX_HEAD_BYTES`` (431),
+and closed when it has not arrived within the server's ``head_timeout_s`` (408). uvicorn's own refusals (a request
+that is no HTTP) carry ``nosniff`` here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MAX_HEAD_BYTES = 64 << 10  # a request line and headers; a token is ~100 bytes, a browser's head ~1-2 KiB
+
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    """``HttpToolsProtocol``, with each request's head bounded in bytes and in time (``protocol_for`` sets the time)."""
+
+    head_timeout_s: float = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_bytes, self._in_head, self._head_timer = 0, True, None
+        self._time_head()  # a connection that sends nothing is closed too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_done()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)  # this read may hold the body's first bytes too: only checked if not done
+        super().data_received(data)
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._refuse(431, f"a request's line and headers are at most {MAX_HEAD_BYTES} bytes")
+
+    def on_message_begin(self) -> None:  # a request's first byte: its head starts (again, on a kept-alive connection)
+        super().on_message_begin()
+        self._head_bytes, self._in_head = 0, True
+        self._time_head()
+
+    def on_headers_complete(self) -> None:
+        self._head_done()
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(400, msg)
+
+    def _time_head(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_too_slow)
+
+    def _head_done(self) -> None:
+        self._in_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            self._refuse(408, f"the request's line and headers did not arrive within {self.head_timeout_s:g} s")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` in plain text and close; while an earlier request's answer is being sent, only close."""
+        self._head_done()
+        if self.cycle is None or self.cycle.response_complete:
+            body = message.encode("ascii", "replace")
+            head = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status])]
+            head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+            head += [b"content-type: text/plain; charset=utf-8\r\n", b"x-content-type-options: nosniff\r\n",
+                     b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n"]
+            self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+
+def protocol_for(head_timeout_s: float) -> type[BoundedHeadProtocol]:
+    """The protocol class for a server whose heads must arrive within ``head_timeout_s`` (uvicorn takes a class)."""
+    attributes: dict[str, Any] = {"head_timeout_s": head_timeout_s}
+    return type("BoundedHeadProtocol", (BoundedHeadProtocol,), attributes)
