@@ -139,6 +139,21 @@ def test_a_reference_in_a_packed_call_is_the_same_422_on_every_route(limited, tm
         assert target.get(unique_name).describe()["version"] == 1
 
 
+def test_references_in_a_packed_call_are_refused_before_their_instances_are_waited_for(limited, monkeypatch,
+                                                                                     unique_name):
+    """A red-team run: each reference of a packed call's calls named an instance the call then waited its turn for,
+    one by one on the event loop, before the registry refused references at all (1,000 calls of 16 each held
+    another owner ~0.2 s). They are refused as the calls are read."""
+    backend = limited.app.state.server.backend
+    reached = []
+    monkeypatch.setattr(backend, "call_many", lambda *args, **kwargs: reached.append(args))
+    with SynapseClient(limited.url) as client:
+        client.create(unique_name, kind="HebbianSynapse", config={"shape": [3, 2]})
+        with pytest.raises(UnprocessableEntityError, match="a packed call takes tensors, not references"):
+            client.call_many("forward", {unique_name: {"inputs": Ref("outputs", instance="elsewhere")}})
+    assert reached == []
+
+
 @pytest.mark.parametrize("transport", ["rest", "stream"])
 def test_if_match_on_a_packed_call_is_the_same_422_on_every_route(limited, transport, unique_name):
     with SynapseClient(limited.url) as client:

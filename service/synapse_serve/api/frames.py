@@ -172,6 +172,10 @@ def packed_calls(calls: Any, owner: str, most: int) -> tuple[list[InstanceKey], 
             raise MalformedBody(f'calls[{index}]: expected {{"name": "<instance>", "tensors": {{…}}}}')
         keys.append(instance_key(owner, call["name"]))
         tensors.append(_tensors(call))
+        if any(isinstance(value, CompartmentRef) for value in tensors[-1].values()):  # before each instance it
+            # names waits its turn on the event loop (a red-team run: 1,000 calls of 16 references, ~0.2 s)
+            raise InvalidRequest(f"calls[{index}] ({call['name'][:64]!r}): a packed call takes tensors, not references",
+                                 argument="calls")
     return keys, tensors
 
 
