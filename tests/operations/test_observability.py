@@ -192,6 +192,12 @@ def test_admins_list_every_instance_with_owner_device_bytes_and_last_use(admin_s
             alice.request("GET", "/v1/admin/instances", retry=True)
         with pytest.raises(NotFoundError):
             alice.request("POST", "/v1/admin/evict", {"idle_s": 0}, retry=False)
+    # as every answer, in the type asked (a red-team run: always JSON, and written by FastAPI on the event loop)
+    headers = {"Authorization": f"Bearer {ADMIN}", "Accept": "application/msgpack"}
+    for path in ("/v1/admin/instances", "/v1/admin/storage", "/v1/devices"):
+        answer = httpx.get(f"{admin_server.url}{path}", headers=headers)
+        assert answer.status_code == 200 and answer.headers["content-type"] == "application/msgpack", path
+        assert unpackb(answer.content)
 
 
 def test_evict_exports_then_deletes_only_idle_instances(admin_server, tmp_path):

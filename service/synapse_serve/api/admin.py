@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
-
 from fastapi import Request
 from fastapi.responses import Response
 
@@ -20,17 +18,17 @@ ADMIN_LISTING = ("owner", "name", "kind", "device", "state_bytes", "version", "d
 
 @router.get("/admin/storage", tags=["operations admin"],
             summary="Admins: durability mode, storage health, files that were not restored")
-async def storage_status(server: ServerDep, principal: PrincipalDep) -> dict[str, Any]:
+async def storage_status(request: Request, server: ServerDep, principal: PrincipalDep) -> Response:
     require_admin(principal)
-    return await server.backend.storage()
+    return encode(await server.backend.storage(), response_type(request))
 
 
 @router.get("/admin/instances", tags=["operations admin"],
             summary="Admins: every instance with owner, kind, device, state bytes, version and last use")
-async def admin_instances(server: ServerDep, principal: PrincipalDep) -> dict[str, Any]:
+async def admin_instances(request: Request, server: ServerDep, principal: PrincipalDep) -> Response:
     require_admin(principal)
-    rows = await server.backend.list(owner=None)
-    return {"instances": [{k: row[k] for k in ADMIN_LISTING} for row in rows]}
+    rows = await server.backend.list(owner=None)  # 10,000 at most: written off the loop, as every long answer
+    return encode({"instances": [{k: row[k] for k in ADMIN_LISTING} for row in rows]}, response_type(request))
 
 
 @router.post("/admin/evict", tags=["operations admin"],
@@ -55,5 +53,5 @@ def _finite_non_negative(value: float) -> bool:
 
 
 @router.get("/devices", tags=["operations admin"], summary="The devices instances are placed on, with their load")
-async def devices(server: ServerDep) -> dict[str, Any]:
-    return {"devices": await server.backend.devices()}
+async def devices(request: Request, server: ServerDep) -> Response:
+    return encode({"devices": await server.backend.devices()}, response_type(request))
