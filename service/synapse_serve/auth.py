@@ -45,6 +45,9 @@ def parse_spec(spec: str) -> tuple[str, str, bool]:
     admin = len(parts) > 2 and parts[-1] == "admin"
     if admin:
         parts = parts[:-1]
+    if len(parts) > 2 and parts[0] and _OWNER.fullmatch(parts[0]):  # owner:a:b — the token would hold a ':'
+        raise InvalidConfig(f"token spec for owner {parts[0]!r} is malformed: a token may not contain ':' (a spec "
+                            "ending in :admin grants admin to the token before it)")
     if len(parts) != 2 or not _OWNER.fullmatch(parts[0]) or not parts[1]:
         owner = parts[0] if parts and _OWNER.fullmatch(parts[0]) else "?"
         raise InvalidConfig(f"token spec for owner {owner!r} is malformed: use owner:token, owner:sha256=<hex> "
@@ -81,7 +84,11 @@ class TokenTable:
     def load(cls, tokens: str = "", tokens_file: Path | None = None) -> TokenTable:
         specs = [s for s in tokens.split(",") if s.strip()]
         if tokens_file is not None:
-            lines = Path(tokens_file).read_text().splitlines()
+            try:  # a byte-order mark is no part of the first spec
+                lines = Path(tokens_file).read_text(encoding="utf-8-sig").splitlines()
+            except UnicodeDecodeError as exc:
+                raise InvalidConfig(f"the tokens file is not UTF-8 text (byte {exc.start}); tokens are visible "
+                                    "ASCII") from None
             specs += [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
         return cls([parse_spec(spec) for spec in specs])
 

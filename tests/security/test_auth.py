@@ -159,6 +159,25 @@ def test_one_token_for_two_owners_refuses_to_start(tmp_path):
     assert create_app(Settings(state_dir=tmp_path, tokens=f"alice:{ALICE},alice:{ALICE}")).state.server.tokens
 
 
+def test_a_token_holding_a_colon_or_a_file_not_utf8_is_refused_by_name(tmp_path):
+    """A red-team run: ``alice:<token>:admin`` is the spec of an admin, so a token that itself ended in ``:admin``
+    became an admin grant of the token before it, while any other token with a ``:`` was "malformed"; and a tokens
+    file that was not UTF-8 stopped the start with a traceback."""
+    for spec in (f"alice:{ALICE}:extra", f"alice:{ALICE}:admin:admin"):
+        with pytest.raises(UnsafeSettings, match="a token may not contain ':'") as info:
+            create_app(Settings(state_dir=tmp_path, tokens=spec))
+        assert ALICE not in str(info.value)
+    assert create_app(Settings(state_dir=tmp_path, tokens=f"alice:{ALICE}:admin")).state.server.tokens
+    latin = tmp_path / "tokens-latin1"
+    latin.write_bytes(f"# caf\xe9\nalice:{ALICE}\n".encode("latin-1"))
+    with pytest.raises(UnsafeSettings, match="cannot load tokens: the tokens file is not UTF-8"):
+        create_app(Settings(state_dir=tmp_path, tokens_file=latin))
+    marked = tmp_path / "tokens-bom"
+    marked.write_bytes(b"\xef\xbb\xbf" + f"alice:{ALICE}\n".encode())
+    table = create_app(Settings(state_dir=tmp_path, tokens_file=marked)).state.server.tokens
+    assert table.authenticate(ALICE).owner == "alice"
+
+
 def test_metrics_show_a_non_admin_only_their_own_owner(server):
     """Item 19: /metrics showed every owner's name and instance names to any token holder."""
     from conftest import metrics_of
