@@ -65,8 +65,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
-        if self._in_head and not self.transport.is_closing():
-            self._refuse(408, f"the request's line and headers did not arrive within {self.head_timeout_s:g} s")
+        if not self._in_head or self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:  # a pipelined head behind an answer still
+            self._time_head()  # being made: timed again, never closing the connection under that answer
+            return
+        self._refuse(408, f"the request's line and headers did not arrive within {self.head_timeout_s:g} s")
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer ``status`` in plain text and close; while an earlier request's answer is being sent, only close."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
@@ -343,6 +344,24 @@ def test_a_head_that_does_not_arrive_in_time_is_closed_and_uvicorns_refusals_are
             s.sendall(b"GET /healthz HTTP/1.1\r\nHo")  # the next head, left unfinished: timed from its first byte
             started = time.monotonic()
             assert s.recv(65536).startswith(b"HTTP/1.1 408 ") and time.monotonic() - started < 5
+
+
+def test_a_pipelined_head_behind_a_long_answer_does_not_cut_that_answer(tmp_path, monkeypatch):
+    """A request's head is timed from its first byte; one pipelined behind a request still being answered must not
+    close the connection under that answer when its time is up, only once the answer is out."""
+    with LiveServer(state_dir=tmp_path, head_timeout_s=0.3) as server:
+        backend = server.app.state.server.backend
+        answered = backend.devices
+
+        async def slow_devices():
+            await asyncio.sleep(1.0)  # longer than a head may take
+            return await answered()
+
+        monkeypatch.setattr(backend, "devices", slow_devices)
+        port = int(server.url.rsplit(":", 1)[1])
+        answer, seconds = _answer_to(port, b"GET /v1/devices HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHo")
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"devices" in answer, answer[:300]
+        assert b"HTTP/1.1 408 " in answer and seconds >= 1.0  # then the unfinished head's own time ran out
 
 
 def test_a_client_that_leaves_mid_body_is_no_server_error(tmp_path, caplog):
