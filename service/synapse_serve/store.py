@@ -438,6 +438,17 @@ class Store:
         f.flush()
         self._lock_file = f
 
+    def folds_case(self) -> bool:
+        """Whether the directory's file system tells names apart only up to case (macOS's, Windows', a Docker
+        Desktop bind mount): there ``enc`` and ``Enc`` would be one file."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        probe = self.root / f".case-probe-{os.getpid()}"
+        probe.touch()
+        try:
+            return (self.root / probe.name.upper()).exists()
+        finally:
+            probe.unlink(missing_ok=True)
+
     def unlock(self) -> None:
         if self._lock_file is not None:
             self._lock_file.close()  # closing releases the flock

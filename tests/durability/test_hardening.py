@@ -672,6 +672,28 @@ def test_a_description_answers_at_once_while_background_work_or_a_read_holds_the
     registry.close()
 
 
+def test_names_differing_only_in_case_are_refused_where_the_state_directory_ignores_case(tmp_path):
+    """A red-team reading: on a file system that ignores case (macOS, Docker Desktop bind mounts: a laptop's
+    ``SynapseClient("local:state")``), ``enc`` and ``Enc`` are one file, and owners ``alice`` and ``Alice`` one
+    folder — one instance overwriting the other's acknowledged state, or, at the next start, one owner's instances
+    restored as another's. Where the directory ignores case the second name is refused; elsewhere both are fine."""
+    assert Store(tmp_path / "here").folds_case() is False  # this file system tells case apart
+    registry = Registry(persistence=Persistence(Store(tmp_path / "folding"), "sync"))
+    registry.persistence.folds_case = True  # as the probe says on macOS
+    registry.create(InstanceKey("alice", "enc"), kind=KIND, config=CONFIG)
+    with pytest.raises(AlreadyExists, match="'Enc' differs only in case from the instance 'enc'"):
+        registry.create(InstanceKey("alice", "Enc"), kind=KIND, config=CONFIG)
+    with pytest.raises(AlreadyExists, match="the owner name 'Alice' differs only in case from another owner's"):
+        registry.create(InstanceKey("Alice", "other"), kind=KIND, config=CONFIG)
+    registry.create(InstanceKey("alice", "enc2"), kind=KIND, config=CONFIG)  # other names are free
+    assert [d["name"] for d in registry.list()] == ["enc", "enc2"]
+    registry.close()
+    telling = Registry(persistence=Persistence(Store(tmp_path / "telling"), "sync"))
+    for key in (InstanceKey("alice", "enc"), InstanceKey("alice", "Enc"), InstanceKey("Alice", "enc")):
+        telling.create(key, kind=KIND, config=CONFIG)
+    telling.close()
+
+
 def test_a_name_taken_anew_after_a_deletion_the_disk_cut_short_survives_a_restart(tmp_path):
     """A deletion decided (its marker written) whose files the disk then refused stays decided; a new instance of the
     name must not be deleted with it at the next start."""

@@ -42,6 +42,10 @@ class Persistence:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}")
         self.store = store
         self.durability = durability if store is not None else "off"
+        try:  # names differing only in case would be one file: the registry refuses the second
+            self.folds_case = store is not None and store.folds_case()
+        except OSError:  # a directory it cannot write to: every write says so
+            self.folds_case = False
         self.storage_error: str | None = None  # the last write failure, until writes succeed again
         self.restore_errors: dict[str, str] = {}  # key -> why its file was not loaded
         self._stop = threading.Event()

@@ -299,6 +299,21 @@ class Registry:
             return None
         return durability
 
+    def _refuse_case_twin(self, key: InstanceKey) -> None:
+        """AlreadyExists when ``key`` differs only in case from a held name, or its owner from another owner (under
+        the lock): the state directory's file system ignores case, so they would share a file or a folder — one
+        instance overwriting the other's acknowledged state, or, at the next start, one owner's instances another's."""
+        owner, name = key.owner.casefold(), key.name.casefold()
+        for other in (*self._instances, *self._restoring, *self._unloadable):
+            if other.owner != key.owner and other.owner.casefold() == owner:
+                raise AlreadyExists(f"the owner name {key.owner!r} differs only in case from another owner's, which "
+                                    "this server's state directory cannot tell apart (its file system ignores case)",
+                                    name=key.name)
+            if other.owner == key.owner and other.name != key.name and other.name.casefold() == name:
+                raise AlreadyExists(f"{key.name!r} differs only in case from the instance {other.name!r}, which this "
+                                    "server's state directory cannot tell apart (its file system ignores case); "
+                                    "choose another name", name=key.name)
+
     def _history_for(self, durability: str | None) -> History | None:
         """A new instance's history: ``history_length`` samples, none for a memory-only one unless asked."""
         off = (durability or self.persistence.durability) == "off"
@@ -314,6 +329,8 @@ class Registry:
                                name=key.name)
             if key in self._instances:
                 raise AlreadyExists(f"an instance named {key.name!r} already exists", name=key.name)
+            if not stored and self.persistence.folds_case:
+                self._refuse_case_twin(key)
             if not stored and self.persistence.is_stored(key):
                 raise AlreadyExists(
                     f"a stored file for {key.name!r} exists but is not loaded "
