@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+
 from fastapi import Request
 from fastapi.responses import Response
 

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from synapse_client._codec import (
     TooManyValues,
