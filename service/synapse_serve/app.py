@@ -34,7 +34,7 @@ __all__ = ["UnsafeSettings", "create_app", "make_backend", "uvicorn_options"]
 
 def uvicorn_options(settings: Settings) -> dict:
     """How uvicorn must run the app: one worker, each request's head bounded, and the session stream's frame limit."""
-    return {"http": protocol_for(settings.head_timeout_s),
+    return {"http": protocol_for(settings.head_timeout_s, settings.body_idle_timeout_s),
             "ws": "websockets-sansio", "ws_max_size": settings.max_body_bytes,
             "ws_ping_interval": 20.0, "ws_ping_timeout": 20.0,
             # no compression: a frame at the size limit (256 MiB) would arrive as ~256 KB of deflated bytes (a red-team

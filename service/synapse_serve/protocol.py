@@ -5,7 +5,8 @@ uvicorn bounds neither with httptools (its maintainers: the parser's limit canno
 waiting (the cost grows with the square of the size); and a connection that sent part of a head, or nothing, was
 never closed (520 of them took a server's descriptors). A head is refused once it passes ``MAX_HEAD_BYTES`` (431),
 and closed when it has not arrived within the server's ``head_timeout_s`` (408). uvicorn's own refusals (a request
-that is no HTTP) carry ``nosniff`` here too.
+that is no HTTP) carry ``nosniff`` here too. And an answer its client stops reading for the body idle timeout is cut:
+an answer waiting on a full socket waited for good, holding its memory.
 """
 
 from __future__ import annotations
@@ -24,15 +25,38 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol``, with each request's head bounded in bytes and in time (``protocol_for`` sets the time)."""
 
     head_timeout_s: float = 10.0
+    unread_s: float = 30.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._head_bytes, self._in_head, self._head_timer = 0, True, None
+        self._head_bytes, self._in_head, self._head_timer, self._unread_timer = 0, True, None, None
         self._time_head()  # a connection that sends nothing is closed too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
+        self._read_again()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The client stopped reading the answer (the socket's buffer is full): it has ``unread_s`` to read on, or the
+        connection is cut — an answer waiting for a reader that never comes holds its memory for good."""
+        super().pause_writing()
+        if self._unread_timer is None:
+            self._unread_timer = self.loop.call_later(self.unread_s, self._never_read)
+
+    def resume_writing(self) -> None:
+        self._read_again()
+        super().resume_writing()
+
+    def _read_again(self) -> None:
+        if self._unread_timer is not None:
+            self._unread_timer.cancel()
+            self._unread_timer = None
+
+    def _never_read(self) -> None:
+        self._unread_timer = None
+        if not self.transport.is_closing() or self.transport.get_write_buffer_size():
+            self.transport.abort()  # close() would wait for the buffer to be read first
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
@@ -85,7 +109,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def protocol_for(head_timeout_s: float) -> type[BoundedHeadProtocol]:
-    """The protocol class for a server whose heads must arrive within ``head_timeout_s`` (uvicorn takes a class)."""
-    attributes: dict[str, Any] = {"head_timeout_s": head_timeout_s}
+def protocol_for(head_timeout_s: float, unread_s: float) -> type[BoundedHeadProtocol]:
+    """The protocol class for a server whose heads must arrive within ``head_timeout_s`` and whose answers may wait
+    unread at most ``unread_s`` (uvicorn takes a class)."""
+    attributes: dict[str, Any] = {"head_timeout_s": head_timeout_s, "unread_s": unread_s}
     return type("BoundedHeadProtocol", (BoundedHeadProtocol,), attributes)

@@ -364,6 +364,31 @@ def test_a_pipelined_head_behind_a_long_answer_does_not_cut_that_answer(tmp_path
         assert b"HTTP/1.1 408 " in answer and seconds >= 1.0  # then the unfinished head's own time ran out
 
 
+def test_an_answer_its_client_stops_reading_is_cut_after_the_idle_timeout(tmp_path):
+    """An answer waiting on a socket whose client stopped reading waited for good, holding its memory (a compartment's
+    copy, an export) and its connection; now the client has the body idle timeout to read on."""
+    with LiveServer(state_dir=tmp_path, body_idle_timeout_s=0.5) as server, SynapseClient(server.url) as client:
+        client.create("wide", kind="HebbianSynapse", config={"shape": [1024, 2048]})  # 8 MiB of weights
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the server's side fills at once
+            s.settimeout(10)
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"GET /v1/synapses/wide/compartments/weights HTTP/1.1\r\nHost: x\r\n"
+                      b"Accept: application/msgpack\r\n\r\n")
+            time.sleep(2.0)  # reads nothing meanwhile
+            received = b""
+            try:
+                while chunk := s.recv(1 << 20):
+                    received += chunk
+            except ConnectionResetError:
+                pass
+        assert received.startswith(b"HTTP/1.1 200 ")
+        assert len(received) < 1024 * 2048 * 4, "the whole answer waited for a reader that had stopped"
+        weights = client.get("wide").weights  # a client that reads is served whole
+        assert weights.shape == (1024, 2048)
+
+
 def test_a_client_that_leaves_mid_body_is_no_server_error(tmp_path, caplog):
     """A red-team run: a client that closed its connection halfway through its body was logged as an unexpected error
     with its traceback and counted as a 500 (any token holder could fill the error log and raise the 5xx rate the
