@@ -94,6 +94,28 @@ def test_check_reports_devices_settings_and_docs(tmp_path):
     assert "tokens" not in report["settings"]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="descriptor limits are POSIX")
+def test_the_server_raises_its_descriptor_limit_and_bounds_connections_below_it(tmp_path):
+    """A soft limit of 1,024 descriptors is common where the hard one is far higher; the server's process raises it
+    (connections are bounded by what it leaves, less a quarter kept for the state directory, logs and JAX)."""
+    import json
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"a hard descriptor limit of {hard}")
+    top = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+    exe = shutil.which("synapse-serve", path=os.path.dirname(sys.executable)) or "synapse-serve"
+    lowered = (f"import os, resource; resource.setrlimit(resource.RLIMIT_NOFILE, (256, {top})); "
+               f"os.execv({exe!r}, [{exe!r}, 'check', '--state-dir', {str(tmp_path)!r}])")  # no fork hooks here
+    proc = subprocess.run([sys.executable, "-c", lowered], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["max_connections"] == top - max(128, top // 4)
+    told = run_cli("check", "--state-dir", str(tmp_path), env_extra={"SYNAPSE_MAX_CONNECTIONS": "50"})
+    assert json.loads(told.stdout)["max_connections"] == 50
+
+
 def test_check_names_what_would_stop_the_server(tmp_path):
     import json
 

@@ -23,7 +23,7 @@ from synapse_serve.auth import UnsafeSettings, auth_mode, token_table
 from synapse_serve.backend import Backend
 from synapse_serve.errors import SynapseServeError
 from synapse_serve.metrics import Metrics, MetricsMiddleware
-from synapse_serve.protocol import protocol_for
+from synapse_serve.protocol import connection_bound, descriptor_limit, protocol_for
 from synapse_serve.settings import Settings
 
 log = logging.getLogger("synapse_serve")
@@ -33,8 +33,10 @@ __all__ = ["UnsafeSettings", "create_app", "make_backend", "uvicorn_options"]
 
 
 def uvicorn_options(settings: Settings) -> dict:
-    """How uvicorn must run the app: one worker, each request's head bounded, and the session stream's frame limit."""
-    return {"http": protocol_for(settings.head_timeout_s, settings.body_idle_timeout_s),
+    """How uvicorn must run the app: one worker, each request's head and the open connections bounded, and the
+    session stream's frame limit."""
+    connections = connection_bound(settings.max_connections, descriptor_limit())
+    return {"http": protocol_for(settings.head_timeout_s, settings.body_idle_timeout_s, connections),
             "ws": "websockets-sansio", "ws_max_size": settings.max_body_bytes,
             "ws_ping_interval": 20.0, "ws_ping_timeout": 20.0,
             # no compression: a frame at the size limit (256 MiB) would arrive as ~256 KB of deflated bytes (a red-team

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from synapse_serve.app import UnsafeSettings, create_app, uvicorn_options
     from synapse_serve.logs import configure_logging
+    from synapse_serve.protocol import descriptor_limit
     from synapse_serve.store import StateDirLocked, Store
 
     try:
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     except (UnsafeSettings, StateDirLocked, OSError) as exc:
         parser.exit(2, f"synapse-serve: {exc}\n")
     configure_logging(settings.log_level)
+    descriptor_limit(raise_to_most=True)  # this process is the server's: its connections bound follows the limit
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), workers=1,
                 access_log=False, log_config=None, **uvicorn_options(settings))
 
@@ -87,6 +89,7 @@ def check(settings) -> int:
     import jax
 
     from synapse_serve.auth import UnsafeSettings, auth_mode, token_table
+    from synapse_serve.protocol import connection_bound, descriptor_limit
     from synapse_serve.store import StateDirLocked, Store
 
     problems = []
@@ -117,6 +120,8 @@ def check(settings) -> int:
         "devices": devices,
         "device_budget_bytes": settings.device_budget_bytes,
         "evict_idle_after_s": settings.evict_idle_after_s or None,
+        # what serving would see: the limit raised first, as the server's process does
+        "max_connections": connection_bound(settings.max_connections, descriptor_limit(raise_to_most=True)),
         "settings": settings.model_dump(mode="json", exclude={"tokens"}),
         "docs": DOCS,
         "problems": problems,

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
                                      "oldest answers' tensors are dropped (their calls still never run twice)")
     head_timeout_s: float = Field(10.0, gt=0, description="a request's line and headers must arrive within this many "
                                                           "seconds (408; also a connection that sends nothing)")
+    max_connections: int = Field(
+        0, ge=0, description="open connections at most (HTTP and session streams); one more is answered 503 and "
+                             "closed at once. 0: the process's descriptor limit less a reserve for the state "
+                             "directory, logs and JAX (a quarter of it, at least 128)")
     body_timeout_s: float = Field(300.0, gt=0, description="a request body must arrive within this many seconds")
     body_idle_timeout_s: float = Field(30.0, gt=0, description="a request body may pause this long between chunks")
     access_log: bool = Field(True, description="one JSON line per request on the synapse_serve.access logger")

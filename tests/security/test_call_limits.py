@@ -357,6 +357,36 @@ def test_a_pipelined_head_behind_a_long_answer_does_not_cut_that_answer(tmp_path
         assert b"HTTP/1.1 408 " in answer and seconds >= 1.0  # then the unfinished head's own time ran out
 
 
+def test_connections_over_the_bound_are_answered_503_and_closed_and_the_rest_keep_working(tmp_path, caplog):
+    """A red-team run: connections opened faster than the head timeout closes them each held a descriptor, with
+    nothing bounding how many; enough of them leave the state directory none to write what a call acknowledges."""
+    from synapse_serve.protocol import connection_bound
+
+    assert connection_bound(0, 1024) == 768 and connection_bound(0, 200) == 72 and connection_bound(0, 100) == 16
+    assert connection_bound(5, 1024) == 5 and connection_bound(0, None) == 1 << 20
+    with LiveServer(state_dir=tmp_path, max_connections=4, head_timeout_s=30) as server, \
+            SynapseClient(server.url) as client:
+        syn = client.create("enc", kind=KIND, config=CONFIG)  # the client's kept-alive connection: one of the four
+        port = int(server.url.rsplit(":", 1)[1])
+        with client.session() as session:  # a session stream counts as one too
+            stream = session.get("enc")
+            idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+            time.sleep(0.2)  # all four seen by the server
+            with caplog.at_level(logging.WARNING, logger="synapse_serve.protocol"):
+                answer, seconds = _answer_to(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in answer.lower(), answer[:300]
+            assert b"4 connections open" in answer and seconds < 5
+            assert "connections refused: 4 open, at most 4" in caplog.text
+            x = np.ones((1, 8, 8, 1), np.float32)
+            assert stream.forward(x).shape == (1, 8, 8, 4)  # the open ones are served as before
+            version = syn.evolve(x, np.ones((1, 8, 8, 4), np.float32))["version"]
+            for s in idle:
+                s.close()
+        time.sleep(0.2)
+        with httpx.Client(base_url=server.url) as other:  # room again: a new connection is served
+            assert other.get("/v1/synapses/enc").json()["version"] == version
+
+
 def test_an_answer_its_client_stops_reading_is_cut_after_the_idle_timeout(tmp_path):
     """An answer waiting on a socket whose client stopped reading waited for good, holding its memory (a compartment's
     copy, an export) and its connection; now the client has the body idle timeout to read on."""
