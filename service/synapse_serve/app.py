@@ -36,7 +36,8 @@ def uvicorn_options(settings: Settings) -> dict:
     """How uvicorn must run the app: one worker, each request's head and the open connections bounded, and the
     session stream's frame limit."""
     connections = connection_bound(settings.max_connections, descriptor_limit())
-    return {"http": protocol_for(settings.head_timeout_s, settings.body_idle_timeout_s, connections),
+    return {"http": protocol_for(settings.head_timeout_s, settings.body_timeout_s, settings.body_idle_timeout_s,
+                                  connections),
             "ws": "websockets-sansio", "ws_max_size": settings.max_body_bytes,
             "ws_ping_interval": 20.0, "ws_ping_timeout": 20.0,
             # no compression: a frame at the size limit (256 MiB) would arrive as ~256 KB of deflated bytes (a red-team

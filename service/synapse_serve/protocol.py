@@ -1,29 +1,39 @@
-"""uvicorn's HTTP protocol (httptools) with bounds on a request's head: its size, and the time it may take.
+"""uvicorn's HTTP protocol (httptools) with every part of a connection bounded: a request's head, its trailer fields,
+the rest of a body no route reads, the requests read ahead of an answer, the bytes between requests, the connections.
 
-uvicorn bounds neither with httptools (its maintainers: the parser's limit cannot be set). A red-team run sent one
-64 MiB header without a token: the head was joined a read at a time on the event loop, ~4 s with every connection
-waiting (the cost grows with the square of the size); and a connection that sent part of a head, or nothing, was
-never closed (520 of them took a server's descriptors). A head is refused once it passes ``MAX_HEAD_BYTES`` (431),
-and closed when it has not arrived within the server's ``head_timeout_s`` (408). uvicorn's own refusals (a request
-that is no HTTP) carry ``nosniff`` here too. And an answer its client stops reading for the body idle timeout is cut:
-an answer waiting on a full socket waited for good, holding its memory.
+uvicorn bounds none of them with httptools (its maintainers: the parser's limit cannot be set). Red-team runs found
+each one a way in, no token needed: one 64 MiB header (or trailer field, after a chunked body) was joined a read at a
+time on the event loop, ~4 s with every connection waiting (the cost grows with the square of its size), and 200 MiB
+of short trailer fields grew a server by 850 MB; one connection sending tiny requests without pause grew one by 2.4 GB
+in 20 s (each answer let another read of ~7,500 requests be parsed and queued); and connections that sent part of a
+head, nothing, a bare line break now and then between requests, or a declared body a byte at a time after their
+route had answered, were never closed (hundreds of them took a server's descriptors).
 
-Connections are bounded in number too: each holds a file descriptor, and a flood of them (each closed only once its
-head timeout has passed) would take the descriptors the state directory needs to write what a call acknowledges.
-One over ``max_connections`` is answered 503 and closed at once; by default the bound leaves a quarter of the
-process's descriptor limit free, and the server raises that limit to the most the system allows at start.
+So: a head (request line and fields, and the trailer fields after a chunked body) is at most ``MAX_HEAD_BYTES``
+(431, as it arrives); it must arrive within the server's ``head_timeout_s`` from its first byte, a line break
+between requests included (408); the rest of a request's body within ``body_timeout_s`` of its head, pausing at most
+``unread_s`` (the body idle timeout) — a route that reads its body answers 408 itself, one that answered without it
+has its connection closed; at most ``MAX_PIPELINED`` requests wait behind the one being answered (more: the
+connection is closed); an answer its client stops reading for ``unread_s`` is cut. One connection over
+``max_connections`` is answered 503 and closed at once: each holds a file descriptor, and a flood of them would take
+the descriptors the state directory needs to write what a call acknowledges (by default the bound leaves a quarter
+of the process's descriptor limit free, and the server raises that limit to the most the system allows at start).
+uvicorn's own refusals (a request that is no HTTP) carry ``nosniff`` here too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 << 10  # a request line and headers; a token is ~100 bytes, a browser's head ~1-2 KiB
+MAX_PIPELINED = 32  # requests read ahead of the one being answered (HTTP clients hardly pipeline at all)
 DESCRIPTORS_KEPT = 128  # at least, out of the process's limit, never taken by connections
 REFUSALS_LOGGED_EVERY_S = 10.0  # a flood of connections is one warning a while, not a line each
 
@@ -32,17 +42,32 @@ _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header 
 log = logging.getLogger("synapse_serve.protocol")
 
 
+class _Refused(Exception):
+    """Raised in a parser callback to stop the parse there: the connection is refused with (status, message)."""
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol``, with each request's head bounded in bytes and in time (``protocol_for`` sets the time)."""
+    """``HttpToolsProtocol`` with each request bounded in bytes and time, and the connections in number
+    (``protocol_for`` sets the bounds)."""
 
     head_timeout_s: float = 10.0
+    body_timeout_s: float = 300.0
     unread_s: float = 30.0
     max_connections: int = 1 << 20
     _refused_since_log, _logged_at = 0, 0.0  # connections refused over the bound (class-wide: one server)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # counted among the server's connections (session streams are too)
-        self._head_bytes, self._in_head, self._head_timer, self._unread_timer = 0, True, None, None
+        self._in_head = True  # a head is arriving, or due (nothing of the next request read yet)
+        self._head_bytes = 0  # read while it arrives, across reads: a long one is stopped before it is all joined
+        self._head_size = 0  # its line and fields, exactly (trailer fields count too)
+        self._message_open = False  # from a request's first byte to its body's last
+        self._in_trailer, self._trailer_bytes, self._bodies = False, 0, 0
+        self._body_due = self._body_moved = 0.0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._unread_timer: asyncio.TimerHandle | None = None
+        self._cycles: collections.deque = collections.deque()  # requests read and not answered yet, oldest first
         if len(self.connections) > self.max_connections:
             self._too_many()
             return
@@ -61,8 +86,18 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
+        self._body_done()
         self._read_again()
         super().connection_lost(exc)
+        self._hang_up()  # uvicorn tells only the request read last; the one being answered may be an earlier one
+
+    def _hang_up(self) -> None:
+        """Every request read and not answered learns the connection is gone: none writes to a closed one."""
+        for cycle in self._cycles:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self._cycles.clear()
 
     def pause_writing(self) -> None:
         """The client stopped reading the answer (the socket's buffer is full): it has ``unread_s`` to read on, or the
@@ -83,26 +118,109 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def _never_read(self) -> None:
         self._unread_timer = None
         if not self.transport.is_closing() or self.transport.get_write_buffer_size():
+            self._hang_up()
             self.transport.abort()  # close() would wait for the buffer to be read first
 
     def data_received(self, data: bytes) -> None:
+        """uvicorn's, with the bytes of heads and trailer fields counted, and a refusal raised in a callback answered
+        as what it is (not as an unreadable request)."""
+        if not self._message_open:  # what comes between requests (a bare line break too) is the next head's
+            self._in_head = True
+            self._time_head()
         if self._in_head:
             self._head_bytes += len(data)  # this read may hold the body's first bytes too: only checked if not done
-        super().data_received(data)
-        if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+        elif self._message_open:
+            self._body_moved = self.loop.time()
+        in_trailer, bodies = self._in_trailer, self._bodies
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Refused):
+                self._refuse(*exc.__context__.args)
+            else:
+                self._unreadable()
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError:
+            self._unreadable()
+            return
+        if self.transport.is_closing():
+            return
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
             self._refuse(431, f"a request's line and headers are at most {MAX_HEAD_BYTES} bytes")
+            return
+        if self._message_open and not self._in_head and self._body_timer is None:  # a body still to come: timed
+            self._time_body(min(self.unread_s, self.body_timeout_s))
+        if in_trailer and self._in_trailer and self._bodies == bodies:  # a whole read of trailer fields
+            self._trailer_bytes += len(data)
+            if self._trailer_bytes > MAX_HEAD_BYTES:
+                self._refuse(431, f"a request's trailer fields are at most {MAX_HEAD_BYTES} bytes")
+
+    def _unreadable(self) -> None:
+        message = "Invalid HTTP request received."
+        self.logger.warning(message)
+        self.send_400_response(message)
+
+    # --- parser callbacks ---
 
     def on_message_begin(self) -> None:  # a request's first byte: its head starts (again, on a kept-alive connection)
+        if len(self.pipeline) >= MAX_PIPELINED:
+            raise _Refused(400, f"more than {MAX_PIPELINED} requests sent ahead of their answers")
         super().on_message_begin()
-        self._head_bytes, self._in_head = 0, True
+        self._head_bytes = self._head_size = self._trailer_bytes = 0
+        self._in_head, self._message_open, self._in_trailer = True, True, False
         self._time_head()
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:  # the head's fields, and the trailer's after the body
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count_head(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > MAX_HEAD_BYTES:
+            raise _Refused(431, f"a request's line and headers are at most {MAX_HEAD_BYTES} bytes")
 
     def on_headers_complete(self) -> None:
         self._head_done()
+        before = self.cycle
         super().on_headers_complete()
+        if self.cycle is not before:
+            while self._cycles and self._cycles[0].response_complete:
+                self._cycles.popleft()
+            self._cycles.append(self.cycle)
+        now = self.loop.time()
+        self._body_due, self._body_moved = now + self.body_timeout_s, now
+
+    def on_chunk_header(self) -> None:  # the last chunk's is followed by the trailer fields, if any
+        self._in_trailer = True
+
+    def on_body(self, body: bytes) -> None:
+        self._in_trailer = False
+        self._bodies += 1
+        super().on_body(body)
+
+    def on_chunk_complete(self) -> None:
+        self._in_trailer = False
+
+    def on_message_complete(self) -> None:
+        self._message_open, self._in_trailer = False, False
+        self._body_done()
+        super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(400, msg)
+
+    # --- timers ---
 
     def _time_head(self) -> None:
         if self._head_timer is None:
@@ -123,9 +241,35 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         self._refuse(408, f"the request's line and headers did not arrive within {self.head_timeout_s:g} s")
 
+    def _time_body(self, delay: float) -> None:
+        self._body_done()
+        self._body_timer = self.loop.call_later(delay, self._body_too_slow)
+
+    def _body_done(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_too_slow(self) -> None:
+        """The body has not arrived in time, or paused too long. A route reading it answers 408 itself (its own
+        timeouts: api/bodies.py); once the request is answered, what is still to come of it is waited for no
+        longer: the connection is closed (an answer being made, a route's that did not read it, is let finish)."""
+        self._body_timer = None
+        if not self._message_open or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        due = min(self._body_due, self._body_moved + self.unread_s)
+        if now < due or any(not cycle.response_complete for cycle in self._cycles):
+            self._time_body(max(due - now, 0.5))
+            return
+        self._hang_up()
+        self.transport.close()
+
     def _refuse(self, status: int, message: str, retry_after: bool = False) -> None:
-        """Answer ``status`` in plain text and close; while an earlier request's answer is being sent, only close."""
+        """Answer ``status`` in plain text and close; while an earlier request's answer is being sent, only close (its
+        answer and those of the requests read after it are not sent)."""
         self._head_done()
+        self._body_done()
         if self.cycle is None or self.cycle.response_complete:
             body = message.encode("ascii", "replace")
             head = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status])]
@@ -134,14 +278,18 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             head += [b"content-type: text/plain; charset=utf-8\r\n", b"x-content-type-options: nosniff\r\n",
                      b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n"]
             self.transport.write(b"".join(head) + body)
+        else:
+            self._hang_up()
         self.transport.close()
 
 
-def protocol_for(head_timeout_s: float, unread_s: float, max_connections: int) -> type[BoundedHeadProtocol]:
-    """The protocol class for a server whose heads must arrive within ``head_timeout_s``, whose answers may wait
-    unread at most ``unread_s`` and which keeps at most ``max_connections`` open (uvicorn takes a class)."""
-    attributes: dict[str, Any] = {"head_timeout_s": head_timeout_s, "unread_s": unread_s,
-                                  "max_connections": max_connections}
+def protocol_for(head_timeout_s: float, body_timeout_s: float, unread_s: float, max_connections: int
+                 ) -> type[BoundedHeadProtocol]:
+    """The protocol class for a server whose heads must arrive within ``head_timeout_s`` and bodies within
+    ``body_timeout_s``, whose bodies may pause and answers wait unread at most ``unread_s``, and which keeps at most
+    ``max_connections`` open (uvicorn takes a class)."""
+    attributes: dict[str, Any] = {"head_timeout_s": head_timeout_s, "body_timeout_s": body_timeout_s,
+                                  "unread_s": unread_s, "max_connections": max_connections}
     return type("BoundedHeadProtocol", (BoundedHeadProtocol,), attributes)
 
 

@@ -305,9 +305,8 @@ def _answer_to(port: int, sent: bytes, timeout: float = 10) -> tuple[bytes, floa
 def test_a_head_of_more_than_64_kib_is_refused_as_it_arrives(tmp_path, where):
     """A red-team run: one request of a 64 MiB header, no token needed, held the event loop ~4 s (uvicorn and
     httptools join a head a read at a time: the cost grows with the square of its size); nothing bounded a head."""
-    huge = b"a" * (8 << 20)
-    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + huge + b"\r\n\r\n" if where == "header" else \
-        b"GET /healthz?x=" + huge + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    huge = b"a" * (8 << 20)  # and never finished: refused as it comes, not once it is all joined
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + huge if where == "header" else b"GET /healthz?x=" + huge
     with LiveServer(state_dir=tmp_path) as server:
         port = int(server.url.rsplit(":", 1)[1])
         answer, _ = _answer_to(port, head)
@@ -337,6 +336,117 @@ def test_a_head_that_does_not_arrive_in_time_is_closed_and_uvicorns_refusals_are
             s.sendall(b"GET /healthz HTTP/1.1\r\nHo")  # the next head, left unfinished: timed from its first byte
             started = time.monotonic()
             assert s.recv(65536).startswith(b"HTTP/1.1 408 ") and time.monotonic() - started < 5
+
+
+def test_a_head_of_more_than_64_kib_that_arrives_in_one_read_is_refused_too(tmp_path):
+    """A red-team run: the bound was checked once a read had been parsed, and a whole head in one read had been
+    handed to the route by then (a 100 KiB header answered 200)."""
+    with LiveServer(state_dir=tmp_path) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * (100 << 10) + b"\r\n\r\n")
+            answer = s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+
+
+@pytest.mark.parametrize("shape", ["one long field", "many short fields"])
+def test_trailer_fields_after_a_chunked_body_count_against_the_head_bound(tmp_path, shape):
+    """A red-team run: the trailer fields after a chunked body were bounded by nothing, no token needed (a 64 MiB
+    field held the event loop 2.6 s, 200 MiB of short ones grew the server by 850 MB); small ones still pass."""
+    with LiveServer(state_dir=tmp_path) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        request = b"POST /v1/synapses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" \
+                  b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        body = b'{"name": "enc", "kind": "HebbianSynapse", "config": {"shape": [4, 3]}}'
+        chunked = b"%x\r\n%s\r\n0\r\n" % (len(body), body)
+        answer, _ = _answer_to(port, request + chunked + b"X-Checksum: 1\r\n\r\n")  # a small trailer: served
+        assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n")  # kept alive
+            sent, refused = 0, False
+            field = b"X-T: " if shape == "one long field" else b""
+            try:
+                while sent < (16 << 20) and not refused:
+                    s.sendall(field + (b"a" * 65536 if shape == "one long field" else b"X-T: aaaaaaaa\r\n" * 4096))
+                    sent += 65536
+                    field = b""
+            except (BrokenPipeError, ConnectionResetError):
+                refused = True
+            answer = b""
+            try:
+                while chunk := s.recv(65536):
+                    answer += chunk
+            except ConnectionResetError:
+                refused = True
+        assert refused or b"HTTP/1.1 431 " in answer, answer[-300:]
+        assert sent < (4 << 20), f"{sent} bytes of trailer fields read before the refusal"
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_requests_pipelined_far_ahead_of_their_answers_close_the_connection(tmp_path):
+    """A red-team run: one connection sending tiny requests without pause grew a server by 2.4 GB in 20 s (each
+    answer let another read of thousands of requests be parsed and queued); a few pipelined are answered in order."""
+    with LiveServer(state_dir=tmp_path) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        answer, _ = _answer_to(port, request * 8 + request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        assert answer.count(b"HTTP/1.1 200 ") == 9
+        answer, seconds = _answer_to(port, request * 2000)
+        assert answer.count(b"HTTP/1.1 200 ") <= 40 and seconds < 5  # at most the bound ahead, then closed
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_bytes_between_requests_are_a_head_and_are_timed_as_one(tmp_path):
+    """A red-team run: a bare line break every 1.5 s after a request kept its connection open for good (it starts no
+    request, and each read put off uvicorn's keep-alive timeout)."""
+    with LiveServer(state_dir=tmp_path, head_timeout_s=0.5) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+            started, answer = time.monotonic(), b""
+            try:
+                while time.monotonic() - started < 5:
+                    s.sendall(b"\r\n")
+                    time.sleep(0.2)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            s.settimeout(5)
+            try:
+                while chunk := s.recv(65536):
+                    answer += chunk
+            except ConnectionResetError:
+                pass
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert time.monotonic() - started < 3
+
+
+def test_the_rest_of_a_body_no_route_reads_must_arrive_in_time_too(tmp_path):
+    """A red-team run: a route that answered without reading its declared body (a 401, /healthz) left the
+    connection open for as long as a byte of that body arrived now and then: the body timeouts are the routes'."""
+    tokens = "alice:aliceTOKEN0123456789abcd"
+    with LiveServer(state_dir=tmp_path, tokens=tokens, body_timeout_s=1.0, body_idle_timeout_s=0.5) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        for head in (b"POST /v1/synapses HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n",
+                     b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(head)
+                started, answer = time.monotonic(), s.recv(65536)
+                assert answer.startswith((b"HTTP/1.1 401 ", b"HTTP/1.1 200 ")), answer[:200]
+                closed = False
+                try:
+                    while time.monotonic() - started < 6 and not closed:
+                        s.sendall(b"a")  # a byte now and then: never idle for the idle timeout
+                        time.sleep(0.2)
+                        s.settimeout(0.01)
+                        try:
+                            closed = s.recv(65536) == b""
+                        except TimeoutError:
+                            pass
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+                assert closed and time.monotonic() - started < 4
 
 
 def test_a_pipelined_head_behind_a_long_answer_does_not_cut_that_answer(tmp_path, monkeypatch):
