@@ -71,7 +71,13 @@ class TokenTable:
 
     def __init__(self, entries: list[tuple[str, str, bool]]) -> None:
         seen: dict[str, Principal] = {}
+        owners: dict[str, str] = {}
         for owner, digest, admin in entries:
+            twin = owners.setdefault(owner.casefold(), owner)
+            if twin != owner:  # one folder where the file system ignores case: one owner's instances the other's
+                raise InvalidConfig(f"the owners {twin!r} and {owner!r} differ only in case; a state directory on a "
+                                    "file system that ignores case (macOS, Windows) would give them one folder: "
+                                    "name them apart")
             principal = Principal(owner, admin)
             other = seen.setdefault(digest, principal)
             if other != principal:  # last-wins would hand one owner's token to another

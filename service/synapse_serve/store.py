@@ -419,7 +419,18 @@ class Store:
         import fcntl  # POSIX; the servers this targets (Linux containers, macOS laptops) have it
 
         self.root.mkdir(parents=True, exist_ok=True)
-        f = open(self.root / ".lock", "a+")  # noqa: SIM115 - held open while the server runs
+        try:
+            f = open(self.root / ".lock", "a+")  # noqa: SIM115 - held open while the server runs
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            # a directory this process cannot write (read-only, or not its own): a server still serves what it has,
+            # every write answering 507; a lock is taken all the same where the file is there to open for reading
+            # (flock needs no write access), for a second server that could write here
+            try:
+                f = open(self.root / ".lock")  # noqa: SIM115
+            except FileNotFoundError:
+                return  # no server has run here, and none can write the directory: there is no one to keep out
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -432,10 +443,12 @@ class Store:
                     f"(pid {holder}); two servers on one directory would overwrite each other's instances. "
                     "Stop the other server first, or give this one its own SYNAPSE_STATE_DIR") from None
             raise
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        if f.writable():  # who holds it, for the next one's refusal
+            with contextlib.suppress(OSError):  # a full disk must not stop a start-up either
+                f.seek(0)
+                f.truncate()
+                f.write(f"{os.getpid()}\n")
+                f.flush()
         self._lock_file = f
 
     def folds_case(self) -> bool:
@@ -448,6 +461,20 @@ class Store:
             return (self.root / probe.name.upper()).exists()
         finally:
             probe.unlink(missing_ok=True)
+
+    def owner_twin(self, owner: str) -> str | None:
+        """On a file system that ignores case: the name of another owner's folder that ``owner``'s would be (one
+        differing only in case, under instances, snapshots, evicted or quarantine), else None. An owner whose only
+        files are evicted copies or snapshots holds no instance the registry could see."""
+        for area in (self.instances, self.snapshots, self.evicted, self.quarantine):
+            try:
+                names = os.listdir(area)
+            except OSError:  # not there yet
+                continue
+            for name in names:
+                if name != owner and name.casefold() == owner.casefold():
+                    return name
+        return None
 
     def unlock(self) -> None:
         if self._lock_file is not None:

@@ -26,7 +26,8 @@ from synapse_client import (
     SynapseClient,
     UnprocessableEntityError,
 )
-from synapse_serve.errors import AlreadyExists, AnswerNotKept
+from synapse_serve.auth import TokenTable
+from synapse_serve.errors import AlreadyExists, AnswerNotKept, InvalidConfig
 from synapse_serve.local.instance import Instance
 from synapse_serve.local.persistence import Persistence
 from synapse_serve.local.registry import Registry
@@ -692,6 +693,22 @@ def test_names_differing_only_in_case_are_refused_where_the_state_directory_igno
     for key in (InstanceKey("alice", "enc"), InstanceKey("alice", "Enc"), InstanceKey("Alice", "enc")):
         telling.create(key, kind=KIND, config=CONFIG)
     telling.close()
+    # a red-team run: an owner whose only instance was evicted held none the check saw, and its twin could then list
+    # and bring back its evicted copies (one folder)
+    lone = Registry(persistence=Persistence(Store(tmp_path / "evicted-only"), "sync"))
+    lone.persistence.folds_case = True
+    lone.create(InstanceKey("alice", "x"), kind=KIND, config=CONFIG)
+    assert [e["name"] for e in lone.evict_idle(0.0, now=time.time() + 60)] == ["x"]
+    with pytest.raises(AlreadyExists, match="'Alice' differs only in case from another owner's, whose files"):
+        lone.create(InstanceKey("Alice", "y"), kind=KIND, config=CONFIG)
+    lone.unevict(InstanceKey("alice", "x"))  # the owner itself is not its own twin
+    lone.close()
+
+
+def test_owners_differing_only_in_case_are_refused_in_the_token_list():
+    """Their folders would be one where the state directory's file system ignores case (a red-team run)."""
+    with pytest.raises(InvalidConfig, match="'alice' and 'Alice' differ only in case"):
+        TokenTable.load("alice:aliceTOKEN0123456789abcd,Alice:AliceTOKEN0123456789abcd")
 
 
 def test_a_name_taken_anew_after_a_deletion_the_disk_cut_short_survives_a_restart(tmp_path):
@@ -995,3 +1012,63 @@ def test_an_instance_stored_with_an_init_a_create_now_refuses_still_loads_and_im
         back = client.get("old")  # loaded at start-up, not quarantined
         assert back.describe()["version"] == version and np.array_equal(back.weights, weights)
         assert httpx.get(f"{server.url}/v1/admin/storage").json()["restore_errors"] == {}
+
+
+@contextlib.contextmanager
+def _read_only_later(state_dir):
+    """A state directory a server can write now and cannot once ``make_read_only`` is called: a tmpfs remounted
+    read-only where this process may mount (root), else the tree's write permissions taken away."""
+    import os
+    import stat
+
+    mounted = False
+    if os.geteuid() == 0:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(state_dir)],
+                                 capture_output=True).returncode == 0
+        if not mounted:
+            pytest.skip("root, and no tmpfs to remount read-only: permissions would not stop this process")
+
+    def make_read_only():
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,ro", str(state_dir)], check=True)
+            return
+        for path in [state_dir, *state_dir.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+    try:
+        yield make_read_only
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(state_dir)], check=False)
+        else:
+            for path in [state_dir, *state_dir.rglob("*")]:
+                path.chmod(path.stat().st_mode | stat.S_IWUSR)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_read_only_state_directory_is_served_and_every_write_says_it_cannot(tmp_path, cache):
+    """A red-team run: a state directory remounted read-only stopped start-up (the lock file could not be opened for
+    writing), where docs/durability.md promises a read-only disk costs nothing at start-up."""
+    state = tmp_path / "state"
+    with _read_only_later(state) as make_read_only:
+        server = ServerProcess(state, durability="sync", compilation_cache=str(cache).lower()).start()
+        try:
+            with SynapseClient(server.url) as client:
+                syn = client.create("enc", kind=KIND, config=CONFIG)
+                acknowledged = syn.evolve(X, POST)["version"]
+                weights = syn.weights
+        finally:
+            server.stop()
+        make_read_only()
+        server = ServerProcess(state, durability="sync", compilation_cache=str(cache).lower()).start()
+        try:
+            with SynapseClient(server.url) as client:
+                syn = client.get("enc")
+                assert syn.describe()["version"] == acknowledged
+                np.testing.assert_array_equal(syn.weights, weights)
+                with pytest.raises(InsufficientStorageError, match="applied in memory but could not be stored"):
+                    syn.evolve(X, POST)
+                assert httpx.get(f"{server.url}/healthz").json()["storage"].startswith("failing")
+        finally:
+            server.stop()

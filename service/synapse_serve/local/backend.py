@@ -489,7 +489,10 @@ class LocalBackend:
 
     async def start(self) -> None:
         if self.settings.compilation_cache:
-            enable_compilation_cache(self.settings.state_dir / "jax-cache")
+            try:
+                enable_compilation_cache(self.settings.state_dir / "jax-cache")
+            except OSError as exc:  # a read-only state directory: served all the same, compiling at each start
+                log.warning("no persistent compilation cache: %s", exc)
         self.registry.open()  # StateDirLocked if another server holds the directory
 
     async def get_ready(self, phase: Callable[[str], None]) -> None:

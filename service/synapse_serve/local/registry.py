@@ -313,6 +313,11 @@ class Registry:
                 raise AlreadyExists(f"{key.name!r} differs only in case from the instance {other.name!r}, which this "
                                     "server's state directory cannot tell apart (its file system ignores case); "
                                     "choose another name", name=key.name)
+        twin = self.persistence.store.owner_twin(key.owner) if self.persistence.store is not None else None
+        if twin is not None:
+            raise AlreadyExists(f"the owner name {key.owner!r} differs only in case from another owner's, whose files "
+                                "this server's state directory holds and cannot tell apart (its file system ignores "
+                                "case)", name=key.name)
 
     def _history_for(self, durability: str | None) -> History | None:
         """A new instance's history: ``history_length`` samples, none for a memory-only one unless asked."""
