@@ -142,3 +142,58 @@ def test_a_call_cancelled_or_cut_mid_way_never_reuses_its_connection(shard):
         channel.forget()
 
     run(main())
+
+
+def test_a_frame_the_shard_cannot_decode_is_refused_unrun_and_the_connection_goes_on():
+    """A red-team run: a frame the shard's decoder refused (a map nested past its depth, a reference's values over
+    its element bound) closed the connection, and the front took that for a shard that died — a keyed call was
+    retried for good. It is answered ``refused`` (nothing ran: the front sends it through Ray) and the stream stays
+    in step."""
+    handler = Shard()
+    listener = Listener(handler, host="127.0.0.1", port=0, max_frame_bytes=64 << 20, max_elements=1000)
+    key = InstanceKey("alice", "enc")
+    deep: object = 1
+    for _ in range(62):  # within what a body may nest; the frame's own maps take it past the shard's bound
+        deep = [deep]
+
+    async def main():
+        channel = _channel(listener)
+        nested = await _call(channel, "call", key, operation="forward", tensors={"inputs": np.ones((1, 2), np.float32)},
+                             sequence={"zz": deep})
+        assert nested[0] == "refused" and "deep" in nested[1]
+        large = await _call(channel, "call", key, operation="forward",
+                            tensors={"inputs": np.ones((100, 20), np.float32)})  # over the shard's element bound
+        assert large[0] == "refused" and "elements" in large[1]
+        assert (await _call(channel, "read", key, compartment="weights"))[0] == "ok"  # the same connection
+        assert len(channel._idle) == 1
+        channel.forget()
+
+    try:
+        run(main())
+    finally:
+        listener.close()
+    assert [method for method, _, _ in handler.asked] == ["read"]  # the refused ones never ran
+
+
+def test_a_connection_has_a_few_seconds_in_all_to_present_the_secret(shard, monkeypatch):
+    """A red-team run: the secret's timeout was per read, and a byte every 4 s held a connection (and its thread)
+    open for minutes without a secret; 1,023 of them took a shard's every slot."""
+    import time
+
+    from synapse_serve.cluster import channel as channel_module
+
+    monkeypatch.setattr(channel_module, "AUTH_TIMEOUT_S", 1.0)
+    _, listener = shard
+    with socket.create_connection(listener.address, timeout=10) as stranger:
+        started, closed = time.monotonic(), False
+        try:
+            while time.monotonic() - started < 6 and not closed:
+                stranger.sendall(b"x")  # one byte of 32 at a time, each within the old per-read timeout
+                stranger.settimeout(0.3)
+                try:
+                    closed = stranger.recv(1) == b""
+                except TimeoutError:
+                    pass
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+        assert closed and time.monotonic() - started < 3

@@ -329,6 +329,57 @@ def test_quotas_idle_eviction_keyed_references_and_a_stuck_shard_are_as_on_one_h
                     hasty.get("never-made").describe()
                 with pytest.raises(ServiceUnavailableError, match="shard-1 does not answer"):
                     hasty.create("late", kind="HebbianSynapse", config={"shape": [4, 2]}, device="shard-0")
+                # a red-team run: what asks every shard (a listing, a create placed where there is room) waited for
+                # the stuck one with no bound
+                backend.each_timeout_s = 2.0
+                for asked in (hasty.list, lambda: hasty.create("late", kind="HebbianSynapse", config={"shape": [4, 2]})):
+                    started = time.monotonic()
+                    with pytest.raises(ServiceUnavailableError, match="shard-1 did not answer within 2 s"):
+                        asked()
+                    assert time.monotonic() - started < 10
             finally:
                 os.kill(stuck, signal.SIGCONT)
             assert hasty.create("late", kind="HebbianSynapse", config={"shape": [4, 2]}).describe()["version"] == 1
+
+
+def test_what_the_channel_cannot_carry_goes_through_ray_and_evicted_copies_come_back_newest(cluster, tmp_path):
+    """A red-team run: a request the shard's channel decoder refused (a ``sequence`` nested past its depth, a
+    reference's values over ``max_tensor_elements``) was taken for a shard that died — 503, or, keyed, retried for
+    good; an integer the channel's codec cannot carry was a 500; and a name evicted on two shards came back as its
+    older copy. Each now answers as one host does."""
+    live = ray_server(tmp_path, durability="sync", max_tensor_elements=64, tokens=f"alice:{ALICE},root:{ROOT}:admin")
+    with serving(live), SynapseClient(live.url, token=ALICE) as alice:
+        src = alice.create("src", kind="HebbianSynapse", config={"shape": [1, 80]}, device="shard-1")
+        dst = alice.create("dst", kind="HebbianSynapse", config={"shape": [80, 2], "eta": 0.1}, device="shard-0")
+        src.forward(np.ones((1, 1), np.float32))  # 80 outputs: over the element bound, read on shard-1
+        started = time.monotonic()
+        answer = dst.call("evolve", pre=Ref("outputs", instance="src"), post=np.ones((1, 2), np.float32),
+                          idempotency_key="over-the-bound")
+        assert answer["version"] == 2 and time.monotonic() - started < 30
+        e = alice.create("e", kind="HebbianSynapse", config={"shape": [4, 4]})
+        deep: object = 1
+        for _ in range(62):  # within what the front reads; past what the channel's frame may nest
+            deep = [deep]
+        for sequence, said in (({"zz": deep}, "sequence: unknown option 'zz'"),
+                               ({"every": 10 ** 23}, "sequence.every: "), ({"last": 2 ** 64}, "sequence.last: ")):
+            over_ray = httpx.post(f"{live.url}/v1/synapses/e/forward", json={"inputs": [[[1, 2, 3, 4]]],
+                                  "sequence": sequence}, headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)
+            assert over_ray.status_code == 422 and over_ray.json()["detail"].startswith(said), over_ray.text
+        assert e.describe()["version"] == 1  # refused, never run
+        evict = {"url": f"{live.url}/v1/admin/evict", "json": {"idle_s": 0},
+                 "headers": {"Authorization": f"Bearer {ROOT}"}, "timeout": 60}
+        ev = alice.create("ev", kind="HebbianSynapse", config={"shape": [4, 2], "eta": 0.1}, device="shard-0")
+        ev.evolve(np.ones((1, 4), np.float32), np.ones((1, 2), np.float32))
+        httpx.post(**evict).raise_for_status()
+        again = alice.create("ev", kind="HebbianSynapse", config={"shape": [4, 2], "eta": 0.1}, device="shard-1")
+        for _ in range(4):
+            again.evolve(np.ones((1, 4), np.float32), np.ones((1, 2), np.float32))
+        newest = again.describe()["version"]
+        httpx.post(**evict).raise_for_status()
+        shards = live.app.state.server.backend.shards
+        held = [ray.get(shard.run.remote("evicted", (), {"owner": "alice"}), timeout=60)[1] for shard in shards]
+        assert [[c["name"] for c in copies if c["name"] == "ev"] for copies in held] == [[], ["ev"]]  # not counted
+        assert [c["name"] for c in alice.evicted() if c["name"] == "ev"] == ["ev"]  # one copy a name, the latest
+        back = alice.restore_evicted("ev")
+        assert back.describe()["version"] == newest and back.describe()["shard"] == 1
+        assert "ev" not in {c["name"] for c in alice.evicted()}  # the older copy went too

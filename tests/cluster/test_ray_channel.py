@@ -13,7 +13,7 @@ import pytest
 
 from cluster.raycluster import ray, ray_server, stop_shards
 from synapse_client import SynapseClient
-from synapse_serve.cluster.channel import ACCEPTED
+from synapse_serve.cluster.channel import ACCEPTED, decode_answer
 from synapse_serve.cluster.shard import frame_cap
 from synapse_serve.testing import free_port
 
@@ -90,13 +90,19 @@ def test_strangers_and_garbage_close_their_connection_and_nothing_else(server):
         b"\0" * 32,  # not the secret
         secret[:31],  # half a secret, then silence: the shard stops waiting
         secret + struct.pack("<Q", frame_cap(server.settings) + 1),  # a frame over the cap
-        secret + struct.pack("<Q", 3) + b"\xc1\xc1\xc1",  # not msgpack
-        secret + struct.pack("<Q", 2) + b"\x91\x01",  # msgpack, not a request
     ]
     for attempt in attempts:
         with socket.create_connection((host, port)) as connection:
             connection.sendall(attempt)
             assert _closed(connection), attempt[:40]
+    for garbage in (b"\xc1\xc1\xc1", b"\x91\x01"):  # not msgpack; msgpack, not a request: refused, nothing run
+        with socket.create_connection((host, port), timeout=10) as connection:
+            connection.sendall(secret + struct.pack("<Q", len(garbage)) + garbage)
+            assert connection.recv(1) == ACCEPTED
+            received = b""
+            while len(received) < 8 or len(received) < 8 + struct.unpack("<Q", received[:8])[0]:
+                received += connection.recv(4096)
+            assert decode_answer("call", received[8:])[0] == "refused"
     assert _channel(server, 0)["refused"] - refused == 4  # the half secret timed out: closed, not counted
     with socket.create_connection((host, port)) as connection:  # a frame cut in the middle, then gone
         connection.sendall(secret + struct.pack("<Q", 1000) + b"\x83")

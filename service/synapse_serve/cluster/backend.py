@@ -31,6 +31,7 @@ from typing import Any
 
 from synapse_serve import errors
 from synapse_serve.backend import ExportParts
+from synapse_client._codec import WireError
 from synapse_serve.cluster.channel import DIRECT_METHODS, Channel, ChannelLost, decode_answer, request_parts
 from synapse_serve.cluster.shard import Directory, Shard, frame_cap
 from synapse_serve.errors import (
@@ -49,6 +50,7 @@ log = logging.getLogger("synapse_serve")
 PING_TIMEOUT_S = 5.0
 FIND_TIMEOUT_S = 10.0  # a shard that cannot list its names this fast is taken as not answering (a 503)
 CHANNEL_SUSPEND_S = 30.0  # a channel Ray can see past but we cannot reach: how long Ray carries its calls
+MAX_TRIES = 4  # a call whose shard fails under it: tries in all (each retry after the shard answers again)
 # calls that may run again after their shard died mid-call without applying anything twice
 RETRYABLE = frozenset({"describe", "help", "stats", "history", "list", "read", "write", "snapshots", "evicted",
                        "storage", "devices", "gauges", "probe", "export", "kinds", "kind_help", "describe_setup"})
@@ -110,6 +112,7 @@ class RayBackend:
         self._operations = frozenset(op for kind in self._kinds for op in kind["operations"])
         self._where: dict[InstanceKey, int] = {}
         self._in_flight = 0  # shard calls not answered yet (counted on the loop's thread)
+        self.each_timeout_s = FIND_TIMEOUT_S  # how long a call asked of every shard waits for each
         self._creating: dict[InstanceKey, asyncio.Lock] = {}
         self._storage_error: str | None = None
         self._setup: dict[str, Any] = {}
@@ -136,20 +139,38 @@ class RayBackend:
     async def _send_now(self, shard: int, method: str, args: tuple, kwargs: dict[str, Any]) -> tuple:
         channel = self.channels[shard]
         if channel is not None and method in DIRECT_METHODS and channel.usable():
-            parts = request_parts(method, args, kwargs)
-            if sum(len(part) for part in parts) <= self._frame_cap:
-                try:
-                    return decode_answer(method, await channel.call(parts))
-                except ChannelLost as exc:
-                    if exc.sent:
-                        raise
-                    # nothing was sent: a shard Ray still reaches has a channel we cannot (a firewall, a port)
-                    if not await self._answers(shard):
-                        raise
-                    log.warning("shard-%d answers Ray but not its direct channel (%s); Ray carries its calls for "
-                                "%.0f s", shard, exc, CHANNEL_SUSPEND_S)
-                    channel.suspend(CHANNEL_SUSPEND_S)
+            try:
+                parts = request_parts(method, args, kwargs)
+            except (WireError, TypeError, ValueError):  # a value the wire cannot carry (an integer past 64 bits):
+                parts = None  # Ray carries it, and the shard's engine answers for it as a local server would
+            if parts is not None and sum(len(part) for part in parts) <= self._frame_cap:
+                outcome = await self._by_channel(shard, channel, method, parts)
+                if outcome is not None:
+                    return outcome
         return await self.shards[shard].run.remote(method, args, kwargs)
+
+    async def _by_channel(self, shard: int, channel: Channel, method: str, parts: list) -> tuple | None:
+        """The shard's outcome over its channel; None when Ray must carry the call instead (the shard refused the
+        frame unrun, or its channel cannot be reached while Ray reaches the shard)."""
+        for attempt in range(2):
+            try:
+                outcome = decode_answer(method, await channel.call(parts))
+            except ChannelLost as exc:
+                if exc.sent:
+                    raise
+                if attempt == 0:  # nothing was sent: a shard restarted meanwhile listens elsewhere, with a new secret
+                    channel.forget()
+                    continue
+                # a shard Ray still reaches has a channel we cannot (a firewall, a port)
+                if not await self._answers(shard):
+                    raise
+                log.warning("shard-%d answers Ray but not its direct channel (%s); Ray carries its calls for "
+                            "%.0f s", shard, exc, CHANNEL_SUSPEND_S)
+                channel.suspend(CHANNEL_SUSPEND_S)
+                return None
+            # a frame the shard could not decode within its limits: nothing ran, and Ray's call has no such limits
+            return None if outcome[0] == "refused" else outcome
+        return None
 
     async def _answers(self, shard: int) -> bool:
         try:
@@ -159,11 +180,13 @@ class RayBackend:
         return True
 
     async def _run(self, shard: int, method: str, *args: Any, **kwargs: Any) -> Any:
-        """One Backend method on one shard; after the shard died, retried once it is back if that is safe."""
+        """One Backend method on one shard; after the shard died, retried once it is back if that is safe — a few
+        times at most, within the restart timeout (a failure that repeats while the shard answers is no restart:
+        retried without a bound, one request had kept a front and its shard busy for good)."""
         keyed = method in ("call", "call_many", "call_stacked") and kwargs.get("idempotency_key")
         retry = method in RETRYABLE or keyed
         deadline = time.monotonic() + self.settings.ray_restart_timeout_s
-        while True:
+        for attempt in range(MAX_TRIES):
             try:
                 return _raised(await self._send(shard, method, args, kwargs))
             except (*self._dead, ChannelLost) as exc:
@@ -174,8 +197,13 @@ class RayBackend:
                     raise NotReady(f"shard-{shard} stopped during the call ({type(exc).__name__}) and is being "
                                    "restarted; the call may or may not have been applied: read the instance, or retry "
                                    "it with an Idempotency-Key", headers={"Retry-After": "1"}) from None
+                if attempt + 1 == MAX_TRIES or time.monotonic() > deadline:
+                    break
                 log.warning("shard-%d stopped during %s (%s); retrying once it is back", shard, method, exc)
                 await self._wait_for(shard, deadline)
+        raise NotReady(f"shard-{shard} failed {method} {MAX_TRIES} times (or for longer than "
+                       f"{self.settings.ray_restart_timeout_s:.0f} s); it may or may not have been applied: read the "
+                       "instance, or retry it with its Idempotency-Key", headers={"Retry-After": "5"})
 
     async def _wait_for(self, shard: int, deadline: float) -> None:
         while True:
@@ -191,8 +219,19 @@ class RayBackend:
     async def _ping(self, shard: int) -> int:
         return await self.shards[shard].ping.remote()
 
-    async def _each(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        return list(await asyncio.gather(*(self._run(i, method, *args, **kwargs) for i in range(len(self.shards)))))
+    async def _each(self, method: str, *args: Any, bounded: bool = True, **kwargs: Any) -> list[Any]:
+        """A method's answer from every shard; NotReady (503) naming a shard that does not answer within
+        ``each_timeout_s`` (stopped, or hung: a listing or a create's placement had waited for it with no bound)."""
+        within = self.each_timeout_s if bounded else None
+
+        async def one(index: int) -> Any:
+            try:
+                return await asyncio.wait_for(self._run(index, method, *args, **kwargs), within)
+            except TimeoutError:
+                raise NotReady(f"shard-{index} did not answer within {within:.0f} s (it is being restarted, or is "
+                               "stuck); retry shortly", headers={"Retry-After": "5"}) from None
+
+        return list(await asyncio.gather(*(one(i) for i in range(len(self.shards)))))
 
     # --- routing ---
 
@@ -288,7 +327,7 @@ class RayBackend:
             for kind in ("state", "snapshot"):  # the byte ledger too (a directory that missed a slow shard)
                 for owner, nbytes in usage[kind].items():
                     await self.directory.report.remote(index, owner, kind, nbytes, tuple(usage["seq"]))
-        setups = await self._each("describe_setup")
+        setups = await self._each("describe_setup", bounded=False)  # a shard restoring many instances takes its time
         self._setup = {"devices": [f"shard-{i}/{d}" for i, s in enumerate(setups) for d in s["devices"]],
                        "state_dir": str(self.settings.state_dir.resolve()),
                        "durability": setups[0]["durability"] if setups else self.settings.durability}
@@ -377,10 +416,8 @@ class RayBackend:
         """The shards to try, best first, and the device to ask of them."""
         if isinstance(device, str) and device.startswith("shard-"):
             name, _, local = device.partition("/")
-            try:
-                shard = int(name.removeprefix("shard-"))
-            except ValueError:
-                shard = -1
+            number = name.removeprefix("shard-")
+            shard = int(number) if number.isascii() and number.isdigit() else -1  # int() reads any script's digits
             if not 0 <= shard < len(self.shards):
                 raise InvalidRequest(f"device: no shard {name[:40]!r}; this cluster has shard-0 to "
                                      f"shard-{len(self.shards) - 1}", argument="device")
@@ -504,25 +541,49 @@ class RayBackend:
     async def delete_snapshot(self, key: InstanceKey, *, snapshot: str) -> None:
         await self._on(key, "delete_snapshot", snapshot=snapshot)
 
+    async def _evicted_copies(self, owner: str) -> dict[str, list[tuple[float, int, dict[str, Any]]]]:
+        """Each evicted name of ``owner``, its copies newest first: ``(evicted_at, shard, entry)``. Each shard keeps
+        one a name, and a name evicted, created again elsewhere and evicted again has one on each shard."""
+        copies: dict[str, list[tuple[float, int, dict[str, Any]]]] = {}
+        for shard, entries in enumerate(await self._each("evicted", owner=owner)):
+            for entry in entries:
+                copies.setdefault(entry["name"], []).append((entry.get("evicted_at") or 0.0, shard, entry))
+        for found in copies.values():
+            found.sort(key=lambda copy: (-copy[0], copy[1]))
+        return copies
+
     async def evicted(self, *, owner: str) -> list[dict[str, Any]]:
-        listed = await self._each("evicted", owner=owner)
-        return [{**entry, "shard": shard} for shard, entries in enumerate(listed) for entry in entries]
+        """The latest copy of each name, as one server lists them (an older one on another shard is not restored)."""
+        latest = [found[0] for found in (await self._evicted_copies(owner)).values()]
+        return [{**entry, "shard": shard} for _, shard, entry in sorted(latest, key=lambda copy: copy[0])]
 
     async def unevict(self, key: InstanceKey) -> dict[str, Any]:
-        listed = await self._each("evicted", owner=key.owner)
-        for shard, entries in enumerate(listed):
-            if any(entry.get("name") == key.name for entry in entries):
-                if await self._claim(key) is not None:
-                    raise AlreadyExists(f"an instance named {key.name!r} already exists", name=key.name)
-                try:
-                    description = await self._run(shard, "unevict", key)
-                except BaseException:
-                    await self.directory.release.remote(key.owner, key.name)
-                    raise
-                self._where[key] = shard
-                await self.directory.settle.remote(key.owner, key.name, shard)
-                return self._named(shard, description)
-        raise NotFound(f"no evicted instance named {key.name!r}", name=key.name)
+        """The latest copy comes back (a red-team run found the older of two brought back, the newer left evicted
+        and counted); the older ones on other shards go once it is back."""
+        found = (await self._evicted_copies(key.owner)).get(key.name)
+        if not found:
+            raise NotFound(f"no evicted instance named {key.name!r}", name=key.name)
+        shard = found[0][1]
+        if await self._claim(key) is not None:
+            raise AlreadyExists(f"an instance named {key.name!r} already exists", name=key.name)
+        try:
+            description = await self._run(shard, "unevict", key)
+        except BaseException:
+            await self.directory.release.remote(key.owner, key.name)
+            raise
+        self._where[key] = shard
+        await self.directory.settle.remote(key.owner, key.name, shard)
+        await self._discard_older(key, [other for _, other, _ in found[1:]])
+        return self._named(shard, description)
+
+    async def _discard_older(self, key: InstanceKey, shards: list[int]) -> None:
+        for shard in shards:
+            try:
+                await self._run(shard, "discard_evicted", key)
+            except NotFound:  # discarded there meanwhile
+                pass
+            except SynapseServeError as exc:  # it stays listed on no one's behalf: only its quota is held
+                log.warning("an older evicted copy of %s on shard-%d was not discarded: %s", key, shard, exc.detail)
 
     async def discard_evicted(self, key: InstanceKey) -> None:
         listed = await self._each("evicted", owner=key.owner)
@@ -539,8 +600,11 @@ class RayBackend:
         evicted = await self._each("evict_idle", idle_s=idle_s)
         for shard, entries in enumerate(evicted):
             for entry in entries:
-                self._where.pop(InstanceKey(entry["owner"], entry["name"]), None)
+                key = InstanceKey(entry["owner"], entry["name"])
+                self._where.pop(key, None)
                 await self.directory.release.remote(entry["owner"], entry["name"], shard)
+                # the copy just written is the name's latest: one left on another shard is the older
+                await self._discard_older(key, [i for i in range(len(self.shards)) if i != shard])
         return [entry for entries in evicted for entry in entries]
 
     async def storage(self) -> dict[str, Any]:
@@ -557,8 +621,8 @@ class RayBackend:
                 for shard, devices in enumerate(listed) for d in devices]
 
     async def gauges(self) -> dict[str, Any]:
-        answers = await asyncio.gather(*(self._run(i, "gauges") for i in range(len(self.shards))),
-                                       return_exceptions=True)
+        answers = await asyncio.gather(*(asyncio.wait_for(self._run(i, "gauges"), PING_TIMEOUT_S)
+                                         for i in range(len(self.shards))), return_exceptions=True)
         compiles = {"count": 0, "seconds": 0.0, "cache_hits": 0, "releases": 0, "since_release": 0,  # shards' sums
                     "memory_maps": 0, "memory_trims": 0}
         merged: dict[str, Any] = {"instances": {}, "state_bytes": {}, "queue_depth": {}, "memory": {},

@@ -9,15 +9,19 @@ split as the systems that use Ray for placement and their own transport for data
 Wire: each frame is an 8-byte little-endian length and a msgpack body (the service's codec:
 arrays as wire tensors, large ones sent without copies). A request is ``{"method", "keys",
 "kwargs"}``; an answer is the shard's outcome, ``["ok", value]`` or ``["error", class, detail,
-extra, headers]``. One call at a time per connection, in order; a front keeps a small pool of
-connections per shard, so calls on different instances run side by side.
+extra, headers]``, or ``["refused", why]`` for a frame the shard could not decode within its limits (a
+value nested deeper than the codec reads, a tensor over its element bound: settings the front may not
+share): nothing ran, and the front sends that call through Ray instead, whose answer is the local
+engine's. One call at a time per connection, in order; a front keeps a small pool of connections per
+shard, so calls on different instances run side by side.
 
 Security: a connection's first 32 bytes must be the shard's secret, a random value the shard
 makes at start and gives only to callers of its actor (through Ray, token-authenticated); the
 shard accepts it with one byte, and only then does a front send a call (so a connection refused
 at the door — a wrong shard, a shard at its connection limit — is never a call lost). The
-listener binds the node's cluster address only, like Ray's own ports; frames over the size cap,
-undecodable frames and wrong secrets close that connection and nothing else.
+listener binds the node's cluster address only, like Ray's own ports; frames over the size cap and
+wrong secrets close that connection and nothing else, and a connection has ``AUTH_TIMEOUT_S`` in all
+to present its secret (a byte now and then does not hold one open).
 """
 
 from __future__ import annotations
@@ -114,6 +118,11 @@ def answer_parts(outcome: tuple) -> list[bytes | memoryview]:
     return _framed(packb_parts(list(outcome)))
 
 
+def refusal_parts(why: str) -> list[bytes | memoryview]:
+    """The answer to a frame the shard could not decode: nothing ran (the front sends the call through Ray)."""
+    return answer_parts(("refused", why[:300]))
+
+
 def decode_answer(method: str, payload: bytes) -> tuple:
     """An answer frame's body as the shard's outcome tuple (a read's value is its (array, version) pair again)."""
     outcome = unpackb(payload, ANSWER_MAX_ELEMENTS)
@@ -136,12 +145,14 @@ class Listener:
         self.frames = self.refused = 0  # calls answered; connections closed for a wrong secret or a bad frame
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._closed = False
         self._socket = socket.create_server((host, port), backlog=256)
         self.address = self._socket.getsockname()[:2]
         threading.Thread(target=self._accept, name="shard-channel", daemon=True).start()
 
     def close(self) -> None:
         """Stop listening (a blocked accept wakes only on shutdown, not on close) and end every connection."""
+        self._closed = True
         with contextlib.suppress(OSError):
             self._socket.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
@@ -155,8 +166,14 @@ class Listener:
         while True:
             try:
                 connection, _ = self._socket.accept()
-            except OSError:
-                return  # closed
+            except OSError as exc:
+                if self._closed:
+                    return
+                # out of descriptors or buffers for a moment: the listener must outlive it (returning here had left
+                # every later front connection refused for the shard's whole life)
+                log.warning("shard channel: accept failed (%s); trying again", exc)
+                time.sleep(0.1)
+                continue
             with self._lock:
                 if len(self._connections) >= self.max_connections:
                     connection.close()
@@ -168,8 +185,8 @@ class Listener:
     def _serve(self, connection: socket.socket) -> None:
         try:
             _keepalive(connection)
-            connection.settimeout(AUTH_TIMEOUT_S)
-            if not hmac.compare_digest(_receive(connection, SECRET_BYTES) or b"", self.secret):
+            presented = _receive(connection, SECRET_BYTES, deadline=time.monotonic() + AUTH_TIMEOUT_S)
+            if not hmac.compare_digest(presented or b"", self.secret):
                 self.refused += 1
                 return
             connection.settimeout(None)
@@ -189,10 +206,12 @@ class Listener:
                     return
                 try:
                     method, args, kwargs = decode_request(payload, self.max_elements)
-                except (WireError, TypeError, ValueError) as exc:
-                    log.warning("shard channel: an undecodable frame (%s); closing the connection", str(exc)[:200])
+                except (WireError, TypeError, ValueError) as exc:  # read whole: the stream is still in step
+                    log.info("shard channel: a frame it cannot decode (%s); the front sends it through Ray",
+                             str(exc)[:200])
                     self.refused += 1
-                    return
+                    _send(connection, refusal_parts(str(exc)))
+                    continue
                 try:
                     outcome = self.handle(method, args, kwargs)
                 except Exception as exc:  # a bug, not the caller's: a 500 at the front (as through Ray), not a lost shard
@@ -218,11 +237,17 @@ def _keepalive(connection: socket.socket) -> None:
             connection.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
-def _receive(connection: socket.socket, length: int) -> bytearray | None:
-    """Exactly ``length`` bytes, or None at a clean end of stream before the first; a cut mid-way is an OSError."""
+def _receive(connection: socket.socket, length: int, deadline: float | None = None) -> bytearray | None:
+    """Exactly ``length`` bytes, or None at a clean end of stream before the first; a cut mid-way is an OSError, and
+    so is ``deadline`` (``time.monotonic()``) passing first."""
     buffer = bytearray(length)
     view, got = memoryview(buffer), 0
     while got < length:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the peer took too long")
+            connection.settimeout(left)
         n = connection.recv_into(view[got:])
         if n == 0:
             if got == 0:

@@ -32,6 +32,7 @@ from typing import Any
 from synapse_serve.errors import SynapseServeError
 
 # what the front may ask a shard to run: the Backend methods that act on the shard's instances
+CLAIM_LEASE_S = 600.0  # a name claimed for a create and never settled nor released is free again after this long
 ASYNC_METHODS = frozenset({
     "create", "describe", "help", "stats", "history", "list", "delete", "call", "call_many", "call_stacked",
     "read", "write", "import_", "snapshot", "snapshots", "rollback", "delete_snapshot", "evicted", "unevict",
@@ -268,6 +269,7 @@ class Directory:
         import ray  # noqa: PLC0415 - in the actor's process
 
         self.names: dict[tuple[str, str], int] = {}
+        self.claimed_at: dict[tuple[str, str], float] = {}  # when each name still claimed (-1) was claimed
         # (shard, owner, "state" | "snapshot") -> (sequence, bytes): what each owner holds on each shard
         self.usage: dict[tuple[int, str, str], tuple[tuple[int, int], int]] = {}
         for index in range(shards):
@@ -288,22 +290,30 @@ class Directory:
         instance-count quota a new name would break ("max_instances_per_owner", "max_instances"): counted here,
         across every shard, as one server counts them."""
         holder = self.names.get((owner, name))
+        if holder == -1 and time.monotonic() - self.claimed_at.get((owner, name), 0.0) > CLAIM_LEASE_S:
+            # its front died between the claim and the settle (no create takes this long): the name is free again,
+            # once the claiming front has looked on every shard as any create does (a red-team run: blocked for good)
+            holder = None
+            del self.names[(owner, name)]
         if holder is None:
             if total is not None and len(self.names) >= total:
                 return "max_instances"
             if per_owner is not None and sum(o == owner for o, _ in self.names) >= per_owner:
                 return "max_instances_per_owner"
             self.names[(owner, name)] = -1
+            self.claimed_at[(owner, name)] = time.monotonic()
         return holder
 
     def settle(self, owner: str, name: str, shard: int) -> None:
         self.names[(owner, name)] = shard
+        self.claimed_at.pop((owner, name), None)
 
     def release(self, owner: str, name: str, shard: int | None = None) -> None:
         """Forget a name (a failed create: ``shard`` None; a delete: only if ``shard`` still holds it)."""
         holder = self.names.get((owner, name))
         if holder is not None and (shard is None or holder in (shard, -1)):
             del self.names[(owner, name)]
+            self.claimed_at.pop((owner, name), None)
 
     def report(self, shard: int, owner: str, kind: str, held: int, seq: tuple[int, int]) -> None:
         """What ``owner`` holds on ``shard`` now (a report older than one already heard changes nothing)."""

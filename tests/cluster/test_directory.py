@@ -1,0 +1,32 @@
+"""The deployment's directory of names (cluster/shard.py's ``Directory``), without a cluster: a claim its front never
+settled nor released expires."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("ray")
+
+from synapse_serve.cluster import shard as shard_module  # noqa: E402 - after the skip
+from synapse_serve.cluster.shard import CLAIM_LEASE_S, Directory  # noqa: E402
+
+
+def test_a_claim_never_settled_expires_and_the_name_can_be_created_again(monkeypatch):
+    """A red-team run: a front that died between its claim and the settle (kill -9 mid-create, an OOM) left the
+    name "being created" for good, counted against its owner's instance quota, until the directory restarted."""
+    now = [1000.0]
+    monkeypatch.setattr(shard_module.time, "monotonic", lambda: now[0])
+    directory = Directory("test", 0)
+    assert directory.claim("bob", "ghost", 2) is None  # the dead front's claim
+    assert directory.claim("bob", "ghost", 2) == -1  # being created
+    assert directory.claim("bob", "other", 2) is None
+    assert directory.claim("bob", "third", 2) == "max_instances_per_owner"  # the claim counts meanwhile
+    now[0] += CLAIM_LEASE_S - 1
+    assert directory.claim("bob", "ghost", 2) == -1  # a slow create is not taken over
+    now[0] += 2
+    assert directory.claim("bob", "ghost", 2) is None  # past the lease: this front's claim now
+    directory.settle("bob", "ghost", 1)
+    now[0] += 10 * CLAIM_LEASE_S
+    assert directory.claim("bob", "ghost", 2) == 1  # a settled name never expires
+    directory.release("bob", "other")
+    assert directory.claim("bob", "third", 2) is None and directory.claimed_at.keys() == {("bob", "third")}
