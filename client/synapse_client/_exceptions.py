@@ -11,7 +11,7 @@
         ├── NotFoundError            404 no such instance or kind
         ├── NotAcceptableError       406 Accept allows neither msgpack nor JSON
         ├── RequestTimeoutError      408 the body did not arrive in time
-        ├── ConflictError            409 name taken, device full, or a keyed answer no longer kept
+        ├── ConflictError            409 name taken, device full, a keyed answer no longer kept, or a damaged file
         ├── PreconditionFailedError  412 the version moved (If-Match)
         ├── PayloadTooLargeError     413 body over the server's limit
         ├── UnsupportedMediaTypeError 415
@@ -86,8 +86,9 @@ class RequestTimeoutError(APIStatusError):
 
 
 class ConflictError(APIStatusError):
-    """409: an instance or snapshot of that name exists, a device's budget is full, or a keyed call's answer is
-    no longer kept (it was applied once and is not run again)."""
+    """409: an instance or snapshot of that name exists, a device's budget is full, a keyed call's answer is no
+    longer kept (it was applied once and is not run again), or a snapshot or evicted copy to restore is damaged
+    (``problem["type"]`` ends in ``damaged-file``: delete or discard it)."""
 
 
 class PreconditionFailedError(APIStatusError):

@@ -286,8 +286,11 @@ def _safe_npz(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
                         continue
                     if dtype.kind not in "fiub" or dtype.itemsize > 8:
                         raise NgclearnFileError(f"{path.name}: {name}: dtype {dtype} is not a number type")
+                    if len(shape) > 32 or any(d < 0 or d > MAX_ELEMENTS for d in shape):  # numpy's own bounds, and
+                        # ours: a (10**30, 0) holds no element and no numpy array can have it
+                        raise NgclearnFileError(f"{path.name}: {name}: shape {str(shape)[:80]} is not an array's")
                     count = math.prod(shape)
-                    if count > MAX_ELEMENTS or any(d < 0 for d in shape):
+                    if count > MAX_ELEMENTS:
                         raise NgclearnFileError(f"{path.name}: {name}: shape {shape} is over {MAX_ELEMENTS} elements")
                     total += count * dtype.itemsize
                     if total > MAX_TOTAL_BYTES:

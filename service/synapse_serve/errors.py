@@ -17,6 +17,7 @@
     ├── AlreadyExists           (409) an instance or snapshot of that name exists
     ├── DeviceFull              (409) the device's state budget would be exceeded
     ├── AnswerNotKept           (409) a keyed call already ran; its answer is no longer kept
+    ├── DamagedFile             (409) a stored snapshot or evicted copy is damaged: it can only be deleted
     ├── PreconditionFailed      (412) If-Match named a version that has moved
     ├── MalformedBody           (400) the body cannot be decoded
     ├── NotAcceptable           (406) no response type the caller accepts
@@ -125,6 +126,13 @@ class AnswerNotKept(SynapseServeError):
     """A repeated Idempotency-Key whose call ran once; its answer was dropped to bound memory. Not run again."""
 
     status, title, slug = 409, "Answer no longer kept", "answer-not-kept"
+
+
+class DamagedFile(SynapseServeError):
+    """A snapshot or an evicted copy whose file is damaged (truncated, altered): not the disk's fault, nor the
+    caller's; it can be deleted, never restored."""
+
+    status, title, slug = 409, "Damaged file", "damaged-file"
 
 
 class PreconditionFailed(SynapseServeError):

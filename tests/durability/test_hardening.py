@@ -1072,3 +1072,29 @@ def test_a_read_only_state_directory_is_served_and_every_write_says_it_cannot(tm
                 assert httpx.get(f"{server.url}/healthz").json()["storage"].startswith("failing")
         finally:
             server.stop()
+
+
+def test_a_damaged_snapshot_or_evicted_copy_is_listed_refused_409_and_deletable(tmp_path):
+    """A red-team run: a truncated snapshot was left out of the listing, yet taking one of its name was a 409 naming
+    it; restoring it, or a truncated evicted copy, was a 507 "storage error" on a disk with nothing wrong."""
+    with LiveServer(state_dir=tmp_path, durability="sync") as server, SynapseClient(server.url) as client:
+        syn = client.create("enc", kind=KIND, config=CONFIG)
+        syn.snapshot("s0")
+        path = next(tmp_path.glob("snapshots/*/enc/s0.safetensors"))
+        path.write_bytes(path.read_bytes()[:100])
+        listed = syn.snapshots()
+        assert [(s["snapshot"], s["version"]) for s in listed] == [("s0", None)] and "damaged" in listed[0]
+        with pytest.raises(ConflictError, match="snapshot 's0' is damaged .* delete it") as refused:
+            syn.restore("s0")
+        assert refused.value.problem["type"].endswith("/damaged-file")
+        with pytest.raises(ConflictError, match="already has a snapshot 's0'"):
+            syn.snapshot("s0")
+        syn.delete_snapshot("s0")
+        assert syn.snapshot("s0")["snapshot"] == "s0" and "damaged" not in syn.snapshots()[0]
+        assert _evict_all(server) == ["enc"]
+        copy = next(tmp_path.glob("evicted/*/enc.*.safetensors"))
+        copy.write_bytes(copy.read_bytes()[:100])
+        with pytest.raises(ConflictError, match="the evicted copy of 'enc' is damaged .* discard it"):
+            client.restore_evicted("enc")
+        client.discard_evicted("enc")
+        assert client.evicted() == [] and client.list() == []

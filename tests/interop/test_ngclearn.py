@@ -264,6 +264,9 @@ def npy(shape: tuple, data: bytes, descr: str = "<f4") -> bytes:
 @pytest.mark.parametrize(("hostile", "error", "message"), [
     ("object", NgclearnFileError, "weights: an object array"),
     ("huge", NgclearnFileError, "over 268435456 elements"),
+    # a red-team run: numpy's bare ValueError for a shape no array can have, "over … elements" for a negative one
+    ("empty-huge", NgclearnFileError, r"weights: shape \(10{30}, 0\) is not an array's"),
+    ("negative", NgclearnFileError, r"weights: shape \(-1, -1\) is not an array's"),
     ("truncated", NgclearnFileError, "truncated or altered"),
     ("wrong-shape", UnprocessableEntityError, "inputs"),
     ("not-npz", NgclearnFileError, "not an npz"),
@@ -309,7 +312,8 @@ def test_a_hostile_npz_is_a_clear_error_and_leaves_nothing(tmp_path, hostile, er
             npz.write_bytes(bytes(blob))
         else:
             crafted = {"object": npy((2,), b"\x00" * 16, "|O"), "huge": npy((99999999, 99999), b"\x00" * 60),
-                       "truncated": npy((5, 3), b"\x00" * 20)}[hostile]
+                       "truncated": npy((5, 3), b"\x00" * 20), "empty-huge": npy((10 ** 30, 0), b""),
+                       "negative": npy((-1, -1), b"")}[hostile]
             with zipfile.ZipFile(npz, "w") as archive:
                 for name, value in arrays.items():
                     archive.writestr(f"{name}.npy", crafted if name == "weights" else npy(value.shape, value.tobytes(),

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from synapse_serve.errors import NotFound, StorageError
+from synapse_serve.errors import DamagedFile, NotFound, StorageError
 from synapse_serve.local.instance import Instance, InstanceKey
 from synapse_serve.store import DURABILITY_MODES, SUFFIX, CorruptFile, Record, Store, decode, evicted_name, file_size
 
@@ -190,9 +190,14 @@ class Persistence:
         return path
 
     def read_snapshot(self, path: Path) -> Record:
+        """A snapshot's record: DamagedFile (409) when its file is damaged, StorageError (507) when the disk fails."""
         try:
             return decode(path.read_bytes())
-        except (CorruptFile, OSError) as exc:
+        except CorruptFile as exc:
+            snapshot = path.name.removesuffix(".safetensors")
+            raise DamagedFile(f"snapshot {snapshot!r} is damaged ({shown_failure(exc)}) and cannot be restored; "
+                              f"delete it (DELETE …/snapshots/{snapshot})", snapshot=snapshot) from exc
+        except OSError as exc:
             raise StorageError(f"snapshot {path.name} is unreadable: {shown_failure(exc)}") from exc
 
     def list_snapshots(self, key: InstanceKey) -> list[Path]:

@@ -27,6 +27,7 @@ import numpy as np
 
 from synapse_serve.errors import (
     AlreadyExists,
+    DamagedFile,
     InvalidConfig,
     InvalidInstanceFile,
     InvalidRequest,
@@ -670,10 +671,14 @@ class Registry:
             paths = self.persistence.list_snapshots(key)
         infos = []
         for path in paths:
+            snapshot = path.name[: -len(".safetensors")]
             try:
-                infos.append(_snapshot_info(path.name[: -len(".safetensors")], read_header(path)))
-            except (CorruptFile, OSError) as exc:
+                infos.append(_snapshot_info(snapshot, read_header(path)))
+            except (CorruptFile, OSError) as exc:  # listed as what it is: its name is taken, and it can be deleted
                 log.warning("snapshot %s is unreadable: %s", path, exc)
+                with contextlib.suppress(OSError):
+                    infos.append({"snapshot": snapshot, "version": None, "counters": {},
+                                  "created_at": path.stat().st_mtime, "damaged": shown_failure(exc)})
         return sorted(infos, key=lambda i: i["created_at"])
 
     def rollback(self, key: InstanceKey, snapshot: str, expected_version: int | None = None) -> int:
@@ -817,7 +822,10 @@ class Registry:
             path = self.persistence.latest_evicted(key)
             try:
                 record = decode(path.read_bytes())
-            except (CorruptFile, OSError) as exc:
+            except CorruptFile as exc:  # not the disk's fault: only a discard helps
+                raise DamagedFile(f"the evicted copy of {key.name!r} is damaged ({shown_failure(exc)}) and cannot be "
+                                  f"restored; discard it (DELETE /v1/evicted/{key.name})", name=key.name) from None
+            except OSError as exc:
                 raise StorageError(f"the evicted file of {key.name!r} is unreadable: {shown_failure(exc)}") from None
             self._restoring_evicted.add(key)
         moved = done = False
