@@ -137,8 +137,15 @@ def test_a_keyed_call_after_a_507_applies_exactly_once(tmp_path, monkeypatch):
         _refuse_writes(monkeypatch, errno.ENOSPC)  # a create refused so is undone, and its 507 says so
         with pytest.raises(InsufficientStorageError, match="'late' was not created") as info:
             client.create("late", kind=KIND, config=CONFIG)
-        assert "applied in memory" not in info.value.problem["detail"]
+        assert "applied in memory" not in info.value.problem["detail"] and "nothing was kept" in str(info.value)
         assert [d["name"] for d in client.list()] == ["k"]
+        monkeypatch.undo()
+        assert _evict_all(server) == ["k"]
+        _refuse_writes(monkeypatch, errno.ENOSPC)  # a red-team run: this said "nothing was kept", and the copy was
+        with pytest.raises(InsufficientStorageError, match="its evicted copy is kept, restore it again once"):
+            client.restore_evicted("k")
+        monkeypatch.undo()
+        assert client.restore_evicted("k").describe()["counters"] == {"evolve": 1}
 
 
 def test_a_second_server_on_the_same_state_directory_refuses_to_start(tmp_path):

@@ -227,13 +227,14 @@ class Registry:
 
     def _add_record(self, key: InstanceKey, record: Record, stored: bool = False, own: bool = False,
                     arrive: Callable[[Instance], None] | None = None,
-                    settle: Callable[[Instance], None] | None = None) -> dict[str, Any]:
+                    settle: Callable[[Instance], None] | None = None,
+                    undone: str = "nothing was kept, send it again") -> dict[str, Any]:
         """Add an instance from a record (import, start-up, an evicted one coming back).
 
         Anything but a stored instance is checked like a create: the record's values, and quotas and the
         budget against the larger of its state and a fresh state of its config (its reset returns there).
         ``own``: a file this server wrote of its own state (an evicted copy): parameters that learning made
-        non-finite come back as they were, where an import refuses them. ``arrive`` and ``settle``: ``_build``'s.
+        non-finite come back as they were, where an import refuses them. ``arrive``, ``settle``, ``undone``: ``_build``'s.
         """
         kind_ = get_kind(record.kind)
         cfg = kind_.parse_config(record.config)
@@ -248,7 +249,7 @@ class Registry:
                                  record=record)
         max_batch = None if stored else self.capacity.limits.max_batch
         return self._build(instance, lambda: state_from_compartments(kind_, cfg, record.seed, record.arrays,
-                                                                     max_batch), arrive, settle)
+                                                                     max_batch), arrive, settle, undone)
 
     def _check_batch_size(self, cfg: Any) -> None:
         """A config's batch_size (its signals' batch at creation and after every reset) within max_batch."""
@@ -357,11 +358,13 @@ class Registry:
         return instance
 
     def _build(self, instance: Instance, build: Callable[[], Any], arrive: Callable[[Instance], None] | None = None,
-               settle: Callable[[Instance], None] | None = None) -> dict[str, Any]:
+               settle: Callable[[Instance], None] | None = None,
+               undone: str = "nothing was kept, send it again") -> dict[str, Any]:
         """Build a reserved instance's state on its device, store it (sync mode), describe it; undo on failure.
 
         ``arrive(instance)`` runs first and ``settle(instance)`` last (it must not raise), both while no other call
-        can reach the instance: what must be in place before anyone sees it, and what may go once it is stored."""
+        can reach the instance: what must be in place before anyone sees it, and what may go once it is stored.
+        ``undone``: what a refusal for storage says is left, and what to do."""
         try:
             if arrive is not None:
                 arrive(instance)
@@ -374,8 +377,8 @@ class Registry:
                 self.persistence.persist(instance)
             except StorageError as failed:  # undone below: not "applied in memory" as a call's 507 is
                 raise StorageError(f"{instance.key.name!r} was not created: it could not be stored durably "
-                                   f"({failed.reason}); nothing was kept, send it again once the "
-                                   "disk has room", name=instance.key.name) from None
+                                   f"({failed.reason}); {undone} once the state directory can be written",
+                                   name=instance.key.name) from None
             description = instance.describe(self.persistence.mode(instance))
         except BaseException:
             with self._lock:
@@ -854,9 +857,10 @@ class Registry:
                 self.capacity.release_snapshot(key.owner, nbytes)
                 done = True
 
-        try:
-            return self._add_record(key, record, own=True, arrive=arrive, settle=settle)  # never refused for what
-        except BaseException:  # learning made of it; undone: its snapshots go back beside its copy
+        try:  # own: never refused for what learning made of it
+            return self._add_record(key, record, own=True, arrive=arrive, settle=settle,
+                                    undone="its evicted copy is kept, restore it again")
+        except BaseException:  # undone: its snapshots go back beside its copy
             if moved:
                 with contextlib.suppress(OSError):
                     store.stash_snapshots(str(key), path)
