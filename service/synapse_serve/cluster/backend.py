@@ -184,7 +184,9 @@ class RayBackend:
         times at most, within the restart timeout (a failure that repeats while the shard answers is no restart:
         retried without a bound, one request had kept a front and its shard busy for good)."""
         keyed = method in ("call", "call_many", "call_stacked") and kwargs.get("idempotency_key")
-        retry = method in RETRYABLE or keyed
+        # a write done before its shard died would answer its retry 412 (its If-Match has moved): not repeated
+        retry = (method in RETRYABLE and not (method == "write" and kwargs.get("expected_version") is not None)
+                 or keyed)
         deadline = time.monotonic() + self.settings.ray_restart_timeout_s
         for attempt in range(MAX_TRIES):
             try:
