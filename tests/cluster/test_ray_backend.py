@@ -356,6 +356,16 @@ def test_what_the_channel_cannot_carry_goes_through_ray_and_evicted_copies_come_
         answer = dst.call("evolve", pre=Ref("outputs", instance="src"), post=np.ones((1, 2), np.float32),
                           idempotency_key="over-the-bound")
         assert answer["version"] == 2 and time.monotonic() - started < 30
+        with SynapseClient("local") as one_host:  # a reference to what is no floating compartment: the same words
+            one_host.create("src", kind="HebbianSynapse", config={"shape": [1, 80]})
+            here = one_host.create("dst", kind="HebbianSynapse", config={"shape": [80, 2], "eta": 0.1})
+            for compartment in ("nope", "key"):
+                refusals = []
+                for syn in (dst, here):
+                    with pytest.raises(UnprocessableEntityError) as refused:
+                        syn.call("evolve", pre=Ref(compartment, instance="src"), post=np.ones((1, 2), np.float32))
+                    refusals.append(refused.value.problem["detail"])
+                assert refusals[0] == refusals[1] and "no such floating compartment in 'src'" in refusals[0]
         e = alice.create("e", kind="HebbianSynapse", config={"shape": [4, 4]})
         deep: object = 1
         for _ in range(62):  # within what the front reads; past what the channel's frame may nest

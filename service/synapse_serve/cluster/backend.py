@@ -42,6 +42,7 @@ from synapse_serve.errors import (
     NotReady,
     QuotaExceeded,
     SynapseServeError,
+    UnknownCompartment,
 )
 from synapse_serve.names import CompartmentRef, InstanceKey
 from synapse_serve.settings import Settings
@@ -477,9 +478,23 @@ class RayBackend:
                 other = InstanceKey(key.owner, value.instance)
                 other_shard = await self._shard_of(other)
                 if other_shard != shard:
-                    out[argument], _ = await self._on(other, "read", compartment=value.compartment)
+                    out[argument] = await self._referred(other, argument, value.compartment)
                     stands_for[argument] = [value.compartment, value.instance]
         return out, stands_for
+
+    async def _referred(self, other: InstanceKey, argument: str, compartment: str) -> Any:
+        """A floating compartment of ``other`` a reference names, refused in one host's words when there is none."""
+        try:
+            values, _ = await self._on(other, "read", compartment=compartment)
+        except UnknownCompartment:
+            values = None
+        if values is not None and str(values.dtype).startswith(("float", "bfloat")):
+            return values
+        described = await self._on(other, "describe")
+        floating = sorted(name for name, spec in described["compartments"].items()
+                          if spec["dtype"].startswith(("float", "bfloat")))
+        raise UnknownCompartment(f"{argument}: cannot refer to {str(compartment)[:128]!r}: no such floating "
+                                 f"compartment in {other.name!r}; it has: {', '.join(floating)}", argument=argument)
 
     async def call_many(self, keys: list[InstanceKey], *, operation: str, tensors: list[Mapping[str, Any]],
                         returns: list[str] | None = None, idempotency_key: str | None = None
