@@ -34,6 +34,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 << 10  # a request line and headers; a token is ~100 bytes, a browser's head ~1-2 KiB
 MAX_PIPELINED = 32  # requests read ahead of the one being answered (HTTP clients hardly pipeline at all)
+SLOW_READ_BYTES_S = 256 << 10  # an answer waiting for its reader may take this long a byte more (2 Mbit/s)
 DESCRIPTORS_KEPT = 128  # at least, out of the process's limit, never taken by connections
 REFUSALS_LOGGED_EVERY_S = 10.0  # a flood of connections is one warning a while, not a line each
 
@@ -67,6 +68,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._unread_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0  # bytes of answer waiting in the transport when it was last seen waiting
         self._cycles: collections.deque = collections.deque()  # requests read and not answered yet, oldest first
         if len(self.connections) > self.max_connections:
             self._too_many()
@@ -100,11 +102,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._cycles.clear()
 
     def pause_writing(self) -> None:
-        """The client stopped reading the answer (the socket's buffer is full): it has ``unread_s`` to read on, or the
-        connection is cut — an answer waiting for a reader that never comes holds its memory for good."""
+        """The answer waits for its client to read (the socket's buffer is full): it has ``unread_s``, and as long
+        again as what waits takes at ``SLOW_READ_BYTES_S``, for what waits to shrink, or the connection is cut — an
+        answer waiting for a reader that never comes holds its memory for good. The event loop sees a large part
+        leave only once all of it has (a red-team run's reader at a steady 5 MB/s was cut in a 207 MB part)."""
         super().pause_writing()
         if self._unread_timer is None:
-            self._unread_timer = self.loop.call_later(self.unread_s, self._never_read)
+            self._time_unread()
 
     def resume_writing(self) -> None:
         self._read_again()
@@ -117,9 +121,17 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _never_read(self) -> None:
         self._unread_timer = None
-        if not self.transport.is_closing() or self.transport.get_write_buffer_size():
+        unsent = self.transport.get_write_buffer_size()
+        if 0 < unsent < self._unsent:  # read meanwhile, if slowly (closing too: its last bytes): timed again
+            self._time_unread()
+            return
+        if unsent or not self.transport.is_closing():
             self._hang_up()
             self.transport.abort()  # close() would wait for the buffer to be read first
+
+    def _time_unread(self) -> None:
+        self._unsent = self.transport.get_write_buffer_size()
+        self._unread_timer = self.loop.call_later(self.unread_s + self._unsent / SLOW_READ_BYTES_S, self._never_read)
 
     def data_received(self, data: bytes) -> None:
         """uvicorn's, with the bytes of heads and trailer fields counted, and a refusal raised in a callback answered

@@ -497,9 +497,13 @@ def test_connections_over_the_bound_are_answered_503_and_closed_and_the_rest_kee
             assert other.get("/v1/synapses/enc").json()["version"] == version
 
 
-def test_an_answer_its_client_stops_reading_is_cut_after_the_idle_timeout(tmp_path):
+def test_an_answer_its_client_stops_reading_is_cut_after_the_idle_timeout(tmp_path, monkeypatch):
     """An answer waiting on a socket whose client stopped reading waited for good, holding its memory (a compartment's
-    copy, an export) and its connection; now the client has the body idle timeout to read on."""
+    copy, an export) and its connection; now the client has the body idle timeout to read on (and as long again as
+    what waits takes at the slowest rate a reader is granted)."""
+    from synapse_serve import protocol
+
+    monkeypatch.setattr(protocol, "SLOW_READ_BYTES_S", 1 << 30)  # a fast reader's grace: the idle timeout alone
     with LiveServer(state_dir=tmp_path, body_idle_timeout_s=0.5) as server, SynapseClient(server.url) as client:
         client.create("wide", kind="HebbianSynapse", config={"shape": [1024, 2048]})  # 8 MiB of weights
         port = int(server.url.rsplit(":", 1)[1])
@@ -520,6 +524,20 @@ def test_an_answer_its_client_stops_reading_is_cut_after_the_idle_timeout(tmp_pa
         assert len(received) < 1024 * 2048 * 4, "the whole answer waited for a reader that had stopped"
         weights = client.get("wide").weights  # a client that reads is served whole
         assert weights.shape == (1024, 2048)
+        # a red-team run: a reader slow but steady was cut too, once one large part took longer than the timeout to
+        # go out (the event loop sees a part leave only once all of it has)
+        monkeypatch.undo()
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(10)
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"GET /v1/synapses/wide/compartments/weights HTTP/1.1\r\nHost: x\r\n"
+                      b"Accept: application/msgpack\r\nConnection: close\r\n\r\n")
+            started, received = time.monotonic(), bytearray()
+            while chunk := s.recv(32768):
+                received += chunk
+                time.sleep(0.004)  # ~8 MB/s at most: the 8 MiB take longer than the timeout, read all along
+        assert time.monotonic() - started > 1.0 and len(received) > 1024 * 2048 * 4, len(received)
 
 
 def test_a_client_that_leaves_mid_body_is_no_server_error(tmp_path, caplog):
