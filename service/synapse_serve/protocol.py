@@ -63,7 +63,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # read while it arrives, across reads: a long one is stopped before it is all joined
         self._head_size = 0  # its line and fields, exactly (trailer fields count too)
         self._message_open = False  # from a request's first byte to its body's last
-        self._in_trailer, self._trailer_bytes, self._bodies = False, 0, 0
+        self._in_trailer, self._trailer_bytes, self._chunks = False, 0, 0
         self._body_due = self._body_moved = 0.0
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
@@ -143,7 +143,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)  # this read may hold the body's first bytes too: only checked if not done
         elif self._message_open:
             self._body_moved = self.loop.time()
-        in_trailer, bodies = self._in_trailer, self._bodies
+        in_trailer, chunks = self._in_trailer, self._chunks
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -169,7 +169,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         if self._message_open and not self._in_head and self._body_timer is None:  # a body still to come: timed
             self._time_body(min(self.unread_s, self.body_timeout_s))
-        if in_trailer and self._in_trailer and self._bodies == bodies:  # a whole read of trailer fields
+        if in_trailer and self._in_trailer and self._chunks == chunks:  # a whole read of trailer fields (no body)
             self._trailer_bytes += len(data)
             if self._trailer_bytes > MAX_HEAD_BYTES:
                 self._refuse(431, f"a request's trailer fields are at most {MAX_HEAD_BYTES} bytes")
@@ -215,14 +215,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_chunk_header(self) -> None:  # the last chunk's is followed by the trailer fields, if any
         self._in_trailer = True
+        self._chunks += 1
 
-    def on_body(self, body: bytes) -> None:
+    def on_body(self, body: bytes) -> None:  # (per chunk of a chunked body: kept to one store and uvicorn's own)
         self._in_trailer = False
-        self._bodies += 1
-        super().on_body(body)
-
-    def on_chunk_complete(self) -> None:
-        self._in_trailer = False
+        HttpToolsProtocol.on_body(self, body)
 
     def on_message_complete(self) -> None:
         self._message_open, self._in_trailer = False, False
