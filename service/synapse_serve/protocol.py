@@ -155,7 +155,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         except httptools.HttpParserUpgrade:
             if self._should_upgrade():
-                self.handle_websocket_upgrade()
+                self._upgrade()
             else:
                 self._unsupported_upgrade_warning()
             return
@@ -173,6 +173,17 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._trailer_bytes += len(data)
             if self._trailer_bytes > MAX_HEAD_BYTES:
                 self._refuse(431, f"a request's trailer fields are at most {MAX_HEAD_BYTES} bytes")
+
+    def _upgrade(self) -> None:
+        """Hand the connection to the WebSocket protocol, which must have answered its handshake within the head
+        timeout (a red-team run: uvicorn's never answers one whose request carries a body, nor closes it; such
+        connections were held for good, no token needed). A handshake with a body is refused here at once."""
+        if any(name in (b"content-length", b"transfer-encoding") and value.strip() not in (b"", b"0")
+               for name, value in self.headers):
+            self._refuse(400, "a WebSocket handshake carries no body")
+            return
+        self.handle_websocket_upgrade()
+        self._time_head()  # not this protocol's any more: only its handshake is watched, once
 
     def _unreadable(self) -> None:
         message = "Invalid HTTP request received."
@@ -243,6 +254,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
+        handed = self.transport.get_protocol()
+        if handed is not self:  # upgraded: the WebSocket protocol has not answered its handshake in time
+            if not getattr(handed, "handshake_complete", True) and not self.transport.is_closing():
+                self.transport.abort()
+            return
         if not self._in_head or self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:  # a pipelined head behind an answer still

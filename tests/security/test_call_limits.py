@@ -422,6 +422,32 @@ def test_bytes_between_requests_are_a_head_and_are_timed_as_one(tmp_path):
         assert time.monotonic() - started < 3
 
 
+def test_a_websocket_handshake_with_a_body_or_left_unanswered_does_not_hold_its_connection(tmp_path, monkeypatch):
+    """A red-team run: an upgrade request carrying a body was handed to uvicorn's WebSocket protocol, which never
+    answers such a handshake nor closes it: 40 of them held 40 descriptors for good, no token needed."""
+    import base64
+    import os
+
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    upgrade = (b"GET /v1/session HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n"
+               b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + base64.b64encode(os.urandom(16)) + b"\r\n")
+    with LiveServer(state_dir=tmp_path, head_timeout_s=0.5) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        for body in (b"Content-Length: 5\r\n\r\nhello", b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"):
+            answer, seconds = _answer_to(port, upgrade + body)
+            assert answer.startswith(b"HTTP/1.1 400 ") and b"handshake carries no body" in answer and seconds < 2
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # a handshake answered: the stream stays
+            s.sendall(upgrade + b"\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 101 ")
+            time.sleep(1.0)  # longer than a head may take
+            s.sendall(b"\x88\x80\x00\x00\x00\x00")  # a masked close frame: answered with its own
+            assert s.recv(4096)[:1] == b"\x88"
+        monkeypatch.setattr(WebSocketsSansIOProtocol, "data_received", lambda self, data: None)  # never answers
+        answer, seconds = _answer_to(port, upgrade + b"\r\n")
+        assert answer == b"" and 0.4 < seconds < 3  # cut once the head timeout passed
+
+
 def test_the_rest_of_a_body_no_route_reads_must_arrive_in_time_too(tmp_path):
     """A red-team run: a route that answered without reading its declared body (a 401, /healthz) left the
     connection open for as long as a byte of that body arrived now and then: the body timeouts are the routes'."""
