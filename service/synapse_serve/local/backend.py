@@ -159,6 +159,19 @@ IDLE_LOOK_S = 1.0  # how often the idle trimmer looks at the process's CPU time
 # there never saw it idle (measured 2026-11-30); a server at work takes far more than 80 ms a second
 IDLE_CPU_S = 0.08
 TRIM_AFTER_CPU_S = 1.0  # CPU time spent since the last trim (work that may have freed memory) before another
+# or the resident memory grown this much since it: a spell of idleness in the middle of work (a client slowed down
+# on a loaded machine) had its trim come too early, and the work after it, under TRIM_AFTER_CPU_S, left its frees
+# in the pools for good (a test's 42 MB of 82)
+TRIM_AFTER_GROWTH_BYTES = 32 << 20
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class Periodic:
@@ -244,35 +257,38 @@ class IdleTrimmer(Periodic):
     1,291 MB resident, 625 MB once trimmed, and large calls (batches of 512-4,096 on a 256x256 dense synapse) left
     ~100 MB that a trim returned. A trim takes ~30 ms and holds the heap's locks, so it runs only when the process
     is idle (under ``IDLE_CPU_S`` of CPU in the last ``IDLE_LOOK_S``, all threads counted) and has worked since the
-    last one: a busy server stays at the level its pools settle at, a server between bursts of work comes back
-    down."""
+    last one (``TRIM_AFTER_CPU_S``) or grown since (``TRIM_AFTER_GROWTH_BYTES``): a busy server stays at the level
+    its pools settle at, a server between bursts of work comes back down."""
 
     thread_name = "synapse-trimmer"
 
     def __init__(self, clock: Callable[[], float] = time.process_time,
-                 trim: Callable[[], None] = return_freed_memory) -> None:
+                 trim: Callable[[], None] = return_freed_memory, resident: Callable[[], int] = resident_bytes) -> None:
         super().__init__(IDLE_LOOK_S)
         self.trims = 0
-        self._clock, self._trim = clock, trim
-        self._last, self._worked = clock(), 0.0
+        self._clock, self._trim, self._resident = clock, trim, resident
+        self._last, self._worked, self._trimmed_at = clock(), 0.0, resident()
 
     def start(self) -> None:
         if _MALLOC_TRIM is not None:  # no glibc: nothing to hand back
             super().start()
 
     def started(self) -> None:
-        self._last, self._worked = self._clock(), 0.0
+        self._last, self._worked, self._trimmed_at = self._clock(), 0.0, self._resident()
 
     def look(self) -> bool:
-        """One look (every ``IDLE_LOOK_S``): trim if the process was idle since the last look after work."""
+        """One look (every ``IDLE_LOOK_S``): trim if the process was idle since the last look after work (or after
+        growing since the last trim)."""
         now = self._clock()
         spent, self._last = now - self._last, now
         self._worked += spent
-        if spent >= IDLE_CPU_S or self._worked < TRIM_AFTER_CPU_S:
+        if spent >= IDLE_CPU_S:
+            return False
+        if self._worked < TRIM_AFTER_CPU_S and self._resident() - self._trimmed_at < TRIM_AFTER_GROWTH_BYTES:
             return False
         self._trim()
         self.trims += 1
-        self._last, self._worked = self._clock(), 0.0  # the trim's own CPU is not work
+        self._last, self._worked, self._trimmed_at = self._clock(), 0.0, self._resident()  # its own CPU is not work
         return True
 
 
