@@ -390,6 +390,7 @@ def test_what_the_channel_cannot_carry_goes_through_ray_and_evicted_copies_come_
         held = [ray.get(shard.run.remote("evicted", (), {"owner": "alice"}), timeout=60)[1] for shard in shards]
         assert [[c["name"] for c in copies if c["name"] == "ev"] for copies in held] == [[], ["ev"]]  # not counted
         assert [c["name"] for c in alice.evicted() if c["name"] == "ev"] == ["ev"]  # one copy a name, the latest
+        assert {"src", "dst", "e"} <= {c["name"] for c in alice.evicted()}  # names this sweep did not write stay
         back = alice.restore_evicted("ev")
         assert back.describe()["version"] == newest and back.describe()["shard"] == 1
         assert "ev" not in {c["name"] for c in alice.evicted()}  # the older copy went too

@@ -615,13 +615,26 @@ class RayBackend:
 
     async def evict_idle(self, *, idle_s: float) -> list[dict[str, Any]]:
         evicted = await self._each("evict_idle", idle_s=idle_s)
+        written: dict[InstanceKey, int] = {}
         for shard, entries in enumerate(evicted):
             for entry in entries:
                 key = InstanceKey(entry["owner"], entry["name"])
                 self._where.pop(key, None)
                 await self.directory.release.remote(entry["owner"], entry["name"], shard)
-                # the copy just written is the name's latest: one left on another shard is the older
-                await self._discard_older(key, [i for i in range(len(self.shards)) if i != shard])
+                written[key] = shard
+        # the copy just written is the name's latest: one left on another shard is the older. Each owner's copies
+        # are listed once (not asked of every other shard name by name: a sweep evicts many names at once).
+        for owner in {key.owner for key in written}:
+            try:
+                listed = await self._each("evicted", owner=owner)
+            except SynapseServeError as exc:  # a shard not answering: its older copies stay listed, holding quota
+                log.warning("older evicted copies of %s's instances were not looked for: %s", owner, exc.detail)
+                continue
+            for shard, entries in enumerate(listed):
+                for entry in entries:
+                    key = InstanceKey(owner, entry["name"])
+                    if written.get(key, shard) != shard:
+                        await self._discard_older(key, [shard])
         return [entry for entries in evicted for entry in entries]
 
     async def storage(self) -> dict[str, Any]:
