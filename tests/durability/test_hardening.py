@@ -709,6 +709,16 @@ def test_names_differing_only_in_case_are_refused_where_the_state_directory_igno
     with pytest.raises(AlreadyExists, match="'Alice' differs only in case from another owner's, whose files"):
         lone.create(InstanceKey("Alice", "y"), kind=KIND, config=CONFIG)
     lone.unevict(InstanceKey("alice", "x"))  # the owner itself is not its own twin
+    listings = []
+    store, lone_twin = lone.persistence.store, lone.persistence.store.owner_twin
+    store.owner_twin = lambda owner: listings.append(owner) or lone_twin(owner)
+    lone.create(InstanceKey("alice", "z"), kind=KIND, config=CONFIG)  # an owner holding instances: no listing
+    with pytest.raises(AlreadyExists, match="'Alice' differs only in case from another owner's"):
+        lone.create(InstanceKey("Alice", "y"), kind=KIND, config=CONFIG)
+    assert listings == []
+    lone.create(InstanceKey("bob", "z"), kind=KIND, config=CONFIG)  # a new owner's folders are looked at once
+    lone.create(InstanceKey("bob", "w"), kind=KIND, config=CONFIG)
+    assert listings == ["bob"]
     lone.close()
 
 

@@ -306,7 +306,9 @@ class Registry:
         the lock): the state directory's file system ignores case, so they would share a file or a folder — one
         instance overwriting the other's acknowledged state, or, at the next start, one owner's instances another's."""
         owner, name = key.owner.casefold(), key.name.casefold()
+        owner_held = False
         for other in (*self._instances, *self._restoring, *self._unloadable):
+            owner_held = owner_held or other.owner == key.owner
             if other.owner != key.owner and other.owner.casefold() == owner:
                 raise AlreadyExists(f"the owner name {key.owner!r} differs only in case from another owner's, which "
                                     "this server's state directory cannot tell apart (its file system ignores case)",
@@ -315,8 +317,9 @@ class Registry:
                 raise AlreadyExists(f"{key.name!r} differs only in case from the instance {other.name!r}, which this "
                                     "server's state directory cannot tell apart (its file system ignores case); "
                                     "choose another name", name=key.name)
-        twin = self.persistence.store.owner_twin(key.owner) if self.persistence.store is not None else None
-        if twin is not None:
+        if owner_held or self.persistence.store is None:  # its folders are its own: a twin was refused before
+            return
+        if self.persistence.store.owner_twin(key.owner) is not None:  # (lists four folders: once per new owner)
             raise AlreadyExists(f"the owner name {key.owner!r} differs only in case from another owner's, whose files "
                                 "this server's state directory holds and cannot tell apart (its file system ignores "
                                 "case)", name=key.name)
