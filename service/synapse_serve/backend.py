@@ -115,7 +115,10 @@ class Backend(Protocol):
 
     # --- operators ---
 
-    async def evict_idle(self, *, idle_s: float) -> list[dict[str, Any]]: ...
+    async def evict_idle(self, *, idle_s: float) -> dict[str, list[dict[str, Any]]]:
+        """``{"evicted": [...], "stayed": [{owner, name, reason}]}``: what went, and the idle instances that could
+        not (their copy over the owner's snapshot quota, or the disk refusing it)."""
+        ...
 
     async def storage(self) -> dict[str, Any]: ...
 

@@ -380,7 +380,8 @@ def test_what_the_channel_cannot_carry_goes_through_ray_and_evicted_copies_come_
                  "headers": {"Authorization": f"Bearer {ROOT}"}, "timeout": 60}
         ev = alice.create("ev", kind="HebbianSynapse", config={"shape": [4, 2], "eta": 0.1}, device="shard-0")
         ev.evolve(np.ones((1, 4), np.float32), np.ones((1, 2), np.float32))
-        httpx.post(**evict).raise_for_status()
+        swept = httpx.post(**evict).json()
+        assert {e["name"] for e in swept["evicted"]} == {"src", "dst", "e", "ev"} and swept["stayed"] == []
         again = alice.create("ev", kind="HebbianSynapse", config={"shape": [4, 2], "eta": 0.1}, device="shard-1")
         for _ in range(4):
             again.evolve(np.ones((1, 4), np.float32), np.ones((1, 2), np.float32))

@@ -298,10 +298,35 @@ def test_an_instance_whose_evicted_copy_would_not_fit_is_never_written_out(tmp_p
             SynapseClient(server.url) as client:
         client.create("big", kind="HebbianSynapse", config={"shape": [40, 40], "optim_type": "adam"})
         for _ in range(3):
-            assert client.request("POST", "/v1/admin/evict", {"idle_s": 0}, retry=False)["evicted"] == []
+            swept = client.request("POST", "/v1/admin/evict", {"idle_s": 0}, retry=False)
+            assert swept["evicted"] == [] and [(s["owner"], s["name"]) for s in swept["stayed"]] == [("local", "big")]
+            assert swept["stayed"][0]["reason"].startswith("its evicted copy would not fit its owner's snapshot quota")
         assert written == [] and [d["name"] for d in client.list()] == ["big"]
         assert server.registry.capacity.owner_usage("local")["snapshot_bytes"] == 0
         assert not list((tmp_path / "evicted").rglob("*.safetensors"))
+
+
+def test_an_eviction_that_cannot_be_written_says_why_the_instance_stays(tmp_path, monkeypatch):
+    """An operator's sweep on a full disk answered ``{"evicted": []}`` with no word of why: each idle instance that
+    stays is listed with its reason, and is untouched."""
+    import errno
+
+    from synapse_serve.store import Store
+
+    def full(self, key, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with LiveServer(state_dir=tmp_path) as server, SynapseClient(server.url) as client:
+        syn = client.create("kept", kind=KIND, config=CONFIG)
+        before = syn.weights
+        monkeypatch.setattr(Store, "save_evicted", full)
+        swept = client.request("POST", "/v1/admin/evict", {"idle_s": 0}, retry=False)
+        assert swept == {"evicted": [], "stayed": [{"owner": "local", "name": "kept", "reason":
+                                                    "its evicted copy could not be written (No space left on device)"}]}
+        np.testing.assert_array_equal(syn.weights, before)
+        assert client.evicted() == [] and server.registry.capacity.owner_usage("local")["snapshot_bytes"] == 0
+        monkeypatch.undo()
+        assert client.request("POST", "/v1/admin/evict", {"idle_s": 0}, retry=False)["stayed"] == []
 
 
 def test_devices_route_shows_load_and_budget(tmp_path):

@@ -42,8 +42,8 @@ async def admin_evict(request: Request, server: ServerDep, principal: PrincipalD
     idle_s = body["idle_s"]
     if isinstance(idle_s, bool) or not isinstance(idle_s, (int, float)) or not _finite_non_negative(idle_s):
         raise InvalidRequest(f"idle_s: expected a finite number >= 0, received {str(idle_s)[:40]!r}", field="idle_s")
-    evicted = await server.backend.evict_idle(idle_s=float(idle_s))
-    return encode({"evicted": evicted}, response_type(request, media))
+    swept = await server.backend.evict_idle(idle_s=float(idle_s))
+    return encode({"evicted": swept["evicted"], "stayed": swept["stayed"]}, response_type(request, media))
 
 
 def _finite_non_negative(value: float) -> bool:

@@ -613,8 +613,9 @@ class RayBackend:
 
     # --- operators ---
 
-    async def evict_idle(self, *, idle_s: float) -> list[dict[str, Any]]:
-        evicted = await self._each("evict_idle", idle_s=idle_s)
+    async def evict_idle(self, *, idle_s: float) -> dict[str, list[dict[str, Any]]]:
+        swept = await self._each("evict_idle", idle_s=idle_s)
+        evicted = [answer["evicted"] for answer in swept]
         written: dict[InstanceKey, int] = {}
         for shard, entries in enumerate(evicted):
             for entry in entries:
@@ -635,7 +636,8 @@ class RayBackend:
                     key = InstanceKey(owner, entry["name"])
                     if written.get(key, shard) != shard:
                         await self._discard_older(key, [shard])
-        return [entry for entries in evicted for entry in entries]
+        return {"evicted": [entry for entries in evicted for entry in entries],
+                "stayed": [entry for answer in swept for entry in answer["stayed"]]}
 
     async def storage(self) -> dict[str, Any]:
         statuses = await self._each("storage")

@@ -722,8 +722,10 @@ class LocalBackend:
 
     # --- operators ---
 
-    async def evict_idle(self, *, idle_s: float) -> list[dict[str, Any]]:
-        return await self._off(self.registry.evict_idle, idle_s)
+    async def evict_idle(self, *, idle_s: float) -> dict[str, list[dict[str, Any]]]:
+        stayed: list[dict[str, Any]] = []
+        evicted = await self._off(self.registry.evict_idle, idle_s, None, stayed)
+        return {"evicted": evicted, "stayed": stayed}
 
     async def storage(self) -> dict[str, Any]:
         return self.registry.storage_status()

@@ -319,7 +319,7 @@ class Registry:
                                     "choose another name", name=key.name)
         if owner_held or self.persistence.store is None:  # its folders are its own: a twin was refused before
             return
-        if self.persistence.store.owner_twin(key.owner) is not None:  # (lists four folders: once per new owner)
+        if self.persistence.store.owner_twin(key.owner) is not None:  # (lists four folders)
             raise AlreadyExists(f"the owner name {key.owner!r} differs only in case from another owner's, whose files "
                                 "this server's state directory holds and cannot tell apart (its file system ignores "
                                 "case)", name=key.name)
@@ -711,8 +711,10 @@ class Registry:
             freed = self.persistence.delete_snapshot(key, snapshot)
         self.capacity.release_snapshot(key.owner, freed)
 
-    def evict_idle(self, idle_s: float, now: float | None = None) -> list[dict[str, Any]]:
-        """Export, then delete, every instance unused for ``idle_s`` seconds; returns what was evicted.
+    def evict_idle(self, idle_s: float, now: float | None = None,
+                   stayed: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Export, then delete, every instance unused for ``idle_s`` seconds; returns what was evicted, and appends
+        to ``stayed`` (if given) each idle instance that could not be, with why.
 
         Each is written to ``<state_dir>/evicted/<owner>/`` before it is deleted (its snapshots go beside the copy
         and come back with it); its owner sees it with ``evicted`` and brings it back with ``unevict``. Its owner
@@ -731,7 +733,9 @@ class Registry:
                     continue
                 with self._evicted_lock:
                     path = self._evict_one(instance)
-                if path is None:
+                if isinstance(path, str):
+                    if stayed is not None:
+                        stayed.append({"owner": instance.key.owner, "name": instance.key.name, "reason": path})
                     continue
                 state_bytes = instance.held_bytes
                 self._forget(instance)
@@ -740,23 +744,23 @@ class Registry:
             log.info("evicted %s (idle %.0f s) to %s", instance.key, now - instance.last_used_at, path)
         return evicted
 
-    def _evict_one(self, instance: Instance) -> Path | None:
+    def _evict_one(self, instance: Instance) -> Path | str:
         """Write the instance's copy, count it, move its snapshots beside it, delete its file (under its lock and
-        the evicted copies' lock); the copy's path, or None where it stays (nothing of the eviction left but a
+        the evicted copies' lock); the copy's path, or why it stays (nothing of the eviction left but that and a
         log line). A marker beside the copy says the eviction is under way until the instance's file is gone:
         the next start finishes one a crash cut short (``Store._settle_evictions``)."""
         store, key = self.persistence.store, instance.key
         older = store.evicted_files(key.owner, key.name)
         record = instance.record()
         counted = self._reserve_evicted(key, record, older)  # before a byte is written: the file's size is known
-        if counted is None:
-            return None
+        if isinstance(counted, str):
+            return counted
         try:
             path = self.persistence.evict(instance, record)
         except OSError as exc:
             self.capacity.release_snapshot(key.owner, counted[0])
             log.error("could not evict %s: %s", key, exc)
-            return None
+            return f"its evicted copy could not be written ({exc.strerror or type(exc).__name__})"
         try:
             self._admit_evicted(key, path, *counted)
             written = path.stat().st_size
@@ -769,16 +773,16 @@ class Registry:
                     store.unstash_snapshots(str(key), path)
                     store.remove_evicted(path)
                     self.capacity.release_snapshot(key.owner, written)
-                return None
+                return f"its stored file could not be removed ({exc.strerror or type(exc).__name__})"
             return path
         finally:
             with contextlib.suppress(OSError):
                 store.clear_evicting(path)
 
     def _reserve_evicted(self, key: InstanceKey, record: Record, older: list[Path]
-                         ) -> tuple[int, dict[Path, int]] | None:
+                         ) -> tuple[int, dict[Path, int]] | str:
         """Count an evicted copy about to be written against its owner's snapshot quota, as if the older copies of
-        its name went (as each will): the bytes counted and the older copies' sizes, or None (nothing counted,
+        its name went (as each will): the bytes counted and the older copies' sizes, or why not (nothing counted,
         nothing to write) where it does not fit. Checked before the write: an owner whose quota is full had each
         idle instance written out and deleted again on every pass of the evictor (a red-team run)."""
         store = self.persistence.store
@@ -788,7 +792,7 @@ class Registry:
             self.capacity.admit_snapshot(key.owner, grows)
         except QuotaExceeded as exc:
             log.info("%s stays: its evicted copy would not fit its owner's quota (%s)", key, exc.detail)
-            return None
+            return f"its evicted copy would not fit its owner's snapshot quota ({exc.detail})"
         return grows, before
 
     def _admit_evicted(self, key: InstanceKey, path: Path, grows: int, before: dict[Path, int]) -> None:
