@@ -30,3 +30,37 @@ def test_a_claim_never_settled_expires_and_the_name_can_be_created_again(monkeyp
     assert directory.claim("bob", "ghost", 2) == 1  # a settled name never expires
     directory.release("bob", "other")
     assert directory.claim("bob", "third", 2) is None and directory.claimed_at.keys() == {("bob", "third")}
+
+
+def test_a_directory_that_does_not_answer_stalls_a_shard_once_not_at_every_growth(monkeypatch):
+    """A reservation waits on the directory holding the shard's capacity lock (every create and growth there waits
+    with it). It waited up to 30 s, and again at the next growth; now it waits ``CLAIM_TIMEOUT_S`` and then counts
+    the shard's own bytes for ``CLAIM_BACKOFF_S`` before asking again."""
+    import ray
+
+    now = [1000.0]
+    monkeypatch.setattr(shard_module.time, "monotonic", lambda: now[0])
+    waited, answer = [], [None]
+
+    def get(ref, timeout=None):
+        waited.append(timeout)
+        if answer[0] is None:
+            raise TimeoutError("the directory is stuck")
+        return answer[0]
+
+    class Stuck:
+        class claim_bytes:  # noqa: N801 - as a Ray actor handle's method
+            @staticmethod
+            def remote(*args):
+                return object()
+
+    monkeypatch.setattr(ray, "get", get)
+    ledger = shard_module.ShardLedger(0, "test")
+    monkeypatch.setattr(ledger, "_reach", lambda: Stuck)
+    assert ledger.claim("bob", "state", 10, 5, 12) == (10, False)  # this shard's bytes alone
+    assert ledger.claim("bob", "state", 10, 1, 12) == (10, True)
+    assert waited == [shard_module.CLAIM_TIMEOUT_S] and shard_module.CLAIM_TIMEOUT_S <= 5  # one wait, bounded
+    now[0] += shard_module.CLAIM_BACKOFF_S + 1
+    answer[0] = (30, False)  # the directory back: across the shards bob holds more
+    assert ledger.claim("bob", "state", 10, 1, 12) == (30, False)
+    assert len(waited) == 2

@@ -33,6 +33,10 @@ from synapse_serve.errors import SynapseServeError
 
 # what the front may ask a shard to run: the Backend methods that act on the shard's instances
 CLAIM_LEASE_S = 600.0  # a name claimed for a create and never settled nor released is free again after this long
+# a growth's reservation waits this long for the directory (holding the shard's capacity lock: every create and
+# growth on the shard waits with it); one not answered makes the next CLAIM_BACKOFF_S count this shard's bytes alone
+CLAIM_TIMEOUT_S = 5.0
+CLAIM_BACKOFF_S = 10.0
 ASYNC_METHODS = frozenset({
     "create", "describe", "help", "stats", "history", "list", "delete", "call", "call_many", "call_stacked",
     "read", "write", "import_", "snapshot", "snapshots", "rollback", "delete_snapshot", "evicted", "unevict",
@@ -222,6 +226,7 @@ class ShardLedger:
         self._counter = itertools.count()
         self._directory: Any = None
         self._missed_at = -1.0  # when the directory was last not found (reports skip it for a second after)
+        self._claim_missed_at = -CLAIM_BACKOFF_S  # when a reservation last went unanswered
 
     def next_seq(self) -> tuple[int, int]:
         return (self._epoch, next(self._counter))
@@ -244,15 +249,17 @@ class ShardLedger:
     def claim(self, owner: str, kind: str, held: int, more: int, quota: int) -> tuple[int, bool]:
         import ray  # noqa: PLC0415 - in the actor's process
 
+        if time.monotonic() - self._claim_missed_at < CLAIM_BACKOFF_S:  # not waited on again at once (see above)
+            return held, held + more <= quota
         try:
             total, fits = ray.get(self._reach().claim_bytes.remote(self.index, owner, kind, held, more, quota,
-                                                                   self.next_seq()), timeout=30)
+                                                                   self.next_seq()), timeout=CLAIM_TIMEOUT_S)
             return int(total), bool(fits)
         except Exception as exc:  # noqa: BLE001 - unreachable: this shard's own count, said loudly
-            self._directory = None
+            self._directory, self._claim_missed_at = None, time.monotonic()
             logging.getLogger("synapse_serve").warning(
-                "shard-%d: the directory did not answer (%s); the %s quota is checked on this shard's bytes alone",
-                self.index, exc, kind)
+                "shard-%d: the directory did not answer (%s); for %.0f s the owner quotas are checked on this "
+                "shard's bytes alone", self.index, exc, CLAIM_BACKOFF_S)
             return held, held + more <= quota
 
 
