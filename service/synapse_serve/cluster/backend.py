@@ -241,15 +241,15 @@ class RayBackend:
     async def _find(self, key: InstanceKey) -> int | None:
         """The shard answering for ``key``, asking every shard (and remembering it), or None; NotReady (503) when
         a shard that does not answer (restarting, or hung) might hold it."""
-        held = await asyncio.gather(*(asyncio.wait_for(shard.keys.remote(), FIND_TIMEOUT_S) for shard in self.shards),
-                                    return_exceptions=True)
+        held = await asyncio.gather(*(asyncio.wait_for(shard.holds.remote(key.owner, key.name), FIND_TIMEOUT_S)
+                                      for shard in self.shards), return_exceptions=True)
         silent = []
-        for index, keys in enumerate(held):
-            if isinstance(keys, BaseException):
-                if not isinstance(keys, (TimeoutError, *self._dead)):
-                    raise keys
+        for index, holds in enumerate(held):
+            if isinstance(holds, BaseException):
+                if not isinstance(holds, (TimeoutError, *self._dead)):
+                    raise holds
                 silent.append(index)
-            elif (key.owner, key.name) in {tuple(k) for k in keys}:
+            elif holds is True:
                 self._where[key] = index
                 return index
         if silent:

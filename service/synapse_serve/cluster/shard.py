@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from synapse_serve.errors import SynapseServeError
+from synapse_serve.names import InstanceKey
 
 # what the front may ask a shard to run: the Backend methods that act on the shard's instances
 CLAIM_LEASE_S = 600.0  # a name claimed for a create and never settled nor released is free again after this long
@@ -186,6 +187,12 @@ class Shard:
         with registry._lock:
             keys = set(registry._instances) | set(registry._restoring) | set(registry._unloadable)
         return sorted((key.owner, key.name) for key in keys)
+
+    def holds(self, owner: str, name: str) -> bool:
+        """Whether ``keys`` has (owner, name): what a front looking for one name asks (not every key, per lookup)."""
+        registry, key = self.backend.registry, InstanceKey(owner, name)
+        with registry._lock:
+            return key in registry._instances or key in registry._restoring or key in registry._unloadable
 
     def info(self) -> dict[str, Any]:
         """Who and where this shard is (for the front's listing, tests and operators)."""
