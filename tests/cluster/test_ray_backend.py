@@ -144,8 +144,9 @@ def test_a_shards_budget_refuses_a_create_before_any_work(cluster, tmp_path):
         first = client.create("first", kind="HebbianSynapse", config={"shape": [16, 16]})
         second = client.create("second", kind="HebbianSynapse", config={"shape": [16, 16]})
         assert {first.describe()["shard"], second.describe()["shard"]} == {0, 1}  # the full one passed it on
-        with pytest.raises(ConflictError, match="[Dd]evice"):
+        with pytest.raises(ConflictError, match=r"device shard-\d/cpu:0 holds \d+ bytes") as full:
             client.create("third", kind="HebbianSynapse", config={"shape": [16, 16]})
+        assert full.value.problem["device"] in ("shard-0/cpu:0", "shard-1/cpu:0")  # as GET /v1/devices names it
         assert {d["name"] for d in client.list()} == {"first", "second"}
         ready = httpx.get(f"{live.url}/readyz").json()
         assert ready == {"status": "ready", "shards": "2/2 up"}

@@ -57,11 +57,16 @@ RETRYABLE = frozenset({"describe", "help", "stats", "history", "list", "read", "
                        "storage", "devices", "gauges", "probe", "export", "kinds", "kind_help", "describe_setup"})
 
 
-def _raised(outcome: tuple) -> Any:
-    """A shard's answer, or its domain error raised again as the same class."""
+def _raised(outcome: tuple, shard: int) -> Any:
+    """A shard's answer, or its domain error raised again as the same class (a device it names, as the front's
+    listings name it: ``shard-1/cpu:0``)."""
     if outcome[0] == "ok":
         return outcome[1]
     _, name, detail, extra, headers = outcome
+    local = extra.get("device")
+    if isinstance(local, str) and "/" not in local:
+        extra = {**extra, "device": f"shard-{shard}/{local}"}
+        detail = detail.replace(f"device {local} ", f"device shard-{shard}/{local} ")
     cls = getattr(errors, name, None)
     if not (isinstance(cls, type) and issubclass(cls, SynapseServeError)):
         cls = SynapseServeError
@@ -119,7 +124,7 @@ class RayBackend:
         self._setup: dict[str, Any] = {}
 
     def _blocking(self, shard: int, method: str, *args: Any, **kwargs: Any) -> Any:
-        return _raised(self.ray.get(self.shards[shard].run.remote(method, args, kwargs)))
+        return _raised(self.ray.get(self.shards[shard].run.remote(method, args, kwargs)), shard)
 
     def _locator(self, shard: int) -> Callable[[], Any]:
         async def locate() -> tuple[str, int, bytes]:
@@ -191,7 +196,7 @@ class RayBackend:
         deadline = time.monotonic() + self.settings.ray_restart_timeout_s
         for attempt in range(MAX_TRIES):
             try:
-                return _raised(await self._send(shard, method, args, kwargs))
+                return _raised(await self._send(shard, method, args, kwargs), shard)
             except (*self._dead, ChannelLost) as exc:
                 if self.channels[shard] is not None:
                     self.channels[shard].forget()  # a restarted shard listens elsewhere
