@@ -64,3 +64,21 @@ def test_a_directory_that_does_not_answer_stalls_a_shard_once_not_at_every_growt
     answer[0] = (30, False)  # the directory back: across the shards bob holds more
     assert ledger.claim("bob", "state", 10, 1, 12) == (30, False)
     assert len(waited) == 2
+
+
+def test_a_deletion_told_late_does_not_free_a_name_another_create_has_claimed():
+    """Reading the directory: a delete on shard-0 whose release arrived after another front's create had claimed
+    the name dropped that claim, so a third create could take the name on another shard while the second ran."""
+    directory = Directory("test", 0)
+    assert directory.claim("bob", "x") is None
+    directory.settle("bob", "x", 0)
+    assert directory.claim("bob", "x") == 0  # front B: held by shard-0 (which has deleted it meanwhile)
+    directory.release("bob", "x", 0)  # B finds it on no shard and releases the stale holder...
+    assert directory.claim("bob", "x") is None  # ...and claims it for its create
+    directory.release("bob", "x", 0)  # front A's delete, told late
+    assert directory.claim("bob", "x") == -1  # front C: still being created by B
+    directory.settle("bob", "x", 1)
+    directory.release("bob", "x", 0)  # a late word from shard-0 leaves shard-1's name
+    assert directory.claim("bob", "x") == 1
+    directory.release("bob", "x", 1)
+    assert directory.claim("bob", "x") is None

@@ -323,9 +323,11 @@ class Directory:
         self.claimed_at.pop((owner, name), None)
 
     def release(self, owner: str, name: str, shard: int | None = None) -> None:
-        """Forget a name (a failed create: ``shard`` None; a delete: only if ``shard`` still holds it)."""
+        """Forget a name (a failed create: ``shard`` None; a delete or an eviction: only if ``shard`` still holds it —
+        not a claim another front's create of the name took meanwhile, which would leave the name free for a third
+        create on another shard while that one runs: two instances of one name)."""
         holder = self.names.get((owner, name))
-        if holder is not None and (shard is None or holder in (shard, -1)):
+        if holder is not None and (shard is None or holder == shard):
             del self.names[(owner, name)]
             self.claimed_at.pop((owner, name), None)
 
