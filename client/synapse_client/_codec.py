@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -350,29 +351,41 @@ _VALUE_TABLE = _value_table()
 MAX_DISTINCT_KEYS = 512  # map keys a body may spell differently: field, argument and compartment names, config fields
 
 
-def check_keys(data: bytes | bytearray | memoryview) -> None:
-    """TooManyValues when the msgpack body ``data`` holds more than MAX_DISTINCT_KEYS different map keys. msgpack's C
-    reader interns every map key, and on CPython 3.12 an interned string is never freed: a body of distinct keys
-    kept ~90 bytes a key for good (a red-team run: 23 MB a body). Read first with its keys as bytes (not interned;
-    ~2 µs for a frame), and not at all when too short to hold that many."""
-    if len(data) <= 2 * MAX_DISTINCT_KEYS:
-        return
+_first = operator.itemgetter(0)
+MAX_INTERNED_KEYS = 8192  # distinct map keys the C reader may intern in this process (~100 bytes each, for good)
+_INTERNABLE: set[bytes] = set()  # those keys, as bytes (a body whose keys are all here goes through the C reader)
+
+
+def check_keys(data: bytes | bytearray | memoryview) -> bool:
+    """TooManyValues when the msgpack body ``data`` holds more than MAX_DISTINCT_KEYS different map keys; else
+    whether msgpack's C reader may decode it: every key one it may intern. That reader interns every map key, and
+    on CPython 3.12 an interned string is never freed: a body of distinct keys kept ~90 bytes a key for good (a
+    red-team run: 23 MB a body), and bodies of a few hundred new keys each, refused or not, grew the process
+    without a bound (a later run: +150 MB for 2,000 frames). The keys are read first as bytes (not interned;
+    ~2 µs for a frame); the first MAX_INTERNED_KEYS different ones the process meets may be interned (a body's
+    field, argument, compartment and config names: a small vocabulary), and a body holding any other is decoded
+    by the reader written here, which interns nothing (False)."""
+    maps: list[list[tuple[Any, Any]]] = []  # each map's pairs (no map is built: ~2 µs for a frame)
     try:
-        loose = msgpack.unpackb(data, raw=True, strict_map_key=False)
-    except Exception:  # noqa: BLE001 - any defect: the decoder that follows names it
-        return
+        msgpack.unpackb(data, raw=True, strict_map_key=False, object_pairs_hook=maps.append)
+    except Exception:  # noqa: BLE001 - any defect: the reader written here names it, interning nothing
+        return False
     keys: set[Any] = set()
-    values = [loose]
-    while values:
-        value = values.pop()
-        if type(value) is dict:
-            keys.update(value)
-            if len(keys) > MAX_DISTINCT_KEYS:
-                raise TooManyValues(f"the body's maps hold more than {MAX_DISTINCT_KEYS} different keys; a body "
-                                    "names its fields and tensors, and sends other names as values")
-            values.extend(value.values())
-        elif type(value) is list:
-            values.extend(value)
+    try:
+        for pairs in maps:
+            keys.update(map(_first, pairs))
+    except TypeError:  # a key that is an array or a map: refused by the reader written here
+        return False
+    if len(keys) > MAX_DISTINCT_KEYS:
+        raise TooManyValues(f"the body's maps hold more than {MAX_DISTINCT_KEYS} different keys; a body names its "
+                            "fields and tensors, and sends other names as values")
+    new = keys - _INTERNABLE
+    if not new:
+        return True
+    if len(_INTERNABLE) + len(new) > MAX_INTERNED_KEYS or not all(type(key) is bytes for key in new):
+        return False
+    _INTERNABLE.update(new)
+    return True
 
 
 def json_containers(raw: bytes) -> int:
@@ -381,14 +394,15 @@ def json_containers(raw: bytes) -> int:
 
 
 def unpackb(data: bytes | bytearray | memoryview, max_elements: int = DEFAULT_MAX_ELEMENTS, *,
-            writable: bool = False, max_values: int | None = None) -> Any:
+            writable: bool = False, max_values: int | None = None, bound_keys: bool = False) -> Any:
     """Decode a body: wire tensors become numpy arrays; any defect is a WireError. Map keys are strings.
 
     Bodies of at least ZERO_COPY_BYTES are read in place: a tensor views the body's own
     bytes (msgpack's C reader would copy every bin); others go through msgpack's C reader.
     The arrays are read-only views unless ``writable`` (what a client hands its caller): then
     they are the caller's own, writable (one copy of the body, or of each small tensor).
-    With ``max_values``, a body holding more values is TooManyValues before any is built.
+    With ``max_values``, a body holding more values is TooManyValues before any is built. With it or
+    ``bound_keys`` (bytes another party chose), the map keys are bounded (``check_keys``).
     """
     check_values(data, max_values)
     if len(data) >= ZERO_COPY_BYTES:
@@ -397,8 +411,9 @@ def unpackb(data: bytes | bytearray | memoryview, max_elements: int = DEFAULT_MA
             return _walk(_InPlaceReader(buffer).read_all(), max_elements, 0, False)
         except _TooManyObjects:
             pass  # a body of many small values: the C reader is faster at those
-    if max_values is not None:  # a body from a client: the C reader would intern its keys for good
-        check_keys(data)
+    if (max_values is not None or bound_keys) and not check_keys(data):  # the C reader would intern its keys
+        buffer = bytearray(data) if writable and not isinstance(data, bytearray) else data
+        return _walk(_InPlaceReader(buffer, max_objects=None).read_all(), max_elements, 0, False)
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
@@ -421,10 +436,11 @@ class _InPlaceReader:
     extension types, and checks every length against what is left before using it.
     """
 
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview, max_objects: int | None = IN_PLACE_MAX_OBJECTS) -> None:
         self.view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
         self.pos = 0
         self.objects = 0
+        self.max_objects = max_objects if max_objects is not None else float("inf")
 
     def read_all(self) -> Any:
         value = self.read(0)
@@ -445,7 +461,7 @@ class _InPlaceReader:
 
     def read(self, depth: int) -> Any:  # noqa: C901 - one branch per msgpack type byte
         self.objects += 1
-        if self.objects > IN_PLACE_MAX_OBJECTS:
+        if self.objects > self.max_objects:
             raise _TooManyObjects
         if depth > MAX_DEPTH:
             raise WireError(f"body nests deeper than {MAX_DEPTH} levels")

@@ -82,3 +82,19 @@ def test_a_deletion_told_late_does_not_free_a_name_another_create_has_claimed():
     assert directory.claim("bob", "x") == 1
     directory.release("bob", "x", 1)
     assert directory.claim("bob", "x") is None
+
+
+def test_a_restarted_shard_clears_what_its_dead_incarnation_had_reserved():
+    """Reading the ledger: a shard that reserved room for a growth and died before reporting it (kill -9, an OOM)
+    left the reservation counted against the owner for as long as the directory lived, unless the restarted shard
+    happened to hold something of that owner's."""
+    directory = Directory("test", 0)
+    assert directory.claim_bytes(0, "bob", "state", 0, 80, 100, (1, 0)) == (0, True)  # reserved, then the death
+    assert directory.claim_bytes(1, "bob", "state", 0, 30, 100, (7, 0)) == (80, False)  # the phantom in the way
+    directory.report(0, "carol", "state", 10, (2, 3))  # the new incarnation restoring carol's instance...
+    directory.restarted(0, {"seq": (2, 5), "state": {"carol": 10}, "snapshot": {}})  # ...then ready
+    assert directory.claim_bytes(1, "bob", "state", 0, 30, 100, (7, 1)) == (0, True)
+    assert directory.claim_bytes(0, "carol", "state", 10, 0, 100, (2, 6)) == (10, True)
+    directory.report(0, "dave", "state", 5, (2, 9))  # a report that overtook the word of the restart: kept
+    directory.restarted(0, {"seq": (2, 8), "state": {"carol": 10}, "snapshot": {}})
+    assert directory.claim_bytes(1, "dave", "state", 0, 0, 100, (7, 2)) == (5, True)

@@ -88,7 +88,7 @@ def request_parts(method: str, args: tuple, kwargs: Mapping[str, Any]) -> list[b
 
 def decode_request(payload: bytes | bytearray | memoryview, max_elements: int) -> tuple[str, tuple, dict[str, Any]]:
     """A request frame's body as (method, args, kwargs); WireError if it is not one."""
-    body = unpackb(payload, max_elements)
+    body = unpackb(payload, max_elements, bound_keys=True)  # a client's keys, passed on by the front
     if not isinstance(body, dict) or body.keys() != {"method", "keys", "kwargs"}:
         raise WireError("a request is a map of method, keys and kwargs")
     method, keys, kwargs = body["method"], body["keys"], body["kwargs"]

@@ -142,6 +142,7 @@ class Shard:
                 logging.getLogger("synapse_serve").warning(
                     "shard-%d: its direct channel cannot listen on %s:%d (%s); the front sends everything "
                     "through Ray", index, host, port, exc)
+        self.ledger.restarted(self.usage())
         self.phase = "ready"
 
     def _set_phase(self, phase: str) -> None:
@@ -245,6 +246,14 @@ class ShardLedger:
             self._directory = ray.get_actor("directory", namespace=self.namespace)
         return self._directory
 
+    def restarted(self, usage: dict[str, Any]) -> None:
+        """Tell the directory (if there is one yet) all this shard now holds: what its dead incarnation had reserved
+        for an owner it holds nothing of now was never reported again, and counted against that owner for good."""
+        try:
+            self._reach().restarted.remote(self.index, usage)
+        except Exception:  # noqa: BLE001 - no directory yet: a new one asks every shard when it starts
+            self._directory, self._missed_at = None, time.monotonic()
+
     def report(self, owner: str, kind: str, held: int) -> None:
         if self._directory is None and time.monotonic() - self._missed_at < 1.0:
             return  # none yet (a restore before any front made one): it asks every shard when it starts
@@ -336,6 +345,16 @@ class Directory:
         known = self.usage.get((shard, owner, kind))
         if known is None or tuple(seq) > known[0]:
             self.usage[(shard, owner, kind)] = (tuple(seq), held)
+
+    def restarted(self, shard: int, usage: dict[str, Any]) -> None:
+        """``shard`` started (again) and holds ``usage`` (``ShardLedger.restarted``): what an earlier incarnation
+        reported or reserved is forgotten, what this one reported since is kept."""
+        seq = tuple(usage["seq"])
+        for entry in [k for k, (heard, _) in self.usage.items() if k[0] == shard and heard < seq]:
+            del self.usage[entry]
+        for kind in ("state", "snapshot"):
+            for owner, nbytes in usage[kind].items():
+                self.report(shard, owner, kind, nbytes, seq)
 
     def claim_bytes(self, shard: int, owner: str, kind: str, held: int, more: int, quota: int,
                     seq: tuple[int, int]) -> tuple[int, bool]:
