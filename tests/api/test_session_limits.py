@@ -245,3 +245,23 @@ def test_bytes_with_no_id_to_answer_still_close_the_connection(server, raw):
         with pytest.raises(ConnectionClosed) as info:
             ws.recv(timeout=10)
         assert info.value.rcvd.code == 1007
+
+
+@pytest.mark.parametrize("ident", [b"\0" * 300_000, "i" * 129, [1, 2], {"a": 1}],
+                         ids=["a-bin", "a-long-string", "a-list", "a-map"])
+def test_an_id_that_is_no_short_string_or_number_is_refused_in_its_place_and_never_echoed(server, ident):
+    """A red-team run: a frame's id could be any value and came back in its answer and its request id (its repr: a
+    50 MB bin of zeros made a 250 MB answer, and a 200 MB one held the event loop 3.5 s). An id is a string of at
+    most 128 characters (as REST's X-Request-ID), a number or null; another is a 422 answered in the frame's place,
+    untagged, and the stream goes on."""
+    created(server, name := f"ids-{len(ident)}", [2, 2])
+    with stream(server) as ws:
+        ws.send(packb({"id": 1, "op": "describe", "name": name}))
+        ws.send(msgpack.packb({"id": ident, "op": "describe", "name": name}))
+        ws.send(packb({"id": "x" * 128, "op": "describe", "name": name}))
+        raw = [ws.recv(timeout=10) for _ in range(3)]
+    answers = [unpackb(r) for r in raw]
+    assert [(a["id"], a["status"]) for a in answers] == [(1, 200), (None, 422), ("x" * 128, 200)]
+    problem = answers[1]["problem"]
+    assert problem["detail"].startswith("id: expected a string of at most 128 characters, a number or null")
+    assert problem["request_id"].endswith(":?") and len(raw[1]) < 1000

@@ -53,7 +53,7 @@ from synapse_client._codec import TooManyValues, WireError, packb, unpackb
 from synapse_serve.api.bodies import ON_LOOP_VALUES, too_many_values, values_in
 from synapse_serve.api.frames import internal_problem, problem_of, run_frame
 from synapse_serve.api.server import Server, principal_of
-from synapse_serve.errors import MalformedBody, SynapseServeError
+from synapse_serve.errors import InvalidRequest, MalformedBody, SynapseServeError
 from synapse_serve.settings import Settings
 
 router = APIRouter()
@@ -117,6 +117,11 @@ async def session(websocket: WebSocket) -> None:
                     raise WireError(f"a frame is a msgpack map, received {type(frame).__name__}")
                 ident = frame.get("id")
                 answer = None
+                if not _usable_id(ident):  # answered in its place in the order, untagged; the stream goes on
+                    answer = {"status": 422, "problem": problem_of(InvalidRequest(
+                        f"id: expected a string of at most {MAX_ID_CHARS} characters, a number or null; received "
+                        f"{_kind_of(ident)}", field="id"), f"{connection}:?")}
+                    ident = None
             except Exception as exc:  # noqa: BLE001 - a decoder's bug answers that frame (500), never drops the rest
                 ident = _id_of(raw)  # a map with an id whose tensors did not decode: a 400 to it, as REST answers
                 request_id = f"{connection}:{'?' if ident is _NO_ID else ident}"
@@ -156,6 +161,17 @@ async def session(websocket: WebSocket) -> None:
 
 
 _NO_ID = object()
+MAX_ID_CHARS = 128  # as REST's X-Request-ID: an id is echoed in its answer and its request id, never amplified
+
+
+def _usable_id(ident: Any) -> bool:
+    return ident is None or isinstance(ident, (int, float)) or isinstance(ident, str) and len(ident) <= MAX_ID_CHARS
+
+
+def _kind_of(value: Any) -> str:
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters"
+    return "a bin" if isinstance(value, (bytes, memoryview)) else f"a {type(value).__name__}"
 
 
 def _id_of(raw: bytes) -> Any:
@@ -176,7 +192,7 @@ def _id_of(raw: bytes) -> Any:
             return _NO_ID
     except Exception:  # any defect of the bytes themselves (msgpack's errors are of several classes)
         return _NO_ID
-    return ident if isinstance(ident, (str, int, float)) else _NO_ID
+    return ident if _usable_id(ident) and ident is not None else _NO_ID
 
 
 ENCODE_ON_LOOP_BYTES = 1 << 20  # answers holding more bytes of tensors or files are encoded on the API's threads
