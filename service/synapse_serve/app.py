@@ -25,6 +25,7 @@ from synapse_serve.errors import SynapseServeError
 from synapse_serve.metrics import Metrics, MetricsMiddleware
 from synapse_serve.protocol import connection_bound, descriptor_limit, protocol_for
 from synapse_serve.settings import Settings
+from synapse_serve.wsprotocol import SessionWebSocketProtocol
 
 log = logging.getLogger("synapse_serve")
 _REQUEST_ID = re.compile(r"[!-~]{1,128}")  # visible ASCII: safe in a header and in a log line
@@ -38,7 +39,7 @@ def uvicorn_options(settings: Settings) -> dict:
     connections = connection_bound(settings.max_connections, descriptor_limit())
     return {"http": protocol_for(settings.head_timeout_s, settings.body_timeout_s, settings.body_idle_timeout_s,
                                   connections),
-            "ws": "websockets-sansio", "ws_max_size": settings.max_body_bytes,
+            "ws": SessionWebSocketProtocol, "ws_max_size": settings.max_body_bytes,  # websockets-sansio, bounded
             "ws_ping_interval": 20.0, "ws_ping_timeout": 20.0,
             # no compression: a frame at the size limit (256 MiB) would arrive as ~256 KB of deflated bytes (a red-team
             # run); tensors hardly compress, and the Python client never asks for it

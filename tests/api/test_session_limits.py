@@ -12,12 +12,14 @@ import base64
 import os
 import select
 import socket
+import threading
 import time
 
 import httpx
 import msgpack
 import pytest
 from websockets.exceptions import ConnectionClosed
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.sync.client import connect
 
 from conftest import LiveServer
@@ -93,7 +95,7 @@ def read_frame(sock: socket.socket, pause: float = 0.0) -> tuple[int, bytes]:
 
 
 def ws_connections(server) -> list:
-    return [c for c in server.server.server_state.connections if "WebSocket" in type(c).__name__]
+    return [c for c in server.server.server_state.connections if isinstance(c, WebSocketsSansIOProtocol)]
 
 
 def slowly(sock: socket.socket, data: bytes, pieces: int, pause: float) -> None:
@@ -265,3 +267,75 @@ def test_an_id_that_is_no_short_string_or_number_is_refused_in_its_place_and_nev
     problem = answers[1]["problem"]
     assert problem["detail"].startswith("id: expected a string of at most 128 characters, a number or null")
     assert problem["request_id"].endswith(":?") and len(raw[1]) < 1000
+
+
+def control_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """A masked frame of ``opcode`` (zero key) with a payload under 126 bytes."""
+    return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+
+
+def test_pings_whose_pongs_are_never_read_stop_being_read_instead_of_piling_up(tmp_path):
+    """A red-team run: a client sending pings and reading nothing made the server queue every pong (196 MB of pings
+    in 8 s: +180 MB, held until the idle limit) and starved other clients. Once the socket takes no more, pongs are
+    not queued and the connection is no longer read: the client's sends block, as TCP slows any client."""
+    with LiveServer(state_dir=tmp_path) as live:
+        created(live, "pinged", [2, 2])
+        sock = raw_stream(live, rcvbuf=4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)  # the test's own kernel buffers hold few pings
+        try:
+            (protocol,) = ws_connections(live)
+            ping = control_frame(0x9, b"p" * 125) * 512  # 64 KiB of pings a send
+            sock.settimeout(1.0)
+            sent = 0
+            try:
+                while sent < 64 << 20:
+                    sent += sock.send(ping[sent % len(ping):])
+            except TimeoutError:
+                pass
+            rest = ping[sent % len(ping):] if sent % len(ping) else b""  # the frame a send stopped in, finished
+            assert sent < 64 << 20, "the server kept reading pings whose pongs nobody read"
+            assert protocol.transport.get_write_buffer_size() < 1 << 20  # what waits for the client: bounded
+            started = time.monotonic()
+            assert httpx.get(f"{live.url}/healthz", timeout=5).status_code == 200
+            assert time.monotonic() - started < 1
+            sock.settimeout(10)  # reading the pongs lets the server read again: the frame after the pings is answered
+            sending = threading.Thread(target=sock.sendall,
+                                       args=(rest + ws_frame(packb({"id": 9, "op": "describe", "name": "pinged"})),))
+            sending.start()  # (behind the pings still unread: sent while the pongs are read)
+            received, at = bytearray(), 0
+            while True:
+                while len(received) - at < 4:
+                    received += sock.recv(1 << 20)
+                opcode, n = received[at] & 0x0F, received[at + 1] & 0x7F
+                width = {126: 2, 127: 8}.get(n, 0)
+                n = int.from_bytes(received[at + 2:at + 2 + width], "big") if width else n
+                while len(received) < at + 2 + width + n:
+                    received += sock.recv(1 << 20)
+                if opcode != 0xA:
+                    break
+                at += 2 + width + n
+            assert opcode == 0x2 and unpackb(bytes(received[at + 2 + width:at + 2 + width + n]))["status"] == 200
+            sending.join(10)
+        finally:
+            sock.close()
+
+
+def test_empty_fragments_count_against_the_frame_limit(tmp_path):
+    """A red-team run: a binary fragment followed by endless empty continuations added a list entry each that the
+    size limit (payload bytes) did not count: 3 million in 9 s held 25 MB. Each counts 64 bytes now, and a message
+    past the limit is closed with 1009 as an oversized one is."""
+    with LiveServer(state_dir=tmp_path, max_body_bytes=64 << 10) as live:
+        sock = raw_stream(live)
+        sock.sendall(control_frame(0x2, b"\x81", fin=False) + control_frame(0x0, b"", fin=False) * 2000)
+        opcode, payload = read_frame(sock)
+        assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 1009, payload
+        assert not live.server.server_state.connections or all(
+            not c.frames for c in ws_connections(live))
+        sock.close()
+        sock = raw_stream(live)  # a message of a few fragments is one frame, as before
+        body = packb({"id": 5, "op": "list"})
+        sock.sendall(control_frame(0x2, body[:3], fin=False) + control_frame(0x0, b"", fin=False)
+                     + control_frame(0x0, body[3:]))
+        opcode, payload = read_frame(sock)
+        assert opcode == 0x2 and unpackb(payload)["id"] == 5
+        sock.close()

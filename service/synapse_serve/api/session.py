@@ -31,7 +31,8 @@ is reset, as a close would wait behind the unsent bytes forever. A frame must ar
 ``SYNAPSE_BODY_TIMEOUT_S``, as a REST body must (else 1008). The watchdog looks every quarter of the
 idle limit, so these hold to within that. uvicorn's ASGI interface shows an app whole frames only,
 and no abort: the watchdog reads the buffers of uvicorn's ``websockets-sansio`` protocol under the
-connection (``_Socket``); under another server it falls back to whole frames and a plain close.
+connection (``_Socket``); under another server it falls back to whole frames and a plain close. That
+protocol is ours in one respect (``wsprotocol.py``): pongs under back-pressure, fragments counted.
 """
 
 from __future__ import annotations

@@ -1,0 +1,81 @@
+"""The session stream's WebSocket protocol: uvicorn's ``websockets-sansio``, bounded where it was not.
+
+A red-team run (2026-12-01) found two ways one client with a token could make the server hold memory that no
+limit counted:
+
+- **pings it never reads the pongs of.** uvicorn writes each pong straight to the socket, and pings are no
+  messages, so reading never paused: 196 MB of pings in 8 s grew the server by 180 MB (held until the idle limit)
+  and slowed every other client's requests to seconds. Now, while the client reads too little for the socket to
+  take more, a pong is not queued (RFC 6455 5.5.3 lets an endpoint answer only the latest ping) and the
+  connection is read no further until it drains: TCP slows the client, as it does a client sending frames.
+- **empty continuation fragments.** Each one added a list entry the size limit did not count (it counts
+  payload bytes): 3 million in 9 s held 25 MB. Each fragment now counts ``FRAGMENT_COST`` bytes besides its
+  payload against ``ws_max_size``, and a message past it is closed with 1009, as an oversized one is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import CloseCode, Frame
+from websockets.protocol import State
+
+FRAGMENT_COST = 64  # bytes a fragment counts besides its payload (a list entry, and its bytes object when not empty)
+
+
+class SessionWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol with pongs under back-pressure and fragments counted."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held_for_pongs = False  # reading stopped until the socket drains (pings come faster than it is read)
+        self.message_cost = 0  # the message being received: its fragments' payload and FRAGMENT_COST each
+
+    # --- pings ---
+
+    def handle_ping(self) -> None:
+        output = self.conn.data_to_send()
+        if self.writable.is_set() or self.conn.state is not State.OPEN:
+            self.transport.write(b"".join(output))
+            return
+        if not self.held_for_pongs:  # the pong is dropped (a later ping's is answered) and reading stops
+            self.held_for_pongs = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.held_for_pongs:
+            self.held_for_pongs = False
+            if not self.read_paused:  # (else the app's next receive resumes it)
+                self.transport.resume_reading()
+
+    async def receive(self) -> Any:
+        message = await self.queue.get()
+        if self.read_paused and self.queue.empty():
+            self.read_paused = False
+            if not self.held_for_pongs:
+                self.transport.resume_reading()
+        return message
+
+    # --- fragments ---
+
+    def handle_text(self, event: Frame) -> None:
+        self.message_cost = len(event.data) + FRAGMENT_COST
+        super().handle_text(event)
+
+    def handle_bytes(self, event: Frame) -> None:
+        self.message_cost = len(event.data) + FRAGMENT_COST
+        super().handle_bytes(event)
+
+    def handle_cont(self, event: Frame) -> None:
+        if self.close_sent:
+            return
+        self.message_cost += len(event.data) + FRAGMENT_COST
+        limit = self.config.ws_max_size
+        if limit and self.message_cost > limit:
+            self.frames = []
+            self.conn.fail(CloseCode.MESSAGE_TOO_BIG, f"a message's fragments count over {limit} bytes")
+            self.handle_parser_exception()
+            return
+        super().handle_cont(event)
