@@ -56,6 +56,7 @@ DELETING = ".deleting"  # the marker of a decided deletion (``Store.mark_deleted
 STASHED = ".snapshots"  # beside an evicted copy: the evicted instance's snapshots (``Store.stash_snapshots``)
 RESTORING = ".restoring"  # beside an evicted copy: the marker of a restore under way (``Store.mark_restoring``)
 EVICTING = ".evicting"  # beside an evicted copy: the marker of its eviction under way (``Store.save_evicted``)
+PACK_INTENT = ".intent"  # ``instances/<owner>/.pack-<id>.intent``: a packed call's files, all to be renamed in
 _CHECKSUM_PLACEHOLDER = "0" * 64  # a SHA-256 in hex has this length whatever its value
 
 
@@ -371,6 +372,16 @@ def write_atomic(path: Path, content: bytes | Record) -> None:
     fsync_dir(path.parent)
 
 
+def _newer_of_same(candidate: Path, path: Path) -> bool:
+    """Whether ``candidate`` (a packed call's file) is the instance ``path`` holds, at a later version (a file
+    unreadable either way is not put over another)."""
+    try:
+        new, old = read_header(candidate), read_header(path)
+    except (OSError, CorruptFile):
+        return False
+    return (new.created_at, new.seed, new.kind) == (old.created_at, old.seed, old.kind) and new.version > old.version
+
+
 def _unique(directory: Path, stem: str, suffix: str = SUFFIX) -> Path:
     """A path in ``directory`` no file has: ``<stem>.<UTC time>.<random>`` plus ``suffix``."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -499,6 +510,7 @@ class Store:
             except OSError as exc:
                 failures.append(f"cannot finish deleting {key}: {exc}")
         self._settle_evictions(removed, failures)
+        self._finish_packs(removed, failures)
         for directory in (self.instances, self.snapshots, self.evicted):
             for tmp in directory.rglob(".*.tmp") if directory.is_dir() else ():
                 try:
@@ -646,6 +658,73 @@ class Store:
         if (self.instances / f"{key}{DELETING}").exists():  # a deletion the disk cut short, of a name taken anew:
             self.finish_deletion(key)  # finished first, or the next start would delete this instance with it
         write_atomic(path, record)
+
+    def save_many(self, items: list[tuple[str, Record]]) -> None:
+        """Store several instances of one owner (a packed call's members) all or none across a crash: each record to
+        a temporary file beside its instance's (synced), then the list of them in an intent file (written
+        atomically: the commit point), then each renamed over its instance's file, and the intent removed. A start
+        after a crash renames what an intent lists (``_finish_packs``) and deletes the temporary files of any pack
+        not committed. OSError: nothing of it stored, or (a rename refused after the commit point) some of it —
+        what was not renamed is deleted, never left for a later start to put over newer files."""
+        if len(items) == 1:
+            self.save(*items[0])
+            return
+        directory = self.path(items[0][0]).parent
+        make_dirs(directory)
+        written: list[tuple[Path, Path]] = []
+        try:
+            for key, record in items:
+                path = self.path(key)
+                if path.parent != directory:
+                    raise ValueError("the instances of one packed call belong to one owner")
+                if (self.instances / f"{key}{DELETING}").exists():  # as ``save``
+                    self.finish_deletion(key)
+                tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+                written.append((tmp, path))
+                with open(tmp, "wb") as f:
+                    write_record(f, record)
+                    f.flush()
+                    os.fsync(f.fileno())
+            intent = directory / f".pack-{uuid.uuid4().hex}{PACK_INTENT}"
+            write_atomic(intent, json.dumps([tmp.name for tmp, _ in written]).encode())  # the commit point
+        except BaseException:
+            for tmp, _ in written:
+                tmp.unlink(missing_ok=True)
+            raise
+        try:
+            for tmp, path in written:
+                os.replace(tmp, path)
+            fsync_dir(directory)
+        except OSError:  # the files not renamed in are stale from here on (the instances are stored again later)
+            for tmp, _ in written:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                intent.unlink()
+            raise
+        with contextlib.suppress(OSError):  # (one left behind lists files no longer there: the start drops it)
+            intent.unlink()
+
+    def _finish_packs(self, removed: list[str], failures: list[str]) -> None:
+        """The packed calls a crash cut short after their commit point: each file an intent lists renamed over its
+        instance's (if still there, and the instance's file is of the same instance at an older version), then the
+        intent removed. Before the temporary files are deleted: those of packs never committed go with them."""
+        for intent in self.instances.glob(f"*/.pack-*{PACK_INTENT}") if self.instances.is_dir() else ():
+            try:
+                names = json.loads(intent.read_bytes())
+                for name in names if isinstance(names, list) else ():
+                    tmp = intent.parent / str(name)
+                    match = re.fullmatch(r"\.(.+)\.[0-9a-f]{32}\.tmp", tmp.name)
+                    if match is None or not tmp.exists():
+                        continue
+                    path = intent.parent / match.group(1)
+                    if _newer_of_same(tmp, path):
+                        os.replace(tmp, path)
+                        removed.append(f"{path.relative_to(self.root)} (a packed call's, finished)")
+                fsync_dir(intent.parent)
+                intent.unlink()
+            except (OSError, ValueError) as exc:
+                failures.append(f"cannot finish the packed call {intent.name}: {exc}")
 
     def remove(self, key: str) -> None:
         path = self.path(key)

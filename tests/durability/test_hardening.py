@@ -326,11 +326,16 @@ class _Crash(BaseException):
 
 
 @pytest.mark.parametrize("form", ["calls", "stacked"])
-def test_a_keyed_packed_call_cut_short_while_stored_completes_once_when_retried(tmp_path, monkeypatch, form):
-    """Sync mode stores a packed call's members one by one: a crash between two writes left some members on the
-    new version and the others not, and the client's retry (same Idempotency-Key) was refused for good (422).
-    Retried after the restart, the members that were stored answer as stored and the others run now: each member
-    applied exactly once, as separate calls would leave it."""
+@pytest.mark.parametrize("crash", ["before-its-commit", "after-its-commit"])
+def test_a_packed_call_cut_short_while_stored_is_stored_all_or_none(tmp_path, monkeypatch, form, crash):
+    """Sync mode stored a packed call's members one by one: a crash between two writes left some members on the
+    new version and the others not (a red-team run found it unkeyed too: 'all or none' broken by kill -9), and a
+    retry ran the members not stored. The members are now stored together (their files renamed in after an intent
+    that lists them): a crash before that intent leaves every member as it was, and the retry applies the call
+    once to each; one after it is finished at the next start, every member applied once, and the retry applies
+    nothing again."""
+    from synapse_serve import store as store_module
+
     config = {"shape": [6, 4], "eta": 0.05, "optim_type": "adam", "bias": True}
     names = [f"m{i}" for i in range(6)]
     rng = np.random.default_rng(3)
@@ -348,28 +353,40 @@ def test_a_keyed_packed_call_cut_short_while_stored_completes_once_when_retried(
     first = Registry(persistence=Persistence(Store(tmp_path), "sync"))
     for i, name in enumerate(names):
         first.create(InstanceKey("local", name), kind="HebbianSynapse", config=config, seed=i)
-    saved, save = [], Store.save
+    calls = []
+    if crash == "before-its-commit":  # the fourth member's file half written
+        real, target = store_module.write_record, "write_record"
+    else:  # the intent written (the first rename), two members renamed in
+        real, target = store_module.os.replace, "replace"
 
-    def crashing(store, key, record):
-        if len(saved) == 3:
+    def crashing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 4:
             raise _Crash
-        saved.append(key)
-        return save(store, key, record)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(Store, "save", crashing)
+    monkeypatch.setattr(store_module if target == "write_record" else store_module.os, target, crashing)
     with pytest.raises(_Crash):
         call(first)
-    monkeypatch.setattr(Store, "save", save)
-    stored = {n: decode(Store(tmp_path).path(f"local/{n}").read_bytes()).counters for n in names}
-    assert stored == {**{n: {"evolve": 1} for n in names[:3]}, **{n: {} for n in names[3:]}}  # split on disk
+    monkeypatch.undo()
+    on_disk = {n: decode(Store(tmp_path).path(f"local/{n}").read_bytes()).counters for n in names}
+    if crash == "before-its-commit":
+        assert on_disk == {n: {} for n in names}
+    else:
+        assert on_disk == {**{n: {"evolve": 1} for n in names[:2]}, **{n: {} for n in names[2:]}}  # split, until...
 
     again = Registry(persistence=Persistence(Store(tmp_path), "sync"))
-    again.open()
+    again.open()  # ...the start finishes what the intent lists
     try:
         again.load_stored()
-        # the stored members' answers are not kept across a restart (their keys are): said, once the rest have run
-        with pytest.raises(AnswerNotKept, match=r"\[0\] \('m0'\): this Idempotency-Key's call was applied once"):
-            call(again)
+        assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".pack-*"))
+        assert {n: decode(Store(tmp_path).path(f"local/{n}").read_bytes()).counters for n in names} == {
+            n: ({} if crash == "before-its-commit" else {"evolve": 1}) for n in names}
+        if crash == "before-its-commit":
+            call(again)  # never stored: applied now, once
+        else:  # stored: the answers are not kept across a restart (the keys are), and nothing runs again
+            with pytest.raises(AnswerNotKept, match=r"\[0\] \('m0'\): this Idempotency-Key's call was applied once"):
+                call(again)
         twins = Registry()
         for i, name in enumerate(names):
             key = InstanceKey("local", name)
@@ -378,11 +395,34 @@ def test_a_keyed_packed_call_cut_short_while_stored_completes_once_when_retried(
             assert again.describe(key)["counters"] == {"evolve": 1} and again.describe(key)["version"] == 2
             assert again.read(key, "weights")[0].tobytes() == twins.read(key, "weights")[0].tobytes()
             assert decode(Store(tmp_path).path(f"local/{name}").read_bytes()).counters == {"evolve": 1}
-        with pytest.raises(AnswerNotKept):  # and again: still applied once
-            call(again)
+        if crash == "before-its-commit":  # and again: still applied once (answered as first)
+            assert [a["version"] for a in call(again)] == [2] * len(names)
+        else:
+            with pytest.raises(AnswerNotKept):
+                call(again)
         assert all(again.describe(InstanceKey("local", n))["counters"] == {"evolve": 1} for n in names)
     finally:
         again.close()
+
+
+def test_a_packed_calls_files_left_by_a_failed_rename_never_overwrite_newer_ones(tmp_path):
+    """The start renames in only a file of the same instance at a later version: an intent a failing disk left
+    behind (its files stale once the instance was stored again) changes nothing."""
+    from synapse_serve.store import PACK_INTENT
+
+    registry = Registry(persistence=Persistence(Store(tmp_path), "sync"))
+    key = InstanceKey("local", "n")
+    registry.create(key, kind="HebbianSynapse", config={"shape": [3, 2]})
+    stale = tmp_path / "instances" / "local" / f".n.safetensors.{'a' * 32}.tmp"
+    stale.write_bytes(Store(tmp_path).path("local/n").read_bytes())  # version 1
+    registry.call(key, "evolve", {"pre": np.ones((1, 3), np.float32), "post": np.ones((1, 2), np.float32)})
+    (tmp_path / "instances" / "local" / f".pack-{'b' * 32}{PACK_INTENT}").write_text(f'["{stale.name}"]')
+    registry.close()
+    again = Registry(persistence=Persistence(Store(tmp_path), "sync"))
+    again.open()
+    again.load_stored()
+    assert again.describe(key)["version"] == 2 and not stale.exists()
+    again.close()
 
 
 def test_an_optimizer_state_written_out_of_its_range_is_refused_before_it_can_poison_the_weights(tmp_path):

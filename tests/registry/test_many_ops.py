@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from synapse_serve.errors import (
+    AnswerNotKept,
     IdempotencyKeyReused,
     InvalidRequest,
     NotFound,
@@ -568,21 +569,35 @@ def test_a_packed_call_leaves_every_lock_free_whatever_happens(registry):
     assert all_free()
 
 
-def test_a_stacked_retry_whose_kept_answers_cannot_stack_with_the_fresh_ones_runs_nothing():
-    """A keyed stacked call retried once one member's entry had left its cache ran that member again, committed it,
-    and only then refused the answer (422): the shapes are checked before any member runs."""
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_packed_retry_whose_entry_one_member_no_longer_keeps_runs_nothing_again(stacked):
+    """A red-team run: a keyed packed call retried once one member's entry had left its cache (128 keyed calls
+    later) ran that member a second time — evolve applied twice — though the other members showed the call had
+    run. It is a 409 naming that member, and nothing runs (a stacked retry had also run the member and only then
+    refused the answer)."""
     from synapse_serve.local.instance import IDEMPOTENCY_KEYS_KEPT
 
     registry = Registry()
     a, b = key("ra"), key("rb")
     for k in (a, b):
-        registry.create(k, kind="HebbianSynapse", config={"shape": [4, 3]})
-    post = np.ones((2, 1, 3), np.float32)
-    registry.call_stacked([a, b], "backtransmit", {"post": post}, ["inputs"], idempotency_key="K")
-    for i in range(IDEMPOTENCY_KEYS_KEPT):  # K leaves b's entries, and b's inputs are now of batch 3
+        registry.create(k, kind="HebbianSynapse", config={"shape": [4, 3], "eta": 0.1})
+    pre, post = np.ones((2, 1, 4), np.float32), np.ones((2, 1, 3), np.float32)
+
+    def evolve() -> object:
+        if stacked:
+            return registry.call_stacked([a, b], "evolve", {"pre": pre, "post": post}, [], idempotency_key="K")
+        return registry.call_many([a, b], "evolve", [{"pre": pre[i], "post": post[i]} for i in range(2)], [],
+                                  idempotency_key="K")
+
+    evolve()
+    for i in range(IDEMPOTENCY_KEYS_KEPT):  # K leaves b's entries
         registry.call(b, "forward", {"inputs": np.ones((3, 4), np.float32)}, idempotency_key=f"other-{i}")
-    before = registry.describe(b)
-    with pytest.raises(InvalidRequest, match="nothing ran"):
-        registry.call_stacked([a, b], "backtransmit", {"post": post}, ["inputs"], idempotency_key="K")
-    after = registry.describe(b)
-    assert (after["version"], after["counters"]) == (before["version"], before["counters"])
+    before = [registry.describe(k) for k in (a, b)]
+    with pytest.raises(AnswerNotKept, match=r"\[1\] \('rb'\): this Idempotency-Key's packed call was applied "
+                                            r"\('ra' keeps it, at version 2\)"):
+        evolve()
+    after = [registry.describe(k) for k in (a, b)]
+    assert [(d["version"], d["counters"]) for d in after] == [(d["version"], d["counters"]) for d in before]
+    assert after[1]["counters"]["evolve"] == 1
+
+

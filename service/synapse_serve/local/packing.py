@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from synapse_serve.errors import (
+    AnswerNotKept,
     InvalidRequest,
     ShapeMismatch,
     SynapseServeError,
@@ -124,15 +125,8 @@ class PackedCalls:
             if idempotency_key is not None:
                 entries = self._replay_many(bound, idempotency_key, at)
                 if entries is not None:
-                    missing = [position for position, entry in enumerate(entries) if entry is None]
-                    if stacked and missing:  # kept and fresh answers stacked: checked before any member runs
-                        self._check_replay_stacks(bound, entries, operation, at)
-                    ran = dict(zip(missing, self._run_usual([bound[p] for p in missing], operation, idempotency_key,
-                                                            stacked, at, positions=missing))) if missing else {}
-                    replayed = []  # (a first answer no longer kept is an error, once the missing members have run)
-                    for at.index, ((instance, *_), entry) in enumerate(zip(bound, entries)):
-                        replayed.append(ran[at.index] if entry is None
-                                        else instance.answers.answer_of(entry, instance.key.name))
+                    replayed = [instance.answers.answer_of(entry, instance.key.name)
+                                for at.index, ((instance, *_), entry) in enumerate(zip(bound, entries))]
                     at.index = None
                     return _stacked(replayed, bound[0][3]) if stacked else replayed
             # the stack of the first member still in one (those taken out may go back in)
@@ -146,18 +140,16 @@ class PackedCalls:
             answers = self._run_usual(bound, operation, idempotency_key, stacked, at)
             return _stacked(answers, bound[0][3]) if stacked else answers
 
-    def _run_usual(self, bound: list[tuple], operation: str, idempotency_key: str | None, stacked: bool, at: Any,
-                   positions: list[int] | None = None) -> list[dict[str, Any]]:
+    def _run_usual(self, bound: list[tuple], operation: str, idempotency_key: str | None, stacked: bool,
+                   at: Any) -> list[dict[str, Any]]:
         """The bound calls run the usual way (under every lock): each member's own state in, one device call per
-        group of one plan, each member committed and stored; their answers. ``positions``: where each bound call
-        is in the request (errors name it), when they are some of its calls."""
+        group of one plan, each member committed, all stored together; their answers."""
         registry = self._registry
-        whole_request, positions = positions is None, list(range(len(bound))) if positions is None else positions
         for held in {id(e[0].slot[0]): e[0].slot[0] for e in bound if e[0].slot is not None}.values():
             held.release()  # the usual way reads each member's own state
         planned, resized = [], []
         try:
-            for at.index, (instance, op, args, returned, _) in zip(positions, bound):
+            for at.index, (instance, op, args, returned, _) in enumerate(bound):
                 registry.planner.check_returned(instance, returned)
                 signature, nbytes, _, plan = registry.planner.predict(instance, operation, op.fn, args)
                 if stacked:
@@ -182,11 +174,8 @@ class PackedCalls:
             if idempotency_key is not None:
                 instance.answers.remember(idempotency_key, print_, answer)
             answers.append(answer)
-        for at.index, (instance, *_) in zip(positions, bound):
-            registry.persistence.persist(instance)
-        at.index = None
-        if whole_request:  # (a request's remaining members are no population of their own)
-            self._maybe_stack([entry[0] for entry in bound], planned)
+        registry.persistence.persist_many([entry[0] for entry in bound])  # all or none across a crash
+        self._maybe_stack([entry[0] for entry in bound], planned)
         return answers
 
     def _on_stack(self, stack: Stack, bound: list[tuple], operation: str, idempotency_key: str | None,
@@ -240,9 +229,7 @@ class PackedCalls:
             if idempotency_key is not None:  # its own copies: a row must not keep the whole stack's answer alive
                 instance.answers.remember(idempotency_key, print_, {
                     "version": instance.version, **{c: np.array(answer[c][position]) for c in returned}})
-        for at.index, (instance, *_) in enumerate(bound):
-            registry.persistence.persist(instance)
-        at.index = None
+        registry.persistence.persist_many([entry[0] for entry in bound])  # all or none across a crash
         return {"versions": versions, **answer}
 
     def _maybe_stack(self, instances: list[Instance], planned: list[tuple]) -> None:
@@ -270,46 +257,30 @@ class PackedCalls:
                 if keys in self._packs_seen:
                     self._packs_seen[keys] = (runs, needed, last)
 
-    def _check_replay_stacks(self, bound: list[tuple], entries: list[Any], operation: str, at: Any) -> None:
-        """A stacked retry that runs some members again (their entries were lost) answers their fresh answers
-        stacked with the others' kept ones: refused (422) before any member runs when those could not stack, as a
-        refusal changes nothing. Answers no longer kept are left out: they are a 409 once the missing have run."""
-        planner, first = self._registry.planner, None
-        for at.index, ((instance, op, args, returned, _), entry) in enumerate(zip(bound, entries)):
-            if entry is None:
-                planner.check_returned(instance, returned)
-                signature, _, _, plan = planner.predict(instance, operation, op.fn, args)
-                shapes = {c: (tuple(signature[plan.leaf_index[c]][0]), np.dtype(signature[plan.leaf_index[c]][1]))
-                          for c in returned}
-            elif entry.answer is not None and all(c in entry.answer for c in returned):
-                shapes = {c: (tuple(np.shape(entry.answer[c])), np.asarray(entry.answer[c]).dtype) for c in returned}
-            else:
-                continue
-            if first is None:
-                first = shapes
-            elif shapes != first:
-                raise InvalidRequest("the answers kept for this Idempotency-Key and those of the instances it runs "
-                                     "again (their entries were lost) differ in shape and cannot be stacked; nothing "
-                                     "ran: ask with calls", argument="names")
-        at.index = None
-
     def _replay_many(self, bound: list[tuple], idempotency_key: str, at: Any) -> list[Any] | None:
         """Each member's entry for this key (under every lock; its first answer, once stored), or None if the call
-        never ran on any of them.
+        never ran on any of them. A key first used for other instances or tensors is refused (422).
 
-        A member without one, beside members with one, is a member the call was not stored for: the server stopped
-        while it stored the members one by one (sync mode), or this member's answer has left its bounded cache;
-        its entry is None, and it runs now. A key first used for other instances or tensors is refused (422)."""
+        A member without one, beside members with one, had the call applied and its entry left its bounded cache
+        (128 keys in memory, 16 in its file): AnswerNotKept (409), nothing run again. In sync mode a packed call's
+        members are stored all or none (``Store.save_many``), so no member is stored without the others; a retry
+        had run such a member a second time (a red-team run: the evolve applied twice). In interval mode a crash
+        may lose a member's last writes, as any instance's: the retry says so rather than guess."""
         entries = []
         for at.index, (instance, _op, _args, _returned, print_) in enumerate(bound):
             entries.append(instance.answers.replay(idempotency_key, print_))
         at.index = None
         if all(entry is None for entry in entries):
             return None
-        for at.index, ((instance, *_), entry) in enumerate(zip(bound, entries)):
-            if entry is not None:
-                self._registry.persistence.persist(instance)  # sync mode: acknowledged only once stored
-        at.index = None
+        lost = [position for position, entry in enumerate(entries) if entry is None]
+        if lost:
+            at.index, kept = lost[0], next(p for p, entry in enumerate(entries) if entry is not None)
+            raise AnswerNotKept(
+                f"this Idempotency-Key's packed call was applied ({bound[kept][0].key.name!r} keeps it, at version "
+                f"{entries[kept].version}), but this member no longer keeps its entry ({len(lost)} of {len(entries)} "
+                "members: each keeps its last 128 keys, 16 across a restart) and it is not run again: read the "
+                "compartments you need")
+        self._registry.persistence.persist_many([instance for instance, *_ in bound])  # acknowledged once stored
         return entries
 
     @staticmethod

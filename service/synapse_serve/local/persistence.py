@@ -25,6 +25,17 @@ from synapse_serve.store import DURABILITY_MODES, SUFFIX, CorruptFile, Record, S
 log = logging.getLogger("synapse_serve")
 
 
+def _not_stored(failure: str, name: str) -> StorageError:
+    """The 507 of a sync-mode call applied in memory whose write failed (``reason``: this write's own failure; the
+    shared field may hold a later one's)."""
+    error = StorageError(
+        f"the call was applied in memory but could not be stored durably ({failure}); "
+        "the server retries the write at its next flush; a retry with the same Idempotency-Key "
+        "answers once the write succeeds, without applying the call again", name=name)
+    error.reason = failure
+    return error
+
+
 def shown_failure(exc: BaseException) -> str:
     """What callers may see of a failed file operation: an OSError without its file's path, which names the state
     directory, an owner and an instance (/healthz answers without a token: a red-team run read another owner's
@@ -65,12 +76,25 @@ class Persistence:
             return
         failure = self._store(instance, logging.ERROR)
         if failure is not None:
-            error = StorageError(
-                f"the call was applied in memory but could not be stored durably ({failure}); "
-                "the server retries the write at its next flush; a retry with the same Idempotency-Key "
-                "answers once the write succeeds, without applying the call again", name=instance.key.name)
-            error.reason = failure  # this write's own failure (the shared field may hold a later one's)
-            raise error
+            raise _not_stored(failure, instance.key.name)
+
+    def persist_many(self, instances: list[Instance]) -> None:
+        """``persist`` for a packed call's members (under their locks), stored all or none across a crash
+        (``Store.save_many``): a crash between two members' writes had left one at the new version and the other
+        at the old (a red-team run), though the call is applied all or none."""
+        due = [i for i in instances if self.mode(i) == "sync" and i.stored_version != i.version]
+        if len(due) <= 1:
+            for instance in due:
+                self.persist(instance)
+            return
+        try:
+            self.store.save_many([(str(i.key), i.record()) for i in due])
+        except OSError as exc:
+            log.error("could not store %s and %d more: %s: %s", due[0].key, len(due) - 1, type(exc).__name__, exc)
+            self.storage_error = failure = shown_failure(exc)
+            raise _not_stored(failure, due[0].key.name) from None
+        for instance in due:
+            instance.stored_version = instance.version
 
     def write(self, instance: Instance, failure_level: int) -> bool:
         """Store the instance (under its lock); on failure remember and log why, and say False."""
