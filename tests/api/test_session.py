@@ -179,6 +179,21 @@ def test_a_frame_gets_the_problem_the_rest_route_gives(server):
             for field in ("type", "title", "status", "detail"):
                 assert answer["problem"][field] == problem[field], (field, answer["problem"], problem)
             assert answer["problem"]["request_id"].endswith(":7")
+        with_ref = {"name": "from-ref", "kind": KIND, "config": CONFIG, "init": {"weights": {"ref": "weights",
+                                                                                        "instance": "errors"}}}
+        refused = ask(ws, {"id": 9, "op": "create", "body": with_ref})
+        rest = httpx.post(f"{server.url}/v1/synapses", content=packb(with_ref),
+                          headers={"Authorization": f"Bearer {ALICE}", "Content-Type": "application/msgpack"})
+        assert refused["status"] == rest.status_code == 422, (refused, rest.text)
+        assert refused["problem"]["detail"] == rest.json()["detail"] == (
+            "init.weights: a create takes tensors, not references (read the compartment and send it)")
+        for too_long in (10 ** 18, 2 ** 64 - 1):  # REST's If-Match takes 18 digits at most: the same 400 (a 412 here)
+            over = ask(ws, {"id": 8, "op": "call", "name": "errors", "operation": "forward", "if_match": too_long,
+                            "tensors": {"inputs": inputs(0)}})
+            rest = httpx.post(f"{server.url}/v1/synapses/errors/forward", content=packb({"inputs": inputs(0)}),
+                              headers={"Authorization": f"Bearer {ALICE}", "Content-Type": "application/msgpack",
+                                       "If-Match": f'"{too_long}"'})
+            assert over["status"] == rest.status_code == 400 and over["problem"]["detail"].startswith("if_match:")
     assert version(server, "errors") == 1
 
 

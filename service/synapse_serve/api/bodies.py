@@ -30,6 +30,7 @@ from synapse_serve.errors import (
     BodyTooLarge,
     ClientGone,
     InvalidFields,
+    InvalidRequest,
     MalformedBody,
     NotAcceptable,
     NotReady,
@@ -209,6 +210,16 @@ def tensor_field(body: dict[str, Any], name: str, media: str, max_elements: int)
         return json_tensor(value, max_elements)
     except WireError as exc:
         raise MalformedBody(f"{name}: {exc}") from None
+
+
+def init_tensors(init: dict[str, Any]) -> dict[str, Any]:
+    """A create's ``init``, refused (422) where it holds a reference: a create takes tensors (a red-team run had a
+    reference answered "expected a floating tensor … received dtype str224")."""
+    for name, value in init.items():
+        if isinstance(value, CompartmentRef):
+            raise InvalidRequest(f"init.{str(name)[:64]}: a create takes tensors, not references (read the "
+                                 "compartment and send it)", argument=f"init.{str(name)[:64]}")
+    return init
 
 
 def compartment_ref(name: str, value: dict[str, Any]) -> CompartmentRef:

@@ -22,6 +22,7 @@ from synapse_serve.api.bodies import (
     PROBLEM_BASE,
     check_tensor_count,
     compartment_ref,
+    init_tensors,
     map_field,
     require_fields,
     returns_field,
@@ -90,7 +91,8 @@ def _idempotency_key(frame: dict[str, Any]) -> str | None:
 
 def _if_match(frame: dict[str, Any]) -> int | None:
     value = frame.get("if_match")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 10 ** 18):
+        # (REST's If-Match takes at most 18 digits: the same versions on both)
         raise MalformedBody(f"if_match: expected a version number, received {str(value)[:40]!r}")
     return value
 
@@ -208,7 +210,7 @@ async def _create(server: Server, principal: Principal, frame: dict[str, Any]) -
         raise MalformedBody(f"body: expected a map, received {type(body).__name__}")
     require_fields(body, CreateRequest)
     init = map_field(body.get("init"), "init (a map of tensors: weights, biases)")
-    init = {str(k): _tensor(str(k), v) for k, v in init.items()}
+    init = init_tensors({str(k): _tensor(str(k), v) for k, v in init.items()})
     key = instance_key(_owner(principal, frame), body["name"])
     return await server.backend.create(key, kind=body["kind"], config=body["config"], init=init,
                                        seed=body.get("seed", 0), durability=body.get("durability"),

@@ -12,6 +12,7 @@ from synapse_serve.api.bodies import (
     PartsResponse,
     encode,
     if_match,
+    init_tensors,
     map_field,
     read_body,
     read_raw,
@@ -43,7 +44,7 @@ async def create(request: Request, server: ServerDep, owner: OwnerDep) -> Respon
     require_fields(body, CreateRequest)
     init = map_field(body.get("init"), "init (a map of tensors: weights, biases)")
     max_elements = server.settings.max_tensor_elements
-    init = {k: tensor_field(init, k, media, max_elements) for k in init}
+    init = init_tensors({k: tensor_field(init, k, media, max_elements) for k in init})
     key = instance_key(owner, body["name"])
     description = await server.backend.create(key, kind=body["kind"], config=body["config"], init=init,
                                               seed=body.get("seed", 0), durability=body.get("durability"),
