@@ -713,7 +713,7 @@ class Store:
             try:
                 names = json.loads(intent.read_bytes())
                 for name in names if isinstance(names, list) else ():
-                    tmp = intent.parent / str(name)
+                    tmp = intent.parent / Path(str(name)).name  # (a name only: never a file of another folder)
                     match = re.fullmatch(r"\.(.+)\.[0-9a-f]{32}\.tmp", tmp.name)
                     if match is None or not tmp.exists():
                         continue
