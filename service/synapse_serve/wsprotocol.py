@@ -8,6 +8,9 @@ limit counted:
   and slowed every other client's requests to seconds. Now, while the client reads too little for the socket to
   take more, a pong is not queued (RFC 6455 5.5.3 lets an endpoint answer only the latest ping) and the
   connection is read no further until it drains: TCP slows the client, as it does a client sending frames.
+  Once the server has sent its close, pings are not answered at all, and when the close handshake's time is up
+  a socket whose client still reads nothing is aborted (a close would wait for it for ever): a later run had
+  the pongs of a closing connection pile up (+190 MB) for as long as the client kept it open.
 - **empty continuation fragments.** Each one added a list entry the size limit did not count (it counts
   payload bytes): 3 million in 9 s held 25 MB. Each fragment now counts ``FRAGMENT_COST`` bytes besides its
   payload against ``ws_max_size``, and a message past it is closed with 1009, as an oversized one is.
@@ -31,12 +34,15 @@ class SessionWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.held_for_pongs = False  # reading stopped until the socket drains (pings come faster than it is read)
         self.message_cost = 0  # the message being received: its fragments' payload and FRAGMENT_COST each
+        self.own_close_timer: Any = None
 
     # --- pings ---
 
     def handle_ping(self) -> None:
         output = self.conn.data_to_send()
-        if self.writable.is_set() or self.conn.state is not State.OPEN:
+        if self.close_sent or self.conn.state is not State.OPEN:
+            return  # closing: a pong answers nothing now, and would wait behind a client that reads nothing
+        if self.writable.is_set():
             self.transport.write(b"".join(output))
             return
         if not self.held_for_pongs:  # the pong is dropped (a later ping's is answered) and reading stops
@@ -49,6 +55,20 @@ class SessionWebSocketProtocol(WebSocketsSansIOProtocol):
             self.held_for_pongs = False
             if not self.read_paused:  # (else the app's next receive resumes it)
                 self.transport.resume_reading()
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if self.close_timer is not None and self.close_timer is not self.own_close_timer:
+            # the close handshake's time is up: the socket goes then, not once a client that reads nothing has
+            # taken what waits for it (a close waits for that: for ever)
+            self.close_timer.cancel()
+            self.close_timer = self.own_close_timer = self.loop.call_later(self.close_timeout, self.close_or_abort)
+
+    def close_or_abort(self) -> None:
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     async def receive(self) -> Any:
         message = await self.queue.get()

@@ -320,6 +320,34 @@ def test_pings_whose_pongs_are_never_read_stop_being_read_instead_of_piling_up(t
             sock.close()
 
 
+def test_a_closing_connection_answers_no_pings_and_goes_when_its_close_time_is_up(tmp_path):
+    """A red-team run: once the server had sent its close (a text frame answered 1003), pongs were written whatever
+    the client read (+190 MB for pings sent to a connection the client kept open, reading nothing), and the close
+    waited for them to drain, for ever. A closing connection answers no ping, and goes at the close timeout."""
+    with LiveServer(state_dir=tmp_path) as live:
+        sock = raw_stream(live, rcvbuf=4096)
+        try:
+            (protocol,) = ws_connections(live)
+            protocol.close_timeout = 3.0
+            sock.sendall(control_frame(0x1, b"text"))  # closed with 1003
+            time.sleep(0.3)
+            sock.settimeout(5)
+            waiting = []
+            try:  # up to 32 MiB of pings (more than the kernel's buffers take of their pongs), none read
+                for _ in range(512):
+                    sock.sendall(control_frame(0x9, b"p" * 125) * 512)
+                    waiting.append(protocol.transport.get_write_buffer_size())
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # the close timeout came first
+            assert waiting and max(waiting) < 4096, max(waiting)
+            deadline = time.monotonic() + 8
+            while protocol in ws_connections(live) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert protocol not in ws_connections(live)
+        finally:
+            sock.close()
+
+
 def test_empty_fragments_count_against_the_frame_limit(tmp_path):
     """A red-team run: a binary fragment followed by endless empty continuations added a list entry each that the
     size limit (payload bytes) did not count: 3 million in 9 s held 25 MB. Each counts 64 bytes now, and a message
