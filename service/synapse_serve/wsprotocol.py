@@ -11,6 +11,11 @@ limit counted:
   Once the server has sent its close, pings are not answered at all, and when the close handshake's time is up
   a socket whose client still reads nothing is aborted (a close would wait for it for ever): a later run had
   the pongs of a closing connection pile up (+190 MB) for as long as the client kept it open.
+- **the keepalive while a frame runs.** uvicorn pings every 20 s and fails the connection when no pong comes in
+  20 s more, but it does not read the socket while a frame waits for the app (one pipelined behind a running
+  one): a frame running past that lost its connection and the answers (and the app's send then raised
+  RuntimeError into the log). The pong is waited for again while reading waits on the app; a send after a close
+  the app did not make is a disconnection.
 - **empty continuation fragments.** Each one added a list entry the size limit did not count (it counts
   payload bytes): 3 million in 9 s held 25 MB. Each fragment now counts ``FRAGMENT_COST`` bytes besides its
   payload against ``ws_max_size``, and a message past it is closed with 1009, as an oversized one is.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import CloseCode, Frame
 from websockets.protocol import State
@@ -57,12 +63,23 @@ class SessionWebSocketProtocol(WebSocketsSansIOProtocol):
                 self.transport.resume_reading()
 
     async def send(self, message: Any) -> None:
+        if message.get("type") == "websocket.send" and self.close_sent and self.handshake_complete:
+            # closed under the app (the keepalive gave up): what it sends now goes nowhere, as to a client gone
+            raise ClientDisconnected()
         await super().send(message)
         if self.close_timer is not None and self.close_timer is not self.own_close_timer:
             # the close handshake's time is up: the socket goes then, not once a client that reads nothing has
             # taken what waits for it (a close waits for that: for ever)
             self.close_timer.cancel()
             self.close_timer = self.own_close_timer = self.loop.call_later(self.close_timeout, self.close_or_abort)
+
+    def keepalive_timeout(self) -> None:
+        if self.read_paused and not self.held_for_pongs and not self.close_sent:
+            # a frame waits for the app, and the socket is not read meanwhile: the pong may be there, unread (a
+            # frame running past the ping's 20 s and its 20 s timeout had its connection failed, its answers lost)
+            self.pong_timer = self.loop.call_later(self.ping_timeout, self.keepalive_timeout)
+            return
+        super().keepalive_timeout()
 
     def close_or_abort(self) -> None:
         if self.transport.get_write_buffer_size():

@@ -348,6 +348,35 @@ def test_a_closing_connection_answers_no_pings_and_goes_when_its_close_time_is_u
             sock.close()
 
 
+def test_a_frame_running_past_the_keepalive_keeps_its_connection_and_its_answer(tmp_path, monkeypatch):
+    """A red-team run: uvicorn pings every 20 s and fails the connection when no pong comes in 20 s more, but it reads
+    nothing while a frame waits behind a running one; a pipelined stream whose frame ran past that lost its connection
+    and its answers, and the session's send raised RuntimeError into the log. Here the keepalive's timeout is 0.2 s
+    and a frame runs 1.5 s."""
+    from synapse_serve.api import session as session_module
+
+    real = session_module.run_frame
+
+    async def slow(*args, **kwargs):
+        await asyncio.sleep(1.5)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(session_module, "run_frame", slow)
+    with LiveServer(state_dir=tmp_path) as live:
+        created(live, "slow", [2, 2])
+        with stream(live) as ws:
+            ws.send(packb({"id": 1, "op": "describe", "name": "slow"}))
+            ws.send(packb({"id": 2, "op": "describe", "name": "slow"}))  # pipelined: waits, unread socket behind it
+            (protocol,) = ws_connections(live)
+            protocol.ping_timeout = 0.2
+            time.sleep(0.3)  # the first frame is running, the second waiting: the socket is not read
+            assert protocol.read_paused
+            protocol.loop.call_soon_threadsafe(protocol.send_keepalive_ping)
+            assert [unpackb(ws.recv(timeout=10))["id"] for _ in range(2)] == [1, 2]
+            ws.send(packb({"id": 3, "op": "describe", "name": "slow"}))
+            assert unpackb(ws.recv(timeout=10))["id"] == 3
+
+
 def test_empty_fragments_count_against_the_frame_limit(tmp_path):
     """A red-team run: a binary fragment followed by endless empty continuations added a list entry each that the
     size limit (payload bytes) did not count: 3 million in 9 s held 25 MB. Each counts 64 bytes now, and a message
