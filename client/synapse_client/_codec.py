@@ -374,15 +374,19 @@ def check_keys(data: bytes | bytearray | memoryview) -> bool:
     try:
         for pairs in maps:
             keys.update(map(_first, pairs))
-    except TypeError:  # a key that is an array or a map: refused by the reader written here
-        return False
+        odd = [key for key in keys if type(key) is not bytes]
+    except TypeError:  # a key that is an array or a map
+        odd = [key for pairs in maps for key, _ in pairs if type(key) is not bytes]
+    if odd:  # refused now: no reader need read the rest of the body first
+        what = "nil or a map" if odd[0] is None else _type_name(odd[0])  # (a map key reads as None here)
+        raise WireError(f"body is not valid msgpack for this API: a map key is a {what}, not a string")
     if len(keys) > MAX_DISTINCT_KEYS:
         raise TooManyValues(f"the body's maps hold more than {MAX_DISTINCT_KEYS} different keys; a body names its "
                             "fields and tensors, and sends other names as values")
     new = keys - _INTERNABLE
     if not new:
         return True
-    if len(_INTERNABLE) + len(new) > MAX_INTERNED_KEYS or not all(type(key) is bytes for key in new):
+    if len(_INTERNABLE) + len(new) > MAX_INTERNED_KEYS:
         return False
     _INTERNABLE.update(new)
     return True
@@ -557,7 +561,7 @@ def _walk(obj: Any, max_elements: int, depth: int, writable: bool) -> Any:
             if type(value) not in _LEAVES:
                 obj[at] = _walk(value, max_elements, depth + 1, writable)
         return obj
-    if isinstance(obj, msgpack.ExtType):
+    if isinstance(obj, (msgpack.ExtType, msgpack.Timestamp)):  # (the C reader makes type -1 a Timestamp)
         raise WireError("msgpack extension types are not accepted")
     if isinstance(obj, memoryview):  # a bin outside a tensor: what the C reader gives, bytes
         return bytes(obj)

@@ -359,6 +359,11 @@ def test_bodies_of_new_keys_one_after_another_do_not_grow_the_process_for_good(m
     assert len(_codec._INTERNABLE) <= _codec.MAX_INTERNED_KEYS
     with pytest.raises(WireError, match="a map key is a int"):
         unpackb(msgpack.packb({1: 2, "fresh-key": 3}, strict_types=False), max_values=1 << 16)
+    read = []  # a key that is no string is refused before either reader reads the body (a red-team run: one integer
+    monkeypatch.setattr(_codec._InPlaceReader, "read_all", lambda self: read.append(1))  # key forced the slow one)
+    with pytest.raises(WireError, match="a map key is a int"):
+        unpackb(msgpack.packb({"values": [0] * 60_000, 5: 1}), max_values=1 << 16)
+    assert read == []
 
 
 @pytest.mark.parametrize("stacked", [False, True])

@@ -94,6 +94,10 @@ def test_malformed_bodies():
         unpackb(msgpack.packb({"t": {"dtype": "float32", "shape": [1], "data": b"\0" * 4, "x": 1}}))
     with pytest.raises(WireError, match="extension"):
         unpackb(msgpack.packb(msgpack.ExtType(1, b"x")))
+    stamped = msgpack.packb({"op": "kinds", "owner": msgpack.Timestamp(1, 2)})  # type -1: the C reader's Timestamp
+    for max_values in (None, 100):  # both readers refuse it (a red-team run: one of them let it through)
+        with pytest.raises(WireError, match="extension"):
+            unpackb(stamped, max_values=max_values)
     with pytest.raises(WireError, match="object array"):
         packb({"t": np.array([object()], dtype=object)})
 
