@@ -1,7 +1,7 @@
 """The session stream's WebSocket protocol: uvicorn's ``websockets-sansio``, bounded where it was not.
 
-A red-team run (2026-12-01) found two ways one client with a token could make the server hold memory that no
-limit counted:
+Red-team runs (2026-12-01) found ways one client with a token could make the server hold memory that no
+limit counted, or lose its answers:
 
 - **pings it never reads the pongs of.** uvicorn writes each pong straight to the socket, and pings are no
   messages, so reading never paused: 196 MB of pings in 8 s grew the server by 180 MB (held until the idle limit)
