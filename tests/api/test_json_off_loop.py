@@ -62,10 +62,18 @@ def test_a_large_json_body_and_answer_leave_other_connections_served(tmp_path):
             assert np.array_equal(np.asarray(outputs["values"], np.float32), expected)  # the same numbers
 
         check(forward())  # compiled, the path warm
-        took, longest, size = _gaps_while(server.url, forward)
-        assert size > 8 << 20
-        # reading and writing ~20 MB of JSON takes the server a second or more here, not an event loop's worth
-        assert longest < max(0.25, 0.3 * took), (took, longest)
+        # reading and writing ~20 MB of JSON takes the server a second or more here, not an event loop's worth; a
+        # shared 2-core CI machine once showed one 0.28 s gap in a quick 0.71 s run: measured again once then (a
+        # loop held by the JSON is held every time)
+        measured = []
+        for _ in range(2):
+            took, longest, size = _gaps_while(server.url, forward)
+            assert size > 8 << 20
+            measured.append((took, longest))
+            if longest < max(0.25, 0.3 * took):
+                break
+        else:
+            raise AssertionError(f"the event loop was held while JSON was read or written: {measured}")
 
 
 def test_a_json_answer_is_made_a_part_at_a_time_not_held_whole():
