@@ -32,7 +32,8 @@ is reset, as a close would wait behind the unsent bytes forever. A frame must ar
 idle limit, so these hold to within that. uvicorn's ASGI interface shows an app whole frames only,
 and no abort: the watchdog reads the buffers of uvicorn's ``websockets-sansio`` protocol under the
 connection (``_Socket``); under another server it falls back to whole frames and a plain close. That
-protocol is ours in one respect (``wsprotocol.py``): pongs under back-pressure, fragments counted.
+protocol is subclassed (``wsprotocol.py``): pongs under back-pressure and none once closing, fragments
+counted against the frame limit, the keepalive's pong awaited while frames wait to run.
 """
 
 from __future__ import annotations
